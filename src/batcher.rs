@@ -1,0 +1,217 @@
+//! Dynamic batching. [`State`] is the queue of one (model, kind): plain data, unit-tested without
+//! NATS or torch. [`run`] is the task loop that feeds it from the edge, closes batches when they are
+//! full or their first job has waited `max_wait`, and hands them to the engine stage through a
+//! channel of capacity one — exactly one batch prefetched while the device works on the previous.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use crate::job::JobKind;
+use crate::repository::ModelSpec;
+
+/// Limits of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub max_size: usize,
+    /// Padded cost (`largest job cost × jobs`); 0 means unlimited.
+    pub max_tokens: usize,
+}
+
+struct Entry<T> {
+    item: T,
+    cost: usize,
+    enqueued: Instant,
+}
+
+/// The queue of one (model, kind).
+pub struct State<T> {
+    entries: VecDeque<Entry<T>>,
+    max_wait: Duration,
+}
+
+impl<T> State<T> {
+    pub fn new(max_wait: Duration) -> Self {
+        State { entries: VecDeque::new(), max_wait }
+    }
+
+    pub fn append(&mut self, item: T, cost: usize, now: Instant) {
+        self.entries.push_back(Entry { item, cost, enqueued: now });
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// When the oldest job has waited long enough to go in a batch of any size.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.entries.front().map(|e| e.enqueued + self.max_wait)
+    }
+
+    pub fn oldest(&self) -> Option<Instant> {
+        self.entries.front().map(|e| e.enqueued)
+    }
+
+    /// How many jobs from the front fit the budget (at least one: a job larger than the token
+    /// budget still runs, alone).
+    fn fitting(&self, budget: &Budget) -> usize {
+        let mut largest = 0;
+        let mut n = 0;
+        for e in self.entries.iter().take(budget.max_size) {
+            largest = largest.max(e.cost);
+            if budget.max_tokens > 0 && n > 0 && largest * (n + 1) > budget.max_tokens {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// How many jobs go in the batch that is due now, if one is: the budget is filled, or the
+    /// oldest job reached its deadline.
+    pub fn due(&self, budget: &Budget, now: Instant) -> Option<usize> {
+        let n = self.fitting(budget);
+        let full = n < self.entries.len() || n >= budget.max_size;
+        let late = self.deadline().is_some_and(|d| d <= now);
+        (n > 0 && (full || late)).then_some(n)
+    }
+
+    pub fn next_batch(&mut self, budget: &Budget, now: Instant) -> Option<Vec<T>> {
+        let n = self.due(budget, now)?;
+        Some(self.entries.drain(..n).map(|e| e.item).collect())
+    }
+
+    pub fn drain(&mut self) -> Vec<T> {
+        self.entries.drain(..).map(|e| e.item).collect()
+    }
+}
+
+/// What the batcher needs to know of a queued item.
+pub trait Batchable {
+    fn model(&self) -> &Arc<ModelSpec>;
+    fn kind(&self) -> JobKind;
+    fn cost(&self) -> usize;
+}
+
+/// A closed batch: jobs of one model and kind.
+pub struct Batch<T> {
+    pub model: Arc<ModelSpec>,
+    pub kind: JobKind,
+    pub items: Vec<T>,
+}
+
+type Key = (Arc<str>, JobKind);
+
+/// The batcher task: `jobs` in, batches out on `batches` (capacity 1), queued jobs handed to
+/// `release` when shutdown is signalled so the bus stage can `nak` them at once.
+pub async fn run<T: Batchable + Send + 'static>(
+    mut jobs: mpsc::Receiver<T>,
+    batches: mpsc::Sender<Batch<T>>,
+    release: mpsc::Sender<Vec<T>>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let mut queues: HashMap<Key, (Arc<ModelSpec>, State<T>)> = HashMap::new();
+    let budget = |m: &ModelSpec| Budget { max_size: m.config.max_batch_size, max_tokens: m.config.max_batch_tokens };
+    loop {
+        // The queue to serve next: among those with a due batch, the one whose head is oldest.
+        let now = Instant::now();
+        let next = queues
+            .iter()
+            .filter(|(_, (m, s))| s.due(&budget(m), now).is_some())
+            .min_by_key(|(_, (_, s))| s.oldest())
+            .map(|(k, _)| k.clone());
+        let wake = queues.values().filter_map(|(_, s)| s.deadline()).min();
+        tokio::select! {
+            biased;
+            _ = shutdown.recv() => break,
+            permit = batches.reserve(), if next.is_some() => {
+                let Ok(permit) = permit else { break };
+                let key = next.expect("guarded");
+                let (model, state) = queues.get_mut(&key).expect("present");
+                if let Some(items) = state.next_batch(&budget(model), Instant::now()) {
+                    permit.send(Batch { model: model.clone(), kind: key.1, items });
+                }
+            }
+            job = jobs.recv() => {
+                let Some(job) = job else { break };
+                let key = (job.model().name.clone(), job.kind());
+                let (_, state) = queues.entry(key).or_insert_with(|| {
+                    (job.model().clone(), State::new(Duration::from_millis(job.model().config.max_wait_ms)))
+                });
+                let cost = job.cost();
+                state.append(job, cost, Instant::now());
+            }
+            _ = sleep_until_opt(wake), if next.is_none() => {}
+        }
+    }
+    // Jobs still queued, or arriving while we stop, were never started: release them.
+    jobs.close();
+    let mut rest: Vec<T> = queues.values_mut().flat_map(|(_, s)| s.drain()).collect();
+    while let Ok(job) = jobs.try_recv() {
+        rest.push(job);
+    }
+    if !rest.is_empty() {
+        let _ = release.send(rest).await;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn closes_at_max_size_before_the_deadline() {
+        let t0 = Instant::now();
+        let mut s = State::new(10 * MS);
+        let budget = Budget { max_size: 3, max_tokens: 0 };
+        for i in 0..4 {
+            s.append(i, 1, t0);
+        }
+        assert_eq!(s.next_batch(&budget, t0), Some(vec![0, 1, 2]));
+        assert_eq!(s.next_batch(&budget, t0), None, "one job waits for company");
+        assert_eq!(s.deadline(), Some(t0 + 10 * MS));
+        assert_eq!(s.next_batch(&budget, t0 + 10 * MS), Some(vec![3]));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn token_budget_counts_padding() {
+        let t0 = Instant::now();
+        let mut s = State::new(MS);
+        let budget = Budget { max_size: 10, max_tokens: 100 };
+        // Padded cost: 10, then 2 × 40 = 80, then 3 × 40 = 120 > 100.
+        for cost in [10, 40, 5, 5] {
+            s.append(cost, cost, t0);
+        }
+        assert_eq!(s.next_batch(&budget, t0), Some(vec![10, 40]), "full by tokens, not by time");
+        assert_eq!(s.next_batch(&budget, t0), None);
+        assert_eq!(s.next_batch(&budget, t0 + MS), Some(vec![5, 5]));
+    }
+
+    #[test]
+    fn a_job_over_the_token_budget_runs_alone() {
+        let t0 = Instant::now();
+        let mut s = State::new(MS);
+        s.append("big", 500, t0);
+        s.append("small", 1, t0);
+        let budget = Budget { max_size: 8, max_tokens: 100 };
+        assert_eq!(s.next_batch(&budget, t0), Some(vec!["big"]));
+        assert_eq!(s.drain(), vec!["small"]);
+    }
+}

@@ -1,0 +1,314 @@
+//! The bus stage: connecting to NATS, creating streams and the consumer, pulling jobs, and the
+//! [`Delivery`] handle through which the results stage acks, naks, terms or extends a job.
+//!
+//! Pulls are sized by free in-flight permits, never more: a job sits in this worker's buffer only
+//! while there is room to start it, so it cannot outlive `ack_wait` there and be redelivered to
+//! another worker (the over-buffering duplicates of nats.go#1929). Each pulled job holds a permit
+//! until it is acked or handed back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::{self, consumer, stream, AckKind, Context};
+use async_nats::{Client, HeaderMap, ServerAddr};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::{info, warn};
+
+use crate::config::{NatsOpts, Topology};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {urls}: {message}")]
+    Connect { urls: String, message: String },
+    #[error("stream or consumer setup: {0}")]
+    Setup(String),
+    #[error("publish: {0}")]
+    Publish(String),
+    #[error("pull: {0}")]
+    Pull(String),
+    #[error("ack: {0}")]
+    Ack(String),
+}
+
+impl BusError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            BusError::Connect { .. } => "connect",
+            BusError::Setup(_) => "setup",
+            BusError::Publish(_) => "publish",
+            BusError::Pull(_) => "pull",
+            BusError::Ack(_) => "ack",
+        }
+    }
+}
+
+/// Connects with the configured auth and TLS; reconnects forever with backoff once connected.
+pub async fn connect(opts: &NatsOpts, name: &str) -> Result<Client, BusError> {
+    let urls = opts.urls.join(",");
+    let err = |message: String| BusError::Connect { urls: urls.clone(), message };
+    let addrs: Vec<ServerAddr> =
+        opts.urls.iter().map(|u| u.parse::<ServerAddr>().map_err(|e| err(format!("{u}: {e}")))).collect::<Result<_, _>>()?;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempt| Duration::from_millis((100 * 2u64.pow(attempt.min(6) as u32)).min(5_000)))
+        .event_callback(|event| async move { info!(%event, "nats connection event") });
+    if let Some(token) = &opts.token {
+        options = options.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&opts.user, &opts.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(creds) = &opts.creds {
+        options = options.credentials_file(creds).await.map_err(|e| err(format!("credentials file {}: {e}", creds.display())))?;
+    }
+    if let Some(ca) = &opts.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    async_nats::connect_with_options(addrs, options).await.map_err(|e| err(e.to_string()))
+}
+
+/// Creates or updates the jobs, results and dead-letter streams and the workers' consumer.
+/// Safe to run from every worker at start: the same configuration is a no-op.
+pub async fn setup(js: &Context, t: &Topology) -> Result<consumer::PullConsumer, BusError> {
+    let setup_err = |what: &str, e: &dyn std::fmt::Display| BusError::Setup(format!("{what}: {e}"));
+    let dup = Duration::from_secs(t.duplicate_window_secs);
+    let streams = [
+        // Jobs: deleted once acked; the duplicate window drops re-published job ids.
+        stream::Config {
+            name: t.jobs_stream.clone(),
+            subjects: vec![format!("{}.jobs.>", t.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: t.replicas,
+            duplicate_window: dup,
+            ..Default::default()
+        },
+        // Results: kept for a while so producers can collect them late; ids dedup double answers.
+        stream::Config {
+            name: t.results_stream.clone(),
+            subjects: vec![format!("{}.results.>", t.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: t.replicas,
+            max_age: Duration::from_secs(t.results_max_age_secs),
+            duplicate_window: dup,
+            allow_direct: true,
+            ..Default::default()
+        },
+        stream::Config {
+            name: t.dead_stream.clone(),
+            subjects: vec![format!("{}.dead.>", t.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: t.replicas,
+            duplicate_window: dup,
+            ..Default::default()
+        },
+    ];
+    for config in streams {
+        let name = config.name.clone();
+        js.create_or_update_stream(config).await.map_err(|e| setup_err(&format!("stream {name}"), &e))?;
+    }
+    let filter_subjects = if t.serve_models.is_empty() {
+        vec![format!("{}.jobs.>", t.prefix)]
+    } else {
+        t.serve_models.iter().map(|m| t.jobs_subject(m)).collect()
+    };
+    let config = consumer::pull::Config {
+        durable_name: Some(t.consumer.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: t.ack_wait(),
+        max_deliver: t.max_deliver,
+        max_ack_pending: t.max_ack_pending,
+        filter_subjects,
+        ..Default::default()
+    };
+    let jobs = js.get_stream(&t.jobs_stream).await.map_err(|e| setup_err("jobs stream", &e))?;
+    // create_consumer is idempotent for an identical config; a changed one (new ack wait, filter) is an update.
+    match jobs.create_consumer(config.clone()).await {
+        Ok(c) => Ok(c),
+        Err(_) => jobs.update_consumer(config).await.map_err(|e| setup_err(&format!("consumer {}", t.consumer), &e)),
+    }
+}
+
+/// One pulled job, until it is acked, nak'ed or termed. Holds its in-flight permit.
+pub struct Delivery {
+    acker: jetstream::message::Acker,
+    pub subject: async_nats::Subject,
+    pub payload: Bytes,
+    pub headers: Option<HeaderMap>,
+    pub stream_seq: u64,
+    pub delivered: i64,
+    /// When the producer's publish reached the stream.
+    pub published: SystemTime,
+    pub received: Instant,
+    _permit: OwnedSemaphorePermit,
+    inflight: prometheus::IntGauge,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        self.inflight.dec();
+    }
+}
+
+impl Delivery {
+    fn new(msg: jetstream::Message, permit: OwnedSemaphorePermit, inflight: &prometheus::IntGauge) -> Result<Delivery, BusError> {
+        let (stream_seq, delivered, published) = {
+            let info = msg.info().map_err(|e| BusError::Pull(format!("not a JetStream message: {e}")))?;
+            (info.stream_sequence, info.delivered, SystemTime::from(info.published))
+        };
+        let (msg, acker) = msg.split();
+        Ok(Delivery {
+            acker,
+            subject: msg.subject,
+            payload: msg.payload,
+            headers: msg.headers,
+            stream_seq,
+            delivered,
+            published,
+            received: Instant::now(),
+            _permit: permit,
+            inflight: {
+                inflight.inc();
+                inflight.clone()
+            },
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    /// The model token of `<prefix>.jobs.<model>`.
+    pub fn subject_model(&self) -> &str {
+        self.subject.rsplit('.').next().unwrap_or_default()
+    }
+
+    /// Time since the producer published the job.
+    pub fn age(&self) -> Duration {
+        SystemTime::now().duration_since(self.published).unwrap_or_default()
+    }
+
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.send(AckKind::Ack).await
+    }
+
+    /// Hands the job back for redelivery after `delay`.
+    pub async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
+        self.send(AckKind::Nak(delay)).await
+    }
+
+    /// Never redeliver: the job is invalid or has been dead-lettered.
+    pub async fn term(&self) -> Result<(), BusError> {
+        self.send(AckKind::Term).await
+    }
+
+    /// Resets `ack_wait` while the job is still being worked on.
+    pub async fn progress(&self) -> Result<(), BusError> {
+        self.send(AckKind::Progress).await
+    }
+
+    async fn send(&self, kind: AckKind) -> Result<(), BusError> {
+        self.acker.ack_with(kind).await.map_err(|e| BusError::Ack(e.to_string()))
+    }
+}
+
+/// Pull settings of the loop.
+pub struct PullOpts {
+    pub max_inflight: usize,
+    pub pull_batch: usize,
+}
+
+/// The pull loop: fetches as many jobs as there are free permits and sends them to `out`. On
+/// shutdown it stops asking, finishes the open pull request and sends what still arrives to
+/// `release`, so those jobs are handed back at once instead of waiting out `ack_wait`.
+pub async fn pull(
+    consumer: consumer::PullConsumer,
+    opts: PullOpts,
+    out: mpsc::Sender<Delivery>,
+    release: mpsc::Sender<Vec<Delivery>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let permits = Arc::new(Semaphore::new(opts.max_inflight));
+    let mut stopping = false;
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    while !stopping {
+        let mut held = tokio::select! {
+            _ = shutdown.recv() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let extra = permits.available_permits().min(opts.pull_batch - 1);
+        if extra > 0 {
+            if let Ok(more) = permits.clone().try_acquire_many_owned(extra as u32) {
+                held.merge(more);
+            }
+        }
+        let want = held.num_permits();
+        let mut batch = match consumer.batch().max_messages(want).expires(Duration::from_secs(1)).messages().await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "pull request failed; retrying");
+                metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.recv(), if !stopping => { stopping = true; continue }
+                m = batch.next() => m,
+            };
+            let msg = match next {
+                None => break,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    warn!(error = %e, "pull batch error");
+                    metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
+                    break;
+                }
+            };
+            let Some(permit) = held.split(1) else { break };
+            let delivery = match Delivery::new(msg, permit, &metrics.inflight_jobs) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %e, "dropping a non-JetStream message");
+                    continue;
+                }
+            };
+            if delivery.delivered > 1 {
+                metrics.redeliveries_total.inc();
+            }
+            let sent = if stopping { release.send(vec![delivery]).await.is_ok() } else { out.send(delivery).await.is_ok() };
+            if !sent {
+                stopping = true;
+            }
+        }
+    }
+    metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    info!("pull loop stopped");
+}
+
+/// Keeps `jetbatch_consumer_pending` and `_ack_pending` current.
+pub async fn watch_consumer(mut consumer: consumer::PullConsumer, metrics: Arc<Metrics>, mut shutdown: broadcast::Receiver<()>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tick.tick() => {}
+        }
+        match consumer.info().await {
+            Ok(info) => {
+                metrics.consumer_pending.set(info.num_pending as i64);
+                metrics.consumer_ack_pending.set(info.num_ack_pending as i64);
+            }
+            Err(e) => warn!(error = %e, "consumer info"),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The result cache beside the pipeline: sled at `--cache-dir`, keyed by
+//! [`crate::job::ValidJob::cache_key`]. Values carry their store time (for the TTL) and an insertion
+//! sequence; a second tree orders keys by that sequence so the size cap evicts oldest-first.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::job::Output;
+use crate::metrics::now_ms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache storage: {0}")]
+    Storage(#[from] sled::Error),
+}
+
+impl CacheError {
+    pub fn error_type(&self) -> &'static str {
+        "storage"
+    }
+}
+
+pub struct Cache {
+    db: sled::Db,
+    results: sled::Tree,
+    order: sled::Tree,
+    ttl: Option<Duration>,
+    max_bytes: u64,
+    bytes: AtomicU64,
+}
+
+/// Header of a stored value: store time (ms since the epoch) and insertion sequence, big-endian.
+const HEADER: usize = 16;
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub entries: usize,
+    pub bytes: u64,
+    pub size_on_disk: u64,
+}
+
+impl Cache {
+    /// Opens (or creates) the cache. `max_bytes` 0 means no cap.
+    pub fn open(dir: &Path, ttl: Option<Duration>, max_bytes: u64) -> Result<Cache, CacheError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let results = db.open_tree("results")?;
+        let order = db.open_tree("order")?;
+        let bytes = results.iter().values().map(|v| v.map(|v| v.len() as u64)).sum::<Result<u64, _>>()?;
+        Ok(Cache { db, results, order, ttl, max_bytes, bytes: AtomicU64::new(bytes) })
+    }
+
+    pub fn get(&self, key: &[u8; 32]) -> Result<Option<Output>, CacheError> {
+        let Some(value) = self.results.get(key)? else { return Ok(None) };
+        let expired = self.ttl.is_some_and(|ttl| {
+            let stored = u64::from_be_bytes(value[..8].try_into().expect("header")) as u128;
+            now_ms().saturating_sub(stored) > ttl.as_millis()
+        });
+        match rmp_serde::from_slice::<Output>(&value[HEADER..]) {
+            Ok(output) if !expired => Ok(Some(output)),
+            // Expired or written by an incompatible version: drop it and recompute.
+            _ => {
+                self.remove(key, &value)?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn put(&self, key: &[u8; 32], output: &Output) -> Result<(), CacheError> {
+        let seq = self.db.generate_id()?;
+        let mut value = Vec::with_capacity(HEADER + 256);
+        value.extend_from_slice(&(now_ms() as u64).to_be_bytes());
+        value.extend_from_slice(&seq.to_be_bytes());
+        rmp_serde::encode::write(&mut value, output).expect("encoding into a Vec");
+        let len = value.len() as u64;
+        if let Some(old) = self.results.insert(key, value)? {
+            self.order.remove(&old[8..HEADER])?;
+            self.bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        }
+        self.order.insert(seq.to_be_bytes(), key)?;
+        let total = self.bytes.fetch_add(len, Ordering::Relaxed) + len;
+        if self.max_bytes > 0 && total > self.max_bytes {
+            self.evict()?;
+        }
+        Ok(())
+    }
+
+    /// Removes oldest entries until the cache is at 90% of its cap (so eviction is not per insert).
+    fn evict(&self) -> Result<(), CacheError> {
+        let target = self.max_bytes / 10 * 9;
+        while self.bytes.load(Ordering::Relaxed) > target {
+            let Some((seq, key)) = self.order.pop_min()? else { break };
+            if let Some(old) = self.results.remove(&key)? {
+                debug_assert_eq!(&old[8..HEADER], &seq[..], "put removes the order record it replaces");
+                self.bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, key: &[u8; 32], value: &[u8]) -> Result<(), CacheError> {
+        if self.results.remove(key)?.is_some() {
+            self.order.remove(&value[8..HEADER])?;
+            self.bytes.fetch_sub(value.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Result<Stats, CacheError> {
+        Ok(Stats { entries: self.results.len(), bytes: self.bytes.load(Ordering::Relaxed), size_on_disk: self.db.size_on_disk()? })
+    }
+
+    pub fn clear(&self) -> Result<(), CacheError> {
+        self.results.clear()?;
+        self.order.clear()?;
+        self.bytes.store(0, Ordering::Relaxed);
+        self.flush()
+    }
+
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::TensorData;
+
+    fn output(v: f32) -> Output {
+        Output::Tensor(vec![TensorData::from((&[v; 16][..], vec![16]))])
+    }
+
+    #[test]
+    fn survives_reopen_and_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Cache::open(dir.path(), None, 0).unwrap();
+            c.put(&[1; 32], &output(1.0)).unwrap();
+            c.flush().unwrap();
+        }
+        let c = Cache::open(dir.path(), None, 0).unwrap();
+        assert_eq!(c.get(&[1; 32]).unwrap(), Some(output(1.0)));
+        assert_eq!(c.get(&[2; 32]).unwrap(), None);
+        assert_eq!(c.stats().unwrap().entries, 1);
+        c.clear().unwrap();
+        assert_eq!((c.get(&[1; 32]).unwrap(), c.stats().unwrap().bytes), (None, 0));
+    }
+
+    #[test]
+    fn ttl_expires_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), Some(Duration::ZERO), 0).unwrap();
+        c.put(&[1; 32], &output(1.0)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(c.get(&[1; 32]).unwrap(), None);
+        assert_eq!(c.stats().unwrap().entries, 0);
+    }
+
+    #[test]
+    fn size_cap_evicts_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), None, 1000).unwrap();
+        for i in 0..20u8 {
+            c.put(&[i; 32], &output(i as f32)).unwrap();
+        }
+        let s = c.stats().unwrap();
+        assert!(s.bytes <= 1000 && s.entries < 20 && s.entries > 0, "{s:?}");
+        assert_eq!(c.get(&[0; 32]).unwrap(), None, "oldest evicted");
+        assert_eq!(c.get(&[19; 32]).unwrap(), Some(output(19.0)), "newest kept");
+        // Overwriting a key does not double-count it.
+        let before = c.stats().unwrap().bytes;
+        c.put(&[19; 32], &output(19.0)).unwrap();
+        assert_eq!(c.stats().unwrap().bytes, before);
+    }
+}

@@ -1,0 +1,310 @@
+//! Command-line configuration: one clap tree, every flag also read from `JETBATCH_*` environment
+//! variables and from a TOML config file (`--config`), in that order of precedence: flag, env, file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "jetbatch", version, about = "NATS JetStream job worker for batched ML inference on libtorch")]
+pub struct Cli {
+    /// TOML file of settings: keys are long flag names (`nats-url = "nats://a:4222"`, `models = "/srv/models"`).
+    #[arg(long, env = "JETBATCH_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "JETBATCH_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume jobs and publish results until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Create (or update) the streams and the workers' consumer, then exit.
+    Setup(SetupArgs),
+    /// List and validate a model repository (`--load` also loads and warms each model).
+    Models(ModelsArgs),
+    /// Inspect or clear the result cache.
+    Cache(CacheArgs),
+    /// Publish jobs from JSONL, wait for every result and write them as JSONL.
+    Submit(SubmitArgs),
+    /// Write the built-in demo model repository (TorchScript models from fixed seeds).
+    DemoModels {
+        /// Folder to create the models in.
+        dir: PathBuf,
+    },
+    /// Everything at once: a local nats-server, the demo models, a worker, and a few demo jobs.
+    Demo(DemoArgs),
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Args)]
+pub struct NatsOpts {
+    /// Server URLs, comma-separated; the client fails over between them.
+    #[arg(long = "nats-url", env = "JETBATCH_NATS_URL", value_delimiter = ',', default_value = "nats://127.0.0.1:4222")]
+    pub urls: Vec<String>,
+    #[arg(long = "nats-token", env = "JETBATCH_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long = "nats-user", env = "JETBATCH_NATS_USER")]
+    pub user: Option<String>,
+    #[arg(long = "nats-password", env = "JETBATCH_NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Credentials file (JWT + NKey seed) for decentralised auth.
+    #[arg(long = "nats-creds", env = "JETBATCH_NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the servers; implies TLS.
+    #[arg(long = "nats-tls-ca", env = "JETBATCH_NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Names and settings of the streams and the consumer. Every worker of a pool must agree on them.
+#[derive(Debug, Clone, Args)]
+pub struct Topology {
+    /// First subject token: jobs on `<prefix>.jobs.<model>`, results on `<prefix>.results.<id>`.
+    #[arg(long, env = "JETBATCH_PREFIX", default_value = "jetbatch")]
+    pub prefix: String,
+    #[arg(long, env = "JETBATCH_JOBS_STREAM", default_value = "JETBATCH_JOBS")]
+    pub jobs_stream: String,
+    #[arg(long, env = "JETBATCH_RESULTS_STREAM", default_value = "JETBATCH_RESULTS")]
+    pub results_stream: String,
+    #[arg(long, env = "JETBATCH_DEAD_STREAM", default_value = "JETBATCH_DEAD")]
+    pub dead_stream: String,
+    /// Durable pull consumer shared by the workers of a pool.
+    #[arg(long, env = "JETBATCH_CONSUMER", default_value = "jetbatch-workers")]
+    pub consumer: String,
+    /// Stream replicas: 3 (or 5) on a cluster so acknowledged jobs survive a node loss.
+    #[arg(long, env = "JETBATCH_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// How long results are kept.
+    #[arg(long, env = "JETBATCH_RESULTS_MAX_AGE_SECS", default_value_t = 24 * 3600)]
+    pub results_max_age_secs: u64,
+    /// Window in which a re-published job id (`Nats-Msg-Id`) is dropped as a duplicate.
+    #[arg(long, env = "JETBATCH_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    pub duplicate_window_secs: u64,
+    /// Time a worker has to ack a job before it is redelivered; progress acks extend it during
+    /// long batches, so it bounds how long a dead worker's jobs wait, not how long a batch may run.
+    #[arg(long, env = "JETBATCH_ACK_WAIT_SECS", default_value_t = 30.0)]
+    pub ack_wait_secs: f64,
+    /// Deliveries before a failing job is dead-lettered.
+    #[arg(long, env = "JETBATCH_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+    /// Unacked jobs the server lets the whole pool hold.
+    #[arg(long, env = "JETBATCH_MAX_ACK_PENDING", default_value_t = 10_000)]
+    pub max_ack_pending: i64,
+    /// Models this pool serves (comma-separated) — the consumer's filter. Empty: every model, so
+    /// jobs for unknown models get an `unknown_model` result instead of waiting forever.
+    #[arg(long = "serve-models", env = "JETBATCH_SERVE_MODELS", value_delimiter = ',')]
+    pub serve_models: Vec<String>,
+}
+
+impl Topology {
+    pub fn jobs_subject(&self, model: &str) -> String {
+        format!("{}.jobs.{model}", self.prefix)
+    }
+    pub fn result_subject(&self, id: &str) -> String {
+        format!("{}.results.{id}", self.prefix)
+    }
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.ack_wait_secs)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CacheOpts {
+    /// sled folder for cached results; unset: no cache.
+    #[arg(long, env = "JETBATCH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Entries older than this are recomputed (0: never expire).
+    #[arg(long, env = "JETBATCH_CACHE_TTL_SECS", default_value_t = 0)]
+    pub cache_ttl_secs: u64,
+    /// Size cap; oldest entries are evicted past it (0: no cap).
+    #[arg(long, env = "JETBATCH_CACHE_MAX_MB", default_value_t = 0)]
+    pub cache_max_mb: u64,
+}
+
+impl CacheOpts {
+    pub fn ttl(&self) -> Option<Duration> {
+        (self.cache_ttl_secs > 0).then(|| Duration::from_secs(self.cache_ttl_secs))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    #[command(flatten)]
+    pub topology: Topology,
+    #[command(flatten)]
+    pub cache: CacheOpts,
+    /// Model repository: one folder per model with a `jetbatch.toml`.
+    #[arg(long, env = "JETBATCH_MODELS")]
+    pub models: PathBuf,
+    /// Name of this worker in results and metrics (default: host name and process id).
+    #[arg(long, env = "JETBATCH_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Jobs this worker holds at once (pulled, not yet acked). Enough to fill two batches of the
+    /// largest model; more only piles up jobs that wait in the buffer (see ack-wait).
+    #[arg(long, env = "JETBATCH_MAX_INFLIGHT", default_value_t = 256)]
+    pub max_inflight: usize,
+    /// Jobs asked of the server per pull request.
+    #[arg(long, env = "JETBATCH_PULL_BATCH", default_value_t = 128)]
+    pub pull_batch: usize,
+    /// Payloads larger than this are answered with `bad_request`.
+    #[arg(long, env = "JETBATCH_MAX_PAYLOAD_BYTES", default_value_t = 8 << 20)]
+    pub max_payload_bytes: usize,
+    /// Elements a single tensor in a job may have.
+    #[arg(long, env = "JETBATCH_MAX_TENSOR_ELEMENTS", default_value_t = 16 << 20)]
+    pub max_tensor_elements: usize,
+    /// Summed size of loaded models before the least recently used is unloaded (0: no limit).
+    #[arg(long, env = "JETBATCH_MODEL_MEMORY_MB", default_value_t = 0)]
+    pub model_memory_mb: u64,
+    /// Prometheus endpoint (`/metrics`, `/healthz`); unset: none.
+    #[arg(long, env = "JETBATCH_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between metric snapshots published on `<prefix>.metrics.<worker>` (0: none).
+    #[arg(long, env = "JETBATCH_METRICS_INTERVAL_SECS", default_value_t = 10)]
+    pub metrics_interval_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    #[command(flatten)]
+    pub topology: Topology,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    #[arg(long, env = "JETBATCH_MODELS")]
+    pub models: PathBuf,
+    /// Also load each model and run its warm-up batch.
+    #[arg(long)]
+    pub load: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(flatten)]
+    pub cache: CacheOpts,
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum CacheAction {
+    /// Entries and bytes.
+    Stats,
+    /// Remove every entry.
+    Clear,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    #[command(flatten)]
+    pub topology: Topology,
+    /// Jobs, one JSON object a line (`-`: standard input).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Results, one JSON object a line, appended; ids already in it are not submitted again.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Give up waiting after this many seconds without a new result.
+    #[arg(long, env = "JETBATCH_SUBMIT_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+    /// Publish jobs as MessagePack (default) or as they were read (JSON).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working folder for the server's store, the demo models and the cache.
+    #[arg(long, default_value = ".demo")]
+    pub dir: PathBuf,
+    /// nats-server binary (default: `nats-server` next to the venv, then on PATH).
+    #[arg(long, env = "JETBATCH_NATS_SERVER")]
+    pub nats_server: Option<PathBuf>,
+}
+
+/// Reads `--config FILE` (or `JETBATCH_CONFIG`) and exports its keys as `JETBATCH_*` variables that
+/// are not already set, so clap sees them with the precedence flag > env > file > default.
+pub fn apply_config_file(args: &[String]) -> Result<(), String> {
+    let from_args = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config=").map(str::to_string).or_else(|| (a == "--config").then(|| args.get(i + 1).cloned()).flatten())
+    });
+    let Some(path) = from_args.or_else(|| std::env::var("JETBATCH_CONFIG").ok()) else { return Ok(()) };
+    for (var, value) in config_file_vars(Path::new(&path))? {
+        if std::env::var_os(&var).is_none() {
+            // Single-threaded at this point: main has not started the runtime yet.
+            unsafe { std::env::set_var(var, value) };
+        }
+    }
+    Ok(())
+}
+
+fn config_file_vars(path: &Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("config {}: {e}", path.display()))?;
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            let var = format!("JETBATCH_{}", key.to_uppercase().replace('-', "_"));
+            let scalar = |v: &toml::Value| match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => Ok(v.to_string()),
+                _ => Err(format!("config {}: {key}: expected a string, number, boolean or list", path.display())),
+            };
+            let value = match &value {
+                toml::Value::Array(items) => items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?.join(","),
+                v => scalar(v)?,
+            };
+            Ok((var, value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_keys_become_env_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jetbatch.toml");
+        std::fs::write(&path, "nats-url = [\"nats://a:1\", \"nats://b:2\"]\nmax-inflight = 64\nmodels = \"/srv/m\"\n").unwrap();
+        let mut vars = config_file_vars(&path).unwrap();
+        vars.sort();
+        assert_eq!(
+            vars,
+            vec![
+                ("JETBATCH_MAX_INFLIGHT".to_string(), "64".to_string()),
+                ("JETBATCH_MODELS".to_string(), "/srv/m".to_string()),
+                ("JETBATCH_NATS_URL".to_string(), "nats://a:1,nats://b:2".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn cli_parses_serve_with_defaults() {
+        let cli = Cli::try_parse_from(["jetbatch", "serve", "--models", "m", "--nats-url", "nats://x:1,nats://y:2"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!("serve") };
+        assert_eq!(s.nats.urls, vec!["nats://x:1", "nats://y:2"]);
+        assert_eq!((s.topology.consumer.as_str(), s.topology.max_deliver), ("jetbatch-workers", 5));
+        assert_eq!(s.topology.result_subject("a"), "jetbatch.results.a");
+    }
+}

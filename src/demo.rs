@@ -1,0 +1,205 @@
+//! The built-in demo: TorchScript models made from fixed seeds (no download), a local nats-server,
+//! and `jetbatch demo`, which runs a worker on them and prints the answers to a few jobs.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::{CModule, Kind, Tensor};
+
+use crate::config::{CacheOpts, DemoArgs, NatsOpts, ServeArgs};
+use crate::job::JobResult;
+use crate::submit::{run_jobs, JobLine};
+
+/// Writes the demo repository into `dir`:
+/// - `mlp`: `f32[16] → f32[4]`, a two-layer perceptron with fixed shapes.
+/// - `seqproj`: `f32[-1, 8] → f32[-1, 3]`, a per-position projection over a variable-length
+///   sequence, padded in batches and trimmed back per job.
+pub fn write_demo_models(dir: &Path) -> Result<(), String> {
+    let _no_grad = tch::no_grad_guard();
+    tch::manual_seed(20261125);
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let (w1, b1) = (Tensor::randn([32, 16], opts) * 0.25, Tensor::randn([32], opts) * 0.1);
+    let (w2, b2) = (Tensor::randn([4, 32], opts) * 0.25, Tensor::randn([4], opts) * 0.1);
+    let mlp = CModule::create_by_tracing("DemoMlp", "forward", &[Tensor::zeros([2, 16], opts)], &mut |x| {
+        vec![x[0].linear(&w1, Some(&b1)).tanh().linear(&w2, Some(&b2))]
+    })
+    .map_err(|e| e.to_string())?;
+    let (w, b) = (Tensor::randn([3, 8], opts) * 0.3, Tensor::randn([3], opts) * 0.1);
+    let seq = CModule::create_by_tracing("DemoSeqProj", "forward", &[Tensor::zeros([2, 5, 8], opts)], &mut |x| {
+        vec![x[0].linear(&w, Some(&b)).relu()]
+    })
+    .map_err(|e| e.to_string())?;
+    let write = |name: &str, module: &CModule, toml: &str| -> Result<(), String> {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        module.save(d.join("model.pt")).map_err(|e| e.to_string())?;
+        std::fs::write(d.join("jetbatch.toml"), toml).map_err(|e| e.to_string())
+    };
+    write("mlp", &mlp, MLP_TOML)?;
+    write("seqproj", &seq, SEQPROJ_TOML)
+}
+
+const MLP_TOML: &str = r#"# Demo: a two-layer perceptron, f32[16] -> f32[4].
+backend = "torchscript"
+max_batch_size = 64
+max_wait_ms = 2
+device = "auto"
+preload = true
+
+[[inputs]]
+name = "x"
+dtype = "f32"
+shape = [16]
+"#;
+
+const SEQPROJ_TOML: &str = r#"# Demo: a per-position projection over a variable-length sequence, f32[n, 8] -> f32[n, 3].
+backend = "torchscript"
+max_batch_size = 32
+max_wait_ms = 2
+# Padded elements per batch (longest sequence x 8 x jobs).
+max_batch_tokens = 65536
+device = "auto"
+
+[[inputs]]
+name = "x"
+dtype = "f32"
+shape = [-1, 8]
+pad_value = 0.0
+max_len = 1024
+
+[[outputs]]
+name = "y"
+# Output dim 0 follows input 0's dim 0: padding rows are cut off per job.
+trim = [{ dim = 0, input = 0, input_dim = 0 }]
+"#;
+
+/// A nats-server with JetStream on a free loopback port, killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub store: PathBuf,
+    bin: PathBuf,
+}
+
+impl NatsServer {
+    /// The binary: `JETBATCH_NATS_SERVER`, the project venv's, or `nats-server` on PATH.
+    pub fn find_binary() -> PathBuf {
+        if let Some(p) = std::env::var_os("JETBATCH_NATS_SERVER") {
+            return p.into();
+        }
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+        if venv.is_file() {
+            return venv;
+        }
+        "nats-server".into()
+    }
+
+    pub fn start(bin: &Path, store: &Path) -> std::io::Result<NatsServer> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        NatsServer::start_on(bin, store, port)
+    }
+
+    /// Starts (or restarts, with the same store) a server on `port`.
+    pub fn start_on(bin: &Path, store: &Path, port: u16) -> std::io::Result<NatsServer> {
+        std::fs::create_dir_all(store)?;
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", bin.display())))?;
+        let server = NatsServer { child, port, store: store.to_path_buf(), bin: bin.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("nats-server did not start within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server and starts it again on the same port and store.
+    pub fn restart(mut self) -> std::io::Result<NatsServer> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        NatsServer::start_on(&self.bin.clone(), &self.store.clone(), self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serve options for a local worker on `dir` (used by the demo and the tests).
+pub fn local_serve_args(url: String, models: PathBuf, cache_dir: Option<PathBuf>) -> ServeArgs {
+    use clap::Parser;
+    let cli = crate::config::Cli::parse_from(["jetbatch", "serve", "--models", "_", "--nats-url", &url]);
+    let crate::config::Command::Serve(mut args) = cli.command else { unreachable!("parsed serve") };
+    args.models = models;
+    args.cache = CacheOpts { cache_dir, cache_ttl_secs: 0, cache_max_mb: 0 };
+    args
+}
+
+/// `jetbatch demo`.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.dir)?;
+    let models = dir.join("models");
+    write_demo_models(&models).map_err(anyhow::Error::msg)?;
+    println!("demo models written to {}", models.display());
+    let bin = args.nats_server.unwrap_or_else(NatsServer::find_binary);
+    // A fresh store each run, so the demo's jobs are its own.
+    let _ = std::fs::remove_dir_all(dir.join("nats"));
+    let server = NatsServer::start(&bin, &dir.join("nats"))?;
+    println!("nats-server (JetStream) on {}", server.url());
+
+    let serve = local_serve_args(server.url(), models, Some(dir.join("cache")));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(crate::worker::run(serve, async move { let _ = stop_rx.await; }));
+
+    let x: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+    let seq = |n: usize| -> Vec<f32> { (0..n * 8).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect() };
+    let jobs = [
+        serde_json::json!({"id": "demo-mlp-1", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": x}]}}),
+        serde_json::json!({"id": "demo-seq-short", "model": "seqproj", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [2, 8], "data": seq(2)}]}}),
+        serde_json::json!({"id": "demo-seq-long", "model": "seqproj", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [5, 8], "data": seq(5)}]}}),
+        serde_json::json!({"id": "demo-bad-shape", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [3], "data": [1, 2, 3]}]}}),
+        serde_json::json!({"id": "demo-unknown-model", "model": "nope", "kind": "tensor", "input": {"inputs": []}}),
+    ];
+    let client = crate::bus::connect(&NatsOpts { urls: vec![server.url()], token: None, user: None, password: None, creds: None, tls_ca: None }, "jetbatch-demo").await?;
+    let topology = local_serve_args(server.url(), PathBuf::new(), None).topology;
+    let mut print = |_: &str, payload: &[u8]| {
+        let r = JobResult::decode(payload).map_err(crate::submit::SubmitError::Input)?;
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        Ok(())
+    };
+    // The second round uses new job ids with the same inputs: the cache key ignores the id.
+    for (round, suffix) in [("first run", ""), ("same inputs again, new ids (answered from the cache)", "-again")] {
+        println!("--- {round}");
+        let lines = jobs
+            .iter()
+            .enumerate()
+            .map(|(n, j)| {
+                let mut j = j.clone();
+                j["id"] = format!("{}{suffix}", j["id"].as_str().unwrap_or_default()).into();
+                JobLine::parse(&j.to_string(), n + 1)
+            })
+            .collect::<Result<_, _>>()?;
+        run_jobs(&client, &topology, lines, false, Duration::from_secs(60), &mut print).await?;
+    }
+    let _ = stop_tx.send(());
+    worker.await??;
+    drop(server);
+    println!("demo done");
+    Ok(())
+}

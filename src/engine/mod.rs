@@ -1,0 +1,343 @@
+//! The engine stage: one dedicated OS thread owns every `tch::Tensor` and loaded model (with
+//! autograd off). Async code talks to it through [`EngineHandle`] with [`Command`]s that carry a
+//! tracing span and a reply channel; only plain Rust values ([`Output`], [`EngineError`]) leave it.
+//!
+//! Backends implement [`LoadedModel`] for the job kinds they serve; the thread keeps an LRU of
+//! loaded models under a memory budget, splits batches that hit CUDA out-of-memory (and lowers the
+//! model's batch cap), and isolates jobs that make a batch fail so one bad job cannot sink the rest.
+
+mod torchscript;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{info, warn, Span};
+
+use crate::job::{ErrorCode, JobError, JobInput, JobKind, Output};
+use crate::metrics::Metrics;
+use crate::repository::{Backend, DeviceChoice, ModelSpec};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot load model: {0}")]
+    Load(String),
+    #[error("model failed: {0}")]
+    Model(String),
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("engine stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            EngineError::Load(_) => "load",
+            EngineError::Model(_) => "model",
+            EngineError::OutOfMemory(_) => "out_of_memory",
+            EngineError::Stopped => "stopped",
+        }
+    }
+
+    /// The error result reported once retries are exhausted.
+    pub fn to_job_error(&self) -> JobError {
+        let code = match self {
+            EngineError::OutOfMemory(_) => ErrorCode::OutOfMemory,
+            _ => ErrorCode::ModelError,
+        };
+        JobError::new(code, self.to_string())
+    }
+
+    fn from_tch(e: tch::TchError) -> EngineError {
+        let msg = e.to_string();
+        // libtorch reports allocation failures as ordinary errors; their text is the only signal.
+        if msg.contains("out of memory") || msg.contains("CUDA error: out of memory") {
+            EngineError::OutOfMemory(first_line(&msg))
+        } else {
+            EngineError::Model(first_line(&msg))
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().chars().take(500).collect()
+}
+
+/// A model loaded on the engine thread.
+pub trait LoadedModel {
+    /// Runs one batch of jobs of `kind`, one output per input, in order.
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError>;
+    /// A dummy batch, so the first real batch does not pay for lazy initialisation.
+    fn warmup(&mut self) -> Result<(), EngineError>;
+    /// Frees cached device memory after an out-of-memory error.
+    fn release_cache(&mut self) {}
+}
+
+fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
+    let device = resolve_device(spec.config.device)?;
+    match spec.config.backend {
+        Backend::Torchscript => Ok(Box::new(torchscript::TorchScript::load(spec, device)?)),
+    }
+}
+
+fn resolve_device(choice: DeviceChoice) -> Result<tch::Device, EngineError> {
+    let cuda = tch::Cuda::device_count() as usize;
+    match choice {
+        DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+        DeviceChoice::Auto if cuda > 0 => Ok(tch::Device::Cuda(0)),
+        DeviceChoice::Auto => Ok(tch::Device::Cpu),
+        DeviceChoice::Cuda(n) if n < cuda => Ok(tch::Device::Cuda(n)),
+        DeviceChoice::Cuda(n) => Err(EngineError::Load(format!("device cuda:{n} requested, {cuda} CUDA device(s) present"))),
+    }
+}
+
+/// A batch's answer: one result per job, and the time the device spent on it.
+pub struct BatchReply {
+    pub outputs: Vec<Result<Output, EngineError>>,
+    pub compute: Duration,
+}
+
+pub enum Command {
+    Run {
+        model: Arc<ModelSpec>,
+        kind: JobKind,
+        inputs: Vec<JobInput>,
+        span: Span,
+        reply: oneshot::Sender<BatchReply>,
+    },
+    Load {
+        model: Arc<ModelSpec>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+}
+
+/// Cloneable handle to the engine thread; the thread stops when every handle is dropped.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std::sync::mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. `memory_budget` bounds the summed size of loaded models (0: none).
+    pub fn start(metrics: Arc<Metrics>, memory_budget: u64) -> (EngineHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("jetbatch-engine".into())
+            .spawn(move || {
+                let _no_grad = tch::no_grad_guard();
+                let mut engine = Engine { models: HashMap::new(), memory_budget, clock: 0, metrics };
+                while let Ok(cmd) = rx.recv() {
+                    engine.handle(cmd);
+                }
+            })
+            .expect("spawn engine thread");
+        (EngineHandle { tx }, thread)
+    }
+
+    pub async fn run(&self, model: Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> BatchReply {
+        let n = inputs.len();
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Run { model, kind, inputs, span: Span::current(), reply };
+        let stopped = || BatchReply { outputs: vec![Err(EngineError::Stopped); n], compute: Duration::ZERO };
+        if self.tx.send(cmd).is_err() {
+            return stopped();
+        }
+        rx.await.unwrap_or_else(|_| stopped())
+    }
+
+    pub async fn load(&self, model: Arc<ModelSpec>) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Load { model, reply }).map_err(|_| EngineError::Stopped)?;
+        rx.await.unwrap_or(Err(EngineError::Stopped))
+    }
+}
+
+struct Slot {
+    model: Box<dyn LoadedModel>,
+    fingerprint: Arc<str>,
+    size: u64,
+    last_used: u64,
+    /// Largest batch known to fit; lowered on out-of-memory.
+    cap: usize,
+}
+
+struct Engine {
+    models: HashMap<Arc<str>, Slot>,
+    memory_budget: u64,
+    clock: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Run { model, kind, inputs, span, reply } => {
+                let _enter = span.enter();
+                let start = Instant::now();
+                let metrics = self.metrics.clone();
+                let outputs = match self.slot(&model) {
+                    Ok(slot) => run_adaptive(slot, &model, kind, &inputs, &metrics),
+                    Err(e) => vec![Err(e); inputs.len()],
+                };
+                let _ = reply.send(BatchReply { outputs, compute: start.elapsed() });
+            }
+            Command::Load { model, reply } => {
+                let _ = reply.send(self.slot(&model).map(|_| ()));
+            }
+        }
+    }
+
+    /// The loaded model for `spec`, loading (and evicting least-recently-used models) as needed.
+    fn slot(&mut self, spec: &ModelSpec) -> Result<&mut Slot, EngineError> {
+        self.clock += 1;
+        let stale = self.models.get(&spec.name).is_some_and(|s| s.fingerprint != spec.fingerprint);
+        if stale {
+            self.models.remove(&spec.name);
+        }
+        if !self.models.contains_key(&spec.name) {
+            self.evict_for(spec.size_bytes);
+            let start = Instant::now();
+            let mut model = load(spec)?;
+            if spec.config.warmup {
+                model.warmup()?;
+            }
+            info!(model = %spec.name, secs = start.elapsed().as_secs_f64(), "model loaded");
+            self.metrics.models_loaded.inc();
+            self.models.insert(
+                spec.name.clone(),
+                Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap: spec.config.max_batch_size },
+            );
+        }
+        let slot = self.models.get_mut(&spec.name).expect("just inserted");
+        slot.last_used = self.clock;
+        Ok(slot)
+    }
+
+    fn evict_for(&mut self, incoming: u64) {
+        if self.memory_budget == 0 {
+            return;
+        }
+        while !self.models.is_empty() && self.models.values().map(|s| s.size).sum::<u64>() + incoming > self.memory_budget {
+            let victim = self.models.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone()).expect("non-empty");
+            info!(model = %victim, "evicting model to stay within the memory budget");
+            self.models.remove(&victim);
+            self.metrics.models_loaded.dec();
+        }
+    }
+}
+
+/// Runs `inputs` in chunks of the slot's cap. A failing chunk is split in halves and retried, so
+/// out-of-memory shrinks the batch (and the cap) and a job that breaks the model fails alone.
+fn run_adaptive(
+    slot: &mut Slot,
+    spec: &ModelSpec,
+    kind: JobKind,
+    inputs: &[JobInput],
+    metrics: &Metrics,
+) -> Vec<Result<Output, EngineError>> {
+    let refs: Vec<&JobInput> = inputs.iter().collect();
+    let mut out = Vec::with_capacity(inputs.len());
+    let mut rest = &refs[..];
+    while !rest.is_empty() {
+        let n = rest.len().min(slot.cap);
+        out.extend(run_split(slot, spec, kind, &rest[..n], metrics));
+        rest = &rest[n..];
+    }
+    out
+}
+
+fn run_split(
+    slot: &mut Slot,
+    spec: &ModelSpec,
+    kind: JobKind,
+    chunk: &[&JobInput],
+    metrics: &Metrics,
+) -> Vec<Result<Output, EngineError>> {
+    metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
+    let err = match slot.model.run(kind, chunk) {
+        Ok(outputs) => {
+            metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc_by(outputs.len() as u64);
+            return outputs.into_iter().map(Ok).collect();
+        }
+        Err(e) => e,
+    };
+    if chunk.len() == 1 {
+        return vec![Err(err)];
+    }
+    let half = chunk.len() / 2;
+    if let EngineError::OutOfMemory(_) = err {
+        slot.model.release_cache();
+        slot.cap = half.max(1);
+        warn!(model = %spec.name, cap = slot.cap, "out of memory: batch split, cap lowered");
+    } else {
+        warn!(model = %spec.name, error = %err, size = chunk.len(), "batch failed: splitting to isolate the job");
+    }
+    let mut out = run_split(slot, spec, kind, &chunk[..half], metrics);
+    out.extend(run_split(slot, spec, kind, &chunk[half..], metrics));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::TensorData;
+
+    /// Fails batches containing a poison value, or larger than `fits` with out-of-memory.
+    struct Fake {
+        fits: usize,
+        calls: Vec<usize>,
+    }
+
+    impl LoadedModel for Fake {
+        fn run(&mut self, _: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
+            self.calls.push(inputs.len());
+            if inputs.len() > self.fits {
+                return Err(EngineError::OutOfMemory("too big".into()));
+            }
+            inputs
+                .iter()
+                .map(|i| match i {
+                    JobInput::Tensor(t) if t[0].data == [13] => Err(EngineError::Model("poison".into())),
+                    JobInput::Tensor(t) => Ok(Output::Tensor(t.clone())),
+                })
+                .collect()
+        }
+        fn warmup(&mut self) -> Result<(), EngineError> {
+            Ok(())
+        }
+    }
+
+    fn input(v: u8) -> JobInput {
+        JobInput::Tensor(vec![TensorData { dtype: crate::tensor::DType::U8, shape: vec![1], data: vec![v] }])
+    }
+
+    fn spec() -> ModelSpec {
+        let config = toml::from_str("backend = \"torchscript\"\nmax_batch_size = 8\n[[inputs]]\nname=\"x\"\ndtype=\"u8\"\nshape=[1]").unwrap();
+        ModelSpec { name: "fake".into(), dir: ".".into(), config, fingerprint: "f".into(), size_bytes: 1 }
+    }
+
+    #[test]
+    fn out_of_memory_splits_the_batch_and_lowers_the_cap() {
+        let spec = spec();
+        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
+        let inputs: Vec<JobInput> = (0..8).map(input).collect();
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
+        assert!(out.iter().all(|r| r.is_ok()));
+        assert_eq!(slot.cap, 2, "cap follows the largest batch that fit");
+        let outs: Vec<Output> = out.into_iter().map(Result::unwrap).collect();
+        assert_eq!(outs, inputs.iter().map(|i| match i { JobInput::Tensor(t) => Output::Tensor(t.clone()) }).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_poison_job_fails_alone() {
+        let spec = spec();
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
+        let inputs: Vec<JobInput> = [1, 2, 13, 4, 5].into_iter().map(input).collect();
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
+        let failed: Vec<usize> = out.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
+        assert_eq!(failed, vec![2]);
+        assert_eq!(slot.cap, 8, "model errors do not lower the cap");
+    }
+}

@@ -1,0 +1,32 @@
+//! jetbatch: a NATS JetStream job worker that batches ML jobs onto libtorch.
+//!
+//! Producers publish jobs on `jetbatch.jobs.<model>`; stateless workers share a durable pull
+//! consumer, batch jobs per (model, kind), run them on a dedicated engine thread, cache
+//! deterministic results in sled, publish results on `jetbatch.results.<id>` and ack a job only
+//! after its result's publish was acknowledged by the results stream. The wire contract is in
+//! `schemas/`.
+//!
+//! # Layout
+//! Data flows one way through bounded channels; cache and metrics sit beside the stages.
+//! - [`bus`]: connection, stream/consumer setup, the pull loop, and [`bus::Delivery`] (ack/nak/term/progress).
+//! - [`job`]: the wire contract — decoding jobs into envelopes, results, error codes.
+//! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
+//! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
+//! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
+//! - [`worker`]: `serve` — wires the stages, the results stage (publish, store, ack) and shutdown.
+//! - [`cache`], [`metrics`]: beside the pipeline.
+//! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
+//! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
+
+pub mod batcher;
+pub mod bus;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod job;
+pub mod metrics;
+pub mod repository;
+pub mod submit;
+pub mod tensor;
+pub mod worker;

@@ -1,0 +1,81 @@
+use anyhow::Context;
+use clap::Parser;
+use jetbatch::config::{CacheAction, Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    jetbatch::config::apply_config_file(&args).map_err(anyhow::Error::msg)?;
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("JETBATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
+    let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => jetbatch::worker::run(args, shutdown_signal()).await?,
+        Command::Setup(args) => {
+            let client = jetbatch::bus::connect(&args.nats, "jetbatch-setup").await?;
+            let js = async_nats::jetstream::new(client);
+            jetbatch::bus::setup(&js, &args.topology).await?;
+            println!("streams {}, {}, {} and consumer {} are ready", args.topology.jobs_stream, args.topology.results_stream, args.topology.dead_stream, args.topology.consumer);
+        }
+        Command::Models(args) => models(args).await?,
+        Command::Cache(args) => {
+            let dir = args.cache.cache_dir.as_ref().context("--cache-dir (or JETBATCH_CACHE_DIR) is required")?;
+            let cache = jetbatch::cache::Cache::open(dir, args.cache.ttl(), args.cache.cache_max_mb << 20)?;
+            if let CacheAction::Clear = args.action {
+                cache.clear()?;
+            }
+            println!("{}", serde_json::to_string(&cache.stats()?)?);
+        }
+        Command::Submit(args) => {
+            let n = jetbatch::submit::submit(args).await?;
+            eprintln!("{n} job(s) answered");
+        }
+        Command::DemoModels { dir } => {
+            jetbatch::demo::write_demo_models(&dir).map_err(anyhow::Error::msg)?;
+            println!("demo models written to {}", dir.display());
+        }
+        Command::Demo(args) => jetbatch::demo::run(args).await?,
+    }
+    Ok(())
+}
+
+async fn models(args: jetbatch::config::ModelsArgs) -> anyhow::Result<()> {
+    let repo = jetbatch::repository::Repository::scan(&args.models)?;
+    let metrics = std::sync::Arc::new(jetbatch::metrics::Metrics::new("models"));
+    let (engine, _thread) = jetbatch::engine::EngineHandle::start(metrics, 0);
+    for (name, spec) in &repo.models {
+        let kinds: Vec<&str> = spec.config.backend.kinds().iter().map(|k| k.as_str()).collect();
+        let loaded = if args.load {
+            match engine.load(spec.clone()).await {
+                Ok(()) => " loaded+warm".to_string(),
+                Err(e) => format!(" LOAD FAILED: {e}"),
+            }
+        } else {
+            String::new()
+        };
+        println!("ok      {name}  kinds={} fingerprint={} size={}B{loaded}", kinds.join(","), spec.fingerprint, spec.size_bytes);
+    }
+    for (name, e) in &repo.invalid {
+        println!("invalid {name}  {e}");
+    }
+    anyhow::ensure!(repo.invalid.is_empty(), "{} invalid model(s)", repo.invalid.len());
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,167 @@
+//! Metrics beside the pipeline: a Prometheus registry served on `/metrics`, and the same figures as
+//! a JSON snapshot published on `<prefix>.metrics.<worker_id>` every few seconds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::proto::MetricType;
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tokio::sync::broadcast;
+
+pub struct Metrics {
+    registry: Registry,
+    pub worker: String,
+    pub jobs_total: IntCounterVec,
+    pub job_latency_seconds: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub batch_compute_seconds: HistogramVec,
+    pub cache_hits_total: IntCounter,
+    pub cache_misses_total: IntCounter,
+    pub inflight_jobs: IntGauge,
+    pub consumer_pending: IntGauge,
+    pub consumer_ack_pending: IntGauge,
+    pub redeliveries_total: IntCounter,
+    pub naks_total: IntCounterVec,
+    pub dead_letters_total: IntCounter,
+    pub errors_total: IntCounterVec,
+    pub model_forward_total: IntCounterVec,
+    pub engine_jobs_total: IntCounterVec,
+    pub models_loaded: IntGauge,
+    /// Set while the worker is connected and consuming; `/healthz` reports it.
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new(worker: &str) -> Metrics {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            reg(&registry, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"]).expect("valid metric"))
+        };
+        Metrics {
+            worker: worker.to_string(),
+            jobs_total: counter_vec("jetbatch_jobs_total", "Jobs answered, by model, kind and status.", &["model", "kind", "status"]),
+            job_latency_seconds: histogram(
+                "jetbatch_job_latency_seconds",
+                "JetStream publish time of the job to its result published.",
+                exponential_buckets(0.0005, 2.0, 18).expect("buckets"),
+            ),
+            batch_size: histogram("jetbatch_batch_size", "Jobs per engine batch.", exponential_buckets(1.0, 2.0, 10).expect("buckets")),
+            batch_compute_seconds: histogram(
+                "jetbatch_batch_compute_seconds",
+                "Engine time per batch.",
+                exponential_buckets(0.0001, 2.0, 18).expect("buckets"),
+            ),
+            cache_hits_total: counter("jetbatch_cache_hits_total", "Jobs answered from the result cache."),
+            cache_misses_total: counter("jetbatch_cache_misses_total", "Cacheable jobs not in the cache."),
+            inflight_jobs: gauge("jetbatch_inflight_jobs", "Jobs pulled and not yet acked or nak'ed."),
+            consumer_pending: gauge("jetbatch_consumer_pending", "Messages in the stream not yet delivered to the consumer."),
+            consumer_ack_pending: gauge("jetbatch_consumer_ack_pending", "Messages delivered to the consumer and not yet acked."),
+            redeliveries_total: counter("jetbatch_redeliveries_total", "Jobs received with a delivery count above one."),
+            naks_total: counter_vec("jetbatch_naks_total", "Jobs handed back for redelivery, by reason.", &["reason"]),
+            dead_letters_total: counter("jetbatch_dead_letters_total", "Jobs copied to the dead-letter stream."),
+            errors_total: counter_vec("jetbatch_errors_total", "Internal errors by layer and type.", &["layer", "type"]),
+            model_forward_total: counter_vec("jetbatch_model_forward_total", "Forward passes run, by model.", &["model"]),
+            engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
+            models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
+            ready: AtomicBool::new(false),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+
+    /// Every series as `name{labels}` → value; histograms as their `_count` and `_sum`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let mut figures = BTreeMap::new();
+        for family in self.registry.gather() {
+            for m in family.get_metric() {
+                let labels: Vec<String> = m.get_label().iter().map(|l| format!("{}=\"{}\"", l.name(), l.value())).collect();
+                let series = |suffix: &str| {
+                    if labels.is_empty() {
+                        format!("{}{suffix}", family.name())
+                    } else {
+                        format!("{}{suffix}{{{}}}", family.name(), labels.join(","))
+                    }
+                };
+                match family.get_field_type() {
+                    MetricType::COUNTER => {
+                        figures.insert(series(""), m.get_counter().get_value());
+                    }
+                    MetricType::GAUGE => {
+                        figures.insert(series(""), m.get_gauge().get_value());
+                    }
+                    MetricType::HISTOGRAM => {
+                        figures.insert(series("_count"), m.get_histogram().get_sample_count() as f64);
+                        figures.insert(series("_sum"), m.get_histogram().get_sample_sum());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        serde_json::json!({ "worker": self.worker, "time_ms": now_ms(), "metrics": figures })
+    }
+}
+
+pub fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+}
+
+/// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming, 503 otherwise).
+pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadcast::Receiver<()>) -> std::io::Result<SocketAddr> {
+    use axum::{http::StatusCode, routing::get, Router};
+    let m = metrics.clone();
+    let app = Router::new()
+        .route("/metrics", get(move || async move { m.render() }))
+        .route(
+            "/healthz",
+            get(move || async move {
+                if metrics.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { let _ = shutdown.recv().await; }).await;
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_and_snapshot_carry_the_same_series() {
+        let m = Metrics::new("w1");
+        m.jobs_total.with_label_values(&["demo", "tensor", "ok"]).inc_by(3);
+        m.batch_size.with_label_values(&["demo"]).observe(4.0);
+        let text = m.render();
+        assert!(text.contains("jetbatch_jobs_total{kind=\"tensor\",model=\"demo\",status=\"ok\"} 3"), "{text}");
+        let snap = m.snapshot();
+        assert_eq!(snap["worker"], "w1");
+        assert_eq!(snap["metrics"]["jetbatch_jobs_total{kind=\"tensor\",model=\"demo\",status=\"ok\"}"], 3.0);
+        assert_eq!(snap["metrics"]["jetbatch_batch_size_sum{model=\"demo\"}"], 4.0);
+    }
+}

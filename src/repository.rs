@@ -1,0 +1,424 @@
+//! The model repository: `DIR/<name>/jetbatch.toml` plus the model's files. Scanning reads every
+//! config, checks it, and fingerprints the folder (config + every file) so cached results are never
+//! served for other weights. [`ModelSpec::validate`] is the model-specific half of job parsing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rmpv::Value;
+use serde::Deserialize;
+
+use crate::job::{valid_model_name, Envelope, ErrorCode, JobError, JobInput, JobKind, ValidJob};
+use crate::tensor::{DType, TensorData};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+}
+
+impl RepoError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RepoError::Io { .. } => "io",
+            RepoError::Config { .. } => "config",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `model.pt`: a TorchScript module whose `forward` takes the job's tensors, stacked.
+    Torchscript,
+}
+
+impl Backend {
+    pub fn kinds(self) -> &'static [JobKind] {
+        match self {
+            Backend::Torchscript => &[JobKind::Tensor],
+        }
+    }
+}
+
+/// Where a model runs. `auto` means CUDA device 0 when present, else CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| serde::de::Error::custom(format!("device: '{s}' is not auto, cpu, cuda or cuda:N"))),
+        }
+    }
+}
+
+/// One input of a TorchScript model, without the batch dimension.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: DType,
+    /// Sizes without the batch dimension; `-1` marks a variable dim that is padded in a batch.
+    pub shape: Vec<i64>,
+    /// Value written into the padding of variable dims.
+    #[serde(default)]
+    pub pad_value: f64,
+    /// Largest size accepted for a variable dim.
+    #[serde(default = "default_max_len")]
+    pub max_len: i64,
+}
+
+fn default_max_len() -> i64 {
+    4096
+}
+
+/// An output dim whose length follows a variable input dim, so padding is cut off per job.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trim {
+    /// The output's dim (without batch dimension).
+    pub dim: usize,
+    /// Index of the input whose length this dim has.
+    pub input: usize,
+    /// That input's dim (without batch dimension).
+    pub input_dim: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub name: String,
+    #[serde(default)]
+    pub trim: Vec<Trim>,
+}
+
+/// `jetbatch.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub backend: Backend,
+    /// Most jobs in one forward pass.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// How long the first job of a batch waits for company.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// Budget of a batch in elements of its inputs (0: no limit besides `max_batch_size`).
+    #[serde(default)]
+    pub max_batch_tokens: usize,
+    #[serde(default = "default_device")]
+    pub device: DeviceChoice,
+    /// Floating-point dtype to run in on CUDA (`f16`, `bf16`); CPU always runs `f32`.
+    #[serde(default)]
+    pub dtype: Option<DType>,
+    /// Run a dummy batch right after loading.
+    #[serde(default = "default_true")]
+    pub warmup: bool,
+    /// Load when the worker starts rather than on the first job.
+    #[serde(default)]
+    pub preload: bool,
+    /// Append an `i64` tensor of each job's length of input 0's first variable dim.
+    #[serde(default)]
+    pub lengths_input: bool,
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    #[serde(default)]
+    pub outputs: Vec<OutputSpec>,
+}
+
+fn default_max_batch_size() -> usize {
+    32
+}
+fn default_max_wait_ms() -> u64 {
+    5
+}
+fn default_device() -> DeviceChoice {
+    DeviceChoice::Auto
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A model as the repository describes it; shared by every stage (read-only).
+#[derive(Debug)]
+pub struct ModelSpec {
+    pub name: Arc<str>,
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    /// blake3 of the config and every file in the folder.
+    pub fingerprint: Arc<str>,
+    /// Bytes of the model's files: the estimate of its memory when loaded.
+    pub size_bytes: u64,
+}
+
+impl ModelSpec {
+    pub fn load(dir: &Path) -> Result<ModelSpec, RepoError> {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let config_path = dir.join("jetbatch.toml");
+        let cfg_err = |message: String| RepoError::Config { path: config_path.clone(), message };
+        if !valid_model_name(&name) {
+            return Err(cfg_err(format!("model folder name '{name}' is not [A-Za-z0-9_-]{{1,64}}")));
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| RepoError::Io { path: config_path.clone(), source })?;
+        let config: ModelConfig = toml::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
+        check_config(&config).map_err(cfg_err)?;
+        if config.backend == Backend::Torchscript && !dir.join("model.pt").is_file() {
+            return Err(cfg_err("backend torchscript needs model.pt beside jetbatch.toml".into()));
+        }
+        let (fingerprint, size_bytes) = fingerprint(dir)?;
+        Ok(ModelSpec { name: name.into(), dir: dir.to_path_buf(), config, fingerprint: fingerprint.into(), size_bytes })
+    }
+
+    /// The model-specific half of parsing: turns an envelope into a [`ValidJob`].
+    pub fn validate(&self, env: Envelope, max_tensor_elements: usize) -> Result<ValidJob, JobError> {
+        if !self.config.backend.kinds().contains(&env.kind) {
+            return Err(JobError::new(
+                ErrorCode::UnsupportedKind,
+                format!("kind: model '{}' does not serve '{}'", self.name, env.kind.as_str()),
+            ));
+        }
+        let (input, cost) = match env.kind {
+            JobKind::Tensor => self.validate_tensors(&env.input, max_tensor_elements)?,
+            other => unreachable!("backend kinds were checked: {other:?}"),
+        };
+        Ok(ValidJob {
+            id: env.id,
+            model: self.name.clone(),
+            kind: env.kind,
+            input,
+            // The tensor kind has no result-affecting params; the LM kinds keep theirs here.
+            params: BTreeMap::new(),
+            fingerprint: self.fingerprint.clone(),
+            cost,
+            reply_to: env.reply_to,
+            use_cache: env.use_cache,
+            timeout: env.timeout,
+            encoding: env.encoding,
+        })
+    }
+
+    fn validate_tensors(&self, input: &Value, max_elements: usize) -> Result<(JobInput, usize), JobError> {
+        let list = input
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("inputs")))
+            .map(|(_, v)| v)
+            .ok_or_else(|| JobError::bad_request("input.inputs: missing"))?
+            .as_array()
+            .ok_or_else(|| JobError::bad_request("input.inputs: expected a list of tensors"))?;
+        let specs = &self.config.inputs;
+        if list.len() != specs.len() {
+            return Err(JobError::bad_request(format!(
+                "input.inputs: model '{}' takes {} tensor(s) ({}), got {}",
+                self.name,
+                specs.len(),
+                specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+                list.len()
+            )));
+        }
+        let mut tensors = Vec::with_capacity(list.len());
+        let mut cost = 0;
+        for (i, (wire, spec)) in list.iter().zip(specs).enumerate() {
+            let field = format!("input.inputs[{i}]");
+            let t = TensorData::from_wire(wire, &field, max_elements).map_err(JobError::bad_request)?;
+            if t.dtype != spec.dtype {
+                return Err(JobError::bad_request(format!(
+                    "{field}.dtype: input '{}' is {}, got {}",
+                    spec.name,
+                    spec.dtype.name(),
+                    t.dtype.name()
+                )));
+            }
+            let fits = t.shape.len() == spec.shape.len()
+                && t.shape.iter().zip(&spec.shape).all(|(&got, &want)| {
+                    if want < 0 { (1..=spec.max_len).contains(&got) } else { got == want }
+                });
+            if !fits {
+                return Err(JobError::bad_request(format!(
+                    "{field}.shape: input '{}' takes {:?} (-1: variable, 1..={}), got {:?}",
+                    spec.name, spec.shape, spec.max_len, t.shape
+                )));
+            }
+            cost += t.numel();
+            tensors.push(t);
+        }
+        Ok((JobInput::Tensor(tensors), cost.max(1)))
+    }
+}
+
+fn check_config(c: &ModelConfig) -> Result<(), String> {
+    if c.max_batch_size == 0 {
+        return Err("max_batch_size: must be at least 1".into());
+    }
+    if let Some(d) = c.dtype {
+        if ![DType::F32, DType::F16, DType::Bf16].contains(&d) {
+            return Err("dtype: must be f32, f16 or bf16".into());
+        }
+    }
+    if c.backend == Backend::Torchscript && c.inputs.is_empty() {
+        return Err("inputs: a torchscript model lists its inputs ([[inputs]] name, dtype, shape)".into());
+    }
+    for (i, s) in c.inputs.iter().enumerate() {
+        if s.shape.iter().any(|&d| d < -1) || s.max_len < 1 {
+            return Err(format!("inputs[{i}].shape: sizes are >= 0, or -1 for a variable dim"));
+        }
+    }
+    for (o, out) in c.outputs.iter().enumerate() {
+        for t in &out.trim {
+            let ok = c.inputs.get(t.input).is_some_and(|s| s.shape.get(t.input_dim) == Some(&-1));
+            if !ok {
+                return Err(format!("outputs[{o}].trim: input {} dim {} is not a variable dim", t.input, t.input_dim));
+            }
+        }
+    }
+    if c.lengths_input && !c.inputs.first().is_some_and(|s| s.shape.contains(&-1)) {
+        return Err("lengths_input: input 0 has no variable dim".into());
+    }
+    Ok(())
+}
+
+/// blake3 over the relative path and bytes of every file under `dir`, in sorted order.
+fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() { walk(&path, out)? } else { out.push(path) }
+        }
+        Ok(())
+    }
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RepoError + '_ {
+        move |source| RepoError::Io { path: path.to_path_buf(), source }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files).map_err(io(dir))?;
+    files.sort();
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0;
+    for file in &files {
+        hasher.update(file.strip_prefix(dir).unwrap_or(file).to_string_lossy().as_bytes());
+        hasher.update(&[0]);
+        size += hasher.update_reader(std::fs::File::open(file).map_err(io(file))?).map_err(io(file))?.count();
+    }
+    Ok((hasher.finalize().to_hex()[..16].to_string(), size))
+}
+
+/// All models of a repository folder; folders that fail to load are kept with their error.
+#[derive(Debug)]
+pub struct Repository {
+    pub dir: PathBuf,
+    pub models: BTreeMap<String, Arc<ModelSpec>>,
+    pub invalid: BTreeMap<String, RepoError>,
+}
+
+impl Repository {
+    pub fn scan(dir: &Path) -> Result<Repository, RepoError> {
+        let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
+        let mut models = BTreeMap::new();
+        let mut invalid = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if !path.join("jetbatch.toml").is_file() {
+                continue;
+            }
+            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            match ModelSpec::load(&path) {
+                Ok(spec) => {
+                    models.insert(name, Arc::new(spec));
+                }
+                Err(e) => {
+                    invalid.insert(name, e);
+                }
+            }
+        }
+        Ok(Repository { dir: dir.to_path_buf(), models, invalid })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
+        self.models.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{decode, Limits};
+
+    fn model(dir: &Path, name: &str, toml: &str) -> PathBuf {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("jetbatch.toml"), toml).unwrap();
+        std::fs::write(d.join("model.pt"), b"weights").unwrap();
+        d
+    }
+
+    const SEQ: &str = r#"
+backend = "torchscript"
+[[inputs]]
+name = "x"
+dtype = "f32"
+shape = [-1, 2]
+max_len = 4
+[[outputs]]
+name = "y"
+trim = [{ dim = 0, input = 0, input_dim = 0 }]
+"#;
+
+    #[test]
+    fn scan_keeps_good_models_and_reports_bad_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        model(tmp.path(), "seq", SEQ);
+        model(tmp.path(), "broken", "backend = \"onnx\"");
+        model(tmp.path(), "badtrim", &SEQ.replace("input_dim = 0", "input_dim = 1"));
+        let repo = Repository::scan(tmp.path()).unwrap();
+        assert_eq!(repo.models.keys().collect::<Vec<_>>(), vec!["seq"]);
+        assert_eq!(repo.invalid.len(), 2);
+        assert!(repo.invalid["badtrim"].to_string().contains("not a variable dim"));
+        let seq = &repo.models["seq"];
+        assert_eq!((seq.config.max_batch_size, seq.config.max_wait_ms), (32, 5));
+    }
+
+    #[test]
+    fn fingerprint_changes_with_weights() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = model(tmp.path(), "seq", SEQ);
+        let before = ModelSpec::load(&d).unwrap().fingerprint;
+        assert_eq!(ModelSpec::load(&d).unwrap().fingerprint, before);
+        std::fs::write(d.join("model.pt"), b"other weights").unwrap();
+        assert_ne!(ModelSpec::load(&d).unwrap().fingerprint, before);
+    }
+
+    #[test]
+    fn validate_checks_shapes_against_the_spec() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::load(&model(tmp.path(), "seq", SEQ)).unwrap();
+        let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 100 };
+        let job = |shape: &str, n: usize| {
+            let data = vec!["0.5"; n].join(",");
+            let s = format!(r#"{{"id":"j","model":"seq","kind":"tensor","input":{{"inputs":[{{"dtype":"f32","shape":{shape},"data":[{data}]}}]}}}}"#);
+            spec.validate(decode(s.as_bytes(), None, "seq", &limits).unwrap(), 100)
+        };
+        let ok = job("[3,2]", 6).unwrap();
+        assert_eq!(ok.cost, 6);
+        let err = job("[5,2]", 10).unwrap_err();
+        assert!(err.message.starts_with("input.inputs[0].shape"), "{}", err.message);
+        assert!(job("[3,3]", 9).is_err());
+        let gen = decode(br#"{"id":"g","model":"seq","kind":"generate","input":{}}"#, None, "seq", &limits).unwrap();
+        assert_eq!(spec.validate(gen, 100).unwrap_err().code, ErrorCode::UnsupportedKind);
+    }
+}

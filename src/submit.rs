@@ -1,0 +1,200 @@
+//! `jetbatch submit`: publish jobs read as JSONL, wait for every result, write results as JSONL.
+//!
+//! Resumable: ids already in the output file are skipped, jobs are published with `Nats-Msg-Id`
+//! (JetStream drops a re-published id inside the duplicate window), and results that reached the
+//! results stream while this process was down are fetched from it by subject.
+
+use std::collections::{HashMap, HashSet};
+use std::future::IntoFuture;
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, Context};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use serde_json::Value;
+use tracing::warn;
+
+use crate::config::{SubmitArgs, Topology};
+use crate::job::{valid_job_id, valid_model_name};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("no result for {missing} job(s) after waiting {secs} s without progress")]
+    Incomplete { missing: usize, secs: u64 },
+}
+
+/// A job line: its id and model (for the subject) and the JSON to publish.
+pub struct JobLine {
+    pub id: String,
+    pub model: String,
+    pub body: Vec<u8>,
+}
+
+impl JobLine {
+    pub fn parse(line: &str, n: usize) -> Result<JobLine, SubmitError> {
+        let bad = |m: &str| SubmitError::Input(format!("line {n}: {m}"));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let id = v.get("id").and_then(Value::as_str).filter(|id| valid_job_id(id)).ok_or_else(|| bad("id: missing or invalid"))?;
+        let model = v.get("model").and_then(Value::as_str).filter(|m| valid_model_name(m)).ok_or_else(|| bad("model: missing or invalid"))?;
+        if v.get("reply_to").is_some() {
+            return Err(bad("reply_to: submit collects results from the results stream; remove reply_to"));
+        }
+        Ok(JobLine { id: id.to_string(), model: model.to_string(), body: line.as_bytes().to_vec() })
+    }
+}
+
+/// Publishes `jobs` and calls `on_result` with each result's JSON as it arrives, until all are in.
+pub async fn run_jobs(
+    client: &async_nats::Client,
+    topology: &Topology,
+    jobs: Vec<JobLine>,
+    look_up_stored: bool,
+    idle_timeout: Duration,
+    mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
+) -> Result<(), SubmitError> {
+    let js = jetstream::new(client.clone());
+    let mut missing: HashSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    let mut live = client
+        .subscribe(format!("{}.results.>", topology.prefix))
+        .await
+        .map_err(|e| SubmitError::Nats(e.to_string()))?;
+    let nats = |e: &dyn std::fmt::Display| SubmitError::Nats(e.to_string());
+    if look_up_stored {
+        for (id, payload) in stored_results(&js, topology, missing.iter().cloned().collect()).await? {
+            if missing.remove(&id) {
+                on_result(&id, &payload)?;
+            }
+        }
+    }
+    // Publish with pipelined acks; the server's ack means the job is stored.
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for job in jobs.into_iter().filter(|j| missing.contains(&j.id)) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", job.id.as_str());
+        headers.insert("Content-Type", "application/json");
+        let ack = js.publish_with_headers(topology.jobs_subject(&job.model), headers, job.body.into()).await.map_err(|e| nats(&e))?;
+        acks.push(ack.into_future());
+        while acks.len() >= 1024 {
+            acks.next().await.expect("non-empty").map_err(|e| nats(&e))?;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack.map_err(|e| nats(&e))?;
+    }
+    let prefix_len = topology.prefix.len() + ".results.".len();
+    let mut idle = Duration::ZERO;
+    let poll = Duration::from_secs(2);
+    while !missing.is_empty() {
+        match tokio::time::timeout(poll, live.next()).await {
+            Ok(Some(msg)) => {
+                let id = msg.subject.get(prefix_len..).unwrap_or_default();
+                if missing.remove(id) {
+                    on_result(id, &msg.payload)?;
+                    idle = Duration::ZERO;
+                }
+            }
+            Ok(None) => return Err(SubmitError::Nats("subscription closed".into())),
+            Err(_) => {
+                // Quiet for a while: results may have been missed by the live feed (slow consumer).
+                idle += poll;
+                for (id, payload) in stored_results(&js, topology, missing.iter().cloned().collect()).await? {
+                    if missing.remove(&id) {
+                        on_result(&id, &payload)?;
+                        idle = Duration::ZERO;
+                    }
+                }
+                if idle >= idle_timeout && !missing.is_empty() {
+                    return Err(SubmitError::Incomplete { missing: missing.len(), secs: idle_timeout.as_secs() });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Results already in the results stream, by id (direct gets, 64 at a time).
+async fn stored_results(js: &Context, t: &Topology, ids: Vec<String>) -> Result<Vec<(String, Vec<u8>)>, SubmitError> {
+    let stream = js.get_stream(&t.results_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
+    let found = futures::stream::iter(ids)
+        .map(|id| {
+            let stream = &stream;
+            async move {
+                let subject = t.result_subject(&id);
+                stream.direct_get_last_for_subject(subject).await.ok().map(|m| (id, m.payload.to_vec()))
+            }
+        })
+        .buffer_unordered(64)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await;
+    Ok(found)
+}
+
+/// The `submit` command.
+pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
+    let done: HashSet<String> = match std::fs::File::open(&args.output) {
+        Ok(f) => std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok()?.get("id")?.as_str().map(str::to_string))
+            .collect(),
+        Err(_) => HashSet::new(),
+    };
+    let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(&args.input)?))
+    };
+    let mut jobs = Vec::new();
+    let mut seen = HashMap::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let job = JobLine::parse(&line, n + 1)?;
+        if let Some(prev) = seen.insert(job.id.clone(), n + 1) {
+            return Err(SubmitError::Input(format!("line {}: id '{}' repeats line {prev}", n + 1, job.id)));
+        }
+        if !done.contains(&job.id) {
+            jobs.push(job);
+        }
+    }
+    let todo = jobs.len();
+    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(todo as u64) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} results  {per_sec}  eta {eta}").expect("valid template"),
+    );
+    if !done.is_empty() {
+        bar.println(format!("{} result(s) already in {}; submitting {todo}", done.len(), args.output.display()));
+    }
+    let client = crate::bus::connect(&args.nats, "jetbatch-submit").await?;
+    let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.output)?;
+    let resumed = !done.is_empty();
+    run_jobs(&client, &args.topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
+        // Jobs go out as JSON, so their results come back as JSON: one line each.
+        if payload.contains(&b'\n') || serde_json::from_slice::<Value>(payload).is_err() {
+            warn!(%id, "result is not single-line JSON; re-encoding");
+            let r = crate::job::JobResult::decode(payload).map_err(SubmitError::Input)?;
+            serde_json::to_writer(&mut out, &r).map_err(|e| SubmitError::Input(e.to_string()))?;
+        } else {
+            out.write_all(payload)?;
+        }
+        out.write_all(b"\n")?;
+        bar.inc(1);
+        Ok(())
+    })
+    .await?;
+    out.flush()?;
+    bar.finish();
+    Ok(todo)
+}

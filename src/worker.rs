@@ -1,0 +1,566 @@
+//! `jetbatch serve`: wires the stages together and runs them until shutdown.
+//!
+//! ```text
+//! bus::pull ──Delivery──▶ intake ──Pending──▶ batcher ──Batch(1 prefetched)──▶ runner ──▶ engine thread
+//!                           │ invalid / cache hit                                 │
+//!                           └──────────────────────Finished──────────────────────┴──▶ results ──▶ publish, ack
+//! ```
+//! Every channel is bounded. The results stage is the only one that acks: a job is acked after its
+//! result is stored in the cache and its publish is acknowledged by the results stream.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, Context};
+use async_nats::HeaderMap;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::batcher::{self, Batch, Batchable};
+use crate::bus::{self, BusError, Delivery, PullOpts};
+use crate::cache::Cache;
+use crate::config::{ServeArgs, Topology};
+use crate::engine::{EngineError, EngineHandle};
+use crate::job::{self, Encoding, ErrorCode, JobError, JobKind, JobResult, Limits, Output, Status, Timing, ValidJob};
+use crate::metrics::Metrics;
+use crate::repository::{ModelSpec, RepoError, Repository};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Repository(#[from] RepoError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
+}
+
+/// A valid job on its way to the engine.
+pub struct Pending {
+    pub job: ValidJob,
+    pub spec: Arc<ModelSpec>,
+    pub cache_key: Option<[u8; 32]>,
+    pub delivery: Delivery,
+}
+
+impl Batchable for Pending {
+    fn model(&self) -> &Arc<ModelSpec> {
+        &self.spec
+    }
+    fn kind(&self) -> JobKind {
+        self.job.kind
+    }
+    fn cost(&self) -> usize {
+        self.job.cost
+    }
+}
+
+/// What became of a job; the results stage turns it into a publish and an ack.
+pub enum Outcome {
+    /// Answer and ack (an error result here is final: the message is termed).
+    Answer(Result<Output, JobError>),
+    /// A transient failure: nak with backoff, or dead-letter when deliveries are used up.
+    Retry(EngineError),
+    /// Never started (shutdown): hand back at once.
+    Release,
+}
+
+/// Everything the results stage needs of a job, with the outcome.
+pub struct Finished {
+    pub delivery: Delivery,
+    pub header: Header,
+    pub outcome: Outcome,
+}
+
+/// The parts of a job that go into its result.
+pub struct Header {
+    pub id: Option<String>,
+    pub model: String,
+    pub kind: String,
+    pub encoding: Encoding,
+    pub reply_to: Option<String>,
+    pub cache_key: Option<[u8; 32]>,
+    pub cached: bool,
+    pub timing: Timing,
+}
+
+impl Header {
+    fn of(p: &Pending) -> Header {
+        Header {
+            id: Some(p.job.id.clone()),
+            model: p.job.model.to_string(),
+            kind: p.job.kind.as_str().to_string(),
+            encoding: p.job.encoding,
+            reply_to: p.job.reply_to.clone(),
+            cache_key: p.cache_key,
+            cached: false,
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Shared, read-only context of the stages.
+struct Ctx {
+    topology: Topology,
+    worker: String,
+    metrics: Arc<Metrics>,
+    cache: Option<Arc<Cache>>,
+}
+
+/// Runs the worker until `shutdown` completes, then stops fetching, hands back unstarted jobs,
+/// finishes the batch in flight and returns once every pulled job is acked or handed back.
+pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerError> {
+    let worker = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let metrics = Arc::new(Metrics::new(&worker));
+    let repository = Arc::new(Repository::scan(&args.models)?);
+    for (name, e) in &repository.invalid {
+        error!(model = %name, error = %e, "model skipped");
+    }
+    info!(models = ?repository.models.keys().collect::<Vec<_>>(), %worker, "starting");
+    let cache = args.cache.cache_dir.as_ref().and_then(|dir| {
+        match Cache::open(dir, args.cache.ttl(), args.cache.cache_max_mb << 20) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                // A broken cache costs speed, not correctness: run without it.
+                error!(error = %e, dir = %dir.display(), "cache unavailable; running without cache");
+                metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
+                None
+            }
+        }
+    });
+
+    let client = bus::connect(&args.nats, &format!("jetbatch-worker {worker}")).await?;
+    let js = jetstream::new(client.clone());
+    let consumer = bus::setup(&js, &args.topology).await?;
+
+    let (engine, engine_thread) = EngineHandle::start(metrics.clone(), args.model_memory_mb << 20);
+    for spec in repository.models.values().filter(|s| s.config.preload) {
+        if let Err(e) = engine.load(spec.clone()).await {
+            error!(model = %spec.name, error = %e, "preload failed");
+        }
+    }
+
+    let (notify, _) = broadcast::channel::<()>(1);
+    if let Some(addr) = args.metrics_addr {
+        let bound = crate::metrics::serve(metrics.clone(), addr, notify.subscribe()).await.map_err(WorkerError::Metrics)?;
+        info!(%bound, "metrics endpoint");
+    }
+    let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache });
+    let limits = Limits { max_payload_bytes: args.max_payload_bytes, max_tensor_elements: args.max_tensor_elements };
+
+    let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
+    let (release_tx, release_rx) = mpsc::channel::<Vec<Delivery>>(16);
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(args.max_inflight);
+    let (batch_release_tx, mut batch_release_rx) = mpsc::channel::<Vec<Pending>>(4);
+    let (batches_tx, batches_rx) = mpsc::channel::<Batch<Pending>>(1);
+    let (finished_tx, finished_rx) = mpsc::channel::<Finished>(args.max_inflight);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(bus::pull(
+        consumer.clone(),
+        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight) },
+        deliveries_tx,
+        release_tx,
+        metrics.clone(),
+        notify.subscribe(),
+    ));
+    tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
+    tasks.spawn(intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
+    tasks.spawn(batcher::run(pending_rx, batches_tx, batch_release_tx, notify.subscribe()));
+    tasks.spawn(runner(batches_rx, engine, finished_tx.clone(), args.topology.ack_wait(), notify.subscribe()));
+    {
+        // Batched jobs handed back at shutdown join the results stage as releases.
+        let finished_tx = finished_tx.clone();
+        tasks.spawn(async move {
+            while let Some(jobs) = batch_release_rx.recv().await {
+                for p in jobs {
+                    let header = Header::of(&p);
+                    let _ = finished_tx.send(Finished { delivery: p.delivery, header, outcome: Outcome::Release }).await;
+                }
+            }
+        });
+    }
+    drop(finished_tx);
+    tasks.spawn(snapshots(client.clone(), ctx.clone(), args.metrics_interval_secs, notify.subscribe()));
+    let results_task = tokio::spawn(results(finished_rx, release_rx, js, ctx.clone()));
+
+    shutdown.await;
+    info!("shutdown: stop fetching, hand back queued jobs, finish the batch in flight");
+    let _ = notify.send(());
+    while tasks.join_next().await.is_some() {}
+    let _ = results_task.await;
+    // The engine handle was moved into the runner, which has returned: the thread's queue is closed.
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    if let Some(cache) = &ctx.cache {
+        if let Err(e) = cache.flush() {
+            error!(error = %e, "cache flush");
+        }
+    }
+    let _ = client.flush().await;
+    info!("stopped");
+    Ok(())
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Parses each delivery into a job; answers invalid jobs and cache hits straight away.
+async fn intake(
+    mut deliveries: mpsc::Receiver<Delivery>,
+    pending: mpsc::Sender<Pending>,
+    finished: mpsc::Sender<Finished>,
+    repository: Arc<Repository>,
+    limits: Limits,
+    ctx: Arc<Ctx>,
+) {
+    while let Some(delivery) = deliveries.recv().await {
+        let item = match parse(&delivery, &repository, &limits) {
+            Err((header, error)) => Finished { delivery, header, outcome: Outcome::Answer(Err(error)) },
+            Ok((job, spec, cache_key)) => match lookup(&ctx, cache_key.as_ref()) {
+                Some(output) => {
+                    let p = Pending { job, spec, cache_key, delivery };
+                    let mut header = Header::of(&p);
+                    header.cached = true;
+                    header.timing.queued_ms = ms(p.delivery.age());
+                    Finished { delivery: p.delivery, header, outcome: Outcome::Answer(Ok(output)) }
+                }
+                None => match pending.send(Pending { job, spec, cache_key, delivery }).await {
+                    Ok(()) => continue,
+                    // The batcher has stopped: this job was never started.
+                    Err(mpsc::error::SendError(p)) => {
+                        let header = Header::of(&p);
+                        Finished { delivery: p.delivery, header, outcome: Outcome::Release }
+                    }
+                },
+            },
+        };
+        if finished.send(item).await.is_err() {
+            return;
+        }
+    }
+}
+
+type Parsed = (ValidJob, Arc<ModelSpec>, Option<[u8; 32]>);
+
+/// Decodes and validates a delivery; on failure, the header of the error result.
+fn parse(d: &Delivery, repository: &Repository, limits: &Limits) -> Result<Parsed, (Header, JobError)> {
+    let env = job::decode(&d.payload, d.header("Content-Type"), d.subject_model(), limits).map_err(|r| {
+        let header = Header {
+            id: r.id,
+            model: r.model.unwrap_or_default(),
+            kind: r.kind.unwrap_or_default(),
+            encoding: r.encoding,
+            reply_to: None,
+            cache_key: None,
+            cached: false,
+            timing: Timing::default(),
+        };
+        (header, r.error)
+    })?;
+    let header = |env: &job::Envelope| Header {
+        id: Some(env.id.clone()),
+        model: env.model.clone(),
+        kind: env.kind.as_str().to_string(),
+        encoding: env.encoding,
+        reply_to: env.reply_to.clone(),
+        cache_key: None,
+        cached: false,
+        timing: Timing::default(),
+    };
+    let Some(spec) = repository.get(&env.model) else {
+        let msg = format!("model: '{}' is not in this worker's repository", env.model);
+        return Err((header(&env), JobError::new(ErrorCode::UnknownModel, msg)));
+    };
+    let h = header(&env);
+    let job = spec.validate(env, limits.max_tensor_elements).map_err(|e| (h, e))?;
+    let cache_key = job.use_cache.then(|| job.cache_key());
+    Ok((job, spec.clone(), cache_key))
+}
+
+fn lookup(ctx: &Ctx, key: Option<&[u8; 32]>) -> Option<Output> {
+    let (cache, key) = (ctx.cache.as_ref()?, key?);
+    match cache.get(key) {
+        Ok(Some(output)) => {
+            ctx.metrics.cache_hits_total.inc();
+            Some(output)
+        }
+        Ok(None) => {
+            ctx.metrics.cache_misses_total.inc();
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "cache read");
+            ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
+            None
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs batches on the engine, sending progress acks while a batch computes. Batches that arrive
+/// after shutdown was signalled were never started and are released.
+async fn runner(
+    mut batches: mpsc::Receiver<Batch<Pending>>,
+    engine: EngineHandle,
+    finished: mpsc::Sender<Finished>,
+    ack_wait: Duration,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let mut stopping = false;
+    while let Some(batch) = batches.recv().await {
+        stopping |= shutdown.try_recv().is_ok();
+        if stopping {
+            for p in batch.items {
+                let header = Header::of(&p);
+                let _ = finished.send(Finished { delivery: p.delivery, header, outcome: Outcome::Release }).await;
+            }
+            continue;
+        }
+        let span = info_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len());
+        run_batch(batch, &engine, &finished, ack_wait).instrument(span).await;
+    }
+}
+
+async fn run_batch(batch: Batch<Pending>, engine: &EngineHandle, finished: &mpsc::Sender<Finished>, ack_wait: Duration) {
+    let Batch { model, kind, items } = batch;
+    // Jobs past their deadline are answered without running.
+    let (items, late): (Vec<Pending>, Vec<Pending>) =
+        items.into_iter().partition(|p| p.job.timeout.is_none_or(|t| p.delivery.age() <= t));
+    for p in late {
+        let mut header = Header::of(&p);
+        header.timing.queued_ms = ms(p.delivery.age());
+        let err = JobError::new(ErrorCode::Timeout, format!("waited {:.0} ms, over the job's timeout_ms", header.timing.queued_ms));
+        let _ = finished.send(Finished { delivery: p.delivery, header, outcome: Outcome::Answer(Err(err)) }).await;
+    }
+    if items.is_empty() {
+        return;
+    }
+    let size = items.len();
+    let mut items = items;
+    let inputs = items.iter_mut().map(|p| std::mem::replace(&mut p.job.input, job::JobInput::Tensor(Vec::new()))).collect();
+    let queued: Vec<f64> = items.iter().map(|p| ms(p.delivery.age())).collect();
+    let started = Instant::now();
+    let run = engine.run(model.clone(), kind, inputs);
+    tokio::pin!(run);
+    // Progress acks at a third of ack_wait keep a long batch's jobs from being redelivered.
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + ack_wait / 3, ack_wait / 3);
+    let reply = loop {
+        tokio::select! {
+            reply = &mut run => break reply,
+            _ = progress.tick() => {
+                debug!(elapsed = ?started.elapsed(), "progress ack");
+                for p in &items {
+                    let _ = p.delivery.progress().await;
+                }
+            }
+        }
+    };
+    debug_assert_eq!(reply.outputs.len(), size);
+    for ((p, out), queued_ms) in items.into_iter().zip(reply.outputs).zip(queued) {
+        let mut header = Header::of(&p);
+        header.timing = Timing { queued_ms, compute_ms: ms(reply.compute), batch_size: size };
+        let outcome = match out {
+            Ok(output) => Outcome::Answer(Ok(output)),
+            Err(e) => Outcome::Retry(e),
+        };
+        if finished.send(Finished { delivery: p.delivery, header, outcome }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Most result publishes awaiting their stream ack at once.
+const MAX_PUBLISHING: usize = 4096;
+
+/// Publishes results and acks jobs: store in cache → publish → await the stream's ack → ack job.
+async fn results(
+    mut finished: mpsc::Receiver<Finished>,
+    mut released: mpsc::Receiver<Vec<Delivery>>,
+    js: Context,
+    ctx: Arc<Ctx>,
+) {
+    let mut publishing = FuturesUnordered::new();
+    let (mut finished_open, mut released_open) = (true, true);
+    while finished_open || released_open || !publishing.is_empty() {
+        let room = publishing.len() < MAX_PUBLISHING;
+        tokio::select! {
+            item = finished.recv(), if finished_open && room => match item {
+                Some(f) => publishing.push(settle(f, js.clone(), ctx.clone())),
+                None => finished_open = false,
+            },
+            item = released.recv(), if released_open => match item {
+                Some(ds) => {
+                    for d in ds {
+                        hand_back(&d, None, "shutdown", &ctx).await;
+                    }
+                }
+                None => released_open = false,
+            },
+            Some(()) = publishing.next(), if !publishing.is_empty() => {}
+        }
+    }
+}
+
+async fn hand_back(d: &Delivery, delay: Option<Duration>, reason: &str, ctx: &Ctx) {
+    ctx.metrics.naks_total.with_label_values(&[reason]).inc();
+    if let Err(e) = d.nak(delay).await {
+        warn!(error = %e, "nak failed; the job is redelivered after ack_wait");
+    }
+}
+
+/// Redelivery delay after the `delivered`-th failed attempt: 1 s doubling to at most 60 s.
+fn backoff(delivered: i64) -> Duration {
+    Duration::from_secs(1u64 << (delivered.clamp(1, 7) - 1)).min(Duration::from_secs(60))
+}
+
+async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
+    let Finished { delivery, header, outcome } = f;
+    let (answer, dead) = match outcome {
+        Outcome::Release => return hand_back(&delivery, None, "shutdown", &ctx).await,
+        Outcome::Retry(e) if delivery.delivered < ctx.topology.max_deliver || ctx.topology.max_deliver <= 0 => {
+            warn!(id = ?header.id, error = %e, delivered = delivery.delivered, "job failed; will retry");
+            ctx.metrics.errors_total.with_label_values(&["engine", e.error_type()]).inc();
+            return hand_back(&delivery, Some(backoff(delivery.delivered)), e.error_type(), &ctx).await;
+        }
+        Outcome::Retry(e) => {
+            let err = e.to_job_error();
+            (Err(err.clone()), Some(err))
+        }
+        Outcome::Answer(Ok(output)) => (Ok(output), None),
+        // Without an id no result can be addressed: the payload goes to the dead letters.
+        Outcome::Answer(Err(err)) if header.id.is_none() => return dead_letter_then_term(&delivery, &header, &err, &js, &ctx).await,
+        Outcome::Answer(Err(err)) => (Err(err), None),
+    };
+    if let (Ok(output), Some(cache), Some(key), false) = (&answer, &ctx.cache, &header.cache_key, header.cached) {
+        if let Err(e) = cache.put(key, output) {
+            warn!(error = %e, "cache write");
+            ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
+        }
+    }
+    let status = if answer.is_ok() { "ok" } else { "error" };
+    if let Err(e) = publish_result(&js, &ctx, &header, answer).await {
+        // Nothing is acked without a stored result: the job comes back after a delay.
+        error!(id = ?header.id, error = %e, "result publish failed");
+        ctx.metrics.errors_total.with_label_values(&["bus", e.error_type()]).inc();
+        return hand_back(&delivery, Some(Duration::from_secs(1)), "publish", &ctx).await;
+    }
+    ctx.metrics.jobs_total.with_label_values(&[&header.model, &header.kind, status]).inc();
+    ctx.metrics.job_latency_seconds.with_label_values(&[&header.model]).observe(delivery.age().as_secs_f64());
+    match dead {
+        Some(err) => dead_letter_then_term(&delivery, &header, &err, &js, &ctx).await,
+        None => {
+            let done = if status == "ok" { delivery.ack().await } else { delivery.term().await };
+            if let Err(e) = done {
+                warn!(id = ?header.id, error = %e, "ack failed; the job may be answered again (deduplicated by id)");
+            }
+        }
+    }
+}
+
+async fn publish_result(js: &Context, ctx: &Ctx, h: &Header, answer: Result<Output, JobError>) -> Result<(), BusError> {
+    let id = h.id.clone().expect("results are addressed by id");
+    let (status, output, error) = match answer {
+        Ok(o) => (Status::Ok, Some(o.to_wire(h.encoding)), None),
+        Err(e) => (Status::Error, None, Some(e)),
+    };
+    let result = JobResult {
+        id: id.clone(),
+        model: h.model.clone(),
+        kind: h.kind.clone(),
+        status,
+        output,
+        error,
+        cached: h.cached,
+        worker: ctx.worker.clone(),
+        timing: h.timing.clone(),
+    };
+    let payload = bytes::Bytes::from(h.encoding.encode(&result));
+    let results_prefix = format!("{}.results.", ctx.topology.prefix);
+    // Results live in the results stream; a reply_to outside it is served as well, without ack.
+    let subject = match &h.reply_to {
+        Some(r) if r.starts_with(&results_prefix) => r.clone(),
+        Some(r) => {
+            js.client()
+                .publish_with_headers(r.clone(), content_type(h.encoding), payload.clone())
+                .await
+                .map_err(|e| BusError::Publish(e.to_string()))?;
+            ctx.topology.result_subject(&id)
+        }
+        None => ctx.topology.result_subject(&id),
+    };
+    let mut headers = content_type(h.encoding);
+    // The results stream drops a second answer for the same job within its duplicate window.
+    headers.insert("Nats-Msg-Id", id.as_str());
+    let ack = js
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))?
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))?;
+    if ack.duplicate {
+        debug!(%id, "result already published (duplicate delivery)");
+    }
+    Ok(())
+}
+
+fn content_type(e: Encoding) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Content-Type", e.content_type());
+    h
+}
+
+/// Copies the original payload to `<prefix>.dead.<model|invalid>` with the error in headers, then terms.
+async fn dead_letter_then_term(d: &Delivery, h: &Header, err: &JobError, js: &Context, ctx: &Ctx) {
+    let token = if job::valid_model_name(&h.model) && h.id.is_some() { h.model.as_str() } else { "invalid" };
+    let mut headers = d.headers.clone().unwrap_or_default();
+    headers.insert("Jetbatch-Error-Code", err.code.as_str());
+    headers.insert("Jetbatch-Error", err.message.replace(['\r', '\n'], " ").as_str());
+    headers.insert("Jetbatch-Subject", d.subject.as_str());
+    headers.insert("Jetbatch-Stream-Seq", d.stream_seq.to_string().as_str());
+    headers.insert("Jetbatch-Deliveries", d.delivered.to_string().as_str());
+    headers.insert("Nats-Msg-Id", format!("dead-{}", d.stream_seq).as_str());
+    if let Some(id) = &h.id {
+        headers.insert("Jetbatch-Job-Id", id.as_str());
+    }
+    let subject = format!("{}.dead.{token}", ctx.topology.prefix);
+    let published = async { js.publish_with_headers(subject, headers, d.payload.clone()).await?.await };
+    match published.await {
+        Ok(_) => {
+            ctx.metrics.dead_letters_total.inc();
+            if let Err(e) = d.term().await {
+                warn!(error = %e, "term failed");
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "dead-letter publish failed; job will be redelivered");
+            hand_back(d, Some(Duration::from_secs(1)), "publish", ctx).await;
+        }
+    }
+}
+
+/// Publishes the metrics snapshot on `<prefix>.metrics.<worker>` every `interval_secs`.
+async fn snapshots(client: async_nats::Client, ctx: Arc<Ctx>, interval_secs: u64, mut shutdown: broadcast::Receiver<()>) {
+    if interval_secs == 0 {
+        return;
+    }
+    let subject = format!("{}.metrics.{}", ctx.topology.prefix, ctx.worker.replace(['.', '*', '>', ' '], "_"));
+    let mut tick = tokio::time::interval(Duration::from_secs(interval_secs));
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let body = serde_json::to_vec(&ctx.metrics.snapshot()).expect("json");
+        if let Err(e) = client.publish(subject.clone(), body.into()).await {
+            warn!(error = %e, "metrics snapshot publish");
+        }
+    }
+}
