@@ -75,6 +75,12 @@ pub async fn connect(opts: &NatsOpts, name: &str) -> Result<Client, BusError> {
 /// Creates or updates the jobs, results and dead-letter streams and the workers' consumer.
 /// Safe to run from every worker at start: the same configuration is a no-op.
 pub async fn setup(js: &Context, t: &Topology) -> Result<consumer::PullConsumer, BusError> {
+    setup_streams(js, t).await?;
+    setup_consumer(js, t).await
+}
+
+/// Creates or updates the three streams (producers may call this; it leaves the consumer alone).
+pub async fn setup_streams(js: &Context, t: &Topology) -> Result<(), BusError> {
     let setup_err = |what: &str, e: &dyn std::fmt::Display| BusError::Setup(format!("{what}: {e}"));
     let dup = Duration::from_secs(t.duplicate_window_secs);
     let streams = [
@@ -114,6 +120,12 @@ pub async fn setup(js: &Context, t: &Topology) -> Result<consumer::PullConsumer,
         let name = config.name.clone();
         js.create_or_update_stream(config).await.map_err(|e| setup_err(&format!("stream {name}"), &e))?;
     }
+    Ok(())
+}
+
+/// Creates the workers' durable consumer, or updates it when its settings changed.
+pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<consumer::PullConsumer, BusError> {
+    let setup_err = |what: &str, e: &dyn std::fmt::Display| BusError::Setup(format!("{what}: {e}"));
     let filter_subjects = if t.serve_models.is_empty() {
         vec![format!("{}.jobs.>", t.prefix)]
     } else {

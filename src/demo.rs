@@ -12,36 +12,51 @@ use crate::config::{CacheOpts, DemoArgs, NatsOpts, ServeArgs};
 use crate::job::JobResult;
 use crate::submit::{run_jobs, JobLine};
 
+/// Seed of the demo models' weights.
+pub const DEMO_SEED: i64 = 20261125;
+
 /// Writes the demo repository into `dir`:
 /// - `mlp`: `f32[16] → f32[4]`, a two-layer perceptron with fixed shapes.
 /// - `seqproj`: `f32[-1, 8] → f32[-1, 3]`, a per-position projection over a variable-length
 ///   sequence, padded in batches and trimmed back per job.
 pub fn write_demo_models(dir: &Path) -> Result<(), String> {
+    write_model(&dir.join("mlp"), &mlp_module(DEMO_SEED)?, MLP_TOML)?;
+    write_model(&dir.join("seqproj"), &seqproj_module(DEMO_SEED)?, SEQPROJ_TOML)
+}
+
+/// The demo perceptron `tanh(x W1ᵀ + b1) W2ᵀ + b2` with weights drawn from `seed`.
+pub fn mlp_module(seed: i64) -> Result<CModule, String> {
     let _no_grad = tch::no_grad_guard();
-    tch::manual_seed(20261125);
+    tch::manual_seed(seed);
     let opts = (Kind::Float, tch::Device::Cpu);
     let (w1, b1) = (Tensor::randn([32, 16], opts) * 0.25, Tensor::randn([32], opts) * 0.1);
     let (w2, b2) = (Tensor::randn([4, 32], opts) * 0.25, Tensor::randn([4], opts) * 0.1);
-    let mlp = CModule::create_by_tracing("DemoMlp", "forward", &[Tensor::zeros([2, 16], opts)], &mut |x| {
+    CModule::create_by_tracing("DemoMlp", "forward", &[Tensor::zeros([2, 16], opts)], &mut |x| {
         vec![x[0].linear(&w1, Some(&b1)).tanh().linear(&w2, Some(&b2))]
     })
-    .map_err(|e| e.to_string())?;
-    let (w, b) = (Tensor::randn([3, 8], opts) * 0.3, Tensor::randn([3], opts) * 0.1);
-    let seq = CModule::create_by_tracing("DemoSeqProj", "forward", &[Tensor::zeros([2, 5, 8], opts)], &mut |x| {
-        vec![x[0].linear(&w, Some(&b)).relu()]
-    })
-    .map_err(|e| e.to_string())?;
-    let write = |name: &str, module: &CModule, toml: &str| -> Result<(), String> {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        module.save(d.join("model.pt")).map_err(|e| e.to_string())?;
-        std::fs::write(d.join("jetbatch.toml"), toml).map_err(|e| e.to_string())
-    };
-    write("mlp", &mlp, MLP_TOML)?;
-    write("seqproj", &seq, SEQPROJ_TOML)
+    .map_err(|e| e.to_string())
 }
 
-const MLP_TOML: &str = r#"# Demo: a two-layer perceptron, f32[16] -> f32[4].
+/// The demo per-position projection `relu(x Wᵀ + b)` over `[batch, n, 8]`, weights from `seed`.
+pub fn seqproj_module(seed: i64) -> Result<CModule, String> {
+    let _no_grad = tch::no_grad_guard();
+    tch::manual_seed(seed + 1);
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let (w, b) = (Tensor::randn([3, 8], opts) * 0.3, Tensor::randn([3], opts) * 0.1);
+    CModule::create_by_tracing("DemoSeqProj", "forward", &[Tensor::zeros([2, 5, 8], opts)], &mut |x| {
+        vec![x[0].linear(&w, Some(&b)).relu()]
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Writes `model.pt` and `jetbatch.toml` into the model folder `dir`.
+pub fn write_model(dir: &Path, module: &CModule, toml: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    module.save(dir.join("model.pt")).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("jetbatch.toml"), toml).map_err(|e| e.to_string())
+}
+
+pub const MLP_TOML: &str = r#"# Demo: a two-layer perceptron, f32[16] -> f32[4].
 backend = "torchscript"
 max_batch_size = 64
 max_wait_ms = 2
@@ -54,7 +69,7 @@ dtype = "f32"
 shape = [16]
 "#;
 
-const SEQPROJ_TOML: &str = r#"# Demo: a per-position projection over a variable-length sequence, f32[n, 8] -> f32[n, 3].
+pub const SEQPROJ_TOML: &str = r#"# Demo: a per-position projection over a variable-length sequence, f32[n, 8] -> f32[n, 3].
 backend = "torchscript"
 max_batch_size = 32
 max_wait_ms = 2

@@ -62,6 +62,7 @@ pub async fn run_jobs(
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
 ) -> Result<(), SubmitError> {
     let js = jetstream::new(client.clone());
+    crate::bus::setup_streams(&js, topology).await?;
     let mut missing: HashSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut live = client
         .subscribe(format!("{}.results.>", topology.prefix))

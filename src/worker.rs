@@ -170,7 +170,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
     tasks.spawn(intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
     tasks.spawn(batcher::run(pending_rx, batches_tx, batch_release_tx, notify.subscribe()));
-    tasks.spawn(runner(batches_rx, engine, finished_tx.clone(), args.topology.ack_wait(), notify.subscribe()));
+    tasks.spawn(runner(batches_rx, engine, finished_tx.clone(), args.topology.ack_wait(), metrics.clone(), notify.subscribe()));
     {
         // Batched jobs handed back at shutdown join the results stage as releases.
         let finished_tx = finished_tx.clone();
@@ -200,7 +200,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
         }
     }
     let _ = client.flush().await;
-    info!("stopped");
+    let handed_back = metrics.naks_total.with_label_values(&["shutdown"]).get();
+    info!(handed_back, "stopped");
     Ok(())
 }
 
@@ -312,6 +313,7 @@ async fn runner(
     engine: EngineHandle,
     finished: mpsc::Sender<Finished>,
     ack_wait: Duration,
+    metrics: Arc<Metrics>,
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let mut stopping = false;
@@ -325,11 +327,17 @@ async fn runner(
             continue;
         }
         let span = info_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len());
-        run_batch(batch, &engine, &finished, ack_wait).instrument(span).await;
+        run_batch(batch, &engine, &finished, ack_wait, &metrics).instrument(span).await;
     }
 }
 
-async fn run_batch(batch: Batch<Pending>, engine: &EngineHandle, finished: &mpsc::Sender<Finished>, ack_wait: Duration) {
+async fn run_batch(
+    batch: Batch<Pending>,
+    engine: &EngineHandle,
+    finished: &mpsc::Sender<Finished>,
+    ack_wait: Duration,
+    metrics: &Metrics,
+) {
     let Batch { model, kind, items } = batch;
     // Jobs past their deadline are answered without running.
     let (items, late): (Vec<Pending>, Vec<Pending>) =
@@ -364,6 +372,8 @@ async fn run_batch(batch: Batch<Pending>, engine: &EngineHandle, finished: &mpsc
         }
     };
     debug_assert_eq!(reply.outputs.len(), size);
+    metrics.batch_size.with_label_values(&[&model.name]).observe(size as f64);
+    metrics.batch_compute_seconds.with_label_values(&[&model.name]).observe(reply.compute.as_secs_f64());
     for ((p, out), queued_ms) in items.into_iter().zip(reply.outputs).zip(queued) {
         let mut header = Header::of(&p);
         header.timing = Timing { queued_ms, compute_ms: ms(reply.compute), batch_size: size };

@@ -1,0 +1,375 @@
+//! End-to-end tests of `jetbatch serve` against a real nats-server (the worker-core acceptance).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use common::*;
+use futures::StreamExt;
+use jetbatch::job::{Encoding, ErrorCode, JobResult, Status};
+use jetbatch::tensor::TensorData;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn mlp_input(seed: u64) -> TensorData {
+    f32_tensor(values(seed, 16), vec![16])
+}
+
+fn seq_input(seed: u64, len: i64) -> TensorData {
+    f32_tensor(values(seed, len as usize * 8), vec![len, 8])
+}
+
+fn check_against_direct(h: &Harness, r: &JobResult, model: &str, input: &TensorData, tol: f64) {
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    let got = r.output_tensors().expect("tensor output");
+    assert_eq!(got.len(), 1);
+    let want = direct_forward(&h.models.join(model).join("model.pt"), std::slice::from_ref(input));
+    assert_close(&got[0].to_f64_vec(), &want[0], tol, &r.id);
+}
+
+/// Publishes many jobs with pipelined acks, so they arrive as a burst.
+async fn burst(h: &Harness, jobs: &[rmpv::Value]) {
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for job in jobs {
+        let map = job.as_map().unwrap();
+        let field = |k: &str| map.iter().find(|(key, _)| key.as_str() == Some(k)).unwrap().1.as_str().unwrap().to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", field("id").as_str());
+        let payload = rmp_serde::to_vec_named(job).unwrap();
+        let ack = h.js.publish_with_headers(format!("jetbatch.jobs.{}", field("model")), headers, payload.into()).await.unwrap();
+        acks.push(ack.into_future());
+    }
+    while let Some(ack) = acks.next().await {
+        ack.expect("job stored");
+    }
+}
+
+#[tokio::test]
+async fn tensor_jobs_round_trip_in_msgpack_and_json() {
+    let h = Harness::new().await;
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let mut raw_json = h.client.subscribe("jetbatch.results.rt-json-mlp").await.unwrap();
+    let mut raw_msgpack = h.client.subscribe("jetbatch.results.rt-msgpack-mlp").await.unwrap();
+    let (x, s) = (mlp_input(1), seq_input(2, 5));
+    for (enc, tag) in [(Encoding::MsgPack, "msgpack"), (Encoding::Json, "json")] {
+        h.publish(&tensor_job(&format!("rt-{tag}-mlp"), "mlp", &[x.clone()], enc), enc).await;
+        h.publish(&tensor_job(&format!("rt-{tag}-seq"), "seqproj", &[s.clone()], enc), enc).await;
+    }
+    let got = collect(&mut sub, 4, MINUTE).await;
+    assert_eq!(got.len(), 4, "{got:?}");
+    for tag in ["msgpack", "json"] {
+        let mlp = &got[&format!("rt-{tag}-mlp")];
+        let seq = &got[&format!("rt-{tag}-seq")];
+        assert_eq!((mlp.len(), seq.len()), (1, 1), "one answer each");
+        check_against_direct(&h, &mlp[0], "mlp", &x, 1e-6);
+        check_against_direct(&h, &seq[0], "seqproj", &s, 1e-6);
+        assert_eq!(seq[0].output_tensors().unwrap()[0].shape, vec![5, 3]);
+    }
+    // Each result is encoded the way its job was.
+    let json = raw_json.next().await.unwrap();
+    assert_eq!(json.payload[0], b'{');
+    assert_eq!(json.headers.unwrap().get("Content-Type").unwrap().as_str(), "application/json");
+    let msgpack = raw_msgpack.next().await.unwrap();
+    assert_ne!(msgpack.payload[0], b'{');
+    assert!(rmp_serde::from_slice::<JobResult>(&msgpack.payload).is_ok());
+}
+
+#[tokio::test]
+async fn a_burst_forms_batches_whose_outputs_equal_unbatched_runs() {
+    let h = Harness::new().await;
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let mut inputs = HashMap::new();
+    let mut jobs = Vec::new();
+    for i in 0..240u64 {
+        let (id, model, input) = if i % 2 == 0 {
+            (format!("burst-{i}"), "mlp", mlp_input(i))
+        } else {
+            // Very different lengths in one batch: 1 to 60 positions.
+            (format!("burst-{i}"), "seqproj", seq_input(i, 1 + (i * 7 % 60) as i64))
+        };
+        jobs.push(tensor_job(&id, model, std::slice::from_ref(&input), Encoding::MsgPack));
+        inputs.insert(id, (model, input));
+    }
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, 240, MINUTE).await;
+    assert_eq!(got.len(), 240);
+    let mut largest: HashMap<&str, usize> = HashMap::new();
+    for (id, results) in &got {
+        assert_eq!(results.len(), 1, "{id} answered once");
+        let (model, input) = &inputs[id];
+        check_against_direct(&h, &results[0], model, input, 1e-5);
+        let size = results[0].timing.batch_size;
+        let e = largest.entry(model).or_default();
+        *e = (*e).max(size);
+    }
+    assert!(largest["mlp"] > 1 && largest["seqproj"] > 1, "batches formed: {largest:?}");
+}
+
+#[tokio::test]
+async fn repeated_jobs_are_served_from_a_cache_that_survives_restarts_and_follows_the_weights() {
+    let h = Harness::new().await;
+    let cache = h.dir.path().join("cache");
+    let cache_arg = cache.to_str().unwrap();
+    let x = mlp_input(7);
+    let mut sub = h.subscribe_results().await;
+    let run = |id: &'static str| tensor_job(id, "mlp", std::slice::from_ref(&x), Encoding::MsgPack);
+
+    let mut w = h.worker("w1", &["--cache-dir", cache_arg]);
+    h.publish(&run("c1"), Encoding::MsgPack).await;
+    let first = collect(&mut sub, 1, MINUTE).await.remove("c1").unwrap();
+    assert!(!first[0].cached);
+    h.publish(&run("c2"), Encoding::MsgPack).await;
+    let second = collect(&mut sub, 1, MINUTE).await.remove("c2").unwrap();
+    assert!(second[0].cached, "same input, new id: a cache hit");
+    assert_eq!(second[0].output, first[0].output);
+    assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 1.0, "the model ran once");
+    assert_eq!(w.metric("jetbatch_cache_hits_total").await, 1.0);
+    w.signal("TERM");
+    assert!(w.wait(MINUTE).success());
+
+    // A new worker process on the same cache: still a hit, and its model never runs.
+    let mut w = h.worker("w2", &["--cache-dir", cache_arg]);
+    h.publish(&run("c3"), Encoding::MsgPack).await;
+    let third = collect(&mut sub, 1, MINUTE).await.remove("c3").unwrap();
+    assert!(third[0].cached, "cache survives a restart");
+    assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 0.0);
+    w.signal("TERM");
+    assert!(w.wait(MINUTE).success());
+
+    // New weights in the model folder: the fingerprint changes and the cache is not used.
+    let module = jetbatch::demo::mlp_module(99).unwrap();
+    module.save(h.models.join("mlp/model.pt")).unwrap();
+    let w = h.worker("w3", &["--cache-dir", cache_arg]);
+    h.publish(&run("c4"), Encoding::MsgPack).await;
+    let fourth = collect(&mut sub, 1, MINUTE).await.remove("c4").unwrap();
+    assert!(!fourth[0].cached, "changed weights invalidate the cache");
+    assert_ne!(fourth[0].output, first[0].output);
+    check_against_direct(&h, &fourth[0], "mlp", &x, 1e-6);
+    assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_error_result_and_is_never_redelivered() {
+    let h = Harness::new().await;
+    let w = h.worker("w1", &["--max-payload-bytes", "4096"]);
+    let mut sub = h.subscribe_results().await;
+    let json = |s: &str| s.as_bytes().to_vec();
+    let x16: Vec<f32> = values(3, 16);
+    let x16s = serde_json::to_string(&x16).unwrap();
+    let cases: Vec<(&str, &str, Vec<u8>, ErrorCode, &str)> = vec![
+        ("bad-missing", "mlp", json(r#"{"id":"bad-missing","model":"mlp","kind":"tensor"}"#), ErrorCode::BadRequest, "missing field `input`"),
+        ("bad-model", "nope", json(r#"{"id":"bad-model","model":"nope","kind":"tensor","input":{"inputs":[]}}"#), ErrorCode::UnknownModel, "'nope'"),
+        ("bad-kind", "mlp", json(r#"{"id":"bad-kind","model":"mlp","kind":"dance","input":{}}"#), ErrorCode::UnsupportedKind, "dance"),
+        ("bad-lmkind", "mlp", json(r#"{"id":"bad-lmkind","model":"mlp","kind":"generate","input":{"prompt":"hi"}}"#), ErrorCode::UnsupportedKind, "generate"),
+        (
+            "bad-shape",
+            "mlp",
+            json(r#"{"id":"bad-shape","model":"mlp","kind":"tensor","input":{"inputs":[{"dtype":"f32","shape":[3],"data":[1,2,3]}]}}"#),
+            ErrorCode::BadRequest,
+            "input.inputs[0].shape",
+        ),
+        (
+            "bad-dtype",
+            "mlp",
+            json(&format!(r#"{{"id":"bad-dtype","model":"mlp","kind":"tensor","input":{{"inputs":[{{"dtype":"f64","shape":[16],"data":{x16s}}}]}}}}"#)),
+            ErrorCode::BadRequest,
+            "input.inputs[0].dtype",
+        ),
+        (
+            "bad-count",
+            "mlp",
+            json(r#"{"id":"bad-count","model":"mlp","kind":"tensor","input":{"inputs":[]}}"#),
+            ErrorCode::BadRequest,
+            "takes 1 tensor(s)",
+        ),
+        (
+            "bad-size",
+            "mlp",
+            json(&format!(r#"{{"id":"bad-size","model":"mlp","kind":"tensor","input":{{"inputs":[],"pad":"{}"}}}}"#, "x".repeat(5000))),
+            ErrorCode::BadRequest,
+            "over the limit",
+        ),
+        (
+            "bad-subject",
+            "mlp",
+            json(r#"{"id":"bad-subject","model":"seqproj","kind":"tensor","input":{"inputs":[]}}"#),
+            ErrorCode::BadRequest,
+            "subject's model",
+        ),
+    ];
+    for (id, model, payload, _, _) in &cases {
+        h.publish_raw(model, Some(id), payload.clone(), true).await;
+    }
+    // A msgpack job whose binary data has the wrong length.
+    let mut bad_bin = tensor_job("bad-bytes", "mlp", &[mlp_input(1)], Encoding::MsgPack);
+    if let rmpv::Value::Map(m) = &mut bad_bin {
+        m[3].1 = rmpv::Value::Map(vec![(
+            "inputs".into(),
+            rmpv::Value::Array(vec![rmpv::Value::Map(vec![
+                ("dtype".into(), "f32".into()),
+                ("shape".into(), rmpv::Value::Array(vec![16.into()])),
+                ("data".into(), rmpv::Value::Binary(vec![0; 10])),
+            ])]),
+        )]);
+    }
+    h.publish(&bad_bin, Encoding::MsgPack).await;
+    // Payloads without a readable id: nobody to answer, so they go to the dead letters.
+    h.publish_raw("mlp", None, vec![0xc1, 0xc1, 0x00], false).await;
+    h.publish_raw("mlp", None, json(r#"{"id":"cut-off","model":"#), true).await;
+
+    let got = collect(&mut sub, cases.len() + 1, MINUTE).await;
+    for (id, _, _, code, needle) in &cases {
+        let r = &got.get(*id).unwrap_or_else(|| panic!("no result for {id}: {got:?}"))[0];
+        let err = r.error.as_ref().expect("error result");
+        assert_eq!((r.status, err.code), (Status::Error, *code), "{id}: {err:?}");
+        assert!(err.message.contains(needle), "{id}: '{}' should mention '{needle}'", err.message);
+    }
+    let bytes = &got["bad-bytes"][0].error.as_ref().unwrap().message;
+    assert!(bytes.starts_with("input.inputs[0].data: 10 bytes"), "{bytes}");
+
+    // Past ack_wait (5 s): nothing redelivered, nothing pending, the jobs stream is empty.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let info = h.consumer_info().await;
+    assert_eq!((info.num_redelivered, info.num_ack_pending, info.num_pending), (0, 0, 0), "{info:?}");
+    assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0);
+    let dead = h.js.get_stream("JETBATCH_DEAD").await.unwrap();
+    let msg = dead.get_last_raw_message_by_subject("jetbatch.dead.invalid").await.expect("dead letter");
+    assert!(msg.headers.get("Jetbatch-Error-Code").is_some_and(|v| v.as_str() == "bad_request"));
+    assert_eq!(h.stream_messages("JETBATCH_DEAD").await, 2);
+    assert!(w.log_text().lines().all(|l| !l.contains("panicked")), "no panic");
+    assert_eq!(w.metric("jetbatch_jobs_total{kind=\"tensor\",model=\"mlp\",status=\"error\"}").await, 6.0);
+}
+
+#[tokio::test]
+async fn two_workers_share_a_thousand_jobs_and_answer_each_exactly_once() {
+    let h = Harness::new().await;
+    let spread = ["--max-inflight", "64", "--pull-batch", "16"];
+    let (w1, w2) = (h.worker("w1", &spread), h.worker("w2", &spread));
+    w1.ready().await;
+    w2.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let jobs: Vec<_> = (0..1000u64)
+        .map(|i| tensor_job(&format!("pool-{i}"), "seqproj", &[seq_input(i, 64 + (i % 64) as i64)], Encoding::MsgPack))
+        .collect();
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, 1000, 2 * MINUTE).await;
+    assert_eq!(got.len(), 1000);
+    let mut by_worker: HashMap<String, usize> = HashMap::new();
+    for (id, rs) in &got {
+        assert_eq!(rs.len(), 1, "{id} answered {} times", rs.len());
+        assert_eq!(rs[0].status, Status::Ok);
+        *by_worker.entry(rs[0].worker.clone()).or_default() += 1;
+    }
+    assert_eq!(by_worker.len(), 2, "both workers did work: {by_worker:?}");
+    assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0);
+}
+
+/// A model slow enough (a chain of 512×512 matmuls) that a worker is mid-work when signalled.
+fn write_heavy_model(h: &Harness) {
+    let _g = tch::no_grad_guard();
+    tch::manual_seed(5);
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let w0 = tch::Tensor::randn([512, 16], opts) * 0.1;
+    let w = tch::Tensor::randn([512, 512], opts) * (1.0 / 512f64.sqrt());
+    let module = tch::CModule::create_by_tracing("Heavy", "forward", &[tch::Tensor::zeros([2, 16], opts)], &mut |x| {
+        let mut y = x[0].linear(&w0, None::<&tch::Tensor>);
+        for _ in 0..40 {
+            y = y.linear(&w, None::<&tch::Tensor>).tanh();
+        }
+        vec![y.narrow(1, 0, 4)]
+    })
+    .unwrap();
+    let toml = jetbatch::demo::MLP_TOML.replace("max_batch_size = 64", "max_batch_size = 4");
+    jetbatch::demo::write_model(&h.models.join("heavy"), &module, &toml).unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_no_job() {
+    let h = Harness::new().await;
+    write_heavy_model(&h);
+    let mut sub = h.subscribe_results().await;
+    let jobs: Vec<_> = (0..1000u64).map(|i| tensor_job(&format!("term-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect();
+    burst(&h, &jobs).await;
+    // With a 120 s ack_wait, a job w1 held and did not hand back would miss the 60 s deadline below.
+    let slow_redelivery = ["--ack-wait-secs", "120"];
+    let mut w1 = h.worker("w1", &["--max-inflight", "64", "--pull-batch", "32", "--ack-wait-secs", "120"]);
+    let early = collect(&mut sub, 100, MINUTE).await;
+    w1.signal("TERM");
+    let status = w1.wait(MINUTE);
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}\n{}", w1.log_text());
+    let log = w1.log_text();
+    assert!(log.contains("shutdown") && log.contains("stopped"), "{log}");
+    let done_by_w1 = h.stream_messages("JETBATCH_RESULTS").await;
+    assert!(done_by_w1 < 1000, "the signal arrived mid-load ({done_by_w1} done)");
+    let handed_back: u64 = log
+        .split("handed_back=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .expect("shutdown reports the jobs it handed back");
+    assert!(handed_back > 0, "unstarted jobs were nak'ed at shutdown");
+
+    let _w2 = h.worker("w2", &slow_redelivery);
+    let mut got = collect(&mut sub, 1000 - early.len(), MINUTE).await;
+    for (id, rs) in early {
+        got.entry(id).or_default().extend(rs);
+    }
+    let ids: HashSet<_> = got.keys().cloned().collect();
+    assert_eq!(ids.len(), 1000, "every job answered");
+    for (id, rs) in &got {
+        assert_eq!(rs.len(), 1, "{id} answered once");
+    }
+    assert_eq!(h.stream_messages("JETBATCH_RESULTS").await, 1000);
+    assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0);
+}
+
+#[tokio::test]
+async fn metrics_endpoint_and_bus_snapshots_report_the_work() {
+    let h = Harness::new().await;
+    let cache = h.dir.path().join("cache");
+    let w = h.worker("w1", &["--cache-dir", cache.to_str().unwrap()]);
+    let mut snapshots = h.client.subscribe("jetbatch.metrics.w1").await.unwrap();
+    let mut sub = h.subscribe_results().await;
+    let jobs: Vec<_> = (0..25u64).map(|i| tensor_job(&format!("m-{i}"), "mlp", &[mlp_input(i % 20)], Encoding::MsgPack)).collect();
+    burst(&h, &jobs[..20]).await;
+    collect(&mut sub, 20, MINUTE).await;
+    burst(&h, &jobs[20..]).await;
+    collect(&mut sub, 5, MINUTE).await;
+
+    let text = w.http_get("/metrics").await;
+    for name in [
+        "jetbatch_jobs_total",
+        "jetbatch_job_latency_seconds_bucket",
+        "jetbatch_batch_size_bucket",
+        "jetbatch_batch_compute_seconds_bucket",
+        "jetbatch_cache_hits_total",
+        "jetbatch_cache_misses_total",
+        "jetbatch_inflight_jobs",
+        "jetbatch_consumer_pending",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    assert_eq!(w.metric("jetbatch_jobs_total{kind=\"tensor\",model=\"mlp\",status=\"ok\"}").await, 25.0);
+    assert_eq!(w.metric("jetbatch_cache_hits_total").await, 5.0);
+    assert_eq!(w.metric("jetbatch_cache_misses_total").await, 20.0);
+    assert_eq!(w.metric("jetbatch_job_latency_seconds_count{model=\"mlp\"}").await, 25.0);
+    assert_eq!(w.metric("jetbatch_batch_size_sum{model=\"mlp\"}").await, 20.0, "every computed job in a batch");
+    let batches = w.metric("jetbatch_batch_size_count{model=\"mlp\"}").await;
+    assert!((1.0..=20.0).contains(&batches), "{batches} batches");
+    let compute = w.metric("jetbatch_batch_compute_seconds_sum{model=\"mlp\"}").await;
+    assert!(compute > 0.0 && compute < 10.0, "compute seconds {compute}");
+    let latency = w.metric("jetbatch_job_latency_seconds_sum{model=\"mlp\"}").await;
+    assert!(latency > 0.0 && latency < 25.0 * 10.0, "latency sum {latency}");
+    assert_eq!(w.metric("jetbatch_inflight_jobs").await, 0.0);
+
+    let snap = tokio::time::timeout(Duration::from_secs(10), snapshots.next()).await.expect("a snapshot within 10 s").unwrap();
+    let snap: serde_json::Value = serde_json::from_slice(&snap.payload).unwrap();
+    assert_eq!(snap["worker"], "w1");
+    assert!(snap["metrics"]["jetbatch_cache_hits_total"].is_number(), "{snap}");
+}
