@@ -250,9 +250,10 @@ impl ModelSpec {
                     if want < 0 { (1..=spec.max_len).contains(&got) } else { got == want }
                 });
             if !fits {
+                let variable = if spec.shape.contains(&-1) { format!(" (-1: any of 1..={})", spec.max_len) } else { String::new() };
                 return Err(JobError::bad_request(format!(
-                    "{field}.shape: input '{}' takes {:?} (-1: variable, 1..={}), got {:?}",
-                    spec.name, spec.shape, spec.max_len, t.shape
+                    "{field}.shape: input '{}' takes {:?}{variable}, got {:?}",
+                    spec.name, spec.shape, t.shape
                 )));
             }
             cost += t.numel();

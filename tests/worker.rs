@@ -270,29 +270,29 @@ async fn two_workers_share_a_thousand_jobs_and_answer_each_exactly_once() {
     assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0);
 }
 
-/// A model slow enough (a chain of 512×512 matmuls) that a worker is mid-work when signalled.
-fn write_heavy_model(h: &Harness) {
+/// A model slow enough (a chain of `depth` width×width matmuls) that a worker is mid-work when signalled.
+fn write_heavy_model(h: &Harness, depth: usize, width: i64, max_batch_size: usize) {
     let _g = tch::no_grad_guard();
     tch::manual_seed(5);
     let opts = (tch::Kind::Float, tch::Device::Cpu);
-    let w0 = tch::Tensor::randn([512, 16], opts) * 0.1;
-    let w = tch::Tensor::randn([512, 512], opts) * (1.0 / 512f64.sqrt());
+    let w0 = tch::Tensor::randn([width, 16], opts) * 0.1;
+    let w = tch::Tensor::randn([width, width], opts) * (1.0 / (width as f64).sqrt());
     let module = tch::CModule::create_by_tracing("Heavy", "forward", &[tch::Tensor::zeros([2, 16], opts)], &mut |x| {
         let mut y = x[0].linear(&w0, None::<&tch::Tensor>);
-        for _ in 0..40 {
+        for _ in 0..depth {
             y = y.linear(&w, None::<&tch::Tensor>).tanh();
         }
         vec![y.narrow(1, 0, 4)]
     })
     .unwrap();
-    let toml = jetbatch::demo::MLP_TOML.replace("max_batch_size = 64", "max_batch_size = 4");
+    let toml = jetbatch::demo::MLP_TOML.replace("max_batch_size = 64", &format!("max_batch_size = {max_batch_size}"));
     jetbatch::demo::write_model(&h.models.join("heavy"), &module, &toml).unwrap();
 }
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_job() {
     let h = Harness::new().await;
-    write_heavy_model(&h);
+    write_heavy_model(&h, 40, 512, 4);
     let mut sub = h.subscribe_results().await;
     let jobs: Vec<_> = (0..1000u64).map(|i| tensor_job(&format!("term-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect();
     burst(&h, &jobs).await;
@@ -372,4 +372,89 @@ async fn metrics_endpoint_and_bus_snapshots_report_the_work() {
     let snap: serde_json::Value = serde_json::from_slice(&snap.payload).unwrap();
     assert_eq!(snap["worker"], "w1");
     assert!(snap["metrics"]["jetbatch_cache_hits_total"].is_number(), "{snap}");
+}
+
+#[tokio::test]
+async fn long_batches_send_progress_acks_instead_of_being_redelivered() {
+    let h = Harness::new().await;
+    // One batch of 64 through 750 2048-wide layers (~400 GFLOP, 2 s at 200 GFLOP/s) outlasts the 1 s ack_wait.
+    write_heavy_model(&h, 750, 2048, 64);
+    let mut sub = h.subscribe_results().await;
+    let jobs: Vec<_> = (0..64u64).map(|i| tensor_job(&format!("long-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect();
+    burst(&h, &jobs).await;
+    let _w = h.worker("w1", &["--ack-wait-secs", "1", "--max-inflight", "64"]);
+    let got = collect(&mut sub, 64, MINUTE).await;
+    assert_eq!(got.len(), 64);
+    let compute = got.values().map(|r| r[0].timing.compute_ms).fold(0.0, f64::max);
+    assert!(compute > 1500.0, "a batch outlasted ack_wait ({compute} ms)");
+    assert!(got.values().all(|r| r.len() == 1), "answered once each");
+    let info = h.consumer_info().await;
+    assert_eq!(info.num_redelivered, 0, "progress acks kept every job with this worker: {info:?}");
+}
+
+#[tokio::test]
+async fn submit_resumes_and_publishes_only_what_is_missing() {
+    let h = Harness::new().await;
+    let w = h.worker("w1", &[]);
+    let input = h.dir.path().join("jobs.jsonl");
+    let output = h.dir.path().join("results.jsonl");
+    let lines: Vec<String> = (0..10u64)
+        .map(|i| serde_json::to_string(&serde_json::json!({"id": format!("s-{i}"), "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(i, 16)}]}})).unwrap())
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    // As if an earlier run had written four results before it crashed.
+    let earlier: Vec<String> = (0..4).map(|i| format!(r#"{{"id":"s-{i}","status":"ok","from":"earlier run"}}"#)).collect();
+    std::fs::write(&output, earlier.join("\n") + "\n").unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+        .args(["submit", "--quiet", "--nats-url", &h.url(), "--idle-timeout-secs", "60", "-i"])
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&output).unwrap();
+    let ids: Vec<String> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 10, "{text}");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 10, "no id twice");
+    for line in text.lines().skip(4) {
+        let r = JobResult::decode(line.as_bytes()).unwrap();
+        assert_eq!(r.status, Status::Ok);
+        let i: u64 = r.id.trim_start_matches("s-").parse().unwrap();
+        check_against_direct(&h, &r, "mlp", &mlp_input(i), 1e-6);
+    }
+    assert_eq!(w.metric("jetbatch_jobs_total{kind=\"tensor\",model=\"mlp\",status=\"ok\"}").await, 6.0, "only the missing six were submitted");
+}
+
+#[tokio::test]
+async fn setup_models_and_cache_commands() {
+    let h = Harness::new().await;
+    let bin = env!("CARGO_BIN_EXE_jetbatch");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (ok, out) = run(&["setup", "--nats-url", &h.url()]);
+    assert!(ok && out.contains("consumer jetbatch-workers are ready"), "{out}");
+    assert_eq!(h.consumer_info().await.config.max_deliver, 5);
+
+    let models = h.models.to_str().unwrap();
+    let (ok, out) = run(&["models", "--models", models, "--load"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok      mlp  kinds=tensor") && out.contains("loaded+warm"), "{out}");
+    std::fs::create_dir_all(h.models.join("broken")).unwrap();
+    std::fs::write(h.models.join("broken/jetbatch.toml"), "backend = \"torchscript\"\n").unwrap();
+    let (ok, out) = run(&["models", "--models", models]);
+    assert!(!ok && out.contains("invalid broken"), "an invalid model fails validation: {out}");
+
+    let cache = h.dir.path().join("cache");
+    let c = jetbatch::cache::Cache::open(&cache, None, 0).unwrap();
+    c.put(&[1; 32], &jetbatch::job::Output::Tensor(vec![mlp_input(1)])).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let cache = cache.to_str().unwrap();
+    let (ok, out) = run(&["cache", "--cache-dir", cache, "stats"]);
+    assert!(ok && out.contains("\"entries\":1"), "{out}");
+    let (ok, out) = run(&["cache", "--cache-dir", cache, "clear"]);
+    assert!(ok && out.contains("\"entries\":0"), "{out}");
 }

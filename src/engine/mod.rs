@@ -125,6 +125,8 @@ impl EngineHandle {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("jetbatch-engine".into())
+            // libtorch's graph passes recurse over deep models; the 2 MiB default is not enough.
+            .stack_size(64 << 20)
             .spawn(move || {
                 let _no_grad = tch::no_grad_guard();
                 let mut engine = Engine { models: HashMap::new(), memory_budget, clock: 0, metrics };

@@ -1,0 +1,103 @@
+//! `schemas/` is the contract: its examples validate, what jetbatch emits validates, and what the
+//! schemas accept, jetbatch decodes.
+
+use std::path::{Path, PathBuf};
+
+use jetbatch::job::{decode, Encoding, ErrorCode, JobError, JobResult, Limits, Output, Status, Timing};
+use jetbatch::repository::ModelSpec;
+use jetbatch::tensor::TensorData;
+use serde_json::{json, Value};
+
+fn schemas_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas")
+}
+
+fn read(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Resolves `https://jetbatch.dev/schemas/<file>` to the file in `schemas/` (no network).
+struct Local;
+
+impl jsonschema::Retrieve for Local {
+    fn retrieve(&self, uri: &jsonschema::Uri<String>) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let name = uri.as_str().rsplit('/').next().unwrap_or_default().to_string();
+        Ok(read(&schemas_dir().join(name)))
+    }
+}
+
+fn validator(name: &str) -> jsonschema::Validator {
+    jsonschema::options().with_retriever(Local).build(&read(&schemas_dir().join(name))).expect("schema compiles")
+}
+
+fn assert_valid(v: &jsonschema::Validator, doc: &Value, what: &str) {
+    let errors: Vec<String> = v.iter_errors(doc).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{what}: {errors:?}");
+}
+
+#[test]
+fn examples_validate() {
+    let (job, result) = (validator("job.schema.json"), validator("result.schema.json"));
+    assert_valid(&job, &read(&schemas_dir().join("examples/tensor-job.json")), "tensor-job");
+    assert_valid(&result, &read(&schemas_dir().join("examples/tensor-result.json")), "tensor-result");
+    assert_valid(&result, &read(&schemas_dir().join("examples/error-result.json")), "error-result");
+}
+
+#[test]
+fn the_schemas_reject_what_the_worker_rejects() {
+    let job = validator("job.schema.json");
+    let bad = [
+        json!({"id": "a", "model": "m", "kind": "tensor"}),
+        json!({"id": "a..b", "model": "m", "kind": "tensor", "input": {}}),
+        json!({"id": "a", "model": "../m", "kind": "tensor", "input": {}}),
+        json!({"id": "a", "model": "m", "kind": "dance", "input": {}}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {"inputs": [{"dtype": "f7", "shape": [1], "data": [1]}]}}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "x.*"}),
+    ];
+    let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    for doc in bad {
+        assert!(!job.is_valid(&doc), "schema accepts {doc}");
+        let decoded = decode(doc.to_string().as_bytes(), None, "m", &limits);
+        let tensor_ok = decoded.is_ok() && doc["input"]["inputs"].is_array();
+        assert!(decoded.is_err() || tensor_ok, "decoder accepts {doc}");
+    }
+}
+
+#[test]
+fn emitted_results_validate() {
+    let result = validator("result.schema.json");
+    let output = Output::Tensor(vec![TensorData::from((&[1.0f32, -2.0][..], vec![2]))]);
+    let ok = JobResult {
+        id: "x.1".into(),
+        model: "mlp".into(),
+        kind: "tensor".into(),
+        status: Status::Ok,
+        output: Some(output.to_wire(Encoding::Json)),
+        error: None,
+        cached: true,
+        worker: "w".into(),
+        timing: Timing { queued_ms: 1.5, compute_ms: 0.0, batch_size: 0 },
+    };
+    let err = JobResult {
+        status: Status::Error,
+        output: None,
+        error: Some(JobError::new(ErrorCode::OutOfMemory, "out of memory")),
+        ..ok.clone()
+    };
+    for r in [ok, err] {
+        let doc: Value = serde_json::from_slice(&Encoding::Json.encode(&r)).unwrap();
+        assert_valid(&result, &doc, &r.id);
+    }
+}
+
+#[test]
+fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    jetbatch::demo::write_demo_models(dir.path()).unwrap();
+    let spec = ModelSpec::load(&dir.path().join("mlp")).unwrap();
+    let payload = std::fs::read(schemas_dir().join("examples/tensor-job.json")).unwrap();
+    let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    let env = decode(&payload, None, "mlp", &limits).unwrap();
+    let job = spec.validate(env, 1 << 20).unwrap();
+    assert_eq!((job.id.as_str(), job.cost), ("example-1", 16));
+}
