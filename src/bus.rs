@@ -6,7 +6,9 @@
 //! another worker (the over-buffering duplicates of nats.go#1929). Each pulled job holds a permit
 //! until it is acked or handed back.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, consumer, stream, AckKind, Context};
@@ -148,6 +150,55 @@ pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<consumer::Pull
     }
 }
 
+/// The jobs this worker holds (pulled, not yet acked or handed back), so [`keep_alive`] can extend
+/// the lease of every one of them — queued, prefetched or computing — not only the running batch.
+#[derive(Clone, Default)]
+pub struct Held {
+    next: Arc<AtomicU64>,
+    jobs: Arc<Mutex<HashMap<u64, (async_nats::Subject, Instant)>>>,
+}
+
+impl Held {
+    fn insert(&self, reply: async_nats::Subject) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.jobs.lock().expect("held lock").insert(key, (reply, Instant::now()));
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        self.jobs.lock().expect("held lock").remove(&key);
+    }
+
+    /// Reply subjects of jobs held longer than `age`; their lease clock restarts now.
+    fn due(&self, age: Duration) -> Vec<async_nats::Subject> {
+        let now = Instant::now();
+        let mut jobs = self.jobs.lock().expect("held lock");
+        jobs.values_mut()
+            .filter(|(_, since)| now.duration_since(*since) >= age)
+            .map(|(reply, since)| {
+                *since = now;
+                reply.clone()
+            })
+            .collect()
+    }
+}
+
+/// Sends `+WPI` (in progress) for every job held longer than a third of `ack_wait`, so no job this
+/// worker will answer is redelivered to another while it waits or computes. Runs until aborted.
+pub async fn keep_alive(client: Client, held: Held, ack_wait: Duration, metrics: Arc<Metrics>) {
+    let period = ack_wait / 3;
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        for reply in held.due(period) {
+            if let Err(e) = client.publish(reply, Bytes::from_static(b"+WPI")).await {
+                warn!(error = %e, "progress ack");
+            }
+            metrics.progress_acks_total.inc();
+        }
+    }
+}
+
 /// One pulled job, until it is acked, nak'ed or termed. Holds its in-flight permit.
 pub struct Delivery {
     acker: jetstream::message::Acker,
@@ -161,20 +212,23 @@ pub struct Delivery {
     pub received: Instant,
     _permit: OwnedSemaphorePermit,
     inflight: prometheus::IntGauge,
+    held: (Held, u64),
 }
 
 impl Drop for Delivery {
     fn drop(&mut self) {
         self.inflight.dec();
+        self.held.0.remove(self.held.1);
     }
 }
 
 impl Delivery {
-    fn new(msg: jetstream::Message, permit: OwnedSemaphorePermit, inflight: &prometheus::IntGauge) -> Result<Delivery, BusError> {
+    fn new(msg: jetstream::Message, permit: OwnedSemaphorePermit, inflight: &prometheus::IntGauge, held: &Held) -> Result<Delivery, BusError> {
         let (stream_seq, delivered, published) = {
             let info = msg.info().map_err(|e| BusError::Pull(format!("not a JetStream message: {e}")))?;
             (info.stream_sequence, info.delivered, SystemTime::from(info.published))
         };
+        let reply = msg.reply.clone().ok_or_else(|| BusError::Pull("message without reply subject".into()))?;
         let (msg, acker) = msg.split();
         Ok(Delivery {
             acker,
@@ -190,6 +244,7 @@ impl Delivery {
                 inflight.inc();
                 inflight.clone()
             },
+            held: (held.clone(), held.insert(reply)),
         })
     }
 
@@ -221,11 +276,6 @@ impl Delivery {
         self.send(AckKind::Term).await
     }
 
-    /// Resets `ack_wait` while the job is still being worked on.
-    pub async fn progress(&self) -> Result<(), BusError> {
-        self.send(AckKind::Progress).await
-    }
-
     async fn send(&self, kind: AckKind) -> Result<(), BusError> {
         self.acker.ack_with(kind).await.map_err(|e| BusError::Ack(e.to_string()))
     }
@@ -243,6 +293,7 @@ pub struct PullOpts {
 pub async fn pull(
     consumer: consumer::PullConsumer,
     opts: PullOpts,
+    held: Held,
     out: mpsc::Sender<Delivery>,
     release: mpsc::Sender<Vec<Delivery>>,
     metrics: Arc<Metrics>,
@@ -252,17 +303,17 @@ pub async fn pull(
     let mut stopping = false;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     while !stopping {
-        let mut held = tokio::select! {
+        let mut slots = tokio::select! {
             _ = shutdown.recv() => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let extra = permits.available_permits().min(opts.pull_batch - 1);
         if extra > 0 {
             if let Ok(more) = permits.clone().try_acquire_many_owned(extra as u32) {
-                held.merge(more);
+                slots.merge(more);
             }
         }
-        let want = held.num_permits();
+        let want = slots.num_permits();
         let mut batch = match consumer.batch().max_messages(want).expires(Duration::from_secs(1)).messages().await {
             Ok(b) => b,
             Err(e) => {
@@ -286,8 +337,8 @@ pub async fn pull(
                     break;
                 }
             };
-            let Some(permit) = held.split(1) else { break };
-            let delivery = match Delivery::new(msg, permit, &metrics.inflight_jobs) {
+            let Some(permit) = slots.split(1) else { break };
+            let delivery = match Delivery::new(msg, permit, &metrics.inflight_jobs, &held) {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(error = %e, "dropping a non-JetStream message");

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, Context};
 use async_nats::HeaderMap;
@@ -158,10 +158,14 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     let (batches_tx, batches_rx) = mpsc::channel::<Batch<Pending>>(1);
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(args.max_inflight);
 
+    let held = bus::Held::default();
+    // Runs until every held job is settled, past the shutdown signal: the last batch keeps its lease.
+    let keep_alive = tokio::spawn(bus::keep_alive(client.clone(), held.clone(), args.topology.ack_wait(), metrics.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(bus::pull(
         consumer.clone(),
         PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight) },
+        held,
         deliveries_tx,
         release_tx,
         metrics.clone(),
@@ -170,7 +174,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
     tasks.spawn(intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
     tasks.spawn(batcher::run(pending_rx, batches_tx, batch_release_tx, notify.subscribe()));
-    tasks.spawn(runner(batches_rx, engine, finished_tx.clone(), args.topology.ack_wait(), metrics.clone(), notify.subscribe()));
+    tasks.spawn(runner(batches_rx, engine, finished_tx.clone(), metrics.clone(), notify.subscribe()));
     {
         // Batched jobs handed back at shutdown join the results stage as releases.
         let finished_tx = finished_tx.clone();
@@ -192,6 +196,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     let _ = notify.send(());
     while tasks.join_next().await.is_some() {}
     let _ = results_task.await;
+    keep_alive.abort();
     // The engine handle was moved into the runner, which has returned: the thread's queue is closed.
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
     if let Some(cache) = &ctx.cache {
@@ -306,13 +311,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Runs batches on the engine, sending progress acks while a batch computes. Batches that arrive
-/// after shutdown was signalled were never started and are released.
+/// Runs batches on the engine. Batches that arrive after shutdown was signalled were never started
+/// and are released.
 async fn runner(
     mut batches: mpsc::Receiver<Batch<Pending>>,
     engine: EngineHandle,
     finished: mpsc::Sender<Finished>,
-    ack_wait: Duration,
     metrics: Arc<Metrics>,
     mut shutdown: broadcast::Receiver<()>,
 ) {
@@ -327,7 +331,7 @@ async fn runner(
             continue;
         }
         let span = info_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len());
-        run_batch(batch, &engine, &finished, ack_wait, &metrics).instrument(span).await;
+        run_batch(batch, &engine, &finished, &metrics).instrument(span).await;
     }
 }
 
@@ -335,7 +339,6 @@ async fn run_batch(
     batch: Batch<Pending>,
     engine: &EngineHandle,
     finished: &mpsc::Sender<Finished>,
-    ack_wait: Duration,
     metrics: &Metrics,
 ) {
     let Batch { model, kind, items } = batch;
@@ -355,22 +358,7 @@ async fn run_batch(
     let mut items = items;
     let inputs = items.iter_mut().map(|p| std::mem::replace(&mut p.job.input, job::JobInput::Tensor(Vec::new()))).collect();
     let queued: Vec<f64> = items.iter().map(|p| ms(p.delivery.age())).collect();
-    let started = Instant::now();
-    let run = engine.run(model.clone(), kind, inputs);
-    tokio::pin!(run);
-    // Progress acks at a third of ack_wait keep a long batch's jobs from being redelivered.
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + ack_wait / 3, ack_wait / 3);
-    let reply = loop {
-        tokio::select! {
-            reply = &mut run => break reply,
-            _ = progress.tick() => {
-                debug!(elapsed = ?started.elapsed(), "progress ack");
-                for p in &items {
-                    let _ = p.delivery.progress().await;
-                }
-            }
-        }
-    };
+    let reply = engine.run(model.clone(), kind, inputs).await;
     debug_assert_eq!(reply.outputs.len(), size);
     metrics.batch_size.with_label_values(&[&model.name]).observe(size as f64);
     metrics.batch_compute_seconds.with_label_values(&[&model.name]).observe(reply.compute.as_secs_f64());

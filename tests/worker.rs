@@ -382,7 +382,12 @@ async fn long_batches_send_progress_acks_instead_of_being_redelivered() {
     let mut sub = h.subscribe_results().await;
     let jobs: Vec<_> = (0..64u64).map(|i| tensor_job(&format!("long-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect();
     burst(&h, &jobs).await;
-    let _w = h.worker("w1", &["--ack-wait-secs", "1", "--max-inflight", "64"]);
+    let w = h.worker("w1", &["--ack-wait-secs", "1", "--max-inflight", "64"]);
+    while w.metric("jetbatch_inflight_jobs").await < 64.0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An idle second worker would take over any job whose lease expired, and answer it again.
+    let _thief = h.worker("w2", &["--ack-wait-secs", "1"]);
     let got = collect(&mut sub, 64, MINUTE).await;
     assert_eq!(got.len(), 64);
     let compute = got.values().map(|r| r[0].timing.compute_ms).fold(0.0, f64::max);
@@ -390,6 +395,7 @@ async fn long_batches_send_progress_acks_instead_of_being_redelivered() {
     assert!(got.values().all(|r| r.len() == 1), "answered once each");
     let info = h.consumer_info().await;
     assert_eq!(info.num_redelivered, 0, "progress acks kept every job with this worker: {info:?}");
+    assert!(w.metric("jetbatch_progress_acks_total").await >= 64.0);
 }
 
 #[tokio::test]
@@ -457,4 +463,20 @@ async fn setup_models_and_cache_commands() {
     assert!(ok && out.contains("\"entries\":1"), "{out}");
     let (ok, out) = run(&["cache", "--cache-dir", cache, "clear"]);
     assert!(ok && out.contains("\"entries\":0"), "{out}");
+}
+
+#[tokio::test]
+async fn an_unopenable_cache_is_logged_and_the_worker_runs_without_it() {
+    let h = Harness::new().await;
+    let not_a_dir = h.dir.path().join("cache-file");
+    std::fs::write(&not_a_dir, b"this is not a sled database").unwrap();
+    let w = h.worker("w1", &["--cache-dir", not_a_dir.to_str().unwrap()]);
+    let mut sub = h.subscribe_results().await;
+    for id in ["nc-1", "nc-2"] {
+        h.publish(&tensor_job(id, "mlp", &[mlp_input(1)], Encoding::MsgPack), Encoding::MsgPack).await;
+    }
+    let got = collect(&mut sub, 2, MINUTE).await;
+    assert!(got.values().all(|r| r[0].status == Status::Ok && !r[0].cached), "{got:?}");
+    assert!(w.log_text().contains("running without cache"), "{}", w.log_text());
+    assert_eq!(w.metric("jetbatch_errors_total{layer=\"cache\",type=\"storage\"}").await, 1.0);
 }

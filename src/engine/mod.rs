@@ -333,6 +333,20 @@ mod tests {
     }
 
     #[test]
+    fn loaded_models_stay_within_the_memory_budget_least_recently_used_first() {
+        let metrics = Arc::new(Metrics::new("t"));
+        let mut engine = Engine { models: HashMap::new(), memory_budget: 250, clock: 0, metrics };
+        for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
+            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1 };
+            engine.models.insert(name.into(), slot);
+        }
+        engine.evict_for(100);
+        let mut left: Vec<&str> = engine.models.keys().map(|k| &**k).collect();
+        left.sort();
+        assert_eq!(left, vec!["a"], "b then c were least recently used; 100 + 100 fits 250");
+    }
+
+    #[test]
     fn a_poison_job_fails_alone() {
         let spec = spec();
         let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
