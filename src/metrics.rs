@@ -29,6 +29,7 @@ pub struct Metrics {
     pub naks_total: IntCounterVec,
     pub dead_letters_total: IntCounter,
     pub progress_acks_total: IntCounter,
+    pub duplicates_suppressed_total: IntCounter,
     pub errors_total: IntCounterVec,
     pub model_forward_total: IntCounterVec,
     pub engine_jobs_total: IntCounterVec,
@@ -74,6 +75,10 @@ impl Metrics {
             redeliveries_total: counter("jetbatch_redeliveries_total", "Jobs received with a delivery count above one."),
             naks_total: counter_vec("jetbatch_naks_total", "Jobs handed back for redelivery, by reason.", &["reason"]),
             dead_letters_total: counter("jetbatch_dead_letters_total", "Jobs copied to the dead-letter stream."),
+            duplicates_suppressed_total: counter(
+                "jetbatch_duplicates_suppressed_total",
+                "Redelivered or lapsed jobs acked without a second answer: the results stream had theirs.",
+            ),
             progress_acks_total: counter("jetbatch_progress_acks_total", "In-progress acks sent for jobs held past a third of ack_wait."),
             errors_total: counter_vec("jetbatch_errors_total", "Internal errors by layer and type.", &["layer", "type"]),
             model_forward_total: counter_vec("jetbatch_model_forward_total", "Forward passes run, by model.", &["model"]),

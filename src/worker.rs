@@ -66,6 +66,8 @@ pub enum Outcome {
     Retry(EngineError),
     /// Never started (shutdown): hand back at once.
     Release,
+    /// Its result is already in the results stream (an earlier delivery was answered): ack only.
+    AlreadyAnswered,
 }
 
 /// Everything the results stage needs of a job, with the outcome.
@@ -89,16 +91,20 @@ pub struct Header {
 
 impl Header {
     fn of(p: &Pending) -> Header {
-        Header {
-            id: Some(p.job.id.clone()),
-            model: p.job.model.to_string(),
-            kind: p.job.kind.as_str().to_string(),
-            encoding: p.job.encoding,
-            reply_to: p.job.reply_to.clone(),
-            cache_key: p.cache_key,
-            cached: false,
-            timing: Timing::default(),
-        }
+        header_of(&p.job, p.cache_key)
+    }
+}
+
+fn header_of(job: &ValidJob, cache_key: Option<[u8; 32]>) -> Header {
+    Header {
+        id: Some(job.id.clone()),
+        model: job.model.to_string(),
+        kind: job.kind.as_str().to_string(),
+        encoding: job.encoding,
+        reply_to: job.reply_to.clone(),
+        cache_key,
+        cached: false,
+        timing: Timing::default(),
     }
 }
 
@@ -108,6 +114,35 @@ struct Ctx {
     worker: String,
     metrics: Arc<Metrics>,
     cache: Option<Arc<Cache>>,
+    /// The results stream, to look up whether a job was answered by an earlier delivery.
+    results: jetstream::stream::Stream<()>,
+}
+
+impl Ctx {
+    /// The subject a job's result is stored under in the results stream.
+    fn stored_subject(&self, h: &Header) -> Option<String> {
+        let id = h.id.as_ref()?;
+        let results_prefix = format!("{}.results.", self.topology.prefix);
+        Some(match &h.reply_to {
+            Some(r) if r.starts_with(&results_prefix) => r.clone(),
+            _ => self.topology.result_subject(id),
+        })
+    }
+
+    /// Whether the results stream already holds an answer for this job. Asked only for
+    /// redeliveries and for jobs held past `ack_wait` — the cases where another worker may have
+    /// answered — so the common path pays nothing.
+    async fn already_answered(&self, h: &Header) -> bool {
+        let Some(subject) = self.stored_subject(h) else { return false };
+        match self.results.direct_get_last_for_subject(subject).await {
+            Ok(_) => true,
+            Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => false,
+            Err(e) => {
+                warn!(id = ?h.id, error = %e, "results lookup failed; answering anyway (deduplicated by id)");
+                false
+            }
+        }
+    }
 }
 
 /// Runs the worker until `shutdown` completes, then stops fetching, hands back unstarted jobs,
@@ -148,7 +183,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
         let bound = crate::metrics::serve(metrics.clone(), addr, notify.subscribe()).await.map_err(WorkerError::Metrics)?;
         info!(%bound, "metrics endpoint");
     }
-    let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache });
+    let results_stream = js.get_stream_no_info(&args.topology.results_stream).await.map_err(|e| BusError::Setup(e.to_string()))?;
+    let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache, results: results_stream });
     let limits = Limits { max_payload_bytes: args.max_payload_bytes, max_tensor_elements: args.max_tensor_elements };
 
     let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
@@ -227,6 +263,10 @@ async fn intake(
     while let Some(delivery) = deliveries.recv().await {
         let item = match parse(&delivery, &repository, &limits) {
             Err((header, error)) => Finished { delivery, header, outcome: Outcome::Answer(Err(error)) },
+            Ok((job, _, cache_key)) if delivery.delivered > 1 && ctx.already_answered(&header_of(&job, cache_key)).await => {
+                let header = header_of(&job, cache_key);
+                Finished { delivery, header, outcome: Outcome::AlreadyAnswered }
+            }
             Ok((job, spec, cache_key)) => match lookup(&ctx, cache_key.as_ref()) {
                 Some(output) => {
                     let p = Pending { job, spec, cache_key, delivery };
@@ -421,8 +461,21 @@ fn backoff(delivered: i64) -> Duration {
 
 async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
     let Finished { delivery, header, outcome } = f;
+    // A redelivery, or a job held past ack_wait (say the process was paused): another worker may
+    // have answered it meanwhile.
+    let contested = delivery.delivered > 1 || delivery.received.elapsed() >= ctx.topology.ack_wait();
+    let settling = matches!(outcome, Outcome::Answer(_) | Outcome::Retry(_));
+    let outcome = if contested && settling && ctx.already_answered(&header).await { Outcome::AlreadyAnswered } else { outcome };
     let (answer, dead) = match outcome {
         Outcome::Release => return hand_back(&delivery, None, "shutdown", &ctx).await,
+        Outcome::AlreadyAnswered => {
+            debug!(id = ?header.id, "already answered by an earlier delivery; ack without a second answer");
+            ctx.metrics.duplicates_suppressed_total.inc();
+            if let Err(e) = delivery.ack().await {
+                warn!(error = %e, "ack failed");
+            }
+            return;
+        }
         Outcome::Retry(e) if delivery.delivered < ctx.topology.max_deliver || ctx.topology.max_deliver <= 0 => {
             warn!(id = ?header.id, error = %e, delivered = delivery.delivered, "job failed; will retry");
             ctx.metrics.errors_total.with_label_values(&["engine", e.error_type()]).inc();
@@ -481,19 +534,14 @@ async fn publish_result(js: &Context, ctx: &Ctx, h: &Header, answer: Result<Outp
         timing: h.timing.clone(),
     };
     let payload = bytes::Bytes::from(h.encoding.encode(&result));
-    let results_prefix = format!("{}.results.", ctx.topology.prefix);
+    let subject = ctx.stored_subject(h).expect("results are addressed by id");
     // Results live in the results stream; a reply_to outside it is served as well, without ack.
-    let subject = match &h.reply_to {
-        Some(r) if r.starts_with(&results_prefix) => r.clone(),
-        Some(r) => {
-            js.client()
-                .publish_with_headers(r.clone(), content_type(h.encoding), payload.clone())
-                .await
-                .map_err(|e| BusError::Publish(e.to_string()))?;
-            ctx.topology.result_subject(&id)
-        }
-        None => ctx.topology.result_subject(&id),
-    };
+    if let Some(r) = h.reply_to.as_ref().filter(|r| **r != subject) {
+        js.client()
+            .publish_with_headers(r.clone(), content_type(h.encoding), payload.clone())
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+    }
     let mut headers = content_type(h.encoding);
     // The results stream drops a second answer for the same job within its duplicate window.
     headers.insert("Nats-Msg-Id", id.as_str());

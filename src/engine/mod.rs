@@ -53,16 +53,20 @@ impl EngineError {
     fn from_tch(e: tch::TchError) -> EngineError {
         let msg = e.to_string();
         // libtorch reports allocation failures as ordinary errors; their text is the only signal.
-        if msg.contains("out of memory") || msg.contains("CUDA error: out of memory") {
-            EngineError::OutOfMemory(first_line(&msg))
+        if msg.contains("out of memory") {
+            EngineError::OutOfMemory(summary(&msg))
         } else {
-            EngineError::Model(first_line(&msg))
+            EngineError::Model(summary(&msg))
         }
     }
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().chars().take(500).collect()
+/// One line for an error result: libtorch puts the cause last (after a TorchScript traceback)
+/// and a C++ backtrace after that, so keep the last line that names an error, else the first.
+fn summary(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let cause = lines.iter().rev().find(|l| l.contains("Error:")).or(lines.first()).copied().unwrap_or_default();
+    cause.chars().take(500).collect()
 }
 
 /// A model loaded on the engine thread.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -17,8 +18,56 @@ use jetbatch::job::{Encoding, JobResult};
 use jetbatch::tensor::TensorData;
 use rmpv::Value;
 
+/// One nats-server process of a test, killable and restartable with the same store.
+pub struct Node {
+    child: Option<Child>,
+    pub port: u16,
+    args: Vec<String>,
+}
+
+impl Node {
+    fn spawn(args: Vec<String>, port: u16) -> Node {
+        let mut node = Node { child: None, port, args };
+        node.start();
+        node
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(NatsServer::find_binary()).args(&self.args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server on {} did not start", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 pub struct Harness {
-    pub server: Option<NatsServer>,
+    pub nodes: Vec<Node>,
     pub dir: tempfile::TempDir,
     pub models: PathBuf,
     pub client: Client,
@@ -27,20 +76,67 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// One nats-server with JetStream on file storage.
     pub async fn new() -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        let server = NatsServer::start(&NatsServer::find_binary(), &dir.path().join("nats")).expect("nats-server starts");
-        let models = dir.path().join("models");
-        write_demo_models(&models).expect("demo models");
-        let client = async_nats::connect(server.url()).await.expect("connect");
-        let js = jetstream::new(client.clone());
-        let topology = jetbatch::demo::local_serve_args(server.url(), PathBuf::new(), None).topology;
-        jetbatch::bus::setup_streams(&js, &topology).await.expect("streams");
-        Harness { server: Some(server), dir, models, client, js, topology }
+        let port = free_port();
+        let store = dir.path().join("nats").to_string_lossy().to_string();
+        let args = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", &store].map(String::from).to_vec();
+        Harness::with_nodes(dir, vec![Node::spawn(args, port)], 1).await
     }
 
+    /// A 3-node JetStream cluster on loopback (routes between all, a store each), streams at R3.
+    pub async fn cluster() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports.iter().map(|(_, r)| format!("\"nats-route://127.0.0.1:{r}\"")).collect();
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, route))| {
+                let conf = dir.path().join(format!("n{i}.conf"));
+                let store = dir.path().join(format!("n{i}"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n\
+                         cluster {{ name: jetbatch-test, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
+                        store.display(),
+                        routes.join(", ")
+                    ),
+                )
+                .unwrap();
+                Node::spawn(vec!["-c".into(), conf.to_string_lossy().to_string()], *port)
+            })
+            .collect();
+        Harness::with_nodes(dir, nodes, 3).await
+    }
+
+    async fn with_nodes(dir: tempfile::TempDir, nodes: Vec<Node>, replicas: usize) -> Harness {
+        let models = dir.path().join("models");
+        write_demo_models(&models).expect("demo models");
+        let urls: Vec<String> = nodes.iter().map(Node::url).collect();
+        let client = async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .retry_on_initial_connect()
+            .connect(urls.as_slice())
+            .await
+            .expect("connect");
+        let js = jetstream::new(client.clone());
+        let mut topology = jetbatch::demo::local_serve_args(urls.join(","), PathBuf::new(), None).topology;
+        topology.replicas = replicas;
+        // A cluster needs a meta leader before streams can be made.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = jetbatch::bus::setup_streams(&js, &topology).await {
+            assert!(Instant::now() < deadline, "streams: {e}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Harness { nodes, dir, models, client, js, topology }
+    }
+
+    /// The server URLs, comma-separated.
     pub fn url(&self) -> String {
-        self.server.as_ref().expect("server running").url()
+        self.nodes.iter().map(Node::url).collect::<Vec<_>>().join(",")
     }
 
     /// Starts a worker process with test-friendly defaults plus `extra` flags.
@@ -53,6 +149,7 @@ impl Harness {
             .arg("--models")
             .arg(&self.models)
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}"), "--metrics-interval-secs", "1"])
+            .args(["--replicas", &self.topology.replicas.to_string()])
             .args(extra)
             // Short redelivery for tests; an env default, so `extra` flags can override it.
             .env("JETBATCH_ACK_WAIT_SECS", "5")
@@ -103,9 +200,50 @@ impl Harness {
         c.info().await.expect("info").clone()
     }
 
+    /// Messages in a stream; retried while a cluster fails over (requests time out meanwhile).
     pub async fn stream_messages(&self, stream: &str) -> u64 {
-        let mut s = self.js.get_stream(stream).await.expect("stream");
-        s.info().await.expect("info").state.messages
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = async { self.js.get_stream(stream).await?.info().await.map(|i| i.state.messages).map_err(Into::into) };
+            match info.await {
+                Ok(n) => return n,
+                Err::<_, Box<dyn std::error::Error + Send + Sync>>(e) => {
+                    assert!(Instant::now() < deadline, "stream {stream}: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Every result stored in the results stream, counted by job id.
+    pub async fn stored_results(&self) -> HashMap<String, usize> {
+        let stream = self.js.get_stream("JETBATCH_RESULTS").await.expect("results stream");
+        let total = self.stream_messages("JETBATCH_RESULTS").await as usize;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig { ..Default::default() })
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("messages");
+        let mut counts = HashMap::new();
+        for _ in 0..total {
+            let msg = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.expect("stored result").unwrap().unwrap();
+            let id = msg.subject.trim_start_matches("jetbatch.results.").to_string();
+            *counts.entry(id).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Waits until the results stream holds `n` results.
+    pub async fn wait_for_stored(&self, n: u64, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let stored = self.stream_messages("JETBATCH_RESULTS").await;
+            if stored >= n {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < timeout, "{stored} of {n} results after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -260,3 +398,48 @@ impl Drop for Worker {
         let _ = self.child.wait();
     }
 }
+
+pub fn mlp_input(seed: u64) -> TensorData {
+    f32_tensor(values(seed, 16), vec![16])
+}
+
+pub fn seq_input(seed: u64, len: i64) -> TensorData {
+    f32_tensor(values(seed, len as usize * 8), vec![len, 8])
+}
+
+/// Publishes many jobs with pipelined acks, so they arrive as a burst.
+pub async fn burst(h: &Harness, jobs: &[rmpv::Value]) {
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for job in jobs {
+        let map = job.as_map().unwrap();
+        let field = |k: &str| map.iter().find(|(key, _)| key.as_str() == Some(k)).unwrap().1.as_str().unwrap().to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", field("id").as_str());
+        let payload = rmp_serde::to_vec_named(job).unwrap();
+        let ack = h.js.publish_with_headers(format!("jetbatch.jobs.{}", field("model")), headers, payload.into()).await.unwrap();
+        acks.push(ack.into_future());
+    }
+    while let Some(ack) = acks.next().await {
+        ack.expect("job stored");
+    }
+}
+
+/// A model slow enough (a chain of `depth` width×width matmuls) that a worker is mid-work when signalled.
+pub fn write_heavy_model(h: &Harness, depth: usize, width: i64, max_batch_size: usize) {
+    let _g = tch::no_grad_guard();
+    tch::manual_seed(5);
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let w0 = tch::Tensor::randn([width, 16], opts) * 0.1;
+    let w = tch::Tensor::randn([width, width], opts) * (1.0 / (width as f64).sqrt());
+    let module = tch::CModule::create_by_tracing("Heavy", "forward", &[tch::Tensor::zeros([2, 16], opts)], &mut |x| {
+        let mut y = x[0].linear(&w0, None::<&tch::Tensor>);
+        for _ in 0..depth {
+            y = y.linear(&w, None::<&tch::Tensor>).tanh();
+        }
+        vec![y.narrow(1, 0, 4)]
+    })
+    .unwrap();
+    let toml = jetbatch::demo::MLP_TOML.replace("max_batch_size = 64", &format!("max_batch_size = {max_batch_size}"));
+    jetbatch::demo::write_model(&h.models.join("heavy"), &module, &toml).unwrap();
+}
+

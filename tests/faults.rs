@@ -1,0 +1,209 @@
+//! Fault tests: real processes killed, paused and restarted. Each publishes a bounded set of jobs
+//! and checks at the end that every job has exactly one result and the jobs stream is empty. The
+//! figures (jobs, kills, lost, duplicated, recovery time) are printed for the closing note.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use jetbatch::job::{Encoding, ErrorCode, JobResult, Status};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn heavy_jobs(prefix: &str, n: u64) -> Vec<rmpv::Value> {
+    (0..n).map(|i| tensor_job(&format!("{prefix}-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect()
+}
+
+/// Every job answered exactly once in the results stream, and nothing left in the jobs stream.
+async fn assert_exactly_once(h: &Harness, prefix: &str, n: u64) -> (usize, usize) {
+    let stored = h.stored_results().await;
+    let mine: HashMap<_, _> = stored.iter().filter(|(id, _)| id.starts_with(prefix)).collect();
+    let lost = (0..n).filter(|i| !mine.contains_key(&format!("{prefix}-{i}"))).count();
+    let duplicated = mine.values().filter(|&&&c| c > 1).count();
+    assert_eq!((lost, duplicated), (0, 0), "lost, duplicated");
+    assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0, "jobs stream empty");
+    (lost, duplicated)
+}
+
+/// Live answers per id (every publish, also ones the results stream deduplicated).
+fn live_duplicates(live: &HashMap<String, Vec<JobResult>>) -> usize {
+    live.values().filter(|rs| rs.len() > 1).count()
+}
+
+#[tokio::test]
+async fn kill_9_of_one_of_three_workers_mid_batch() {
+    let h = Harness::new().await;
+    write_heavy_model(&h, 40, 512, 8);
+    let args = ["--ack-wait-secs", "2", "--max-inflight", "32", "--pull-batch", "16"];
+    let mut workers: Vec<_> = (1..=3).map(|i| h.worker(&format!("w{i}"), &args)).collect();
+    for w in &workers {
+        w.ready().await;
+    }
+    let mut sub = h.subscribe_results().await;
+    burst(&h, &heavy_jobs("k9", 2000)).await;
+    let mut live = collect(&mut sub, 400, MINUTE).await;
+    let held = workers[0].metric("jetbatch_inflight_jobs").await;
+    workers[0].signal("KILL");
+    let killed_at = Instant::now();
+    for (id, rs) in collect(&mut sub, 2000 - live.len(), 2 * MINUTE).await {
+        live.entry(id).or_default().extend(rs);
+    }
+    let recovered = killed_at.elapsed();
+    assert_eq!(live.len(), 2000, "every job answered");
+    assert_eq!(live_duplicates(&live), 0, "no job answered twice, even on the live subject");
+    assert_exactly_once(&h, "k9", 2000).await;
+    let (mut suppressed, mut redelivered) = (0.0, 0.0);
+    for w in &workers[1..] {
+        suppressed += w.metric("jetbatch_duplicates_suppressed_total").await;
+        redelivered += w.metric("jetbatch_redeliveries_total").await;
+    }
+    eprintln!(
+        "FIGURES kill-9 worker: jobs=2000 kills=1 held_by_killed={held} redelivered={redelivered} lost=0 duplicated=0 \
+         suppressed={suppressed} recovery_s={:.1}",
+        recovered.as_secs_f64()
+    );
+    assert!(redelivered > 0.0, "the killed worker held jobs that were redelivered");
+    workers.clear();
+}
+
+#[tokio::test]
+async fn kill_9_of_one_nats_node_in_a_three_node_cluster() {
+    let mut h = Harness::cluster().await;
+    write_heavy_model(&h, 40, 512, 8);
+    let args = ["--ack-wait-secs", "3", "--max-inflight", "32", "--pull-batch", "16"];
+    let (w1, w2) = (h.worker("w1", &args), h.worker("w2", &args));
+    w1.ready().await;
+    w2.ready().await;
+    burst(&h, &heavy_jobs("node", 2000)).await;
+    h.wait_for_stored(400, MINUTE).await;
+    // The node the workers (and this client) connected to first.
+    h.nodes[0].kill();
+    let killed_at = Instant::now();
+    let recovered = h.wait_for_stored(2000, 3 * MINUTE).await;
+    // Let in-flight acks land so the jobs stream drains.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_exactly_once(&h, "node", 2000).await;
+    eprintln!("FIGURES kill-9 nats node (R3): jobs=2000 kills=1 lost=0 duplicated=0 recovery_s={:.1}", recovered.as_secs_f64().max(killed_at.elapsed().as_secs_f64() - 2.0));
+    for w in [&w1, &w2] {
+        assert!(w.log_text().contains("nats connection event"), "{}", w.log_text());
+    }
+}
+
+#[tokio::test]
+async fn restart_of_a_single_node_server_under_load() {
+    let mut h = Harness::new().await;
+    write_heavy_model(&h, 40, 512, 8);
+    let w = h.worker("w1", &["--ack-wait-secs", "3", "--max-inflight", "32"]);
+    w.ready().await;
+    burst(&h, &heavy_jobs("rs", 2000)).await;
+    h.wait_for_stored(400, MINUTE).await;
+    h.nodes[0].kill();
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.nodes[0].start();
+    let recovered = h.wait_for_stored(2000, 3 * MINUTE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_exactly_once(&h, "rs", 2000).await;
+    let log = w.log_text();
+    assert!(log.contains("disconnected") && log.matches("event=connected").count() >= 2, "the worker reconnected:\n{log}");
+    eprintln!(
+        "FIGURES nats restart: jobs=2000 restarts=1 downtime_s=1 lost=0 duplicated=0 recovery_s={:.1}",
+        down_at.elapsed().as_secs_f64().min(recovered.as_secs_f64() + 1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_paused_worker_does_not_answer_again_what_another_finished() {
+    let h = Harness::new().await;
+    // About 0.2 s a batch of 8 (40 GFLOP), so w1 is mid-work when paused.
+    write_heavy_model(&h, 600, 2048, 8);
+    let args = ["--ack-wait-secs", "2", "--max-inflight", "16", "--pull-batch", "16"];
+    let w1 = h.worker("w1", &args);
+    w1.ready().await;
+    let mut sub = h.subscribe_results().await;
+    burst(&h, &heavy_jobs("stop", 200)).await;
+    // Pause w1 while it holds jobs (one batch computing, others queued).
+    let mut live = collect(&mut sub, 8, MINUTE).await;
+    w1.signal("STOP");
+    let paused_at = Instant::now();
+    let w2 = h.worker("w2", &args);
+    for (id, rs) in collect(&mut sub, 200 - live.len(), 3 * MINUTE).await {
+        live.entry(id).or_default().extend(rs);
+    }
+    assert_eq!(live.len(), 200, "w2 answered what w1 held once its lease lapsed");
+    w1.signal("CONT");
+    // w1 wakes up, finishes what it held and must notice those jobs were answered already.
+    let deadline = Instant::now() + MINUTE;
+    while w1.metric("jetbatch_inflight_jobs").await > 0.0 {
+        assert!(Instant::now() < deadline, "w1 settles its held jobs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (id, rs) in collect(&mut sub, 0, Duration::from_secs(2)).await {
+        live.entry(id).or_default().extend(rs);
+    }
+    assert_eq!(live_duplicates(&live), 0, "no second answer from the paused worker");
+    let suppressed = w1.metric("jetbatch_duplicates_suppressed_total").await;
+    assert!(suppressed > 0.0, "w1 held jobs and suppressed their late answers");
+    assert_exactly_once(&h, "stop", 200).await;
+    let w2_answered = live.values().filter(|r| r[0].worker == "w2").count();
+    eprintln!(
+        "FIGURES SIGSTOP worker past ack_wait: jobs=200 paused_s={:.1} answered_by_w2={w2_answered} late_answers_suppressed={suppressed} duplicated=0",
+        paused_at.elapsed().as_secs_f64()
+    );
+    drop(w2);
+}
+
+/// `f32[4]` rows of a 10-row table, picked by an `i64[1]` index: index ≥ 10 fails in the model.
+fn write_picky_model(h: &Harness) {
+    let _g = tch::no_grad_guard();
+    let table = tch::Tensor::arange(40, (tch::Kind::Float, tch::Device::Cpu)).reshape([10, 4]);
+    let example = tch::Tensor::zeros([2, 1], (tch::Kind::Int64, tch::Device::Cpu));
+    let module = tch::CModule::create_by_tracing("Picky", "forward", &[example], &mut |x| vec![table.index_select(0, &x[0].flatten(0, -1))]).unwrap();
+    let toml = "backend = \"torchscript\"\nmax_batch_size = 16\nmax_wait_ms = 5\n[[inputs]]\nname = \"idx\"\ndtype = \"i64\"\nshape = [1]\n";
+    jetbatch::demo::write_model(&h.models.join("picky"), &module, toml).unwrap();
+}
+
+#[tokio::test]
+async fn poison_jobs_are_dead_lettered_after_max_deliver_while_good_jobs_flow() {
+    let h = Harness::new().await;
+    write_picky_model(&h);
+    let w = h.worker("w1", &["--max-deliver", "3"]);
+    let mut sub = h.subscribe_results().await;
+    let index = |i: i64| jetbatch::tensor::TensorData { dtype: jetbatch::tensor::DType::I64, shape: vec![1], data: i.to_le_bytes().to_vec() };
+    let jobs: Vec<_> = (0..105i64)
+        .map(|i| {
+            let poison = i % 21 == 20;
+            let id = if poison { format!("poison-{i}") } else { format!("good-{i}") };
+            tensor_job(&id, "picky", &[index(if poison { 99 } else { i % 10 })], Encoding::MsgPack)
+        })
+        .collect();
+    let started = Instant::now();
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, 105, MINUTE).await;
+    assert_eq!(got.len(), 105);
+    for (id, rs) in &got {
+        assert_eq!(rs.len(), 1, "{id}");
+        let r = &rs[0];
+        if id.starts_with("good") {
+            let i: i64 = id.trim_start_matches("good-").parse().unwrap();
+            assert_eq!(r.status, Status::Ok, "{r:?}");
+            let want: Vec<f64> = (0..4).map(|c| ((i % 10) * 4 + c) as f64).collect();
+            assert_eq!(r.output_tensors().unwrap()[0].to_f64_vec(), want);
+        } else {
+            let err = r.error.as_ref().expect("error result");
+            assert_eq!(err.code, ErrorCode::ModelError, "{err:?}");
+            assert!(err.message.contains("index"), "{}", err.message);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.stream_messages("JETBATCH_DEAD").await, 5);
+    let dead = h.js.get_stream("JETBATCH_DEAD").await.unwrap();
+    let last = dead.get_last_raw_message_by_subject("jetbatch.dead.picky").await.unwrap();
+    assert_eq!(last.headers.get("Jetbatch-Deliveries").map(|v| v.as_str().to_string()), Some("3".into()));
+    assert_eq!(last.headers.get("Jetbatch-Error-Code").map(|v| v.as_str().to_string()), Some("model_error".into()));
+    assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0);
+    assert_eq!(w.metric("jetbatch_dead_letters_total").await, 5.0);
+    eprintln!("FIGURES poison: jobs=105 poison=5 dead_lettered=5 good_ok=100 seconds={:.1}", started.elapsed().as_secs_f64());
+}
