@@ -65,6 +65,10 @@ pub async fn connect(opts: &NatsOpts, name: &str) -> Result<Client, BusError> {
     if let (Some(user), Some(password)) = (&opts.user, &opts.password) {
         options = options.user_and_password(user.clone(), password.clone());
     }
+    if let Some(path) = &opts.nkey {
+        let seed = std::fs::read_to_string(path).map_err(|e| err(format!("nkey seed file {}: {e}", path.display())))?;
+        options = options.nkey(seed.trim().to_string());
+    }
     if let Some(creds) = &opts.creds {
         options = options.credentials_file(creds).await.map_err(|e| err(format!("credentials file {}: {e}", creds.display())))?;
     }

@@ -58,6 +58,9 @@ pub struct NatsOpts {
     pub user: Option<String>,
     #[arg(long = "nats-password", env = "JETBATCH_NATS_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// File holding an NKey seed (`SU...`) for NKey auth.
+    #[arg(long = "nats-nkey", env = "JETBATCH_NATS_NKEY")]
+    pub nkey: Option<PathBuf>,
     /// Credentials file (JWT + NKey seed) for decentralised auth.
     #[arg(long = "nats-creds", env = "JETBATCH_NATS_CREDS")]
     pub creds: Option<PathBuf>,

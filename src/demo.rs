@@ -191,7 +191,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         serde_json::json!({"id": "demo-bad-shape", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [3], "data": [1, 2, 3]}]}}),
         serde_json::json!({"id": "demo-unknown-model", "model": "nope", "kind": "tensor", "input": {"inputs": []}}),
     ];
-    let client = crate::bus::connect(&NatsOpts { urls: vec![server.url()], token: None, user: None, password: None, creds: None, tls_ca: None }, "jetbatch-demo").await?;
+    let client = crate::bus::connect(&NatsOpts { urls: vec![server.url()], token: None, user: None, password: None, nkey: None, creds: None, tls_ca: None }, "jetbatch-demo").await?;
     let topology = local_serve_args(server.url(), PathBuf::new(), None).topology;
     let mut print = |_: &str, payload: &[u8]| {
         let r = JobResult::decode(payload).map_err(crate::submit::SubmitError::Input)?;

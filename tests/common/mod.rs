@@ -26,6 +26,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// A server from a config file that listens on `port`.
+    pub fn spawn_conf(conf: &Path, port: u16) -> Node {
+        Node::spawn(vec!["-c".into(), conf.to_string_lossy().to_string()], port)
+    }
+
     fn spawn(args: Vec<String>, port: u16) -> Node {
         let mut node = Node { child: None, port, args };
         node.start();
@@ -106,7 +111,7 @@ impl Harness {
                     ),
                 )
                 .unwrap();
-                Node::spawn(vec!["-c".into(), conf.to_string_lossy().to_string()], *port)
+                Node::spawn_conf(&conf, *port)
             })
             .collect();
         Harness::with_nodes(dir, nodes, 3).await

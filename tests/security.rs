@@ -1,0 +1,213 @@
+//! NATS auth and TLS against servers configured that way (credentials generated here), a clear
+//! error on wrong credentials, and the input limits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use common::*;
+use jetbatch::job::{ErrorCode, JobResult, Status};
+use nkeys::KeyPair;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_jetbatch");
+
+/// A nats-server started from `conf` (which gets `listen` and a JetStream store appended).
+fn server(dir: &Path, conf: &str) -> Node {
+    let port = free_port();
+    let path = dir.join("server.conf");
+    let store = dir.join("store");
+    std::fs::write(&path, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{conf}", store.display())).unwrap();
+    Node::spawn_conf(&path, port)
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// `setup`, then a worker and `submit` of one job, all with `auth` flags: the job's result is ok.
+async fn round_trip(dir: &Path, url: &str, auth: &[&str]) {
+    let out = run(&[&["setup", "--nats-url", url][..], auth].concat());
+    assert!(out.status.success(), "setup: {}", String::from_utf8_lossy(&out.stderr));
+    let models = dir.join("models");
+    jetbatch::demo::write_demo_models(&models).unwrap();
+    let log = std::fs::File::create(dir.join("worker.log")).unwrap();
+    let mut worker = Command::new(BIN)
+        .args([&["serve", "--nats-url", url, "--models", models.to_str().unwrap()][..], auth].concat())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let jobs = dir.join("jobs.jsonl");
+    let job = json!({"id": "auth-1", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(1, 16)}]}});
+    std::fs::write(&jobs, job.to_string()).unwrap();
+    let results = dir.join("results.jsonl");
+    let out = run(&[
+        &["submit", "--quiet", "--nats-url", url, "--idle-timeout-secs", "30", "-i", jobs.to_str().unwrap(), "-o", results.to_str().unwrap()][..],
+        auth,
+    ]
+    .concat());
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(out.status.success(), "submit: {}\nworker: {}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(dir.join("worker.log")).unwrap());
+    let r = JobResult::decode(std::fs::read_to_string(&results).unwrap().trim().as_bytes()).unwrap();
+    assert_eq!((r.id.as_str(), r.status), ("auth-1", Status::Ok));
+}
+
+/// Connecting with `auth` fails, exits non-zero and says why.
+fn refused(url: &str, auth: &[&str], needle: &str) {
+    let out = run(&[&["setup", "--nats-url", url][..], auth].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(!out.status.success(), "wrong credentials must fail");
+    assert!(stderr.contains("cannot connect to nats") && stderr.contains(needle), "{stderr}");
+}
+
+#[tokio::test]
+async fn token_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = server(dir.path(), "authorization { token: \"s3cret-token\" }\n");
+    round_trip(dir.path(), &node.url(), &["--nats-token", "s3cret-token"]).await;
+    refused(&node.url(), &["--nats-token", "wrong"], "authorization");
+}
+
+#[tokio::test]
+async fn user_and_password_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = server(dir.path(), "authorization { users: [ { user: \"worker\", password: \"pw-1\" } ] }\n");
+    round_trip(dir.path(), &node.url(), &["--nats-user", "worker", "--nats-password", "pw-1"]).await;
+    refused(&node.url(), &["--nats-user", "worker", "--nats-password", "nope"], "authorization");
+}
+
+#[tokio::test]
+async fn nkey_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = KeyPair::new_user();
+    let node = server(dir.path(), &format!("authorization {{ users: [ {{ nkey: \"{}\" }} ] }}\n", user.public_key()));
+    let seed = dir.path().join("user.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    round_trip(dir.path(), &node.url(), &["--nats-nkey", seed.to_str().unwrap()]).await;
+    let stranger = dir.path().join("stranger.nk");
+    std::fs::write(&stranger, KeyPair::new_user().seed().unwrap()).unwrap();
+    refused(&node.url(), &["--nats-nkey", stranger.to_str().unwrap()], "authorization");
+}
+
+/// A NATS JWT: header and claims signed by `issuer` (ed25519-nkey).
+fn jwt(issuer: &KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({"jti": format!("{name}-{subject}"), "iat": 1_700_000_000, "iss": issuer.public_key(), "name": name, "sub": subject, "nats": nats});
+    let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signature = issuer.sign(format!("{header}.{body}").as_bytes()).unwrap();
+    format!("{header}.{body}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// An account JWT; JetStream limits only where asked (the system account may not have them).
+fn account_jwt(operator: &KeyPair, account: &KeyPair, name: &str, jetstream: bool) -> String {
+    let js = if jetstream { -1 } else { 0 };
+    let limits = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1, "leaf": -1,
+                        "mem_storage": js, "disk_storage": js, "streams": js, "consumer": js});
+    jwt(operator, &account.public_key(), name, json!({"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}))
+}
+
+/// A `.creds` file: the user JWT and its seed, in the format `nsc` writes.
+fn creds(account: &KeyPair, dir: &Path, name: &str) -> PathBuf {
+    let user = KeyPair::new_user();
+    let user_jwt = jwt(account, &user.public_key(), name, json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}));
+    let path = dir.join(format!("{name}.creds"));
+    std::fs::write(
+        &path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn creds_file_auth_in_operator_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (operator, account, system) = (KeyPair::new_operator(), KeyPair::new_account(), KeyPair::new_account());
+    let operator_jwt = jwt(&operator, &operator.public_key(), "test-operator", json!({"type": "operator", "version": 2}));
+    let conf = format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {acc}: \"{acc_jwt}\"\n  {sys}: \"{sys_jwt}\"\n}}\n",
+        sys = system.public_key(),
+        acc = account.public_key(),
+        acc_jwt = account_jwt(&operator, &account, "jobs", true),
+        sys_jwt = account_jwt(&operator, &system, "SYS", false),
+    );
+    let node = server(dir.path(), &conf);
+    let good = creds(&account, dir.path(), "worker");
+    round_trip(dir.path(), &node.url(), &["--nats-creds", good.to_str().unwrap()]).await;
+    // Signed by an account the server does not know.
+    let bad = creds(&KeyPair::new_account(), dir.path(), "intruder");
+    refused(&node.url(), &["--nats-creds", bad.to_str().unwrap()], "authorization");
+}
+
+#[tokio::test]
+async fn tls_with_a_generated_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "jetbatch test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let (ca_pem, cert_pem, key_pem) = (write("ca.pem", ca.pem()), write("server.pem", cert.pem()), write("server-key.pem", key.serialize_pem()));
+    let node = server(
+        dir.path(),
+        &format!("tls {{ cert_file: \"{}\", key_file: \"{}\", timeout: 5 }}\n", cert_pem.display(), key_pem.display()),
+    );
+    round_trip(dir.path(), &node.url(), &["--nats-tls-ca", ca_pem.to_str().unwrap()]).await;
+    // A CA that did not sign the server's certificate.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_pem = write("other-ca.pem", other.self_signed(&other_key).unwrap().pem());
+    refused(&node.url(), &["--nats-tls-ca", other_pem.to_str().unwrap()], "certificate");
+}
+
+#[tokio::test]
+async fn limits_on_names_sizes_and_elements() {
+    let h = Harness::new().await;
+    let _w = h.worker("w1", &["--max-tensor-elements", "8", "--max-payload-bytes", "2048"]);
+    let mut sub = h.subscribe_results().await;
+    let cases = [
+        ("lim-traversal", "mlp", json!({"id": "lim-traversal", "model": "../../etc/passwd", "kind": "tensor", "input": {}}), "model: must match"),
+        ("lim-wildcard", "mlp", json!({"id": "lim-wildcard", "model": "mlp.>", "kind": "tensor", "input": {}}), "model: must match"),
+        ("lim-reply", "mlp", json!({"id": "lim-reply", "model": "mlp", "kind": "tensor", "input": {}, "reply_to": "jetbatch.results.*"}), "reply_to"),
+        (
+            "lim-elements",
+            "mlp",
+            json!({"id": "lim-elements", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(1, 16)}]}}),
+            "more than 8 elements",
+        ),
+        (
+            "lim-size",
+            "mlp",
+            json!({"id": "lim-size", "model": "mlp", "kind": "tensor", "input": {"inputs": [], "pad": "x".repeat(3000)}}),
+            "over the limit of 2048 bytes",
+        ),
+    ];
+    for (id, model, job, _) in &cases {
+        h.publish_raw(model, Some(id), job.to_string().into_bytes(), true).await;
+    }
+    let got = collect(&mut sub, cases.len(), Duration::from_secs(60)).await;
+    for (id, _, _, needle) in cases {
+        let r = &got.get(id).unwrap_or_else(|| panic!("no result for {id}"))[0];
+        let err = r.error.as_ref().expect("error");
+        assert_eq!(err.code, ErrorCode::BadRequest, "{id}");
+        assert!(err.message.contains(needle), "{id}: {}", err.message);
+    }
+}
