@@ -15,6 +15,7 @@ use tokio::sync::broadcast;
 
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     pub worker: String,
     pub jobs_total: IntCounterVec,
     pub job_latency_seconds: HistogramVec,
@@ -40,18 +41,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(worker: &str) -> Metrics {
-        let registry = Registry::new();
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
-            c
-        }
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
-        };
-        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
-        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
+        let b = Builder { registry: Registry::new(), names: std::cell::RefCell::new(Vec::new()) };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| b.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let counter = |name: &str, help: &str| b.add(IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| b.add(IntGauge::new(name, help).expect("valid metric"));
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            reg(&registry, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"]).expect("valid metric"))
+            b.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"]).expect("valid metric"))
         };
         Metrics {
             worker: worker.to_string(),
@@ -85,8 +80,14 @@ impl Metrics {
             engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
             models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
             ready: AtomicBool::new(false),
-            registry,
+            registry: b.registry.clone(),
+            names: b.names.take(),
         }
+    }
+
+    /// Every metric family's name, observed yet or not (labelled families render nothing until then).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn render(&self) -> String {
@@ -129,6 +130,20 @@ impl Metrics {
 
 pub fn now_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+}
+
+/// Registers collectors and remembers their names.
+struct Builder {
+    registry: Registry,
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+impl Builder {
+    fn add<T: prometheus::core::Collector + Clone + 'static>(&self, c: T) -> T {
+        self.names.borrow_mut().extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(Box::new(c.clone())).expect("metric names are unique");
+        c
+    }
 }
 
 /// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming, 503 otherwise).

@@ -31,6 +31,11 @@ fn run(args: &[&str]) -> Output {
 
 /// `setup`, then a worker and `submit` of one job, all with `auth` flags: the job's result is ok.
 async fn round_trip(dir: &Path, url: &str, auth: &[&str]) {
+    round_trip_as(dir, url, auth, auth).await
+}
+
+/// The same with the worker (`setup`, `serve`) and the producer (`submit`) as different users.
+async fn round_trip_as(dir: &Path, url: &str, auth: &[&str], producer: &[&str]) {
     let out = run(&[&["setup", "--nats-url", url][..], auth].concat());
     assert!(out.status.success(), "setup: {}", String::from_utf8_lossy(&out.stderr));
     let models = dir.join("models");
@@ -47,7 +52,7 @@ async fn round_trip(dir: &Path, url: &str, auth: &[&str]) {
     let results = dir.join("results.jsonl");
     let out = run(&[
         &["submit", "--quiet", "--nats-url", url, "--idle-timeout-secs", "30", "-i", jobs.to_str().unwrap(), "-o", results.to_str().unwrap()][..],
-        auth,
+        producer,
     ]
     .concat());
     let _ = worker.kill();
@@ -210,4 +215,42 @@ async fn limits_on_names_sizes_and_elements() {
         assert_eq!(err.code, ErrorCode::BadRequest, "{id}");
         assert!(err.message.contains(needle), "{id}: {}", err.message);
     }
+}
+
+#[tokio::test]
+async fn the_shipped_accounts_separate_producers_from_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, monitor) = (free_port(), free_port());
+    // The shipped files, with the store moved into the test's folder.
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/nats");
+    let conf = dir.path().join("nats-server.conf");
+    let text = std::fs::read_to_string(shipped.join("nats-server.conf")).unwrap();
+    std::fs::write(&conf, text.replace("/data/jetstream", dir.path().join("store").to_str().unwrap())).unwrap();
+    std::fs::copy(shipped.join("accounts.conf"), dir.path().join("accounts.conf")).unwrap();
+    let args = ["-c", conf.to_str().unwrap(), "-p", &port.to_string(), "-m", &monitor.to_string()];
+    let env = vec![("PRODUCER_PASSWORD".to_string(), "prod-pw".to_string()), ("WORKER_PASSWORD".to_string(), "work-pw".to_string())];
+    let node = Node::spawn_env(args.map(String::from).to_vec(), port, env);
+    let worker = ["--nats-user", "worker", "--nats-password", "work-pw"];
+    let producer = ["--nats-user", "producer", "--nats-password", "prod-pw"];
+    round_trip_as(dir.path(), &node.url(), &worker, &producer).await;
+
+    // A producer may not consume jobs or forge results.
+    let client = async_nats::ConnectOptions::with_user_and_password("producer".into(), "prod-pw".into()).connect(node.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let forged = js.publish("jetbatch.results.auth-1", "forged".into()).await;
+    let denied = match forged {
+        Err(_) => true,
+        Ok(ack) => ack.await.is_err(),
+    };
+    assert!(denied, "a producer cannot publish results");
+    let stream = js.get_stream("JETBATCH_JOBS").await.unwrap();
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream.get_consumer("jetbatch-workers").await;
+    let pulled = match consumer {
+        Err(_) => false,
+        Ok(c) => match c.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await {
+            Err(_) => false,
+            Ok(mut m) => matches!(futures::StreamExt::next(&mut m).await, Some(Ok(_))),
+        },
+    };
+    assert!(!pulled, "a producer cannot pull jobs");
 }

@@ -23,6 +23,7 @@ pub struct Node {
     child: Option<Child>,
     pub port: u16,
     args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -31,15 +32,25 @@ impl Node {
         Node::spawn(vec!["-c".into(), conf.to_string_lossy().to_string()], port)
     }
 
-    fn spawn(args: Vec<String>, port: u16) -> Node {
-        let mut node = Node { child: None, port, args };
+    pub fn spawn(args: Vec<String>, port: u16) -> Node {
+        Node::spawn_env(args, port, vec![])
+    }
+
+    pub fn spawn_env(args: Vec<String>, port: u16, env: Vec<(String, String)>) -> Node {
+        let mut node = Node { child: None, port, args, env };
         node.start();
         node
     }
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(NatsServer::find_binary()).args(&self.args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("nats-server");
+        let child = Command::new(NatsServer::find_binary())
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
