@@ -123,16 +123,16 @@ async fn a_paused_worker_does_not_answer_again_what_another_finished() {
     let w1 = h.worker("w1", &args);
     w1.ready().await;
     let mut sub = h.subscribe_results().await;
-    burst(&h, &heavy_jobs("stop", 200)).await;
+    burst(&h, &heavy_jobs("stop", 100)).await;
     // Pause w1 while it holds jobs (one batch computing, others queued).
     let mut live = collect(&mut sub, 8, MINUTE).await;
     w1.signal("STOP");
     let paused_at = Instant::now();
     let w2 = h.worker("w2", &args);
-    for (id, rs) in collect(&mut sub, 200 - live.len(), 3 * MINUTE).await {
+    for (id, rs) in collect(&mut sub, 100 - live.len(), 3 * MINUTE).await {
         live.entry(id).or_default().extend(rs);
     }
-    assert_eq!(live.len(), 200, "w2 answered what w1 held once its lease lapsed");
+    assert_eq!(live.len(), 100, "w2 answered what w1 held once its lease lapsed");
     w1.signal("CONT");
     // w1 wakes up, finishes what it held and must notice those jobs were answered already.
     let deadline = Instant::now() + MINUTE;
@@ -146,10 +146,10 @@ async fn a_paused_worker_does_not_answer_again_what_another_finished() {
     assert_eq!(live_duplicates(&live), 0, "no second answer from the paused worker");
     let suppressed = w1.metric("jetbatch_duplicates_suppressed_total").await;
     assert!(suppressed > 0.0, "w1 held jobs and suppressed their late answers");
-    assert_exactly_once(&h, "stop", 200).await;
+    assert_exactly_once(&h, "stop", 100).await;
     let w2_answered = live.values().filter(|r| r[0].worker == "w2").count();
     eprintln!(
-        "FIGURES SIGSTOP worker past ack_wait: jobs=200 paused_s={:.1} answered_by_w2={w2_answered} late_answers_suppressed={suppressed} duplicated=0",
+        "FIGURES SIGSTOP worker past ack_wait: jobs=100 paused_s={:.1} answered_by_w2={w2_answered} late_answers_suppressed={suppressed} duplicated=0",
         paused_at.elapsed().as_secs_f64()
     );
     drop(w2);
