@@ -12,10 +12,6 @@ use jetbatch::job::{Encoding, ErrorCode, JobResult, Status};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-fn heavy_jobs(prefix: &str, n: u64) -> Vec<rmpv::Value> {
-    (0..n).map(|i| tensor_job(&format!("{prefix}-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect()
-}
-
 /// Every job answered exactly once in the results stream, and nothing left in the jobs stream.
 async fn assert_exactly_once(h: &Harness, prefix: &str, n: u64) -> (usize, usize) {
     let stored = h.stored_results().await;

@@ -248,11 +248,10 @@ async fn sigterm_under_load_loses_no_job() {
     let h = Harness::new().await;
     write_heavy_model(&h, 40, 512, 4);
     let mut sub = h.subscribe_results().await;
-    let jobs: Vec<_> = (0..1000u64).map(|i| tensor_job(&format!("term-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect();
-    burst(&h, &jobs).await;
+    burst(&h, &heavy_jobs("term", 1000)).await;
     // With a 120 s ack_wait, a job w1 held and did not hand back would miss the 60 s deadline below.
     let slow_redelivery = ["--ack-wait-secs", "120"];
-    let mut w1 = h.worker("w1", &["--max-inflight", "64", "--pull-batch", "32", "--ack-wait-secs", "120"]);
+    let mut w1 = h.worker("w1", &[&["--max-inflight", "64", "--pull-batch", "32"][..], &slow_redelivery].concat());
     let early = collect(&mut sub, 100, MINUTE).await;
     w1.signal("TERM");
     let status = w1.wait(MINUTE);
@@ -334,8 +333,7 @@ async fn long_batches_send_progress_acks_instead_of_being_redelivered() {
     // One batch of 64 through 750 2048-wide layers (~400 GFLOP, 2 s at 200 GFLOP/s) outlasts the 1 s ack_wait.
     write_heavy_model(&h, 750, 2048, 64);
     let mut sub = h.subscribe_results().await;
-    let jobs: Vec<_> = (0..64u64).map(|i| tensor_job(&format!("long-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect();
-    burst(&h, &jobs).await;
+    burst(&h, &heavy_jobs("long", 64)).await;
     let w = h.worker("w1", &["--ack-wait-secs", "1", "--max-inflight", "64"]);
     while w.metric("jetbatch_inflight_jobs").await < 64.0 {
         tokio::time::sleep(Duration::from_millis(50)).await;

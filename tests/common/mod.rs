@@ -459,3 +459,8 @@ pub fn write_heavy_model(h: &Harness, depth: usize, width: i64, max_batch_size: 
     jetbatch::demo::write_model(&h.models.join("heavy"), &module, &toml).unwrap();
 }
 
+
+/// `n` jobs for the heavy model, ids `<prefix>-<i>`.
+pub fn heavy_jobs(prefix: &str, n: u64) -> Vec<Value> {
+    (0..n).map(|i| tensor_job(&format!("{prefix}-{i}"), "heavy", &[mlp_input(i)], Encoding::MsgPack)).collect()
+}
