@@ -103,6 +103,16 @@ async fn repeated_jobs_are_served_from_a_cache_that_survives_restarts_and_follow
     assert_eq!(second[0].output, first[0].output);
     assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 1.0, "the model ran once");
     assert_eq!(w.metric("jetbatch_cache_hits_total").await, 1.0);
+    // `cache: false` bypasses the cache: the model runs again.
+    let mut uncached = run("c2-nocache");
+    if let rmpv::Value::Map(m) = &mut uncached {
+        m.push(("cache".into(), false.into()));
+    }
+    h.publish(&uncached, Encoding::MsgPack).await;
+    let bypass = collect(&mut sub, 1, MINUTE).await.remove("c2-nocache").unwrap();
+    assert!(!bypass[0].cached);
+    assert_eq!(bypass[0].output, first[0].output);
+    assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 2.0, "cache: false ran the model");
     w.signal("TERM");
     assert!(w.wait(MINUTE).success());
 
@@ -391,9 +401,13 @@ async fn setup_models_and_cache_commands() {
         let out = std::process::Command::new(bin).args(args).output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
     };
-    let (ok, out) = run(&["setup", "--nats-url", &h.url()]);
+    // Settings from a config file (flag names as keys); a flag still wins over the file.
+    let config = h.dir.path().join("jetbatch.toml");
+    std::fs::write(&config, format!("nats-url = [\"{}\"]\nmax-deliver = 7\nack-wait-secs = 9\n", h.url())).unwrap();
+    let (ok, out) = run(&["setup", "--config", config.to_str().unwrap(), "--ack-wait-secs", "11"]);
     assert!(ok && out.contains("consumer jetbatch-workers are ready"), "{out}");
-    assert_eq!(h.consumer_info().await.config.max_deliver, 5);
+    let info = h.consumer_info().await;
+    assert_eq!((info.config.max_deliver, info.config.ack_wait), (7, std::time::Duration::from_secs(11)));
 
     let models = h.models.to_str().unwrap();
     let (ok, out) = run(&["models", "--models", models, "--load"]);
