@@ -302,10 +302,15 @@ pub fn decode(
     })
 }
 
-/// Kind-specific, validated input. The LM kinds add their variants here.
+/// Kind-specific, validated input: everything that determines the result (it is the cache key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum JobInput {
     Tensor(Vec<TensorData>),
+    /// `loglikelihood` (one window) and `loglikelihood_rolling` (disjoint windows), in token ids.
+    Score(Vec<crate::lm::Window>),
+    Generate { prompt: Vec<u32>, max_new_tokens: usize },
+    /// `embed` and `classify`: the encoder's input with its special tokens.
+    Encode { ids: Vec<u32>, type_ids: Vec<u32>, normalize: bool },
 }
 
 /// A job ready for the cache and the batcher.
@@ -346,15 +351,51 @@ impl ValidJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Output {
     Tensor(Vec<TensorData>),
+    /// `loglikelihood` (with `is_greedy`) and `loglikelihood_rolling` (without).
+    Score { logprob: f64, is_greedy: Option<bool>, tokens: usize },
+    Generate { text: String, tokens: Vec<u32>, finish_reason: FinishReason, prompt_tokens: usize },
+    Embedding(Vec<f32>),
+    Classification { logits: Vec<f32>, probs: Vec<f32>, label: String, label_id: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Length,
+    Stop,
+    Eos,
 }
 
 impl Output {
     pub fn to_wire(&self, encoding: Encoding) -> Value {
+        let map = |pairs: Vec<(&str, Value)>| Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
+        let floats = |xs: &[f32]| Value::Array(xs.iter().map(|&x| Value::from(x)).collect());
         match self {
-            Output::Tensor(ts) => Value::Map(vec![(
-                Value::from("outputs"),
-                Value::Array(ts.iter().map(|t| t.to_wire(encoding)).collect()),
-            )]),
+            Output::Tensor(ts) => map(vec![("outputs", Value::Array(ts.iter().map(|t| t.to_wire(encoding)).collect()))]),
+            Output::Score { logprob, is_greedy, tokens } => {
+                let mut pairs = vec![("logprob", Value::from(*logprob)), ("tokens", Value::from(*tokens as u64))];
+                if let Some(g) = is_greedy {
+                    pairs.push(("is_greedy", Value::Boolean(*g)));
+                }
+                map(pairs)
+            }
+            Output::Generate { text, tokens, finish_reason, prompt_tokens } => map(vec![
+                ("text", Value::from(text.as_str())),
+                ("tokens", Value::Array(tokens.iter().map(|&t| Value::from(t)).collect())),
+                ("finish_reason", Value::from(match finish_reason {
+                    FinishReason::Length => "length",
+                    FinishReason::Stop => "stop",
+                    FinishReason::Eos => "eos",
+                })),
+                ("prompt_tokens", Value::from(*prompt_tokens as u64)),
+            ]),
+            Output::Embedding(e) => map(vec![("embedding", floats(e)), ("dim", Value::from(e.len() as u64))]),
+            Output::Classification { logits, probs, label, label_id } => map(vec![
+                ("logits", floats(logits)),
+                ("probs", floats(probs)),
+                ("label", Value::from(label.as_str())),
+                ("label_id", Value::from(*label_id as u64)),
+            ]),
         }
     }
 }

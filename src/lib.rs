@@ -11,6 +11,7 @@
 //! - [`bus`]: connection, stream/consumer setup, the pull loop, and [`bus::Delivery`] (ack/nak/term/progress).
 //! - [`job`]: the wire contract — decoding jobs into envelopes, results, error codes.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
+//! - [`lm`]: LM requests at the edge — HF config, tokenizer, harness semantics into token ids.
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
 //! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
 //! - [`worker`]: `serve` — wires the stages, the results stage (publish, store, ack) and shutdown.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod job;
+pub mod lm;
 pub mod metrics;
 pub mod repository;
 pub mod submit;

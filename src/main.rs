@@ -56,7 +56,7 @@ async fn models(args: jetbatch::config::ModelsArgs) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(jetbatch::metrics::Metrics::new("models"));
     let (engine, _thread) = jetbatch::engine::EngineHandle::start(metrics, 0);
     for (name, spec) in &repo.models {
-        let kinds: Vec<&str> = spec.config.backend.kinds().iter().map(|k| k.as_str()).collect();
+        let kinds: Vec<&str> = spec.kinds().iter().map(|k| k.as_str()).collect();
         let loaded = if args.load {
             match engine.load(spec.clone()).await {
                 Ok(()) => " loaded+warm".to_string(),

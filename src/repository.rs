@@ -34,14 +34,8 @@ impl RepoError {
 pub enum Backend {
     /// `model.pt`: a TorchScript module whose `forward` takes the job's tensors, stacked.
     Torchscript,
-}
-
-impl Backend {
-    pub fn kinds(self) -> &'static [JobKind] {
-        match self {
-            Backend::Torchscript => &[JobKind::Tensor],
-        }
-    }
+    /// A Hugging Face model folder (`config.json`, `*.safetensors`, `tokenizer.json`) run natively.
+    Hf,
 }
 
 /// Where a model runs. `auto` means CUDA device 0 when present, else CPU.
@@ -136,6 +130,12 @@ pub struct ModelConfig {
     /// Append an `i64` tensor of each job's length of input 0's first variable dim.
     #[serde(default)]
     pub lengths_input: bool,
+    /// `hf`: longest sequence read (default and upper bound: the model's max positions).
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// `hf`: the largest `max_new_tokens` a `generate` job may ask for.
+    #[serde(default = "default_max_new_tokens_limit")]
+    pub max_new_tokens_limit: usize,
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
     #[serde(default)]
@@ -147,6 +147,9 @@ fn default_max_batch_size() -> usize {
 }
 fn default_max_wait_ms() -> u64 {
     5
+}
+fn default_max_new_tokens_limit() -> usize {
+    2048
 }
 fn default_device() -> DeviceChoice {
     DeviceChoice::Auto
@@ -165,6 +168,8 @@ pub struct ModelSpec {
     pub fingerprint: Arc<str>,
     /// Bytes of the model's files: the estimate of its memory when loaded.
     pub size_bytes: u64,
+    /// `hf` models: config and tokenizer, for parsing LM jobs at the edge.
+    pub lm: Option<crate::lm::LmSpec>,
 }
 
 impl ModelSpec {
@@ -182,28 +187,40 @@ impl ModelSpec {
         if config.backend == Backend::Torchscript && !dir.join("model.pt").is_file() {
             return Err(cfg_err("backend torchscript needs model.pt beside jetbatch.toml".into()));
         }
+        let lm = match config.backend {
+            Backend::Hf => Some(crate::lm::LmSpec::load(dir, config.max_length, config.max_new_tokens_limit).map_err(cfg_err)?),
+            Backend::Torchscript => None,
+        };
         let (fingerprint, size_bytes) = fingerprint(dir)?;
-        Ok(ModelSpec { name: name.into(), dir: dir.to_path_buf(), config, fingerprint: fingerprint.into(), size_bytes })
+        Ok(ModelSpec { name: name.into(), dir: dir.to_path_buf(), config, fingerprint: fingerprint.into(), size_bytes, lm })
+    }
+
+    /// The job kinds this model serves.
+    pub fn kinds(&self) -> &'static [JobKind] {
+        match &self.lm {
+            Some(lm) => lm.arch.kinds(),
+            None => &[JobKind::Tensor],
+        }
     }
 
     /// The model-specific half of parsing: turns an envelope into a [`ValidJob`].
     pub fn validate(&self, env: Envelope, max_tensor_elements: usize) -> Result<ValidJob, JobError> {
-        if !self.config.backend.kinds().contains(&env.kind) {
+        if !self.kinds().contains(&env.kind) {
             return Err(JobError::new(
                 ErrorCode::UnsupportedKind,
                 format!("kind: model '{}' does not serve '{}'", self.name, env.kind.as_str()),
             ));
         }
-        let (input, cost) = match env.kind {
-            JobKind::Tensor => self.validate_tensors(&env.input, max_tensor_elements)?,
-            other => unreachable!("backend kinds were checked: {other:?}"),
+        let (input, cost) = match (&self.lm, env.kind) {
+            (None, _) => self.validate_tensors(&env.input, max_tensor_elements)?,
+            (Some(lm), kind) => lm.parse(kind, &env.input, &crate::lm::Params::parse(&env.params)?)?,
         };
         Ok(ValidJob {
             id: env.id,
             model: self.name.clone(),
             kind: env.kind,
             input,
-            // The tensor kind has no result-affecting params; the LM kinds keep theirs here.
+            // Result-affecting params are folded into the typed input, which the cache key covers.
             params: BTreeMap::new(),
             fingerprint: self.fingerprint.clone(),
             cost,
@@ -314,7 +331,9 @@ fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
     for file in &files {
         hasher.update(file.strip_prefix(dir).unwrap_or(file).to_string_lossy().as_bytes());
         hasher.update(&[0]);
-        size += hasher.update_reader(std::fs::File::open(file).map_err(io(file))?).map_err(io(file))?.count();
+        let f = std::fs::File::open(file).map_err(io(file))?;
+        size += f.metadata().map_err(io(file))?.len();
+        hasher.update_reader(f).map_err(io(file))?;
     }
     Ok((hasher.finalize().to_hex()[..16].to_string(), size))
 }
@@ -401,7 +420,10 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         let before = ModelSpec::load(&d).unwrap().fingerprint;
         assert_eq!(ModelSpec::load(&d).unwrap().fingerprint, before);
         std::fs::write(d.join("model.pt"), b"other weights").unwrap();
-        assert_ne!(ModelSpec::load(&d).unwrap().fingerprint, before);
+        let changed = ModelSpec::load(&d).unwrap();
+        assert_ne!(changed.fingerprint, before);
+        let toml_len = std::fs::metadata(d.join("jetbatch.toml")).unwrap().len();
+        assert_eq!(changed.size_bytes, toml_len + b"other weights".len() as u64, "size is the files' bytes");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! loaded models under a memory budget, splits batches that hit CUDA out-of-memory (and lowers the
 //! model's batch cap), and isolates jobs that make a batch fail so one bad job cannot sink the rest.
 
+mod hf;
 mod torchscript;
 
 use std::collections::HashMap;
@@ -83,6 +84,7 @@ fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
     let device = resolve_device(spec.config.device)?;
     match spec.config.backend {
         Backend::Torchscript => Ok(Box::new(torchscript::TorchScript::load(spec, device)?)),
+        Backend::Hf => Ok(Box::new(hf::Hf::load(spec, device)?)),
     }
 }
 
@@ -307,6 +309,7 @@ mod tests {
                 .map(|i| match i {
                     JobInput::Tensor(t) if t[0].data == [13] => Err(EngineError::Model("poison".into())),
                     JobInput::Tensor(t) => Ok(Output::Tensor(t.clone())),
+                    other => Err(EngineError::Model(format!("unexpected {other:?}"))),
                 })
                 .collect()
         }
@@ -321,7 +324,7 @@ mod tests {
 
     fn spec() -> ModelSpec {
         let config = toml::from_str("backend = \"torchscript\"\nmax_batch_size = 8\n[[inputs]]\nname=\"x\"\ndtype=\"u8\"\nshape=[1]").unwrap();
-        ModelSpec { name: "fake".into(), dir: ".".into(), config, fingerprint: "f".into(), size_bytes: 1 }
+        ModelSpec { name: "fake".into(), dir: ".".into(), config, fingerprint: "f".into(), size_bytes: 1, lm: None }
     }
 
     #[test]
@@ -333,7 +336,7 @@ mod tests {
         assert!(out.iter().all(|r| r.is_ok()));
         assert_eq!(slot.cap, 2, "cap follows the largest batch that fit");
         let outs: Vec<Output> = out.into_iter().map(Result::unwrap).collect();
-        assert_eq!(outs, inputs.iter().map(|i| match i { JobInput::Tensor(t) => Output::Tensor(t.clone()) }).collect::<Vec<_>>());
+        assert_eq!(outs, inputs.iter().map(|i| match i { JobInput::Tensor(t) => Output::Tensor(t.clone()), _ => unreachable!() }).collect::<Vec<_>>());
     }
 
     #[test]

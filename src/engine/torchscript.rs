@@ -166,7 +166,13 @@ fn to_data(t: &Tensor) -> Result<TensorData, EngineError> {
 impl LoadedModel for TorchScript {
     fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
         debug_assert_eq!(kind, JobKind::Tensor, "validated at the edge");
-        let jobs: Vec<&[TensorData]> = inputs.iter().map(|i| match i { JobInput::Tensor(t) => t.as_slice() }).collect();
+        let jobs: Vec<&[TensorData]> = inputs
+            .iter()
+            .map(|i| match i {
+                JobInput::Tensor(t) => t.as_slice(),
+                other => unreachable!("validated at the edge: {other:?}"),
+            })
+            .collect();
         self.forward(&jobs)
     }
 

@@ -1,0 +1,619 @@
+//! The `hf` backend: Hugging Face model folders run natively with tch (no Python at run time).
+//!
+//! Decoders (Llama, Mistral, Qwen2, GPT-2) batch with left padding: an additive attention mask
+//! hides padding and the future, and position ids count each row's own tokens, so a row's result
+//! does not depend on the rows beside it. Generation keeps a KV cache. Encoders (BERT) batch
+//! with right padding and a key mask. Numerics follow transformers' eager implementations: RMSNorm
+//! and softmax in f32, RoPE from f32 inverse frequencies.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{EngineError, LoadedModel};
+use crate::job::{FinishReason, JobInput, JobKind, Output};
+use crate::lm::{Arch, HfConfig, Window};
+use crate::repository::ModelSpec;
+
+fn load_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(e.to_string())
+}
+
+fn tch_err(e: tch::TchError) -> EngineError {
+    EngineError::from_tch(e)
+}
+
+/// The tensors of `*.safetensors` (single file or sharded with an index), on `device` in `kind`.
+fn load_weights(dir: &Path, device: Device, kind: Kind) -> Result<HashMap<String, Tensor>, EngineError> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(load_err)?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(load_err)?;
+        let mut shards: Vec<String> = v["weight_map"].as_object().ok_or_else(|| load_err("index without weight_map"))?.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut weights = HashMap::new();
+    for file in files {
+        for (name, t) in Tensor::read_safetensors(&file).map_err(|e| load_err(format!("{}: {e}", file.display())))? {
+            let t = if t.is_floating_point() { t.to_kind(kind) } else { t };
+            weights.insert(name, t.to_device(device));
+        }
+    }
+    Ok(weights)
+}
+
+/// Looks weights up by name, trying each prefix (checkpoints differ: `model.`, `bert.`, none).
+struct Weights {
+    map: HashMap<String, Tensor>,
+    prefixes: Vec<&'static str>,
+}
+
+impl Weights {
+    fn get(&self, name: &str) -> Result<Tensor, EngineError> {
+        self.try_get(name).ok_or_else(|| EngineError::Load(format!("weight '{name}' is missing from the safetensors")))
+    }
+
+    fn try_get(&self, name: &str) -> Option<Tensor> {
+        self.prefixes.iter().find_map(|p| self.map.get(&format!("{p}{name}"))).map(|t| t.shallow_clone())
+    }
+
+    fn linear(&self, name: &str, bias: bool) -> Result<Linear, EngineError> {
+        Ok(Linear { w: self.get(&format!("{name}.weight"))?, b: if bias { Some(self.get(&format!("{name}.bias"))?) } else { None } })
+    }
+
+    /// GPT-2's Conv1D stores `[in, out]`; transposed once here to a linear `[out, in]`.
+    fn conv1d(&self, name: &str) -> Result<Linear, EngineError> {
+        Ok(Linear { w: self.get(&format!("{name}.weight"))?.t_().contiguous(), b: Some(self.get(&format!("{name}.bias"))?) })
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.w, self.b.as_ref())
+    }
+}
+
+enum Norm {
+    Rms { w: Tensor, eps: f64 },
+    Layer { w: Tensor, b: Tensor, eps: f64 },
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Norm::Rms { w, eps } => {
+                let kind = x.kind();
+                let h = x.to_kind(Kind::Float);
+                let var = h.pow_tensor_scalar(2).mean_dim(Some([-1i64].as_slice()), true, Kind::Float);
+                w * (h * (var + *eps).rsqrt()).to_kind(kind)
+            }
+            Norm::Layer { w, b, eps } => x.layer_norm([*w.size().last().expect("1-d")], Some(w), Some(b), *eps, false),
+        }
+    }
+}
+
+enum Mlp {
+    /// Llama family: `down(silu(gate(x)) * up(x))`.
+    Gated { gate: Linear, up: Linear, down: Linear },
+    /// GPT-2: `proj(gelu_tanh(fc(x)))`.
+    Gpt2 { fc: Linear, proj: Linear },
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Gated { gate, up, down } => down.forward(&(gate.forward(x).silu() * up.forward(x))),
+            Mlp::Gpt2 { fc, proj } => proj.forward(&fc.forward(x).gelu("tanh")),
+        }
+    }
+}
+
+struct Layer {
+    norm1: Norm,
+    norm2: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp: Mlp,
+}
+
+/// Keys and values of every layer for the rows of a generation batch: `[B, kv_heads, S, D]`.
+struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+struct Decoder {
+    embed: Tensor,
+    /// GPT-2's learned positions.
+    wpe: Option<Tensor>,
+    layers: Vec<Layer>,
+    norm: Norm,
+    lm_head: Tensor,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    /// RoPE inverse frequencies (f32); none for GPT-2.
+    inv_freq: Option<Tensor>,
+    sliding_window: Option<i64>,
+}
+
+impl Decoder {
+    fn load(c: &HfConfig, arch: Arch, w: &Weights, device: Device) -> Result<Decoder, EngineError> {
+        let heads = c.num_attention_heads as i64;
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads) as i64;
+        let kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads) as i64;
+        if arch == Arch::Gpt2 {
+            let eps = c.layer_norm_eps.unwrap_or(1e-5);
+            let ln = |name: &str| -> Result<Norm, EngineError> { Ok(Norm::Layer { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))?, eps }) };
+            let layers = (0..c.num_hidden_layers)
+                .map(|i| {
+                    let p = format!("h.{i}");
+                    let qkv = w.conv1d(&format!("{p}.attn.c_attn"))?;
+                    let ws = qkv.w.chunk(3, 0);
+                    let bs = qkv.b.as_ref().expect("conv1d has bias").chunk(3, 0);
+                    let part = |j: usize| Linear { w: ws[j].shallow_clone(), b: Some(bs[j].shallow_clone()) };
+                    Ok(Layer {
+                        norm1: ln(&format!("{p}.ln_1"))?,
+                        norm2: ln(&format!("{p}.ln_2"))?,
+                        q: part(0),
+                        k: part(1),
+                        v: part(2),
+                        o: w.conv1d(&format!("{p}.attn.c_proj"))?,
+                        mlp: Mlp::Gpt2 { fc: w.conv1d(&format!("{p}.mlp.c_fc"))?, proj: w.conv1d(&format!("{p}.mlp.c_proj"))? },
+                    })
+                })
+                .collect::<Result<_, EngineError>>()?;
+            let embed = w.get("wte.weight")?;
+            return Ok(Decoder {
+                lm_head: w.try_get("lm_head.weight").unwrap_or_else(|| embed.shallow_clone()),
+                embed,
+                wpe: Some(w.get("wpe.weight")?),
+                layers,
+                norm: ln("ln_f")?,
+                heads,
+                kv_heads: heads,
+                head_dim,
+                inv_freq: None,
+                sliding_window: None,
+            });
+        }
+        let eps = c.rms_norm_eps.unwrap_or(1e-6);
+        let rms = |name: &str| -> Result<Norm, EngineError> { Ok(Norm::Rms { w: w.get(&format!("{name}.weight"))?, eps }) };
+        let qkv_bias = arch == Arch::Qwen2 || c.attention_bias.unwrap_or(false);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("layers.{i}");
+                Ok(Layer {
+                    norm1: rms(&format!("{p}.input_layernorm"))?,
+                    norm2: rms(&format!("{p}.post_attention_layernorm"))?,
+                    q: w.linear(&format!("{p}.self_attn.q_proj"), qkv_bias)?,
+                    k: w.linear(&format!("{p}.self_attn.k_proj"), qkv_bias)?,
+                    v: w.linear(&format!("{p}.self_attn.v_proj"), qkv_bias)?,
+                    o: w.linear(&format!("{p}.self_attn.o_proj"), c.attention_bias.unwrap_or(false))?,
+                    mlp: Mlp::Gated {
+                        gate: w.linear(&format!("{p}.mlp.gate_proj"), false)?,
+                        up: w.linear(&format!("{p}.mlp.up_proj"), false)?,
+                        down: w.linear(&format!("{p}.mlp.down_proj"), false)?,
+                    },
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let embed = w.get("embed_tokens.weight")?;
+        let lm_head = match w.try_get("lm_head.weight") {
+            Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
+            _ => embed.shallow_clone(),
+        };
+        let theta = c.rope_theta().map_err(EngineError::Load)?;
+        let inv_freq = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
+        let inv_freq = (Tensor::from(theta).to_device(device).pow(&inv_freq)).reciprocal();
+        Ok(Decoder {
+            embed,
+            wpe: None,
+            layers,
+            norm: rms("norm")?,
+            lm_head,
+            heads,
+            kv_heads,
+            head_dim,
+            inv_freq: Some(inv_freq),
+            sliding_window: if arch == Arch::Mistral { c.sliding_window.map(|w| w as i64) } else { None },
+        })
+    }
+
+    /// Hidden states `[B, T, H]` of `ids [B, T]` at `pos [B, T]`. `keep [B, S]` says which keys are
+    /// real (S = cached + T); with a cache, keys and values are appended to it.
+    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let s = keep.size()[1];
+        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
+        if let Some(wpe) = &self.wpe {
+            x = x + Tensor::embedding(wpe, pos, -1, false, false);
+        }
+        let kind = x.kind();
+        // Query i sits at key index s - t + i: it sees real keys at or before it (and within the window).
+        let q_idx = Tensor::arange_start(s - t, s, (Kind::Int64, x.device())).view([t, 1]);
+        let k_idx = Tensor::arange(s, (Kind::Int64, x.device())).view([1, s]);
+        let mut allowed = k_idx.le_tensor(&q_idx).unsqueeze(0) * keep.unsqueeze(1);
+        if let Some(wnd) = self.sliding_window {
+            allowed = allowed * (q_idx - k_idx).lt(wnd).unsqueeze(0);
+        }
+        let mask = Tensor::zeros([b, 1, t, s], (kind, x.device())).masked_fill(&allowed.logical_not().unsqueeze(1), min_value(kind));
+        let rope = self.inv_freq.as_ref().map(|inv| {
+            let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv.view([1, 1, -1]);
+            let emb = Tensor::cat(&[&freqs, &freqs], -1);
+            (emb.cos().to_kind(kind).unsqueeze(1), emb.sin().to_kind(kind).unsqueeze(1))
+        });
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.norm1.forward(&x);
+            let q = layer.q.forward(&h).view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+            let mut k = layer.k.forward(&h).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+            let mut v = layer.v.forward(&h).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+            let q = match &rope {
+                Some((cos, sin)) => {
+                    k = &k * cos + rotate_half(&k) * sin;
+                    &q * cos + rotate_half(&q) * sin
+                }
+                None => q,
+            };
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache.layers[i] {
+                    k = Tensor::cat(&[pk, &k], 2);
+                    v = Tensor::cat(&[pv, &v], 2);
+                }
+                cache.layers[i] = Some((k.shallow_clone(), v.shallow_clone()));
+            }
+            let rep = self.heads / self.kv_heads;
+            let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None)) } else { (k, v) };
+            let scores = q.matmul(&k.transpose(-2, -1)) * (1.0 / (self.head_dim as f64).sqrt()) + &mask;
+            let attn = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v);
+            let attn = attn.transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]);
+            x = x + layer.o.forward(&attn);
+            let h = layer.norm2.forward(&x);
+            x = x + layer.mlp.forward(&h);
+        }
+        self.norm.forward(&x)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+    }
+}
+
+fn min_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().expect("head dim") / 2;
+    Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1)
+}
+
+/// Left-padded rows: ids `[B, L]`, keep mask `[B, L]`, and positions counting real tokens.
+fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Tensor) {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut keep = Vec::with_capacity(rows.len() * len);
+    for r in rows {
+        ids.extend(std::iter::repeat_n(0, len - r.len()).chain(r.iter().copied()));
+        keep.extend(std::iter::repeat_n(0i64, len - r.len()).chain(std::iter::repeat_n(1, r.len())));
+    }
+    let shape = [rows.len() as i64, len as i64];
+    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let keep = Tensor::from_slice(&keep).view(shape).to_device(device);
+    let pos = (keep.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    (ids, keep, pos)
+}
+
+struct Bert {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<BertLayer>,
+    pooler: Option<Linear>,
+    classifier: Option<Linear>,
+    heads: i64,
+    head_dim: i64,
+}
+
+struct BertLayer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    inter: Linear,
+    out: Linear,
+    out_norm: Norm,
+}
+
+impl Bert {
+    fn load(c: &HfConfig, w: &Weights) -> Result<Bert, EngineError> {
+        let eps = c.layer_norm_eps.unwrap_or(1e-12);
+        let ln = |name: &str| -> Result<Norm, EngineError> { Ok(Norm::Layer { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))?, eps }) };
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("encoder.layer.{i}");
+                Ok(BertLayer {
+                    q: w.linear(&format!("{p}.attention.self.query"), true)?,
+                    k: w.linear(&format!("{p}.attention.self.key"), true)?,
+                    v: w.linear(&format!("{p}.attention.self.value"), true)?,
+                    attn_out: w.linear(&format!("{p}.attention.output.dense"), true)?,
+                    attn_norm: ln(&format!("{p}.attention.output.LayerNorm"))?,
+                    inter: w.linear(&format!("{p}.intermediate.dense"), true)?,
+                    out: w.linear(&format!("{p}.output.dense"), true)?,
+                    out_norm: ln(&format!("{p}.output.LayerNorm"))?,
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        Ok(Bert {
+            word: w.get("embeddings.word_embeddings.weight")?,
+            position: w.get("embeddings.position_embeddings.weight")?,
+            token_type: w.get("embeddings.token_type_embeddings.weight")?,
+            emb_norm: ln("embeddings.LayerNorm")?,
+            layers,
+            pooler: w.linear("pooler.dense", true).ok(),
+            classifier: w.linear("classifier", true).ok(),
+            heads: c.num_attention_heads as i64,
+            head_dim: (c.hidden_size / c.num_attention_heads) as i64,
+        })
+    }
+
+    /// Hidden states `[B, T, H]` of right-padded rows.
+    fn forward(&self, ids: &Tensor, type_ids: &Tensor, keep: &Tensor) -> Tensor {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
+        let x = Tensor::embedding(&self.word, ids, -1, false, false)
+            + Tensor::embedding(&self.position, &pos, -1, false, false)
+            + Tensor::embedding(&self.token_type, type_ids, -1, false, false);
+        let mut x = self.emb_norm.forward(&x);
+        let kind = x.kind();
+        let mask = Tensor::zeros([b, 1, 1, t], (kind, x.device())).masked_fill(&keep.eq(0).view([b, 1, 1, t]), min_value(kind));
+        let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        for l in &self.layers {
+            let (q, k, v) = (split(l.q.forward(&x)), split(l.k.forward(&x)), split(l.v.forward(&x)));
+            let scores = q.matmul(&k.transpose(-2, -1)) * (1.0 / (self.head_dim as f64).sqrt()) + &mask;
+            let ctx = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v).transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]);
+            x = l.attn_norm.forward(&(l.attn_out.forward(&ctx) + &x));
+            let h = l.inter.forward(&x).gelu("none");
+            x = l.out_norm.forward(&(l.out.forward(&h) + &x));
+        }
+        x
+    }
+}
+
+enum Net {
+    Decoder(Decoder),
+    Encoder(Bert),
+}
+
+#[derive(Clone, Copy)]
+enum Pooling {
+    Mean,
+    Cls,
+}
+
+pub struct Hf {
+    net: Net,
+    device: Device,
+    tokenizer: tokenizers::Tokenizer,
+    eos: Vec<u32>,
+    max_length: usize,
+    labels: Vec<String>,
+    pooling: Pooling,
+}
+
+impl Hf {
+    pub fn load(spec: &ModelSpec, device: Device) -> Result<Hf, EngineError> {
+        let lm = spec.lm.as_ref().ok_or_else(|| load_err("an hf model without its LM spec"))?;
+        let kind = match spec.config.dtype.filter(|_| device.is_cuda()) {
+            Some(crate::tensor::DType::F16) => Kind::Half,
+            Some(crate::tensor::DType::Bf16) => Kind::BFloat16,
+            _ => Kind::Float,
+        };
+        let map = load_weights(&spec.dir, device, kind)?;
+        let c = &lm.config;
+        let net = match lm.arch {
+            Arch::Gpt2 => Net::Decoder(Decoder::load(c, lm.arch, &Weights { map, prefixes: vec!["transformer.", ""] }, device)?),
+            a if a.is_decoder() => Net::Decoder(Decoder::load(c, a, &Weights { map, prefixes: vec!["model.", ""] }, device)?),
+            _ => Net::Encoder(Bert::load(c, &Weights { map, prefixes: vec!["bert.", ""] })?),
+        };
+        let labels = match &c.id2label {
+            Some(m) => {
+                let mut pairs: Vec<(usize, String)> = m.iter().filter_map(|(k, v)| k.parse().ok().map(|k| (k, v.clone()))).collect();
+                pairs.sort();
+                pairs.into_iter().map(|(_, v)| v).collect()
+            }
+            None => Vec::new(),
+        };
+        // sentence-transformers folders say how to pool in 1_Pooling/config.json.
+        let pooling = std::fs::read_to_string(spec.dir.join("1_Pooling/config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| if v["pooling_mode_cls_token"].as_bool() == Some(true) { Pooling::Cls } else { Pooling::Mean })
+            .unwrap_or(Pooling::Mean);
+        Ok(Hf { net, device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
+    }
+
+    /// Log-prob sums (and greedy flags) of windows, one row each.
+    fn score(&self, d: &Decoder, windows: &[&Window]) -> Result<Vec<(f64, bool)>, EngineError> {
+        let rows: Vec<Vec<i64>> = windows
+            .iter()
+            .map(|w| {
+                let mut all: Vec<i64> = w.context.iter().chain(&w.continuation).map(|&t| t as i64).collect();
+                all.pop();
+                all
+            })
+            .collect();
+        let (ids, keep, pos) = left_pad(&rows, self.device);
+        let hidden = d.forward(&ids, &pos, &keep, None);
+        let t = hidden.size()[1];
+        let c_max = windows.iter().map(|w| w.continuation.len()).max().unwrap_or(1) as i64;
+        // Only the last positions are scored: the LM head runs on those alone.
+        let logp = d.logits(&hidden.narrow(1, t - c_max, c_max)).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
+        let greedy = logp.argmax(-1, false);
+        let mut out = Vec::with_capacity(windows.len());
+        for (r, w) in windows.iter().enumerate() {
+            let n = w.continuation.len() as i64;
+            let targets = Tensor::from_slice(&w.continuation.iter().map(|&t| t as i64).collect::<Vec<_>>());
+            let row = logp.get(r as i64).narrow(0, c_max - n, n);
+            let picked = row.gather(-1, &targets.unsqueeze(-1), false);
+            let is_greedy = greedy.get(r as i64).narrow(0, c_max - n, n).eq_tensor(&targets).all().int64_value(&[]) == 1;
+            out.push((picked.sum(Kind::Double).double_value(&[]), is_greedy));
+        }
+        Ok(out)
+    }
+
+    /// Greedy generation of a static batch with a KV cache.
+    fn generate(&self, d: &Decoder, jobs: &[(&Vec<u32>, usize)]) -> Result<Vec<Output>, EngineError> {
+        let rows: Vec<Vec<i64>> = jobs.iter().map(|(p, _)| p.iter().map(|&t| t as i64).collect()).collect();
+        let (ids, mut keep, pos) = left_pad(&rows, self.device);
+        let mut cache = KvCache { layers: (0..d.layers.len()).map(|_| None).collect() };
+        let hidden = d.forward(&ids, &pos, &keep, Some(&mut cache));
+        let mut logits = d.logits(&hidden.narrow(1, hidden.size()[1] - 1, 1).squeeze_dim(1));
+        let mut last_pos = pos.narrow(1, pos.size()[1] - 1, 1);
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); jobs.len()];
+        let mut finished: Vec<Option<FinishReason>> = vec![None; jobs.len()];
+        loop {
+            let next: Vec<i64> = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
+            for (r, &tok) in next.iter().enumerate() {
+                if finished[r].is_some() {
+                    continue;
+                }
+                generated[r].push(tok as u32);
+                let (prompt, max_new) = jobs[r];
+                if self.eos.contains(&(tok as u32)) {
+                    finished[r] = Some(FinishReason::Eos);
+                } else if generated[r].len() >= max_new || prompt.len() + generated[r].len() >= self.max_length {
+                    finished[r] = Some(FinishReason::Length);
+                }
+            }
+            if finished.iter().all(Option::is_some) {
+                break;
+            }
+            let step = Tensor::from_slice(&next).view([jobs.len() as i64, 1]).to_device(self.device);
+            keep = Tensor::cat(&[&keep, &Tensor::ones([jobs.len() as i64, 1], (Kind::Int64, self.device))], 1);
+            last_pos = last_pos + 1;
+            let hidden = d.forward(&step, &last_pos, &keep, Some(&mut cache));
+            logits = d.logits(&hidden.squeeze_dim(1));
+        }
+        jobs.iter()
+            .zip(generated)
+            .zip(finished)
+            .map(|(((prompt, _), tokens), reason)| {
+                let text = self.tokenizer.decode(&tokens, true).map_err(|e| EngineError::Model(format!("decode: {e}")))?;
+                Ok(Output::Generate { text, tokens, finish_reason: reason.expect("all finished"), prompt_tokens: prompt.len() })
+            })
+            .collect()
+    }
+
+    fn encode(&self, b: &Bert, kind: JobKind, jobs: &[(&Vec<u32>, &Vec<u32>, bool)]) -> Result<Vec<Output>, EngineError> {
+        let len = jobs.iter().map(|(ids, _, _)| ids.len()).max().unwrap_or(0);
+        let pad = |v: &Vec<u32>| -> Vec<i64> { v.iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, len - v.len())).collect() };
+        let shape = [jobs.len() as i64, len as i64];
+        let ids = Tensor::from_slice(&jobs.iter().flat_map(|(i, _, _)| pad(i)).collect::<Vec<_>>()).view(shape).to_device(self.device);
+        let types = Tensor::from_slice(&jobs.iter().flat_map(|(_, t, _)| pad(t)).collect::<Vec<_>>()).view(shape).to_device(self.device);
+        let keep: Vec<i64> = jobs.iter().flat_map(|(i, _, _)| (0..len).map(move |j| (j < i.len()) as i64)).collect();
+        let keep = Tensor::from_slice(&keep).view(shape).to_device(self.device);
+        let hidden = b.forward(&ids, &types, &keep);
+        if kind == JobKind::Classify {
+            let (pooler, classifier) = b.pooler.as_ref().zip(b.classifier.as_ref()).ok_or_else(|| EngineError::Model("no classification head".into()))?;
+            let logits = classifier.forward(&pooler.forward(&hidden.select(1, 0)).tanh()).to_kind(Kind::Float).to_device(Device::Cpu);
+            let probs = logits.softmax(-1, Kind::Float);
+            return (0..jobs.len() as i64)
+                .map(|r| {
+                    let logits = Vec::<f32>::try_from(logits.get(r)).map_err(tch_err)?;
+                    let probs = Vec::<f32>::try_from(probs.get(r)).map_err(tch_err)?;
+                    let label_id = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+                    let label = self.labels.get(label_id).cloned().unwrap_or_else(|| format!("LABEL_{label_id}"));
+                    Ok(Output::Classification { logits, probs, label, label_id })
+                })
+                .collect();
+        }
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.select(1, 0).to_kind(Kind::Float),
+            Pooling::Mean => {
+                let m = keep.unsqueeze(-1).to_kind(Kind::Float);
+                (hidden.to_kind(Kind::Float) * &m).sum_dim_intlist(1, false, Kind::Float) / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9)
+            }
+        };
+        let pooled = pooled.to_device(Device::Cpu);
+        (0..jobs.len())
+            .map(|r| {
+                let mut e = pooled.get(r as i64);
+                if jobs[r].2 {
+                    e = &e / e.norm().clamp_min(1e-12);
+                }
+                Ok(Output::Embedding(Vec::<f32>::try_from(e).map_err(tch_err)?))
+            })
+            .collect()
+    }
+}
+
+impl LoadedModel for Hf {
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
+        match (&self.net, kind) {
+            (Net::Decoder(d), JobKind::Loglikelihood | JobKind::LoglikelihoodRolling) => {
+                // Every window of every job is a row; a rolling job's windows are summed back.
+                let windows: Vec<&Window> = inputs.iter().flat_map(|i| match i { JobInput::Score(w) => w.iter(), _ => [].iter() }).collect();
+                let mut scores = self.score(d, &windows)?.into_iter();
+                Ok(inputs
+                    .iter()
+                    .map(|i| {
+                        let JobInput::Score(ws) = i else { unreachable!("validated kind") };
+                        let parts: Vec<(f64, bool)> = scores.by_ref().take(ws.len()).collect();
+                        Output::Score {
+                            logprob: parts.iter().map(|p| p.0).sum(),
+                            is_greedy: (kind == JobKind::Loglikelihood).then(|| parts.iter().all(|p| p.1)),
+                            tokens: ws.iter().map(|w| w.continuation.len()).sum(),
+                        }
+                    })
+                    .collect())
+            }
+            (Net::Decoder(d), JobKind::Generate) => {
+                let jobs: Vec<(&Vec<u32>, usize)> = inputs
+                    .iter()
+                    .map(|i| match i {
+                        JobInput::Generate { prompt, max_new_tokens } => (prompt, *max_new_tokens),
+                        _ => unreachable!("validated kind"),
+                    })
+                    .collect();
+                self.generate(d, &jobs)
+            }
+            (Net::Encoder(b), JobKind::Embed | JobKind::Classify) => {
+                let jobs: Vec<(&Vec<u32>, &Vec<u32>, bool)> = inputs
+                    .iter()
+                    .map(|i| match i {
+                        JobInput::Encode { ids, type_ids, normalize } => (ids, type_ids, *normalize),
+                        _ => unreachable!("validated kind"),
+                    })
+                    .collect();
+                self.encode(b, kind, &jobs)
+            }
+            (_, kind) => Err(EngineError::Model(format!("kind {} is not served by this model", kind.as_str()))),
+        }
+    }
+
+    fn warmup(&mut self) -> Result<(), EngineError> {
+        match &self.net {
+            Net::Decoder(d) => self.score(d, &[&Window { context: vec![0], continuation: vec![0] }]).map(|_| ()),
+            Net::Encoder(b) => self.encode(b, JobKind::Embed, &[(&vec![0, 0], &vec![0, 0], true)]).map(|_| ()),
+        }
+    }
+}

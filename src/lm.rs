@@ -1,0 +1,397 @@
+//! Language-model requests at the edge: the Hugging Face model folder's `config.json` and
+//! `tokenizer.json`, and the parsing of `loglikelihood`, `loglikelihood_rolling`, `generate`,
+//! `embed` and `classify` inputs into token ids — with lm-evaluation-harness semantics — so the
+//! engine receives only validated token sequences and the cache key covers exactly what is run.
+
+use std::path::Path;
+
+use rmpv::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::job::{JobError, JobInput, JobKind};
+
+/// The architectures the `hf` backend implements (`config.json` `architectures[0]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Gpt2,
+    Bert,
+    BertForSequenceClassification,
+}
+
+impl Arch {
+    fn parse(name: &str) -> Option<Arch> {
+        Some(match name {
+            "LlamaForCausalLM" => Arch::Llama,
+            "MistralForCausalLM" => Arch::Mistral,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            "GPT2LMHeadModel" => Arch::Gpt2,
+            "BertModel" => Arch::Bert,
+            "BertForSequenceClassification" => Arch::BertForSequenceClassification,
+            _ => return None,
+        })
+    }
+
+    pub fn is_decoder(self) -> bool {
+        matches!(self, Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2)
+    }
+
+    pub fn kinds(self) -> &'static [JobKind] {
+        match self {
+            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2 => {
+                &[JobKind::Generate, JobKind::Loglikelihood, JobKind::LoglikelihoodRolling]
+            }
+            Arch::Bert => &[JobKind::Embed],
+            Arch::BertForSequenceClassification => &[JobKind::Classify, JobKind::Embed],
+        }
+    }
+}
+
+/// `config.json`, the fields the `hf` backend reads. Names follow transformers (GPT-2's own too).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(alias = "n_embd")]
+    pub hidden_size: usize,
+    #[serde(alias = "n_layer")]
+    pub num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default, alias = "n_inner")]
+    pub intermediate_size: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(alias = "n_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default, alias = "layer_norm_epsilon")]
+    pub layer_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub type_vocab_size: Option<usize>,
+    #[serde(default)]
+    pub id2label: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+impl HfConfig {
+    pub fn arch(&self) -> Result<Arch, String> {
+        let name = self.architectures.first().ok_or("config.json: architectures is missing")?;
+        Arch::parse(name).ok_or_else(|| {
+            format!(
+                "config.json: architecture '{name}' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, \
+                 Qwen2ForCausalLM, GPT2LMHeadModel, BertModel, BertForSequenceClassification)"
+            )
+        })
+    }
+
+    pub fn rope_theta(&self) -> Result<f64, String> {
+        if let Some(p) = &self.rope_parameters {
+            let kind = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(format!("config.json: rope_type '{kind}' is not supported yet (only default)"));
+            }
+            if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
+                return Ok(t);
+            }
+        }
+        if self.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
+            return Err("config.json: rope_scaling is not supported yet".into());
+        }
+        Ok(self.rope_theta.unwrap_or(10_000.0))
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// What the edge knows of an `hf` model: its config and tokenizer, and the request limits.
+pub struct LmSpec {
+    pub config: HfConfig,
+    pub arch: Arch,
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Longest sequence the model reads.
+    pub max_length: usize,
+    /// The token an empty context (and the first rolling window) is conditioned on: BOS, else EOS.
+    pub prefix_token: u32,
+    pub max_new_tokens_limit: usize,
+}
+
+impl std::fmt::Debug for LmSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LmSpec").field("arch", &self.arch).field("max_length", &self.max_length).finish()
+    }
+}
+
+impl LmSpec {
+    pub fn load(dir: &Path, max_length: Option<usize>, max_new_tokens_limit: usize) -> Result<LmSpec, String> {
+        let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("config.json: {e}"))?;
+        let config: HfConfig = serde_json::from_str(&text).map_err(|e| format!("config.json: {e}"))?;
+        let arch = config.arch()?;
+        if arch.is_decoder() {
+            config.rope_theta()?;
+        }
+        let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| format!("tokenizer.json: {e}"))?;
+        // Batching pads and truncation follows the kind's rules; a tokenizer.json's own settings
+        // (sentence-transformers ship fixed padding) would put pad tokens into the inputs.
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| format!("tokenizer.json: {e}"))?;
+        let prefix_token = match config.bos_token_id.or_else(|| config.eos_ids().first().copied()) {
+            Some(t) => t,
+            None if arch.is_decoder() => return Err("config.json: neither bos_token_id nor eos_token_id is set (needed as the prefix token)".into()),
+            // Encoders score nothing: no prefix token.
+            None => 0,
+        };
+        // sentence-transformers folders carry the length their embeddings were made with.
+        let st_length = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["max_seq_length"].as_u64())
+            .map(|n| n as usize);
+        let max_length = max_length.or(st_length).unwrap_or(config.max_position_embeddings).min(config.max_position_embeddings);
+        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, max_new_tokens_limit })
+    }
+
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, JobError> {
+        self.tokenizer
+            .encode(text, special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| JobError::bad_request(format!("input: cannot tokenize: {e}")))
+    }
+
+    /// Parses the kind-specific input into token ids; returns the input and its batch cost.
+    pub fn parse(&self, kind: JobKind, input: &Value, params: &Params) -> Result<(JobInput, usize), JobError> {
+        let field = |name: &str| input.as_map().and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(name))).map(|(_, v)| v);
+        let text = |name: &str| -> Result<Option<String>, JobError> {
+            match field(name) {
+                None | Some(Value::Nil) => Ok(None),
+                Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| JobError::bad_request(format!("input.{name}: expected a string"))),
+            }
+        };
+        let tokens = |name: &str| -> Result<Option<Vec<u32>>, JobError> {
+            match field(name) {
+                None | Some(Value::Nil) => Ok(None),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|t| t.as_u64().filter(|&t| (t as usize) < self.config.vocab_size).map(|t| t as u32))
+                    .collect::<Option<Vec<u32>>>()
+                    .map(Some)
+                    .ok_or_else(|| JobError::bad_request(format!("input.{name}: token ids must be integers below the vocabulary size {}", self.config.vocab_size))),
+                Some(_) => Err(JobError::bad_request(format!("input.{name}: expected a list of token ids"))),
+            }
+        };
+        match kind {
+            JobKind::Loglikelihood => {
+                let (context, continuation) = match (tokens("context_tokens")?, tokens("continuation_tokens")?) {
+                    (Some(c), Some(k)) => (c, k),
+                    (None, None) => {
+                        let context = text("context")?.ok_or_else(|| JobError::bad_request("input.context: missing (or context_tokens)"))?;
+                        let continuation =
+                            text("continuation")?.ok_or_else(|| JobError::bad_request("input.continuation: missing (or continuation_tokens)"))?;
+                        self.split_pair(&context, &continuation)?
+                    }
+                    _ => return Err(JobError::bad_request("input: give context_tokens and continuation_tokens together")),
+                };
+                if continuation.is_empty() {
+                    return Err(JobError::bad_request("input.continuation: encodes to no tokens"));
+                }
+                let (context, continuation) = self.truncate(context, continuation);
+                let cost = context.len() + continuation.len();
+                Ok((JobInput::Score(vec![Window { context, continuation }]), cost))
+            }
+            JobKind::LoglikelihoodRolling => {
+                let tokens = match tokens("tokens")? {
+                    Some(t) => t,
+                    None => self.encode(&text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?, false)?,
+                };
+                if tokens.is_empty() {
+                    return Err(JobError::bad_request("input.text: encodes to no tokens"));
+                }
+                let windows = rolling_windows(&tokens, self.prefix_token, self.max_length);
+                let cost = windows.iter().map(|w| w.context.len() + w.continuation.len()).sum();
+                Ok((JobInput::Score(windows), cost))
+            }
+            JobKind::Generate => {
+                let prompt = match tokens("prompt_tokens")? {
+                    Some(t) => t,
+                    None => self.encode(&text("prompt")?.ok_or_else(|| JobError::bad_request("input.prompt: missing (or prompt_tokens)"))?, true)?,
+                };
+                if prompt.is_empty() {
+                    return Err(JobError::bad_request("input.prompt: encodes to no tokens"));
+                }
+                let max_new = params.max_new_tokens.unwrap_or(64);
+                if max_new == 0 || max_new > self.max_new_tokens_limit {
+                    return Err(JobError::bad_request(format!("params.max_new_tokens: must be 1..={}", self.max_new_tokens_limit)));
+                }
+                if prompt.len() >= self.max_length {
+                    return Err(JobError::bad_request(format!(
+                        "input.prompt: {} tokens leave no room to generate within the model's {} positions",
+                        prompt.len(),
+                        self.max_length
+                    )));
+                }
+                let cost = prompt.len() + max_new;
+                Ok((JobInput::Generate { prompt, max_new_tokens: max_new }, cost))
+            }
+            JobKind::Embed | JobKind::Classify => {
+                let text_a = text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?;
+                let pair = if kind == JobKind::Classify { text("text_pair")? } else { None };
+                let enc = match &pair {
+                    Some(b) => self.tokenizer.encode((text_a.as_str(), b.as_str()), true),
+                    None => self.tokenizer.encode(text_a.as_str(), true),
+                }
+                .map_err(|e| JobError::bad_request(format!("input.text: cannot tokenize: {e}")))?;
+                let mut ids = enc.get_ids().to_vec();
+                let mut type_ids = enc.get_type_ids().to_vec();
+                // Encoders truncate from the right, keeping the final separator.
+                if ids.len() > self.max_length {
+                    let last = (*ids.last().expect("non-empty"), *type_ids.last().expect("non-empty"));
+                    ids.truncate(self.max_length - 1);
+                    type_ids.truncate(self.max_length - 1);
+                    ids.push(last.0);
+                    type_ids.push(last.1);
+                }
+                let cost = ids.len();
+                Ok((JobInput::Encode { ids, type_ids, normalize: params.normalize.unwrap_or(true) }, cost))
+            }
+            JobKind::Tensor => unreachable!("tensor jobs are not LM jobs"),
+        }
+    }
+
+    /// lm-evaluation-harness `_encode_pair`: trailing spaces of the context move to the front of the
+    /// continuation; the pair is encoded whole and the continuation is what follows the context's
+    /// own encoding. An empty context is conditioned on the prefix token.
+    fn split_pair(&self, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>), JobError> {
+        if context.is_empty() {
+            return Ok((vec![self.prefix_token], self.encode(continuation, false)?));
+        }
+        let trimmed = context.trim_end();
+        let (context, continuation) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));
+        let whole = self.encode(&format!("{context}{continuation}"), false)?;
+        let context_ids = self.encode(context, false)?;
+        let split = context_ids.len().min(whole.len());
+        Ok((context_ids, whole[split..].to_vec()))
+    }
+
+    /// Left truncation to the model's length: the input is `(context + continuation)[-(max+1):][:-1]`.
+    fn truncate(&self, context: Vec<u32>, continuation: Vec<u32>) -> (Vec<u32>, Vec<u32>) {
+        let keep = self.max_length + 1;
+        let total = context.len() + continuation.len();
+        if total <= keep {
+            return (context, continuation);
+        }
+        let drop = total - keep;
+        if drop < context.len() {
+            (context[drop..].to_vec(), continuation)
+        } else {
+            // The continuation alone is longer than the model: score its last max_length + 1 tokens.
+            (Vec::new(), continuation[drop - context.len()..].to_vec())
+        }
+    }
+}
+
+/// One scored window: the log-probs of `continuation` given `context` (the model reads
+/// `(context + continuation)[:-1]`, at most its max length).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    pub context: Vec<u32>,
+    pub continuation: Vec<u32>,
+}
+
+/// lm-evaluation-harness `get_rolling_token_windows` with context length 1, each made disjoint.
+pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Window> {
+    let mut windows = Vec::new();
+    let first = max_len.min(tokens.len());
+    let mut context = vec![prefix];
+    context.extend_from_slice(&tokens[..first - 1]);
+    windows.push((context, tokens[..first].to_vec()));
+    let mut predicted = first;
+    while predicted < tokens.len() {
+        let n = (tokens.len() - predicted).min(max_len);
+        let end = predicted + n;
+        windows.push((tokens[(end.saturating_sub(max_len + 1))..end - 1].to_vec(), tokens[end - n..end].to_vec()));
+        predicted += n;
+    }
+    windows
+        .into_iter()
+        .map(|(a, b)| {
+            // make_disjoint_window: the context keeps only what precedes the continuation.
+            let keep = a.len() + 1 - b.len();
+            Window { context: a[..keep].to_vec(), continuation: b }
+        })
+        .collect()
+}
+
+/// Parameters of LM kinds; those that change results go into the cache key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    pub max_new_tokens: Option<usize>,
+    pub normalize: Option<bool>,
+}
+
+impl Params {
+    pub fn parse(params: &std::collections::BTreeMap<String, Value>) -> Result<Params, JobError> {
+        let uint = |name: &str| -> Result<Option<usize>, JobError> {
+            params
+                .get(name)
+                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| JobError::bad_request(format!("params.{name}: expected a non-negative integer"))))
+                .transpose()
+        };
+        let boolean = |name: &str| -> Result<Option<bool>, JobError> {
+            params.get(name).map(|v| v.as_bool().ok_or_else(|| JobError::bad_request(format!("params.{name}: expected true or false")))).transpose()
+        };
+        Ok(Params { max_new_tokens: uint("max_new_tokens")?, normalize: boolean("normalize")? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolling_windows_follow_the_harness() {
+        // 10 tokens, max length 4: [p,0,1,2]→[0,1,2,3]; then disjoint windows of 4 predicted tokens.
+        let tokens: Vec<u32> = (0..10).collect();
+        let w = rolling_windows(&tokens, 99, 4);
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = w.into_iter().map(|w| (w.context, w.continuation)).collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (vec![99], vec![0, 1, 2, 3]),
+                (vec![3], vec![4, 5, 6, 7]),
+                (vec![5, 6, 7], vec![8, 9]),
+            ]
+        );
+        // Every token is predicted exactly once.
+        let short = rolling_windows(&[5, 6], 1, 4);
+        assert_eq!(short, vec![Window { context: vec![1], continuation: vec![5, 6] }]);
+    }
+}

@@ -1,0 +1,214 @@
+//! The `hf` backend over the bus against transformers / sentence-transformers references
+//! computed in test setup (tests/fixtures/make_lm_models.py) on the same weights.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use jetbatch::job::{ErrorCode, JobResult, Status};
+use serde_json::{json, Value};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The fixture folder, built once per script version (the Python side takes ~15 s).
+fn fixture() -> &'static (PathBuf, Value) {
+    static FIXTURE: OnceLock<(PathBuf, Value)> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let script = root.join("tests/fixtures/make_lm_models.py");
+        let hash = blake3::hash(&std::fs::read(&script).unwrap()).to_hex()[..12].to_string();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lm-fixture-{hash}"));
+        if !dir.join("references.json").is_file() {
+            let _ = std::fs::remove_dir_all(&dir);
+            let out = std::process::Command::new(root.join(".venv/bin/python"))
+                .arg(&script)
+                .arg(&dir)
+                .env("HF_HUB_OFFLINE", "1")
+                .output()
+                .expect("venv python (make test bootstraps it)");
+            assert!(out.status.success(), "fixture: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let refs = serde_json::from_str(&std::fs::read_to_string(dir.join("references.json")).unwrap()).unwrap();
+        (dir, refs)
+    })
+}
+
+/// A harness whose repository also holds the fixture's models.
+async fn harness() -> Harness {
+    let (dir, _) = fixture();
+    let h = Harness::new().await;
+    for entry in std::fs::read_dir(dir.join("models")).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), h.models.join(entry.file_name())).unwrap();
+    }
+    h
+}
+
+fn job(id: &str, model: &str, kind: &str, input: Value, params: Value) -> rmpv::Value {
+    let v = json!({"id": id, "model": model, "kind": kind, "input": input, "params": params});
+    rmpv::ext::to_value(v).unwrap()
+}
+
+fn output(r: &JobResult) -> Value {
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    serde_json::to_value(r.output.as_ref().unwrap()).unwrap()
+}
+
+/// All requests of a decoder's references, published as one burst so they share batches.
+fn decoder_jobs(model: &str, refs: &Value) -> Vec<(String, rmpv::Value, Value)> {
+    let mut jobs = Vec::new();
+    for (i, r) in refs["loglikelihood"].as_array().unwrap().iter().enumerate() {
+        let input = if r.get("context_tokens").is_some() {
+            json!({"context_tokens": r["context_tokens"], "continuation_tokens": r["continuation_tokens"]})
+        } else {
+            json!({"context": r["context"], "continuation": r["continuation"]})
+        };
+        let id = format!("{model}-ll-{i}");
+        jobs.push((id.clone(), job(&id, model, "loglikelihood", input, json!({})), r.clone()));
+    }
+    for (i, r) in refs["loglikelihood_rolling"].as_array().unwrap().iter().enumerate() {
+        let id = format!("{model}-roll-{i}");
+        jobs.push((id.clone(), job(&id, model, "loglikelihood_rolling", json!({"text": r["text"]}), json!({})), r.clone()));
+    }
+    for (i, r) in refs["generate"].as_array().unwrap().iter().enumerate() {
+        let id = format!("{model}-gen-{i}");
+        jobs.push((id.clone(), job(&id, model, "generate", json!({"prompt": r["prompt"]}), json!({"max_new_tokens": r["max_new_tokens"]})), r.clone()));
+    }
+    jobs
+}
+
+#[tokio::test]
+async fn decoders_match_transformers_batched_and_alone() {
+    let h = harness().await;
+    let (_, refs) = fixture();
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let mut worst = HashMap::new();
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+        let jobs = decoder_jobs(model, &refs["models"][model]);
+        // Batched: one burst, requests of very different lengths side by side.
+        let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
+        burst(&h, &wire).await;
+        let batched = collect(&mut sub, jobs.len(), MINUTE).await;
+        // Alone: each request by itself (a new id, no cache), one at a time.
+        let mut alone = HashMap::new();
+        for (id, j, _) in &jobs {
+            let mut single = serde_json::to_value(rmpv::ext::from_value::<Value>(j.clone()).unwrap()).unwrap();
+            single["id"] = json!(format!("{id}-alone"));
+            single["cache"] = json!(false);
+            h.publish(&rmpv::ext::to_value(&single).unwrap(), jetbatch::job::Encoding::MsgPack).await;
+            let got = collect(&mut sub, 1, MINUTE).await;
+            alone.insert(id.clone(), got.into_values().next().unwrap().remove(0));
+        }
+        let mut max_batch = 0;
+        for (id, _, want) in &jobs {
+            let r = &batched[id][0];
+            max_batch = max_batch.max(r.timing.batch_size);
+            let got = output(r);
+            let single = output(&alone[id]);
+            if id.contains("-gen-") {
+                assert_eq!(got["tokens"], want["tokens"], "{id}: greedy tokens equal transformers'");
+                assert_eq!(got["prompt_tokens"], want["prompt_tokens"], "{id}");
+                assert_eq!(single["tokens"], got["tokens"], "{id}: batched == alone");
+                let reason = if want["tokens"].as_array().unwrap().last() == Some(&json!(1)) { "eos" } else { "length" };
+                assert_eq!(got["finish_reason"], reason, "{id}");
+            } else {
+                let (g, w) = (got["logprob"].as_f64().unwrap(), want["logprob"].as_f64().unwrap());
+                let err = (g - w).abs();
+                let e = worst.entry(model).or_insert(0.0f64);
+                *e = e.max(err / w.abs().max(1.0));
+                assert!(err <= 1e-4 * w.abs().max(1.0), "{id}: logprob {g} vs transformers {w}");
+                assert_eq!(got["tokens"], want["tokens"], "{id}: scored tokens");
+                if id.contains("-ll-") {
+                    assert_eq!(got["is_greedy"], want["is_greedy"], "{id}");
+                }
+                let s = single["logprob"].as_f64().unwrap();
+                assert!((s - g).abs() <= 1e-4 * g.abs().max(1.0), "{id}: batched {g} vs alone {s}");
+            }
+        }
+        assert!(max_batch > 1, "{model}: requests shared batches");
+    }
+    eprintln!("FIGURES worst relative logprob error vs transformers (fp32): {worst:?}");
+}
+
+#[tokio::test]
+async fn encoders_match_transformers_and_sentence_transformers() {
+    let h = harness().await;
+    let (_, refs) = fixture();
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let mut jobs = Vec::new();
+    for (i, r) in refs["models"]["tiny-bert-cls"]["classify"].as_array().unwrap().iter().enumerate() {
+        let mut input = json!({"text": r["text"]});
+        if !r["text_pair"].is_null() {
+            input["text_pair"] = r["text_pair"].clone();
+        }
+        jobs.push((format!("cls-{i}"), job(&format!("cls-{i}"), "tiny-bert-cls", "classify", input, json!({})), r.clone()));
+    }
+    for (i, r) in refs["models"]["minilm"]["embed"].as_array().unwrap().iter().enumerate() {
+        jobs.push((format!("emb-{i}"), job(&format!("emb-{i}"), "minilm", "embed", json!({"text": r["text"]}), json!({})), r.clone()));
+    }
+    let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
+    burst(&h, &wire).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let mut min_cos = 1.0f64;
+    for (id, _, want) in &jobs {
+        let out = output(&got[id][0]);
+        if id.starts_with("cls") {
+            let logits: Vec<f64> = serde_json::from_value(out["logits"].clone()).unwrap();
+            let expect: Vec<f64> = serde_json::from_value(want["logits"].clone()).unwrap();
+            assert_close(&logits, &expect, 1e-4, id);
+            assert_eq!(out["label_id"], want["label_id"]);
+            let labels = ["neg", "neutral", "pos"];
+            assert_eq!(out["label"], labels[want["label_id"].as_u64().unwrap() as usize]);
+            let probs: Vec<f64> = serde_json::from_value(out["probs"].clone()).unwrap();
+            assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        } else {
+            let e: Vec<f64> = serde_json::from_value(out["embedding"].clone()).unwrap();
+            let w: Vec<f64> = serde_json::from_value(want["embedding"].clone()).unwrap();
+            assert_eq!((out["dim"].as_u64(), e.len()), (Some(384), 384));
+            let dot: f64 = e.iter().zip(&w).map(|(a, b)| a * b).sum();
+            let cos = dot / (e.iter().map(|a| a * a).sum::<f64>().sqrt() * w.iter().map(|b| b * b).sum::<f64>().sqrt());
+            min_cos = min_cos.min(cos);
+            assert!(cos >= 0.9999, "{id}: cosine {cos} to sentence-transformers");
+        }
+    }
+    eprintln!("FIGURES all-MiniLM-L6-v2 min cosine vs sentence-transformers: {min_cos:.7}");
+}
+
+#[tokio::test]
+async fn over_long_inputs_and_unknown_architectures() {
+    let h = harness().await;
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    // 48 positions: a prompt of 60 tokens leaves no room to generate.
+    let long_prompt: Vec<u32> = (3..63).collect();
+    h.publish(&job("long-gen", "tiny-llama", "generate", json!({"prompt_tokens": long_prompt}), json!({})), jetbatch::job::Encoding::MsgPack).await;
+    h.publish(&job("big-new", "tiny-llama", "generate", json!({"prompt": "the"}), json!({"max_new_tokens": 100000})), jetbatch::job::Encoding::MsgPack).await;
+    h.publish(&job("bad-token", "tiny-llama", "loglikelihood", json!({"context_tokens": [1], "continuation_tokens": [99999]}), json!({})), jetbatch::job::Encoding::MsgPack).await;
+    // Scoring kinds truncate instead: a 200-token context is cut from the left.
+    let long_ctx: Vec<u32> = (0..200).map(|i| 3 + (i % 300)).collect();
+    h.publish(&job("long-ll", "tiny-llama", "loglikelihood", json!({"context_tokens": long_ctx, "continuation_tokens": [5, 6]}), json!({})), jetbatch::job::Encoding::MsgPack).await;
+    let got = collect(&mut sub, 4, MINUTE).await;
+    let err = |id: &str| got[id][0].error.clone().unwrap_or_else(|| panic!("{id} should fail"));
+    assert_eq!(err("long-gen").code, ErrorCode::BadRequest);
+    assert!(err("long-gen").message.contains("no room to generate"), "{}", err("long-gen").message);
+    assert!(err("big-new").message.starts_with("params.max_new_tokens"));
+    assert!(err("bad-token").message.starts_with("input.continuation_tokens"));
+    let ll = output(&got["long-ll"][0]);
+    assert_eq!(ll["tokens"], 2);
+    assert!(ll["logprob"].as_f64().unwrap() < 0.0);
+
+    // An architecture the backend does not implement is refused at load with a clear message.
+    let weird = h.dir.path().join("weird");
+    std::fs::create_dir_all(weird.join("falcon")).unwrap();
+    std::fs::write(weird.join("falcon/config.json"), r#"{"architectures": ["FalconForCausalLM"], "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "vocab_size": 8, "max_position_embeddings": 8}"#).unwrap();
+    std::fs::write(weird.join("falcon/jetbatch.toml"), "backend = \"hf\"\n").unwrap();
+    let repo = jetbatch::repository::Repository::scan(&weird).unwrap();
+    let msg = repo.invalid["falcon"].to_string();
+    assert!(msg.contains("architecture 'FalconForCausalLM' is not supported"), "{msg}");
+}
