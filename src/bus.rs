@@ -379,3 +379,39 @@ pub async fn watch_consumer(mut consumer: consumer::PullConsumer, metrics: Arc<M
         }
     }
 }
+
+/// Publishes streamed `generate` chunks on core NATS `<prefix>.stream.<id>`. Core publishes on the
+/// worker's one connection keep their order, and the runner publishes a job's chunks before its
+/// result goes to the results stage, so subscribers see every chunk before the result.
+#[derive(Clone)]
+pub struct Streamer {
+    pub client: Client,
+    pub prefix: String,
+}
+
+#[derive(serde::Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    done: bool,
+}
+
+impl Streamer {
+    pub async fn publish(&self, id: &str, encoding: crate::job::Encoding, c: &crate::engine::StreamChunk) {
+        let chunk = if c.done {
+            Chunk { id, index: None, text: None, token: None, done: true }
+        } else {
+            Chunk { id, index: Some(c.index), text: Some(&c.text), token: Some(c.token), done: false }
+        };
+        let payload = Bytes::from(encoding.encode(&chunk));
+        if let Err(e) = self.client.publish(format!("{}.stream.{id}", self.prefix), payload).await {
+            warn!(%id, error = %e, "stream chunk publish");
+        }
+    }
+}

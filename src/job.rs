@@ -308,7 +308,7 @@ pub enum JobInput {
     Tensor(Vec<TensorData>),
     /// `loglikelihood` (one window) and `loglikelihood_rolling` (disjoint windows), in token ids.
     Score(Vec<crate::lm::Window>),
-    Generate { prompt: Vec<u32>, max_new_tokens: usize },
+    Generate(crate::lm::GenerateInput),
     /// `embed` and `classify`: the encoder's input with its special tokens.
     Encode { ids: Vec<u32>, type_ids: Vec<u32>, normalize: bool },
 }
@@ -328,6 +328,8 @@ pub struct ValidJob {
     pub cost: usize,
     pub reply_to: Option<String>,
     pub use_cache: bool,
+    /// `generate` with `stream: true`: chunks go on `<prefix>.stream.<id>` before the result.
+    pub stream: bool,
     pub timeout: Option<Duration>,
     pub encoding: Encoding,
 }

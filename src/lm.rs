@@ -259,7 +259,20 @@ impl LmSpec {
                     )));
                 }
                 let cost = prompt.len() + max_new;
-                Ok((JobInput::Generate { prompt, max_new_tokens: max_new }, cost))
+                let temperature = params.temperature.unwrap_or(0.0);
+                let sampling = Sampling {
+                    temperature,
+                    // Greedy ignores the sampling knobs: normalised so they do not split the cache.
+                    top_k: if temperature > 0.0 { params.top_k.unwrap_or(0) } else { 0 },
+                    top_p: if temperature > 0.0 { params.top_p.unwrap_or(1.0) } else { 1.0 },
+                    seed: if temperature > 0.0 { params.seed } else { None },
+                };
+                let stop_token_ids = params.stop_token_ids.clone().unwrap_or_else(|| self.config.eos_ids());
+                if let Some(bad) = stop_token_ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                    return Err(JobError::bad_request(format!("params.stop_token_ids: {bad} is not below the vocabulary size")));
+                }
+                let input = GenerateInput { prompt, max_new_tokens: max_new, sampling, stop: params.stop.clone(), stop_token_ids };
+                Ok((JobInput::Generate(input), cost))
             }
             JobKind::Embed | JobKind::Classify => {
                 let text_a = text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?;
@@ -350,25 +363,91 @@ pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Windo
         .collect()
 }
 
-/// Parameters of LM kinds; those that change results go into the cache key.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// How `generate` picks each token. Temperature 0 is greedy; otherwise logits are divided by the
+/// temperature, cut to the `top_k` most likely, then to the smallest set with `top_p` of the mass,
+/// and one token is drawn with the job's own RNG (seeded by `seed`), so a job gives the same
+/// tokens whatever shares its batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub seed: Option<u64>,
+}
+
+/// Everything that determines a `generate` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateInput {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation ends when the text contains one of these; it is cut from `text`.
+    pub stop: Vec<String>,
+    /// Generation ends on these tokens (default: the model's eos ids).
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Parameters of LM kinds, parsed and checked; those that change results end up in the typed input.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Params {
     pub max_new_tokens: Option<usize>,
     pub normalize: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub stream: bool,
 }
 
 impl Params {
     pub fn parse(params: &std::collections::BTreeMap<String, Value>) -> Result<Params, JobError> {
-        let uint = |name: &str| -> Result<Option<usize>, JobError> {
-            params
-                .get(name)
-                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| JobError::bad_request(format!("params.{name}: expected a non-negative integer"))))
-                .transpose()
+        let bad = |name: &str, what: &str| JobError::bad_request(format!("params.{name}: expected {what}"));
+        let uint = |name: &str| -> Result<Option<u64>, JobError> {
+            params.get(name).map(|v| v.as_u64().ok_or_else(|| bad(name, "a non-negative integer"))).transpose()
+        };
+        let float = |name: &str| -> Result<Option<f64>, JobError> {
+            params.get(name).map(|v| v.as_f64().or_else(|| v.as_i64().map(|i| i as f64)).ok_or_else(|| bad(name, "a number"))).transpose()
         };
         let boolean = |name: &str| -> Result<Option<bool>, JobError> {
-            params.get(name).map(|v| v.as_bool().ok_or_else(|| JobError::bad_request(format!("params.{name}: expected true or false")))).transpose()
+            params.get(name).map(|v| v.as_bool().ok_or_else(|| bad(name, "true or false"))).transpose()
         };
-        Ok(Params { max_new_tokens: uint("max_new_tokens")?, normalize: boolean("normalize")? })
+        let temperature = float("temperature")?;
+        if temperature.is_some_and(|t| !(0.0..=100.0).contains(&t)) {
+            return Err(bad("temperature", "a number in 0..=100"));
+        }
+        let top_p = float("top_p")?;
+        if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return Err(bad("top_p", "a number in (0, 1]"));
+        }
+        let stop = match params.get("stop") {
+            None | Some(Value::Nil) => Vec::new(),
+            Some(Value::Array(items)) if items.len() <= 16 => items
+                .iter()
+                .map(|s| s.as_str().filter(|s| !s.is_empty() && s.len() <= 256).map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("stop", "up to 16 non-empty strings of at most 256 bytes"))?,
+            Some(_) => return Err(bad("stop", "up to 16 non-empty strings of at most 256 bytes")),
+        };
+        let stop_token_ids = match params.get("stop_token_ids") {
+            None | Some(Value::Nil) => None,
+            Some(Value::Array(items)) => {
+                Some(items.iter().map(|t| t.as_u64().map(|t| t as u32)).collect::<Option<Vec<_>>>().ok_or_else(|| bad("stop_token_ids", "a list of token ids"))?)
+            }
+            Some(_) => return Err(bad("stop_token_ids", "a list of token ids")),
+        };
+        Ok(Params {
+            max_new_tokens: uint("max_new_tokens")?.map(|n| n as usize),
+            normalize: boolean("normalize")?,
+            temperature,
+            top_k: uint("top_k")?.map(|n| n as usize),
+            top_p,
+            seed: uint("seed")?,
+            stop,
+            stop_token_ids,
+            stream: boolean("stream")?.unwrap_or(false),
+        })
     }
 }
 

@@ -211,9 +211,18 @@ impl ModelSpec {
                 format!("kind: model '{}' does not serve '{}'", self.name, env.kind.as_str()),
             ));
         }
+        let params = match &self.lm {
+            Some(_) => crate::lm::Params::parse(&env.params)?,
+            None => crate::lm::Params::default(),
+        };
         let (input, cost) = match (&self.lm, env.kind) {
             (None, _) => self.validate_tensors(&env.input, max_tensor_elements)?,
-            (Some(lm), kind) => lm.parse(kind, &env.input, &crate::lm::Params::parse(&env.params)?)?,
+            (Some(lm), kind) => lm.parse(kind, &env.input, &params)?,
+        };
+        // A sampled generation without a seed is not reproducible, so it is never cached.
+        let reproducible = match &input {
+            JobInput::Generate(g) => g.sampling.temperature == 0.0 || g.sampling.seed.is_some(),
+            _ => true,
         };
         Ok(ValidJob {
             id: env.id,
@@ -225,7 +234,8 @@ impl ModelSpec {
             fingerprint: self.fingerprint.clone(),
             cost,
             reply_to: env.reply_to,
-            use_cache: env.use_cache,
+            use_cache: env.use_cache && reproducible,
+            stream: params.stream && env.kind == JobKind::Generate,
             timeout: env.timeout,
             encoding: env.encoding,
         })

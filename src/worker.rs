@@ -86,6 +86,7 @@ pub struct Header {
     pub reply_to: Option<String>,
     pub cache_key: Option<[u8; 32]>,
     pub cached: bool,
+    pub stream: bool,
     pub timing: Timing,
 }
 
@@ -104,6 +105,7 @@ fn header_of(job: &ValidJob, cache_key: Option<[u8; 32]>) -> Header {
         reply_to: job.reply_to.clone(),
         cache_key,
         cached: false,
+        stream: job.stream,
         timing: Timing::default(),
     }
 }
@@ -116,6 +118,7 @@ struct Ctx {
     cache: Option<Arc<Cache>>,
     /// The results stream, to look up whether a job was answered by an earlier delivery.
     results: jetstream::stream::Stream<()>,
+    streamer: bus::Streamer,
 }
 
 impl Ctx {
@@ -184,7 +187,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
         info!(%bound, "metrics endpoint");
     }
     let results_stream = js.get_stream_no_info(&args.topology.results_stream).await.map_err(|e| BusError::Setup(e.to_string()))?;
-    let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache, results: results_stream });
+    let streamer = bus::Streamer { client: client.clone(), prefix: args.topology.prefix.clone() };
+    let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache, results: results_stream, streamer: streamer.clone() });
     let limits = Limits { max_payload_bytes: args.max_payload_bytes, max_tensor_elements: args.max_tensor_elements };
 
     let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
@@ -210,7 +214,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
     tasks.spawn(intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
     tasks.spawn(batcher::run(pending_rx, batches_tx, batch_release_tx, notify.subscribe()));
-    tasks.spawn(runner(batches_rx, engine, finished_tx.clone(), metrics.clone(), notify.subscribe()));
+    tasks.spawn(runner(batches_rx, engine, streamer, finished_tx.clone(), metrics.clone(), notify.subscribe()));
     {
         // Batched jobs handed back at shutdown join the results stage as releases.
         let finished_tx = finished_tx.clone();
@@ -304,6 +308,7 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits) -> Result<Parse
             reply_to: None,
             cache_key: None,
             cached: false,
+            stream: false,
             timing: Timing::default(),
         };
         (header, r.error)
@@ -316,6 +321,7 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits) -> Result<Parse
         reply_to: env.reply_to.clone(),
         cache_key: None,
         cached: false,
+        stream: false,
         timing: Timing::default(),
     };
     let Some(spec) = repository.get(&env.model) else {
@@ -356,6 +362,7 @@ fn ms(d: Duration) -> f64 {
 async fn runner(
     mut batches: mpsc::Receiver<Batch<Pending>>,
     engine: EngineHandle,
+    streamer: bus::Streamer,
     finished: mpsc::Sender<Finished>,
     metrics: Arc<Metrics>,
     mut shutdown: broadcast::Receiver<()>,
@@ -371,13 +378,14 @@ async fn runner(
             continue;
         }
         let span = info_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len());
-        run_batch(batch, &engine, &finished, &metrics).instrument(span).await;
+        run_batch(batch, &engine, &streamer, &finished, &metrics).instrument(span).await;
     }
 }
 
 async fn run_batch(
     batch: Batch<Pending>,
     engine: &EngineHandle,
+    streamer: &bus::Streamer,
     finished: &mpsc::Sender<Finished>,
     metrics: &Metrics,
 ) {
@@ -398,7 +406,25 @@ async fn run_batch(
     let mut items = items;
     let inputs = items.iter_mut().map(|p| std::mem::replace(&mut p.job.input, job::JobInput::Tensor(Vec::new()))).collect();
     let queued: Vec<f64> = items.iter().map(|p| ms(p.delivery.age())).collect();
-    let reply = engine.run(model.clone(), kind, inputs).await;
+    let streaming: Vec<bool> = items.iter().map(|p| p.job.stream).collect();
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let events_tx = streaming.iter().any(|&s| s).then_some(events_tx);
+    let publish = |c: crate::engine::StreamChunk| {
+        let p = &items[c.job];
+        async move { streamer.publish(&p.job.id, p.job.encoding, &c).await }
+    };
+    let run = engine.run(model.clone(), kind, inputs, streaming, events_tx);
+    tokio::pin!(run);
+    let reply = loop {
+        tokio::select! {
+            reply = &mut run => break reply,
+            Some(chunk) = events.recv() => publish(chunk).await,
+        }
+    };
+    // The engine sends every chunk before its reply: publish the rest before the results.
+    while let Ok(chunk) = events.try_recv() {
+        publish(chunk).await;
+    }
     debug_assert_eq!(reply.outputs.len(), size);
     metrics.batch_size.with_label_values(&[&model.name]).observe(size as f64);
     metrics.batch_compute_seconds.with_label_values(&[&model.name]).observe(reply.compute.as_secs_f64());
@@ -495,6 +521,13 @@ async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
             warn!(error = %e, "cache write");
             ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
         }
+    }
+    if let (true, true, Ok(Output::Generate { text, tokens, .. })) = (header.stream, header.cached, &answer) {
+        // A cached generation streams as one chunk with the whole text, then done.
+        let id = header.id.as_deref().expect("valid jobs have ids");
+        let chunk = crate::engine::StreamChunk { job: 0, index: 0, text: text.clone(), token: tokens.last().copied().unwrap_or(0), done: false };
+        ctx.streamer.publish(id, header.encoding, &chunk).await;
+        ctx.streamer.publish(id, header.encoding, &crate::engine::StreamChunk { done: true, ..chunk }).await;
     }
     let status = if answer.is_ok() { "ok" } else { "error" };
     if let Err(e) = publish_result(&js, &ctx, &header, answer).await {

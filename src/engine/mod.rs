@@ -70,10 +70,46 @@ fn summary(s: &str) -> String {
     cause.chars().take(500).collect()
 }
 
+/// A piece of a streamed `generate` result; `job` is the job's index in its batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamChunk {
+    pub job: usize,
+    pub index: usize,
+    pub text: String,
+    pub token: u32,
+    /// The last chunk of a job (no text).
+    pub done: bool,
+}
+
+/// Where streamed chunks go, and which jobs want them.
+pub trait Sink {
+    fn wants(&self, job: usize) -> bool;
+    fn emit(&mut self, chunk: StreamChunk);
+}
+
+/// The jobs of one (sub-)batch: indices are offset to the whole batch's.
+struct ChannelSink<'a> {
+    offset: usize,
+    streaming: &'a [bool],
+    tx: Option<&'a tokio::sync::mpsc::UnboundedSender<StreamChunk>>,
+}
+
+impl Sink for ChannelSink<'_> {
+    fn wants(&self, job: usize) -> bool {
+        self.tx.is_some() && self.streaming.get(self.offset + job).copied().unwrap_or(false)
+    }
+    fn emit(&mut self, mut chunk: StreamChunk) {
+        chunk.job += self.offset;
+        if let Some(tx) = self.tx {
+            let _ = tx.send(chunk);
+        }
+    }
+}
+
 /// A model loaded on the engine thread.
 pub trait LoadedModel {
-    /// Runs one batch of jobs of `kind`, one output per input, in order.
-    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError>;
+    /// Runs one batch of jobs of `kind`, one output per input, in order; streamed text goes to `sink`.
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput], sink: &mut dyn Sink) -> Result<Vec<Output>, EngineError>;
     /// A dummy batch, so the first real batch does not pay for lazy initialisation.
     fn warmup(&mut self) -> Result<(), EngineError>;
     /// Frees cached device memory after an out-of-memory error.
@@ -110,6 +146,9 @@ pub enum Command {
         model: Arc<ModelSpec>,
         kind: JobKind,
         inputs: Vec<JobInput>,
+        /// Per job: whether its text is streamed to `events`.
+        streaming: Vec<bool>,
+        events: Option<tokio::sync::mpsc::UnboundedSender<StreamChunk>>,
         span: Span,
         reply: oneshot::Sender<BatchReply>,
     },
@@ -144,10 +183,18 @@ impl EngineHandle {
         (EngineHandle { tx }, thread)
     }
 
-    pub async fn run(&self, model: Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> BatchReply {
+    /// Runs a batch; chunks of jobs marked in `streaming` are sent to `events` before the reply.
+    pub async fn run(
+        &self,
+        model: Arc<ModelSpec>,
+        kind: JobKind,
+        inputs: Vec<JobInput>,
+        streaming: Vec<bool>,
+        events: Option<tokio::sync::mpsc::UnboundedSender<StreamChunk>>,
+    ) -> BatchReply {
         let n = inputs.len();
         let (reply, rx) = oneshot::channel();
-        let cmd = Command::Run { model, kind, inputs, span: Span::current(), reply };
+        let cmd = Command::Run { model, kind, inputs, streaming, events, span: Span::current(), reply };
         let stopped = || BatchReply { outputs: vec![Err(EngineError::Stopped); n], compute: Duration::ZERO };
         if self.tx.send(cmd).is_err() {
             return stopped();
@@ -181,12 +228,13 @@ struct Engine {
 impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Run { model, kind, inputs, span, reply } => {
+            Command::Run { model, kind, inputs, streaming, events, span, reply } => {
                 let _enter = span.enter();
                 let start = Instant::now();
                 let metrics = self.metrics.clone();
+                let sink = ChannelSink { offset: 0, streaming: &streaming, tx: events.as_ref() };
                 let outputs = match self.slot(&model) {
-                    Ok(slot) => run_adaptive(slot, &model, kind, &inputs, &metrics),
+                    Ok(slot) => run_adaptive(slot, &model, kind, &inputs, sink, &metrics),
                     Err(e) => vec![Err(e); inputs.len()],
                 };
                 let _ = reply.send(BatchReply { outputs, compute: start.elapsed() });
@@ -243,15 +291,15 @@ fn run_adaptive(
     spec: &ModelSpec,
     kind: JobKind,
     inputs: &[JobInput],
+    sink: ChannelSink,
     metrics: &Metrics,
 ) -> Vec<Result<Output, EngineError>> {
     let refs: Vec<&JobInput> = inputs.iter().collect();
     let mut out = Vec::with_capacity(inputs.len());
-    let mut rest = &refs[..];
-    while !rest.is_empty() {
-        let n = rest.len().min(slot.cap);
-        out.extend(run_split(slot, spec, kind, &rest[..n], metrics));
-        rest = &rest[n..];
+    while out.len() < refs.len() {
+        let n = (refs.len() - out.len()).min(slot.cap);
+        let sub = ChannelSink { offset: out.len(), ..sink };
+        out.extend(run_split(slot, spec, kind, &refs[out.len()..out.len() + n], sub, metrics));
     }
     out
 }
@@ -261,10 +309,11 @@ fn run_split(
     spec: &ModelSpec,
     kind: JobKind,
     chunk: &[&JobInput],
+    mut sink: ChannelSink,
     metrics: &Metrics,
 ) -> Vec<Result<Output, EngineError>> {
     metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
-    let err = match slot.model.run(kind, chunk) {
+    let err = match slot.model.run(kind, chunk, &mut sink) {
         Ok(outputs) => {
             metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc_by(outputs.len() as u64);
             return outputs.into_iter().map(Ok).collect();
@@ -282,8 +331,8 @@ fn run_split(
     } else {
         warn!(model = %spec.name, error = %err, size = chunk.len(), "batch failed: splitting to isolate the job");
     }
-    let mut out = run_split(slot, spec, kind, &chunk[..half], metrics);
-    out.extend(run_split(slot, spec, kind, &chunk[half..], metrics));
+    let mut out = run_split(slot, spec, kind, &chunk[..half], ChannelSink { ..sink }, metrics);
+    out.extend(run_split(slot, spec, kind, &chunk[half..], ChannelSink { offset: sink.offset + half, ..sink }, metrics));
     out
 }
 
@@ -299,7 +348,7 @@ mod tests {
     }
 
     impl LoadedModel for Fake {
-        fn run(&mut self, _: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
+        fn run(&mut self, _: JobKind, inputs: &[&JobInput], _: &mut dyn Sink) -> Result<Vec<Output>, EngineError> {
             self.calls.push(inputs.len());
             if inputs.len() > self.fits {
                 return Err(EngineError::OutOfMemory("too big".into()));
@@ -332,7 +381,7 @@ mod tests {
         let spec = spec();
         let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
         let inputs: Vec<JobInput> = (0..8).map(input).collect();
-        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, ChannelSink { offset: 0, streaming: &[], tx: None }, &Metrics::new("t"));
         assert!(out.iter().all(|r| r.is_ok()));
         assert_eq!(slot.cap, 2, "cap follows the largest batch that fit");
         let outs: Vec<Output> = out.into_iter().map(Result::unwrap).collect();
@@ -358,7 +407,7 @@ mod tests {
         let spec = spec();
         let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
         let inputs: Vec<JobInput> = [1, 2, 13, 4, 5].into_iter().map(input).collect();
-        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, ChannelSink { offset: 0, streaming: &[], tx: None }, &Metrics::new("t"));
         let failed: Vec<usize> = out.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
         assert_eq!(failed, vec![2]);
         assert_eq!(slot.cap, 8, "model errors do not lower the cap");
