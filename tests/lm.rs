@@ -212,3 +212,115 @@ async fn over_long_inputs_and_unknown_architectures() {
     let msg = repo.invalid["falcon"].to_string();
     assert!(msg.contains("architecture 'FalconForCausalLM' is not supported"), "{msg}");
 }
+
+async fn answer(h: &Harness, sub: &mut async_nats::Subscriber, id: &str, input: Value, params: Value) -> JobResult {
+    h.publish(&job(id, "tiny-llama", "generate", input, params), jetbatch::job::Encoding::MsgPack).await;
+    collect(sub, 1, MINUTE).await.remove(id).unwrap_or_else(|| panic!("no result for {id}")).remove(0)
+}
+
+#[tokio::test]
+async fn seeded_sampling_is_reproducible_across_batches_and_workers_and_cached() {
+    let h = harness().await;
+    let w1 = h.worker("w1", &["--cache-dir", h.dir.path().join("c1").to_str().unwrap()]);
+    let mut sub = h.subscribe_results().await;
+    let prompt = json!({"prompt": "the quick"});
+    let sampled = |seed: u64| json!({"max_new_tokens": 12, "temperature": 1.5, "top_k": 40, "top_p": 0.95, "seed": seed});
+    // Alone.
+    let alone = output(&answer(&h, &mut sub, "s-alone", prompt.clone(), sampled(42)).await);
+    // In a batch with other generations of different lengths and settings.
+    let mut jobs = vec![job("s-batched", "tiny-llama", "generate", prompt.clone(), sampled(42))];
+    for (i, p) in ["a batch of jobs waits on the bus for", "numbers like", "rolling windows cover a long text"].iter().enumerate() {
+        jobs.push(job(&format!("s-other-{i}"), "tiny-llama", "generate", json!({"prompt": p}), json!({"max_new_tokens": 5 + i * 7, "temperature": 0.7, "seed": i})));
+    }
+    let mut uncached = jobs[0].clone();
+    if let rmpv::Value::Map(m) = &mut uncached {
+        m.push(("cache".into(), false.into()));
+    }
+    jobs[0] = uncached;
+    burst(&h, &jobs).await;
+    let batched = collect(&mut sub, jobs.len(), MINUTE).await;
+    let b = &batched["s-batched"][0];
+    assert!(b.timing.batch_size > 1 && !b.cached, "{:?}", b.timing);
+    assert_eq!(output(b)["tokens"], alone["tokens"], "same seed, same tokens, whatever shares the batch");
+    // Another worker process, cache off.
+    drop(w1);
+    let _w2 = h.worker("w2", &[]);
+    let mut p = sampled(42);
+    p["max_new_tokens"] = json!(12);
+    let mut other = job("s-w2", "tiny-llama", "generate", prompt.clone(), p);
+    if let rmpv::Value::Map(m) = &mut other {
+        m.push(("cache".into(), false.into()));
+    }
+    h.publish(&other, jetbatch::job::Encoding::MsgPack).await;
+    let w2 = collect(&mut sub, 1, MINUTE).await.remove("s-w2").unwrap().remove(0);
+    assert_eq!(output(&w2)["tokens"], alone["tokens"], "same tokens on another worker");
+    assert_eq!(w2.worker, "w2");
+    // A different seed draws differently; greedy differs from sampling at this temperature.
+    let seed43 = output(&answer(&h, &mut sub, "s-43", prompt.clone(), sampled(43)).await);
+    assert_ne!(seed43["tokens"], alone["tokens"]);
+    // Cache: the seeded job is cached (on a worker with a cache); an unseeded one never is.
+    drop(_w2);
+    let _w3 = h.worker("w3", &["--cache-dir", h.dir.path().join("c3").to_str().unwrap()]);
+    assert!(!answer(&h, &mut sub, "c-seeded-1", prompt.clone(), sampled(7)).await.cached);
+    let again = answer(&h, &mut sub, "c-seeded-2", prompt.clone(), sampled(7)).await;
+    assert!(again.cached, "seeded sampling is deterministic, so cached");
+    let unseeded = json!({"max_new_tokens": 12, "temperature": 1.5});
+    assert!(!answer(&h, &mut sub, "c-free-1", prompt.clone(), unseeded.clone()).await.cached);
+    assert!(!answer(&h, &mut sub, "c-free-2", prompt.clone(), unseeded).await.cached, "unseeded sampling is never cached");
+}
+
+#[tokio::test]
+async fn stop_strings_finish_reasons_and_streaming() {
+    let h = harness().await;
+    let _w = h.worker("w1", &["--cache-dir", h.dir.path().join("c").to_str().unwrap()]);
+    let mut sub = h.subscribe_results().await;
+    let prompt = json!({"prompt": "a batch of jobs waits on the bus for"});
+    let full = output(&answer(&h, &mut sub, "full", prompt.clone(), json!({"max_new_tokens": 16})).await);
+    let text = full["text"].as_str().unwrap().to_string();
+    assert_eq!(full["finish_reason"], "length");
+    // A stop string from the middle of the greedy text.
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let at = chars[chars.len() / 2].0;
+    let stop: String = text[at..].chars().take(3).collect();
+    let first = text.find(&stop).unwrap();
+    let cut = output(&answer(&h, &mut sub, "cut", prompt.clone(), json!({"max_new_tokens": 16, "stop": [stop.clone(), "never-appears"]})).await);
+    assert_eq!(cut["finish_reason"], "stop");
+    assert_eq!(cut["text"].as_str().unwrap(), &text[..first], "text ends before the stop string '{stop}'");
+    assert!(cut["tokens"].as_array().unwrap().len() < full["tokens"].as_array().unwrap().len());
+    // A stop token: the first generated token stops at once.
+    let first_tok = full["tokens"][0].clone();
+    let by_token = output(&answer(&h, &mut sub, "tok", prompt.clone(), json!({"max_new_tokens": 16, "stop_token_ids": [first_tok]})).await);
+    assert_eq!((by_token["finish_reason"].as_str(), by_token["tokens"].as_array().unwrap().len()), (Some("stop"), 1));
+
+    // Streaming: chunks in order on jetbatch.stream.<id>, then done, then the result.
+    for (id, expect_cached) in [("st-1", false), ("st-2", true)] {
+        let mut both = h.client.subscribe(format!("jetbatch.*.{id}")).await.unwrap();
+        h.client.flush().await.unwrap();
+        h.publish(&job(id, "tiny-llama", "generate", prompt.clone(), json!({"max_new_tokens": 16, "stop": [stop.clone()], "stream": true})), jetbatch::job::Encoding::Json).await;
+        let mut streamed = String::new();
+        let mut indices = Vec::new();
+        let mut done = false;
+        let result = loop {
+            let msg = tokio::time::timeout(MINUTE, futures::StreamExt::next(&mut both)).await.unwrap().unwrap();
+            if msg.subject.starts_with("jetbatch.results.") {
+                break JobResult::decode(&msg.payload).unwrap();
+            }
+            assert!(!done, "nothing after done but the result");
+            let chunk: Value = serde_json::from_slice(&msg.payload).unwrap();
+            assert_eq!(chunk["id"], id);
+            if chunk["done"] == true {
+                done = true;
+            } else {
+                indices.push(chunk["index"].as_u64().unwrap());
+                streamed.push_str(chunk["text"].as_str().unwrap());
+            }
+        };
+        assert!(done, "{id}: done arrives before the result");
+        assert_eq!(indices, (0..indices.len() as u64).collect::<Vec<_>>(), "{id}: chunks in order");
+        assert!(!indices.is_empty());
+        let out = output(&result);
+        assert_eq!(result.cached, expect_cached, "{id}");
+        assert_eq!(streamed, out["text"].as_str().unwrap(), "{id}: chunks concatenate to the text");
+        assert_eq!(out["text"], cut["text"], "{id}: the stop string is not streamed either");
+    }
+}
