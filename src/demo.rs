@@ -19,10 +19,87 @@ pub const DEMO_SEED: i64 = 20261125;
 /// - `mlp`: `f32[16] → f32[4]`, a two-layer perceptron with fixed shapes.
 /// - `seqproj`: `f32[-1, 8] → f32[-1, 3]`, a per-position projection over a variable-length
 ///   sequence, padded in batches and trimmed back per job.
+/// - `tiny-lm`: a 2-layer Llama-architecture decoder (random weights, byte-level tokenizer) served
+///   by the `hf` backend: `generate`, `loglikelihood`, `loglikelihood_rolling`.
 pub fn write_demo_models(dir: &Path) -> Result<(), String> {
     write_model(&dir.join("mlp"), &mlp_module(DEMO_SEED)?, MLP_TOML)?;
-    write_model(&dir.join("seqproj"), &seqproj_module(DEMO_SEED)?, SEQPROJ_TOML)
+    write_model(&dir.join("seqproj"), &seqproj_module(DEMO_SEED)?, SEQPROJ_TOML)?;
+    write_tiny_lm(&dir.join("tiny-lm"), DEMO_SEED)
 }
+
+/// A Hugging Face folder for a tiny `LlamaForCausalLM` (GQA: 4 heads over 2 KV heads) with a
+/// byte-level BPE tokenizer of 3 special and 256 byte tokens.
+pub fn write_tiny_lm(dir: &Path, seed: i64) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (hidden, inter, layers, vocab) = (64i64, 128i64, 2, 259i64);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 1,
+        "pad_token_id": 2, "tie_word_embeddings": false, "hidden_act": "silu"
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json")).map_err(|e| e.to_string())?;
+    let _no_grad = tch::no_grad_guard();
+    tch::manual_seed(seed + 2);
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let w = |shape: &[i64]| Tensor::randn(shape, opts) * 0.25;
+    let mut tensors = vec![("model.embed_tokens.weight".to_string(), w(&[vocab, hidden]))];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [hidden, hidden]),
+            ("self_attn.k_proj", [hidden / 2, hidden]),
+            ("self_attn.v_proj", [hidden / 2, hidden]),
+            ("self_attn.o_proj", [hidden, hidden]),
+            ("mlp.gate_proj", [inter, hidden]),
+            ("mlp.up_proj", [inter, hidden]),
+            ("mlp.down_proj", [hidden, inter]),
+        ] {
+            tensors.push((format!("{p}.{name}.weight"), w(&shape)));
+        }
+        tensors.push((format!("{p}.input_layernorm.weight"), Tensor::ones([hidden], opts)));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), Tensor::ones([hidden], opts)));
+    }
+    tensors.push(("model.norm.weight".to_string(), Tensor::ones([hidden], opts)));
+    tensors.push(("lm_head.weight".to_string(), w(&[vocab, hidden])));
+    Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("tokenizer.json"), byte_level_tokenizer()?).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("jetbatch.toml"), TINY_LM_TOML).map_err(|e| e.to_string())
+}
+
+/// `tokenizer.json` of a byte-level BPE without merges: every byte is one token.
+fn byte_level_tokenizer() -> Result<String, String> {
+    let specials = ["<s>", "</s>", "<pad>"];
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in specials.iter().map(|s| s.to_string()).chain(alphabet.iter().map(|c| c.to_string())).enumerate() {
+        vocab.insert(t, i.into());
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    })
+    .to_string();
+    // Parse it back: what is written must load.
+    json.parse::<tokenizers::Tokenizer>().map_err(|e| format!("tokenizer: {e}"))?;
+    Ok(json)
+}
+
+pub const TINY_LM_TOML: &str = r#"# Demo: a tiny random Llama-architecture decoder from a Hugging Face folder.
+backend = "hf"
+max_batch_size = 16
+max_wait_ms = 5
+max_new_tokens_limit = 128
+"#;
 
 /// The demo perceptron `tanh(x W1ᵀ + b1) W2ᵀ + b2` with weights drawn from `seed`.
 pub fn mlp_module(seed: i64) -> Result<CModule, String> {
@@ -190,6 +267,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         serde_json::json!({"id": "demo-seq-long", "model": "seqproj", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [5, 8], "data": seq(5)}]}}),
         serde_json::json!({"id": "demo-bad-shape", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [3], "data": [1, 2, 3]}]}}),
         serde_json::json!({"id": "demo-unknown-model", "model": "nope", "kind": "tensor", "input": {"inputs": []}}),
+        serde_json::json!({"id": "demo-generate", "model": "tiny-lm", "kind": "generate", "input": {"prompt": "jetbatch says"}, "params": {"max_new_tokens": 12}}),
+        serde_json::json!({"id": "demo-loglikelihood", "model": "tiny-lm", "kind": "loglikelihood", "input": {"context": "the quick brown", "continuation": " fox"}}),
     ];
     let client = crate::bus::connect(&NatsOpts { urls: vec![server.url()], token: None, user: None, password: None, nkey: None, creds: None, tls_ca: None }, "jetbatch-demo").await?;
     let topology = local_serve_args(server.url(), PathBuf::new(), None).topology;
@@ -198,6 +277,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());
         Ok(())
     };
+    println!("(tiny-lm has random weights: its text is noise; the demo shows the mechanics)");
     // The second round uses new job ids with the same inputs: the cache key ignores the id.
     for (round, suffix) in [("first run", ""), ("same inputs again, new ids (answered from the cache)", "-again")] {
         println!("--- {round}");

@@ -41,6 +41,14 @@ fn examples_validate() {
     assert_valid(&job, &read(&schemas_dir().join("examples/tensor-job.json")), "tensor-job");
     assert_valid(&result, &read(&schemas_dir().join("examples/tensor-result.json")), "tensor-result");
     assert_valid(&result, &read(&schemas_dir().join("examples/error-result.json")), "error-result");
+    assert_valid(&result, &read(&schemas_dir().join("examples/generate-result.json")), "generate-result");
+    for ex in ["generate-job.json", "loglikelihood-job.json"] {
+        assert_valid(&job, &read(&schemas_dir().join("examples").join(ex)), ex);
+    }
+    let chunk = validator("stream-chunk.schema.json");
+    assert_valid(&chunk, &json!({"id": "a", "index": 0, "text": "he", "token": 5}), "chunk");
+    assert_valid(&chunk, &json!({"id": "a", "done": true}), "done");
+    assert!(!chunk.is_valid(&json!({"id": "a", "text": "he"})));
 }
 
 #[test]
@@ -84,7 +92,15 @@ fn emitted_results_validate() {
         error: Some(JobError::new(ErrorCode::OutOfMemory, "out of memory")),
         ..ok.clone()
     };
-    for r in [ok, err] {
+    let lm_outputs = [
+        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 2 },
+        Output::Score { logprob: -30.0, is_greedy: None, tokens: 20 },
+        Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3 },
+        Output::Embedding(vec![0.6, 0.8]),
+        Output::Classification { logits: vec![1.0, 2.0], probs: vec![0.27, 0.73], label: "pos".into(), label_id: 1 },
+    ];
+    let lm_results: Vec<JobResult> = lm_outputs.iter().map(|o| JobResult { output: Some(o.to_wire(Encoding::Json)), ..ok.clone() }).collect();
+    for r in [ok, err].into_iter().chain(lm_results) {
         let doc: Value = serde_json::from_slice(&Encoding::Json.encode(&r)).unwrap();
         assert_valid(&result, &doc, &r.id);
     }
