@@ -357,8 +357,10 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Runs batches on the engine. Batches that arrive after shutdown was signalled were never started
-/// and are released.
+/// Runs batches on the engine. Scoring batches are awaited here, so exactly one more waits in
+/// the channel (prefetch); `generate` batches join the model's running generation and are
+/// collected by their own task, so later jobs can join while earlier ones still generate.
+/// Batches that arrive after shutdown was signalled were never started and are released.
 async fn runner(
     mut batches: mpsc::Receiver<Batch<Pending>>,
     engine: EngineHandle,
@@ -378,20 +380,28 @@ async fn runner(
             continue;
         }
         let span = info_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len());
-        run_batch(batch, &engine, &streamer, &finished, &metrics).instrument(span).await;
+        let generate = batch.kind == JobKind::Generate;
+        let Some(run) = submit(batch, &engine, &finished, &metrics).await else { continue };
+        let collect = collect(run, streamer.clone(), finished.clone(), metrics.clone()).instrument(span);
+        if generate {
+            tokio::spawn(collect);
+        } else {
+            collect.await;
+        }
     }
 }
 
-async fn run_batch(
-    batch: Batch<Pending>,
-    engine: &EngineHandle,
-    streamer: &bus::Streamer,
-    finished: &mpsc::Sender<Finished>,
-    metrics: &Metrics,
-) {
+/// A batch handed to the engine: its jobs (with their queue time) and the engine's events.
+struct Submitted {
+    model: Arc<str>,
+    items: Vec<Option<(Pending, f64)>>,
+    events: mpsc::UnboundedReceiver<crate::engine::Event>,
+}
+
+/// Answers jobs past their deadline, and submits the rest to the engine.
+async fn submit(batch: Batch<Pending>, engine: &EngineHandle, finished: &mpsc::Sender<Finished>, metrics: &Metrics) -> Option<Submitted> {
     let Batch { model, kind, items } = batch;
-    // Jobs past their deadline are answered without running.
-    let (items, late): (Vec<Pending>, Vec<Pending>) =
+    let (mut items, late): (Vec<Pending>, Vec<Pending>) =
         items.into_iter().partition(|p| p.job.timeout.is_none_or(|t| p.delivery.age() <= t));
     for p in late {
         let mut header = Header::of(&p);
@@ -400,45 +410,55 @@ async fn run_batch(
         let _ = finished.send(Finished { delivery: p.delivery, header, outcome: Outcome::Answer(Err(err)) }).await;
     }
     if items.is_empty() {
-        return;
+        return None;
     }
-    let size = items.len();
-    let mut items = items;
+    metrics.batch_size.with_label_values(&[&model.name]).observe(items.len() as f64);
     let inputs = items.iter_mut().map(|p| std::mem::replace(&mut p.job.input, job::JobInput::Tensor(Vec::new()))).collect();
-    let queued: Vec<f64> = items.iter().map(|p| ms(p.delivery.age())).collect();
-    let streaming: Vec<bool> = items.iter().map(|p| p.job.stream).collect();
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let events_tx = streaming.iter().any(|&s| s).then_some(events_tx);
-    let publish = |c: crate::engine::StreamChunk| {
-        let p = &items[c.job];
-        async move { streamer.publish(&p.job.id, p.job.encoding, &c).await }
-    };
-    let run = engine.run(model.clone(), kind, inputs, streaming, events_tx);
-    tokio::pin!(run);
-    let reply = loop {
-        tokio::select! {
-            reply = &mut run => break reply,
-            Some(chunk) = events.recv() => publish(chunk).await,
+    let streaming = items.iter().map(|p| p.job.stream).collect();
+    let events = engine.run(model.clone(), kind, inputs, streaming);
+    let items = items
+        .into_iter()
+        .map(|p| {
+            let queued_ms = ms(p.delivery.age());
+            Some((p, queued_ms))
+        })
+        .collect();
+    Some(Submitted { model: model.name.clone(), items, events })
+}
+
+/// Publishes streamed chunks as they come and passes each job on as soon as it is done.
+async fn collect(mut run: Submitted, streamer: bus::Streamer, finished: mpsc::Sender<Finished>, metrics: Arc<Metrics>) {
+    let size = run.items.len();
+    let mut left = size;
+    let mut slowest = Duration::ZERO;
+    while left > 0 {
+        match run.events.recv().await {
+            Some(crate::engine::Event::Chunk { index, chunk }) => {
+                if let Some((p, _)) = &run.items[index] {
+                    streamer.publish(&p.job.id, p.job.encoding, &chunk).await;
+                }
+            }
+            Some(crate::engine::Event::Done { index, result, compute }) => {
+                let Some((p, queued_ms)) = run.items[index].take() else { continue };
+                left -= 1;
+                slowest = slowest.max(compute);
+                let mut header = Header::of(&p);
+                header.timing = Timing { queued_ms, compute_ms: ms(compute), batch_size: size };
+                let outcome = match result {
+                    Ok(output) => Outcome::Answer(Ok(output)),
+                    Err(e) => Outcome::Retry(e),
+                };
+                let _ = finished.send(Finished { delivery: p.delivery, header, outcome }).await;
+            }
+            None => break,
         }
-    };
-    // The engine sends every chunk before its reply: publish the rest before the results.
-    while let Ok(chunk) = events.try_recv() {
-        publish(chunk).await;
     }
-    debug_assert_eq!(reply.outputs.len(), size);
-    metrics.batch_size.with_label_values(&[&model.name]).observe(size as f64);
-    metrics.batch_compute_seconds.with_label_values(&[&model.name]).observe(reply.compute.as_secs_f64());
-    for ((p, out), queued_ms) in items.into_iter().zip(reply.outputs).zip(queued) {
-        let mut header = Header::of(&p);
-        header.timing = Timing { queued_ms, compute_ms: ms(reply.compute), batch_size: size };
-        let outcome = match out {
-            Ok(output) => Outcome::Answer(Ok(output)),
-            Err(e) => Outcome::Retry(e),
-        };
-        if finished.send(Finished { delivery: p.delivery, header, outcome }).await.is_err() {
-            return;
-        }
+    // The engine went away before answering: retry elsewhere.
+    for (p, _) in run.items.into_iter().flatten() {
+        let header = Header::of(&p);
+        let _ = finished.send(Finished { delivery: p.delivery, header, outcome: Outcome::Retry(EngineError::Stopped) }).await;
     }
+    metrics.batch_compute_seconds.with_label_values(&[&run.model]).observe(slowest.as_secs_f64());
 }
 
 /// Most result publishes awaiting their stream ack at once.

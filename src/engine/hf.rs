@@ -411,6 +411,8 @@ enum Pooling {
 
 pub struct Hf {
     net: Net,
+    /// The running generation (continuous batching).
+    gen: GenBatch,
     device: Device,
     tokenizer: tokenizers::Tokenizer,
     eos: Vec<u32>,
@@ -448,7 +450,7 @@ impl Hf {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .map(|v| if v["pooling_mode_cls_token"].as_bool() == Some(true) { Pooling::Cls } else { Pooling::Mean })
             .unwrap_or(Pooling::Mean);
-        Ok(Hf { net, device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
+        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
     }
 
     /// Log-prob sums (and greedy flags) of windows, one row each.
@@ -478,20 +480,6 @@ impl Hf {
             out.push((picked.sum(Kind::Double).double_value(&[]), is_greedy));
         }
         Ok(out)
-    }
-
-    /// Generates for a batch of jobs until every one has finished.
-    fn generate(&self, d: &Decoder, jobs: &[&GenerateInput], sink: &mut dyn Sink) -> Result<Vec<Output>, EngineError> {
-        let mut batch = GenBatch::default();
-        let rows = jobs.iter().enumerate().map(|(i, g)| Row::new(i, (*g).clone(), sink.wants(i))).collect();
-        batch.admit(d, self.device, rows);
-        let mut outputs: Vec<Option<Output>> = vec![None; jobs.len()];
-        while !batch.rows.is_empty() {
-            for (job, out) in batch.step(d, self, sink)? {
-                outputs[job] = Some(out);
-            }
-        }
-        Ok(outputs.into_iter().map(|o| o.expect("every row finishes")).collect())
     }
 
     fn encode(&self, b: &Bert, kind: JobKind, jobs: &[(&Vec<u32>, &Vec<u32>, bool)]) -> Result<Vec<Output>, EngineError> {
@@ -538,7 +526,7 @@ impl Hf {
 }
 
 impl LoadedModel for Hf {
-    fn run(&mut self, kind: JobKind, inputs: &[&JobInput], sink: &mut dyn Sink) -> Result<Vec<Output>, EngineError> {
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
         match (&self.net, kind) {
             (Net::Decoder(d), JobKind::Loglikelihood | JobKind::LoglikelihoodRolling) => {
                 // Every window of every job is a row; a rolling job's windows are summed back.
@@ -557,16 +545,6 @@ impl LoadedModel for Hf {
                     })
                     .collect())
             }
-            (Net::Decoder(d), JobKind::Generate) => {
-                let jobs: Vec<&GenerateInput> = inputs
-                    .iter()
-                    .map(|i| match i {
-                        JobInput::Generate(g) => g,
-                        _ => unreachable!("validated kind"),
-                    })
-                    .collect();
-                self.generate(d, &jobs, sink)
-            }
             (Net::Encoder(b), JobKind::Embed | JobKind::Classify) => {
                 let jobs: Vec<(&Vec<u32>, &Vec<u32>, bool)> = inputs
                     .iter()
@@ -579,6 +557,40 @@ impl LoadedModel for Hf {
             }
             (_, kind) => Err(EngineError::Model(format!("kind {} is not served by this model", kind.as_str()))),
         }
+    }
+
+    fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
+        let Net::Decoder(d) = &self.net else { return Err(EngineError::Model("an encoder does not generate".into())) };
+        let rows = jobs
+            .into_iter()
+            .map(|(job, input, stream)| match input {
+                JobInput::Generate(g) => Ok(Row::new(job as usize, g, stream)),
+                other => Err(EngineError::Model(format!("not a generate job: {other:?}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.gen.admit(d, self.device, rows);
+        Ok(())
+    }
+
+    fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
+        let Net::Decoder(d) = &self.net else { return Vec::new() };
+        if self.gen.rows.is_empty() {
+            return Vec::new();
+        }
+        let mut gen = std::mem::take(&mut self.gen);
+        let result = gen.step(d, self, sink);
+        match result {
+            Ok(done) => {
+                self.gen = gen;
+                done.into_iter().map(|(job, out)| (job as u64, Ok(out))).collect()
+            }
+            // A failed step fails every row; the batch starts afresh.
+            Err(e) => gen.rows.iter().map(|r| (r.job as u64, Err(e.clone()))).collect(),
+        }
+    }
+
+    fn generating(&self) -> usize {
+        self.gen.rows.len()
     }
 
     fn warmup(&mut self) -> Result<(), EngineError> {

@@ -87,33 +87,48 @@ pub trait Sink {
     fn emit(&mut self, chunk: StreamChunk);
 }
 
-/// The jobs of one (sub-)batch: indices are offset to the whole batch's.
-struct ChannelSink<'a> {
-    offset: usize,
-    streaming: &'a [bool],
-    tx: Option<&'a tokio::sync::mpsc::UnboundedSender<StreamChunk>>,
+/// Streams of running generations: a chunk's `job` is the engine's job number.
+struct RouteSink<'a> {
+    routes: &'a HashMap<u64, Route>,
 }
 
-impl Sink for ChannelSink<'_> {
+impl Sink for RouteSink<'_> {
     fn wants(&self, job: usize) -> bool {
-        self.tx.is_some() && self.streaming.get(self.offset + job).copied().unwrap_or(false)
+        self.routes.get(&(job as u64)).is_some_and(|r| r.stream)
     }
-    fn emit(&mut self, mut chunk: StreamChunk) {
-        chunk.job += self.offset;
-        if let Some(tx) = self.tx {
-            let _ = tx.send(chunk);
+    fn emit(&mut self, chunk: StreamChunk) {
+        if let Some(r) = self.routes.get(&(chunk.job as u64)) {
+            let _ = r.events.send(Event::Chunk { index: r.index, chunk });
         }
     }
 }
 
 /// A model loaded on the engine thread.
 pub trait LoadedModel {
-    /// Runs one batch of jobs of `kind`, one output per input, in order; streamed text goes to `sink`.
-    fn run(&mut self, kind: JobKind, inputs: &[&JobInput], sink: &mut dyn Sink) -> Result<Vec<Output>, EngineError>;
+    /// Runs one batch of jobs of `kind` (not `generate`: see `join`), one output per input, in order.
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError>;
     /// A dummy batch, so the first real batch does not pay for lazy initialisation.
     fn warmup(&mut self) -> Result<(), EngineError>;
     /// Frees cached device memory after an out-of-memory error.
     fn release_cache(&mut self) {}
+
+    /// Continuous batching: `jobs` (engine job number, input, streamed?) join the running
+    /// generation at the next step boundary.
+    fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
+        let _ = jobs;
+        Err(EngineError::Model("this model does not generate".into()))
+    }
+
+    /// One step of the running generation; returns the jobs that finished (or all, on failure).
+    fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
+        let _ = sink;
+        Vec::new()
+    }
+
+    /// Rows in the running generation.
+    fn generating(&self) -> usize {
+        0
+    }
 }
 
 fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
@@ -135,10 +150,20 @@ fn resolve_device(choice: DeviceChoice) -> Result<tch::Device, EngineError> {
     }
 }
 
-/// A batch's answer: one result per job, and the time the device spent on it.
-pub struct BatchReply {
-    pub outputs: Vec<Result<Output, EngineError>>,
-    pub compute: Duration,
+/// What the engine reports about the jobs of a `Run`, `index` being a job's place in it. Every
+/// job gets exactly one `Done`, after all of its chunks.
+#[derive(Debug)]
+pub enum Event {
+    Chunk { index: usize, chunk: StreamChunk },
+    Done { index: usize, result: Result<Output, EngineError>, compute: Duration },
+}
+
+/// Where a running generation's job reports to.
+struct Route {
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    index: usize,
+    stream: bool,
+    started: Instant,
 }
 
 pub enum Command {
@@ -146,11 +171,10 @@ pub enum Command {
         model: Arc<ModelSpec>,
         kind: JobKind,
         inputs: Vec<JobInput>,
-        /// Per job: whether its text is streamed to `events`.
+        /// Per job: whether its text is streamed.
         streaming: Vec<bool>,
-        events: Option<tokio::sync::mpsc::UnboundedSender<StreamChunk>>,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
         span: Span,
-        reply: oneshot::Sender<BatchReply>,
     },
     Load {
         model: Arc<ModelSpec>,
@@ -174,32 +198,26 @@ impl EngineHandle {
             .stack_size(64 << 20)
             .spawn(move || {
                 let _no_grad = tch::no_grad_guard();
-                let mut engine = Engine { models: HashMap::new(), memory_budget, clock: 0, metrics };
-                while let Ok(cmd) = rx.recv() {
-                    engine.handle(cmd);
-                }
+                let mut engine = Engine::new(memory_budget, metrics);
+                engine.serve(&rx);
             })
             .expect("spawn engine thread");
         (EngineHandle { tx }, thread)
     }
 
-    /// Runs a batch; chunks of jobs marked in `streaming` are sent to `events` before the reply.
-    pub async fn run(
-        &self,
-        model: Arc<ModelSpec>,
-        kind: JobKind,
-        inputs: Vec<JobInput>,
-        streaming: Vec<bool>,
-        events: Option<tokio::sync::mpsc::UnboundedSender<StreamChunk>>,
-    ) -> BatchReply {
+    /// Submits a batch; its jobs report on the returned channel (chunks, then one `Done` each).
+    /// `generate` jobs join the model's running generation and finish one by one.
+    pub fn run(&self, model: Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>, streaming: Vec<bool>) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let n = inputs.len();
-        let (reply, rx) = oneshot::channel();
-        let cmd = Command::Run { model, kind, inputs, streaming, events, span: Span::current(), reply };
-        let stopped = || BatchReply { outputs: vec![Err(EngineError::Stopped); n], compute: Duration::ZERO };
-        if self.tx.send(cmd).is_err() {
-            return stopped();
+        if let Err(std::sync::mpsc::SendError(Command::Run { events, .. })) =
+            self.tx.send(Command::Run { model, kind, inputs, streaming, events: events.clone(), span: Span::current() })
+        {
+            for index in 0..n {
+                let _ = events.send(Event::Done { index, result: Err(EngineError::Stopped), compute: Duration::ZERO });
+            }
         }
-        rx.await.unwrap_or_else(|_| stopped())
+        rx
     }
 
     pub async fn load(&self, model: Arc<ModelSpec>) -> Result<(), EngineError> {
@@ -223,25 +241,120 @@ struct Engine {
     memory_budget: u64,
     clock: u64,
     metrics: Arc<Metrics>,
+    next_job: u64,
+    /// Jobs of running or waiting generations.
+    routes: HashMap<u64, Route>,
+    /// Generate jobs waiting to join their model's running batch.
+    waiting: HashMap<Arc<str>, (Arc<ModelSpec>, std::collections::VecDeque<(u64, JobInput, usize)>)>,
 }
 
 impl Engine {
+    fn new(memory_budget: u64, metrics: Arc<Metrics>) -> Engine {
+        Engine { models: HashMap::new(), memory_budget, clock: 0, metrics, next_job: 0, routes: HashMap::new(), waiting: HashMap::new() }
+    }
+
+    /// Serves commands, and between them steps every running generation. Blocks only when no
+    /// generation runs; after the last handle is dropped, finishes what runs, then returns.
+    fn serve(&mut self, rx: &std::sync::mpsc::Receiver<Command>) {
+        let mut open = true;
+        loop {
+            let busy = !self.routes.is_empty();
+            let cmd = match (busy, open) {
+                (false, false) => return,
+                (false, true) => rx.recv().ok(),
+                (true, _) => rx.try_recv().ok(),
+            };
+            match cmd {
+                Some(cmd) => self.handle(cmd),
+                None if !busy => open = false,
+                None => self.step_generations(),
+            }
+        }
+    }
+
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Run { model, kind, inputs, streaming, events, span, reply } => {
+            Command::Run { model, kind: JobKind::Generate, inputs, streaming, events, span: _ } => {
+                let queue = &mut self.waiting.entry(model.name.clone()).or_insert_with(|| (model.clone(), Default::default())).1;
+                for (index, (input, stream)) in inputs.into_iter().zip(streaming).enumerate() {
+                    let job = self.next_job;
+                    self.next_job += 1;
+                    let cost = match &input {
+                        JobInput::Generate(g) => g.prompt.len() + g.max_new_tokens,
+                        _ => 1,
+                    };
+                    self.routes.insert(job, Route { events: events.clone(), index, stream, started: Instant::now() });
+                    queue.push_back((job, input, cost));
+                }
+            }
+            Command::Run { model, kind, inputs, streaming: _, events, span } => {
                 let _enter = span.enter();
                 let start = Instant::now();
                 let metrics = self.metrics.clone();
-                let sink = ChannelSink { offset: 0, streaming: &streaming, tx: events.as_ref() };
                 let outputs = match self.slot(&model) {
-                    Ok(slot) => run_adaptive(slot, &model, kind, &inputs, sink, &metrics),
+                    Ok(slot) => run_adaptive(slot, &model, kind, &inputs, &metrics),
                     Err(e) => vec![Err(e); inputs.len()],
                 };
-                let _ = reply.send(BatchReply { outputs, compute: start.elapsed() });
+                for (index, result) in outputs.into_iter().enumerate() {
+                    let _ = events.send(Event::Done { index, result, compute: start.elapsed() });
+                }
             }
             Command::Load { model, reply } => {
                 let _ = reply.send(self.slot(&model).map(|_| ()));
             }
+        }
+    }
+
+    /// Admits waiting jobs into each model's running generation (within its batch cap and token
+    /// budget) and runs one step of each; finished jobs report at once.
+    fn step_generations(&mut self) {
+        let names: Vec<Arc<str>> = self.waiting.keys().cloned().collect();
+        for name in names {
+            let (spec, mut queue) = self.waiting.remove(&name).expect("listed");
+            if let Err(e) = self.slot(&spec) {
+                for (job, _, _) in queue {
+                    self.finish(job, Err(e.clone()));
+                }
+                continue;
+            }
+            // Out of the map while it steps, so the routes and metrics stay reachable.
+            let mut slot = self.models.remove(&name).expect("just loaded");
+            let room = slot.cap.min(spec.config.max_batch_size).saturating_sub(slot.model.generating());
+            let mut budget = if spec.config.max_batch_tokens > 0 { spec.config.max_batch_tokens } else { usize::MAX };
+            let mut joining = Vec::new();
+            while joining.len() < room && queue.front().is_some_and(|(_, _, cost)| *cost <= budget || joining.is_empty()) {
+                let (job, input, cost) = queue.pop_front().expect("non-empty");
+                budget = budget.saturating_sub(cost);
+                let stream = self.routes.get(&job).is_some_and(|r| r.stream);
+                joining.push((job, input, stream));
+            }
+            let mut failed = Vec::new();
+            if !joining.is_empty() {
+                let jobs: Vec<u64> = joining.iter().map(|(j, _, _)| *j).collect();
+                if let Err(e) = slot.model.join(joining) {
+                    failed.extend(jobs.into_iter().map(|j| (j, Err(e.clone()))));
+                }
+            }
+            let mut sink = RouteSink { routes: &self.routes };
+            let stepped = slot.model.step(&mut sink);
+            self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
+            let running = slot.model.generating();
+            for (job, result) in failed.into_iter().chain(stepped) {
+                if result.is_ok() {
+                    self.metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc();
+                }
+                self.finish(job, result);
+            }
+            self.models.insert(name.clone(), slot);
+            if running > 0 || !queue.is_empty() {
+                self.waiting.insert(name, (spec, queue));
+            }
+        }
+    }
+
+    fn finish(&mut self, job: u64, result: Result<Output, EngineError>) {
+        if let Some(r) = self.routes.remove(&job) {
+            let _ = r.events.send(Event::Done { index: r.index, result, compute: r.started.elapsed() });
         }
     }
 
@@ -291,15 +404,13 @@ fn run_adaptive(
     spec: &ModelSpec,
     kind: JobKind,
     inputs: &[JobInput],
-    sink: ChannelSink,
     metrics: &Metrics,
 ) -> Vec<Result<Output, EngineError>> {
     let refs: Vec<&JobInput> = inputs.iter().collect();
     let mut out = Vec::with_capacity(inputs.len());
     while out.len() < refs.len() {
         let n = (refs.len() - out.len()).min(slot.cap);
-        let sub = ChannelSink { offset: out.len(), ..sink };
-        out.extend(run_split(slot, spec, kind, &refs[out.len()..out.len() + n], sub, metrics));
+        out.extend(run_split(slot, spec, kind, &refs[out.len()..out.len() + n], metrics));
     }
     out
 }
@@ -309,11 +420,10 @@ fn run_split(
     spec: &ModelSpec,
     kind: JobKind,
     chunk: &[&JobInput],
-    mut sink: ChannelSink,
     metrics: &Metrics,
 ) -> Vec<Result<Output, EngineError>> {
     metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
-    let err = match slot.model.run(kind, chunk, &mut sink) {
+    let err = match slot.model.run(kind, chunk) {
         Ok(outputs) => {
             metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc_by(outputs.len() as u64);
             return outputs.into_iter().map(Ok).collect();
@@ -331,8 +441,8 @@ fn run_split(
     } else {
         warn!(model = %spec.name, error = %err, size = chunk.len(), "batch failed: splitting to isolate the job");
     }
-    let mut out = run_split(slot, spec, kind, &chunk[..half], ChannelSink { ..sink }, metrics);
-    out.extend(run_split(slot, spec, kind, &chunk[half..], ChannelSink { offset: sink.offset + half, ..sink }, metrics));
+    let mut out = run_split(slot, spec, kind, &chunk[..half], metrics);
+    out.extend(run_split(slot, spec, kind, &chunk[half..], metrics));
     out
 }
 
@@ -348,7 +458,7 @@ mod tests {
     }
 
     impl LoadedModel for Fake {
-        fn run(&mut self, _: JobKind, inputs: &[&JobInput], _: &mut dyn Sink) -> Result<Vec<Output>, EngineError> {
+        fn run(&mut self, _: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
             self.calls.push(inputs.len());
             if inputs.len() > self.fits {
                 return Err(EngineError::OutOfMemory("too big".into()));
@@ -381,7 +491,7 @@ mod tests {
         let spec = spec();
         let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
         let inputs: Vec<JobInput> = (0..8).map(input).collect();
-        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, ChannelSink { offset: 0, streaming: &[], tx: None }, &Metrics::new("t"));
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         assert!(out.iter().all(|r| r.is_ok()));
         assert_eq!(slot.cap, 2, "cap follows the largest batch that fit");
         let outs: Vec<Output> = out.into_iter().map(Result::unwrap).collect();
@@ -391,7 +501,7 @@ mod tests {
     #[test]
     fn loaded_models_stay_within_the_memory_budget_least_recently_used_first() {
         let metrics = Arc::new(Metrics::new("t"));
-        let mut engine = Engine { models: HashMap::new(), memory_budget: 250, clock: 0, metrics };
+        let mut engine = Engine::new(250, metrics);
         for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
             let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1 };
             engine.models.insert(name.into(), slot);
@@ -407,7 +517,7 @@ mod tests {
         let spec = spec();
         let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
         let inputs: Vec<JobInput> = [1, 2, 13, 4, 5].into_iter().map(input).collect();
-        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, ChannelSink { offset: 0, streaming: &[], tx: None }, &Metrics::new("t"));
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         let failed: Vec<usize> = out.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
         assert_eq!(failed, vec![2]);
         assert_eq!(slot.cap, 8, "model errors do not lower the cap");

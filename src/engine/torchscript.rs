@@ -6,7 +6,7 @@
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use super::{EngineError, LoadedModel, Sink};
+use super::{EngineError, LoadedModel};
 use crate::job::{JobInput, JobKind, Output};
 use crate::repository::{InputSpec, ModelConfig, ModelSpec};
 use crate::tensor::{DType, TensorData};
@@ -164,7 +164,7 @@ fn to_data(t: &Tensor) -> Result<TensorData, EngineError> {
 }
 
 impl LoadedModel for TorchScript {
-    fn run(&mut self, kind: JobKind, inputs: &[&JobInput], _: &mut dyn Sink) -> Result<Vec<Output>, EngineError> {
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
         debug_assert_eq!(kind, JobKind::Tensor, "validated at the edge");
         let jobs: Vec<&[TensorData]> = inputs
             .iter()
