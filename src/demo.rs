@@ -24,14 +24,14 @@ pub const DEMO_SEED: i64 = 20261125;
 pub fn write_demo_models(dir: &Path) -> Result<(), String> {
     write_model(&dir.join("mlp"), &mlp_module(DEMO_SEED)?, MLP_TOML)?;
     write_model(&dir.join("seqproj"), &seqproj_module(DEMO_SEED)?, SEQPROJ_TOML)?;
-    write_tiny_lm(&dir.join("tiny-lm"), DEMO_SEED)
+    write_tiny_lm(&dir.join("tiny-lm"), DEMO_SEED, 64, 2)
 }
 
 /// A Hugging Face folder for a tiny `LlamaForCausalLM` (GQA: 4 heads over 2 KV heads) with a
 /// byte-level BPE tokenizer of 3 special and 256 byte tokens.
-pub fn write_tiny_lm(dir: &Path, seed: i64) -> Result<(), String> {
+pub fn write_tiny_lm(dir: &Path, seed: i64, hidden: i64, layers: i64) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (hidden, inter, layers, vocab) = (64i64, 128i64, 2, 259i64);
+    let (inter, vocab) = (2 * hidden, 259i64);
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,

@@ -62,6 +62,14 @@ impl<'de> Deserialize<'de> for DeviceChoice {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Generation {
+    #[default]
+    Continuous,
+    Static,
+}
+
 /// One input of a TorchScript model, without the batch dimension.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +141,10 @@ pub struct ModelConfig {
     /// `hf`: longest sequence read (default and upper bound: the model's max positions).
     #[serde(default)]
     pub max_length: Option<usize>,
+    /// `hf` generate: `continuous` (jobs join the running batch at step boundaries, finished ones
+    /// leave at once) or `static` (a batch runs until its last job is done; for comparison).
+    #[serde(default)]
+    pub generation: Generation,
     /// `hf`: the largest `max_new_tokens` a `generate` job may ask for.
     #[serde(default = "default_max_new_tokens_limit")]
     pub max_new_tokens_limit: usize,

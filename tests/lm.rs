@@ -324,3 +324,28 @@ async fn stop_strings_finish_reasons_and_streaming() {
         assert_eq!(out["text"], cut["text"], "{id}: the stop string is not streamed either");
     }
 }
+
+#[tokio::test]
+async fn a_short_generation_overtakes_a_long_one_already_running() {
+    let h = harness().await;
+    // Wide enough that 240 steps take a while on CPU.
+    jetbatch::demo::write_tiny_lm(&h.models.join("gen-lm"), 1, 768, 6).unwrap();
+    std::fs::write(h.models.join("gen-lm/jetbatch.toml"), "backend = \"hf\"\nmax_batch_size = 8\nmax_wait_ms = 1\nmax_new_tokens_limit = 250\n").unwrap();
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let long = job("long", "gen-lm", "generate", json!({"prompt": "a long story"}), json!({"max_new_tokens": 240, "stop_token_ids": []}));
+    h.publish(&long, jetbatch::job::Encoding::MsgPack).await;
+    // Let the long generation get going, then send a short one.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let short = job("short", "gen-lm", "generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "stop_token_ids": []}));
+    h.publish(&short, jetbatch::job::Encoding::MsgPack).await;
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let msg = tokio::time::timeout(MINUTE, futures::StreamExt::next(&mut sub)).await.unwrap().unwrap();
+        let r = JobResult::decode(&msg.payload).unwrap();
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        order.push((r.id.clone(), output(&r)["tokens"].as_array().unwrap().len()));
+    }
+    assert_eq!(order, vec![("short".to_string(), 2), ("long".to_string(), 240)], "the short job joined the running batch and left first");
+}

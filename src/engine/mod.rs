@@ -319,7 +319,11 @@ impl Engine {
             }
             // Out of the map while it steps, so the routes and metrics stay reachable.
             let mut slot = self.models.remove(&name).expect("just loaded");
-            let room = slot.cap.min(spec.config.max_batch_size).saturating_sub(slot.model.generating());
+            let running = slot.model.generating();
+            let room = match spec.config.generation {
+                crate::repository::Generation::Static if running > 0 => 0,
+                _ => slot.cap.min(spec.config.max_batch_size).saturating_sub(running),
+            };
             let mut budget = if spec.config.max_batch_tokens > 0 { spec.config.max_batch_tokens } else { usize::MAX };
             let mut joining = Vec::new();
             while joining.len() < room && queue.front().is_some_and(|(_, _, cost)| *cost <= budget || joining.is_empty()) {
