@@ -31,11 +31,18 @@ struct Entry<T> {
 pub struct State<T> {
     entries: VecDeque<Entry<T>>,
     max_wait: Duration,
+    /// Group by length: the oldest job goes with the queued jobs (within a window of
+    /// 4 × `max_size`) closest to it in cost, so rows of a batch pad little.
+    by_length: bool,
 }
 
 impl<T> State<T> {
     pub fn new(max_wait: Duration) -> Self {
-        State { entries: VecDeque::new(), max_wait }
+        State { entries: VecDeque::new(), max_wait, by_length: false }
+    }
+
+    pub fn by_length(max_wait: Duration) -> Self {
+        State { by_length: true, ..State::new(max_wait) }
     }
 
     pub fn append(&mut self, item: T, cost: usize, now: Instant) {
@@ -59,33 +66,49 @@ impl<T> State<T> {
         self.entries.front().map(|e| e.enqueued)
     }
 
-    /// How many jobs from the front fit the budget (at least one: a job larger than the token
-    /// budget still runs, alone).
-    fn fitting(&self, budget: &Budget) -> usize {
+    /// Which queued jobs make the next batch (queue indices, oldest first): a prefix of the queue,
+    /// or with `by_length` the oldest job and its nearest in cost. At least one: a job larger
+    /// than the token budget still runs, alone.
+    fn select(&self, budget: &Budget) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        if self.by_length && !order.is_empty() {
+            order.truncate(budget.max_size.saturating_mul(4));
+            let c0 = self.entries[0].cost;
+            order.sort_by_key(|&i| (self.entries[i].cost.abs_diff(c0), i));
+        }
+        let mut picked = Vec::new();
         let mut largest = 0;
-        let mut n = 0;
-        for e in self.entries.iter().take(budget.max_size) {
-            largest = largest.max(e.cost);
-            if budget.max_tokens > 0 && n > 0 && largest * (n + 1) > budget.max_tokens {
+        for i in order.into_iter().take(budget.max_size) {
+            let cost = largest.max(self.entries[i].cost);
+            if budget.max_tokens > 0 && !picked.is_empty() && cost * (picked.len() + 1) > budget.max_tokens {
                 break;
             }
-            n += 1;
+            largest = cost;
+            picked.push(i);
         }
-        n
+        picked.sort_unstable();
+        picked
     }
 
-    /// How many jobs go in the batch that is due now, if one is: the budget is filled, or the
-    /// oldest job reached its deadline.
-    pub fn due(&self, budget: &Budget, now: Instant) -> Option<usize> {
-        let n = self.fitting(budget);
-        let full = n < self.entries.len() || n >= budget.max_size;
+    /// The batch due now, if one is: the budget is filled, or the oldest job reached its deadline.
+    fn due_batch(&self, budget: &Budget, now: Instant) -> Option<Vec<usize>> {
+        let picked = self.select(budget);
+        let full = picked.len() < self.entries.len() || picked.len() >= budget.max_size;
         let late = self.deadline().is_some_and(|d| d <= now);
-        (n > 0 && (full || late)).then_some(n)
+        (!picked.is_empty() && (full || late)).then_some(picked)
+    }
+
+    pub fn is_due(&self, budget: &Budget, now: Instant) -> bool {
+        self.due_batch(budget, now).is_some()
     }
 
     pub fn next_batch(&mut self, budget: &Budget, now: Instant) -> Option<Vec<T>> {
-        let n = self.due(budget, now)?;
-        Some(self.entries.drain(..n).map(|e| e.item).collect())
+        let picked = self.due_batch(budget, now)?;
+        let mut batch = Vec::with_capacity(picked.len());
+        for (removed, i) in picked.into_iter().enumerate() {
+            batch.push(self.entries.remove(i - removed).expect("picked index").item);
+        }
+        Some(batch)
     }
 
     pub fn drain(&mut self) -> Vec<T> {
@@ -124,7 +147,7 @@ pub async fn run<T: Batchable + Send + 'static>(
         let now = Instant::now();
         let next = queues
             .iter()
-            .filter(|(_, (m, s))| s.due(&budget(m), now).is_some())
+            .filter(|(_, (m, s))| s.is_due(&budget(m), now))
             .min_by_key(|(_, (_, s))| s.oldest())
             .map(|(k, _)| k.clone());
         let wake = queues.values().filter_map(|(_, s)| s.deadline()).min();
@@ -142,8 +165,10 @@ pub async fn run<T: Batchable + Send + 'static>(
             job = jobs.recv() => {
                 let Some(job) = job else { break };
                 let key = (job.model().name.clone(), job.kind());
+                let scoring = matches!(key.1, JobKind::Loglikelihood | JobKind::LoglikelihoodRolling | JobKind::Embed | JobKind::Classify);
                 let (_, state) = queues.entry(key).or_insert_with(|| {
-                    (job.model().clone(), State::new(Duration::from_millis(job.model().config.max_wait_ms)))
+                    let wait = Duration::from_millis(job.model().config.max_wait_ms);
+                    (job.model().clone(), if scoring { State::by_length(wait) } else { State::new(wait) })
                 });
                 let cost = job.cost();
                 state.append(job, cost, Instant::now());
@@ -202,6 +227,26 @@ mod tests {
         assert_eq!(s.next_batch(&budget, t0), Some(vec![10, 40]), "full by tokens, not by time");
         assert_eq!(s.next_batch(&budget, t0), None);
         assert_eq!(s.next_batch(&budget, t0 + MS), Some(vec![5, 5]));
+    }
+
+    #[test]
+    fn by_length_groups_the_oldest_job_with_its_nearest_lengths() {
+        let t0 = Instant::now();
+        let mut s = State::by_length(MS);
+        for cost in [100, 5, 98, 7, 103, 6] {
+            s.append(cost, cost, t0);
+        }
+        // Padded cost: 100, 200, 309, then 412 with a short one — over the budget.
+        let budget = Budget { max_size: 4, max_tokens: 320 };
+        assert_eq!(s.next_batch(&budget, t0), Some(vec![100, 98, 103]), "the oldest and its neighbours in length");
+        assert_eq!(s.next_batch(&budget, t0), None, "three short ones wait: not full, not late");
+        assert_eq!(s.next_batch(&budget, t0 + MS), Some(vec![5, 7, 6]));
+        // FIFO without by_length.
+        let mut f = State::new(MS);
+        for cost in [100, 5, 98] {
+            f.append(cost, cost, t0);
+        }
+        assert_eq!(f.next_batch(&Budget { max_size: 2, max_tokens: 0 }, t0), Some(vec![100, 5]));
     }
 
     #[test]
