@@ -108,20 +108,23 @@ impl HfConfig {
         })
     }
 
-    pub fn rope_theta(&self) -> Result<f64, String> {
-        if let Some(p) = &self.rope_parameters {
-            let kind = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
-            if kind != "default" {
-                return Err(format!("config.json: rope_type '{kind}' is not supported yet (only default)"));
-            }
-            if let Some(t) = p.get("rope_theta").and_then(|t| t.as_f64()) {
-                return Ok(t);
-            }
-        }
-        if self.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
-            return Err("config.json: rope_scaling is not supported yet".into());
-        }
-        Ok(self.rope_theta.unwrap_or(10_000.0))
+    /// RoPE settings: `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
+    pub fn rope(&self) -> Result<Rope, String> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|p| !p.is_null());
+        let theta = params.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()).or(self.rope_theta).unwrap_or(10_000.0);
+        let kind = params.and_then(|p| p.get("rope_type").or(p.get("type"))).and_then(|t| t.as_str()).unwrap_or("default");
+        let num = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64()).ok_or_else(|| format!("config.json: llama3 RoPE needs {k}"));
+        let llama3 = match kind {
+            "default" => None,
+            "llama3" => Some(Llama3Rope {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }),
+            other => return Err(format!("config.json: rope_type '{other}' is not supported (default, llama3)")),
+        };
+        Ok(Rope { theta, llama3 })
     }
 
     pub fn eos_ids(&self) -> Vec<u32> {
@@ -130,6 +133,43 @@ impl HfConfig {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
             _ => Vec::new(),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub llama3: Option<Llama3Rope>,
+}
+
+/// Llama 3's frequency-dependent rescaling of the rotary frequencies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+impl Rope {
+    /// Inverse frequencies for `head_dim`, as transformers computes them (llama3 rescaling included).
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
+        (0..head_dim / 2)
+            .map(|i| {
+                let f = 1.0 / (self.theta as f32).powf((2 * i) as f32 / head_dim as f32);
+                let Some(l) = &self.llama3 else { return f };
+                let (low_wavelen, high_wavelen) = (l.original_max_position_embeddings / l.low_freq_factor, l.original_max_position_embeddings / l.high_freq_factor);
+                let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    (f as f64 / l.factor) as f32
+                } else {
+                    let smooth = (l.original_max_position_embeddings / wavelen - l.low_freq_factor) / (l.high_freq_factor - l.low_freq_factor);
+                    ((1.0 - smooth) * f as f64 / l.factor + smooth * f as f64) as f32
+                }
+            })
+            .collect()
     }
 }
 
@@ -157,7 +197,7 @@ impl LmSpec {
         let config: HfConfig = serde_json::from_str(&text).map_err(|e| format!("config.json: {e}"))?;
         let arch = config.arch()?;
         if arch.is_decoder() {
-            config.rope_theta()?;
+            config.rope()?;
         }
         let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| format!("tokenizer.json: {e}"))?;
         // Batching pads and truncation follows the kind's rules; a tokenizer.json's own settings

@@ -88,7 +88,7 @@ async fn decoders_match_transformers_batched_and_alone() {
     let _w = h.worker("w1", &[]);
     let mut sub = h.subscribe_results().await;
     let mut worst = HashMap::new();
-    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-llama3"] {
         let jobs = decoder_jobs(model, &refs["models"][model]);
         // Batched: one burst, requests of very different lengths side by side.
         let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _)| j.clone()).collect();

@@ -214,9 +214,7 @@ impl Decoder {
             Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
             _ => embed.shallow_clone(),
         };
-        let theta = c.rope_theta().map_err(EngineError::Load)?;
-        let inv_freq = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
-        let inv_freq = (Tensor::from(theta).to_device(device).pow(&inv_freq)).reciprocal();
+        let inv_freq = Tensor::from_slice(&c.rope().map_err(EngineError::Load)?.inv_freq(head_dim as usize)).to_device(device);
         Ok(Decoder {
             embed,
             wpe: None,
