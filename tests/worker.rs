@@ -29,8 +29,8 @@ async fn tensor_jobs_round_trip_in_msgpack_and_json() {
     let mut raw_msgpack = h.client.subscribe("jetbatch.results.rt-msgpack-mlp").await.unwrap();
     let (x, s) = (mlp_input(1), seq_input(2, 5));
     for (enc, tag) in [(Encoding::MsgPack, "msgpack"), (Encoding::Json, "json")] {
-        h.publish(&tensor_job(&format!("rt-{tag}-mlp"), "mlp", &[x.clone()], enc), enc).await;
-        h.publish(&tensor_job(&format!("rt-{tag}-seq"), "seqproj", &[s.clone()], enc), enc).await;
+        h.publish(&tensor_job(&format!("rt-{tag}-mlp"), "mlp", std::slice::from_ref(&x), enc), enc).await;
+        h.publish(&tensor_job(&format!("rt-{tag}-seq"), "seqproj", std::slice::from_ref(&s), enc), enc).await;
     }
     let got = collect(&mut sub, 4, MINUTE).await;
     assert_eq!(got.len(), 4, "{got:?}");

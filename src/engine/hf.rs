@@ -236,7 +236,7 @@ impl Decoder {
         let s = keep.size()[1];
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
         if let Some(wpe) = &self.wpe {
-            x = x + Tensor::embedding(wpe, pos, -1, false, false);
+            x += Tensor::embedding(wpe, pos, -1, false, false);
         }
         let kind = x.kind();
         // Query i sits at key index s - t + i: it sees real keys at or before it (and within the window).
@@ -244,7 +244,7 @@ impl Decoder {
         let k_idx = Tensor::arange(s, (Kind::Int64, x.device())).view([1, s]);
         let mut allowed = k_idx.le_tensor(&q_idx).unsqueeze(0) * keep.unsqueeze(1);
         if let Some(wnd) = self.sliding_window {
-            allowed = allowed * (q_idx - k_idx).lt(wnd).unsqueeze(0);
+            allowed *= (q_idx - k_idx).lt(wnd).unsqueeze(0);
         }
         let mask = Tensor::zeros([b, 1, t, s], (kind, x.device())).masked_fill(&allowed.logical_not().unsqueeze(1), min_value(kind));
         let rope = self.inv_freq.as_ref().map(|inv| {
@@ -276,9 +276,9 @@ impl Decoder {
             let scores = q.matmul(&k.transpose(-2, -1)) * (1.0 / (self.head_dim as f64).sqrt()) + &mask;
             let attn = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v);
             let attn = attn.transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]);
-            x = x + layer.o.forward(&attn);
+            x += layer.o.forward(&attn);
             let h = layer.norm2.forward(&x);
-            x = x + layer.mlp.forward(&h);
+            x += layer.mlp.forward(&h);
         }
         self.norm.forward(&x)
     }

@@ -245,7 +245,13 @@ struct Engine {
     /// Jobs of running or waiting generations.
     routes: HashMap<u64, Route>,
     /// Generate jobs waiting to join their model's running batch.
-    waiting: HashMap<Arc<str>, (Arc<ModelSpec>, std::collections::VecDeque<(u64, JobInput, usize)>)>,
+    waiting: HashMap<Arc<str>, Waiting>,
+}
+
+/// A model's generate jobs not yet in its running batch: (engine job number, input, token cost).
+struct Waiting {
+    spec: Arc<ModelSpec>,
+    queue: std::collections::VecDeque<(u64, JobInput, usize)>,
 }
 
 impl Engine {
@@ -275,7 +281,7 @@ impl Engine {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Run { model, kind: JobKind::Generate, inputs, streaming, events, span: _ } => {
-                let queue = &mut self.waiting.entry(model.name.clone()).or_insert_with(|| (model.clone(), Default::default())).1;
+                let queue = &mut self.waiting.entry(model.name.clone()).or_insert_with(|| Waiting { spec: model.clone(), queue: Default::default() }).queue;
                 for (index, (input, stream)) in inputs.into_iter().zip(streaming).enumerate() {
                     let job = self.next_job;
                     self.next_job += 1;
@@ -310,7 +316,7 @@ impl Engine {
     fn step_generations(&mut self) {
         let names: Vec<Arc<str>> = self.waiting.keys().cloned().collect();
         for name in names {
-            let (spec, mut queue) = self.waiting.remove(&name).expect("listed");
+            let Waiting { spec, mut queue } = self.waiting.remove(&name).expect("listed");
             if let Err(e) = self.slot(&spec) {
                 for (job, _, _) in queue {
                     self.finish(job, Err(e.clone()));
@@ -351,7 +357,7 @@ impl Engine {
             }
             self.models.insert(name.clone(), slot);
             if running > 0 || !queue.is_empty() {
-                self.waiting.insert(name, (spec, queue));
+                self.waiting.insert(name, Waiting { spec, queue });
             }
         }
     }
