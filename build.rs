@@ -1,6 +1,7 @@
-//! Embeds the libtorch library directory as an rpath so `jetbatch` (and its test binaries) find
-//! `libtorch*.so` without the user setting `LD_LIBRARY_PATH`. torch-sys reports the directory it
-//! linked against through the `links = "tch"` metadata key.
+// Embeds the libtorch library directory as an rpath so `jetbatch` and its test binaries (and
+// `jetbatch-loadtest`, whose build script includes this file) find `libtorch*.so` without the user
+// setting `LD_LIBRARY_PATH`. torch-sys reports the directory it linked against through the
+// `links = "tch"` metadata key.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {

@@ -89,7 +89,7 @@ impl JobKind {
         }
     }
 
-    fn parse(s: &str) -> Option<JobKind> {
+    pub fn parse(s: &str) -> Option<JobKind> {
         JobKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }

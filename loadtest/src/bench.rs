@@ -1,0 +1,341 @@
+//! The benchmarks of `loadtest/README.md`. Each starts its own nats-server and workers, runs the
+//! two sides of its comparison one after the other in the same process, and reports the ratio.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use jetbatch::config::Topology;
+use jetbatch::engine::{EngineHandle, Event};
+use jetbatch::job::{JobInput, JobKind, Limits};
+use jetbatch::metrics::Metrics;
+use jetbatch::repository::ModelSpec;
+
+use crate::driver::{self, Mode, Plan, Recording};
+use crate::local::{Local, WideModel};
+use crate::report::{Ratio, Report, RunReport};
+use crate::workload::{Dist, Generator, Template, Workload};
+use crate::{run_id, BenchArgs, LoadOpts};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Which {
+    /// 1. `wide` through the engine alone (batch 1…64) vs through jetbatch end to end.
+    Engine,
+    /// 2. `wide` with max_batch_size = 1 vs dynamic batching: capacity, and p99 at half load.
+    Batching,
+    /// 3. Raw JetStream publish + pull + result + ack vs jetbatch answering from its cache.
+    Bus,
+    /// 4. The nats-py + torch baseline worker vs jetbatch on `mlp`.
+    Python,
+    /// 5. Continuous vs static batching for `generate` on a mixed short/long workload.
+    Generation,
+    /// 6. 1, 2 and 3 workers on one consumer.
+    Scaling,
+    /// All of the above, one after the other.
+    All,
+}
+
+impl Which {
+    fn name(self) -> &'static str {
+        match self {
+            Which::Engine => "engine",
+            Which::Batching => "batching",
+            Which::Bus => "bus",
+            Which::Python => "python",
+            Which::Generation => "generation",
+            Which::Scaling => "scaling",
+            Which::All => "all",
+        }
+    }
+}
+
+/// What every benchmark needs: its options and a fresh local target.
+struct Bench<'a> {
+    args: &'a BenchArgs,
+    local: Local,
+    client: async_nats::Client,
+}
+
+impl Bench<'_> {
+    async fn new(args: &BenchArgs) -> anyhow::Result<Bench<'_>> {
+        let wide = WideModel { width: args.wide.wide_width, depth: args.wide.wide_depth };
+        let local = Local::start(args.nats_server.clone(), None, &wide)?;
+        let client = async_nats::connect(local.url()).await?;
+        Ok(Bench { args, local, client })
+    }
+
+    fn load(&self) -> LoadOpts {
+        LoadOpts {
+            rate: None,
+            concurrency: self.args.concurrency,
+            duration: Some(self.args.secs),
+            jobs: None,
+            warmup: 500,
+            drain_timeout: 60.0,
+        }
+    }
+
+    /// Sets up `topology`'s streams, warms up and measures `load` with jobs from `workload`.
+    async fn measure(&self, topology: &Topology, workload: Workload, load: &LoadOpts, label: &str) -> anyhow::Result<Recording> {
+        jetbatch::bus::setup_streams(&async_nats::jetstream::new(self.client.clone()), topology).await?;
+        let mut generator = Generator::new(workload);
+        println!("  {label} …");
+        let r = crate::warm_then_drive(&self.client, topology, &mut generator, load, label, !self.args.quiet).await?;
+        println!("  {label}: {:.0} jobs/s, p99 {:.1} ms, lost {}", r.throughput(), r.latency_us.value_at_quantile(0.99) as f64 / 1e3, r.lost());
+        Ok(r)
+    }
+
+    fn wide_jobs(&self, model: &str) -> Workload {
+        Workload::tensor(model, &[self.args.wide.wide_width as u64], 0.0)
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let list = match args.which {
+        Which::All => vec![Which::Engine, Which::Batching, Which::Bus, Which::Python, Which::Generation, Which::Scaling],
+        w => vec![w],
+    };
+    let mut summary = Report::new("jetbatch benchmarks: summary");
+    for which in list {
+        println!("== {}", which.name());
+        let report = match which {
+            Which::Engine => engine(&args).await?,
+            Which::Batching => batching(&args).await?,
+            Which::Bus => bus(&args).await?,
+            Which::Python => python(&args).await?,
+            Which::Generation => generation(&args).await?,
+            Which::Scaling => scaling(&args).await?,
+            Which::All => unreachable!("expanded above"),
+        };
+        let dir = args.out.join(which.name());
+        report.write(&dir)?;
+        println!("{}", report.markdown());
+        println!("report: {}", dir.join("report.md").display());
+        summary.ratios.extend(report.ratios.iter().cloned());
+        summary.notes.extend(report.notes.iter().map(|n| format!("{}: {n}", which.name())));
+    }
+    summary.write(&args.out)?;
+    Ok(())
+}
+
+/// 1. Engine alone vs end to end.
+async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
+    let mut b = Bench::new(args).await?;
+    let mut report = Report::new("Engine alone vs jetbatch end to end (model `wide`)");
+    let spec = Arc::new(ModelSpec::load(&b.local.models.join("wide"))?);
+    let (engine, thread) = EngineHandle::start(Arc::new(Metrics::new("bench")), 0);
+    engine.load(spec.clone()).await?;
+    // The jobs the end-to-end run sends, parsed the way the worker parses them.
+    let mut generator = Generator::new(b.wide_jobs("wide"));
+    let limits = Limits { max_payload_bytes: usize::MAX, max_tensor_elements: usize::MAX };
+    let inputs: Vec<JobInput> = (0..64)
+        .map(|i| {
+            let job = generator.next(format!("engine.{i}"));
+            let envelope = jetbatch::job::decode(&job.body, Some("application/msgpack"), "wide", &limits).map_err(|r| anyhow::anyhow!("{}", r.error.message))?;
+            Ok(spec.validate(envelope, usize::MAX).map_err(|e| anyhow::anyhow!("{}", e.message))?.input)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut table = "Engine alone (in process, no bus):\n\n| batch | jobs/s | ms per batch |\n| --- | --- | --- |\n".to_string();
+    let mut best = 0.0f64;
+    let per_size = Duration::from_secs_f64((args.secs / 4.0).max(1.0));
+    for size in [1usize, 2, 4, 8, 16, 32, 64] {
+        let (mut jobs, start) = (0usize, Instant::now());
+        while start.elapsed() < per_size {
+            let mut events = engine.run(spec.clone(), JobKind::Tensor, inputs[..size].to_vec(), vec![false; size]);
+            for _ in 0..size {
+                match events.recv().await {
+                    Some(Event::Done { result: Ok(_), .. }) => jobs += 1,
+                    other => anyhow::bail!("engine: {other:?}"),
+                }
+            }
+        }
+        let rate = jobs as f64 / start.elapsed().as_secs_f64();
+        best = best.max(rate);
+        table += &format!("| {size} | {rate:.0} | {:.2} |\n", size as f64 / rate * 1e3);
+    }
+    report.tables.push(table);
+    drop(engine);
+    thread.join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+
+    b.local.start_worker("e2e", false)?;
+    let topology = b.local.topology();
+    let load = b.load();
+    let r = b.measure(&topology, b.wide_jobs("wide"), &load, "end-to-end").await?;
+    b.local.stop_workers().await?;
+    report.ratios.push(Ratio::new("e2e ÷ engine alone (`wide`, saturated)", r.throughput() / best, Some(0.9)));
+    report.notes.push(format!("engine alone at its best batch: {best:.0} jobs/s; end to end: {:.0} jobs/s", r.throughput()));
+    report.runs.push(RunReport::new("end-to-end", Mode::Closed { concurrency: load.concurrency }, &r));
+    Ok(report)
+}
+
+/// 2. max_batch_size = 1 vs dynamic batching.
+async fn batching(args: &BenchArgs) -> anyhow::Result<Report> {
+    let mut b = Bench::new(args).await?;
+    let mut report = Report::new("Batching: max_batch_size = 1 vs dynamic (model `wide`)");
+    b.local.start_worker("w", false)?;
+    let topology = b.local.topology();
+    let load = b.load();
+    let one = b.measure(&topology, b.wide_jobs("wide-b1"), &load, "batch-1 saturated").await?;
+    let dynamic = b.measure(&topology, b.wide_jobs("wide"), &load, "dynamic saturated").await?;
+    let rate = one.throughput() / 2.0;
+    let half = LoadOpts { rate: Some(rate), ..load.clone() };
+    let one_half = b.measure(&topology, b.wide_jobs("wide-b1"), &half, "batch-1 half load").await?;
+    let dynamic_half = b.measure(&topology, b.wide_jobs("wide"), &half, "dynamic half load").await?;
+    b.local.stop_workers().await?;
+    let p99 = |r: &Recording| r.latency_us.value_at_quantile(0.99) as f64;
+    report.ratios.push(Ratio::new("dynamic ÷ batch-1 throughput (saturated)", dynamic.throughput() / one.throughput(), None));
+    report.ratios.push(Ratio::new("batch-1 p99 ÷ dynamic p99 (half of batch-1 capacity)", p99(&one_half) / p99(&dynamic_half), None));
+    report.notes.push(format!("half load = {rate:.0} jobs/s (half of batch-1 capacity), offered to both"));
+    let closed = Mode::Closed { concurrency: load.concurrency };
+    report.runs.push(RunReport::new("batch-1 saturated", closed, &one));
+    report.runs.push(RunReport::new("dynamic saturated", closed, &dynamic));
+    report.runs.push(RunReport::new("batch-1 half load", Mode::Open { rate }, &one_half));
+    report.runs.push(RunReport::new("dynamic half load", Mode::Open { rate }, &dynamic_half));
+    Ok(report)
+}
+
+/// A topology beside jetbatch's default one, for a worker that is not jetbatch.
+fn side_topology(base: &Topology, name: &str) -> Topology {
+    let upper = name.to_uppercase();
+    Topology {
+        prefix: name.to_string(),
+        jobs_stream: format!("{upper}_JOBS"),
+        results_stream: format!("{upper}_RESULTS"),
+        dead_stream: format!("{upper}_DEAD"),
+        consumer: format!("{name}-workers"),
+        ..base.clone()
+    }
+}
+
+/// `mlp` jobs (16 floats in, 4 out): small enough that the bus is the bound.
+fn mlp_jobs(duplicate_ratio: f64) -> Workload {
+    Workload::tensor("mlp", &[16], duplicate_ratio)
+}
+
+/// 3. The bus alone vs jetbatch's cache-hit path.
+async fn bus(args: &BenchArgs) -> anyhow::Result<Report> {
+    let mut b = Bench::new(args).await?;
+    let mut report = Report::new("Bus limit: raw JetStream vs jetbatch cache hits (`mlp` jobs)");
+    let load = b.load();
+    let raw_topology = side_topology(&b.local.topology(), "rawbus");
+    jetbatch::bus::setup_streams(&async_nats::jetstream::new(b.client.clone()), &raw_topology).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (url, t) = (b.local.url(), raw_topology.clone());
+    let defaults = jetbatch::demo::local_serve_args(b.local.url(), PathBuf::new(), None);
+    let (inflight, pull) = (defaults.max_inflight, defaults.pull_batch);
+    let raw = std::thread::spawn(move || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        runtime.block_on(crate::rawbus::serve(url, t, inflight, pull, stopped))
+    });
+    let raw_rec = b.measure(&raw_topology, mlp_jobs(0.0), &load, "raw JetStream").await?;
+    let _ = stop.send(());
+    raw.join().map_err(|_| anyhow::anyhow!("raw worker panicked"))??;
+
+    b.local.start_worker("cached", true)?;
+    let topology = b.local.topology();
+    // Fill the cache with 2,000 distinct inputs, then send only repeats of them (new ids).
+    let mut generator = Generator::new(mlp_jobs(0.0));
+    let fill = Plan { mode: Mode::Closed { concurrency: 256 }, duration: None, jobs: Some(2000), drain_timeout: Duration::from_secs(60), run_id: run_id("fill"), progress: false };
+    jetbatch::bus::setup_streams(&async_nats::jetstream::new(b.client.clone()), &topology).await?;
+    driver::drive(&b.client, &topology, &mut generator, &fill).await?;
+    generator.set_duplicate_ratio(1.0);
+    println!("  jetbatch cache hits …");
+    let hits = crate::warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet).await?;
+    b.local.stop_workers().await?;
+    report.ratios.push(Ratio::new("jetbatch cache hits ÷ raw JetStream", hits.throughput() / raw_rec.throughput(), Some(0.7)));
+    report.notes.push(format!("cache-hit share of the measured jobs: {:.1}%", hits.cached as f64 / hits.received.max(1) as f64 * 100.0));
+    let closed = Mode::Closed { concurrency: load.concurrency };
+    report.runs.push(RunReport::new("raw JetStream", closed, &raw_rec));
+    report.runs.push(RunReport::new("jetbatch cache hits", closed, &hits));
+    Ok(report)
+}
+
+/// 4. The Python baseline vs jetbatch, same model, same batch limits, same workload.
+async fn python(args: &BenchArgs) -> anyhow::Result<Report> {
+    let mut b = Bench::new(args).await?;
+    let mut report = Report::new("Python baseline (nats-py + torch) vs jetbatch (`mlp`, batch ≤ 64, 2 ms wait)");
+    let load = b.load();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = args.python.clone().unwrap_or_else(|| root.join("../.venv/bin/python"));
+    let py_topology = side_topology(&b.local.topology(), "pybase");
+    let js = async_nats::jetstream::new(b.client.clone());
+    jetbatch::bus::setup_streams(&js, &py_topology).await?;
+    jetbatch::bus::setup_consumer(&js, &py_topology).await?;
+    let mut child = tokio::process::Command::new(&python)
+        .arg(root.join("baselines/python_worker.py"))
+        .args(["--nats-url", &b.local.url(), "--stream", &py_topology.jobs_stream, "--consumer", &py_topology.consumer])
+        .args(["--results-prefix", &format!("{}.results", py_topology.prefix)])
+        .arg("--model")
+        .arg(b.local.models.join("mlp/model.pt"))
+        .args(["--max-batch", "64", "--max-wait-ms", "2"])
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", python.display()))?;
+    let py = b.measure(&py_topology, mlp_jobs(0.0), &load, "python baseline").await;
+    child.kill().await?;
+    let py = py?;
+    b.local.start_worker("jetbatch", false)?;
+    let jb = b.measure(&b.local.topology(), mlp_jobs(0.0), &load, "jetbatch").await?;
+    b.local.stop_workers().await?;
+    let p99 = |r: &Recording| r.latency_us.value_at_quantile(0.99) as f64 / 1e3;
+    report.ratios.push(Ratio::new("jetbatch ÷ Python baseline throughput", jb.throughput() / py.throughput(), Some(3.0)));
+    report.notes.push(format!("p99 at saturation: jetbatch {:.1} ms, Python {:.1} ms", p99(&jb), p99(&py)));
+    let closed = Mode::Closed { concurrency: load.concurrency };
+    report.runs.push(RunReport::new("python baseline", closed, &py));
+    report.runs.push(RunReport::new("jetbatch", closed, &jb));
+    Ok(report)
+}
+
+/// 5. Continuous vs static batching for generation, end to end.
+async fn generation(args: &BenchArgs) -> anyhow::Result<Report> {
+    let mut b = Bench::new(args).await?;
+    let mut report = Report::new("Generation: continuous vs static batching (Llama-arch 512×4, 3 short : 1 long)");
+    b.local.start_worker("w", false)?;
+    let topology = b.local.topology();
+    // 96 jobs arriving at 400/s (a burst the batch cannot absorb at once), 8 or 128 new tokens.
+    let load = LoadOpts { rate: Some(400.0), jobs: Some(96), duration: None, warmup: 4, ..b.load() };
+    let mut runs = Vec::new();
+    for mode in ["continuous", "static"] {
+        let mut t = Template::new(&format!("gen-{mode}"), "generate");
+        t.prompt_words = Some(Dist::Fixed(2));
+        t.max_new_tokens = Some(Dist::Choice { choice: vec![8, 8, 8, 128] });
+        t.params.insert("temperature".into(), 0.0.into());
+        let workload = Workload { encoding: "msgpack".into(), duplicate_ratio: 0.0, seed: 5, mix: vec![t] };
+        runs.push(b.measure(&topology, workload, &load, mode).await?);
+    }
+    b.local.stop_workers().await?;
+    let tps = |r: &Recording| r.tokens as f64 / r.wall.as_secs_f64();
+    let p99 = |r: &Recording| r.latency_us.value_at_quantile(0.99) as f64;
+    report.ratios.push(Ratio::new("continuous ÷ static tokens/s", tps(&runs[0]) / tps(&runs[1]), None));
+    report.ratios.push(Ratio::new("static p99 ÷ continuous p99", p99(&runs[1]) / p99(&runs[0]), None));
+    let mode = Mode::Open { rate: 400.0 };
+    report.runs.push(RunReport::new("continuous", mode, &runs[0]));
+    report.runs.push(RunReport::new("static", mode, &runs[1]));
+    Ok(report)
+}
+
+/// 6. 1, 2, 3 workers on one consumer.
+async fn scaling(args: &BenchArgs) -> anyhow::Result<Report> {
+    let mut b = Bench::new(args).await?;
+    let mut report = Report::new("Scaling: 1, 2, 3 workers on one consumer (`mlp`)");
+    let load = b.load();
+    let topology = b.local.topology();
+    let mut base = 0.0;
+    for n in 1..=3 {
+        for i in 0..n {
+            b.local.start_worker(&format!("w{i}"), false)?;
+        }
+        let label = format!("{n} worker{}", if n > 1 { "s" } else { "" });
+        let r = b.measure(&topology, mlp_jobs(0.0), &load, &label).await?;
+        b.local.stop_workers().await?;
+        if n == 1 {
+            base = r.throughput();
+        } else {
+            report.ratios.push(Ratio::new(&format!("{n} workers ÷ 1 worker"), r.throughput() / base, None));
+        }
+        report.notes.push(format!("{label}: lost {}, answered twice {}, workers that answered {}", r.lost(), r.duplicates, r.workers.len()));
+        report.runs.push(RunReport::new(&label, Mode::Closed { concurrency: load.concurrency }, &r));
+    }
+    Ok(report)
+}
