@@ -213,6 +213,7 @@ fn plot_latency(path: &Path, runs: &[&RunReport]) -> anyhow::Result<()> {
         let mut chart = ChartBuilder::on(&root)
             .caption("Latency by percentile (publish → result)", ("sans-serif", 22))
             .margin(12)
+            .margin_right(40)
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d((1.0..1e5).log_scale(), (min_ms * 0.8..max_ms * 1.25).log_scale())?;
@@ -252,10 +253,11 @@ fn plot_throughput(path: &Path, runs: &[&RunReport]) -> anyhow::Result<()> {
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..secs, 0.0..top * 1.1)?;
-        chart.configure_mesh().x_desc("seconds since the first job").y_desc("per second").draw()?;
+        chart.configure_mesh().x_desc("seconds since the first job").y_desc("per second").x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y:.0}")).draw()?;
         for (i, r) in runs.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
-            let points = |s: &[u64]| s.iter().enumerate().map(|(t, &n)| (t as f64 + 0.5, n as f64)).collect::<Vec<_>>();
+            // The last second is partial: left out rather than drawn as a drop.
+            let points = |s: &[u64]| s.iter().enumerate().take(s.len().saturating_sub(1).max(1)).map(|(t, &n)| (t as f64 + 0.5, n as f64)).collect::<Vec<_>>();
             chart
                 .draw_series(LineSeries::new(points(&r.completed_per_s), color.stroke_width(2)))?
                 .label(format!("{} results/s", r.label))
@@ -289,6 +291,7 @@ fn plot_batches(path: &Path, runs: &[&RunReport]) -> anyhow::Result<()> {
         chart
             .configure_mesh()
             .x_desc("batch size")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("share of computed jobs")
             .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))
             .draw()?;
