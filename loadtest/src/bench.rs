@@ -87,7 +87,7 @@ impl Bench<'_> {
     }
 
     fn wide_jobs(&self, model: &str) -> Workload {
-        Workload::tensor(model, &[self.args.wide.wide_width as u64], 0.0)
+        Workload::tensor(model, &[crate::local::WIDE_IO as u64], 0.0)
     }
 }
 

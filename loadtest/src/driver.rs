@@ -55,6 +55,10 @@ pub struct Recording {
     pub batch_sizes: BTreeMap<usize, u64>,
     /// Generated tokens (`generate` results).
     pub tokens: u64,
+    /// Summed `timing.queued_ms` and `timing.compute_ms` of computed results: where a job's time
+    /// inside the worker went.
+    pub queued_ms: f64,
+    pub compute_ms: f64,
     pub duplicates: u64,
     /// Results per worker name.
     pub workers: BTreeMap<String, u64>,
@@ -78,6 +82,8 @@ impl Recording {
             cached: 0,
             batch_sizes: BTreeMap::new(),
             tokens: 0,
+            queued_ms: 0.0,
+            compute_ms: 0.0,
             duplicates: 0,
             workers: BTreeMap::new(),
             completed_per_s: Vec::new(),
@@ -125,6 +131,10 @@ struct ResultView {
 struct TimingView {
     #[serde(default)]
     batch_size: usize,
+    #[serde(default)]
+    queued_ms: f64,
+    #[serde(default)]
+    compute_ms: f64,
 }
 
 #[derive(Deserialize)]
@@ -278,6 +288,8 @@ fn record(rec: &mut Recording, due: &mut HashMap<String, Instant>, payload: &[u8
         rec.cached += 1;
     } else if view.timing.batch_size > 0 {
         *rec.batch_sizes.entry(view.timing.batch_size).or_default() += 1;
+        rec.queued_ms += view.timing.queued_ms;
+        rec.compute_ms += view.timing.compute_ms;
     }
     if let Some(TokensView::Generated(tokens)) = view.output.and_then(|o| o.tokens) {
         rec.tokens += tokens.len() as u64;

@@ -9,12 +9,16 @@ use jetbatch::config::Topology;
 use jetbatch::demo::NatsServer;
 use tch::{CModule, Kind, Tensor};
 
-/// The compute-bound benchmark model: `depth` layers of `width × width` with tanh, f32[width] in
-/// and out — big enough that the forward pass, not the bus, bounds throughput.
+/// The compute-bound benchmark model: f32[256] in, `depth` tanh layers of `width × width`, f32[256]
+/// out — small messages, and enough arithmetic per job that the forward pass, not the bus, bounds
+/// throughput.
 pub struct WideModel {
     pub width: i64,
     pub depth: i64,
 }
+
+/// Elements per job in and out of `wide`.
+pub const WIDE_IO: i64 = 256;
 
 /// Generation benchmark decoder: Llama architecture, hidden 512, 4 layers (as `cargo bench`).
 const GEN_HIDDEN: i64 = 512;
@@ -68,8 +72,9 @@ impl Local {
         args.worker_id = Some(name.to_string());
         args.metrics_interval_secs = 0;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name(format!("worker-{name}")).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let thread_name = format!("jb-{name}");
+        let thread = std::thread::Builder::new().name(thread_name.clone()).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name(thread_name).build()?;
             runtime.block_on(jetbatch::worker::run(args, async move {
                 let _ = stopped.await;
             }))?;
@@ -96,7 +101,7 @@ fn write_models(dir: &Path, wide: &WideModel) -> Result<(), String> {
     let module = wide_module(wide.width, wide.depth, jetbatch::demo::DEMO_SEED)?;
     for (name, batch) in [("wide", 64), ("wide-b1", 1)] {
         let toml = format!(
-            "# Benchmark: {depth} tanh layers of {w}x{w}, f32[{w}] -> f32[{w}].\nbackend = \"torchscript\"\nmax_batch_size = {batch}\nmax_wait_ms = 2\npreload = true\n\n[[inputs]]\nname = \"x\"\ndtype = \"f32\"\nshape = [{w}]\n",
+            "# Benchmark: f32[{WIDE_IO}] -> {depth} tanh layers of {w}x{w} -> f32[{WIDE_IO}].\nbackend = \"torchscript\"\nmax_batch_size = {batch}\nmax_wait_ms = 2\npreload = true\n\n[[inputs]]\nname = \"x\"\ndtype = \"f32\"\nshape = [{WIDE_IO}]\n",
             depth = wide.depth,
             w = wide.width
         );
@@ -115,11 +120,14 @@ fn wide_module(width: i64, depth: i64, seed: i64) -> Result<CModule, String> {
     let _no_grad = tch::no_grad_guard();
     tch::manual_seed(seed + 3);
     let opts = (Kind::Float, tch::Device::Cpu);
-    let scale = 1.0 / (width as f64).sqrt();
-    let layers: Vec<(Tensor, Tensor)> = (0..depth).map(|_| (Tensor::randn([width, width], opts) * scale, Tensor::randn([width], opts) * 0.1)).collect();
-    CModule::create_by_tracing("WideMlp", "forward", &[Tensor::zeros([2, width], opts)], &mut |x| {
-        let y = layers.iter().fold(x[0].shallow_clone(), |h, (w, b)| h.linear(w, Some(b)).tanh());
-        vec![y]
+    let layer = |out: i64, inp: i64| (Tensor::randn([out, inp], opts) / (inp as f64).sqrt(), Tensor::randn([out], opts) * 0.1);
+    let first = layer(width, WIDE_IO);
+    let hidden: Vec<(Tensor, Tensor)> = (1..depth).map(|_| layer(width, width)).collect();
+    let last = layer(WIDE_IO, width);
+    CModule::create_by_tracing("WideMlp", "forward", &[Tensor::zeros([2, WIDE_IO], opts)], &mut |x| {
+        let h = x[0].linear(&first.0, Some(&first.1)).tanh();
+        let h = hidden.iter().fold(h, |h, (w, b)| h.linear(w, Some(b)).tanh());
+        vec![h.linear(&last.0, Some(&last.1))]
     })
     .map_err(|e| e.to_string())
 }

@@ -109,11 +109,11 @@ struct RunArgs {
 /// Size of the built-in compute-bound model `wide` (and `wide-b1`).
 #[derive(Debug, Clone, Args)]
 pub struct WideOpts {
-    /// Width of `wide`'s layers (f32[width] in and out).
-    #[arg(long, default_value_t = 1024)]
+    /// Width of `wide`'s hidden layers (jobs are f32[256] in and out).
+    #[arg(long, default_value_t = 2048)]
     wide_width: i64,
-    /// Number of `wide`'s layers.
-    #[arg(long, default_value_t = 4)]
+    /// Number of `wide`'s hidden layers.
+    #[arg(long, default_value_t = 8)]
     wide_depth: i64,
 }
 

@@ -28,6 +28,13 @@ pub struct RunReport {
     /// Computed jobs by the size of the batch they ran in.
     pub batch_sizes: BTreeMap<usize, u64>,
     pub mean_batch_size: f64,
+    /// Mean over computed jobs of the worker's own timing: waiting in the worker (pulled, not yet
+    /// running) and the batch's compute time.
+    pub mean_queued_ms: f64,
+    pub mean_compute_ms: f64,
+    /// Share of the wall time the model was computing (batches/s × compute per batch), summed
+    /// over workers: near 1 when the device is the bound.
+    pub compute_busy: f64,
     pub workers: BTreeMap<String, u64>,
     pub wall_s: f64,
     pub completed_per_s: Vec<u64>,
@@ -73,6 +80,10 @@ impl RunReport {
             latency_ms: Latency { p50: q(0.5), p90: q(0.9), p99: q(0.99), p99_9: q(0.999), max: ms(h.max()), mean: h.mean() / 1e3 },
             batch_sizes: r.batch_sizes.clone(),
             mean_batch_size: mean_batch,
+            mean_queued_ms: r.queued_ms / computed.max(1) as f64,
+            mean_compute_ms: r.compute_ms / computed.max(1) as f64,
+            // Each job of a batch reports the batch's compute time: divide by the batch size.
+            compute_busy: r.compute_ms / mean_batch.max(1.0) / 1e3 / r.wall.as_secs_f64().max(1e-9),
             workers: r.workers.clone(),
             wall_s: r.wall.as_secs_f64(),
             completed_per_s: r.completed_per_s.clone(),
@@ -165,8 +176,8 @@ impl Report {
             md += "\n";
         }
         if !self.runs.is_empty() {
-            md += "| run | load | jobs | jobs/s | tokens/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | mean batch | cached | lost | dup | errors |\n";
-            md += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+            md += "| run | load | jobs | jobs/s | tokens/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | mean batch | compute ms | busy | cached | lost | dup | errors |\n";
+            md += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
             for r in &self.runs {
                 let load = match r.mode {
                     Mode::Open { rate } => format!("open {rate:.0}/s"),
@@ -175,9 +186,9 @@ impl Report {
                 let l = &r.latency_ms;
                 let errors: u64 = r.errors.values().sum();
                 md += &format!(
-                    "| {} | {load} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0}% | {} | {} | {errors} |\n",
+                    "| {} | {load} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.0}% | {:.0}% | {} | {} | {errors} |\n",
                     r.label, r.received, r.throughput_jobs_per_s, r.tokens_per_s, l.p50, l.p90, l.p99, l.p99_9, l.max,
-                    r.mean_batch_size, r.cached_share * 100.0, r.lost, r.duplicates
+                    r.mean_batch_size, r.mean_compute_ms, r.compute_busy * 100.0, r.cached_share * 100.0, r.lost, r.duplicates
                 );
             }
             md += "\n";
