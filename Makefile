@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: demo test build bootstrap
+.PHONY: demo test build bench bootstrap
 
 ## A local nats-server, the built-in demo models, a worker, and a few demo jobs with their results.
 demo: bootstrap
@@ -11,7 +11,13 @@ demo: bootstrap
 
 ## The whole test suite (unit, integration against real nats-servers, schema checks).
 test: bootstrap
-	$(ENV) cargo test --locked --all-targets
+	$(ENV) cargo test --locked --workspace --all-targets
+
+## The benchmarks of loadtest/README.md: `make bench` (all) or `make bench WHICH=engine` (engine,
+## batching, bus, python, generation, scaling); reports in loadtest-report/.
+WHICH ?= all
+bench: bootstrap
+	$(ENV) cargo run --release --locked -p jetbatch-loadtest -- bench $(WHICH) --out loadtest-report
 
 build: bootstrap
 	$(ENV) cargo build --release --locked

@@ -23,7 +23,6 @@ import time
 
 import msgpack
 import nats
-import nats.errors
 import torch
 
 WORKER = f"python-{os.getpid()}"
@@ -44,21 +43,26 @@ def parse_args():
 
 
 async def next_batch(sub, max_batch, max_wait):
-    """Up to max_batch jobs: block for the first, then top up for at most max_wait seconds."""
+    """Up to max_batch jobs: block for the first, then top up for at most max_wait seconds.
+
+    nats-py raises both its own TimeoutError and a bare asyncio.TimeoutError from fetch (the
+    former is a subclass of the latter), so the latter is what is caught.
+    """
     while True:
         try:
             msgs = await sub.fetch(max_batch, timeout=1.0)
             break
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:
             continue
     deadline = time.monotonic() + max_wait
     while len(msgs) < max_batch:
         left = deadline - time.monotonic()
-        if left <= 0:
+        # Under a millisecond the pull request's expiry (timeout less 0.1 ms) is next to nothing.
+        if left < 0.001:
             break
         try:
             msgs += await sub.fetch(max_batch - len(msgs), timeout=left)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:
             break
     return msgs
 

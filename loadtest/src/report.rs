@@ -264,7 +264,15 @@ fn plot_throughput(path: &Path, runs: &[&RunReport]) -> anyhow::Result<()> {
             .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(0.0..secs, 0.0..top * 1.1)?;
-        chart.configure_mesh().x_desc("seconds since the first job").y_desc("per second").x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y:.0}")).draw()?;
+        // Whole seconds only: at most one label a second, so no two labels read the same.
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the first job")
+            .x_labels((secs as usize + 1).min(13))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("per second")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
         for (i, r) in runs.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             // The last second is partial: left out rather than drawn as a drop.
@@ -302,6 +310,7 @@ fn plot_batches(path: &Path, runs: &[&RunReport]) -> anyhow::Result<()> {
         chart
             .configure_mesh()
             .x_desc("batch size")
+            .x_labels((max_b as usize + 2).min(17))
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("share of computed jobs")
             .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))

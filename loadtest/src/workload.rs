@@ -471,7 +471,8 @@ mod tests {
             let input = field(&v, "input");
             if job.model == "a" {
                 a += 1;
-                let t = &field(&input, "inputs").as_array().unwrap()[0];
+                let inputs = field(&input, "inputs");
+                let t = &inputs.as_array().unwrap()[0];
                 let rows = field(t, "shape").as_array().unwrap()[0].as_u64().unwrap();
                 assert!((2..=4).contains(&rows));
                 assert_eq!(field(t, "data").as_slice().unwrap().len() as u64, rows * 8 * 4);
