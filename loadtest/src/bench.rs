@@ -1,6 +1,7 @@
 //! The benchmarks of `loadtest/README.md`. Each starts its own nats-server and workers, runs the
 //! two sides of its comparison one after the other in the same process, and reports the ratio.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,8 @@ use crate::{run_id, BenchArgs, LoadOpts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Which {
-    /// 1. `wide` through the engine alone (batch 1…64) vs through jetbatch end to end.
+    /// 1. `wide` through the engine alone (batch 1…64) vs through jetbatch end to end, at each of
+    /// `--engine-widths`.
     Engine,
     /// 2. `wide` with max_batch_size = 1 vs dynamic batching: capacity, and p99 at half load.
     Batching,
@@ -59,8 +61,11 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     async fn new(args: &BenchArgs) -> anyhow::Result<Bench<'_>> {
-        let wide = WideModel { width: args.wide.wide_width, depth: args.wide.wide_depth };
-        let local = Local::start(args.nats_server.clone(), None, &wide)?;
+        Bench::with_wide(args, &WideModel { width: args.wide.wide_width, depth: args.wide.wide_depth }).await
+    }
+
+    async fn with_wide<'a>(args: &'a BenchArgs, wide: &WideModel) -> anyhow::Result<Bench<'a>> {
+        let local = Local::start(args.nats_server.clone(), None, wide)?;
         let client = async_nats::connect(local.url()).await?;
         Ok(Bench { args, local, client })
     }
@@ -78,10 +83,17 @@ impl Bench<'_> {
 
     /// Sets up `topology`'s streams, warms up and measures `load` with jobs from `workload`.
     async fn measure(&self, topology: &Topology, workload: Workload, load: &LoadOpts, label: &str) -> anyhow::Result<Recording> {
+        self.measure_beside(topology, workload, load, label, None).await
+    }
+
+    /// `measure`, accounting the CPU time of a worker process (`(label, pid)`) too.
+    async fn measure_beside(&self, topology: &Topology, workload: Workload, load: &LoadOpts, label: &str, process: Option<(&str, u32)>) -> anyhow::Result<Recording> {
         jetbatch::bus::setup_streams(&async_nats::jetstream::new(self.client.clone()), topology).await?;
         let mut generator = Generator::new(workload);
         println!("  {label} …");
-        let r = crate::warm_then_drive(&self.client, topology, &mut generator, load, label, !self.args.quiet).await?;
+        let mut others = vec![("nats-server", self.local.server.pid())];
+        others.extend(process);
+        let r = crate::warm_then_drive(&self.client, topology, &mut generator, load, label, !self.args.quiet, &others).await?;
         println!("  {label}: {:.0} jobs/s, p99 {:.1} ms, lost {}", r.throughput(), r.latency_us.value_at_quantile(0.99) as f64 / 1e3, r.lost());
         Ok(r)
     }
@@ -119,10 +131,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 1. Engine alone vs end to end.
+/// 1. Engine alone vs end to end, for each width of `wide` in `--engine-widths`: the same ratio
+/// at growing compute per job shows how much of a job's time the bus costs.
 async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
-    let mut b = Bench::new(args).await?;
-    let mut report = Report::new("Engine alone vs jetbatch end to end (model `wide`)");
+    let mut report = Report::new("Engine alone vs jetbatch end to end (model `wide` at several widths)");
+    for &width in &args.engine_widths {
+        let wide = WideModel { width, depth: args.wide.wide_depth };
+        let mut b = Bench::with_wide(args, &wide).await?;
+        let (best, cpu, table) = engine_alone(&b, Duration::from_secs_f64((args.secs / 4.0).max(1.0))).await?;
+        let cpu: Vec<String> = cpu.iter().map(|(g, s)| format!("{g} {:.0}%", s * 100.0)).collect();
+        report.tables.push(format!("Engine alone, width {width} (in process, no bus); CPU at the best batch: {}\n\n{table}", cpu.join(", ")));
+        b.local.start_worker("e2e", false)?;
+        let topology = b.local.topology();
+        let load = b.load();
+        let label = format!("end-to-end, width {width}");
+        let r = b.measure(&topology, b.wide_jobs("wide"), &load, &label).await?;
+        b.local.stop_workers().await?;
+        let cpu_ms = 1e3 / best;
+        report.ratios.push(Ratio::new(&format!("e2e ÷ engine alone, width {width} ({cpu_ms:.2} ms of compute a job)"), r.throughput() / best, Some(0.9)));
+        report.notes.push(format!("width {width}: engine alone at its best batch {best:.0} jobs/s; end to end {:.0} jobs/s", r.throughput()));
+        report.runs.push(RunReport::new(&label, Mode::Closed { concurrency: load.concurrency }, &r));
+    }
+    Ok(report)
+}
+
+/// `wide` through the engine in process at batch sizes 1…64, `per_size` each, with the next batch
+/// always queued behind the running one (as the worker's prefetch does), so the engine never
+/// waits on this loop. Returns the best rate, the CPU shares while it ran, and a Markdown table.
+async fn engine_alone(b: &Bench<'_>, per_size: Duration) -> anyhow::Result<(f64, BTreeMap<String, f64>, String)> {
     let spec = Arc::new(ModelSpec::load(&b.local.models.join("wide"))?);
     let (engine, thread) = EngineHandle::start(Arc::new(Metrics::new("bench")), 0);
     engine.load(spec.clone()).await?;
@@ -136,37 +172,34 @@ async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
             Ok(spec.validate(envelope, usize::MAX).map_err(|e| anyhow::anyhow!("{}", e.message))?.input)
         })
         .collect::<anyhow::Result<_>>()?;
-    let mut table = "Engine alone (in process, no bus):\n\n| batch | jobs/s | ms per batch |\n| --- | --- | --- |\n".to_string();
-    let mut best = 0.0f64;
-    let per_size = Duration::from_secs_f64((args.secs / 4.0).max(1.0));
+    let mut table = "| batch | jobs/s | ms per batch |\n| --- | --- | --- |\n".to_string();
+    let (mut best, mut best_cpu) = (0.0f64, BTreeMap::new());
     for size in [1usize, 2, 4, 8, 16, 32, 64] {
-        let (mut jobs, start) = (0usize, Instant::now());
+        let submit = || engine.run(spec.clone(), JobKind::Tensor, inputs[..size].to_vec(), vec![false; size]);
+        let (mut jobs, start, cpu) = (0usize, Instant::now(), crate::cpu::Snapshot::take(&[]));
+        let mut queued = submit();
         while start.elapsed() < per_size {
-            let mut events = engine.run(spec.clone(), JobKind::Tensor, inputs[..size].to_vec(), vec![false; size]);
+            let mut running = std::mem::replace(&mut queued, submit());
             for _ in 0..size {
-                match events.recv().await {
+                match running.recv().await {
                     Some(Event::Done { result: Ok(_), .. }) => jobs += 1,
                     other => anyhow::bail!("engine: {other:?}"),
                 }
             }
         }
         let rate = jobs as f64 / start.elapsed().as_secs_f64();
-        best = best.max(rate);
+        if rate > best {
+            (best, best_cpu) = (rate, crate::cpu::Snapshot::take(&[]).shares_since(&cpu));
+        }
+        // Let the batch still queued finish before the next size starts.
+        for _ in 0..size {
+            queued.recv().await;
+        }
         table += &format!("| {size} | {rate:.0} | {:.2} |\n", size as f64 / rate * 1e3);
     }
-    report.tables.push(table);
     drop(engine);
     thread.join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
-
-    b.local.start_worker("e2e", false)?;
-    let topology = b.local.topology();
-    let load = b.load();
-    let r = b.measure(&topology, b.wide_jobs("wide"), &load, "end-to-end").await?;
-    b.local.stop_workers().await?;
-    report.ratios.push(Ratio::new("e2e ÷ engine alone (`wide`, saturated)", r.throughput() / best, Some(0.9)));
-    report.notes.push(format!("engine alone at its best batch: {best:.0} jobs/s; end to end: {:.0} jobs/s", r.throughput()));
-    report.runs.push(RunReport::new("end-to-end", Mode::Closed { concurrency: load.concurrency }, &r));
-    Ok(report)
+    Ok((best, best_cpu, table))
 }
 
 /// 2. max_batch_size = 1 vs dynamic batching.
@@ -225,7 +258,8 @@ async fn bus(args: &BenchArgs) -> anyhow::Result<Report> {
     let defaults = jetbatch::demo::local_serve_args(b.local.url(), PathBuf::new(), None);
     let (inflight, pull) = (defaults.max_inflight, defaults.pull_batch);
     let raw = std::thread::spawn(move || -> anyhow::Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        // Named like the in-process workers' threads, so its CPU time counts as worker I/O.
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("jb-rawbus").build()?;
         runtime.block_on(crate::rawbus::serve(url, t, inflight, pull, stopped))
     });
     let raw_rec = b.measure(&raw_topology, mlp_jobs(0.0), &load, "raw JetStream").await?;
@@ -241,7 +275,7 @@ async fn bus(args: &BenchArgs) -> anyhow::Result<Report> {
     driver::drive(&b.client, &topology, &mut generator, &fill).await?;
     generator.set_duplicate_ratio(1.0);
     println!("  jetbatch cache hits …");
-    let hits = crate::warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet).await?;
+    let hits = crate::warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet, &[("nats-server", b.local.server.pid())]).await?;
     b.local.stop_workers().await?;
     report.ratios.push(Ratio::new("jetbatch cache hits ÷ raw JetStream", hits.throughput() / raw_rec.throughput(), Some(0.7)));
     report.notes.push(format!("cache-hit share of the measured jobs: {:.1}%", hits.cached as f64 / hits.received.max(1) as f64 * 100.0));
@@ -272,7 +306,8 @@ async fn python(args: &BenchArgs) -> anyhow::Result<Report> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| anyhow::anyhow!("{}: {e}", python.display()))?;
-    let py = b.measure(&py_topology, mlp_jobs(0.0), &load, "python baseline").await;
+    let pid = child.id().unwrap_or(0);
+    let py = b.measure_beside(&py_topology, mlp_jobs(0.0), &load, "python baseline", Some(("python worker", pid))).await;
     child.kill().await?;
     let py = py?;
     b.local.start_worker("jetbatch", false)?;

@@ -62,6 +62,8 @@ pub struct Recording {
     pub duplicates: u64,
     /// Results per worker name.
     pub workers: BTreeMap<String, u64>,
+    /// Share of the machine's CPU by group during the run (see `cpu`); empty where not taken.
+    pub cpu: BTreeMap<String, f64>,
     /// Results per second since the first job was sent.
     pub completed_per_s: Vec<u64>,
     pub sent_per_s: Vec<u64>,
@@ -86,6 +88,7 @@ impl Recording {
             compute_ms: 0.0,
             duplicates: 0,
             workers: BTreeMap::new(),
+            cpu: BTreeMap::new(),
             completed_per_s: Vec::new(),
             sent_per_s: Vec::new(),
             wall: Duration::ZERO,

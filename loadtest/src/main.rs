@@ -7,9 +7,11 @@
 //! - `report`: JSON, Markdown and SVG plots.
 //! - `local`: a nats-server, a model repository and in-process workers for self-contained runs.
 //! - `rawbus`: the bus-only worker that bounds the cache-hit path.
+//! - `cpu`: where the machine's CPU time went during a run (engine, worker I/O, generator, server).
 //! - `bench`: the benchmarks, each a side-by-side run reported as ratios.
 
 mod bench;
+mod cpu;
 mod driver;
 mod local;
 mod rawbus;
@@ -132,6 +134,11 @@ struct BenchArgs {
     concurrency: usize,
     #[command(flatten)]
     wide: WideOpts,
+    /// `engine`: the widths of `wide` to compare at (comma-separated). Compute per job grows with
+    /// the square of the width while the bus's cost per job stays the same, so the sweep shows
+    /// from what model size on the bus stops mattering.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024i64, 2048, 4096])]
+    engine_widths: Vec<i64>,
     /// The nats-server binary (default: the project venv's, then PATH).
     #[arg(long)]
     nats_server: Option<PathBuf>,
@@ -185,8 +192,10 @@ pub fn run_id(label: &str) -> String {
     format!("{label}-{nanos:x}")
 }
 
-/// Warms up with `load.warmup` jobs, then runs the measured plan; both from `generator`.
-pub async fn warm_then_drive(client: &async_nats::Client, topology: &Topology, generator: &mut Generator, load: &LoadOpts, label: &str, progress: bool) -> anyhow::Result<driver::Recording> {
+/// Warms up with `load.warmup` jobs, then runs the measured plan; both from `generator`. The
+/// CPU time of this process's threads and of `others` (label, pid) is accounted over the measured
+/// part.
+pub async fn warm_then_drive(client: &async_nats::Client, topology: &Topology, generator: &mut Generator, load: &LoadOpts, label: &str, progress: bool, others: &[(&str, u32)]) -> anyhow::Result<driver::Recording> {
     if load.warmup > 0 {
         let warm = Plan {
             mode: Mode::Closed { concurrency: load.concurrency.clamp(1, 256) },
@@ -201,7 +210,10 @@ pub async fn warm_then_drive(client: &async_nats::Client, topology: &Topology, g
             anyhow::bail!("warm-up: {} of {} jobs got no result in 120 s — are workers running?", r.lost(), r.sent);
         }
     }
-    driver::drive(client, topology, generator, &load.plan(run_id(label), progress)?).await
+    let before = cpu::Snapshot::take(others);
+    let mut recording = driver::drive(client, topology, generator, &load.plan(run_id(label), progress)?).await?;
+    recording.cpu = cpu::Snapshot::take(others).shares_since(&before);
+    Ok(recording)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -224,7 +236,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     jetbatch::bus::setup_streams(&async_nats::jetstream::new(client.clone()), &topology).await?;
     let mut generator = Generator::new(workload);
     let plan = args.load.plan(String::new(), !args.quiet)?;
-    let recording = warm_then_drive(&client, &topology, &mut generator, &args.load, &args.label, !args.quiet).await?;
+    let server = local.as_ref().map(|l| [("nats-server", l.server.pid())]);
+    let recording = warm_then_drive(&client, &topology, &mut generator, &args.load, &args.label, !args.quiet, server.as_ref().map_or(&[][..], |s| &s[..])).await?;
     let mut report = Report::new(&format!("jetbatch-loadtest run: {}", args.workload.display()));
     report.runs.push(RunReport::new(&args.label, plan.mode, &recording));
     report.write(&args.out)?;

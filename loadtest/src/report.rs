@@ -33,9 +33,13 @@ pub struct RunReport {
     pub mean_queued_ms: f64,
     pub mean_compute_ms: f64,
     /// Share of the wall time the model was computing (batches/s × compute per batch), summed
-    /// over workers: near 1 when the device is the bound.
-    pub compute_busy: f64,
+    /// over workers: near 1 when the device is the bound. None for generation, where a job's
+    /// compute time is its stay in a running batch that others join and leave, so the sum over
+    /// jobs does not add up to the device's time.
+    pub compute_busy: Option<f64>,
     pub workers: BTreeMap<String, u64>,
+    /// Share of the machine's CPU (all cores) by group over the run, with the idle rest.
+    pub cpu_share: BTreeMap<String, f64>,
     pub wall_s: f64,
     pub completed_per_s: Vec<u64>,
     pub sent_per_s: Vec<u64>,
@@ -83,8 +87,9 @@ impl RunReport {
             mean_queued_ms: r.queued_ms / computed.max(1) as f64,
             mean_compute_ms: r.compute_ms / computed.max(1) as f64,
             // Each job of a batch reports the batch's compute time: divide by the batch size.
-            compute_busy: r.compute_ms / mean_batch.max(1.0) / 1e3 / r.wall.as_secs_f64().max(1e-9),
+            compute_busy: (r.tokens == 0).then(|| r.compute_ms / mean_batch.max(1.0) / 1e3 / r.wall.as_secs_f64().max(1e-9)),
             workers: r.workers.clone(),
+            cpu_share: r.cpu.clone(),
             wall_s: r.wall.as_secs_f64(),
             completed_per_s: r.completed_per_s.clone(),
             sent_per_s: r.sent_per_s.clone(),
@@ -185,13 +190,18 @@ impl Report {
                 };
                 let l = &r.latency_ms;
                 let errors: u64 = r.errors.values().sum();
+                let busy = r.compute_busy.map_or("—".to_string(), |b| format!("{:.0}%", b * 100.0));
                 md += &format!(
-                    "| {} | {load} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.0}% | {:.0}% | {} | {} | {errors} |\n",
+                    "| {} | {load} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {busy} | {:.0}% | {} | {} | {errors} |\n",
                     r.label, r.received, r.throughput_jobs_per_s, r.tokens_per_s, l.p50, l.p90, l.p99, l.p99_9, l.max,
-                    r.mean_batch_size, r.mean_compute_ms, r.compute_busy * 100.0, r.cached_share * 100.0, r.lost, r.duplicates
+                    r.mean_batch_size, r.mean_compute_ms, r.cached_share * 100.0, r.lost, r.duplicates
                 );
             }
             md += "\n";
+            for r in self.runs.iter().filter(|r| !r.cpu_share.is_empty()) {
+                let shares: Vec<String> = r.cpu_share.iter().map(|(g, s)| format!("{g} {:.0}%", s * 100.0)).collect();
+                md += &format!("CPU ({} cores), {}: {}\n\n", self.cores, r.label, shares.join(", "));
+            }
             for r in self.runs.iter().filter(|r| r.workers.len() > 1) {
                 let spread: Vec<String> = r.workers.iter().map(|(w, n)| format!("{w}: {n}")).collect();
                 md += &format!("Jobs per worker, {}: {}\n\n", r.label, spread.join(", "));
