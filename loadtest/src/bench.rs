@@ -315,6 +315,13 @@ async fn python(args: &BenchArgs) -> anyhow::Result<Report> {
     b.local.stop_workers().await?;
     let p99 = |r: &Recording| r.latency_us.value_at_quantile(0.99) as f64 / 1e3;
     report.ratios.push(Ratio::new("jetbatch ÷ Python baseline throughput", jb.throughput() / py.throughput(), Some(3.0)));
+    // CPU time each worker spent per job: what the throughput ratio becomes once the broker and
+    // the producers no longer share the worker's cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpu_us = |r: &Recording, groups: &[&str]| groups.iter().filter_map(|g| r.cpu.get(*g)).sum::<f64>() * cores * r.wall.as_secs_f64() * 1e6 / r.received.max(1) as f64;
+    let (py_us, jb_us) = (cpu_us(&py, &["python worker"]), cpu_us(&jb, &["worker I/O", "model compute"]));
+    report.ratios.push(Ratio::new("Python CPU per job ÷ jetbatch CPU per job", py_us / jb_us.max(1e-9), None));
+    report.notes.push(format!("worker CPU per job: jetbatch {jb_us:.1} µs, Python {py_us:.1} µs"));
     report.notes.push(format!("p99 at saturation: jetbatch {:.1} ms, Python {:.1} ms", p99(&jb), p99(&py)));
     let closed = Mode::Closed { concurrency: load.concurrency };
     report.runs.push(RunReport::new("python baseline", closed, &py));
