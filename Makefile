@@ -14,10 +14,12 @@ test: bootstrap
 	$(ENV) cargo test --locked --workspace --all-targets
 
 ## The benchmarks of loadtest/README.md: `make bench` (all) or `make bench WHICH=engine` (engine,
-## batching, bus, python, generation, scaling); reports in loadtest-report/.
+## batching, bus, python, generation, scaling); `REPEAT=3` reports each ratio as the median of 3
+## rounds; reports in loadtest-report/.
 WHICH ?= all
+REPEAT ?= 1
 bench: bootstrap
-	$(ENV) cargo run --release --locked -p jetbatch-loadtest -- bench $(WHICH) --out loadtest-report
+	$(ENV) cargo run --release --locked -p jetbatch-loadtest -- bench $(WHICH) --repeat $(REPEAT) --out loadtest-report
 
 build: bootstrap
 	$(ENV) cargo build --release --locked

@@ -109,17 +109,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         w => vec![w],
     };
     let mut summary = Report::new("jetbatch benchmarks: summary");
+    let rounds = args.repeat.max(1);
     for which in list {
-        println!("== {}", which.name());
-        let report = match which {
-            Which::Engine => engine(&args).await?,
-            Which::Batching => batching(&args).await?,
-            Which::Bus => bus(&args).await?,
-            Which::Python => python(&args).await?,
-            Which::Generation => generation(&args).await?,
-            Which::Scaling => scaling(&args).await?,
-            Which::All => unreachable!("expanded above"),
-        };
+        let mut reports = Vec::with_capacity(rounds);
+        for round in 1..=rounds {
+            if rounds > 1 {
+                println!("== {} (round {round} of {rounds})", which.name());
+            } else {
+                println!("== {}", which.name());
+            }
+            reports.push(match which {
+                Which::Engine => engine(&args).await?,
+                Which::Batching => batching(&args).await?,
+                Which::Bus => bus(&args).await?,
+                Which::Python => python(&args).await?,
+                Which::Generation => generation(&args).await?,
+                Which::Scaling => scaling(&args).await?,
+                Which::All => unreachable!("expanded above"),
+            });
+        }
+        let report = Report::median_of(reports);
         let dir = args.out.join(which.name());
         report.write(&dir)?;
         println!("{}", report.markdown());

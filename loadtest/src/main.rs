@@ -129,6 +129,11 @@ struct BenchArgs {
     /// Seconds each measured run lasts (saturation runs; the generation benchmark is a job count).
     #[arg(long, default_value_t = 10.0)]
     secs: f64,
+    /// Run each benchmark this many times and report each ratio as the median of the rounds, with
+    /// every round's value beside it (runs on 2 shared cores vary by 5–20 %; 3 is a good choice
+    /// before trusting a ratio near its target). Runs, tables and plots are the last round's.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Closed-loop concurrency of the saturation runs.
     #[arg(long, default_value_t = 512)]
     concurrency: usize,

@@ -102,14 +102,26 @@ impl RunReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratio {
     pub name: String,
+    /// The median of `rounds` (the one value, for a single round).
     pub value: f64,
     pub target: Option<f64>,
+    /// Whether the median meets the target.
     pub met: Option<bool>,
+    /// Every round's value, in the order measured.
+    pub rounds: Vec<f64>,
 }
 
 impl Ratio {
     pub fn new(name: &str, value: f64, target: Option<f64>) -> Ratio {
-        Ratio { name: name.into(), value, target, met: target.map(|t| value >= t) }
+        Ratio::of_rounds(name, vec![value], target)
+    }
+
+    fn of_rounds(name: &str, rounds: Vec<f64>, target: Option<f64>) -> Ratio {
+        let mut sorted = rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mid = sorted.len() / 2;
+        let value = if sorted.len() % 2 == 1 { sorted[mid] } else { (sorted[mid - 1] + sorted[mid]) / 2.0 };
+        Ratio { name: name.into(), value, target, met: target.map(|t| value >= t), rounds }
     }
 }
 
@@ -144,6 +156,22 @@ impl Report {
         }
     }
 
+    /// One report from several rounds of the same benchmark: each ratio is the median of its
+    /// rounds (matched by name); runs, tables and notes are the last round's.
+    pub fn median_of(mut rounds: Vec<Report>) -> Report {
+        let mut last = rounds.pop().expect("at least one round");
+        if rounds.is_empty() {
+            return last;
+        }
+        for ratio in &mut last.ratios {
+            let mut values: Vec<f64> = rounds.iter().filter_map(|r| r.ratios.iter().find(|x| x.name == ratio.name)).map(|x| x.value).collect();
+            values.push(ratio.value);
+            *ratio = Ratio::of_rounds(&ratio.name, values, ratio.target);
+        }
+        last.notes.push(format!("ratios: median of {} rounds (every round in parentheses); runs, tables and plots: the last round", rounds.len() + 1));
+        last
+    }
+
     /// Writes `report.json`, `report.md` and the plots into `dir`.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -172,7 +200,13 @@ impl Report {
                     Some(false) => "**missed**",
                     None => "",
                 };
-                md += &format!("| {} | {:.2} | {target} | {met} |\n", r.name, r.value);
+                let measured = if r.rounds.len() > 1 {
+                    let each: Vec<String> = r.rounds.iter().map(|v| format!("{v:.2}")).collect();
+                    format!("{:.2} ({})", r.value, each.join(", "))
+                } else {
+                    format!("{:.2}", r.value)
+                };
+                md += &format!("| {} | {measured} | {target} | {met} |\n", r.name);
             }
             md += "\n";
         }
@@ -375,4 +409,27 @@ fn today() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_are_summed_up_by_their_median() {
+        let round = |v: f64| {
+            let mut r = Report::new("t");
+            r.ratios.push(Ratio::new("a ÷ b", v, Some(3.0)));
+            r
+        };
+        let one = Report::median_of(vec![round(2.5)]);
+        assert_eq!((one.ratios[0].value, one.ratios[0].met), (2.5, Some(false)));
+        assert!(one.markdown().contains("| a ÷ b | 2.50 | ≥ 3 | **missed** |"), "{}", one.markdown());
+        let three = Report::median_of(vec![round(3.6), round(2.7), round(3.1)]);
+        let r = &three.ratios[0];
+        assert_eq!((r.value, r.met, r.rounds.clone()), (3.1, Some(true), vec![3.6, 2.7, 3.1]));
+        assert!(three.markdown().contains("| a ÷ b | 3.10 (3.60, 2.70, 3.10) | ≥ 3 | met |"), "{}", three.markdown());
+        let two = Report::median_of(vec![round(2.0), round(4.0)]);
+        assert_eq!(two.ratios[0].value, 3.0);
+    }
 }

@@ -34,6 +34,9 @@ fn help_documents_every_option() {
     for which in ["engine", "batching", "bus", "python", "generation", "scaling", "all"] {
         assert!(bench.contains(which), "bench --help lacks {which}");
     }
+    for option in ["--repeat", "--secs", "--engine-widths", "--concurrency", "--python", "--out"] {
+        assert!(bench.contains(option), "bench --help lacks {option}");
+    }
 }
 
 #[test]
