@@ -91,7 +91,7 @@ impl Bench<'_> {
         jetbatch::bus::setup_streams(&async_nats::jetstream::new(self.client.clone()), topology).await?;
         let mut generator = Generator::new(workload);
         println!("  {label} …");
-        let mut others = vec![("nats-server", self.local.server.pid())];
+        let mut others = vec![self.local.server_process()];
         others.extend(process);
         let r = crate::warm_then_drive(&self.client, topology, &mut generator, load, label, !self.args.quiet, &others).await?;
         println!("  {label}: {:.0} jobs/s, p99 {:.1} ms, lost {}", r.throughput(), r.latency_us.value_at_quantile(0.99) as f64 / 1e3, r.lost());
@@ -113,11 +113,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for which in list {
         let mut reports = Vec::with_capacity(rounds);
         for round in 1..=rounds {
-            if rounds > 1 {
-                println!("== {} (round {round} of {rounds})", which.name());
-            } else {
-                println!("== {}", which.name());
-            }
+            let of = if rounds > 1 { format!(" (round {round} of {rounds})") } else { String::new() };
+            println!("== {}{of}", which.name());
             reports.push(match which {
                 Which::Engine => engine(&args).await?,
                 Which::Batching => batching(&args).await?,
@@ -148,8 +145,7 @@ async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
         let wide = WideModel { width, depth: args.wide.wide_depth };
         let mut b = Bench::with_wide(args, &wide).await?;
         let (best, cpu, table) = engine_alone(&b, Duration::from_secs_f64((args.secs / 4.0).max(1.0))).await?;
-        let cpu: Vec<String> = cpu.iter().map(|(g, s)| format!("{g} {:.0}%", s * 100.0)).collect();
-        report.tables.push(format!("Engine alone, width {width} (in process, no bus); CPU at the best batch: {}\n\n{table}", cpu.join(", ")));
+        report.tables.push(format!("Engine alone, width {width} (in process, no bus); CPU at the best batch: {}\n\n{table}", crate::cpu::describe(&cpu)));
         b.local.start_worker("e2e", false)?;
         let topology = b.local.topology();
         let load = b.load();
@@ -284,7 +280,7 @@ async fn bus(args: &BenchArgs) -> anyhow::Result<Report> {
     driver::drive(&b.client, &topology, &mut generator, &fill).await?;
     generator.set_duplicate_ratio(1.0);
     println!("  jetbatch cache hits …");
-    let hits = crate::warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet, &[("nats-server", b.local.server.pid())]).await?;
+    let hits = crate::warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet, &[b.local.server_process()]).await?;
     b.local.stop_workers().await?;
     report.ratios.push(Ratio::new("jetbatch cache hits ÷ raw JetStream", hits.throughput() / raw_rec.throughput(), Some(0.7)));
     report.notes.push(format!("cache-hit share of the measured jobs: {:.1}%", hits.cached as f64 / hits.received.max(1) as f64 * 100.0));
@@ -326,9 +322,7 @@ async fn python(args: &BenchArgs) -> anyhow::Result<Report> {
     report.ratios.push(Ratio::new("jetbatch ÷ Python baseline throughput", jb.throughput() / py.throughput(), Some(3.0)));
     // CPU time each worker spent per job: what the throughput ratio becomes once the broker and
     // the producers no longer share the worker's cores.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let cpu_us = |r: &Recording, groups: &[&str]| groups.iter().filter_map(|g| r.cpu.get(*g)).sum::<f64>() * cores * r.wall.as_secs_f64() * 1e6 / r.received.max(1) as f64;
-    let (py_us, jb_us) = (cpu_us(&py, &["python worker"]), cpu_us(&jb, &["worker I/O", "model compute"]));
+    let (py_us, jb_us) = (py.cpu_us_per_job(&["python worker"]), jb.cpu_us_per_job(&["worker I/O", "model compute"]));
     report.ratios.push(Ratio::new("Python CPU per job ÷ jetbatch CPU per job", py_us / jb_us.max(1e-9), None));
     report.notes.push(format!("worker CPU per job: jetbatch {jb_us:.1} µs, Python {py_us:.1} µs"));
     report.notes.push(format!("p99 at saturation: jetbatch {:.1} ms, Python {:.1} ms", p99(&jb), p99(&py)));

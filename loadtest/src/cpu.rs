@@ -9,6 +9,16 @@ use std::time::Instant;
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on every Linux ABI).
 const TICKS_PER_S: f64 = 100.0;
 
+/// The machine's cores, which the shares below are fractions of.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Shares as a report prints them: `group N%`, comma-separated.
+pub fn describe(shares: &BTreeMap<String, f64>) -> String {
+    shares.iter().map(|(group, share)| format!("{group} {:.0}%", share * 100.0)).collect::<Vec<_>>().join(", ")
+}
+
 /// CPU ticks by group at one instant.
 pub struct Snapshot {
     at: Instant,
@@ -60,8 +70,7 @@ impl Snapshot {
     /// Each group's share of the machine's CPU (all cores) from `earlier` to this snapshot, and
     /// the idle rest. Threads that ended in between are not counted (none do during a run).
     pub fn shares_since(&self, earlier: &Snapshot) -> BTreeMap<String, f64> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let capacity = self.at.duration_since(earlier.at).as_secs_f64() * cores * TICKS_PER_S;
+        let capacity = self.at.duration_since(earlier.at).as_secs_f64() * cores() as f64 * TICKS_PER_S;
         let mut shares: BTreeMap<String, f64> = self
             .ticks
             .iter()
@@ -95,9 +104,8 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(400));
         let shares = Snapshot::take(&[]).shares_since(&before);
         spin.join().unwrap();
-        let cores = std::thread::available_parallelism().unwrap().get() as f64;
         // 300 ms of one core in ~400 ms of wall time.
-        let compute = shares["model compute"] * cores;
+        let compute = shares["model compute"] * cores() as f64;
         assert!((0.5..=1.0).contains(&compute), "model compute {compute} cores: {shares:?}");
         assert!(shares.contains_key("idle"), "{shares:?}");
     }

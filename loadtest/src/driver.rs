@@ -100,6 +100,12 @@ impl Recording {
         self.sent - self.received
     }
 
+    /// CPU time the `groups` of `cpu` spent per result, in µs.
+    pub fn cpu_us_per_job(&self, groups: &[&str]) -> f64 {
+        let share: f64 = groups.iter().filter_map(|g| self.cpu.get(*g)).sum();
+        share * crate::cpu::cores() as f64 * self.wall.as_secs_f64() * 1e6 / self.received.max(1) as f64
+    }
+
     /// Results per second over the whole run.
     pub fn throughput(&self) -> f64 {
         self.received as f64 / self.wall.as_secs_f64().max(1e-9)

@@ -60,6 +60,11 @@ impl Local {
         self.server.url()
     }
 
+    /// The server as a process whose CPU time a run accounts (see `cpu`).
+    pub fn server_process(&self) -> (&'static str, u32) {
+        ("nats-server", self.server.pid())
+    }
+
     /// The default topology (what a worker with no flags uses).
     pub fn topology(&self) -> Topology {
         jetbatch::demo::local_serve_args(self.url(), PathBuf::new(), None).topology

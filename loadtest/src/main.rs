@@ -241,8 +241,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     jetbatch::bus::setup_streams(&async_nats::jetstream::new(client.clone()), &topology).await?;
     let mut generator = Generator::new(workload);
     let plan = args.load.plan(String::new(), !args.quiet)?;
-    let server = local.as_ref().map(|l| [("nats-server", l.server.pid())]);
-    let recording = warm_then_drive(&client, &topology, &mut generator, &args.load, &args.label, !args.quiet, server.as_ref().map_or(&[][..], |s| &s[..])).await?;
+    let others: Vec<_> = local.iter().map(local::Local::server_process).collect();
+    let recording = warm_then_drive(&client, &topology, &mut generator, &args.load, &args.label, !args.quiet, &others).await?;
     let mut report = Report::new(&format!("jetbatch-loadtest run: {}", args.workload.display()));
     report.runs.push(RunReport::new(&args.label, plan.mode, &recording));
     report.write(&args.out)?;

@@ -147,7 +147,7 @@ impl Report {
             date: today(),
             commit: commit(),
             machine: cpu_model(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cores: crate::cpu::cores(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
             runs: vec![],
             ratios: vec![],
@@ -233,8 +233,7 @@ impl Report {
             }
             md += "\n";
             for r in self.runs.iter().filter(|r| !r.cpu_share.is_empty()) {
-                let shares: Vec<String> = r.cpu_share.iter().map(|(g, s)| format!("{g} {:.0}%", s * 100.0)).collect();
-                md += &format!("CPU ({} cores), {}: {}\n\n", self.cores, r.label, shares.join(", "));
+                md += &format!("CPU ({} cores), {}: {}\n\n", self.cores, r.label, crate::cpu::describe(&r.cpu_share));
             }
             for r in self.runs.iter().filter(|r| r.workers.len() > 1) {
                 let spread: Vec<String> = r.workers.iter().map(|(w, n)| format!("{w}: {n}")).collect();
