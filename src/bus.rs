@@ -27,8 +27,10 @@ pub enum BusError {
     Connect { urls: String, message: String },
     #[error("stream or consumer setup: {0}")]
     Setup(String),
-    #[error("publish: {0}")]
-    Publish(String),
+    /// `permanent`: the server refused this message for good (too large, a header it rejects), so
+    /// publishing it again cannot succeed.
+    #[error("publish: {message}")]
+    Publish { message: String, permanent: bool },
     #[error("pull: {0}")]
     Pull(String),
     #[error("ack: {0}")]
@@ -36,11 +38,17 @@ pub enum BusError {
 }
 
 impl BusError {
+    /// A publish that can never succeed as it is: the caller falls back to a smaller message.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, BusError::Publish { permanent: true, .. })
+    }
+
     pub fn error_type(&self) -> &'static str {
         match self {
             BusError::Connect { .. } => "connect",
             BusError::Setup(_) => "setup",
-            BusError::Publish(_) => "publish",
+            BusError::Publish { permanent: true, .. } => "publish_refused",
+            BusError::Publish { .. } => "publish",
             BusError::Pull(_) => "pull",
             BusError::Ack(_) => "ack",
         }
@@ -76,6 +84,57 @@ pub async fn connect(opts: &NatsOpts, name: &str) -> Result<Client, BusError> {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
     async_nats::connect_with_options(addrs, options).await.map_err(|e| err(e.to_string()))
+}
+
+/// Header of every result: [`job_hash`] of the job it answers. A result is trusted as a job's
+/// answer only when its body's id and this header both match the job (see [`stored_answer`]).
+pub const JOB_HASH_HEADER: &str = "Jetbatch-Job-Hash";
+
+/// A job's fingerprint on the wire: the hash of its payload as published. Two jobs that share an
+/// id but not their input (a careless or hostile producer) never take each other's answer.
+pub fn job_hash(payload: &[u8]) -> String {
+    blake3::hash(payload).to_hex()[..32].to_string()
+}
+
+/// The `Nats-Msg-Id` of a job's result: the results stream keeps one answer per (id, job) within
+/// its duplicate window, so a redelivered job is not answered twice, and a second job reusing an
+/// id cannot have its answer dropped as a duplicate of the first one's.
+pub fn result_msg_id(id: &str, hash: &str) -> String {
+    format!("{id}:{hash}")
+}
+
+/// Publishes into a stream and awaits the stream's ack.
+pub async fn publish_stored(js: &Context, subject: String, headers: HeaderMap, payload: Bytes) -> Result<jetstream::publish::PublishAck, BusError> {
+    js.publish_with_headers(subject, headers, payload).await.map_err(publish_error)?.await.map_err(publish_error)
+}
+
+/// Sorts a publish failure into transient (retry later) and permanent: a message over the
+/// server's max payload, a header the stream rejects, or any other 4xx answer of the JetStream API.
+fn publish_error(e: jetstream::context::PublishError) -> BusError {
+    use jetstream::context::PublishErrorKind as Kind;
+    let permanent = match e.kind() {
+        Kind::MaxPayloadExceeded | Kind::WrongLastMessageId | Kind::WrongLastSequence => true,
+        Kind::Other => std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|api| (400..500).contains(&api.code())),
+        _ => false,
+    };
+    BusError::Publish { message: e.to_string(), permanent }
+}
+
+/// What the results stream holds under a job's own subject, if it is that job's answer: the
+/// body's id and the [`JOB_HASH_HEADER`] must both match. Anything else stored there (a result of
+/// another job that reused the id) is not an answer, and the job is computed.
+pub async fn stored_answer<I>(results: &stream::Stream<I>, subject: String, id: &str, hash: &str) -> Result<Option<Bytes>, BusError> {
+    match results.direct_get_last_for_subject(subject).await {
+        Ok(m) => {
+            let same_job = m.headers.get(JOB_HASH_HEADER).map(|v| v.as_str()) == Some(hash);
+            let same_id = crate::job::JobResult::decode(&m.payload).is_ok_and(|r| r.id == id);
+            Ok((same_job && same_id).then_some(m.payload))
+        }
+        Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(BusError::Pull(format!("results lookup: {e}"))),
+    }
 }
 
 /// Creates or updates the jobs, results and dead-letter streams and the workers' consumer.
@@ -256,9 +315,10 @@ impl Delivery {
         self.headers.as_ref()?.get(name).map(|v| v.as_str())
     }
 
-    /// The model token of `<prefix>.jobs.<model>`.
-    pub fn subject_model(&self) -> &str {
-        self.subject.rsplit('.').next().unwrap_or_default()
+    /// What follows `<prefix>.jobs.`: a model name when the subject is well formed. A subject
+    /// with extra tokens (`jobs.x.y.mlp`) keeps them, so the job is refused for not naming its model.
+    pub fn subject_model(&self, prefix: &str) -> &str {
+        self.subject.strip_prefix(prefix).and_then(|s| s.strip_prefix(".jobs.")).unwrap_or(&self.subject)
     }
 
     /// Time since the producer published the job.

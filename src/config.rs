@@ -164,6 +164,11 @@ pub struct ServeArgs {
     /// Payloads larger than this are answered with `bad_request`.
     #[arg(long, env = "JETBATCH_MAX_PAYLOAD_BYTES", default_value_t = 8 << 20)]
     pub max_payload_bytes: usize,
+    /// Subjects a job's `reply_to` may name, each exact or ending in `.>`; the result is always
+    /// stored on `<prefix>.results.<id>` and a copy goes to `reply_to`. System subjects (`$JS.`,
+    /// `$SYS.`, ...) and jetbatch's own subjects are refused here and in jobs, whatever is set.
+    #[arg(long = "reply-prefix", env = "JETBATCH_REPLY_PREFIX", value_delimiter = ',', default_values_t = ["_INBOX.>".to_string(), "jetbatch.reply.>".to_string()])]
+    pub reply_prefixes: Vec<String>,
     /// Elements a single tensor in a job may have.
     #[arg(long, env = "JETBATCH_MAX_TENSOR_ELEMENTS", default_value_t = 16 << 20)]
     pub max_tensor_elements: usize,

@@ -39,6 +39,14 @@ pub struct JobLine {
     pub body: Vec<u8>,
 }
 
+/// Whether a result message answers the job whose payload hashes to `hash`: its body's id and its
+/// [`crate::bus::JOB_HASH_HEADER`] must both match. A result that another producer's job with the
+/// same id got (or anything else published on the subject) is not ours.
+fn answers(id: &str, hash: &str, headers: Option<&HeaderMap>, payload: &[u8]) -> bool {
+    headers.and_then(|h| h.get(crate::bus::JOB_HASH_HEADER)).map(|v| v.as_str()) == Some(hash)
+        && crate::job::JobResult::decode(payload).is_ok_and(|r| r.id == id)
+}
+
 impl JobLine {
     pub fn parse(line: &str, n: usize) -> Result<JobLine, SubmitError> {
         let bad = |m: &str| SubmitError::Input(format!("line {n}: {m}"));
@@ -62,7 +70,9 @@ pub async fn run_jobs(
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
 ) -> Result<(), SubmitError> {
     let js = jetstream::new(client.clone());
-    crate::bus::setup_streams(&js, topology).await?;
+    ensure_streams(&js, topology).await?;
+    // Each job's fingerprint, to tell its result from anything else published under its id.
+    let hashes: HashMap<String, String> = jobs.iter().map(|j| (j.id.clone(), crate::bus::job_hash(&j.body))).collect();
     let mut missing: HashSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut live = client
         .subscribe(format!("{}.results.>", topology.prefix))
@@ -70,7 +80,7 @@ pub async fn run_jobs(
         .map_err(|e| SubmitError::Nats(e.to_string()))?;
     let nats = |e: &dyn std::fmt::Display| SubmitError::Nats(e.to_string());
     if look_up_stored {
-        for (id, payload) in stored_results(&js, topology, missing.iter().cloned().collect()).await? {
+        for (id, payload) in stored_results(&js, topology, &hashes, missing.iter().cloned().collect()).await? {
             if missing.remove(&id) {
                 on_result(&id, &payload)?;
             }
@@ -98,7 +108,10 @@ pub async fn run_jobs(
         match tokio::time::timeout(poll, live.next()).await {
             Ok(Some(msg)) => {
                 let id = msg.subject.get(prefix_len..).unwrap_or_default();
-                if missing.remove(id) {
+                let ours = hashes.get(id).is_some_and(|hash| answers(id, hash, msg.headers.as_ref(), &msg.payload));
+                if missing.contains(id) && !ours {
+                    warn!(%id, "a result under this id answers another job; still waiting for ours");
+                } else if missing.remove(id) {
                     on_result(id, &msg.payload)?;
                     idle = Duration::ZERO;
                 }
@@ -107,7 +120,7 @@ pub async fn run_jobs(
             Err(_) => {
                 // Quiet for a while: results may have been missed by the live feed (slow consumer).
                 idle += poll;
-                for (id, payload) in stored_results(&js, topology, missing.iter().cloned().collect()).await? {
+                for (id, payload) in stored_results(&js, topology, &hashes, missing.iter().cloned().collect()).await? {
                     if missing.remove(&id) {
                         on_result(&id, &payload)?;
                         idle = Duration::ZERO;
@@ -122,15 +135,29 @@ pub async fn run_jobs(
     Ok(())
 }
 
-/// Results already in the results stream, by id (direct gets, 64 at a time).
-async fn stored_results(js: &Context, t: &Topology, ids: Vec<String>) -> Result<Vec<(String, Vec<u8>)>, SubmitError> {
-    let stream = js.get_stream(&t.results_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
+/// Makes sure the jobs and results streams exist. A producer's account may lack the rights to
+/// create or update streams (the shipped accounts only let it look them up): only when they are
+/// missing does this try to create them, and says what to run if that is refused.
+async fn ensure_streams(js: &Context, t: &Topology) -> Result<(), SubmitError> {
+    let exist = js.get_stream(&t.jobs_stream).await.is_ok() && js.get_stream(&t.results_stream).await.is_ok();
+    if !exist {
+        crate::bus::setup_streams(js, t)
+            .await
+            .map_err(|e| SubmitError::Nats(format!("streams missing and cannot be created ({e}); run `jetbatch setup` with a worker's credentials")))?;
+    }
+    Ok(())
+}
+
+/// Results already in the results stream that answer our jobs, by id (direct gets, 64 at a time).
+async fn stored_results(js: &Context, t: &Topology, hashes: &HashMap<String, String>, ids: Vec<String>) -> Result<Vec<(String, Vec<u8>)>, SubmitError> {
+    let stream = js.get_stream_no_info(&t.results_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
     let found = futures::stream::iter(ids)
         .map(|id| {
             let stream = &stream;
             async move {
-                let subject = t.result_subject(&id);
-                stream.direct_get_last_for_subject(subject).await.ok().map(|m| (id, m.payload.to_vec()))
+                let hash = hashes.get(&id)?;
+                let answer = crate::bus::stored_answer(stream, t.result_subject(&id), &id, hash).await.ok()??;
+                Some((id, answer.to_vec()))
             }
         })
         .buffer_unordered(64)

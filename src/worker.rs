@@ -36,6 +36,10 @@ pub enum WorkerError {
     Repository(#[from] RepoError),
     #[error("metrics endpoint: {0}")]
     Metrics(std::io::Error),
+    /// The engine thread died (a bug, not a job: model failures are caught on it). The worker
+    /// hands its jobs back and exits non-zero so that its supervisor starts a fresh one.
+    #[error("the engine thread stopped unexpectedly")]
+    EngineStopped,
 }
 
 /// A valid job on its way to the engine.
@@ -116,35 +120,35 @@ struct Ctx {
     worker: String,
     metrics: Arc<Metrics>,
     cache: Option<Arc<Cache>>,
+    /// The models served, so metric labels name only these (a producer's made-up model names and
+    /// kinds would otherwise each become a new series).
+    repository: Arc<Repository>,
     /// The results stream, to look up whether a job was answered by an earlier delivery.
     results: jetstream::stream::Stream<()>,
     streamer: bus::Streamer,
 }
 
 impl Ctx {
-    /// The subject a job's result is stored under in the results stream.
-    fn stored_subject(&self, h: &Header) -> Option<String> {
-        let id = h.id.as_ref()?;
-        let results_prefix = format!("{}.results.", self.topology.prefix);
-        Some(match &h.reply_to {
-            Some(r) if r.starts_with(&results_prefix) => r.clone(),
-            _ => self.topology.result_subject(id),
-        })
-    }
-
-    /// Whether the results stream already holds an answer for this job. Asked only for
-    /// redeliveries and for jobs held past `ack_wait` — the cases where another worker may have
-    /// answered — so the common path pays nothing.
-    async fn already_answered(&self, h: &Header) -> bool {
-        let Some(subject) = self.stored_subject(h) else { return false };
-        match self.results.direct_get_last_for_subject(subject).await {
-            Ok(_) => true,
-            Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => false,
+    /// Whether the results stream already holds this job's answer. Asked only for redeliveries
+    /// and for jobs held past `ack_wait` — the cases where another worker may have answered — so
+    /// the common path pays nothing. Only an answer to this very job counts (see
+    /// [`bus::stored_answer`]): a result stored by another job with the same id does not.
+    async fn already_answered(&self, h: &Header, hash: &str) -> bool {
+        let Some(id) = h.id.as_deref() else { return false };
+        match bus::stored_answer(&self.results, self.topology.result_subject(id), id, hash).await {
+            Ok(found) => found.is_some(),
             Err(e) => {
-                warn!(id = ?h.id, error = %e, "results lookup failed; answering anyway (deduplicated by id)");
+                warn!(id, error = %e, "results lookup failed; answering anyway (deduplicated by id)");
                 false
             }
         }
+    }
+
+    /// `model` and `kind` labels: a served model and a known kind, else `unknown` / `invalid`.
+    fn labels<'a>(&self, h: &'a Header) -> [&'a str; 2] {
+        let model = if self.repository.get(&h.model).is_some() { h.model.as_str() } else { "unknown" };
+        let kind = JobKind::parse(&h.kind).map_or("invalid", JobKind::as_str);
+        [model, kind]
     }
 }
 
@@ -188,7 +192,15 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     }
     let results_stream = js.get_stream_no_info(&args.topology.results_stream).await.map_err(|e| BusError::Setup(e.to_string()))?;
     let streamer = bus::Streamer { client: client.clone(), prefix: args.topology.prefix.clone() };
-    let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache, results: results_stream, streamer: streamer.clone() });
+    let ctx = Arc::new(Ctx {
+        topology: args.topology.clone(),
+        worker,
+        metrics: metrics.clone(),
+        cache,
+        repository: repository.clone(),
+        results: results_stream,
+        streamer: streamer.clone(),
+    });
     let limits = Limits { max_payload_bytes: args.max_payload_bytes, max_tensor_elements: args.max_tensor_elements };
 
     let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
@@ -231,7 +243,18 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     tasks.spawn(snapshots(client.clone(), ctx.clone(), args.metrics_interval_secs, notify.subscribe()));
     let results_task = tokio::spawn(results(finished_rx, release_rx, js, ctx.clone()));
 
-    shutdown.await;
+    let engine_died = async {
+        while !engine_thread.is_finished() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let died = tokio::select! {
+        _ = shutdown => false,
+        _ = engine_died => true,
+    };
+    if died {
+        error!("the engine thread stopped: handing jobs back and exiting");
+    }
     info!("shutdown: stop fetching, hand back queued jobs, finish the batch in flight");
     let _ = notify.send(());
     while tasks.join_next().await.is_some() {}
@@ -247,6 +270,9 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     let _ = client.flush().await;
     let handed_back = metrics.naks_total.with_label_values(&["shutdown"]).get();
     info!(handed_back, "stopped");
+    if died {
+        return Err(WorkerError::EngineStopped);
+    }
     Ok(())
 }
 
@@ -255,7 +281,15 @@ fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Parses each delivery into a job; answers invalid jobs and cache hits straight away.
+/// Payloads at least this large are parsed on the blocking pool: decoding and tokenising them
+/// takes long enough to hold up the jobs behind them on the intake loop.
+const HEAVY_PAYLOAD: usize = 16 << 10;
+/// Most heavy payloads parsed at once (each may hold a few times its size in memory meanwhile).
+const HEAVY_PARSERS: usize = 4;
+
+/// Parses each delivery into a job; answers invalid jobs and cache hits straight away. Small
+/// payloads are parsed in line; large ones on the blocking pool, so one huge job cannot stall
+/// the jobs behind it.
 async fn intake(
     mut deliveries: mpsc::Receiver<Delivery>,
     pending: mpsc::Sender<Pending>,
@@ -264,42 +298,69 @@ async fn intake(
     limits: Limits,
     ctx: Arc<Ctx>,
 ) {
-    while let Some(delivery) = deliveries.recv().await {
-        let item = match parse(&delivery, &repository, &limits) {
-            Err((header, error)) => Finished { delivery, header, outcome: Outcome::Answer(Err(error)) },
-            Ok((job, _, cache_key)) if delivery.delivered > 1 && ctx.already_answered(&header_of(&job, cache_key)).await => {
-                let header = header_of(&job, cache_key);
-                Finished { delivery, header, outcome: Outcome::AlreadyAnswered }
-            }
-            Ok((job, spec, cache_key)) => match lookup(&ctx, cache_key.as_ref()) {
-                Some(output) => {
-                    let p = Pending { job, spec, cache_key, delivery };
-                    let mut header = Header::of(&p);
-                    header.cached = true;
-                    header.timing.queued_ms = ms(p.delivery.age());
-                    Finished { delivery: p.delivery, header, outcome: Outcome::Answer(Ok(output)) }
+    let limits = Arc::new(limits);
+    let mut heavy = FuturesUnordered::new();
+    let mut open = true;
+    while open || !heavy.is_empty() {
+        let (delivery, parsed) = tokio::select! {
+            d = deliveries.recv(), if open && heavy.len() < HEAVY_PARSERS => match d {
+                None => { open = false; continue }
+                Some(d) if d.payload.len() >= HEAVY_PAYLOAD => {
+                    let (repository, limits, prefix) = (repository.clone(), limits.clone(), ctx.topology.prefix.clone());
+                    heavy.push(tokio::task::spawn_blocking(move || {
+                        let parsed = parse(&d, &repository, &limits, &prefix);
+                        (d, parsed)
+                    }));
+                    continue;
                 }
-                None => match pending.send(Pending { job, spec, cache_key, delivery }).await {
-                    Ok(()) => continue,
-                    // The batcher has stopped: this job was never started.
-                    Err(mpsc::error::SendError(p)) => {
-                        let header = Header::of(&p);
-                        Finished { delivery: p.delivery, header, outcome: Outcome::Release }
-                    }
-                },
+                Some(d) => {
+                    let parsed = parse(&d, &repository, &limits, &ctx.topology.prefix);
+                    (d, parsed)
+                }
+            },
+            Some(done) = heavy.next(), if !heavy.is_empty() => match done {
+                Ok(pair) => pair,
+                // The parse panicked: the job is dropped with its permit and redelivered after
+                // ack_wait; the decoder's fuzz tests exist so that this does not happen.
+                Err(e) => { error!(error = %e, "job parsing failed"); continue }
             },
         };
+        let Some(item) = admit(delivery, parsed, &pending, &ctx).await else { continue };
         if finished.send(item).await.is_err() {
             return;
         }
     }
 }
 
+/// Routes a parsed delivery: an error answer, an answer from the cache, an ack of a job already
+/// answered, or on to the batcher (`None`).
+async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, pending: &mpsc::Sender<Pending>, ctx: &Ctx) -> Option<Finished> {
+    let (job, spec, cache_key) = match parsed {
+        Err((header, error)) => return Some(Finished { delivery, header, outcome: Outcome::Answer(Err(error)) }),
+        Ok(parsed) => parsed,
+    };
+    let header = header_of(&job, cache_key);
+    if delivery.delivered > 1 && ctx.already_answered(&header, &bus::job_hash(&delivery.payload)).await {
+        return Some(Finished { delivery, header, outcome: Outcome::AlreadyAnswered });
+    }
+    if let Some(output) = lookup(ctx, cache_key.as_ref()) {
+        let mut header = header;
+        header.cached = true;
+        header.timing.queued_ms = ms(delivery.age());
+        return Some(Finished { delivery, header, outcome: Outcome::Answer(Ok(output)) });
+    }
+    match pending.send(Pending { job, spec, cache_key, delivery }).await {
+        Ok(()) => None,
+        // The batcher has stopped: this job was never started.
+        Err(mpsc::error::SendError(p)) => Some(Finished { header: Header::of(&p), delivery: p.delivery, outcome: Outcome::Release }),
+    }
+}
+
 type Parsed = (ValidJob, Arc<ModelSpec>, Option<[u8; 32]>);
 
 /// Decodes and validates a delivery; on failure, the header of the error result.
-fn parse(d: &Delivery, repository: &Repository, limits: &Limits) -> Result<Parsed, (Header, JobError)> {
-    let env = job::decode(&d.payload, d.header("Content-Type"), d.subject_model(), limits).map_err(|r| {
+fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -> Result<Parsed, (Header, JobError)> {
+    let env = job::decode(&d.payload, d.header("Content-Type"), d.subject_model(prefix), limits).map_err(|r| {
         let header = Header {
             id: r.id,
             model: r.model.unwrap_or_default(),
@@ -324,6 +385,12 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits) -> Result<Parse
         stream: false,
         timing: Timing::default(),
     };
+    // The stream deduplicates jobs by Nats-Msg-Id; an id in the body that differs would let one
+    // job pass the stream's dedup under one name and be answered under another's.
+    if let Some(msg_id) = d.header("Nats-Msg-Id").filter(|m| *m != env.id) {
+        let msg = format!("id: '{}' differs from the Nats-Msg-Id header '{}'", env.id, msg_id.chars().take(64).collect::<String>());
+        return Err((header(&env), JobError::bad_request(msg)));
+    }
     let Some(spec) = repository.get(&env.model) else {
         let msg = format!("model: '{}' is not in this worker's repository", env.model);
         return Err((header(&env), JobError::new(ErrorCode::UnknownModel, msg)));
@@ -507,11 +574,12 @@ fn backoff(delivered: i64) -> Duration {
 
 async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
     let Finished { delivery, header, outcome } = f;
+    let hash = bus::job_hash(&delivery.payload);
     // A redelivery, or a job held past ack_wait (say the process was paused): another worker may
     // have answered it meanwhile.
     let contested = delivery.delivered > 1 || delivery.received.elapsed() >= ctx.topology.ack_wait();
     let settling = matches!(outcome, Outcome::Answer(_) | Outcome::Retry(_));
-    let outcome = if contested && settling && ctx.already_answered(&header).await { Outcome::AlreadyAnswered } else { outcome };
+    let outcome = if contested && settling && ctx.already_answered(&header, &hash).await { Outcome::AlreadyAnswered } else { outcome };
     let (answer, dead) = match outcome {
         Outcome::Release => return hand_back(&delivery, None, "shutdown", &ctx).await,
         Outcome::AlreadyAnswered => {
@@ -533,9 +601,15 @@ async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
         }
         Outcome::Answer(Ok(output)) => (Ok(output), None),
         // Without an id no result can be addressed: the payload goes to the dead letters.
-        Outcome::Answer(Err(err)) if header.id.is_none() => return dead_letter_then_term(&delivery, &header, &err, &js, &ctx).await,
+        Outcome::Answer(Err(err)) if header.id.is_none() => {
+            info!(subject = %delivery.subject, error = %err, "job without a readable id: dead-lettered");
+            return dead_letter_then_term(&delivery, &header, &err, &js, &ctx).await;
+        }
         Outcome::Answer(Err(err)) => (Err(err), None),
     };
+    if let Err(err) = &answer {
+        info!(id = ?header.id, model = ctx.labels(&header)[0], error = %err, "job answered with an error");
+    }
     if let (Ok(output), Some(cache), Some(key), false) = (&answer, &ctx.cache, &header.cache_key, header.cached) {
         if let Err(e) = cache.put(key, output) {
             warn!(error = %e, "cache write");
@@ -549,15 +623,30 @@ async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
         ctx.streamer.publish(id, header.encoding, &chunk).await;
         ctx.streamer.publish(id, header.encoding, &crate::engine::StreamChunk { done: true, ..chunk }).await;
     }
-    let status = if answer.is_ok() { "ok" } else { "error" };
-    if let Err(e) = publish_result(&js, &ctx, &header, answer).await {
-        // Nothing is acked without a stored result: the job comes back after a delay.
-        error!(id = ?header.id, error = %e, "result publish failed");
+    let mut status = if answer.is_ok() { "ok" } else { "error" };
+    let mut dead = dead;
+    if let Err(e) = publish_result(&js, &ctx, &header, &hash, answer).await {
         ctx.metrics.errors_total.with_label_values(&["bus", e.error_type()]).inc();
-        return hand_back(&delivery, Some(Duration::from_secs(1)), "publish", &ctx).await;
+        if !e.is_permanent() {
+            // Nothing is acked without a stored result: the job comes back after a delay.
+            error!(id = ?header.id, error = %e, "result publish failed; the job will be redelivered");
+            return hand_back(&delivery, Some(Duration::from_secs(1)), "publish", &ctx).await;
+        }
+        // This result can never be stored (say it is over the server's max payload): a short
+        // error result takes its place, and the job goes to the dead letters.
+        error!(id = ?header.id, error = %e, "result refused by the server; answering with an error instead");
+        let err = JobError::new(ErrorCode::ModelError, format!("the result could not be stored: {e}"));
+        match publish_result(&js, &ctx, &header, &hash, Err(err.clone())).await {
+            Err(e) if !e.is_permanent() => return hand_back(&delivery, Some(Duration::from_secs(1)), "publish", &ctx).await,
+            Err(e) => error!(id = ?header.id, error = %e, "error result refused as well; dead letter only"),
+            Ok(()) => {}
+        }
+        status = "error";
+        dead = Some(err);
     }
-    ctx.metrics.jobs_total.with_label_values(&[&header.model, &header.kind, status]).inc();
-    ctx.metrics.job_latency_seconds.with_label_values(&[&header.model]).observe(delivery.age().as_secs_f64());
+    let [model, kind] = ctx.labels(&header);
+    ctx.metrics.jobs_total.with_label_values(&[model, kind, status]).inc();
+    ctx.metrics.job_latency_seconds.with_label_values(&[model]).observe(delivery.age().as_secs_f64());
     match dead {
         Some(err) => dead_letter_then_term(&delivery, &header, &err, &js, &ctx).await,
         None => {
@@ -569,7 +658,10 @@ async fn settle(f: Finished, js: Context, ctx: Arc<Ctx>) {
     }
 }
 
-async fn publish_result(js: &Context, ctx: &Ctx, h: &Header, answer: Result<Output, JobError>) -> Result<(), BusError> {
+/// Stores the result on the job's own subject `<prefix>.results.<id>` — whatever the job asked —
+/// and then, if the job named a `reply_to` (which the decoder allowed: only under the configured
+/// reply prefixes, never a system subject or one of ours), sends a copy there.
+async fn publish_result(js: &Context, ctx: &Ctx, h: &Header, hash: &str, answer: Result<Output, JobError>) -> Result<(), BusError> {
     let id = h.id.clone().expect("results are addressed by id");
     let (status, output, error) = match answer {
         Ok(o) => (Status::Ok, Some(o.to_wire(h.encoding)), None),
@@ -587,25 +679,19 @@ async fn publish_result(js: &Context, ctx: &Ctx, h: &Header, answer: Result<Outp
         timing: h.timing.clone(),
     };
     let payload = bytes::Bytes::from(h.encoding.encode(&result));
-    let subject = ctx.stored_subject(h).expect("results are addressed by id");
-    // Results live in the results stream; a reply_to outside it is served as well, without ack.
-    if let Some(r) = h.reply_to.as_ref().filter(|r| **r != subject) {
-        js.client()
-            .publish_with_headers(r.clone(), content_type(h.encoding), payload.clone())
-            .await
-            .map_err(|e| BusError::Publish(e.to_string()))?;
-    }
     let mut headers = content_type(h.encoding);
-    // The results stream drops a second answer for the same job within its duplicate window.
-    headers.insert("Nats-Msg-Id", id.as_str());
-    let ack = js
-        .publish_with_headers(subject, headers, payload)
-        .await
-        .map_err(|e| BusError::Publish(e.to_string()))?
-        .await
-        .map_err(|e| BusError::Publish(e.to_string()))?;
+    headers.insert("Nats-Msg-Id", bus::result_msg_id(&id, hash).as_str());
+    headers.insert(bus::JOB_HASH_HEADER, hash);
+    let ack = bus::publish_stored(js, ctx.topology.result_subject(&id), headers.clone(), payload.clone()).await?;
     if ack.duplicate {
         debug!(%id, "result already published (duplicate delivery)");
+    }
+    if let Some(reply_to) = &h.reply_to {
+        // A copy for the producer's inbox; the stored result is the answer, so a failure here
+        // (the inbox is gone, the copy too large) only loses the copy.
+        if let Err(e) = js.client().publish_with_headers(reply_to.clone(), headers, payload).await {
+            warn!(%id, error = %e, "reply_to copy not sent");
+        }
     }
     Ok(())
 }
@@ -616,22 +702,37 @@ fn content_type(e: Encoding) -> HeaderMap {
     h
 }
 
-/// Copies the original payload to `<prefix>.dead.<model|invalid>` with the error in headers, then terms.
+/// Header-safe text: printable characters only, at most `max` of them.
+fn header_text(s: &str, max: usize) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(max).collect()
+}
+
+/// Copies the original payload to `<prefix>.dead.<model|invalid>` with the error in headers, then
+/// terms. Only our own headers go with it: the producer's (say `Nats-Expected-Stream`) would be
+/// read by the dead-letter stream as instructions. A payload the server refuses there for good is
+/// dropped, and the dead letter says so.
 async fn dead_letter_then_term(d: &Delivery, h: &Header, err: &JobError, js: &Context, ctx: &Ctx) {
     let token = if job::valid_model_name(&h.model) && h.id.is_some() { h.model.as_str() } else { "invalid" };
-    let mut headers = d.headers.clone().unwrap_or_default();
+    let mut headers = HeaderMap::new();
     headers.insert("Jetbatch-Error-Code", err.code.as_str());
-    headers.insert("Jetbatch-Error", err.message.replace(['\r', '\n'], " ").as_str());
+    headers.insert("Jetbatch-Error", header_text(&err.message, 512).as_str());
     headers.insert("Jetbatch-Subject", d.subject.as_str());
     headers.insert("Jetbatch-Stream-Seq", d.stream_seq.to_string().as_str());
     headers.insert("Jetbatch-Deliveries", d.delivered.to_string().as_str());
     headers.insert("Nats-Msg-Id", format!("dead-{}", d.stream_seq).as_str());
+    if let Some(ct) = d.header("Content-Type") {
+        headers.insert("Jetbatch-Content-Type", header_text(ct, 128).as_str());
+    }
     if let Some(id) = &h.id {
         headers.insert("Jetbatch-Job-Id", id.as_str());
     }
     let subject = format!("{}.dead.{token}", ctx.topology.prefix);
-    let published = async { js.publish_with_headers(subject, headers, d.payload.clone()).await?.await };
-    match published.await {
+    let mut published = bus::publish_stored(js, subject.clone(), headers.clone(), d.payload.clone()).await;
+    if matches!(&published, Err(e) if e.is_permanent()) {
+        headers.insert("Jetbatch-Payload-Dropped", d.payload.len().to_string().as_str());
+        published = bus::publish_stored(js, subject, headers, bytes::Bytes::new()).await;
+    }
+    match published {
         Ok(_) => {
             ctx.metrics.dead_letters_total.inc();
             if let Err(e) = d.term().await {
