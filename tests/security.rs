@@ -220,16 +220,7 @@ async fn limits_on_names_sizes_and_elements() {
 #[tokio::test]
 async fn the_shipped_accounts_separate_producers_from_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, monitor) = (free_port(), free_port());
-    // The shipped files, with the store moved into the test's folder.
-    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/nats");
-    let conf = dir.path().join("nats-server.conf");
-    let text = std::fs::read_to_string(shipped.join("nats-server.conf")).unwrap();
-    std::fs::write(&conf, text.replace("/data/jetstream", dir.path().join("store").to_str().unwrap())).unwrap();
-    std::fs::copy(shipped.join("accounts.conf"), dir.path().join("accounts.conf")).unwrap();
-    let args = ["-c", conf.to_str().unwrap(), "-p", &port.to_string(), "-m", &monitor.to_string()];
-    let env = vec![("PRODUCER_PASSWORD".to_string(), "prod-pw".to_string()), ("WORKER_PASSWORD".to_string(), "work-pw".to_string())];
-    let node = Node::spawn_env(args.map(String::from).to_vec(), port, env);
+    let node = shipped_accounts_server(dir.path());
     let worker = ["--nats-user", "worker", "--nats-password", "work-pw"];
     let producer = ["--nats-user", "producer", "--nats-password", "prod-pw"];
     round_trip_as(dir.path(), &node.url(), &worker, &producer).await;

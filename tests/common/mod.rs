@@ -78,6 +78,20 @@ impl Drop for Node {
     }
 }
 
+/// A nats-server run from the shipped `deploy/nats` files (accounts, permissions) with its store
+/// in `dir`; users `producer` / `prod-pw` and `worker` / `work-pw`.
+pub fn shipped_accounts_server(dir: &Path) -> Node {
+    let (port, monitor) = (free_port(), free_port());
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/nats");
+    let conf = dir.join("nats-server.conf");
+    let text = std::fs::read_to_string(shipped.join("nats-server.conf")).unwrap();
+    std::fs::write(&conf, text.replace("/data/jetstream", dir.join("store").to_str().unwrap())).unwrap();
+    std::fs::copy(shipped.join("accounts.conf"), dir.join("accounts.conf")).unwrap();
+    let args = ["-c", conf.to_str().unwrap(), "-p", &port.to_string(), "-m", &monitor.to_string()];
+    let env = vec![("PRODUCER_PASSWORD".to_string(), "prod-pw".to_string()), ("WORKER_PASSWORD".to_string(), "work-pw".to_string())];
+    Node::spawn_env(args.map(String::from).to_vec(), port, env)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -99,6 +113,16 @@ impl Harness {
         let store = dir.path().join("nats").to_string_lossy().to_string();
         let args = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", &store].map(String::from).to_vec();
         Harness::with_nodes(dir, vec![Node::spawn(args, port)], 1).await
+    }
+
+    /// One nats-server with JetStream and `conf` added to its configuration (say `max_payload: 24576`).
+    pub async fn with_conf(conf: &str) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let path = dir.path().join("server.conf");
+        let store = dir.path().join("nats");
+        std::fs::write(&path, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{conf}\n", store.display())).unwrap();
+        Harness::with_nodes(dir, vec![Node::spawn_conf(&path, port)], 1).await
     }
 
     /// A 3-node JetStream cluster on loopback (routes between all, a store each), streams at R3.
