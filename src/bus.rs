@@ -475,3 +475,31 @@ impl Streamer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetstream::context::{PublishError, PublishErrorKind};
+
+    #[test]
+    fn publish_failures_that_cannot_succeed_later_are_permanent() {
+        let api = |code: u16| -> jetstream::Error {
+            serde_json::from_value(serde_json::json!({"code": code, "err_code": 10054, "description": "refused"})).unwrap()
+        };
+        let permanent = |e: PublishError| publish_error(e).is_permanent();
+        assert!(permanent(PublishError::new(PublishErrorKind::MaxPayloadExceeded)));
+        assert!(permanent(PublishError::new(PublishErrorKind::WrongLastSequence)));
+        assert!(permanent(PublishError::with_source(PublishErrorKind::Other, api(400))));
+        assert!(!permanent(PublishError::with_source(PublishErrorKind::Other, api(503))));
+        assert!(!permanent(PublishError::new(PublishErrorKind::TimedOut)));
+        assert!(!permanent(PublishError::new(PublishErrorKind::BrokenPipe)));
+        assert!(!permanent(PublishError::new(PublishErrorKind::StreamNotFound)));
+    }
+
+    #[test]
+    fn results_are_keyed_by_id_and_job() {
+        let (a, b) = (job_hash(b"{\"id\":\"x\",\"n\":1}"), job_hash(b"{\"id\":\"x\",\"n\":2}"));
+        assert_ne!(result_msg_id("x", &a), result_msg_id("x", &b), "two jobs that share an id keep two answers");
+        assert_eq!(result_msg_id("x", &a), result_msg_id("x", &job_hash(b"{\"id\":\"x\",\"n\":1}")), "a redelivery is deduplicated");
+    }
+}
