@@ -189,7 +189,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
     let results_stream = js.get_stream_no_info(&args.topology.results_stream).await.map_err(|e| BusError::Setup(e.to_string()))?;
     let streamer = bus::Streamer { client: client.clone(), prefix: args.topology.prefix.clone() };
     let ctx = Arc::new(Ctx { topology: args.topology.clone(), worker, metrics: metrics.clone(), cache, results: results_stream, streamer: streamer.clone() });
-    let limits = Limits { max_payload_bytes: args.max_payload_bytes, max_tensor_elements: args.max_tensor_elements };
+    let limits = Limits::new(args.max_payload_bytes, args.max_tensor_elements);
 
     let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
     let (release_tx, release_rx) = mpsc::channel::<Vec<Delivery>>(16);

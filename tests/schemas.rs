@@ -62,7 +62,7 @@ fn the_schemas_reject_what_the_worker_rejects() {
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {"inputs": [{"dtype": "f7", "shape": [1], "data": [1]}]}}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "x.*"}),
     ];
-    let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    let limits = Limits::new(1 << 20, 1 << 20);
     for doc in bad {
         assert!(!job.is_valid(&doc), "schema accepts {doc}");
         let decoded = decode(doc.to_string().as_bytes(), None, "m", &limits);
@@ -112,7 +112,7 @@ fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
     jetbatch::demo::write_demo_models(dir.path()).unwrap();
     let spec = ModelSpec::load(&dir.path().join("mlp")).unwrap();
     let payload = std::fs::read(schemas_dir().join("examples/tensor-job.json")).unwrap();
-    let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    let limits = Limits::new(1 << 20, 1 << 20);
     let env = decode(&payload, None, "mlp", &limits).unwrap();
     let job = spec.validate(env, 1 << 20).unwrap();
     assert_eq!((job.id.as_str(), job.cost), ("example-1", 16));
