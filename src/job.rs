@@ -748,22 +748,22 @@ pub fn decode(
         fields.insert(key, value);
     }
     let mut take = |name: &str| fields.remove(name);
-    let id = expect_str("id", take("id").ok_or("id: missing").map_err(|e| bad(e.into()))?).map_err(bad)?;
+    let id = expect_str("id", take("id").ok_or("id: missing field `id`").map_err(|e| bad(e.into()))?).map_err(bad)?;
     if !valid_job_id(&id) {
         return Err(bad("id: must be 1-256 of [A-Za-z0-9_:.-] with no empty dot-separated token".into()));
     }
-    let model = expect_str("model", take("model").ok_or("model: missing").map_err(|e| bad(e.into()))?).map_err(bad)?;
+    let model = expect_str("model", take("model").ok_or("model: missing field `model`").map_err(|e| bad(e.into()))?).map_err(bad)?;
     if !valid_model_name(&model) {
         return Err(bad("model: must match [A-Za-z0-9_-]{1,64}".into()));
     }
     if model != subject_model {
         return Err(bad(format!("model: '{model}' differs from the subject's model token '{}'", excerpt(subject_model))));
     }
-    let kind = expect_str("kind", take("kind").ok_or("kind: missing").map_err(|e| bad(e.into()))?).map_err(bad)?;
+    let kind = expect_str("kind", take("kind").ok_or("kind: missing field `kind`").map_err(|e| bad(e.into()))?).map_err(bad)?;
     let Some(kind) = JobKind::parse(&kind) else {
         return Err(reject(JobError::new(ErrorCode::UnsupportedKind, format!("kind: unknown kind '{}'", excerpt(&kind)))));
     };
-    let input = take("input").ok_or_else(|| bad("input: missing".into()))?;
+    let input = take("input").ok_or_else(|| bad("input: missing field `input`".into()))?;
     if !input.is_map() {
         return Err(bad("input: expected a map".into()));
     }
@@ -997,7 +997,7 @@ mod tests {
     fn rejections_keep_the_id_and_name_the_field() {
         let r = json(r#"{"id":"j1","model":"m","kind":"tensor"}"#).unwrap_err();
         assert_eq!(r.id.as_deref(), Some("j1"));
-        assert_eq!(r.error.message, "input: missing");
+        assert_eq!(r.error.message, "input: missing field `input`");
         let r = json(r#"{"id":"j2","model":"other","kind":"tensor","input":{}}"#).unwrap_err();
         assert!(r.error.message.starts_with("model: 'other' differs"), "{}", r.error.message);
         let r = json(r#"{"id":"j3","model":"m","kind":"dance","input":{}}"#).unwrap_err();
