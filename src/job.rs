@@ -383,7 +383,8 @@ impl Scanned {
 /// Reads only the top-level `id`, `model` and `kind` of a JSON object or MessagePack map,
 /// skipping every other value without recursion (bounded work, linear in the payload) and
 /// tolerating whatever is wrong elsewhere: wrong types, invalid UTF-8, any nesting, trailing
-/// bytes, a byte-order mark. An `id` present twice with different values is not readable.
+/// bytes, a byte-order mark. An `id` present twice with different values is not readable, nor is
+/// one in a map cut off before its end (a second, different `id` may have followed).
 /// The values returned are bounded: a valid job id, a valid model name, a known kind.
 fn scan_fields(payload: &[u8], encoding: Encoding) -> (Option<String>, Option<String>, Option<String>) {
     let scanned = match encoding {
@@ -401,6 +402,12 @@ fn scan_fields(payload: &[u8], encoding: Encoding) -> (Option<String>, Option<St
 const MAX_SCANNED_TOKEN: usize = 2 + 6 * 256;
 
 fn scan_json(p: &[u8]) -> Scanned {
+    scan_json_map(p).unwrap_or_default()
+}
+
+/// `None` unless the top-level object is complete: a cut-off document may have hidden a second,
+/// different `id`.
+fn scan_json_map(p: &[u8]) -> Option<Scanned> {
     let mut out = Scanned::default();
     let ws = |p: &[u8], mut i: usize| {
         while p.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
@@ -410,42 +417,48 @@ fn scan_json(p: &[u8]) -> Scanned {
     };
     let mut i = ws(p, if p.starts_with(BOM) { BOM.len() } else { 0 });
     if p.get(i) != Some(&b'{') {
-        return out;
+        return None;
     }
     i += 1;
     loop {
         i = ws(p, i);
-        if p.get(i) != Some(&b'"') {
-            return out;
+        match p.get(i) {
+            Some(b'}') => return Some(out),
+            Some(b'"') => {}
+            _ => return None,
         }
-        let Some(end) = json_string_end(p, i) else { return out };
+        let end = json_string_end(p, i)?;
         // Keys we look for are short even when escaped; others are not decoded.
         let key = if end - i <= 40 { serde_json::from_slice::<String>(&p[i..end]).ok() } else { None };
         i = ws(p, end);
         if p.get(i) != Some(&b':') {
-            return out;
+            return None;
         }
         i = ws(p, i + 1);
         let slot = key.as_deref().and_then(|k| out.slot(k.as_bytes()));
         if p.get(i) == Some(&b'"') {
-            let Some(end) = json_string_end(p, i) else { return out };
+            let end = json_string_end(p, i)?;
             if let Some(slot) = slot {
                 let token = &p[i..end];
                 slot.record((token.len() <= MAX_SCANNED_TOKEN).then(|| serde_json::from_slice::<String>(token).ok()).flatten());
             }
             i = end;
         } else {
-            let Some(end) = json_skip_value(p, i) else { return out };
+            let end = json_skip_value(p, i)?;
+            if end == i {
+                return None;
+            }
             if let Some(slot) = slot {
                 slot.record(None);
             }
             i = end;
         }
         i = ws(p, i);
-        if p.get(i) != Some(&b',') {
-            return out;
+        match p.get(i) {
+            Some(b',') => i += 1,
+            Some(b'}') => return Some(out),
+            _ => return None,
         }
-        i += 1;
     }
 }
 
@@ -575,18 +588,17 @@ fn msgpack_skip(p: &[u8], mut i: usize) -> Option<usize> {
 }
 
 fn scan_msgpack(p: &[u8]) -> Scanned {
+    scan_msgpack_map(p).unwrap_or_default()
+}
+
+/// `None` unless every entry of the top-level map is there (see [`scan_json_map`]).
+fn scan_msgpack_map(p: &[u8]) -> Option<Scanned> {
     let mut out = Scanned::default();
-    let (pairs, mut i) = match p.first() {
-        Some(&m @ 0x80..=0x8f) => ((m & 0x0f) as usize, 1),
-        Some(0xde) => match be(p, 1, 2) {
-            Some(n) => (n, 3),
-            None => return out,
-        },
-        Some(0xdf) => match be(p, 1, 4) {
-            Some(n) => (n, 5),
-            None => return out,
-        },
-        _ => return out,
+    let (pairs, mut i) = match *p.first()? {
+        m @ 0x80..=0x8f => ((m & 0x0f) as usize, 1),
+        0xde => (be(p, 1, 2)?, 3),
+        0xdf => (be(p, 1, 4)?, 5),
+        _ => return None,
     };
     for _ in 0..pairs {
         let key = match msgpack_str(p, i) {
@@ -594,13 +606,10 @@ fn scan_msgpack(p: &[u8]) -> Scanned {
                 i = end;
                 Some(&p[start..end])
             }
-            None => match msgpack_skip(p, i) {
-                Some(end) => {
-                    i = end;
-                    None
-                }
-                None => return out,
-            },
+            None => {
+                i = msgpack_skip(p, i)?;
+                None
+            }
         };
         let slot = key.and_then(|k| out.slot(k));
         match msgpack_str(p, i) {
@@ -612,15 +621,14 @@ fn scan_msgpack(p: &[u8]) -> Scanned {
                 i = end;
             }
             None => {
-                let Some(end) = msgpack_skip(p, i) else { return out };
+                i = msgpack_skip(p, i)?;
                 if let Some(slot) = slot {
                     slot.record(None);
                 }
-                i = end;
             }
         }
     }
-    out
+    Some(out)
 }
 
 /// The top-level entries of a job, in order, duplicates kept; an error names the field.
@@ -1080,6 +1088,11 @@ mod tests {
         assert_eq!(id(json(r#"{"id":"a","id":"b","model":"m","kind":"tensor","input":{}}"#)), None);
         assert_eq!(id(json(r#"{"id":"a","model":"m","kind":"tensor","input":{},"id":7}"#)), None);
         assert_eq!(id(json(r#"{"id":"a","id":"a","model":"m","kind":"tensor","input":{}}"#)).as_deref(), Some("a"));
+        // A cut-off map may have hidden a second id: none.
+        assert_eq!(id(json(r#"{"id":"cut-off","model":"#)), None);
+        let cut = msgpack(&serde_json::json!({"id": "cut", "model": "m", "kind": "tensor", "input": {}}));
+        assert_eq!(id(decode(&cut[..cut.len() - 1], None, "m", &limits())), None);
+        assert_eq!(id(decode(&[cut.as_slice(), &[0xc1]].concat(), None, "m", &limits())).as_deref(), Some("cut"));
         // Nested ids, and ids in a top-level array, are not the job's.
         assert_eq!(id(json(r#"{"input":{"id":"n"},"model":7}"#)), None);
         let array = msgpack(&serde_json::json!(["arr", "m", "tensor", {}]));
