@@ -167,7 +167,7 @@ pub struct ServeArgs {
     /// Subjects a job's `reply_to` may name, each exact or ending in `.>`; the result is always
     /// stored on `<prefix>.results.<id>` and a copy goes to `reply_to`. System subjects (`$JS.`,
     /// `$SYS.`, ...) and jetbatch's own subjects are refused here and in jobs, whatever is set.
-    #[arg(long = "reply-prefix", env = "JETBATCH_REPLY_PREFIX", value_delimiter = ',', default_values_t = ["_INBOX.>".to_string(), "jetbatch.reply.>".to_string()])]
+    #[arg(long = "reply-prefix", env = "JETBATCH_REPLY_PREFIX", value_delimiter = ',', default_values = crate::job::DEFAULT_REPLY_PREFIXES)]
     pub reply_prefixes: Vec<String>,
     /// Elements a single tensor in a job may have.
     #[arg(long, env = "JETBATCH_MAX_TENSOR_ELEMENTS", default_value_t = 16 << 20)]

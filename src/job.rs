@@ -22,10 +22,11 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    /// JSON when the `Content-Type` says so or the payload starts with `{`; MessagePack otherwise.
+    /// JSON when the `Content-Type` says so or the payload starts with `{` (after whitespace, or
+    /// after a UTF-8 byte-order mark, which [`decode`] then rejects); MessagePack otherwise.
     pub fn detect(content_type: Option<&str>, payload: &[u8]) -> Encoding {
         let json_header = content_type.is_some_and(|c| c.trim().starts_with("application/json"));
-        let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+        let first = payload.strip_prefix(BOM).unwrap_or(payload).iter().find(|b| !b.is_ascii_whitespace());
         if json_header || first == Some(&b'{') {
             Encoding::Json
         } else {
@@ -128,8 +129,9 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// The message is bounded: control characters replaced, at most [`MAX_ERROR_MESSAGE_BYTES`].
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        JobError { code, message: message.into() }
+        JobError { code, message: bound_message(&message.into()) }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -137,11 +139,153 @@ impl JobError {
     }
 }
 
-/// Limits enforced while decoding, before any model is consulted.
+/// Longest error message kept, in bytes (cut on a char boundary, ending in `…`). Messages quote
+/// producer input; they travel in result bodies and dead-letter headers, so they stay small.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 300;
+
+/// `message` with control characters (and Unicode line/paragraph separators) replaced by U+FFFD
+/// and cut to [`MAX_ERROR_MESSAGE_BYTES`]. Work is bounded by the output, not the input.
+fn bound_message(message: &str) -> String {
+    const ELLIPSIS: char = '…';
+    let mut out = String::with_capacity(message.len().min(MAX_ERROR_MESSAGE_BYTES));
+    for c in message.chars() {
+        let c = if c.is_control() || c == '\u{2028}' || c == '\u{2029}' { '\u{FFFD}' } else { c };
+        if out.len() + c.len_utf8() > MAX_ERROR_MESSAGE_BYTES {
+            while out.len() + ELLIPSIS.len_utf8() > MAX_ERROR_MESSAGE_BYTES {
+                out.pop();
+            }
+            out.push(ELLIPSIS);
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// At most 64 chars of producer text, for quoting in an error message.
+fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Where results may be core-published at a producer's request (`reply_to`) by default.
+pub const DEFAULT_REPLY_PREFIXES: &[&str] = &["_INBOX.>", "jetbatch.reply.>"];
+
+/// The areas of our subject prefix that only the worker and the streams use.
+const RESERVED_AREAS: [&str; 5] = ["jobs", "results", "dead", "metrics", "stream"];
+
+/// Longest `reply_to` accepted, in bytes.
+pub const MAX_REPLY_TO_BYTES: usize = 256;
+
+/// Nesting levels a job document may have (the top-level map is the first), like serde_json's
+/// own limit. Deeper documents are rejected before anything recurses further.
+pub const MAX_NESTING: usize = 128;
+
+/// Limits and policy enforced while decoding, before any model is consulted.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_payload_bytes: usize,
     pub max_tensor_elements: usize,
+    /// Subjects (`a.b`) or subject prefixes (`a.b.>`) a job's `reply_to` must match.
+    pub reply_prefixes: Vec<String>,
+    /// Our subject prefix: `<prefix>.jobs|results|dead|metrics|stream` are never a `reply_to`.
+    pub prefix: String,
+}
+
+impl Limits {
+    /// The given sizes with the default reply policy ([`DEFAULT_REPLY_PREFIXES`], prefix `jetbatch`).
+    pub fn new(max_payload_bytes: usize, max_tensor_elements: usize) -> Limits {
+        Limits {
+            max_payload_bytes,
+            max_tensor_elements,
+            reply_prefixes: DEFAULT_REPLY_PREFIXES.iter().map(|p| p.to_string()).collect(),
+            prefix: "jetbatch".to_string(),
+        }
+    }
+}
+
+/// Checks the syntax shared by subjects and reply patterns: 1-256 printable ASCII bytes without
+/// spaces, dot-separated non-empty tokens. Returns the tokens.
+fn subject_tokens(s: &str) -> Result<Vec<&str>, String> {
+    if s.is_empty() || s.len() > MAX_REPLY_TO_BYTES {
+        return Err(format!("must be 1-{MAX_REPLY_TO_BYTES} bytes, not {}", s.len()));
+    }
+    if let Some((i, b)) = s.bytes().enumerate().find(|(_, b)| !(0x21..=0x7e).contains(b)) {
+        return Err(format!("byte 0x{b:02x} at {i}: only printable ASCII without spaces is allowed"));
+    }
+    let tokens: Vec<&str> = s.split('.').collect();
+    if tokens.iter().any(|t| t.is_empty()) {
+        return Err("has an empty dot-separated token".into());
+    }
+    Ok(tokens)
+}
+
+/// Whether some subject is both matched by `tokens` (a pattern, maybe ending in `>`) and inside
+/// `<prefix>.<area>` (that subject or below it).
+fn overlaps_area(tokens: &[&str], prefix: &str, area: &str) -> bool {
+    let reserved: Vec<&str> = prefix.split('.').chain([area]).collect();
+    for (i, r) in reserved.iter().enumerate() {
+        match tokens.get(i) {
+            Some(&">") => return true,
+            Some(t) if t == r => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn reserved_area<'a>(tokens: &[&str], prefix: &str) -> Option<&'a str> {
+    RESERVED_AREAS.into_iter().find(|area| overlaps_area(tokens, prefix, area))
+}
+
+/// Refuses a configured reply prefix that is malformed, a system subject (`$JS.`, `$SYS.`, `$KV.`,
+/// `$SRV.`, …) or overlaps one of our own areas `<prefix>.jobs|results|dead|metrics|stream`. A
+/// pattern is an exact subject, or ends in `.>` to allow everything below it.
+pub fn check_reply_prefix(pattern: &str, prefix: &str) -> Result<(), String> {
+    let tokens = subject_tokens(pattern).map_err(|e| format!("reply prefix '{}': {e}", excerpt(pattern)))?;
+    let body = if tokens.last() == Some(&">") { &tokens[..tokens.len() - 1] } else { &tokens[..] };
+    if body.is_empty() {
+        return Err(format!("reply prefix '{pattern}': matches every subject"));
+    }
+    if body.iter().any(|t| t.contains(['*', '>'])) {
+        return Err(format!("reply prefix '{pattern}': wildcards are only allowed as a final '.>'"));
+    }
+    if pattern.starts_with('$') {
+        return Err(format!("reply prefix '{pattern}': subjects starting with '$' belong to the server"));
+    }
+    if let Some(area) = reserved_area(&tokens, prefix) {
+        return Err(format!("reply prefix '{pattern}': overlaps {prefix}.{area}, which is the worker's own"));
+    }
+    Ok(())
+}
+
+fn pattern_matches(pattern: &str, subject: &[&str]) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    match pattern.split_last() {
+        Some((&">", head)) => subject.len() > head.len() && head.iter().zip(subject).all(|(p, s)| p == s),
+        _ => pattern == subject,
+    }
+}
+
+/// The `reply_to` policy: a plain subject (no wildcards, printable ASCII, no empty token), not a
+/// system subject, not in one of our own areas, and under one of `limits.reply_prefixes`.
+fn check_reply_to(reply_to: &str, limits: &Limits) -> Result<(), String> {
+    let tokens = subject_tokens(reply_to)?;
+    if reply_to.contains(['*', '>']) {
+        return Err("wildcards ('*', '>') are not allowed".into());
+    }
+    if reply_to.starts_with('$') {
+        return Err("subjects starting with '$' belong to the server (JetStream and system API)".into());
+    }
+    if let Some(area) = reserved_area(&tokens, &limits.prefix) {
+        return Err(format!("{}.{area} is the worker's own", limits.prefix));
+    }
+    if !limits.reply_prefixes.iter().any(|p| pattern_matches(p, &tokens)) {
+        return Err(format!("'{}' is not under an allowed prefix ({})", excerpt(reply_to), limits.reply_prefixes.join(", ")));
+    }
+    Ok(())
 }
 
 /// A job whose shared fields are valid; `input` is still the raw map for the model to parse.
@@ -160,6 +304,8 @@ pub struct Envelope {
 
 /// A payload that cannot become a job. `id` is set when it could be read, so an error result can
 /// still reach the producer; otherwise the payload goes to the invalid dead-letter subject.
+/// `model` is set only to a valid model name and `kind` only to a known kind (they become metric
+/// labels and result fields).
 #[derive(Debug, Clone)]
 pub struct Rejection {
     pub id: Option<String>,
@@ -167,33 +313,6 @@ pub struct Rejection {
     pub kind: Option<String>,
     pub encoding: Encoding,
     pub error: JobError,
-}
-
-#[derive(Deserialize)]
-struct WireJob {
-    id: String,
-    model: String,
-    kind: String,
-    input: Value,
-    #[serde(default)]
-    params: Option<BTreeMap<String, Value>>,
-    #[serde(default)]
-    reply_to: Option<String>,
-    #[serde(default)]
-    cache: Option<bool>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
-/// What is readable from a payload that failed to decode as a whole.
-#[derive(Deserialize, Default)]
-struct PartialJob {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
 }
 
 /// Names: `[A-Za-z0-9_-]{1,64}` — they become subject tokens and folder names, so no dots,
@@ -212,11 +331,400 @@ pub fn valid_job_id(id: &str) -> bool {
         && !id.contains("..")
 }
 
-/// A subject a producer may ask results to be sent to: dot-separated tokens, no wildcards.
-fn valid_subject(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 512
-        && s.split('.').all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t', '\r', '\n']))
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// What the lenient scanner read of `id`, `model` and `kind`.
+#[derive(Debug, Default, Clone, PartialEq)]
+enum Seen {
+    #[default]
+    Absent,
+    /// Present once (or repeated with the same value); `None` when not a readable string.
+    Value(Option<String>),
+    /// Present with different values: ambiguous.
+    Conflict,
+}
+
+impl Seen {
+    fn record(&mut self, value: Option<String>) {
+        *self = match std::mem::take(self) {
+            Seen::Absent => Seen::Value(value),
+            Seen::Value(old) if old == value => Seen::Value(old),
+            _ => Seen::Conflict,
+        };
+    }
+
+    fn get(self) -> Option<String> {
+        match self {
+            Seen::Value(v) => v,
+            _ => None,
+        }
+    }
+}
+
+/// The top-level `id`, `model` and `kind` of a payload, read leniently.
+#[derive(Debug, Default)]
+struct Scanned {
+    id: Seen,
+    model: Seen,
+    kind: Seen,
+}
+
+impl Scanned {
+    fn slot(&mut self, key: &[u8]) -> Option<&mut Seen> {
+        match key {
+            b"id" => Some(&mut self.id),
+            b"model" => Some(&mut self.model),
+            b"kind" => Some(&mut self.kind),
+            _ => None,
+        }
+    }
+}
+
+/// Reads only the top-level `id`, `model` and `kind` of a JSON object or MessagePack map,
+/// skipping every other value without recursion (bounded work, linear in the payload) and
+/// tolerating whatever is wrong elsewhere: wrong types, invalid UTF-8, any nesting, trailing
+/// bytes, a byte-order mark. An `id` present twice with different values is not readable, nor is
+/// one in a map cut off before its end (a second, different `id` may have followed).
+/// The values returned are bounded: a valid job id, a valid model name, a known kind.
+fn scan_fields(payload: &[u8], encoding: Encoding) -> (Option<String>, Option<String>, Option<String>) {
+    let scanned = match encoding {
+        Encoding::Json => scan_json(payload),
+        Encoding::MsgPack => scan_msgpack(payload),
+    };
+    (
+        scanned.id.get().filter(|id| valid_job_id(id)),
+        scanned.model.get().filter(|m| valid_model_name(m)),
+        scanned.kind.get().and_then(|k| JobKind::parse(&k)).map(|k| k.as_str().to_string()),
+    )
+}
+
+/// Longest string token decoded for `id`/`model`/`kind`: a 256-byte id with every byte escaped.
+const MAX_SCANNED_TOKEN: usize = 2 + 6 * 256;
+
+fn scan_json(p: &[u8]) -> Scanned {
+    scan_json_map(p).unwrap_or_default()
+}
+
+/// `None` unless the top-level object is complete: a cut-off document may have hidden a second,
+/// different `id`.
+fn scan_json_map(p: &[u8]) -> Option<Scanned> {
+    let mut out = Scanned::default();
+    let ws = |p: &[u8], mut i: usize| {
+        while p.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = ws(p, if p.starts_with(BOM) { BOM.len() } else { 0 });
+    if p.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = ws(p, i);
+        match p.get(i) {
+            Some(b'}') => return Some(out),
+            Some(b'"') => {}
+            _ => return None,
+        }
+        let end = json_string_end(p, i)?;
+        // Keys we look for are short even when escaped; others are not decoded.
+        let key = if end - i <= 40 { serde_json::from_slice::<String>(&p[i..end]).ok() } else { None };
+        i = ws(p, end);
+        if p.get(i) != Some(&b':') {
+            return None;
+        }
+        i = ws(p, i + 1);
+        let slot = key.as_deref().and_then(|k| out.slot(k.as_bytes()));
+        if p.get(i) == Some(&b'"') {
+            let end = json_string_end(p, i)?;
+            if let Some(slot) = slot {
+                let token = &p[i..end];
+                slot.record((token.len() <= MAX_SCANNED_TOKEN).then(|| serde_json::from_slice::<String>(token).ok()).flatten());
+            }
+            i = end;
+        } else {
+            let end = json_skip_value(p, i)?;
+            if end == i {
+                return None;
+            }
+            if let Some(slot) = slot {
+                slot.record(None);
+            }
+            i = end;
+        }
+        i = ws(p, i);
+        match p.get(i) {
+            Some(b',') => i += 1,
+            Some(b'}') => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+/// `p[start]` is `"`: the index after the closing quote.
+fn json_string_end(p: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    while i < p.len() {
+        match p[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Skips one JSON value (leniently) starting at `i`: the index after it.
+fn json_skip_value(p: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    loop {
+        match *p.get(i)? {
+            b'"' => {
+                i = json_string_end(p, i)?;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                if depth == 0 {
+                    return Some(i);
+                }
+                depth -= 1;
+                i += 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ if depth == 0 => {
+                while p.get(i).is_some_and(|b| !matches!(b, b',' | b'}' | b']' | b'"' | b'{' | b'[') && !b.is_ascii_whitespace()) {
+                    i += 1;
+                }
+                return Some(i);
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+fn be(p: &[u8], i: usize, n: usize) -> Option<usize> {
+    Some(p.get(i..i.checked_add(n)?)?.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize))
+}
+
+/// A MessagePack string at `i`: its bytes' range.
+fn msgpack_str(p: &[u8], i: usize) -> Option<(usize, usize)> {
+    let (len, start) = match *p.get(i)? {
+        m @ 0xa0..=0xbf => ((m & 0x1f) as usize, i + 1),
+        0xd9 => (be(p, i + 1, 1)?, i + 2),
+        0xda => (be(p, i + 1, 2)?, i + 3),
+        0xdb => (be(p, i + 1, 4)?, i + 5),
+        _ => return None,
+    };
+    let end = start.checked_add(len)?;
+    (end <= p.len()).then_some((start, end))
+}
+
+/// Skips one MessagePack value at `i` without recursion: the index after it.
+fn msgpack_skip(p: &[u8], mut i: usize) -> Option<usize> {
+    let mut remaining: u64 = 1;
+    while remaining > 0 {
+        let m = *p.get(i)?;
+        i += 1;
+        remaining -= 1;
+        let skip = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 0,
+            0x80..=0x8f => {
+                remaining = remaining.saturating_add(2 * (m & 0x0f) as u64);
+                0
+            }
+            0x90..=0x9f => {
+                remaining = remaining.saturating_add((m & 0x0f) as u64);
+                0
+            }
+            0xa0..=0xbf => (m & 0x1f) as usize,
+            0xc4 | 0xd9 => 1 + be(p, i, 1)?,
+            0xc5 | 0xda => 2 + be(p, i, 2)?,
+            0xc6 | 0xdb => 4 + be(p, i, 4)?,
+            0xc7 => 2 + be(p, i, 1)?,
+            0xc8 => 3 + be(p, i, 2)?,
+            0xc9 => 5 + be(p, i, 4)?,
+            0xcc | 0xd0 => 1,
+            0xcd | 0xd1 => 2,
+            0xca | 0xce | 0xd2 => 4,
+            0xcb | 0xcf | 0xd3 => 8,
+            0xd4 => 2,
+            0xd5 => 3,
+            0xd6 => 5,
+            0xd7 => 9,
+            0xd8 => 17,
+            0xdc => {
+                remaining = remaining.saturating_add(be(p, i, 2)? as u64);
+                2
+            }
+            0xdd => {
+                remaining = remaining.saturating_add(be(p, i, 4)? as u64);
+                4
+            }
+            0xde => {
+                remaining = remaining.saturating_add(2 * be(p, i, 2)? as u64);
+                2
+            }
+            0xdf => {
+                remaining = remaining.saturating_add(2 * be(p, i, 4)? as u64);
+                4
+            }
+            0xc1 => return None,
+        };
+        i = i.checked_add(skip)?;
+        if i > p.len() {
+            return None;
+        }
+    }
+    Some(i)
+}
+
+fn scan_msgpack(p: &[u8]) -> Scanned {
+    scan_msgpack_map(p).unwrap_or_default()
+}
+
+/// `None` unless every entry of the top-level map is there (see [`scan_json_map`]).
+fn scan_msgpack_map(p: &[u8]) -> Option<Scanned> {
+    let mut out = Scanned::default();
+    let (pairs, mut i) = match *p.first()? {
+        m @ 0x80..=0x8f => ((m & 0x0f) as usize, 1),
+        0xde => (be(p, 1, 2)?, 3),
+        0xdf => (be(p, 1, 4)?, 5),
+        _ => return None,
+    };
+    for _ in 0..pairs {
+        let key = match msgpack_str(p, i) {
+            Some((start, end)) => {
+                i = end;
+                Some(&p[start..end])
+            }
+            None => {
+                i = msgpack_skip(p, i)?;
+                None
+            }
+        };
+        let slot = key.and_then(|k| out.slot(k));
+        match msgpack_str(p, i) {
+            Some((start, end)) => {
+                if let Some(slot) = slot {
+                    let bytes = &p[start..end];
+                    slot.record((bytes.len() <= MAX_SCANNED_TOKEN).then(|| std::str::from_utf8(bytes).ok().map(String::from)).flatten());
+                }
+                i = end;
+            }
+            None => {
+                i = msgpack_skip(p, i)?;
+                if let Some(slot) = slot {
+                    slot.record(None);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The top-level entries of a job, in order, duplicates kept; an error names the field.
+fn read_top_level(payload: &[u8], encoding: Encoding) -> Result<Vec<(String, Value)>, String> {
+    match encoding {
+        Encoding::Json => read_json_top_level(payload),
+        Encoding::MsgPack => read_msgpack_top_level(payload),
+    }
+}
+
+fn read_json_top_level(payload: &[u8]) -> Result<Vec<(String, Value)>, String> {
+    use serde::de::{Deserializer as _, MapAccess, Visitor};
+    use std::cell::RefCell;
+
+    if payload.starts_with(BOM) {
+        return Err("payload: starts with a byte-order mark (send JSON without one)".into());
+    }
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("payload: expected a map (a JSON object) at the top level".into());
+    }
+    /// Collects the entries, remembering the key being read so an error can name it.
+    struct Top<'a>(&'a RefCell<Option<String>>);
+    impl<'de> Visitor<'de> for Top<'_> {
+        type Value = Vec<(String, Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a job map")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            loop {
+                *self.0.borrow_mut() = None;
+                let Some(key) = map.next_key::<String>()? else { break };
+                *self.0.borrow_mut() = Some(key.clone());
+                let value = map.next_value::<Value>()?;
+                entries.push((key, value));
+            }
+            Ok(entries)
+        }
+    }
+    let current = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let described = |e: serde_json::Error| {
+        let at = current.borrow().as_deref().map(excerpt).unwrap_or_else(|| "payload".into());
+        let text = e.to_string();
+        if text.starts_with("recursion limit exceeded") {
+            format!("{at}: nested deeper than {MAX_NESTING} levels")
+        } else if at == "payload" {
+            format!("payload: undecodable JSON: {text}")
+        } else {
+            format!("{at}: {text}")
+        }
+    };
+    let entries = de.deserialize_map(Top(&current)).map_err(described)?;
+    de.end().map_err(|e| format!("payload: trailing characters after the job ({e})"))?;
+    Ok(entries)
+}
+
+fn read_msgpack_top_level(payload: &[u8]) -> Result<Vec<(String, Value)>, String> {
+    let invalid = |at: &str, e: &dyn std::fmt::Display| format!("{at}: truncated or invalid MessagePack ({e})");
+    let (pairs, header) = match payload.first() {
+        None => return Err("payload: empty".into()),
+        Some(&m @ 0x80..=0x8f) => ((m & 0x0f) as usize, 1),
+        Some(0xde) => (be(payload, 1, 2).ok_or("payload: truncated map header")?, 3),
+        Some(0xdf) => (be(payload, 1, 4).ok_or("payload: truncated map header")?, 5),
+        Some(0x90..=0x9f | 0xdc | 0xdd) => return Err("payload: expected a map at the top level, not an array".into()),
+        Some(_) => return Err("payload: expected a map at the top level".into()),
+    };
+    let mut rd = &payload[header..];
+    // rmpv counts a container twice and a string three times; this admits MAX_NESTING levels.
+    let max_depth = 2 * MAX_NESTING + 1;
+    let read = |rd: &mut &[u8], at: &str| {
+        rmpv::decode::read_value_with_max_depth(rd, max_depth).map_err(|e| match e {
+            rmpv::decode::Error::DepthLimitExceeded => format!("{at}: nested deeper than {MAX_NESTING} levels"),
+            e => invalid(at, &e),
+        })
+    };
+    let mut entries = Vec::new();
+    for _ in 0..pairs {
+        let key = match read(&mut rd, "payload")? {
+            Value::String(s) => s.into_str().ok_or("payload: a top-level key is not valid UTF-8")?,
+            _ => return Err("payload: top-level keys must be strings".into()),
+        };
+        let value = read(&mut rd, &excerpt(&key))?;
+        entries.push((key, value));
+    }
+    if !rd.is_empty() {
+        return Err(format!("payload: {} trailing bytes after the job", rd.len()));
+    }
+    Ok(entries)
+}
+
+fn expect_str(field: &str, v: Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => s.into_str().ok_or_else(|| format!("{field}: not valid UTF-8")),
+        _ => Err(format!("{field}: expected a string")),
+    }
 }
 
 /// Decodes the shared fields of a job published on the subject of `subject_model`.
@@ -227,79 +735,81 @@ pub fn decode(
     limits: &Limits,
 ) -> Result<Envelope, Rejection> {
     let encoding = Encoding::detect(content_type, payload);
-    let reject = |partial: PartialJob, error: JobError| Rejection {
-        id: partial.id.filter(|id| valid_job_id(id)),
-        model: partial.model,
-        kind: partial.kind,
-        encoding,
-        error,
+    let reject = |error: JobError| {
+        let (id, model, kind) = scan_fields(payload, encoding);
+        Rejection { id, model, kind, encoding, error }
     };
-    let partial = || encoding.decode::<PartialJob>(payload).unwrap_or_default();
+    let bad = |message: String| reject(JobError::bad_request(message));
     if payload.len() > limits.max_payload_bytes {
-        return Err(reject(
-            partial(),
-            JobError::bad_request(format!(
-                "payload of {} bytes is over the limit of {} bytes",
-                payload.len(),
-                limits.max_payload_bytes
-            )),
-        ));
+        return Err(bad(format!(
+            "payload: {} bytes is over the limit of {} bytes",
+            payload.len(),
+            limits.max_payload_bytes
+        )));
     }
-    let wire: WireJob = encoding.decode(payload).map_err(|e| {
-        let what = match encoding {
-            Encoding::MsgPack => "MessagePack",
-            Encoding::Json => "JSON",
-        };
-        reject(partial(), JobError::bad_request(format!("undecodable {what} job: {e}")))
-    })?;
-    let partial = PartialJob {
-        id: Some(wire.id.clone()),
-        model: Some(wire.model.clone()),
-        kind: Some(wire.kind.clone()),
-    };
-    if !valid_job_id(&wire.id) {
-        return Err(reject(
-            partial,
-            JobError::bad_request("id: must be 1-256 of [A-Za-z0-9_:.-] with no empty dot-separated token"),
-        ));
-    }
-    if !valid_model_name(&wire.model) {
-        return Err(reject(partial, JobError::bad_request("model: must match [A-Za-z0-9_-]{1,64}")));
-    }
-    if wire.model != subject_model {
-        return Err(reject(
-            partial,
-            JobError::bad_request(format!(
-                "model: '{}' differs from the subject's model token '{subject_model}'",
-                wire.model
-            )),
-        ));
-    }
-    let Some(kind) = JobKind::parse(&wire.kind) else {
-        return Err(reject(
-            partial,
-            JobError::new(ErrorCode::UnsupportedKind, format!("kind: unknown kind '{}'", wire.kind)),
-        ));
-    };
-    if let Some(reply_to) = &wire.reply_to {
-        if !valid_subject(reply_to) {
-            return Err(reject(partial, JobError::bad_request("reply_to: not a valid subject without wildcards")));
+    let entries = read_top_level(payload, encoding).map_err(bad)?;
+    let mut fields: BTreeMap<String, Value> = BTreeMap::new();
+    for (key, value) in entries {
+        if fields.contains_key(&key) {
+            return Err(bad(format!("{}: appears more than once", excerpt(&key))));
         }
+        fields.insert(key, value);
     }
-    if !wire.input.is_map() {
-        return Err(reject(partial, JobError::bad_request("input: expected a map")));
+    let mut take = |name: &str| fields.remove(name);
+    let id = expect_str("id", take("id").ok_or("id: missing field `id`").map_err(|e| bad(e.into()))?).map_err(bad)?;
+    if !valid_job_id(&id) {
+        return Err(bad("id: must be 1-256 of [A-Za-z0-9_:.-] with no empty dot-separated token".into()));
     }
-    Ok(Envelope {
-        id: wire.id,
-        model: wire.model,
-        kind,
-        input: wire.input,
-        params: wire.params.unwrap_or_default(),
-        reply_to: wire.reply_to,
-        use_cache: wire.cache.unwrap_or(true),
-        timeout: wire.timeout_ms.map(Duration::from_millis),
-        encoding,
-    })
+    let model = expect_str("model", take("model").ok_or("model: missing field `model`").map_err(|e| bad(e.into()))?).map_err(bad)?;
+    if !valid_model_name(&model) {
+        return Err(bad("model: must match [A-Za-z0-9_-]{1,64}".into()));
+    }
+    if model != subject_model {
+        return Err(bad(format!("model: '{model}' differs from the subject's model token '{}'", excerpt(subject_model))));
+    }
+    let kind = expect_str("kind", take("kind").ok_or("kind: missing field `kind`").map_err(|e| bad(e.into()))?).map_err(bad)?;
+    let Some(kind) = JobKind::parse(&kind) else {
+        return Err(reject(JobError::new(ErrorCode::UnsupportedKind, format!("kind: unknown kind '{}'", excerpt(&kind)))));
+    };
+    let input = take("input").ok_or_else(|| bad("input: missing field `input`".into()))?;
+    if !input.is_map() {
+        return Err(bad("input: expected a map".into()));
+    }
+    let params = match take("params") {
+        None => BTreeMap::new(),
+        Some(Value::Map(entries)) => {
+            let mut params = BTreeMap::new();
+            for (k, v) in entries {
+                let k = expect_str("params: key", k).map_err(|_| bad("params: keys must be strings".into()))?;
+                if params.contains_key(&k) {
+                    return Err(bad(format!("params.{}: appears more than once", excerpt(&k))));
+                }
+                params.insert(k, v);
+            }
+            params
+        }
+        Some(_) => return Err(bad("params: expected a map".into())),
+    };
+    let reply_to = match take("reply_to") {
+        None => None,
+        Some(v) => {
+            let r = expect_str("reply_to", v).map_err(bad)?;
+            check_reply_to(&r, limits).map_err(|e| bad(format!("reply_to: {e}")))?;
+            Some(r)
+        }
+    };
+    let use_cache = match take("cache") {
+        None => true,
+        Some(Value::Boolean(b)) => b,
+        Some(_) => return Err(bad("cache: expected true or false".into())),
+    };
+    let timeout = match take("timeout_ms") {
+        None => None,
+        Some(v) => Some(Duration::from_millis(
+            v.as_u64().ok_or_else(|| bad("timeout_ms: expected a non-negative integer".into()))?,
+        )),
+    };
+    Ok(Envelope { id, model, kind, input, params, reply_to, use_cache, timeout, encoding })
 }
 
 /// Kind-specific, validated input: everything that determines the result (it is the cache key).
@@ -371,11 +881,21 @@ pub enum FinishReason {
 impl Output {
     pub fn to_wire(&self, encoding: Encoding) -> Value {
         let map = |pairs: Vec<(&str, Value)>| Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
-        let floats = |xs: &[f32]| Value::Array(xs.iter().map(|&x| Value::from(x)).collect());
+        // JSON has no NaN or infinities: there they are the strings "NaN", "Infinity", "-Infinity".
+        let float = |x: f64| match encoding {
+            Encoding::Json => crate::tensor::json_float(Value::from(x)),
+            Encoding::MsgPack => Value::from(x),
+        };
+        let floats = |xs: &[f32]| {
+            Value::Array(xs.iter().map(|&x| match encoding {
+                Encoding::Json => crate::tensor::json_float(Value::from(x)),
+                Encoding::MsgPack => Value::from(x),
+            }).collect())
+        };
         match self {
             Output::Tensor(ts) => map(vec![("outputs", Value::Array(ts.iter().map(|t| t.to_wire(encoding)).collect()))]),
             Output::Score { logprob, is_greedy, tokens } => {
-                let mut pairs = vec![("logprob", Value::from(*logprob)), ("tokens", Value::from(*tokens as u64))];
+                let mut pairs = vec![("logprob", float(*logprob)), ("tokens", Value::from(*tokens as u64))];
                 if let Some(g) = is_greedy {
                     pairs.push(("is_greedy", Value::Boolean(*g)));
                 }
@@ -459,10 +979,12 @@ impl JobResult {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    fn limits() -> Limits {
+        Limits::new(1 << 20, 1 << 20)
+    }
 
     fn json(s: &str) -> Result<Envelope, Rejection> {
-        decode(s.as_bytes(), None, "m", &LIMITS)
+        decode(s.as_bytes(), None, "m", &limits())
     }
 
     #[test]
@@ -475,7 +997,7 @@ mod tests {
         )
         .unwrap();
         let mp = rmp_serde::to_vec_named(&v).unwrap();
-        let e = decode(&mp, None, "m", &LIMITS).unwrap();
+        let e = decode(&mp, None, "m", &limits()).unwrap();
         assert_eq!((e.encoding, e.use_cache, e.params.len()), (Encoding::MsgPack, true, 1));
     }
 
@@ -483,15 +1005,15 @@ mod tests {
     fn rejections_keep_the_id_and_name_the_field() {
         let r = json(r#"{"id":"j1","model":"m","kind":"tensor"}"#).unwrap_err();
         assert_eq!(r.id.as_deref(), Some("j1"));
-        assert!(r.error.message.contains("missing field `input`"), "{}", r.error.message);
+        assert_eq!(r.error.message, "input: missing field `input`");
         let r = json(r#"{"id":"j2","model":"other","kind":"tensor","input":{}}"#).unwrap_err();
         assert!(r.error.message.starts_with("model: 'other' differs"), "{}", r.error.message);
         let r = json(r#"{"id":"j3","model":"m","kind":"dance","input":{}}"#).unwrap_err();
         assert_eq!(r.error.code, ErrorCode::UnsupportedKind);
         let r = json(r#"{"id":"a.>","model":"m","kind":"tensor","input":{}}"#).unwrap_err();
         assert_eq!((r.id, r.error.code), (None, ErrorCode::BadRequest));
-        let r = decode(b"\xc1garbage", None, "m", &LIMITS).unwrap_err();
-        assert!(r.id.is_none() && r.error.message.starts_with("undecodable MessagePack"));
+        let r = decode(b"\xc1garbage", None, "m", &limits()).unwrap_err();
+        assert!(r.id.is_none() && r.error.message.starts_with("payload: expected a map"), "{}", r.error.message);
         let r = json(r#"{"id":"j4","model":"m","kind":"tensor","input":{},"reply_to":"a.*"}"#).unwrap_err();
         assert!(r.error.message.starts_with("reply_to"));
     }
@@ -499,7 +1021,7 @@ mod tests {
     #[test]
     fn oversize_payloads_are_rejected_with_their_id() {
         let big = format!(r#"{{"id":"big","model":"m","kind":"tensor","input":{{"pad":"{}"}}}}"#, "x".repeat(200));
-        let r = decode(big.as_bytes(), None, "m", &Limits { max_payload_bytes: 100, max_tensor_elements: 1 }).unwrap_err();
+        let r = decode(big.as_bytes(), None, "m", &Limits::new(100, 1)).unwrap_err();
         assert_eq!(r.id.as_deref(), Some("big"));
         assert!(r.error.message.contains("over the limit"));
     }
@@ -514,6 +1036,227 @@ mod tests {
         for bad in ["", ".a", "a.", "a..b", "a*", "a b"] {
             assert!(!valid_job_id(bad), "{bad}");
         }
+    }
+
+    fn msgpack(v: &serde_json::Value) -> Vec<u8> {
+        rmp_serde::to_vec_named(v).unwrap()
+    }
+
+    /// A MessagePack map of raw (key, encoded value) pairs, for documents serde cannot express.
+    fn raw_map(pairs: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut out = vec![0x80 | pairs.len() as u8];
+        for (k, v) in pairs {
+            out.push(0xa0 | k.len() as u8);
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    fn mp_str(s: &[u8]) -> Vec<u8> {
+        let mut out = vec![0xd9, s.len() as u8];
+        out.extend_from_slice(s);
+        out
+    }
+
+    fn deep_json(levels: usize) -> String {
+        format!(r#"{{"id":"deep","model":"m","kind":"tensor","input":{{"x":{}{}}}}}"#, "[".repeat(levels), "]".repeat(levels))
+    }
+
+    fn deep_msgpack(levels: usize) -> Vec<u8> {
+        let mut input = vec![0x81, 0xa1, b'x'];
+        input.extend(std::iter::repeat(0x91).take(levels));
+        input.push(0xc0);
+        raw_map(&[("id", mp_str(b"deep")), ("model", mp_str(b"m")), ("kind", mp_str(b"tensor")), ("input", input)])
+    }
+
+    #[test]
+    fn the_id_is_read_on_its_own() {
+        let id = |r: Result<Envelope, Rejection>| r.unwrap_err().id;
+        // A wrong type elsewhere, a duplicate key, invalid UTF-8, deep nesting: the id survives.
+        assert_eq!(id(json(r#"{"id":"x","model":7,"kind":"tensor","input":{}}"#)).as_deref(), Some("x"));
+        assert_eq!(id(json(r#"{"id":"x","model":"m","model":"m","kind":"tensor","input":{}}"#)).as_deref(), Some("x"));
+        let utf8 = raw_map(&[("id", mp_str(b"u8")), ("model", mp_str(b"m\xff")), ("kind", mp_str(b"tensor")), ("input", vec![0x80])]);
+        assert_eq!(id(decode(&utf8, None, "m", &limits())).as_deref(), Some("u8"));
+        assert_eq!(id(json(&deep_json(5000))).as_deref(), Some("deep"));
+        assert_eq!(id(decode(&deep_msgpack(100_000), None, "m", &limits())).as_deref(), Some("deep"));
+        // The id is read after junk values and with escapes; an invalid id is not read.
+        let r = json(r#"{"junk":[{"a":"}\"]"},1e5,null],"model":7,"\u0069d":"a\u002d1","kind":"tensor"}"#);
+        assert_eq!(id(r).as_deref(), Some("a-1"));
+        assert_eq!(id(json(r#"{"id":"a b","model":7}"#)), None);
+        // Twice with different values: ambiguous, no id. Twice alike: that id.
+        assert_eq!(id(json(r#"{"id":"a","id":"b","model":"m","kind":"tensor","input":{}}"#)), None);
+        assert_eq!(id(json(r#"{"id":"a","model":"m","kind":"tensor","input":{},"id":7}"#)), None);
+        assert_eq!(id(json(r#"{"id":"a","id":"a","model":"m","kind":"tensor","input":{}}"#)).as_deref(), Some("a"));
+        // A cut-off map may have hidden a second id: none.
+        assert_eq!(id(json(r#"{"id":"cut-off","model":"#)), None);
+        let cut = msgpack(&serde_json::json!({"id": "cut", "model": "m", "kind": "tensor", "input": {}}));
+        assert_eq!(id(decode(&cut[..cut.len() - 1], None, "m", &limits())), None);
+        assert_eq!(id(decode(&[cut.as_slice(), &[0xc1]].concat(), None, "m", &limits())).as_deref(), Some("cut"));
+        // Nested ids, and ids in a top-level array, are not the job's.
+        assert_eq!(id(json(r#"{"input":{"id":"n"},"model":7}"#)), None);
+        let array = msgpack(&serde_json::json!(["arr", "m", "tensor", {}]));
+        assert_eq!(id(decode(&array, None, "m", &limits())), None);
+        // Over the size limit, and behind a byte-order mark.
+        let big = format!(r#"{{"model":7,"pad":"{}","id":"big"}}"#, "x".repeat(200));
+        assert_eq!(id(decode(big.as_bytes(), None, "m", &Limits::new(100, 1))).as_deref(), Some("big"));
+        let bom = [b"\xEF\xBB\xBF".as_slice(), br#"{"id":"bom","model":"m","kind":"tensor","input":{}}"#].concat();
+        let r = decode(&bom, None, "m", &limits()).unwrap_err();
+        assert_eq!((r.id.as_deref(), r.encoding), (Some("bom"), Encoding::Json));
+        assert!(r.error.message.starts_with("payload: starts with a byte-order mark"), "{}", r.error.message);
+    }
+
+    #[test]
+    fn model_and_kind_of_a_rejection_are_bounded() {
+        let r = json(r#"{"id":"a","model":"../x","kind":"dance","input":7}"#).unwrap_err();
+        assert_eq!((r.model, r.kind), (None, None));
+        let r = json(r#"{"id":"a","model":"m","kind":"embed","input":7}"#).unwrap_err();
+        assert_eq!((r.model.as_deref(), r.kind.as_deref()), (Some("m"), Some("embed")));
+        let r = json(&format!(r#"{{"id":"a","model":"{}","kind":7,"input":{{}}}}"#, "m".repeat(70_000))).unwrap_err();
+        assert_eq!((r.model, r.kind), (None, None));
+    }
+
+    #[test]
+    fn the_envelope_is_decoded_strictly_and_errors_name_the_field() {
+        let msg = |doc: &str| json(doc).unwrap_err().error.message;
+        let job = |extra: &str| format!(r#"{{"id":"s","model":"m","kind":"tensor","input":{{}}{extra}}}"#);
+        assert_eq!(msg(&job(r#","params":5"#)), "params: expected a map");
+        assert_eq!(msg(&job(r#","params":null"#)), "params: expected a map");
+        assert_eq!(msg(&job(r#","cache":"yes""#)), "cache: expected true or false");
+        assert_eq!(msg(&job(r#","timeout_ms":-1"#)), "timeout_ms: expected a non-negative integer");
+        assert_eq!(msg(&job(r#","reply_to":5"#)), "reply_to: expected a string");
+        assert_eq!(msg(&job(r#","model":"m""#)), "model: appears more than once");
+        assert_eq!(msg(r#"{"id":"s","model":7,"kind":"tensor","input":{}}"#), "model: expected a string");
+        assert_eq!(msg(r#"{"id":7,"model":"m","kind":"tensor","input":{}}"#), "id: expected a string");
+        assert_eq!(msg(r#"{"id":"s","model":"m","kind":["tensor"],"input":{}}"#), "kind: expected a string");
+        assert_eq!(msg(r#"{"id":"s","model":"m","kind":"tensor","input":[]}"#), "input: expected a map");
+        assert_eq!(msg(r#"{"id":"s","model":"m","kind":"tensor","input":{}} x"#).split(' ').next(), Some("payload:"));
+        assert!(msg(&deep_json(200)).starts_with("input: nested deeper than 128 levels"), "{}", msg(&deep_json(200)));
+        // Unknown top-level keys are still accepted, and a modest depth is fine.
+        assert!(json(&job(r#","extra":{"a":[1,2]}"#)).is_ok());
+        assert!(json(&deep_json(100)).is_ok());
+
+        let mp = |bytes: &[u8]| decode(bytes, None, "m", &limits()).unwrap_err().error.message;
+        let good = msgpack(&serde_json::json!({"id": "s", "model": "m", "kind": "tensor", "input": {}}));
+        assert!(decode(&good, None, "m", &limits()).is_ok());
+        assert_eq!(mp(&[good.as_slice(), &[1, 2, 3]].concat()), "payload: 3 trailing bytes after the job");
+        assert_eq!(mp(&msgpack(&serde_json::json!(["s", "m", "tensor", {}]))), "payload: expected a map at the top level, not an array");
+        let utf8 = raw_map(&[("id", mp_str(b"s")), ("model", mp_str(b"m\xff")), ("kind", mp_str(b"tensor")), ("input", vec![0x80])]);
+        assert_eq!(mp(&utf8), "model: not valid UTF-8");
+        assert_eq!(mp(&deep_msgpack(2000)), "input: nested deeper than 128 levels");
+        assert!(decode(&deep_msgpack(100), None, "m", &limits()).is_ok());
+        let dup = raw_map(&[("id", mp_str(b"s")), ("id", mp_str(b"s")), ("model", mp_str(b"m")), ("kind", mp_str(b"tensor")), ("input", vec![0x80])]);
+        assert_eq!(mp(&dup), "id: appears more than once");
+    }
+
+    #[test]
+    fn error_messages_are_bounded_and_header_safe() {
+        let control: String = std::iter::repeat(['\u{1}', '\n', '\r', '\u{b}', '\u{7f}', '\u{85}']).take(300_000).flatten().collect();
+        assert!(control.len() > 1_700_000);
+        for text in [control, "x".repeat(70_000), "é".repeat(70_000)] {
+            let e = JobError::bad_request(format!("kind: unknown kind '{text}'"));
+            assert!(e.message.len() <= MAX_ERROR_MESSAGE_BYTES, "{}", e.message.len());
+            assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
+            assert!(e.message.starts_with("kind: unknown kind '") && e.message.ends_with('…'));
+        }
+        assert_eq!(JobError::bad_request("short\tmessage").message, "short\u{FFFD}message");
+        // Through the decoder: a 70 KB wrong field and a huge control-character kind.
+        let r = json(&format!(r#"{{"id":"b","model":"m","kind":"tensor","input":{{}},"cache":"{}"}}"#, "y".repeat(70_000))).unwrap_err();
+        assert_eq!(r.error.message, "cache: expected true or false");
+        let r = json(&format!(r#"{{"id":"b","model":"m","kind":"{}","input":{{}}}}"#, "\\u0001".repeat(300_000))).unwrap_err();
+        assert!(r.error.message.len() <= MAX_ERROR_MESSAGE_BYTES && !r.error.message.chars().any(char::is_control));
+        let r = json(&format!(r#"{{"id":"b","model":"m","kind":"tensor","input":{{}},"{}":1,"{0}":2}}"#, "k".repeat(70_000))).unwrap_err();
+        assert!(r.error.message.len() <= MAX_ERROR_MESSAGE_BYTES && r.error.message.ends_with("appears more than once"), "{}", r.error.message);
+    }
+
+    #[test]
+    fn reply_to_is_limited_to_allowed_prefixes() {
+        let with = |reply: &str, limits: &Limits| {
+            let doc = serde_json::json!({"id": "r", "model": "m", "kind": "tensor", "input": {}, "reply_to": reply});
+            decode(doc.to_string().as_bytes(), None, "m", limits).map(|e| e.reply_to.unwrap()).map_err(|r| (r.id, r.error.message))
+        };
+        for ok in ["_INBOX.abc", "_INBOX.abc.def", "jetbatch.reply.client-1.x"] {
+            assert_eq!(with(ok, &limits()).as_deref(), Ok(ok));
+        }
+        for (bad, needle) in [
+            ("$JS.API.STREAM.PURGE.JETBATCH_RESULTS", "'$'"),
+            ("$SYS.REQ.SERVER.PING", "'$'"),
+            ("jetbatch.jobs.mlp", "jetbatch.jobs"),
+            ("jetbatch.dead.x", "jetbatch.dead"),
+            ("jetbatch.results.other", "jetbatch.results"),
+            ("jetbatch.metrics", "jetbatch.metrics"),
+            ("jetbatch.stream.x", "jetbatch.stream"),
+            ("a\u{b}b", "byte 0x0b"),
+            ("_INBOX.a b", "byte 0x20"),
+            ("_INBOX.*", "wildcards"),
+            ("_INBOX.>", "wildcards"),
+            ("_INBOX.a>", "wildcards"),
+            ("_INBOX..a", "empty"),
+            ("", "1-256 bytes"),
+            ("_INBOX", "not under an allowed prefix (_INBOX.>, jetbatch.reply.>)"),
+            ("jetbatch.reply", "not under an allowed prefix"),
+            ("other.subject", "not under an allowed prefix"),
+        ] {
+            let (id, message) = with(bad, &limits()).unwrap_err();
+            assert_eq!(id.as_deref(), Some("r"));
+            assert!(message.starts_with("reply_to: ") && message.contains(needle), "{bad:?}: {message}");
+        }
+        let long = format!("_INBOX.{}", "a".repeat(250));
+        assert!(with(&long, &limits()).unwrap_err().1.contains("1-256 bytes"));
+        // A configured prefix and policy.
+        let mut custom = limits();
+        custom.prefix = "acme.jb".into();
+        custom.reply_prefixes = vec!["acme.replies.>".into(), "svc.answer".into()];
+        assert!(with("acme.replies.x", &custom).is_ok() && with("svc.answer", &custom).is_ok());
+        assert!(with("svc.answer.x", &custom).is_err() && with("_INBOX.x", &custom).is_err());
+        assert!(with("acme.jb.jobs.m", &custom).unwrap_err().1.contains("acme.jb.jobs is the worker's own"));
+        assert!(with("jetbatch.jobs.m", &custom).unwrap_err().1.contains("not under an allowed prefix"));
+    }
+
+    #[test]
+    fn configured_reply_prefixes_are_checked() {
+        for ok in DEFAULT_REPLY_PREFIXES.iter().copied().chain(["jetbatch.other.>", "svc.answer", "jetbatch"]) {
+            assert_eq!(check_reply_prefix(ok, "jetbatch"), Ok(()), "{ok}");
+        }
+        for bad in [
+            ">", "$JS.>", "$SYS.x", "$KV.b.>", "$SRV.>", "jetbatch.>", "jetbatch.jobs.>", "jetbatch.jobs", "jetbatch.results.x",
+            "jetbatch.dead.>", "jetbatch.metrics.>", "jetbatch.stream.>", "a.*", "a.*.>", "a.>.b", "a b.>", "", "a..b",
+        ] {
+            assert!(check_reply_prefix(bad, "jetbatch").is_err(), "{bad}");
+        }
+        assert!(check_reply_prefix("acme.jobs.>", "jetbatch").is_ok());
+        assert!(check_reply_prefix("acme.>", "acme").is_err());
+    }
+
+    #[test]
+    fn non_finite_outputs_are_strings_in_json() {
+        let score = Output::Score { logprob: f64::NEG_INFINITY, is_greedy: None, tokens: 1 };
+        let emb = Output::Embedding(vec![f32::NAN, f32::INFINITY, 0.5]);
+        let json_of = |o: &Output| serde_json::to_value(o.to_wire(Encoding::Json)).unwrap();
+        assert_eq!(json_of(&score)["logprob"], "-Infinity");
+        assert_eq!(json_of(&emb)["embedding"], serde_json::json!(["NaN", "Infinity", 0.5]));
+        let cls = Output::Classification { logits: vec![f32::NEG_INFINITY], probs: vec![f32::NAN], label: "l".into(), label_id: 0 };
+        assert_eq!((json_of(&cls)["logits"][0].clone(), json_of(&cls)["probs"][0].clone()), ("-Infinity".into(), "NaN".into()));
+        // MessagePack keeps native floats.
+        let wire = score.to_wire(Encoding::MsgPack);
+        let logprob = wire.as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("logprob")).unwrap().1.as_f64();
+        assert_eq!(logprob, Some(f64::NEG_INFINITY));
+        // A tensor result round-trips through JSON.
+        let t = TensorData::from((&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.5][..], vec![4]));
+        let result = JobResult {
+            id: "x".into(),
+            model: "m".into(),
+            kind: "tensor".into(),
+            status: Status::Ok,
+            output: Some(Output::Tensor(vec![t.clone()]).to_wire(Encoding::Json)),
+            error: None,
+            cached: false,
+            worker: "w".into(),
+            timing: Timing::default(),
+        };
+        let bytes = Encoding::Json.encode(&result);
+        assert!(!String::from_utf8_lossy(&bytes).contains("null"));
+        assert_eq!(JobResult::decode(&bytes).unwrap().output_tensors().unwrap(), vec![t]);
     }
 
     #[test]

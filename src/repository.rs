@@ -452,7 +452,7 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
     fn validate_checks_shapes_against_the_spec() {
         let tmp = tempfile::tempdir().unwrap();
         let spec = ModelSpec::load(&model(tmp.path(), "seq", SEQ)).unwrap();
-        let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 100 };
+        let limits = Limits::new(1 << 20, 100);
         let job = |shape: &str, n: usize| {
             let data = vec!["0.5"; n].join(",");
             let s = format!(r#"{{"id":"j","model":"seq","kind":"tensor","input":{{"inputs":[{{"dtype":"f32","shape":{shape},"data":[{data}]}}]}}}}"#);

@@ -59,9 +59,10 @@ impl DType {
         }
     }
 
-    /// Little-endian bytes of one element given as a JSON/msgpack number.
+    /// Little-endian bytes of one element given as a JSON/msgpack number (for float dtypes also
+    /// one of the strings "NaN", "Infinity", "-Infinity", as JSON results write them).
     fn push_number(self, v: &Value, out: &mut Vec<u8>) -> Option<()> {
-        let f = || v.as_f64().or_else(|| v.as_i64().map(|i| i as f64));
+        let f = || v.as_f64().or_else(|| v.as_i64().map(|i| i as f64)).or_else(|| non_finite(v.as_str()?));
         match self {
             DType::F32 => out.extend_from_slice(&(f()? as f32).to_le_bytes()),
             DType::F64 => out.extend_from_slice(&f()?.to_le_bytes()),
@@ -99,6 +100,34 @@ impl DType {
             DType::U8 => Value::from(bytes[0]),
             DType::Bool => Value::Boolean(bytes[0] != 0),
         }
+    }
+}
+
+/// The names JSON uses for the floats it cannot write as numbers.
+pub const NON_FINITE_NAMES: [&str; 3] = ["NaN", "Infinity", "-Infinity"];
+
+fn non_finite(s: &str) -> Option<f64> {
+    match s {
+        "NaN" => Some(f64::NAN),
+        "Infinity" => Some(f64::INFINITY),
+        "-Infinity" => Some(f64::NEG_INFINITY),
+        _ => None,
+    }
+}
+
+/// A float `Value` for a JSON document: non-finite floats become "NaN", "Infinity" or
+/// "-Infinity" (JSON numbers cannot say them); everything else is returned as it is.
+pub fn json_float(v: Value) -> Value {
+    let x = match v {
+        Value::F32(x) => x as f64,
+        Value::F64(x) => x,
+        other => return other,
+    };
+    match x {
+        x if x.is_nan() => Value::from(NON_FINITE_NAMES[0]),
+        x if x == f64::INFINITY => Value::from(NON_FINITE_NAMES[1]),
+        x if x == f64::NEG_INFINITY => Value::from(NON_FINITE_NAMES[2]),
+        _ => v,
     }
 }
 
@@ -173,12 +202,13 @@ impl TensorData {
         Ok(TensorData { dtype, shape, data })
     }
 
-    /// The wire form: binary data for MessagePack, a flat number list for JSON.
+    /// The wire form: binary data for MessagePack, a flat number list for JSON (non-finite floats
+    /// as "NaN", "Infinity", "-Infinity").
     pub fn to_wire(&self, encoding: Encoding) -> Value {
         let data = match encoding {
             Encoding::MsgPack => Value::Binary(self.data.clone()),
             Encoding::Json => Value::Array(
-                self.data.chunks_exact(self.dtype.size()).map(|c| self.dtype.number_at(c)).collect(),
+                self.data.chunks_exact(self.dtype.size()).map(|c| json_float(self.dtype.number_at(c))).collect(),
             ),
         };
         Value::Map(vec![
@@ -251,6 +281,24 @@ mod tests {
             assert_eq!(back, t, "{dtype:?}");
             assert_eq!(t.to_f64_vec(), vec![0.0, 1.0]);
         }
+    }
+
+    #[test]
+    fn non_finite_floats_are_strings_in_json_and_read_back() {
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::Bf16] {
+            let items = ["NaN", "Infinity", "-Infinity"].map(Value::from).into_iter().chain([Value::from(2)]).collect();
+            let t = TensorData::from_wire(&wire(dtype.name(), vec![4], Value::Array(items)), "x", 10).unwrap();
+            let json = t.to_wire(Encoding::Json);
+            let data = json.as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("data")).unwrap().1.clone();
+            assert_eq!(&data.as_array().unwrap()[..3], &["NaN", "Infinity", "-Infinity"].map(Value::from)[..], "{dtype:?}");
+            assert_eq!(TensorData::from_wire(&json, "x", 10).unwrap(), t, "{dtype:?}");
+            let v = t.to_f64_vec();
+            assert!(v[0].is_nan() && v[1] == f64::INFINITY && v[2] == f64::NEG_INFINITY && v[3] == 2.0);
+        }
+        // Integer dtypes take numbers only.
+        let err = TensorData::from_wire(&wire("i32", vec![1], Value::Array(vec![Value::from("NaN")])), "t", 10).unwrap_err();
+        assert_eq!(err, "t.data[0]: not a valid i32 value");
+        assert!(TensorData::from_wire(&wire("f32", vec![1], Value::Array(vec![Value::from("nan")])), "t", 10).is_err());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum WorkerError {
     Repository(#[from] RepoError),
     #[error("metrics endpoint: {0}")]
     Metrics(std::io::Error),
+    #[error("--reply-prefix {pattern}: {message}")]
+    ReplyPrefix { pattern: String, message: String },
     /// The engine thread died (a bug, not a job: model failures are caught on it). The worker
     /// hands its jobs back and exits non-zero so that its supervisor starts a fresh one.
     #[error("the engine thread stopped unexpectedly")]
@@ -155,6 +157,10 @@ impl Ctx {
 /// Runs the worker until `shutdown` completes, then stops fetching, hands back unstarted jobs,
 /// finishes the batch in flight and returns once every pulled job is acked or handed back.
 pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerError> {
+    for pattern in &args.reply_prefixes {
+        job::check_reply_prefix(pattern, &args.topology.prefix)
+            .map_err(|message| WorkerError::ReplyPrefix { pattern: pattern.clone(), message })?;
+    }
     let worker = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let metrics = Arc::new(Metrics::new(&worker));
     let repository = Arc::new(Repository::scan(&args.models)?);
@@ -201,7 +207,9 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), WorkerErr
         results: results_stream,
         streamer: streamer.clone(),
     });
-    let limits = Limits { max_payload_bytes: args.max_payload_bytes, max_tensor_elements: args.max_tensor_elements };
+    let mut limits = Limits::new(args.max_payload_bytes, args.max_tensor_elements);
+    limits.prefix = args.topology.prefix.clone();
+    limits.reply_prefixes = args.reply_prefixes.clone();
 
     let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
     let (release_tx, release_rx) = mpsc::channel::<Vec<Delivery>>(16);

@@ -61,13 +61,29 @@ fn the_schemas_reject_what_the_worker_rejects() {
         json!({"id": "a", "model": "m", "kind": "dance", "input": {}}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {"inputs": [{"dtype": "f7", "shape": [1], "data": [1]}]}}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "x.*"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "$JS.API.STREAM.PURGE.JETBATCH_RESULTS"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "jetbatch.jobs.mlp"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "jetbatch.results.other"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "_INBOX.a\u{b}b"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": "_INBOX.>"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "reply_to": 7}),
+        json!({"id": "a", "model": 7, "kind": "tensor", "input": {}}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "cache": "yes"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "timeout_ms": -1}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "params": 5}),
     ];
-    let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    let limits = Limits::new(1 << 20, 1 << 20);
     for doc in bad {
         assert!(!job.is_valid(&doc), "schema accepts {doc}");
         let decoded = decode(doc.to_string().as_bytes(), None, "m", &limits);
         let tensor_ok = decoded.is_ok() && doc["input"]["inputs"].is_array();
         assert!(decoded.is_err() || tensor_ok, "decoder accepts {doc}");
+    }
+    // Both accept the default reply prefixes.
+    for reply in ["_INBOX.x1.y", "jetbatch.reply.client-7"] {
+        let doc = json!({"id": "a", "model": "m", "kind": "tensor", "input": {"inputs": []}, "reply_to": reply});
+        assert_valid(&job, &doc, reply);
+        assert!(decode(doc.to_string().as_bytes(), None, "m", &limits).is_ok(), "{reply}");
     }
 }
 
@@ -98,12 +114,23 @@ fn emitted_results_validate() {
         Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3 },
         Output::Embedding(vec![0.6, 0.8]),
         Output::Classification { logits: vec![1.0, 2.0], probs: vec![0.27, 0.73], label: "pos".into(), label_id: 1 },
+        // Non-finite floats are strings in JSON.
+        Output::Score { logprob: f64::NEG_INFINITY, is_greedy: Some(false), tokens: 2 },
+        Output::Score { logprob: f64::NAN, is_greedy: None, tokens: 2 },
+        Output::Embedding(vec![f32::NAN, f32::INFINITY]),
+        Output::Classification { logits: vec![f32::NEG_INFINITY, 2.0], probs: vec![0.0, f32::NAN], label: "pos".into(), label_id: 1 },
+        Output::Tensor(vec![TensorData::from((&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY][..], vec![3]))]),
     ];
     let lm_results: Vec<JobResult> = lm_outputs.iter().map(|o| JobResult { output: Some(o.to_wire(Encoding::Json)), ..ok.clone() }).collect();
     for r in [ok, err].into_iter().chain(lm_results) {
         let doc: Value = serde_json::from_slice(&Encoding::Json.encode(&r)).unwrap();
         assert_valid(&result, &doc, &r.id);
+        assert!(!doc.to_string().contains("null"), "{doc}");
     }
+    // A string other than the three non-finite names is still not a number.
+    let bad = json!({"id": "x", "model": "m", "kind": "embed", "status": "ok", "output": {"embedding": ["nan"], "dim": 1},
+        "cached": false, "worker": "w", "timing": {"queued_ms": 0, "compute_ms": 0, "batch_size": 0}});
+    assert!(!result.is_valid(&bad));
 }
 
 #[test]
@@ -112,7 +139,7 @@ fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
     jetbatch::demo::write_demo_models(dir.path()).unwrap();
     let spec = ModelSpec::load(&dir.path().join("mlp")).unwrap();
     let payload = std::fs::read(schemas_dir().join("examples/tensor-job.json")).unwrap();
-    let limits = Limits { max_payload_bytes: 1 << 20, max_tensor_elements: 1 << 20 };
+    let limits = Limits::new(1 << 20, 1 << 20);
     let env = decode(&payload, None, "mlp", &limits).unwrap();
     let job = spec.validate(env, 1 << 20).unwrap();
     assert_eq!((job.id.as_str(), job.cost), ("example-1", 16));

@@ -169,7 +169,7 @@ async fn engine_alone(b: &Bench<'_>, per_size: Duration) -> anyhow::Result<(f64,
     engine.load(spec.clone()).await?;
     // The jobs the end-to-end run sends, parsed the way the worker parses them.
     let mut generator = Generator::new(b.wide_jobs("wide"));
-    let limits = Limits { max_payload_bytes: usize::MAX, max_tensor_elements: usize::MAX };
+    let limits = Limits::new(usize::MAX, usize::MAX);
     let inputs: Vec<JobInput> = (0..64)
         .map(|i| {
             let job = generator.next(format!("engine.{i}"));
