@@ -37,6 +37,9 @@ pub struct Metrics {
     pub models_loaded: IntGauge,
     /// Set while the worker is connected and consuming; `/healthz` reports it.
     pub ready: AtomicBool,
+    /// True while the engine thread runs: set by `EngineHandle::start`, cleared when the thread
+    /// exits (a drop guard, so a panic clears it too). `/healthz` answers 503 when it is false.
+    pub engine_alive: AtomicBool,
 }
 
 impl Metrics {
@@ -80,6 +83,7 @@ impl Metrics {
             engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
             models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
             ready: AtomicBool::new(false),
+            engine_alive: AtomicBool::new(false),
             registry: b.registry.clone(),
             names: b.names.take(),
         }
@@ -146,7 +150,8 @@ impl Builder {
     }
 }
 
-/// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming, 503 otherwise).
+/// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming with the engine thread
+/// alive; 503 "engine stopped" once that thread has exited, 503 "not consuming" otherwise).
 pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadcast::Receiver<()>) -> std::io::Result<SocketAddr> {
     use axum::{http::StatusCode, routing::get, Router};
     let m = metrics.clone();
@@ -155,7 +160,9 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadc
         .route(
             "/healthz",
             get(move || async move {
-                if metrics.ready.load(Ordering::Relaxed) {
+                if !metrics.engine_alive.load(Ordering::SeqCst) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "engine stopped")
+                } else if metrics.ready.load(Ordering::Relaxed) {
                     (StatusCode::OK, "ok")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
