@@ -450,18 +450,38 @@ impl LmSpec {
             JobKind::Embed | JobKind::Classify => {
                 let text_a = text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?;
                 let pair = if kind == JobKind::Classify { text("text_pair")? } else { None };
-                // Truncation keeps the first max_length tokens: a bounded start of each text has them.
+                // Truncation keeps the first max_length - 1 tokens, which a bounded start of each
+                // text has, and the last token, which a bounded end of the last text has.
                 let a = self.bounded_head(&text_a, self.max_length)?;
-                let enc = match &pair {
-                    Some(b) => self.tokenizer.encode((a, self.bounded_head(b, self.max_length)?), true),
-                    None => self.tokenizer.encode(a, true),
-                }
-                .map_err(|e| JobError::bad_request(format!("input.text: cannot tokenize: {e}")))?;
+                let b = pair.as_deref().map(|b| self.bounded_head(b, self.max_length)).transpose()?;
+                let tokenize = |a: &str, b: Option<&str>| {
+                    match b {
+                        Some(b) => self.tokenizer.encode((a, b), true),
+                        None => self.tokenizer.encode(a, true),
+                    }
+                    .map_err(|e| JobError::bad_request(format!("input.text: cannot tokenize: {e}")))
+                };
+                let enc = tokenize(a, b)?;
                 let mut ids = enc.get_ids().to_vec();
                 let mut type_ids = enc.get_type_ids().to_vec();
+                if ids.is_empty() {
+                    return Err(JobError::bad_request("input.text: encodes to no tokens"));
+                }
                 // Encoders truncate from the right, keeping the final separator.
                 if ids.len() > self.max_length {
-                    let last = (*ids.last().expect("non-empty"), *type_ids.last().expect("non-empty"));
+                    let last_cut = match (&pair, b) {
+                        (Some(whole), Some(b)) => b.len() < whole.len(),
+                        _ => a.len() < text_a.len(),
+                    };
+                    let last = if last_cut {
+                        let end = match (&pair, b) {
+                            (Some(whole), Some(_)) => tokenize(a, Some(self.bounded_tail(whole, 1)?))?,
+                            _ => tokenize(self.bounded_tail(&text_a, 1)?, None)?,
+                        };
+                        (*end.get_ids().last().expect("non-empty"), *end.get_type_ids().last().expect("non-empty"))
+                    } else {
+                        (*ids.last().expect("non-empty"), *type_ids.last().expect("non-empty"))
+                    };
                     ids.truncate(self.max_length - 1);
                     type_ids.truncate(self.max_length - 1);
                     ids.push(last.0);
@@ -650,6 +670,161 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The demo decoder's spec (byte-level tokenizer: one token per byte), at `max_length`.
+    fn tiny(max_length: usize) -> (tempfile::TempDir, LmSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::write_tiny_lm(dir.path(), 1, 8, 1).unwrap();
+        let spec = LmSpec::load(dir.path(), Some(max_length), 64).unwrap();
+        (dir, spec)
+    }
+
+    fn parse(spec: &LmSpec, kind: JobKind, input: serde_json::Value, params: serde_json::Value) -> Result<JobInput, JobError> {
+        let params: std::collections::BTreeMap<String, Value> = rmpv::ext::to_value(params)
+            .unwrap()
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
+            .collect();
+        spec.parse(kind, &rmpv::ext::to_value(input).unwrap(), &Params::parse(&params)?).map(|(i, _)| i)
+    }
+
+    fn windows(input: JobInput) -> Vec<Window> {
+        match input {
+            JobInput::Score(w) => w,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn assert_invariant(w: &Window, max_length: usize) {
+        assert!(!w.context.is_empty() && !w.continuation.is_empty(), "{w:?}");
+        assert!(w.context.len() + w.continuation.len() - 1 <= max_length, "{w:?} over {max_length}");
+    }
+
+    #[test]
+    fn continuations_the_model_cannot_score_whole_are_refused_and_empty_contexts_use_the_prefix() {
+        let (_d, spec) = tiny(48);
+        let ll = JobKind::Loglikelihood;
+        // Text: 49 continuation tokens is one too many; 48 is scored whole, with one context token.
+        let err = parse(&spec, ll, json!({"context": "Hi", "continuation": "x".repeat(49)}), json!({})).unwrap_err();
+        assert_eq!(err.code, crate::job::ErrorCode::BadRequest);
+        assert!(err.message.starts_with("input.continuation: 49 tokens") && err.message.contains("at most 48 continuation tokens"), "{}", err.message);
+        let err = parse(&spec, ll, json!({"context": "Hi", "continuation": " the quick brown fox".repeat(100)}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.continuation: more than 48 tokens"), "{}", err.message);
+        let w = windows(parse(&spec, ll, json!({"context": "Hi", "continuation": "x".repeat(48)}), json!({})).unwrap());
+        assert_eq!((w[0].context.len(), w[0].continuation.len()), (1, 48));
+        // Tokens alike.
+        let err = parse(&spec, ll, json!({"context_tokens": [5], "continuation_tokens": vec![6; 49]}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.continuation_tokens: 49 tokens") && err.message.contains("at most 48"), "{}", err.message);
+        let err = parse(&spec, ll, json!({"context_tokens": [5], "continuation_tokens": []}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.continuation_tokens"), "{}", err.message);
+        // An empty context is the prefix token, as text or as tokens.
+        let text = windows(parse(&spec, ll, json!({"context": "", "continuation": "ab"}), json!({})).unwrap());
+        assert_eq!(text[0].context, vec![spec.prefix_token]);
+        let tokens = windows(parse(&spec, ll, json!({"context_tokens": [], "continuation_tokens": text[0].continuation}), json!({})).unwrap());
+        assert_eq!(tokens, text);
+    }
+
+    #[test]
+    fn every_scored_window_keeps_the_invariant() {
+        for max_length in [1, 2, 3, 7, 48] {
+            let (_d, spec) = tiny(max_length);
+            for c in 0..60 {
+                for n in 1..=max_length {
+                    let input = json!({"context_tokens": vec![7; c], "continuation_tokens": vec![8; n]});
+                    let w = windows(parse(&spec, JobKind::Loglikelihood, input, json!({})).unwrap());
+                    assert_invariant(&w[0], max_length);
+                    assert_eq!(w[0].continuation.len(), n, "the continuation is scored whole");
+                    assert_eq!(w[0].context.len(), c.clamp(1, max_length + 1 - n), "the context is cut from the left only");
+                }
+            }
+            for len in 1..40 {
+                let tokens: Vec<u32> = (0..len).collect();
+                let ws = rolling_windows(&tokens, 99, max_length);
+                ws.iter().for_each(|w| assert_invariant(w, max_length));
+                let predicted: Vec<u32> = ws.iter().flat_map(|w| w.continuation.clone()).collect();
+                assert_eq!(predicted, tokens, "every token is predicted once, in order");
+            }
+        }
+    }
+
+    #[test]
+    fn stop_token_ids_past_u32_are_refused_not_wrapped() {
+        let (_d, spec) = tiny(48);
+        for bad in [json!([1u64 << 32]), json!([(1u64 << 32) + 5]), json!([u64::MAX]), json!([259]), json!([-1])] {
+            let err = parse(&spec, JobKind::Generate, json!({"prompt": "hi"}), json!({"stop_token_ids": bad})).unwrap_err();
+            assert!(err.message.starts_with("params.stop_token_ids"), "{bad}: {}", err.message);
+        }
+        let JobInput::Generate(g) = parse(&spec, JobKind::Generate, json!({"prompt": "hi"}), json!({"stop_token_ids": [258]})).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.stop_token_ids, vec![258]);
+        let err = parse(&spec, JobKind::Loglikelihood, json!({"context_tokens": [1u64 << 32], "continuation_tokens": [5]}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.context_tokens"), "{}", err.message);
+    }
+
+    #[test]
+    fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
+        let (_d, spec) = tiny(48);
+        let words = "the quick brown fox jumps over the lazy dog, Ünïcödé 東京 ";
+        // (b) A 1,000,000-character prompt is refused without tokenising it whole.
+        let prompt = words.chars().cycle().take(1_000_000).collect::<String>();
+        let start = std::time::Instant::now();
+        let err = parse(&spec, JobKind::Generate, json!({"prompt": prompt}), json!({})).unwrap_err();
+        let refused = start.elapsed();
+        assert!(err.message.starts_with("input.prompt: more than 48 tokens"), "{}", err.message);
+        // A long context is cut from the left; the window equals that of a context cut by hand.
+        let context = words.repeat(4 << 20 >> 6);
+        let start = std::time::Instant::now();
+        let big = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": context, "continuation": " end"}), json!({})).unwrap());
+        let scored = start.elapsed();
+        let tail = &context[context.len() - 200..];
+        let small = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": tail, "continuation": " end"}), json!({})).unwrap());
+        assert_eq!(big, small);
+        assert_invariant(&big[0], 48);
+        // Texts crossing the window (16 bytes a token): bounded results equal whole-text ones.
+        for len in [700, 767, 768, 769, 800, 1600, 5000] {
+            let text: String = words.chars().cycle().take(len).collect();
+            let whole = spec.encode(&text, true).unwrap();
+            match parse(&spec, JobKind::Generate, json!({"prompt": text}), json!({"max_new_tokens": 1})) {
+                Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => assert!(whole.len() >= 48, "{len}: refused {} tokens: {}", whole.len(), e.message),
+            }
+            let (c, k) = spec.split_pair(&text, " !").unwrap();
+            let (c, k) = spec.truncate(c, k);
+            let w = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": text, "continuation": " !"}), json!({})).unwrap());
+            assert_eq!(w[0], Window { context: c, continuation: k }, "{len}");
+            let JobInput::Encode { ids: got, .. } = parse(&spec, JobKind::Embed, json!({"text": text}), json!({})).unwrap() else { panic!() };
+            // Encoders keep the first max_length - 1 tokens and the last (their final separator).
+            let want: Vec<u32> = if whole.len() > 48 { whole[..47].iter().chain(whole.last()).copied().collect() } else { whole.clone() };
+            assert_eq!(got, want, "{len}");
+        }
+        eprintln!("FIGURES 1M-char prompt refused in {refused:?}; 4 MiB context scored window in {scored:?}");
+        assert!(refused < std::time::Duration::from_secs(1) && scored < std::time::Duration::from_secs(1), "{refused:?} {scored:?}");
+    }
+
+    #[test]
+    fn windows_are_cut_on_char_boundaries_preferably_at_whitespace() {
+        assert_eq!(cut_head("ab cd ef", 7), "ab cd");
+        assert_eq!(cut_head("abcdefgh", 5), "abcde");
+        assert_eq!(cut_head("é€😀", 5), "é€");
+        assert_eq!(cut_tail("ab cd ef", 7), " cd ef");
+        assert_eq!(cut_tail("abcdefgh", 5), "defgh");
+        assert_eq!(cut_tail("é€😀", 5), "😀");
+        assert_eq!(cut_head("short", 100), "short");
+    }
+
+    #[test]
+    fn rolling_texts_over_max_input_bytes_are_refused() {
+        let (_d, mut spec) = tiny(48);
+        spec.max_input_bytes = 1000;
+        let err = parse(&spec, JobKind::LoglikelihoodRolling, json!({"text": "x".repeat(1001)}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.text: 1001 bytes, over this model's max_input_bytes (1000)"), "{}", err.message);
+        assert!(parse(&spec, JobKind::LoglikelihoodRolling, json!({"text": "x".repeat(1000)}), json!({})).is_ok());
+    }
 
     #[test]
     fn rolling_windows_follow_the_harness() {
