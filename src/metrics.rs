@@ -181,6 +181,31 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadc
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn healthz_is_ok_only_while_consuming_with_the_engine_alive() {
+        let metrics = Arc::new(Metrics::new("w1"));
+        let (_tx, rx) = broadcast::channel(1);
+        let addr = serve(metrics.clone(), "127.0.0.1:0".parse().unwrap(), rx).await.unwrap();
+        let get = || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).await.unwrap();
+            (body.split(' ').nth(1).unwrap().to_string(), body.rsplit("\r\n").next().unwrap().to_string())
+        };
+        let case = |ready: bool, alive: bool| {
+            metrics.ready.store(ready, Ordering::SeqCst);
+            metrics.engine_alive.store(alive, Ordering::SeqCst);
+        };
+        case(true, true);
+        assert_eq!(get().await, ("200".into(), "ok".into()));
+        case(true, false);
+        assert_eq!(get().await, ("503".into(), "engine stopped".into()));
+        case(false, true);
+        assert_eq!(get().await, ("503".into(), "not consuming".into()));
+    }
+
     #[test]
     fn render_and_snapshot_carry_the_same_series() {
         let m = Metrics::new("w1");
