@@ -129,8 +129,8 @@ impl HfConfig {
 
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+            Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(|n| vec![n]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).filter_map(|n| u32::try_from(n).ok()).collect(),
             _ => Vec::new(),
         }
     }
@@ -183,6 +183,52 @@ pub struct LmSpec {
     /// The token an empty context (and the first rolling window) is conditioned on: BOS, else EOS.
     pub prefix_token: u32,
     pub max_new_tokens_limit: usize,
+    /// Largest `loglikelihood_rolling` text, in bytes: that kind tokenises and scores the whole
+    /// text, so this bounds its cost (`max_input_bytes` in jetbatch.toml; see
+    /// [`DEFAULT_MAX_INPUT_BYTES`]). Other kinds read a bounded window of their texts whatever
+    /// their size (see [`LmSpec::parse`]).
+    pub max_input_bytes: usize,
+}
+
+/// Default `max_input_bytes`: 4 MiB, half the worker's default payload limit (8 MiB). A rolling
+/// text that size is ~1M tokens to score, so tokenising it (~5 s) is a small part of its cost.
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 4 << 20;
+
+/// Bounded tokenisation: a text is first tokenised from a window of `WINDOW_BYTES_PER_TOKEN`
+/// bytes per token needed (a token is rarely more than a few bytes), and the window doubles until it
+/// yields `TOKEN_MARGIN` tokens more than needed, or holds the whole text. Tokenisers are local
+/// (the tokens far from a cut do not depend on what lies past it), and windows are cut at
+/// whitespace where they can be, so the kept tokens equal those of tokenising the whole text; the
+/// margin absorbs the tokens next to the cut, which may differ.
+const WINDOW_BYTES_PER_TOKEN: usize = 16;
+const TOKEN_MARGIN: usize = 8;
+
+/// The start of `text`, at most `max` bytes: ending just before a whitespace in the window's
+/// second half if there is one, else at a char boundary.
+fn cut_head(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let window = &text[..end];
+    match window.rfind(char::is_whitespace) {
+        Some(i) if i > 0 && i >= end / 2 => &text[..i],
+        _ => window,
+    }
+}
+
+/// The end of `text`, at most `max` bytes: starting at a whitespace in the window's first half if
+/// there is one (it stays, as the words after it begin with it), else at a char boundary.
+fn cut_tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let window = &text[start..];
+    match window.find(char::is_whitespace) {
+        Some(i) if i <= window.len() / 2 => &window[i..],
+        _ => window,
+    }
 }
 
 impl std::fmt::Debug for LmSpec {
@@ -217,7 +263,60 @@ impl LmSpec {
             .and_then(|v| v["max_seq_length"].as_u64())
             .map(|n| n as usize);
         let max_length = max_length.or(st_length).unwrap_or(config.max_position_embeddings).min(config.max_position_embeddings);
-        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, max_new_tokens_limit })
+        if max_length == 0 {
+            return Err("max_length: must be at least 1 (and the model's max_position_embeddings too)".into());
+        }
+        if arch.is_decoder() && (prefix_token as usize) >= config.vocab_size {
+            return Err(format!("config.json: the prefix token {prefix_token} is not below vocab_size {}", config.vocab_size));
+        }
+        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
+    }
+
+    /// The shortest start of `text` (see [`cut_head`]) whose tokens (without special tokens)
+    /// number at least `need` + margin, or the whole text: its first `need` tokens are those of
+    /// the whole text.
+    fn bounded_head<'a>(&self, text: &'a str, need: usize) -> Result<&'a str, JobError> {
+        let mut window = need.max(1).saturating_mul(WINDOW_BYTES_PER_TOKEN);
+        loop {
+            if text.len() <= window {
+                return Ok(text);
+            }
+            let head = cut_head(text, window);
+            if self.count(head)? >= need + TOKEN_MARGIN {
+                return Ok(head);
+            }
+            window = window.saturating_mul(2);
+        }
+    }
+
+    /// The shortest end of `text` (see [`cut_tail`]) whose tokens number at least `need` +
+    /// margin, or the whole text: its last `need` tokens are those of the whole text.
+    fn bounded_tail<'a>(&self, text: &'a str, need: usize) -> Result<&'a str, JobError> {
+        let mut window = need.max(1).saturating_mul(WINDOW_BYTES_PER_TOKEN);
+        loop {
+            if text.len() <= window {
+                return Ok(text);
+            }
+            let tail = cut_tail(text, window);
+            if self.count(tail)? >= need + TOKEN_MARGIN {
+                return Ok(tail);
+            }
+            window = window.saturating_mul(2);
+        }
+    }
+
+    /// Whether `text` certainly has more than `limit` tokens, found from a bounded start of it
+    /// (the whole text is tokenised only when it is short enough to be within reach of `limit`).
+    fn over(&self, text: &str, limit: usize) -> Result<bool, JobError> {
+        let head = self.bounded_head(text, limit)?;
+        Ok(head.len() < text.len())
+    }
+
+    fn count(&self, text: &str) -> Result<usize, JobError> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.len())
+            .map_err(|e| JobError::bad_request(format!("input: cannot tokenize: {e}")))
     }
 
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, JobError> {
@@ -241,7 +340,7 @@ impl LmSpec {
                 None | Some(Value::Nil) => Ok(None),
                 Some(Value::Array(items)) => items
                     .iter()
-                    .map(|t| t.as_u64().filter(|&t| (t as usize) < self.config.vocab_size).map(|t| t as u32))
+                    .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).filter(|&t| (t as usize) < self.config.vocab_size))
                     .collect::<Option<Vec<u32>>>()
                     .map(Some)
                     .ok_or_else(|| JobError::bad_request(format!("input.{name}: token ids must be integers below the vocabulary size {}", self.config.vocab_size))),
@@ -250,19 +349,33 @@ impl LmSpec {
         };
         match kind {
             JobKind::Loglikelihood => {
-                let (context, continuation) = match (tokens("context_tokens")?, tokens("continuation_tokens")?) {
-                    (Some(c), Some(k)) => (c, k),
+                let (context, continuation, field) = match (tokens("context_tokens")?, tokens("continuation_tokens")?) {
+                    (Some(c), Some(k)) => (c, k, "continuation_tokens"),
                     (None, None) => {
                         let context = text("context")?.ok_or_else(|| JobError::bad_request("input.context: missing (or context_tokens)"))?;
                         let continuation =
                             text("continuation")?.ok_or_else(|| JobError::bad_request("input.continuation: missing (or continuation_tokens)"))?;
-                        self.split_pair(&context, &continuation)?
+                        // Bounded before tokenising: a continuation past the model's length is
+                        // refused, and the context is cut from the left anyway.
+                        if self.over(&continuation, self.max_length)? {
+                            return Err(self.continuation_too_long("continuation", None));
+                        }
+                        let context = self.bounded_tail(&context, self.max_length)?;
+                        let (c, k) = self.split_pair(context, &continuation)?;
+                        (c, k, "continuation")
                     }
                     _ => return Err(JobError::bad_request("input: give context_tokens and continuation_tokens together")),
                 };
                 if continuation.is_empty() {
-                    return Err(JobError::bad_request("input.continuation: encodes to no tokens"));
+                    return Err(JobError::bad_request(format!("input.{field}: encodes to no tokens")));
                 }
+                // lm-evaluation-harness's HF backend fails on these too: the model cannot score the
+                // continuation whole (it would be conditioned on nothing, or on padding).
+                if continuation.len() > self.max_length {
+                    return Err(self.continuation_too_long(field, Some(continuation.len())));
+                }
+                // An empty context is conditioned on the prefix token, given as text or as tokens.
+                let context = if context.is_empty() { vec![self.prefix_token] } else { context };
                 let (context, continuation) = self.truncate(context, continuation);
                 let cost = context.len() + continuation.len();
                 Ok((JobInput::Score(vec![Window { context, continuation }]), cost))
@@ -270,7 +383,17 @@ impl LmSpec {
             JobKind::LoglikelihoodRolling => {
                 let tokens = match tokens("tokens")? {
                     Some(t) => t,
-                    None => self.encode(&text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?, false)?,
+                    None => {
+                        let text = text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?;
+                        if text.len() > self.max_input_bytes {
+                            return Err(JobError::bad_request(format!(
+                                "input.text: {} bytes, over this model's max_input_bytes ({}) for loglikelihood_rolling",
+                                text.len(),
+                                self.max_input_bytes
+                            )));
+                        }
+                        self.encode(&text, false)?
+                    }
                 };
                 if tokens.is_empty() {
                     return Err(JobError::bad_request("input.text: encodes to no tokens"));
@@ -282,7 +405,17 @@ impl LmSpec {
             JobKind::Generate => {
                 let prompt = match tokens("prompt_tokens")? {
                     Some(t) => t,
-                    None => self.encode(&text("prompt")?.ok_or_else(|| JobError::bad_request("input.prompt: missing (or prompt_tokens)"))?, true)?,
+                    None => {
+                        let prompt = text("prompt")?.ok_or_else(|| JobError::bad_request("input.prompt: missing (or prompt_tokens)"))?;
+                        // A prompt must fit the model: a bounded start of it tells an over-long one.
+                        if self.over(&prompt, self.max_length)? {
+                            return Err(JobError::bad_request(format!(
+                                "input.prompt: more than {} tokens leave no room to generate within the model's {} positions",
+                                self.max_length, self.max_length
+                            )));
+                        }
+                        self.encode(&prompt, true)?
+                    }
                 };
                 if prompt.is_empty() {
                     return Err(JobError::bad_request("input.prompt: encodes to no tokens"));
@@ -317,16 +450,38 @@ impl LmSpec {
             JobKind::Embed | JobKind::Classify => {
                 let text_a = text("text")?.ok_or_else(|| JobError::bad_request("input.text: missing"))?;
                 let pair = if kind == JobKind::Classify { text("text_pair")? } else { None };
-                let enc = match &pair {
-                    Some(b) => self.tokenizer.encode((text_a.as_str(), b.as_str()), true),
-                    None => self.tokenizer.encode(text_a.as_str(), true),
-                }
-                .map_err(|e| JobError::bad_request(format!("input.text: cannot tokenize: {e}")))?;
+                // Truncation keeps the first max_length - 1 tokens, which a bounded start of each
+                // text has, and the last token, which a bounded end of the last text has.
+                let a = self.bounded_head(&text_a, self.max_length)?;
+                let b = pair.as_deref().map(|b| self.bounded_head(b, self.max_length)).transpose()?;
+                let tokenize = |a: &str, b: Option<&str>| {
+                    match b {
+                        Some(b) => self.tokenizer.encode((a, b), true),
+                        None => self.tokenizer.encode(a, true),
+                    }
+                    .map_err(|e| JobError::bad_request(format!("input.text: cannot tokenize: {e}")))
+                };
+                let enc = tokenize(a, b)?;
                 let mut ids = enc.get_ids().to_vec();
                 let mut type_ids = enc.get_type_ids().to_vec();
+                if ids.is_empty() {
+                    return Err(JobError::bad_request("input.text: encodes to no tokens"));
+                }
                 // Encoders truncate from the right, keeping the final separator.
                 if ids.len() > self.max_length {
-                    let last = (*ids.last().expect("non-empty"), *type_ids.last().expect("non-empty"));
+                    let last_cut = match (&pair, b) {
+                        (Some(whole), Some(b)) => b.len() < whole.len(),
+                        _ => a.len() < text_a.len(),
+                    };
+                    let last = if last_cut {
+                        let end = match (&pair, b) {
+                            (Some(whole), Some(_)) => tokenize(a, Some(self.bounded_tail(whole, 1)?))?,
+                            _ => tokenize(self.bounded_tail(&text_a, 1)?, None)?,
+                        };
+                        (*end.get_ids().last().expect("non-empty"), *end.get_type_ids().last().expect("non-empty"))
+                    } else {
+                        (*ids.last().expect("non-empty"), *type_ids.last().expect("non-empty"))
+                    };
                     ids.truncate(self.max_length - 1);
                     type_ids.truncate(self.max_length - 1);
                     ids.push(last.0);
@@ -342,6 +497,17 @@ impl LmSpec {
     /// lm-evaluation-harness `_encode_pair`: trailing spaces of the context move to the front of the
     /// continuation; the pair is encoded whole and the continuation is what follows the context's
     /// own encoding. An empty context is conditioned on the prefix token.
+    fn continuation_too_long(&self, field: &str, tokens: Option<usize>) -> JobError {
+        let n = match tokens {
+            Some(n) => n.to_string(),
+            None => format!("more than {}", self.max_length),
+        };
+        JobError::bad_request(format!(
+            "input.{field}: {n} tokens; the model scores at most {} continuation tokens (its max_length)",
+            self.max_length
+        ))
+    }
+
     fn split_pair(&self, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>), JobError> {
         if context.is_empty() {
             return Ok((vec![self.prefix_token], self.encode(continuation, false)?));
@@ -355,19 +521,19 @@ impl LmSpec {
     }
 
     /// Left truncation to the model's length: the input is `(context + continuation)[-(max+1):][:-1]`.
+    /// Needs a non-empty context and at most `max_length` continuation tokens (checked by `parse`),
+    /// and keeps the scoring invariant: a non-empty context, and context + continuation - 1 <=
+    /// max_length.
     fn truncate(&self, context: Vec<u32>, continuation: Vec<u32>) -> (Vec<u32>, Vec<u32>) {
+        debug_assert!(!context.is_empty() && !continuation.is_empty() && continuation.len() <= self.max_length);
         let keep = self.max_length + 1;
         let total = context.len() + continuation.len();
         if total <= keep {
             return (context, continuation);
         }
+        // continuation.len() <= max_length, so drop < context.len(): at least one context token stays.
         let drop = total - keep;
-        if drop < context.len() {
-            (context[drop..].to_vec(), continuation)
-        } else {
-            // The continuation alone is longer than the model: score its last max_length + 1 tokens.
-            (Vec::new(), continuation[drop - context.len()..].to_vec())
-        }
+        (context[drop..].to_vec(), continuation)
     }
 }
 
@@ -380,7 +546,12 @@ pub struct Window {
 }
 
 /// lm-evaluation-harness `get_rolling_token_windows` with context length 1, each made disjoint.
+/// Every window has a non-empty context and context + continuation - 1 <= `max_len`. Needs a
+/// non-empty `tokens` and `max_len` >= 1.
 pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Window> {
+    if tokens.is_empty() || max_len == 0 {
+        return Vec::new();
+    }
     let mut windows = Vec::new();
     let first = max_len.min(tokens.len());
     let mut context = vec![prefix];
@@ -472,16 +643,21 @@ impl Params {
         };
         let stop_token_ids = match params.get("stop_token_ids") {
             None | Some(Value::Nil) => None,
-            Some(Value::Array(items)) => {
-                Some(items.iter().map(|t| t.as_u64().map(|t| t as u32)).collect::<Option<Vec<_>>>().ok_or_else(|| bad("stop_token_ids", "a list of token ids"))?)
-            }
+            // Ids past u32 are refused here (not wrapped); LmSpec::parse checks the vocabulary.
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("stop_token_ids", "a list of token ids (integers below the vocabulary size)"))?,
+            ),
             Some(_) => return Err(bad("stop_token_ids", "a list of token ids")),
         };
         Ok(Params {
-            max_new_tokens: uint("max_new_tokens")?.map(|n| n as usize),
+            max_new_tokens: uint("max_new_tokens")?.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             normalize: boolean("normalize")?,
             temperature,
-            top_k: uint("top_k")?.map(|n| n as usize),
+            top_k: uint("top_k")?.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             top_p,
             seed: uint("seed")?,
             stop,
@@ -494,6 +670,161 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The demo decoder's spec (byte-level tokenizer: one token per byte), at `max_length`.
+    fn tiny(max_length: usize) -> (tempfile::TempDir, LmSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::write_tiny_lm(dir.path(), 1, 8, 1).unwrap();
+        let spec = LmSpec::load(dir.path(), Some(max_length), 64).unwrap();
+        (dir, spec)
+    }
+
+    fn parse(spec: &LmSpec, kind: JobKind, input: serde_json::Value, params: serde_json::Value) -> Result<JobInput, JobError> {
+        let params: std::collections::BTreeMap<String, Value> = rmpv::ext::to_value(params)
+            .unwrap()
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
+            .collect();
+        spec.parse(kind, &rmpv::ext::to_value(input).unwrap(), &Params::parse(&params)?).map(|(i, _)| i)
+    }
+
+    fn windows(input: JobInput) -> Vec<Window> {
+        match input {
+            JobInput::Score(w) => w,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn assert_invariant(w: &Window, max_length: usize) {
+        assert!(!w.context.is_empty() && !w.continuation.is_empty(), "{w:?}");
+        assert!(w.context.len() + w.continuation.len() - 1 <= max_length, "{w:?} over {max_length}");
+    }
+
+    #[test]
+    fn continuations_the_model_cannot_score_whole_are_refused_and_empty_contexts_use_the_prefix() {
+        let (_d, spec) = tiny(48);
+        let ll = JobKind::Loglikelihood;
+        // Text: 49 continuation tokens is one too many; 48 is scored whole, with one context token.
+        let err = parse(&spec, ll, json!({"context": "Hi", "continuation": "x".repeat(49)}), json!({})).unwrap_err();
+        assert_eq!(err.code, crate::job::ErrorCode::BadRequest);
+        assert!(err.message.starts_with("input.continuation: 49 tokens") && err.message.contains("at most 48 continuation tokens"), "{}", err.message);
+        let err = parse(&spec, ll, json!({"context": "Hi", "continuation": " the quick brown fox".repeat(100)}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.continuation: more than 48 tokens"), "{}", err.message);
+        let w = windows(parse(&spec, ll, json!({"context": "Hi", "continuation": "x".repeat(48)}), json!({})).unwrap());
+        assert_eq!((w[0].context.len(), w[0].continuation.len()), (1, 48));
+        // Tokens alike.
+        let err = parse(&spec, ll, json!({"context_tokens": [5], "continuation_tokens": vec![6; 49]}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.continuation_tokens: 49 tokens") && err.message.contains("at most 48"), "{}", err.message);
+        let err = parse(&spec, ll, json!({"context_tokens": [5], "continuation_tokens": []}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.continuation_tokens"), "{}", err.message);
+        // An empty context is the prefix token, as text or as tokens.
+        let text = windows(parse(&spec, ll, json!({"context": "", "continuation": "ab"}), json!({})).unwrap());
+        assert_eq!(text[0].context, vec![spec.prefix_token]);
+        let tokens = windows(parse(&spec, ll, json!({"context_tokens": [], "continuation_tokens": text[0].continuation}), json!({})).unwrap());
+        assert_eq!(tokens, text);
+    }
+
+    #[test]
+    fn every_scored_window_keeps_the_invariant() {
+        for max_length in [1, 2, 3, 7, 48] {
+            let (_d, spec) = tiny(max_length);
+            for c in 0..60 {
+                for n in 1..=max_length {
+                    let input = json!({"context_tokens": vec![7; c], "continuation_tokens": vec![8; n]});
+                    let w = windows(parse(&spec, JobKind::Loglikelihood, input, json!({})).unwrap());
+                    assert_invariant(&w[0], max_length);
+                    assert_eq!(w[0].continuation.len(), n, "the continuation is scored whole");
+                    assert_eq!(w[0].context.len(), c.clamp(1, max_length + 1 - n), "the context is cut from the left only");
+                }
+            }
+            for len in 1..40 {
+                let tokens: Vec<u32> = (0..len).collect();
+                let ws = rolling_windows(&tokens, 99, max_length);
+                ws.iter().for_each(|w| assert_invariant(w, max_length));
+                let predicted: Vec<u32> = ws.iter().flat_map(|w| w.continuation.clone()).collect();
+                assert_eq!(predicted, tokens, "every token is predicted once, in order");
+            }
+        }
+    }
+
+    #[test]
+    fn stop_token_ids_past_u32_are_refused_not_wrapped() {
+        let (_d, spec) = tiny(48);
+        for bad in [json!([1u64 << 32]), json!([(1u64 << 32) + 5]), json!([u64::MAX]), json!([259]), json!([-1])] {
+            let err = parse(&spec, JobKind::Generate, json!({"prompt": "hi"}), json!({"stop_token_ids": bad})).unwrap_err();
+            assert!(err.message.starts_with("params.stop_token_ids"), "{bad}: {}", err.message);
+        }
+        let JobInput::Generate(g) = parse(&spec, JobKind::Generate, json!({"prompt": "hi"}), json!({"stop_token_ids": [258]})).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.stop_token_ids, vec![258]);
+        let err = parse(&spec, JobKind::Loglikelihood, json!({"context_tokens": [1u64 << 32], "continuation_tokens": [5]}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.context_tokens"), "{}", err.message);
+    }
+
+    #[test]
+    fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
+        let (_d, spec) = tiny(48);
+        let words = "the quick brown fox jumps over the lazy dog, Ünïcödé 東京 ";
+        // (b) A 1,000,000-character prompt is refused without tokenising it whole.
+        let prompt = words.chars().cycle().take(1_000_000).collect::<String>();
+        let start = std::time::Instant::now();
+        let err = parse(&spec, JobKind::Generate, json!({"prompt": prompt}), json!({})).unwrap_err();
+        let refused = start.elapsed();
+        assert!(err.message.starts_with("input.prompt: more than 48 tokens"), "{}", err.message);
+        // A long context is cut from the left; the window equals that of a context cut by hand.
+        let context = words.repeat(4 << 20 >> 6);
+        let start = std::time::Instant::now();
+        let big = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": context, "continuation": " end"}), json!({})).unwrap());
+        let scored = start.elapsed();
+        let tail = &context[context.len() - 200..];
+        let small = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": tail, "continuation": " end"}), json!({})).unwrap());
+        assert_eq!(big, small);
+        assert_invariant(&big[0], 48);
+        // Texts crossing the window (16 bytes a token): bounded results equal whole-text ones.
+        for len in [700, 767, 768, 769, 800, 1600, 5000] {
+            let text: String = words.chars().cycle().take(len).collect();
+            let whole = spec.encode(&text, true).unwrap();
+            match parse(&spec, JobKind::Generate, json!({"prompt": text}), json!({"max_new_tokens": 1})) {
+                Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => assert!(whole.len() >= 48, "{len}: refused {} tokens: {}", whole.len(), e.message),
+            }
+            let (c, k) = spec.split_pair(&text, " !").unwrap();
+            let (c, k) = spec.truncate(c, k);
+            let w = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": text, "continuation": " !"}), json!({})).unwrap());
+            assert_eq!(w[0], Window { context: c, continuation: k }, "{len}");
+            let JobInput::Encode { ids: got, .. } = parse(&spec, JobKind::Embed, json!({"text": text}), json!({})).unwrap() else { panic!() };
+            // Encoders keep the first max_length - 1 tokens and the last (their final separator).
+            let want: Vec<u32> = if whole.len() > 48 { whole[..47].iter().chain(whole.last()).copied().collect() } else { whole.clone() };
+            assert_eq!(got, want, "{len}");
+        }
+        eprintln!("FIGURES 1M-char prompt refused in {refused:?}; 4 MiB context scored window in {scored:?}");
+        assert!(refused < std::time::Duration::from_secs(1) && scored < std::time::Duration::from_secs(1), "{refused:?} {scored:?}");
+    }
+
+    #[test]
+    fn windows_are_cut_on_char_boundaries_preferably_at_whitespace() {
+        assert_eq!(cut_head("ab cd ef", 7), "ab cd");
+        assert_eq!(cut_head("abcdefgh", 5), "abcde");
+        assert_eq!(cut_head("é€😀", 5), "é€");
+        assert_eq!(cut_tail("ab cd ef", 7), " cd ef");
+        assert_eq!(cut_tail("abcdefgh", 5), "defgh");
+        assert_eq!(cut_tail("é€😀", 5), "😀");
+        assert_eq!(cut_head("short", 100), "short");
+    }
+
+    #[test]
+    fn rolling_texts_over_max_input_bytes_are_refused() {
+        let (_d, mut spec) = tiny(48);
+        spec.max_input_bytes = 1000;
+        let err = parse(&spec, JobKind::LoglikelihoodRolling, json!({"text": "x".repeat(1001)}), json!({})).unwrap_err();
+        assert!(err.message.starts_with("input.text: 1001 bytes, over this model's max_input_bytes (1000)"), "{}", err.message);
+        assert!(parse(&spec, JobKind::LoglikelihoodRolling, json!({"text": "x".repeat(1000)}), json!({})).is_ok());
+    }
 
     #[test]
     fn rolling_windows_follow_the_harness() {

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub models_loaded: IntGauge,
     /// Set while the worker is connected and consuming; `/healthz` reports it.
     pub ready: AtomicBool,
+    /// True while the engine thread runs: set by `EngineHandle::start`, cleared when the thread
+    /// exits (a drop guard, so a panic clears it too). `/healthz` answers 503 when it is false.
+    pub engine_alive: AtomicBool,
 }
 
 impl Metrics {
@@ -80,6 +83,7 @@ impl Metrics {
             engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
             models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
             ready: AtomicBool::new(false),
+            engine_alive: AtomicBool::new(false),
             registry: b.registry.clone(),
             names: b.names.take(),
         }
@@ -146,7 +150,8 @@ impl Builder {
     }
 }
 
-/// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming, 503 otherwise).
+/// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming with the engine thread
+/// alive; 503 "engine stopped" once that thread has exited, 503 "not consuming" otherwise).
 pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadcast::Receiver<()>) -> std::io::Result<SocketAddr> {
     use axum::{http::StatusCode, routing::get, Router};
     let m = metrics.clone();
@@ -155,7 +160,9 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadc
         .route(
             "/healthz",
             get(move || async move {
-                if metrics.ready.load(Ordering::Relaxed) {
+                if !metrics.engine_alive.load(Ordering::SeqCst) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "engine stopped")
+                } else if metrics.ready.load(Ordering::Relaxed) {
                     (StatusCode::OK, "ok")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
@@ -173,6 +180,31 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn healthz_is_ok_only_while_consuming_with_the_engine_alive() {
+        let metrics = Arc::new(Metrics::new("w1"));
+        let (_tx, rx) = broadcast::channel(1);
+        let addr = serve(metrics.clone(), "127.0.0.1:0".parse().unwrap(), rx).await.unwrap();
+        let get = || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).await.unwrap();
+            (body.split(' ').nth(1).unwrap().to_string(), body.rsplit("\r\n").next().unwrap().to_string())
+        };
+        let case = |ready: bool, alive: bool| {
+            metrics.ready.store(ready, Ordering::SeqCst);
+            metrics.engine_alive.store(alive, Ordering::SeqCst);
+        };
+        case(true, true);
+        assert_eq!(get().await, ("200".into(), "ok".into()));
+        case(true, false);
+        assert_eq!(get().await, ("503".into(), "engine stopped".into()));
+        case(false, true);
+        assert_eq!(get().await, ("503".into(), "not consuming".into()));
+    }
 
     #[test]
     fn render_and_snapshot_carry_the_same_series() {

@@ -148,6 +148,10 @@ pub struct ModelConfig {
     /// `hf`: the largest `max_new_tokens` a `generate` job may ask for.
     #[serde(default = "default_max_new_tokens_limit")]
     pub max_new_tokens_limit: usize,
+    /// `hf` `loglikelihood_rolling`: the largest text in bytes (it is tokenised and scored whole;
+    /// default [`crate::lm::DEFAULT_MAX_INPUT_BYTES`]). Other kinds read bounded windows of text.
+    #[serde(default)]
+    pub max_input_bytes: Option<usize>,
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
     #[serde(default)]
@@ -200,7 +204,11 @@ impl ModelSpec {
             return Err(cfg_err("backend torchscript needs model.pt beside jetbatch.toml".into()));
         }
         let lm = match config.backend {
-            Backend::Hf => Some(crate::lm::LmSpec::load(dir, config.max_length, config.max_new_tokens_limit).map_err(cfg_err)?),
+            Backend::Hf => {
+                let mut lm = crate::lm::LmSpec::load(dir, config.max_length, config.max_new_tokens_limit).map_err(cfg_err)?;
+                lm.max_input_bytes = config.max_input_bytes.unwrap_or(crate::lm::DEFAULT_MAX_INPUT_BYTES);
+                Some(lm)
+            }
             Backend::Torchscript => None,
         };
         let (fingerprint, size_bytes) = fingerprint(dir)?;

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use jetbatch::job::{ErrorCode, JobResult, Status};
@@ -348,4 +348,128 @@ async fn a_short_generation_overtakes_a_long_one_already_running() {
         order.push((r.id.clone(), output(&r)["tokens"].as_array().unwrap().len()));
     }
     assert_eq!(order, vec![("short".to_string(), 2), ("long".to_string(), 240)], "the short job joined the running batch and left first");
+}
+
+/// lm-evaluation-harness's pair encoding and left truncation, on the whole context (the reference
+/// the bounded parsing must equal).
+fn whole_loglikelihood(lm: &jetbatch::lm::LmSpec, context: &str, continuation: &str) -> (Vec<u32>, Vec<u32>) {
+    let enc = |s: &str| lm.tokenizer.encode(s, false).unwrap().get_ids().to_vec();
+    let trimmed = context.trim_end();
+    let continuation = format!("{}{continuation}", &context[trimmed.len()..]);
+    let whole = enc(&format!("{trimmed}{continuation}"));
+    let ctx = enc(trimmed);
+    let cont = whole[ctx.len().min(whole.len())..].to_vec();
+    let keep = (lm.max_length + 1).saturating_sub(cont.len());
+    (ctx[ctx.len().saturating_sub(keep)..].to_vec(), cont)
+}
+
+fn parse(lm: &jetbatch::lm::LmSpec, kind: jetbatch::job::JobKind, input: Value) -> Result<jetbatch::job::JobInput, jetbatch::job::JobError> {
+    lm.parse(kind, &rmpv::ext::to_value(input).unwrap(), &jetbatch::lm::Params::default()).map(|(i, _)| i)
+}
+
+/// Texts are bounded before tokenising (a window of 16 bytes per token needed, doubled until it
+/// yields enough); for texts around and past that window the results equal whole-text tokenising,
+/// on the fixture's real tokenizers (WordPiece, byte-level BPE); a 4 MiB text parses in well under
+/// a second and a 1,000,000-character prompt is refused as fast.
+#[test]
+fn bounded_tokenisation_equals_whole_text_tokenisation() {
+    use jetbatch::job::{JobInput, JobKind};
+    use jetbatch::lm::Window;
+    let (dir, _) = fixture();
+    let corpus = "Workers ack a job only after its result is published. The quick brown fox jumps over the lazy dog; \
+                  numbers like 12 345 and symbols ! ? , . are tokens too, as are Ünïcödé and 東京 and tabs\tand\nnewlines. ";
+    let text = |len: usize, skip: usize| -> String { corpus.chars().cycle().skip(skip).take(len).collect() };
+    for model in ["minilm", "tiny-bert-cls", "tiny-llama", "tiny-gpt2"] {
+        let spec = jetbatch::repository::ModelSpec::load(&dir.join("models").join(model)).unwrap();
+        let lm = spec.lm.as_ref().unwrap();
+        let max = lm.max_length;
+        let window = max * 16;
+        let mut lengths: Vec<usize> = vec![10, max, window - 3, window, window + 1, window + 40, 2 * window + 7, 9 * window];
+        lengths.extend((1..12).map(|i| window / 4 * i + i));
+        for (n, &len) in lengths.iter().enumerate() {
+            let t = text(len, n * 7);
+            if lm.arch.is_decoder() {
+                let whole = lm.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec();
+                match parse(lm, JobKind::Generate, json!({"prompt": t})) {
+                    Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole, "{model} {len}"),
+                    Ok(other) => panic!("{other:?}"),
+                    Err(e) => assert!(whole.len() >= max, "{model} {len}: {} tokens refused: {}", whole.len(), e.message),
+                }
+                for continuation in [" the end", "!", " and so on and so forth"] {
+                    let (context, cont) = whole_loglikelihood(lm, &t, continuation);
+                    let got = parse(lm, JobKind::Loglikelihood, json!({"context": t, "continuation": continuation})).unwrap();
+                    assert_eq!(got, JobInput::Score(vec![Window { context, continuation: cont }]), "{model} {len}");
+                }
+            } else {
+                let truncate = |e: tokenizers::Encoding| -> (Vec<u32>, Vec<u32>) {
+                    let (mut ids, mut types) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
+                    if ids.len() > max {
+                        let last = (*ids.last().unwrap(), *types.last().unwrap());
+                        ids.truncate(max - 1);
+                        types.truncate(max - 1);
+                        ids.push(last.0);
+                        types.push(last.1);
+                    }
+                    (ids, types)
+                };
+                let kind = if model == "minilm" { JobKind::Embed } else { JobKind::Classify };
+                let (ids, type_ids) = truncate(lm.tokenizer.encode(t.as_str(), true).unwrap());
+                let got = parse(lm, kind, json!({"text": t})).unwrap();
+                assert_eq!(got, JobInput::Encode { ids, type_ids, normalize: true }, "{model} {len}");
+                if kind == JobKind::Classify {
+                    for pair_len in [5, len / 2 + 1, len] {
+                        let b = text(pair_len, 3);
+                        let (ids, type_ids) = truncate(lm.tokenizer.encode((t.as_str(), b.as_str()), true).unwrap());
+                        let got = parse(lm, kind, json!({"text": t, "text_pair": b})).unwrap();
+                        assert_eq!(got, JobInput::Encode { ids, type_ids, normalize: true }, "{model} {len} pair {pair_len}");
+                    }
+                }
+            }
+        }
+    }
+    // Time: a 4 MiB embed text, a 4 MiB context, a 1,000,000-character prompt.
+    let load = |m: &str| jetbatch::repository::ModelSpec::load(&dir.join("models").join(m)).unwrap();
+    let (minilm, llama) = (load("minilm"), load("tiny-llama"));
+    let big = text(4 << 20, 0);
+    let start = Instant::now();
+    parse(minilm.lm.as_ref().unwrap(), JobKind::Embed, json!({"text": big})).unwrap();
+    let embed = start.elapsed();
+    let start = Instant::now();
+    parse(llama.lm.as_ref().unwrap(), JobKind::Loglikelihood, json!({"context": big, "continuation": " end"})).unwrap();
+    let context = start.elapsed();
+    let prompt = text(1_000_000, 0);
+    let start = Instant::now();
+    let err = parse(llama.lm.as_ref().unwrap(), JobKind::Generate, json!({"prompt": prompt})).unwrap_err();
+    let refused = start.elapsed();
+    assert!(err.message.starts_with("input.prompt: more than 48 tokens"), "{}", err.message);
+    eprintln!("FIGURES bounded tokenising: 4 MiB embed {embed:?}, 4 MiB context {context:?}, 1M-char prompt refused {refused:?}");
+    for (what, t) in [("embed", embed), ("context", context), ("prompt", refused)] {
+        assert!(t < Duration::from_secs(1), "{what}: {t:?}");
+    }
+}
+
+/// Over the bus: a large `embed` job (900 KiB: the test server keeps NATS's 1 MiB max_payload;
+/// the 4 MiB case is timed in `bounded_tokenisation_equals_whole_text_tokenisation`) is answered
+/// quickly, with the embedding of its first 256 tokens (all-MiniLM-L6-v2's length), the same as a
+/// short text with those tokens.
+#[tokio::test]
+async fn a_large_embed_job_is_answered_quickly_and_truncated_like_a_short_one() {
+    let h = harness().await;
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let sentence = "The quick brown fox jumps over the lazy dog while workers ack their jobs. ";
+    let big = sentence.repeat((900 << 10) / sentence.len());
+    let short = sentence.repeat(40); // ~600 tokens: past 256 and past the first window
+    let start = Instant::now();
+    h.publish(&job("big-embed", "minilm", "embed", json!({"text": big}), json!({})), jetbatch::job::Encoding::MsgPack).await;
+    let got = collect(&mut sub, 1, MINUTE).await;
+    let took = start.elapsed();
+    h.publish(&job("short-embed", "minilm", "embed", json!({"text": short}), json!({})), jetbatch::job::Encoding::MsgPack).await;
+    let short_got = collect(&mut sub, 1, MINUTE).await;
+    let (a, b) = (output(&got["big-embed"][0]), output(&short_got["short-embed"][0]));
+    let (a, b): (Vec<f64>, Vec<f64>) = (serde_json::from_value(a["embedding"].clone()).unwrap(), serde_json::from_value(b["embedding"].clone()).unwrap());
+    assert_close(&a, &b, 1e-6, "900 KiB text vs its 600-token start");
+    eprintln!("FIGURES 900 KiB embed job answered in {took:?} (publish to result)");
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }

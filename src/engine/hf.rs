@@ -451,8 +451,30 @@ impl Hf {
         Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
     }
 
+    /// Checks the invariant every scored window keeps (`LmSpec::parse` builds them so): a
+    /// non-empty context and continuation, context + continuation - 1 <= max_length, ids in the
+    /// vocabulary. Without it a continuation token would be conditioned on padding or on nothing.
+    fn check_window(&self, d: &Decoder, w: &Window) -> Result<(), EngineError> {
+        let vocab = d.embed.size()[0];
+        let (c, n) = (w.context.len(), w.continuation.len());
+        if c == 0 || n == 0 || c + n - 1 > self.max_length {
+            return Err(EngineError::Model(format!(
+                "window of {c} context and {n} continuation tokens breaks the scoring invariant \
+                 (a non-empty context, context + continuation - 1 <= max_length {})",
+                self.max_length
+            )));
+        }
+        if let Some(t) = w.context.iter().chain(&w.continuation).find(|&&t| i64::from(t) >= vocab) {
+            return Err(EngineError::Model(format!("token id {t} is not below the vocabulary size {vocab}")));
+        }
+        Ok(())
+    }
+
     /// Log-prob sums (and greedy flags) of windows, one row each.
     fn score(&self, d: &Decoder, windows: &[&Window]) -> Result<Vec<(f64, bool)>, EngineError> {
+        for w in windows {
+            self.check_window(d, w)?;
+        }
         let rows: Vec<Vec<i64>> = windows
             .iter()
             .map(|w| {
@@ -465,22 +487,48 @@ impl Hf {
         let hidden = d.forward(&ids, &pos, &keep, None);
         let t = hidden.size()[1];
         let c_max = windows.iter().map(|w| w.continuation.len()).max().unwrap_or(1) as i64;
+        if c_max > t {
+            return Err(EngineError::Model(format!("{c_max} continuation tokens in rows of {t}")));
+        }
         // Only the last positions are scored: the LM head runs on those alone.
-        let logp = d.logits(&hidden.narrow(1, t - c_max, c_max)).log_softmax(-1, Kind::Float).to_device(Device::Cpu);
-        let greedy = logp.argmax(-1, false);
+        let last = hidden.f_narrow(1, t - c_max, c_max).map_err(tch_err)?;
+        let logp = d.logits(&last).f_log_softmax(-1, Kind::Float).map_err(tch_err)?.to_device(Device::Cpu);
+        let greedy = logp.f_argmax(-1, false).map_err(tch_err)?;
         let mut out = Vec::with_capacity(windows.len());
         for (r, w) in windows.iter().enumerate() {
             let n = w.continuation.len() as i64;
-            let targets = Tensor::from_slice(&w.continuation.iter().map(|&t| t as i64).collect::<Vec<_>>());
-            let row = logp.get(r as i64).narrow(0, c_max - n, n);
-            let picked = row.gather(-1, &targets.unsqueeze(-1), false);
-            let is_greedy = greedy.get(r as i64).narrow(0, c_max - n, n).eq_tensor(&targets).all().int64_value(&[]) == 1;
-            out.push((picked.sum(Kind::Double).double_value(&[]), is_greedy));
+            let targets = Tensor::from_slice(&w.continuation.iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+            let row = logp.f_get(r as i64).and_then(|row| row.f_narrow(0, c_max - n, n)).map_err(tch_err)?;
+            let picked = row.f_gather(-1, &targets.f_unsqueeze(-1).map_err(tch_err)?, false).map_err(tch_err)?;
+            let is_greedy = greedy
+                .f_get(r as i64)
+                .and_then(|g| g.f_narrow(0, c_max - n, n))
+                .and_then(|g| g.f_eq_tensor(&targets))
+                .and_then(|g| g.f_all())
+                .and_then(|g| g.f_int64_value(&[]))
+                .map_err(tch_err)?
+                == 1;
+            let logprob = picked.f_sum(Kind::Double).and_then(|p| p.f_double_value(&[])).map_err(tch_err)?;
+            out.push((logprob, is_greedy));
         }
         Ok(out)
     }
 
     fn encode(&self, b: &Bert, kind: JobKind, jobs: &[(&Vec<u32>, &Vec<u32>, bool)]) -> Result<Vec<Output>, EngineError> {
+        let (vocab, positions, types) = (b.word.size()[0], b.position.size()[0], b.token_type.size()[0]);
+        for (ids, type_ids, _) in jobs {
+            if ids.is_empty() || ids.len() != type_ids.len() || ids.len() > self.max_length || ids.len() as i64 > positions {
+                return Err(EngineError::Model(format!(
+                    "an input of {} tokens ({} type ids) does not fit 1..={} positions",
+                    ids.len(),
+                    type_ids.len(),
+                    self.max_length.min(positions as usize)
+                )));
+            }
+            if ids.iter().any(|&t| i64::from(t) >= vocab) || type_ids.iter().any(|&t| i64::from(t) >= types) {
+                return Err(EngineError::Model("token or type id out of the embeddings' range".into()));
+            }
+        }
         let len = jobs.iter().map(|(ids, _, _)| ids.len()).max().unwrap_or(0);
         let pad = |v: &Vec<u32>| -> Vec<i64> { v.iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, len - v.len())).collect() };
         let shape = [jobs.len() as i64, len as i64];
@@ -491,12 +539,13 @@ impl Hf {
         let hidden = b.forward(&ids, &types, &keep);
         if kind == JobKind::Classify {
             let (pooler, classifier) = b.pooler.as_ref().zip(b.classifier.as_ref()).ok_or_else(|| EngineError::Model("no classification head".into()))?;
-            let logits = classifier.forward(&pooler.forward(&hidden.select(1, 0)).tanh()).to_kind(Kind::Float).to_device(Device::Cpu);
-            let probs = logits.softmax(-1, Kind::Float);
+            let first = hidden.f_select(1, 0).map_err(tch_err)?;
+            let logits = classifier.forward(&pooler.forward(&first).tanh()).to_kind(Kind::Float).to_device(Device::Cpu);
+            let probs = logits.f_softmax(-1, Kind::Float).map_err(tch_err)?;
             return (0..jobs.len() as i64)
                 .map(|r| {
-                    let logits = Vec::<f32>::try_from(logits.get(r)).map_err(tch_err)?;
-                    let probs = Vec::<f32>::try_from(probs.get(r)).map_err(tch_err)?;
+                    let logits = Vec::<f32>::try_from(logits.f_get(r).map_err(tch_err)?).map_err(tch_err)?;
+                    let probs = Vec::<f32>::try_from(probs.f_get(r).map_err(tch_err)?).map_err(tch_err)?;
                     let label_id = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
                     let label = self.labels.get(label_id).cloned().unwrap_or_else(|| format!("LABEL_{label_id}"));
                     Ok(Output::Classification { logits, probs, label, label_id })
@@ -504,7 +553,7 @@ impl Hf {
                 .collect();
         }
         let pooled = match self.pooling {
-            Pooling::Cls => hidden.select(1, 0).to_kind(Kind::Float),
+            Pooling::Cls => hidden.f_select(1, 0).map_err(tch_err)?.to_kind(Kind::Float),
             Pooling::Mean => {
                 let m = keep.unsqueeze(-1).to_kind(Kind::Float);
                 (hidden.to_kind(Kind::Float) * &m).sum_dim_intlist(1, false, Kind::Float) / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9)
@@ -513,7 +562,7 @@ impl Hf {
         let pooled = pooled.to_device(Device::Cpu);
         (0..jobs.len())
             .map(|r| {
-                let mut e = pooled.get(r as i64);
+                let mut e = pooled.f_get(r as i64).map_err(tch_err)?;
                 if jobs[r].2 {
                     e = &e / e.norm().clamp_min(1e-12);
                 }
@@ -559,15 +608,24 @@ impl LoadedModel for Hf {
 
     fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
         let Net::Decoder(d) = &self.net else { return Err(EngineError::Model("an encoder does not generate".into())) };
+        let vocab = d.embed.size()[0];
         let rows = jobs
             .into_iter()
             .map(|(job, input, stream)| match input {
+                // `LmSpec::parse` admits only these; checked again as the cache and positions rely on it.
+                JobInput::Generate(g) if g.prompt.is_empty() || g.prompt.len() >= self.max_length => Err(EngineError::Model(format!(
+                    "a prompt of {} tokens does not fit 1..{} positions",
+                    g.prompt.len(),
+                    self.max_length
+                ))),
+                JobInput::Generate(g) if g.prompt.iter().any(|&t| i64::from(t) >= vocab) => {
+                    Err(EngineError::Model(format!("a prompt token is not below the vocabulary size {vocab}")))
+                }
                 JobInput::Generate(g) => Ok(Row::new(job as usize, g, stream)),
                 other => Err(EngineError::Model(format!("not a generate job: {other:?}"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.gen.admit(d, self.device, rows);
-        Ok(())
+        self.gen.admit(d, self.device, rows)
     }
 
     fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
@@ -712,16 +770,17 @@ struct GenState {
 
 impl GenBatch {
     /// Prefills `rows` and merges them into the batch (left-padding the shorter cache).
-    fn admit(&mut self, d: &Decoder, device: Device, rows: Vec<Row>) {
+    fn admit(&mut self, d: &Decoder, device: Device, rows: Vec<Row>) -> Result<(), EngineError> {
         if rows.is_empty() {
-            return;
+            return Ok(());
         }
         let prompts: Vec<Vec<i64>> = rows.iter().map(|r| r.input.prompt.iter().map(|&t| t as i64).collect()).collect();
         let (ids, keep, pos) = left_pad(&prompts, device);
         let mut cache = KvCache { layers: (0..d.layers.len()).map(|_| None).collect() };
         let hidden = d.forward(&ids, &pos, &keep, Some(&mut cache));
-        let logits = d.logits(&hidden.narrow(1, hidden.size()[1] - 1, 1).squeeze_dim(1));
-        let new = GenState { cache, keep, last_pos: pos.narrow(1, pos.size()[1] - 1, 1), logits };
+        let last = hidden.f_narrow(1, hidden.size()[1] - 1, 1).map_err(tch_err)?;
+        let logits = d.logits(&last.f_squeeze_dim(1).map_err(tch_err)?);
+        let new = GenState { cache, keep, last_pos: pos.f_narrow(1, pos.size()[1] - 1, 1).map_err(tch_err)?, logits };
         self.state = Some(match self.state.take() {
             None => new,
             Some(old) => {
@@ -754,6 +813,7 @@ impl GenBatch {
             }
         });
         self.rows.extend(rows);
+        Ok(())
     }
 
     /// Chooses every row's next token, finishes rows, and runs one decode step for the rest.
@@ -766,10 +826,10 @@ impl GenBatch {
         for (b, row) in self.rows.iter_mut().enumerate() {
             let tok = match &cpu_logits {
                 Some(l) if row.input.sampling.temperature > 0.0 => {
-                    let logits = Vec::<f32>::try_from(l.get(b as i64)).map_err(tch_err)?;
+                    let logits = Vec::<f32>::try_from(l.f_get(b as i64).map_err(tch_err)?).map_err(tch_err)?;
                     sample(&logits, &row.input.sampling, &mut row.rng)
                 }
-                _ => greedy[b] as u32,
+                _ => greedy.get(b).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?,
             };
             row.generated.push(tok);
             if row.track_text {

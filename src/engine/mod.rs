@@ -5,16 +5,23 @@
 //! Backends implement [`LoadedModel`] for the job kinds they serve; the thread keeps an LRU of
 //! loaded models under a memory budget, splits batches that hit CUDA out-of-memory (and lowers the
 //! model's batch cap), and isolates jobs that make a batch fail so one bad job cannot sink the rest.
+//!
+//! A panic in a model call (load, warmup, run, join, step) is caught and becomes
+//! [`EngineError::Panic`] for the jobs of that call; the model is then dropped (its state may be
+//! inconsistent) and loaded afresh on next use. A panic in the engine's own code ends the thread
+//! (logged, `Metrics::engine_alive` cleared, the thread's `JoinHandle` finished), never silently.
 
 mod hf;
 mod torchscript;
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tracing::{info, warn, Span};
+use tracing::{error, info, warn, Span};
 
 use crate::job::{ErrorCode, JobError, JobInput, JobKind, Output};
 use crate::metrics::Metrics;
@@ -28,6 +35,9 @@ pub enum EngineError {
     Model(String),
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    /// A model call panicked (the panic's message); the model is reloaded before its next use.
+    #[error("model panicked: {0}")]
+    Panic(String),
     #[error("engine stopped")]
     Stopped,
 }
@@ -38,6 +48,7 @@ impl EngineError {
             EngineError::Load(_) => "load",
             EngineError::Model(_) => "model",
             EngineError::OutOfMemory(_) => "out_of_memory",
+            EngineError::Panic(_) => "panic",
             EngineError::Stopped => "stopped",
         }
     }
@@ -68,6 +79,37 @@ fn summary(s: &str) -> String {
     let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let cause = lines.iter().rev().find(|l| l.contains("Error:")).or(lines.first()).copied().unwrap_or_default();
     cause.chars().take(500).collect()
+}
+
+/// The message of a caught panic, one line.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    summary(&text)
+}
+
+/// Runs a model call on the engine thread; a panic in it becomes [`EngineError::Panic`].
+fn guarded<T>(model: &str, call: &str, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = panic_message(&*payload);
+            error!(model, call, panic = %message, "model call panicked: its jobs fail, the model is reloaded");
+            Err(EngineError::Panic(format!("{call}: {message}")))
+        }
+    }
+}
+
+/// Clears `Metrics::engine_alive` when the engine thread exits, by return or by panic.
+struct AliveGuard(Arc<Metrics>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.engine_alive.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A piece of a streamed `generate` result; `job` is the job's index in its batch.
@@ -160,6 +202,8 @@ pub enum Event {
 
 /// Where a running generation's job reports to.
 struct Route {
+    /// The model generating it.
+    model: Arc<str>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     index: usize,
     stream: bool,
@@ -192,14 +236,23 @@ impl EngineHandle {
     /// Starts the engine thread. `memory_budget` bounds the summed size of loaded models (0: none).
     pub fn start(metrics: Arc<Metrics>, memory_budget: u64) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = std::sync::mpsc::channel();
+        metrics.engine_alive.store(true, Ordering::SeqCst);
         let thread = std::thread::Builder::new()
             .name("jetbatch-engine".into())
             // libtorch's graph passes recurse over deep models; the 2 MiB default is not enough.
             .stack_size(64 << 20)
             .spawn(move || {
-                let _no_grad = tch::no_grad_guard();
-                let mut engine = Engine::new(memory_budget, metrics);
-                engine.serve(&rx);
+                let _alive = AliveGuard(metrics.clone());
+                // Model calls catch their own panics; one escaping here is the engine's own bug.
+                // The thread then ends (its JoinHandle finishes) and every later job gets `Stopped`.
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    let _no_grad = tch::no_grad_guard();
+                    let mut engine = Engine::new(memory_budget, metrics);
+                    engine.serve(&rx);
+                }));
+                if let Err(payload) = outcome {
+                    error!(panic = %panic_message(&*payload), "engine thread panicked and stopped: no job can run on this worker");
+                }
             })
             .expect("spawn engine thread");
         (EngineHandle { tx }, thread)
@@ -234,6 +287,8 @@ struct Slot {
     last_used: u64,
     /// Largest batch known to fit; lowered on out-of-memory.
     cap: usize,
+    /// A call panicked: the model is dropped once the current batch is done, and reloaded.
+    poisoned: bool,
 }
 
 struct Engine {
@@ -289,7 +344,7 @@ impl Engine {
                         JobInput::Generate(g) => g.prompt.len() + g.max_new_tokens,
                         _ => 1,
                     };
-                    self.routes.insert(job, Route { events: events.clone(), index, stream, started: Instant::now() });
+                    self.routes.insert(job, Route { model: model.name.clone(), events: events.clone(), index, stream, started: Instant::now() });
                     queue.push_back((job, input, cost));
                 }
             }
@@ -297,12 +352,18 @@ impl Engine {
                 let _enter = span.enter();
                 let start = Instant::now();
                 let metrics = self.metrics.clone();
-                let outputs = match self.slot(&model) {
-                    Ok(slot) => run_adaptive(slot, &model, kind, &inputs, &metrics),
-                    Err(e) => vec![Err(e); inputs.len()],
+                let (outputs, poisoned) = match self.slot(&model) {
+                    Ok(slot) => {
+                        let outputs = run_adaptive(slot, &model, kind, &inputs, &metrics);
+                        (outputs, slot.poisoned)
+                    }
+                    Err(e) => (vec![Err(e); inputs.len()], false),
                 };
                 for (index, result) in outputs.into_iter().enumerate() {
                     let _ = events.send(Event::Done { index, result, compute: start.elapsed() });
+                }
+                if poisoned {
+                    self.drop_model(&model.name, &EngineError::Panic("the model panicked in another batch".into()));
                 }
             }
             Command::Load { model, reply } => {
@@ -339,16 +400,26 @@ impl Engine {
                 joining.push((job, input, stream));
             }
             let mut failed = Vec::new();
+            let mut panicked = None;
             if !joining.is_empty() {
                 let jobs: Vec<u64> = joining.iter().map(|(j, _, _)| *j).collect();
-                if let Err(e) = slot.model.join(joining) {
+                if let Err(e) = guarded(&spec.name, "join", || slot.model.join(joining)) {
                     failed.extend(jobs.into_iter().map(|j| (j, Err(e.clone()))));
+                    if let EngineError::Panic(_) = e {
+                        panicked = Some(e);
+                    }
                 }
             }
-            let mut sink = RouteSink { routes: &self.routes };
-            let stepped = slot.model.step(&mut sink);
-            self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
-            let running = slot.model.generating();
+            let mut stepped = Vec::new();
+            let mut running = 0;
+            if panicked.is_none() {
+                let mut sink = RouteSink { routes: &self.routes };
+                match guarded(&spec.name, "step", || Ok((slot.model.step(&mut sink), slot.model.generating()))) {
+                    Ok((done, left)) => (stepped, running) = (done, left),
+                    Err(e) => panicked = Some(e),
+                }
+                self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
+            }
             for (job, result) in failed.into_iter().chain(stepped) {
                 if result.is_ok() {
                     self.metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc();
@@ -356,9 +427,34 @@ impl Engine {
                 self.finish(job, result);
             }
             self.models.insert(name.clone(), slot);
+            if let Some(e) = panicked {
+                // Every row of the running generation fails; jobs still waiting join a fresh load.
+                let waiting: std::collections::HashSet<u64> = queue.iter().map(|(j, _, _)| *j).collect();
+                self.drop_model_except(&name, &e, &waiting);
+                running = 0;
+            }
             if running > 0 || !queue.is_empty() {
                 self.waiting.insert(name, Waiting { spec, queue });
             }
+        }
+    }
+
+    /// Drops a model whose state may be inconsistent (a call panicked); every job of its running
+    /// generation fails with `error`. It is loaded afresh on next use.
+    fn drop_model(&mut self, name: &Arc<str>, error: &EngineError) {
+        let waiting: std::collections::HashSet<u64> = self.waiting.get(name).map(|w| w.queue.iter().map(|(j, _, _)| *j).collect()).unwrap_or_default();
+        self.drop_model_except(name, error, &waiting);
+    }
+
+    /// `drop_model`, where `waiting` are the model's generate jobs not yet in its running batch.
+    fn drop_model_except(&mut self, name: &Arc<str>, error: &EngineError, waiting: &std::collections::HashSet<u64>) {
+        if self.models.remove(name).is_some() {
+            self.metrics.models_loaded.dec();
+            warn!(model = %name, "model dropped after a panic; it is reloaded on next use");
+        }
+        let running: Vec<u64> = self.routes.iter().filter(|(job, r)| r.model == *name && !waiting.contains(job)).map(|(job, _)| *job).collect();
+        for job in running {
+            self.finish(job, Err(error.clone()));
         }
     }
 
@@ -378,15 +474,18 @@ impl Engine {
         if !self.models.contains_key(&spec.name) {
             self.evict_for(spec.size_bytes);
             let start = Instant::now();
-            let mut model = load(spec)?;
-            if spec.config.warmup {
-                model.warmup()?;
-            }
+            let model = guarded(&spec.name, "load", || {
+                let mut model = load(spec)?;
+                if spec.config.warmup {
+                    model.warmup()?;
+                }
+                Ok(model)
+            })?;
             info!(model = %spec.name, secs = start.elapsed().as_secs_f64(), "model loaded");
             self.metrics.models_loaded.inc();
             self.models.insert(
                 spec.name.clone(),
-                Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap: spec.config.max_batch_size },
+                Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap: spec.config.max_batch_size, poisoned: false },
             );
         }
         let slot = self.models.get_mut(&spec.name).expect("just inserted");
@@ -398,8 +497,12 @@ impl Engine {
         if self.memory_budget == 0 {
             return;
         }
-        while !self.models.is_empty() && self.models.values().map(|s| s.size).sum::<u64>() + incoming > self.memory_budget {
-            let victim = self.models.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone()).expect("non-empty");
+        while self.models.values().map(|s| s.size).sum::<u64>() + incoming > self.memory_budget {
+            // A model with a running generation stays: its rows would never finish.
+            let Some(victim) = self.models.iter().filter(|(_, s)| s.model.generating() == 0).min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone())
+            else {
+                break;
+            };
             info!(model = %victim, "evicting model to stay within the memory budget");
             self.models.remove(&victim);
             self.metrics.models_loaded.dec();
@@ -433,7 +536,17 @@ fn run_split(
     metrics: &Metrics,
 ) -> Vec<Result<Output, EngineError>> {
     metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
-    let err = match slot.model.run(kind, chunk) {
+    let result = guarded(&spec.name, "run", || {
+        let outputs = slot.model.run(kind, chunk)?;
+        if outputs.len() != chunk.len() {
+            return Err(EngineError::Model(format!("{} outputs for {} inputs", outputs.len(), chunk.len())));
+        }
+        Ok(outputs)
+    });
+    if let Err(EngineError::Panic(_)) = &result {
+        slot.poisoned = true;
+    }
+    let err = match result {
         Ok(outputs) => {
             metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc_by(outputs.len() as u64);
             return outputs.into_iter().map(Ok).collect();
@@ -445,7 +558,14 @@ fn run_split(
     }
     let half = chunk.len() / 2;
     if let EngineError::OutOfMemory(_) = err {
-        slot.model.release_cache();
+        if guarded(&spec.name, "release_cache", || {
+            slot.model.release_cache();
+            Ok(())
+        })
+        .is_err()
+        {
+            slot.poisoned = true;
+        }
         slot.cap = half.max(1);
         warn!(model = %spec.name, cap = slot.cap, "out of memory: batch split, cap lowered");
     } else {
@@ -477,6 +597,7 @@ mod tests {
                 .iter()
                 .map(|i| match i {
                     JobInput::Tensor(t) if t[0].data == [13] => Err(EngineError::Model("poison".into())),
+                    JobInput::Tensor(t) if t[0].data == [66] => panic!("narrow(): start 66 out of range"),
                     JobInput::Tensor(t) => Ok(Output::Tensor(t.clone())),
                     other => Err(EngineError::Model(format!("unexpected {other:?}"))),
                 })
@@ -485,6 +606,157 @@ mod tests {
         fn warmup(&mut self) -> Result<(), EngineError> {
             Ok(())
         }
+    }
+
+    /// Generates: each row finishes on its second step; a step with a row prompting [66] panics.
+    #[derive(Default)]
+    struct FakeGen {
+        rows: Vec<(u64, crate::lm::GenerateInput, usize)>,
+    }
+
+    impl LoadedModel for FakeGen {
+        fn run(&mut self, _: JobKind, _: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
+            Err(EngineError::Model("generate only".into()))
+        }
+        fn warmup(&mut self) -> Result<(), EngineError> {
+            Ok(())
+        }
+        fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
+            for (job, input, _) in jobs {
+                let JobInput::Generate(g) = input else { panic!("not generate") };
+                self.rows.push((job, g, 0));
+            }
+            Ok(())
+        }
+        fn step(&mut self, _: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
+            if self.rows.iter().any(|(_, g, _)| g.prompt == [66]) {
+                panic!("index out of range in the KV cache");
+            }
+            for row in &mut self.rows {
+                row.2 += 1;
+            }
+            let (done, live) = std::mem::take(&mut self.rows).into_iter().partition(|r| r.2 >= 2);
+            self.rows = live;
+            done.into_iter()
+                .map(|(job, g, _)| {
+                    let out = Output::Generate { text: String::new(), tokens: g.prompt.clone(), finish_reason: crate::job::FinishReason::Length, prompt_tokens: 1 };
+                    (job, Ok(out))
+                })
+                .collect()
+        }
+        fn generating(&self) -> usize {
+            self.rows.len()
+        }
+    }
+
+    fn gen_input(token: u32) -> JobInput {
+        JobInput::Generate(crate::lm::GenerateInput {
+            prompt: vec![token],
+            max_new_tokens: 2,
+            sampling: crate::lm::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None },
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+        })
+    }
+
+    fn engine_with(model: Box<dyn LoadedModel>) -> (Engine, Arc<ModelSpec>) {
+        let metrics = Arc::new(Metrics::new("t"));
+        metrics.models_loaded.inc();
+        let mut engine = Engine::new(0, metrics);
+        let spec = Arc::new(spec());
+        engine.models.insert(spec.name.clone(), Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false });
+        (engine, spec)
+    }
+
+    fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<(usize, Result<Output, EngineError>)> {
+        let mut done = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            if let Event::Done { index, result, .. } = event {
+                done.push((index, result));
+            }
+        }
+        done.sort_by_key(|(i, _)| *i);
+        done
+    }
+
+    #[test]
+    fn a_panicking_job_fails_alone_and_the_model_is_reloaded() {
+        let spec = spec();
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let inputs: Vec<JobInput> = [1, 2, 66, 4, 5].into_iter().map(input).collect();
+        let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
+        for (i, r) in out.iter().enumerate() {
+            match (i, r) {
+                (2, Err(EngineError::Panic(m))) => assert!(m.contains("narrow(): start 66 out of range"), "{m}"),
+                (2, other) => panic!("the poison job: {other:?}"),
+                (_, r) => assert!(r.is_ok(), "job {i}: {r:?}"),
+            }
+        }
+        assert!(slot.poisoned, "the slot is marked for reload");
+        assert_eq!(EngineError::Panic("x".into()).error_type(), "panic");
+
+        // Through the engine: the batch is answered, then the model is dropped (reloaded on next use).
+        let (mut engine, spec) = engine_with(Box::new(Fake { fits: 100, calls: vec![] }));
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let inputs: Vec<JobInput> = [1, 66, 3].into_iter().map(input).collect();
+        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Tensor, inputs, streaming: vec![false; 3], events, span: Span::none() });
+        let done = drain(&mut rx);
+        assert_eq!(done.iter().map(|(_, r)| r.is_ok()).collect::<Vec<_>>(), vec![true, false, true]);
+        assert!(engine.models.is_empty(), "the poisoned model was dropped");
+        assert_eq!(engine.metrics.models_loaded.get(), 0);
+    }
+
+    #[test]
+    fn a_panicking_generation_step_fails_its_rows_and_drops_the_model() {
+        let (mut engine, spec) = engine_with(Box::<FakeGen>::default());
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = |inputs: Vec<JobInput>, events| Command::Run {
+            model: spec.clone(),
+            kind: JobKind::Generate,
+            streaming: vec![false; inputs.len()],
+            inputs,
+            events,
+            span: Span::none(),
+        };
+        // Two good rows start; a poison row joins the running batch at the next step.
+        engine.handle(run(vec![gen_input(1), gen_input(2)], events.clone()));
+        engine.step_generations();
+        assert_eq!(engine.models[&spec.name].model.generating(), 2);
+        engine.handle(run(vec![gen_input(66)], events.clone()));
+        engine.step_generations();
+        let done = drain(&mut rx);
+        assert_eq!(done.len(), 3, "every row of the running generation is answered: {done:?}");
+        assert!(done.iter().all(|(_, r)| matches!(r, Err(EngineError::Panic(m)) if m.contains("KV cache"))), "{done:?}");
+        assert!(engine.routes.is_empty() && engine.waiting.is_empty());
+        assert!(engine.models.is_empty(), "the model is dropped");
+        // The next generation loads afresh (here: a fresh fake put back by hand) and runs.
+        engine.models.insert(spec.name.clone(), Slot { model: Box::<FakeGen>::default(), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false });
+        engine.handle(run(vec![gen_input(3)], events));
+        engine.step_generations();
+        engine.step_generations();
+        let done = drain(&mut rx);
+        assert!(matches!(&done[..], [(0, Ok(_))]), "{done:?}");
+    }
+
+    #[test]
+    fn the_alive_flag_follows_the_engine_thread_even_through_a_panic() {
+        let metrics = Arc::new(Metrics::new("t"));
+        metrics.engine_alive.store(true, Ordering::SeqCst);
+        let m = metrics.clone();
+        let thread = std::thread::spawn(move || {
+            let _alive = AliveGuard(m);
+            panic!("a bug in the engine's own code");
+        });
+        assert!(thread.join().is_err());
+        assert!(!metrics.engine_alive.load(Ordering::SeqCst), "a panicking engine thread clears engine_alive");
+
+        // The real thread: alive while it runs; when it ends, the flag clears and the handle finishes.
+        let metrics = Arc::new(Metrics::new("t"));
+        let (handle, thread) = EngineHandle::start(metrics.clone(), 0);
+        assert!(metrics.engine_alive.load(Ordering::SeqCst));
+        drop(handle);
+        thread.join().unwrap();
+        assert!(!metrics.engine_alive.load(Ordering::SeqCst));
     }
 
     fn input(v: u8) -> JobInput {
@@ -499,7 +771,7 @@ mod tests {
     #[test]
     fn out_of_memory_splits_the_batch_and_lowers_the_cap() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
+        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
         let inputs: Vec<JobInput> = (0..8).map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         assert!(out.iter().all(|r| r.is_ok()));
@@ -513,7 +785,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new("t"));
         let mut engine = Engine::new(250, metrics);
         for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
-            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1 };
+            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false };
             engine.models.insert(name.into(), slot);
         }
         engine.evict_for(100);
@@ -525,7 +797,7 @@ mod tests {
     #[test]
     fn a_poison_job_fails_alone() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8 };
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
         let inputs: Vec<JobInput> = [1, 2, 13, 4, 5].into_iter().map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         let failed: Vec<usize> = out.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();

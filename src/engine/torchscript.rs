@@ -69,7 +69,10 @@ impl TorchScript {
 
     /// One batched tensor for input `i`: one copy when shapes agree, padded stacking otherwise.
     fn batch_input(&self, spec: &InputSpec, tensors: &[&TensorData]) -> Result<Tensor, EngineError> {
-        let first = &tensors[0].shape;
+        let first = &tensors.first().ok_or_else(|| EngineError::Model("an empty batch".into()))?.shape;
+        if tensors.iter().any(|t| t.shape.len() != first.len()) {
+            return Err(EngineError::Model(format!("input '{}': jobs of different ranks", spec.name)));
+        }
         let kind = kind_of(spec.dtype);
         let batched = if tensors.iter().all(|t| &t.shape == first) {
             let mut bytes = Vec::with_capacity(tensors.len() * tensors[0].data.len());
@@ -113,12 +116,16 @@ impl TorchScript {
     fn forward(&self, jobs: &[&[TensorData]]) -> Result<Vec<Output>, EngineError> {
         let mut args = Vec::with_capacity(self.config.inputs.len() + 1);
         for (i, spec) in self.config.inputs.iter().enumerate() {
-            let column: Vec<&TensorData> = jobs.iter().map(|j| &j[i]).collect();
+            let column: Vec<&TensorData> =
+                jobs.iter().map(|j| j.get(i).ok_or_else(|| EngineError::Model(format!("a job lacks input {i}")))).collect::<Result<_, _>>()?;
             args.push(IValue::Tensor(self.batch_input(spec, &column)?));
         }
         if self.config.lengths_input {
             let dim = self.config.inputs[0].shape.iter().position(|&d| d == -1).expect("checked at load");
-            let lengths: Vec<i64> = jobs.iter().map(|j| j[0].shape[dim]).collect();
+            let lengths: Vec<i64> = jobs
+                .iter()
+                .map(|j| j.first().and_then(|t| t.shape.get(dim).copied()).ok_or_else(|| EngineError::Model("input 0 lacks its variable dim".into())))
+                .collect::<Result<_, _>>()?;
             args.push(IValue::Tensor(Tensor::from_slice(&lengths).to_device(self.device)));
         }
         let outputs = match self.module.forward_is(&args).map_err(tch_err)? {
@@ -142,9 +149,12 @@ impl TorchScript {
             let out = out.f_to_device(Device::Cpu).map_err(tch_err)?;
             let trims = self.config.outputs.get(o).map(|s| s.trim.as_slice()).unwrap_or_default();
             for (j, job) in jobs.iter().enumerate() {
-                let mut row = out.get(j as i64);
+                let mut row = out.f_get(j as i64).map_err(tch_err)?;
                 for t in trims {
-                    let len = job[t.input].shape[t.input_dim];
+                    let len = job
+                        .get(t.input)
+                        .and_then(|x| x.shape.get(t.input_dim).copied())
+                        .ok_or_else(|| EngineError::Model(format!("output {o}: trim by a dim the job's inputs lack")))?;
                     row = row.f_narrow(t.dim as i64, 0, len).map_err(tch_err)?;
                 }
                 per_job[j].push(to_data(&row)?);
