@@ -245,3 +245,31 @@ async fn ids_subjects_and_made_up_names_are_held_to_the_contract() {
     assert!(!metrics.contains("madeup"), "made-up names became series");
     assert!(w.metric("jetbatch_jobs_total{kind=\"invalid\",model=\"unknown\",status=\"error\"}").await >= 60.0, "{metrics}");
 }
+
+#[tokio::test]
+async fn a_huge_job_does_not_hold_up_the_jobs_behind_it() {
+    let h = Harness::new().await;
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    // Texts scored whole are tokenised whole (about 900k tokens each), which takes seconds.
+    let text = "lorem ipsum dolor sit amet ".repeat(900 << 10 >> 5);
+    for i in 0..3 {
+        publish_json(&h.js, &json!({"id": format!("huge-{i}"), "model": "tiny-lm", "kind": "loglikelihood_rolling", "input": {"text": text}})).await;
+    }
+    let start = Instant::now();
+    for i in 0..5 {
+        publish_json(&h.js, &mlp_job(&format!("small-{i}"))).await;
+    }
+    let mut small = 0;
+    while small < 5 {
+        let msg = tokio::time::timeout(Duration::from_secs(60), sub.next()).await.expect("a result").unwrap();
+        let r = JobResult::decode(&msg.payload).unwrap();
+        assert!(r.id.starts_with("small-"), "{} was answered before the small jobs", r.id);
+        assert_eq!(r.status, Status::Ok);
+        small += 1;
+    }
+    let waited = start.elapsed();
+    eprintln!("FIGURES small jobs behind 3 huge ones answered in {waited:?}");
+    assert!(waited < Duration::from_secs(3), "small jobs waited {waited:?} behind the huge ones");
+}
