@@ -108,15 +108,22 @@ pub async fn publish_stored(js: &Context, subject: String, headers: HeaderMap, p
     js.publish_with_headers(subject, headers, payload).await.map_err(publish_error)?.await.map_err(publish_error)
 }
 
+/// JetStream API errors that a message causes by itself, so that sending it again cannot succeed:
+/// over the stream's maximum message size, an expected stream / last id / last sequence that does
+/// not hold, a per-message TTL the stream refuses. Everything else (leader elections, timeouts,
+/// a stream that is briefly missing) may pass on a later try: naming the permanent ones instead of
+/// taking every 4xx keeps a cluster failover from turning good results into dead letters.
+const PERMANENT_API_ERRORS: [u64; 6] = [10054, 10060, 10070, 10071, 10164, 10165];
+
 /// Sorts a publish failure into transient (retry later) and permanent: a message over the
-/// server's max payload, a header the stream rejects, or any other 4xx answer of the JetStream API.
+/// server's max payload or one of [`PERMANENT_API_ERRORS`].
 fn publish_error(e: jetstream::context::PublishError) -> BusError {
     use jetstream::context::PublishErrorKind as Kind;
     let permanent = match e.kind() {
         Kind::MaxPayloadExceeded | Kind::WrongLastMessageId | Kind::WrongLastSequence => true,
         Kind::Other => std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<jetstream::Error>())
-            .is_some_and(|api| (400..500).contains(&api.code())),
+            .is_some_and(|api| PERMANENT_API_ERRORS.contains(&api.error_code().0)),
         _ => false,
     };
     BusError::Publish { message: e.to_string(), permanent }
@@ -483,14 +490,16 @@ mod tests {
 
     #[test]
     fn publish_failures_that_cannot_succeed_later_are_permanent() {
-        let api = |code: u16| -> jetstream::Error {
-            serde_json::from_value(serde_json::json!({"code": code, "err_code": 10054, "description": "refused"})).unwrap()
+        let api = |code: u16, err_code: u64| -> jetstream::Error {
+            serde_json::from_value(serde_json::json!({"code": code, "err_code": err_code, "description": "refused"})).unwrap()
         };
         let permanent = |e: PublishError| publish_error(e).is_permanent();
         assert!(permanent(PublishError::new(PublishErrorKind::MaxPayloadExceeded)));
         assert!(permanent(PublishError::new(PublishErrorKind::WrongLastSequence)));
-        assert!(permanent(PublishError::with_source(PublishErrorKind::Other, api(400))));
-        assert!(!permanent(PublishError::with_source(PublishErrorKind::Other, api(503))));
+        assert!(permanent(PublishError::with_source(PublishErrorKind::Other, api(400, 10054))), "message over the stream's max size");
+        assert!(permanent(PublishError::with_source(PublishErrorKind::Other, api(400, 10060))), "expected stream mismatch");
+        assert!(!permanent(PublishError::with_source(PublishErrorKind::Other, api(503, 10008))), "JetStream temporarily unavailable");
+        assert!(!permanent(PublishError::with_source(PublishErrorKind::Other, api(404, 10059))), "stream not found during a failover");
         assert!(!permanent(PublishError::new(PublishErrorKind::TimedOut)));
         assert!(!permanent(PublishError::new(PublishErrorKind::BrokenPipe)));
         assert!(!permanent(PublishError::new(PublishErrorKind::StreamNotFound)));

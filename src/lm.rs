@@ -276,30 +276,26 @@ impl LmSpec {
     /// number at least `need` + margin, or the whole text: its first `need` tokens are those of
     /// the whole text.
     fn bounded_head<'a>(&self, text: &'a str, need: usize) -> Result<&'a str, JobError> {
-        let mut window = need.max(1).saturating_mul(WINDOW_BYTES_PER_TOKEN);
-        loop {
-            if text.len() <= window {
-                return Ok(text);
-            }
-            let head = cut_head(text, window);
-            if self.count(head)? >= need + TOKEN_MARGIN {
-                return Ok(head);
-            }
-            window = window.saturating_mul(2);
-        }
+        self.bounded(text, need, cut_head)
     }
 
     /// The shortest end of `text` (see [`cut_tail`]) whose tokens number at least `need` +
     /// margin, or the whole text: its last `need` tokens are those of the whole text.
     fn bounded_tail<'a>(&self, text: &'a str, need: usize) -> Result<&'a str, JobError> {
+        self.bounded(text, need, cut_tail)
+    }
+
+    /// The shortest `cut` of `text` holding `need` + margin tokens, the window doubling from
+    /// [`WINDOW_BYTES_PER_TOKEN`] bytes a token until it does (or is the whole text).
+    fn bounded<'a>(&self, text: &'a str, need: usize, cut: fn(&str, usize) -> &str) -> Result<&'a str, JobError> {
         let mut window = need.max(1).saturating_mul(WINDOW_BYTES_PER_TOKEN);
         loop {
             if text.len() <= window {
                 return Ok(text);
             }
-            let tail = cut_tail(text, window);
-            if self.count(tail)? >= need + TOKEN_MARGIN {
-                return Ok(tail);
+            let part = cut(text, window);
+            if self.count(part)? >= need + TOKEN_MARGIN {
+                return Ok(part);
             }
             window = window.saturating_mul(2);
         }
