@@ -262,7 +262,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let serve = local_serve_args(server.url(), models, Some(dir.join("cache")));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(crate::worker::run(serve, async move { let _ = stop_rx.await; }));
+    let worker = tokio::spawn(crate::serve::run(serve, async move { let _ = stop_rx.await; }));
 
     let x: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
     let seq = |n: usize| -> Vec<f32> { (0..n * 8).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect() };

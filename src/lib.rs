@@ -8,13 +8,17 @@
 //!
 //! # Layout
 //! Data flows one way through bounded channels; cache and metrics sit beside the stages.
-//! - [`bus`]: connection, stream/consumer setup, the pull loop, and [`bus::Delivery`] (ack/nak/term/progress).
+//! - [`bus`]: everything JetStream — connection and setup, the pull loop and [`bus::Delivery`]
+//!   (ack/nak/term/progress) in `bus/pull.rs`, publishing results, dead letters, chunks and
+//!   snapshots and the stored-answer lookup in `bus/publish.rs`.
 //! - [`job`]: the wire contract — decoding jobs into envelopes, results, error codes.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
 //! - [`lm`]: LM requests at the edge — HF config, tokenizer, harness semantics into token ids.
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
 //! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
-//! - [`worker`]: `serve` — wires the stages, the results stage (publish, store, ack) and shutdown.
+//! - [`serve`]: `jetbatch serve` — the wiring and shutdown (`serve/mod.rs`), the types that flow
+//!   between stages (`flow.rs`), and one file per stage: `intake.rs`, `runner.rs`, `results.rs`
+//!   (the ack policy as a plain function, `decide`).
 //! - [`cache`], [`metrics`]: beside the pipeline.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
@@ -29,6 +33,6 @@ pub mod job;
 pub mod lm;
 pub mod metrics;
 pub mod repository;
+pub mod serve;
 pub mod submit;
 pub mod tensor;
-pub mod worker;

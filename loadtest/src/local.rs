@@ -80,7 +80,7 @@ impl Local {
         let thread_name = format!("jb-{name}");
         let thread = std::thread::Builder::new().name(thread_name.clone()).spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name(thread_name).build()?;
-            runtime.block_on(jetbatch::worker::run(args, async move {
+            runtime.block_on(jetbatch::serve::run(args, async move {
                 let _ = stopped.await;
             }))?;
             Ok(())

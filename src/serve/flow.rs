@@ -1,0 +1,136 @@
+//! The types that flow between the serve stages: a valid job on its way to the engine
+//! ([`Pending`]), what became of a job ([`Outcome`], with the [`Header`] of its result and its
+//! [`Delivery`]) on its way to the results stage, and the read-only [`Ctx`] they share.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::batcher::Batchable;
+use crate::bus::{self, Delivery};
+use crate::cache::Cache;
+use crate::config::Topology;
+use crate::engine::EngineError;
+use crate::job::{Encoding, JobError, JobKind, Output, Timing, ValidJob};
+use crate::metrics::Metrics;
+use crate::repository::{ModelSpec, Repository};
+
+/// A valid job on its way to the engine.
+pub struct Pending {
+    pub job: ValidJob,
+    pub spec: Arc<ModelSpec>,
+    pub cache_key: Option<[u8; 32]>,
+    pub delivery: Delivery,
+}
+
+impl Batchable for Pending {
+    fn model(&self) -> &Arc<ModelSpec> {
+        &self.spec
+    }
+    fn kind(&self) -> JobKind {
+        self.job.kind
+    }
+    fn cost(&self) -> usize {
+        self.job.cost
+    }
+}
+
+/// What became of a job; the results stage turns it into a publish and an ack.
+pub enum Outcome {
+    /// Answer and ack (an error result here is final: the message is termed).
+    Answer(Result<Output, JobError>),
+    /// A transient failure: nak with backoff, or dead-letter when deliveries are used up.
+    Retry(EngineError),
+    /// Never started (shutdown): hand back at once.
+    Release,
+    /// Its result is already in the results stream (an earlier delivery was answered): ack only.
+    AlreadyAnswered,
+}
+
+/// Everything the results stage needs of a job, with the outcome.
+pub struct Finished {
+    pub delivery: Delivery,
+    pub header: Header,
+    pub outcome: Outcome,
+}
+
+/// The parts of a job that go into its result.
+pub struct Header {
+    pub id: Option<String>,
+    pub model: String,
+    pub kind: String,
+    pub encoding: Encoding,
+    pub reply_to: Option<String>,
+    pub cache_key: Option<[u8; 32]>,
+    pub cached: bool,
+    pub stream: bool,
+    pub timing: Timing,
+}
+
+impl Header {
+    pub(crate) fn of(p: &Pending) -> Header {
+        Header::of_job(&p.job, p.cache_key)
+    }
+
+    pub(crate) fn of_job(job: &ValidJob, cache_key: Option<[u8; 32]>) -> Header {
+        Header {
+            id: Some(job.id.clone()),
+            model: job.model.to_string(),
+            kind: job.kind.as_str().to_string(),
+            encoding: job.encoding,
+            reply_to: job.reply_to.clone(),
+            cache_key,
+            cached: false,
+            stream: job.stream,
+            timing: Timing::default(),
+        }
+    }
+
+    /// A job that did not get as far as a [`ValidJob`]: what of it could be read.
+    pub(crate) fn of_parts(id: Option<String>, model: String, kind: String, encoding: Encoding, reply_to: Option<String>) -> Header {
+        Header { id, model, kind, encoding, reply_to, cache_key: None, cached: false, stream: false, timing: Timing::default() }
+    }
+}
+
+/// Shared, read-only context of the stages.
+pub(crate) struct Ctx {
+    pub topology: Topology,
+    pub worker: String,
+    pub metrics: Arc<Metrics>,
+    pub cache: Option<Arc<Cache>>,
+    /// The models served, so metric labels name only these (a producer's made-up model names and
+    /// kinds would otherwise each become a new series).
+    pub repository: Arc<Repository>,
+    pub publisher: bus::Publisher,
+    pub streamer: bus::Streamer,
+}
+
+impl Ctx {
+    /// Whether the results stream already holds this job's answer. Asked only for redeliveries
+    /// and for jobs held past `ack_wait` — the cases where another worker may have answered — so
+    /// the common path pays nothing. Only an answer to this very job counts (see
+    /// [`bus::Publisher::answered`]): a result stored by another job with the same id does not.
+    pub async fn already_answered(&self, h: &Header, hash: &str) -> bool {
+        let Some(id) = h.id.as_deref() else { return false };
+        match self.publisher.answered(id, hash).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(id, error = %e, "results lookup failed; answering anyway (deduplicated by id)");
+                false
+            }
+        }
+    }
+
+    /// `model` and `kind` labels: a served model and a known kind, else `unknown` / `invalid`.
+    pub fn labels<'a>(&self, h: &'a Header) -> [&'a str; 2] {
+        let model = if self.repository.get(&h.model).is_some() { h.model.as_str() } else { "unknown" };
+        let kind = JobKind::parse(&h.kind).map_or("invalid", JobKind::as_str);
+        [model, kind]
+    }
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+

@@ -1,0 +1,134 @@
+//! The intake stage: parses each delivery into a job; answers invalid jobs, cache hits and jobs
+//! already answered straight away, and passes the rest on to the batcher.
+
+use std::sync::Arc;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use super::flow::{ms, Ctx, Finished, Header, Outcome, Pending};
+use crate::bus::{self, Delivery};
+use crate::job::{self, ErrorCode, JobError, Limits, Output, ValidJob};
+use crate::repository::{ModelSpec, Repository};
+
+/// Payloads at least this large are parsed on the blocking pool: decoding and tokenising them
+/// takes long enough to hold up the jobs behind them on the intake loop.
+const HEAVY_PAYLOAD: usize = 16 << 10;
+/// Most heavy payloads parsed at once (each may hold a few times its size in memory meanwhile).
+const HEAVY_PARSERS: usize = 4;
+
+/// Parses each delivery into a job; answers invalid jobs and cache hits straight away. Small
+/// payloads are parsed in line; large ones on the blocking pool, so one huge job cannot stall
+/// the jobs behind it.
+pub(crate) async fn intake(
+    mut deliveries: mpsc::Receiver<Delivery>,
+    pending: mpsc::Sender<Pending>,
+    finished: mpsc::Sender<Finished>,
+    repository: Arc<Repository>,
+    limits: Limits,
+    ctx: Arc<Ctx>,
+) {
+    let limits = Arc::new(limits);
+    let mut heavy = FuturesUnordered::new();
+    let mut open = true;
+    while open || !heavy.is_empty() {
+        let (delivery, parsed) = tokio::select! {
+            d = deliveries.recv(), if open && heavy.len() < HEAVY_PARSERS => match d {
+                None => { open = false; continue }
+                Some(d) if d.payload.len() >= HEAVY_PAYLOAD => {
+                    let (repository, limits, prefix) = (repository.clone(), limits.clone(), ctx.topology.prefix.clone());
+                    heavy.push(tokio::task::spawn_blocking(move || {
+                        let parsed = parse(&d, &repository, &limits, &prefix);
+                        (d, parsed)
+                    }));
+                    continue;
+                }
+                Some(d) => {
+                    let parsed = parse(&d, &repository, &limits, &ctx.topology.prefix);
+                    (d, parsed)
+                }
+            },
+            Some(done) = heavy.next(), if !heavy.is_empty() => match done {
+                Ok(pair) => pair,
+                // The parse panicked: the job is dropped with its permit and redelivered after
+                // ack_wait; the decoder's fuzz tests exist so that this does not happen.
+                Err(e) => { error!(error = %e, "job parsing failed"); continue }
+            },
+        };
+        let Some(item) = admit(delivery, parsed, &pending, &ctx).await else { continue };
+        if finished.send(item).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Routes a parsed delivery: an error answer, an answer from the cache, an ack of a job already
+/// answered, or on to the batcher (`None`).
+async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, pending: &mpsc::Sender<Pending>, ctx: &Ctx) -> Option<Finished> {
+    let (job, spec, cache_key) = match parsed {
+        Err((header, error)) => return Some(Finished { delivery, header, outcome: Outcome::Answer(Err(error)) }),
+        Ok(parsed) => parsed,
+    };
+    let header = Header::of_job(&job, cache_key);
+    if delivery.delivered > 1 && ctx.already_answered(&header, &bus::job_hash(&delivery.payload)).await {
+        return Some(Finished { delivery, header, outcome: Outcome::AlreadyAnswered });
+    }
+    if let Some(output) = lookup(ctx, cache_key.as_ref()) {
+        let mut header = header;
+        header.cached = true;
+        header.timing.queued_ms = ms(delivery.age());
+        return Some(Finished { delivery, header, outcome: Outcome::Answer(Ok(output)) });
+    }
+    match pending.send(Pending { job, spec, cache_key, delivery }).await {
+        Ok(()) => None,
+        // The batcher has stopped: this job was never started.
+        Err(mpsc::error::SendError(p)) => Some(Finished { header: Header::of(&p), delivery: p.delivery, outcome: Outcome::Release }),
+    }
+}
+
+type Parsed = (ValidJob, Arc<ModelSpec>, Option<[u8; 32]>);
+
+/// Decodes and validates a delivery; on failure, the header of the error result.
+fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -> Result<Parsed, (Header, JobError)> {
+    let env = job::decode(&d.payload, d.header("Content-Type"), d.subject_model(prefix), limits).map_err(|r| {
+        let header = Header::of_parts(r.id, r.model.unwrap_or_default(), r.kind.unwrap_or_default(), r.encoding, None);
+        (header, r.error)
+    })?;
+    let header = |env: &job::Envelope| Header::of_parts(Some(env.id.clone()), env.model.clone(), env.kind.as_str().to_string(), env.encoding, env.reply_to.clone());
+    // The stream deduplicates jobs by Nats-Msg-Id; an id in the body that differs would let one
+    // job pass the stream's dedup under one name and be answered under another's.
+    if let Some(msg_id) = d.header("Nats-Msg-Id").filter(|m| *m != env.id) {
+        let msg = format!("id: '{}' differs from the Nats-Msg-Id header '{}'", env.id, msg_id.chars().take(64).collect::<String>());
+        return Err((header(&env), JobError::bad_request(msg)));
+    }
+    let Some(spec) = repository.get(&env.model) else {
+        let msg = format!("model: '{}' is not in this worker's repository", env.model);
+        return Err((header(&env), JobError::new(ErrorCode::UnknownModel, msg)));
+    };
+    let h = header(&env);
+    let job = spec.validate(env, limits.max_tensor_elements).map_err(|e| (h, e))?;
+    let cache_key = job.use_cache.then(|| job.cache_key());
+    Ok((job, spec.clone(), cache_key))
+}
+
+fn lookup(ctx: &Ctx, key: Option<&[u8; 32]>) -> Option<Output> {
+    let (cache, key) = (ctx.cache.as_ref()?, key?);
+    match cache.get(key) {
+        Ok(Some(output)) => {
+            ctx.metrics.cache_hits_total.inc();
+            Some(output)
+        }
+        Ok(None) => {
+            ctx.metrics.cache_misses_total.inc();
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "cache read");
+            ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
+            None
+        }
+    }
+}
+

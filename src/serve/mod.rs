@@ -1,0 +1,189 @@
+//! `jetbatch serve`: wires the stages together and runs them until shutdown; the stages are
+//! [`intake`], the batcher (`crate::batcher`), [`runner`] and [`results`], and the types that flow
+//! between them are in [`flow`]. JetStream is behind `crate::bus`.
+//!
+//! ```text
+//! bus::pull ──Delivery──▶ intake ──Pending──▶ batcher ──Batch(1 prefetched)──▶ runner ──▶ engine thread
+//!                           │ invalid / cache hit                                 │
+//!                           └──────────────────────Finished──────────────────────┴──▶ results ──▶ publish, ack
+//! ```
+//! Every channel is bounded. The results stage is the only one that acks: a job is acked after its
+//! result is stored in the cache and its publish is acknowledged by the results stream.
+
+
+
+mod flow;
+mod intake;
+mod results;
+mod runner;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::{broadcast, mpsc};
+use tracing::{error, info};
+
+use self::flow::{Ctx, Finished, Header, Outcome, Pending};
+use crate::batcher::{self, Batch};
+use crate::bus::{self, BusError, Delivery, PullOpts};
+use crate::cache::Cache;
+use crate::config::ServeArgs;
+use crate::engine::EngineHandle;
+use crate::job::{self, Limits};
+use crate::metrics::Metrics;
+use crate::repository::{RepoError, Repository};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Repository(#[from] RepoError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
+    #[error("--reply-prefix {pattern}: {message}")]
+    ReplyPrefix { pattern: String, message: String },
+    /// The engine thread died (a bug, not a job: model failures are caught on it). The worker
+    /// hands its jobs back and exits non-zero so that its supervisor starts a fresh one.
+    #[error("the engine thread stopped unexpectedly")]
+    EngineStopped,
+}
+
+
+/// Runs the worker until `shutdown` completes, then stops fetching, hands back unstarted jobs,
+/// finishes the batch in flight and returns once every pulled job is acked or handed back.
+pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeError> {
+    for pattern in &args.reply_prefixes {
+        job::check_reply_prefix(pattern, &args.topology.prefix)
+            .map_err(|message| ServeError::ReplyPrefix { pattern: pattern.clone(), message })?;
+    }
+    let worker = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let metrics = Arc::new(Metrics::new(&worker));
+    let repository = Arc::new(Repository::scan(&args.models)?);
+    for (name, e) in &repository.invalid {
+        error!(model = %name, error = %e, "model skipped");
+    }
+    info!(models = ?repository.models.keys().collect::<Vec<_>>(), %worker, "starting");
+    let cache = args.cache.cache_dir.as_ref().and_then(|dir| {
+        match Cache::open(dir, args.cache.ttl(), args.cache.cache_max_mb << 20) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                // A broken cache costs speed, not correctness: run without it.
+                error!(error = %e, dir = %dir.display(), "cache unavailable; running without cache");
+                metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
+                None
+            }
+        }
+    });
+
+    let client = bus::connect(&args.nats, &format!("jetbatch-worker {worker}")).await?;
+    let js = jetstream::new(client.clone());
+    let consumer = bus::setup(&js, &args.topology).await?;
+
+    let (engine, engine_thread) = EngineHandle::start(metrics.clone(), args.model_memory_mb << 20);
+    for spec in repository.models.values().filter(|s| s.config.preload) {
+        if let Err(e) = engine.load(spec.clone()).await {
+            error!(model = %spec.name, error = %e, "preload failed");
+        }
+    }
+
+    let (notify, _) = broadcast::channel::<()>(1);
+    if let Some(addr) = args.metrics_addr {
+        let bound = crate::metrics::serve(metrics.clone(), addr, notify.subscribe()).await.map_err(ServeError::Metrics)?;
+        info!(%bound, "metrics endpoint");
+    }
+    let streamer = bus::Streamer { client: client.clone(), prefix: args.topology.prefix.clone() };
+    let snapshot_subject = format!("{}.metrics.{}", args.topology.prefix, worker.replace(['.', '*', '>', ' '], "_"));
+    let ctx = Arc::new(Ctx {
+        topology: args.topology.clone(),
+        worker,
+        metrics: metrics.clone(),
+        cache,
+        repository: repository.clone(),
+        publisher: bus::Publisher::new(js, args.topology.clone()).await?,
+        streamer: streamer.clone(),
+    });
+    let mut limits = Limits::new(args.max_payload_bytes, args.max_tensor_elements);
+    limits.prefix = args.topology.prefix.clone();
+    limits.reply_prefixes = args.reply_prefixes.clone();
+
+    let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
+    let (release_tx, release_rx) = mpsc::channel::<Vec<Delivery>>(16);
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(args.max_inflight);
+    let (batch_release_tx, mut batch_release_rx) = mpsc::channel::<Vec<Pending>>(4);
+    let (batches_tx, batches_rx) = mpsc::channel::<Batch<Pending>>(1);
+    let (finished_tx, finished_rx) = mpsc::channel::<Finished>(args.max_inflight);
+
+    let held = bus::Held::default();
+    // Runs until every held job is settled, past the shutdown signal: the last batch keeps its lease.
+    let keep_alive = tokio::spawn(bus::keep_alive(client.clone(), held.clone(), args.topology.ack_wait(), metrics.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(bus::pull(
+        consumer.clone(),
+        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight) },
+        held,
+        deliveries_tx,
+        release_tx,
+        metrics.clone(),
+        notify.subscribe(),
+    ));
+    tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
+    tasks.spawn(intake::intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
+    tasks.spawn(batcher::run(pending_rx, batches_tx, batch_release_tx, notify.subscribe()));
+    tasks.spawn(runner::runner(batches_rx, engine, streamer, finished_tx.clone(), metrics.clone(), notify.subscribe()));
+    {
+        // Batched jobs handed back at shutdown join the results stage as releases.
+        let finished_tx = finished_tx.clone();
+        tasks.spawn(async move {
+            while let Some(jobs) = batch_release_rx.recv().await {
+                for p in jobs {
+                    let header = Header::of(&p);
+                    let _ = finished_tx.send(Finished { delivery: p.delivery, header, outcome: Outcome::Release }).await;
+                }
+            }
+        });
+    }
+    drop(finished_tx);
+    tasks.spawn(bus::snapshots(client.clone(), snapshot_subject, metrics.clone(), args.metrics_interval_secs, notify.subscribe()));
+    let results_task = tokio::spawn(results::results(finished_rx, release_rx, ctx.clone()));
+
+    let engine_died = async {
+        while !engine_thread.is_finished() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let died = tokio::select! {
+        _ = shutdown => false,
+        _ = engine_died => true,
+    };
+    if died {
+        error!("the engine thread stopped: handing jobs back and exiting");
+    }
+    info!("shutdown: stop fetching, hand back queued jobs, finish the batch in flight");
+    let _ = notify.send(());
+    while tasks.join_next().await.is_some() {}
+    let _ = results_task.await;
+    keep_alive.abort();
+    // The engine handle was moved into the runner, which has returned: the thread's queue is closed.
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    if let Some(cache) = &ctx.cache {
+        if let Err(e) = cache.flush() {
+            error!(error = %e, "cache flush");
+        }
+    }
+    let _ = client.flush().await;
+    let handed_back = metrics.naks_total.with_label_values(&["shutdown"]).get();
+    info!(handed_back, "stopped");
+    if died {
+        return Err(ServeError::EngineStopped);
+    }
+    Ok(())
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
