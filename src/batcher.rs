@@ -141,13 +141,18 @@ pub async fn run<T: Batchable + Send + 'static>(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let mut queues: HashMap<Key, (Arc<ModelSpec>, State<T>)> = HashMap::new();
-    let budget = |m: &ModelSpec| Budget { max_size: m.config.max_batch_size, max_tokens: m.config.max_batch_tokens };
+    // `generate` jobs pass straight through: they wait in the engine's one generation scheduler,
+    // which admits them into the running batch under the model's token budget.
+    let budget = |m: &ModelSpec, kind: JobKind| match kind {
+        JobKind::Generate => Budget { max_size: m.config.max_batch_size, max_tokens: 0 },
+        _ => Budget { max_size: m.config.max_batch_size, max_tokens: m.config.max_batch_tokens },
+    };
     loop {
         // The queue to serve next: among those with a due batch, the one whose head is oldest.
         let now = Instant::now();
         let next = queues
             .iter()
-            .filter(|(_, (m, s))| s.is_due(&budget(m), now))
+            .filter(|((_, kind), (m, s))| s.is_due(&budget(m, *kind), now))
             .min_by_key(|(_, (_, s))| s.oldest())
             .map(|(k, _)| k.clone());
         let wake = queues.values().filter_map(|(_, s)| s.deadline()).min();
@@ -158,7 +163,7 @@ pub async fn run<T: Batchable + Send + 'static>(
                 let Ok(permit) = permit else { break };
                 let key = next.expect("guarded");
                 let (model, state) = queues.get_mut(&key).expect("present");
-                if let Some(items) = state.next_batch(&budget(model), Instant::now()) {
+                if let Some(items) = state.next_batch(&budget(model, key.1), Instant::now()) {
                     permit.send(Batch { model: model.clone(), kind: key.1, items });
                 }
             }
@@ -166,8 +171,9 @@ pub async fn run<T: Batchable + Send + 'static>(
                 let Some(job) = job else { break };
                 let key = (job.model().name.clone(), job.kind());
                 let scoring = matches!(key.1, JobKind::Loglikelihood | JobKind::LoglikelihoodRolling | JobKind::Embed | JobKind::Classify);
+                let generate = key.1 == JobKind::Generate;
                 let (_, state) = queues.entry(key).or_insert_with(|| {
-                    let wait = Duration::from_millis(job.model().config.max_wait_ms);
+                    let wait = if generate { Duration::ZERO } else { Duration::from_millis(job.model().config.max_wait_ms) };
                     (job.model().clone(), if scoring { State::by_length(wait) } else { State::new(wait) })
                 });
                 let cost = job.cost();

@@ -12,6 +12,7 @@
 //! (logged, `Metrics::engine_alive` cleared, the thread's `JoinHandle` finished), never silently.
 
 mod hf;
+mod scheduler;
 mod torchscript;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn, Span};
 
 use crate::job::{ErrorCode, JobError, JobInput, JobKind, Output};
+use self::scheduler::GenQueue;
 use crate::metrics::Metrics;
 use crate::repository::{Backend, DeviceChoice, ModelSpec};
 
@@ -197,7 +199,9 @@ fn resolve_device(choice: DeviceChoice) -> Result<tch::Device, EngineError> {
 #[derive(Debug)]
 pub enum Event {
     Chunk { index: usize, chunk: StreamChunk },
-    Done { index: usize, result: Result<Output, EngineError>, compute: Duration },
+    /// `batch`: the jobs computed together with this one — its forward batch, or for `generate`
+    /// the most rows of the running generation while it ran.
+    Done { index: usize, result: Result<Output, EngineError>, compute: Duration, batch: usize },
 }
 
 /// Where a running generation's job reports to.
@@ -208,6 +212,8 @@ struct Route {
     index: usize,
     stream: bool,
     started: Instant,
+    /// The most rows of the running generation while this job was in it.
+    peak: usize,
 }
 
 pub enum Command {
@@ -267,7 +273,7 @@ impl EngineHandle {
             self.tx.send(Command::Run { model, kind, inputs, streaming, events: events.clone(), span: Span::current() })
         {
             for index in 0..n {
-                let _ = events.send(Event::Done { index, result: Err(EngineError::Stopped), compute: Duration::ZERO });
+                let _ = events.send(Event::Done { index, result: Err(EngineError::Stopped), compute: Duration::ZERO, batch: n });
             }
         }
         rx
@@ -299,14 +305,14 @@ struct Engine {
     next_job: u64,
     /// Jobs of running or waiting generations.
     routes: HashMap<u64, Route>,
-    /// Generate jobs waiting to join their model's running batch.
+    /// Per model with generate jobs: its scheduler (jobs waiting to join, rows running).
     waiting: HashMap<Arc<str>, Waiting>,
 }
 
-/// A model's generate jobs not yet in its running batch: (engine job number, input, token cost).
+/// A model's generate jobs: waiting to join, and running (engine job numbers).
 struct Waiting {
     spec: Arc<ModelSpec>,
-    queue: std::collections::VecDeque<(u64, JobInput, usize)>,
+    queue: GenQueue<JobInput>,
 }
 
 impl Engine {
@@ -344,11 +350,12 @@ impl Engine {
                         JobInput::Generate(g) => g.prompt.len() + g.max_new_tokens,
                         _ => 1,
                     };
-                    self.routes.insert(job, Route { model: model.name.clone(), events: events.clone(), index, stream, started: Instant::now() });
-                    queue.push_back((job, input, cost));
+                    self.routes.insert(job, Route { model: model.name.clone(), events: events.clone(), index, stream, started: Instant::now(), peak: 0 });
+                    queue.append(job, input, cost);
                 }
             }
             Command::Run { model, kind, inputs, streaming: _, events, span } => {
+                let n = inputs.len();
                 let _enter = span.enter();
                 let start = Instant::now();
                 let metrics = self.metrics.clone();
@@ -360,7 +367,7 @@ impl Engine {
                     Err(e) => (vec![Err(e); inputs.len()], false),
                 };
                 for (index, result) in outputs.into_iter().enumerate() {
-                    let _ = events.send(Event::Done { index, result, compute: start.elapsed() });
+                    let _ = events.send(Event::Done { index, result, compute: start.elapsed(), batch: n });
                 }
                 if poisoned {
                     self.drop_model(&model.name, &EngineError::Panic("the model panicked in another batch".into()));
@@ -379,25 +386,25 @@ impl Engine {
         for name in names {
             let Waiting { spec, mut queue } = self.waiting.remove(&name).expect("listed");
             if let Err(e) = self.slot(&spec) {
-                for (job, _, _) in queue {
+                for job in queue.drain_waiting() {
                     self.finish(job, Err(e.clone()));
                 }
                 continue;
             }
             // Out of the map while it steps, so the routes and metrics stay reachable.
             let mut slot = self.models.remove(&name).expect("just loaded");
-            let running = slot.model.generating();
-            let room = match spec.config.generation {
-                crate::repository::Generation::Static if running > 0 => 0,
-                _ => slot.cap.min(spec.config.max_batch_size).saturating_sub(running),
-            };
-            let mut budget = if spec.config.max_batch_tokens > 0 { spec.config.max_batch_tokens } else { usize::MAX };
-            let mut joining = Vec::new();
-            while joining.len() < room && queue.front().is_some_and(|(_, _, cost)| *cost <= budget || joining.is_empty()) {
-                let (job, input, cost) = queue.pop_front().expect("non-empty");
-                budget = budget.saturating_sub(cost);
-                let stream = self.routes.get(&job).is_some_and(|r| r.stream);
-                joining.push((job, input, stream));
+            let static_batches = matches!(spec.config.generation, crate::repository::Generation::Static);
+            let cap = slot.cap.min(spec.config.max_batch_size);
+            let joining: Vec<(u64, JobInput, bool)> = queue
+                .admit(cap, spec.config.max_batch_tokens, static_batches)
+                .into_iter()
+                .map(|(job, input)| (job, input, self.routes.get(&job).is_some_and(|r| r.stream)))
+                .collect();
+            let rows = queue.running();
+            for job in queue.running_jobs() {
+                if let Some(r) = self.routes.get_mut(&job) {
+                    r.peak = r.peak.max(rows);
+                }
             }
             let mut failed = Vec::new();
             let mut panicked = None;
@@ -411,16 +418,16 @@ impl Engine {
                 }
             }
             let mut stepped = Vec::new();
-            let mut running = 0;
             if panicked.is_none() {
                 let mut sink = RouteSink { routes: &self.routes };
-                match guarded(&spec.name, "step", || Ok((slot.model.step(&mut sink), slot.model.generating()))) {
-                    Ok((done, left)) => (stepped, running) = (done, left),
+                match guarded(&spec.name, "step", || Ok(slot.model.step(&mut sink))) {
+                    Ok(done) => stepped = done,
                     Err(e) => panicked = Some(e),
                 }
                 self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
             }
             for (job, result) in failed.into_iter().chain(stepped) {
+                queue.leave(job);
                 if result.is_ok() {
                     self.metrics.engine_jobs_total.with_label_values(&[&spec.name]).inc();
                 }
@@ -429,11 +436,11 @@ impl Engine {
             self.models.insert(name.clone(), slot);
             if let Some(e) = panicked {
                 // Every row of the running generation fails; jobs still waiting join a fresh load.
-                let waiting: std::collections::HashSet<u64> = queue.iter().map(|(j, _, _)| *j).collect();
+                let waiting: std::collections::HashSet<u64> = queue.waiting_jobs().collect();
                 self.drop_model_except(&name, &e, &waiting);
-                running = 0;
+                queue.clear_running();
             }
-            if running > 0 || !queue.is_empty() {
+            if !queue.is_idle() {
                 self.waiting.insert(name, Waiting { spec, queue });
             }
         }
@@ -442,8 +449,11 @@ impl Engine {
     /// Drops a model whose state may be inconsistent (a call panicked); every job of its running
     /// generation fails with `error`. It is loaded afresh on next use.
     fn drop_model(&mut self, name: &Arc<str>, error: &EngineError) {
-        let waiting: std::collections::HashSet<u64> = self.waiting.get(name).map(|w| w.queue.iter().map(|(j, _, _)| *j).collect()).unwrap_or_default();
+        let waiting: std::collections::HashSet<u64> = self.waiting.get(name).map(|w| w.queue.waiting_jobs().collect()).unwrap_or_default();
         self.drop_model_except(name, error, &waiting);
+        if let Some(w) = self.waiting.get_mut(name) {
+            w.queue.clear_running();
+        }
     }
 
     /// `drop_model`, where `waiting` are the model's generate jobs not yet in its running batch.
@@ -460,7 +470,7 @@ impl Engine {
 
     fn finish(&mut self, job: u64, result: Result<Output, EngineError>) {
         if let Some(r) = self.routes.remove(&job) {
-            let _ = r.events.send(Event::Done { index: r.index, result, compute: r.started.elapsed() });
+            let _ = r.events.send(Event::Done { index: r.index, result, compute: r.started.elapsed(), batch: r.peak });
         }
     }
 

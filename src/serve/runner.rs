@@ -85,8 +85,7 @@ async fn submit(batch: Batch<Pending>, engine: &EngineHandle, finished: &mpsc::S
 
 /// Publishes streamed chunks as they come and passes each job on as soon as it is done.
 async fn collect(mut run: Submitted, streamer: bus::Streamer, finished: mpsc::Sender<Finished>, metrics: Arc<Metrics>) {
-    let size = run.items.len();
-    let mut left = size;
+    let mut left = run.items.len();
     let mut slowest = Duration::ZERO;
     while left > 0 {
         match run.events.recv().await {
@@ -95,12 +94,12 @@ async fn collect(mut run: Submitted, streamer: bus::Streamer, finished: mpsc::Se
                     streamer.publish(&p.job.id, p.job.encoding, &chunk).await;
                 }
             }
-            Some(crate::engine::Event::Done { index, result, compute }) => {
+            Some(crate::engine::Event::Done { index, result, compute, batch }) => {
                 let Some((p, queued_ms)) = run.items[index].take() else { continue };
                 left -= 1;
                 slowest = slowest.max(compute);
                 let mut header = Header::of(&p);
-                header.timing = Timing { queued_ms, compute_ms: ms(compute), batch_size: size };
+                header.timing = Timing { queued_ms, compute_ms: ms(compute), batch_size: batch };
                 let outcome = match result {
                     Ok(output) => Outcome::Answer(Ok(output)),
                     Err(e) => Outcome::Retry(e),

@@ -1,0 +1,145 @@
+//! The generation scheduler of one model: the one queue a `generate` job waits in, and the one
+//! token budget of its running batch. Jobs join at step boundaries, oldest first, while the batch
+//! has a free row and the tokens its rows may occupy (prompt + `max_new_tokens` each) stay within
+//! `max_batch_tokens`; they leave the moment they finish. Plain data, unit-tested without torch
+//! (as TGI's `backends/v3/src/queue.rs`); the engine thread only runs the steps.
+
+use std::collections::{HashMap, VecDeque};
+
+pub(crate) struct GenQueue<I> {
+    waiting: VecDeque<(u64, I, usize)>,
+    /// Rows of the running batch and the tokens each may occupy.
+    running: HashMap<u64, usize>,
+}
+
+impl<I> Default for GenQueue<I> {
+    fn default() -> Self {
+        GenQueue { waiting: VecDeque::new(), running: HashMap::new() }
+    }
+}
+
+impl<I> GenQueue<I> {
+    pub fn append(&mut self, job: u64, input: I, cost: usize) {
+        self.waiting.push_back((job, input, cost));
+    }
+
+    /// The jobs that join the running batch now. Oldest first and in order (a long job at the
+    /// head is not overtaken for ever by short ones); at most `cap` rows in all; within
+    /// `token_budget` (0: none) counting the rows already running. A job over the budget still
+    /// runs, alone. `static_batches`: nothing joins a batch that runs.
+    pub fn admit(&mut self, cap: usize, token_budget: usize, static_batches: bool) -> Vec<(u64, I)> {
+        if static_batches && !self.running.is_empty() {
+            return Vec::new();
+        }
+        let mut used: usize = self.running.values().sum();
+        let mut joining = Vec::new();
+        while self.running.len() < cap.max(1) {
+            let Some(&(_, _, cost)) = self.waiting.front() else { break };
+            if token_budget > 0 && !self.running.is_empty() && used + cost > token_budget {
+                break;
+            }
+            let (job, input, cost) = self.waiting.pop_front().expect("non-empty");
+            used += cost;
+            self.running.insert(job, cost);
+            joining.push((job, input));
+        }
+        joining
+    }
+
+    /// A row finished (or failed): its tokens are free for the next step's joiners.
+    pub fn leave(&mut self, job: u64) {
+        self.running.remove(&job);
+    }
+
+    /// The running batch is gone (its model was dropped): every row left.
+    pub fn clear_running(&mut self) {
+        self.running.clear();
+    }
+
+    /// Takes every waiting job out (its model cannot be loaded).
+    pub fn drain_waiting(&mut self) -> Vec<u64> {
+        self.waiting.drain(..).map(|(job, _, _)| job).collect()
+    }
+
+    pub fn waiting_jobs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.waiting.iter().map(|(job, _, _)| *job)
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn running_jobs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.running.keys().copied()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(costs: &[usize]) -> GenQueue<()> {
+        let mut q = GenQueue::default();
+        for (job, &cost) in costs.iter().enumerate() {
+            q.append(job as u64, (), cost);
+        }
+        q
+    }
+
+    fn ids(joined: Vec<(u64, ())>) -> Vec<u64> {
+        joined.into_iter().map(|(j, _)| j).collect()
+    }
+
+    #[test]
+    fn joins_oldest_first_up_to_the_row_cap() {
+        let mut q = queue(&[10, 10, 10, 10, 10]);
+        assert_eq!(ids(q.admit(3, 0, false)), vec![0, 1, 2]);
+        assert!(q.admit(3, 0, false).is_empty(), "the batch is full");
+        q.leave(1);
+        assert_eq!(ids(q.admit(3, 0, false)), vec![3], "a row that left makes room at the next step");
+        assert_eq!(q.running(), 3);
+    }
+
+    #[test]
+    fn one_token_budget_counts_the_running_rows() {
+        let mut q = queue(&[40, 40, 40]);
+        assert_eq!(ids(q.admit(8, 100, false)), vec![0, 1]);
+        q.append(9, (), 10);
+        assert!(q.admit(8, 100, false).is_empty(), "80 running + 40 at the head is over 100; the head is not overtaken");
+        q.leave(0);
+        assert_eq!(ids(q.admit(8, 100, false)), vec![2, 9]);
+    }
+
+    #[test]
+    fn a_job_over_the_budget_runs_alone() {
+        let mut q = queue(&[500, 10]);
+        assert_eq!(ids(q.admit(8, 100, false)), vec![0]);
+        assert!(q.admit(8, 100, false).is_empty());
+        q.leave(0);
+        assert_eq!(ids(q.admit(8, 100, false)), vec![1]);
+    }
+
+    #[test]
+    fn static_batches_run_to_completion_before_the_next_joins() {
+        let mut q = queue(&[1, 1, 1]);
+        assert_eq!(ids(q.admit(2, 0, true)), vec![0, 1]);
+        q.leave(0);
+        assert!(q.admit(2, 0, true).is_empty(), "row 1 still runs");
+        q.leave(1);
+        assert_eq!(ids(q.admit(2, 0, true)), vec![2]);
+    }
+
+    #[test]
+    fn a_dropped_batch_frees_every_row_and_waiting_jobs_can_be_failed() {
+        let mut q = queue(&[1, 1, 1]);
+        q.admit(2, 0, false);
+        q.clear_running();
+        assert_eq!(q.waiting_jobs().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(q.drain_waiting(), vec![2]);
+        assert!(q.is_idle());
+    }
+}
