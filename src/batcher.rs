@@ -165,7 +165,7 @@ pub async fn run<T: Batchable + Send + 'static>(
             job = jobs.recv() => {
                 let Some(job) = job else { break };
                 let key = (job.model().name.clone(), job.kind());
-                let scoring = matches!(key.1, JobKind::Loglikelihood | JobKind::LoglikelihoodRolling | JobKind::Embed | JobKind::Classify);
+                let scoring = key.1.batching() == crate::kinds::Batching::ByLength;
                 let (_, state) = queues.entry(key).or_insert_with(|| {
                     let wait = Duration::from_millis(job.model().config.max_wait_ms);
                     (job.model().clone(), if scoring { State::by_length(wait) } else { State::new(wait) })
