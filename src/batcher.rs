@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::job::JobKind;
+use crate::kinds::Batching;
 use crate::repository::ModelSpec;
 
 /// Limits of one batch.
@@ -141,10 +142,9 @@ pub async fn run<T: Batchable + Send + 'static>(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let mut queues: HashMap<Key, (Arc<ModelSpec>, State<T>)> = HashMap::new();
-    // `generate` jobs pass straight through: they wait in the engine's one generation scheduler,
-    // which admits them into the running batch under the model's token budget.
-    let budget = |m: &ModelSpec, kind: JobKind| match kind {
-        JobKind::Generate => Budget { max_size: m.config.max_batch_size, max_tokens: 0 },
+    // `Continuous` kinds pass straight through (see [`Batching::Continuous`]).
+    let budget = |m: &ModelSpec, kind: JobKind| match kind.batching() {
+        Batching::Continuous => Budget { max_size: m.config.max_batch_size, max_tokens: 0 },
         _ => Budget { max_size: m.config.max_batch_size, max_tokens: m.config.max_batch_tokens },
     };
     loop {
@@ -170,8 +170,8 @@ pub async fn run<T: Batchable + Send + 'static>(
             job = jobs.recv() => {
                 let Some(job) = job else { break };
                 let key = (job.model().name.clone(), job.kind());
-                let scoring = matches!(key.1, JobKind::Loglikelihood | JobKind::LoglikelihoodRolling | JobKind::Embed | JobKind::Classify);
-                let generate = key.1 == JobKind::Generate;
+                let scoring = key.1.batching() == Batching::ByLength;
+                let generate = key.1.batching() == Batching::Continuous;
                 let (_, state) = queues.entry(key).or_insert_with(|| {
                     let wait = if generate { Duration::ZERO } else { Duration::from_millis(job.model().config.max_wait_ms) };
                     (job.model().clone(), if scoring { State::by_length(wait) } else { State::new(wait) })

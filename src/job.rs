@@ -12,163 +12,13 @@ use std::time::Duration;
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
+pub use crate::encoding::Encoding;
+use crate::encoding::BOM;
+pub use crate::error::{ErrorCode, JobError, MAX_ERROR_MESSAGE_BYTES};
+use crate::error::excerpt;
+pub use crate::kinds::{FinishReason, JobInput, JobKind, Output, ValidationError};
+use crate::kinds::fields::{self, Place};
 use crate::tensor::TensorData;
-
-/// Encoding of a job; its result is encoded the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    MsgPack,
-    Json,
-}
-
-impl Encoding {
-    /// JSON when the `Content-Type` says so or the payload starts with `{` (after whitespace, or
-    /// after a UTF-8 byte-order mark, which [`decode`] then rejects); MessagePack otherwise.
-    pub fn detect(content_type: Option<&str>, payload: &[u8]) -> Encoding {
-        let json_header = content_type.is_some_and(|c| c.trim().starts_with("application/json"));
-        let first = payload.strip_prefix(BOM).unwrap_or(payload).iter().find(|b| !b.is_ascii_whitespace());
-        if json_header || first == Some(&b'{') {
-            Encoding::Json
-        } else {
-            Encoding::MsgPack
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Encoding::MsgPack => "application/msgpack",
-            Encoding::Json => "application/json",
-        }
-    }
-
-    pub fn encode<T: Serialize>(self, value: &T) -> Vec<u8> {
-        match self {
-            // Serializing our own plain structs into a Vec cannot fail.
-            Encoding::MsgPack => rmp_serde::to_vec_named(value).expect("msgpack encoding"),
-            Encoding::Json => serde_json::to_vec(value).expect("json encoding"),
-        }
-    }
-
-    pub fn decode<T: for<'de> Deserialize<'de>>(self, payload: &[u8]) -> Result<T, String> {
-        match self {
-            Encoding::MsgPack => rmp_serde::from_slice(payload).map_err(|e| e.to_string()),
-            Encoding::Json => serde_json::from_slice(payload).map_err(|e| e.to_string()),
-        }
-    }
-}
-
-/// Job kinds of the contract. The engine's backends say which they serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Tensor,
-    Generate,
-    Loglikelihood,
-    LoglikelihoodRolling,
-    Embed,
-    Classify,
-}
-
-impl JobKind {
-    pub const ALL: [JobKind; 6] = [
-        JobKind::Tensor,
-        JobKind::Generate,
-        JobKind::Loglikelihood,
-        JobKind::LoglikelihoodRolling,
-        JobKind::Embed,
-        JobKind::Classify,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Tensor => "tensor",
-            JobKind::Generate => "generate",
-            JobKind::Loglikelihood => "loglikelihood",
-            JobKind::LoglikelihoodRolling => "loglikelihood_rolling",
-            JobKind::Embed => "embed",
-            JobKind::Classify => "classify",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobKind> {
-        JobKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-/// Error codes of the contract (`schemas/result.schema.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    UnknownModel,
-    UnsupportedKind,
-    ModelError,
-    OutOfMemory,
-    Timeout,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::UnknownModel => "unknown_model",
-            ErrorCode::UnsupportedKind => "unsupported_kind",
-            ErrorCode::ModelError => "model_error",
-            ErrorCode::OutOfMemory => "out_of_memory",
-            ErrorCode::Timeout => "timeout",
-        }
-    }
-}
-
-/// An error that is reported to the producer as a result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
-#[error("{}: {message}", code.as_str())]
-pub struct JobError {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl JobError {
-    /// The message is bounded: control characters replaced, at most [`MAX_ERROR_MESSAGE_BYTES`].
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        JobError { code, message: bound_message(&message.into()) }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        JobError::new(ErrorCode::BadRequest, message)
-    }
-}
-
-/// Longest error message kept, in bytes (cut on a char boundary, ending in `…`). Messages quote
-/// producer input; they travel in result bodies and dead-letter headers, so they stay small.
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 300;
-
-/// `message` with control characters (and Unicode line/paragraph separators) replaced by U+FFFD
-/// and cut to [`MAX_ERROR_MESSAGE_BYTES`]. Work is bounded by the output, not the input.
-fn bound_message(message: &str) -> String {
-    const ELLIPSIS: char = '…';
-    let mut out = String::with_capacity(message.len().min(MAX_ERROR_MESSAGE_BYTES));
-    for c in message.chars() {
-        let c = if c.is_control() || c == '\u{2028}' || c == '\u{2029}' { '\u{FFFD}' } else { c };
-        if out.len() + c.len_utf8() > MAX_ERROR_MESSAGE_BYTES {
-            while out.len() + ELLIPSIS.len_utf8() > MAX_ERROR_MESSAGE_BYTES {
-                out.pop();
-            }
-            out.push(ELLIPSIS);
-            break;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// At most 64 chars of producer text, for quoting in an error message.
-fn excerpt(s: &str) -> String {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
 
 /// Where results may be core-published at a producer's request (`reply_to`) by default.
 pub const DEFAULT_REPLY_PREFIXES: &[&str] = &["_INBOX.>", "jetbatch.reply.>"];
@@ -330,8 +180,6 @@ pub fn valid_job_id(id: &str) -> bool {
         && !id.ends_with('.')
         && !id.contains("..")
 }
-
-const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// What the lenient scanner read of `id`, `model` and `kind`.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -809,18 +657,11 @@ pub fn decode(
             v.as_u64().ok_or_else(|| bad("timeout_ms: expected a non-negative integer".into()))?,
         )),
     };
+    // Checked last, so a wrong known field is named first; a misspelt key gets our name for it.
+    if let Some(key) = fields.keys().next() {
+        return Err(reject(fields::unknown_key(Place::Top, key, fields::TOP_LEVEL, None).into()));
+    }
     Ok(Envelope { id, model, kind, input, params, reply_to, use_cache, timeout, encoding })
-}
-
-/// Kind-specific, validated input: everything that determines the result (it is the cache key).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum JobInput {
-    Tensor(Vec<TensorData>),
-    /// `loglikelihood` (one window) and `loglikelihood_rolling` (disjoint windows), in token ids.
-    Score(Vec<crate::lm::Window>),
-    Generate(crate::lm::GenerateInput),
-    /// `embed` and `classify`: the encoder's input with its special tokens.
-    Encode { ids: Vec<u32>, type_ids: Vec<u32>, normalize: bool },
 }
 
 /// A job ready for the cache and the batcher.
@@ -856,69 +697,6 @@ impl ValidJob {
         h.update(&rmp_serde::to_vec(&self.input).expect("encode input"));
         h.update(&rmp_serde::to_vec(&self.params).expect("encode params"));
         *h.finalize().as_bytes()
-    }
-}
-
-/// What a model produces for one job; stored as-is in the cache.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Output {
-    Tensor(Vec<TensorData>),
-    /// `loglikelihood` (with `is_greedy`) and `loglikelihood_rolling` (without).
-    Score { logprob: f64, is_greedy: Option<bool>, tokens: usize },
-    Generate { text: String, tokens: Vec<u32>, finish_reason: FinishReason, prompt_tokens: usize },
-    Embedding(Vec<f32>),
-    Classification { logits: Vec<f32>, probs: Vec<f32>, label: String, label_id: usize },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    Length,
-    Stop,
-    Eos,
-}
-
-impl Output {
-    pub fn to_wire(&self, encoding: Encoding) -> Value {
-        let map = |pairs: Vec<(&str, Value)>| Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect());
-        // JSON has no NaN or infinities: there they are the strings "NaN", "Infinity", "-Infinity".
-        let float = |x: f64| match encoding {
-            Encoding::Json => crate::tensor::json_float(Value::from(x)),
-            Encoding::MsgPack => Value::from(x),
-        };
-        let floats = |xs: &[f32]| {
-            Value::Array(xs.iter().map(|&x| match encoding {
-                Encoding::Json => crate::tensor::json_float(Value::from(x)),
-                Encoding::MsgPack => Value::from(x),
-            }).collect())
-        };
-        match self {
-            Output::Tensor(ts) => map(vec![("outputs", Value::Array(ts.iter().map(|t| t.to_wire(encoding)).collect()))]),
-            Output::Score { logprob, is_greedy, tokens } => {
-                let mut pairs = vec![("logprob", float(*logprob)), ("tokens", Value::from(*tokens as u64))];
-                if let Some(g) = is_greedy {
-                    pairs.push(("is_greedy", Value::Boolean(*g)));
-                }
-                map(pairs)
-            }
-            Output::Generate { text, tokens, finish_reason, prompt_tokens } => map(vec![
-                ("text", Value::from(text.as_str())),
-                ("tokens", Value::Array(tokens.iter().map(|&t| Value::from(t)).collect())),
-                ("finish_reason", Value::from(match finish_reason {
-                    FinishReason::Length => "length",
-                    FinishReason::Stop => "stop",
-                    FinishReason::Eos => "eos",
-                })),
-                ("prompt_tokens", Value::from(*prompt_tokens as u64)),
-            ]),
-            Output::Embedding(e) => map(vec![("embedding", floats(e)), ("dim", Value::from(e.len() as u64))]),
-            Output::Classification { logits, probs, label, label_id } => map(vec![
-                ("logits", floats(logits)),
-                ("probs", floats(probs)),
-                ("label", Value::from(label.as_str())),
-                ("label_id", Value::from(*label_id as u64)),
-            ]),
-        }
     }
 }
 
@@ -1132,8 +910,11 @@ mod tests {
         assert_eq!(msg(r#"{"id":"s","model":"m","kind":"tensor","input":[]}"#), "input: expected a map");
         assert_eq!(msg(r#"{"id":"s","model":"m","kind":"tensor","input":{}} x"#).split(' ').next(), Some("payload:"));
         assert!(msg(&deep_json(200)).starts_with("input: nested deeper than 128 levels"), "{}", msg(&deep_json(200)));
-        // Unknown top-level keys are still accepted, and a modest depth is fine.
-        assert!(json(&job(r#","extra":{"a":[1,2]}"#)).is_ok());
+        // Unknown top-level keys are refused, naming the key (ours where one is meant); a modest depth is fine.
+        assert_eq!(msg(&job(r#","timeout":5"#)), "timeout: unknown; did you mean timeout_ms?");
+        assert_eq!(msg(&job(r#","use_cache":false"#)), "use_cache: unknown; did you mean cache?");
+        assert!(msg(&job(r#","extra":{"a":[1,2]}"#)).starts_with("extra: unknown; the keys are id, model, kind, input, params"));
+        assert_eq!(json(&job(r#","extra":1"#)).unwrap_err().id.as_deref(), Some("s"));
         assert!(json(&deep_json(100)).is_ok());
 
         let mp = |bytes: &[u8]| decode(bytes, None, "m", &limits()).unwrap_err().error.message;

@@ -11,9 +11,12 @@
 //! - [`bus`]: everything JetStream — connection and setup, the pull loop and [`bus::Delivery`]
 //!   (ack/nak/term/progress) in `bus/pull.rs`, publishing results, dead letters, chunks and
 //!   snapshots and the stored-answer lookup in `bus/publish.rs`.
-//! - [`job`]: the wire contract — decoding jobs into envelopes, results, error codes.
+//! - [`job`]: the wire contract — decoding jobs into envelopes, results; [`encoding`] and [`error`]
+//!   (the wire [`error::JobError`] and its codes) sit below it.
+//! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
+//!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
-//! - [`lm`]: LM requests at the edge — HF config, tokenizer, harness semantics into token ids.
+//! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits.
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
 //! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
 //! - [`serve`]: `jetbatch serve` — the wiring and shutdown (`serve/mod.rs`), the types that flow
@@ -28,8 +31,11 @@ pub mod bus;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod encoding;
 pub mod engine;
+pub mod error;
 pub mod job;
+pub mod kinds;
 pub mod lm;
 pub mod metrics;
 pub mod repository;

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rmpv::Value;
 use serde::Deserialize;
 
-use crate::job::{valid_model_name, Envelope, ErrorCode, JobError, JobInput, JobKind, ValidJob};
-use crate::tensor::{DType, TensorData};
+use crate::job::{valid_model_name, Envelope, JobError, JobKind, ValidJob};
+use crate::kinds::tensor::Slot;
+use crate::kinds::{Model, ValidationError};
+use crate::tensor::DType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -223,90 +224,37 @@ impl ModelSpec {
         }
     }
 
-    /// The model-specific half of parsing: turns an envelope into a [`ValidJob`].
+    /// The model-specific half of parsing: turns an envelope into a [`ValidJob`]. The job's kind
+    /// parses its `input` and `params` (see [`crate::kinds`]).
     pub fn validate(&self, env: Envelope, max_tensor_elements: usize) -> Result<ValidJob, JobError> {
         if !self.kinds().contains(&env.kind) {
-            return Err(JobError::new(
-                ErrorCode::UnsupportedKind,
-                format!("kind: model '{}' does not serve '{}'", self.name, env.kind.as_str()),
-            ));
+            return Err(ValidationError::UnsupportedKind { model: self.name.to_string(), kind: env.kind }.into());
         }
-        let params = match &self.lm {
-            Some(_) => crate::lm::Params::parse(&env.params)?,
-            None => crate::lm::Params::default(),
+        let model = match &self.lm {
+            Some(lm) => Model::Lm { name: &self.name, lm },
+            None => Model::Tensor { name: &self.name, slots: self.tensor_slots(), max_elements: max_tensor_elements },
         };
-        let (input, cost) = match (&self.lm, env.kind) {
-            (None, _) => self.validate_tensors(&env.input, max_tensor_elements)?,
-            (Some(lm), kind) => lm.parse(kind, &env.input, &params)?,
-        };
-        // A sampled generation without a seed is not reproducible, so it is never cached.
-        let reproducible = match &input {
-            JobInput::Generate(g) => g.sampling.temperature == 0.0 || g.sampling.seed.is_some(),
-            _ => true,
-        };
+        let request = env.kind.validate(&model, &env.input, &env.params)?;
         Ok(ValidJob {
             id: env.id,
             model: self.name.clone(),
             kind: env.kind,
-            input,
+            input: request.input,
             // Result-affecting params are folded into the typed input, which the cache key covers.
             params: BTreeMap::new(),
             fingerprint: self.fingerprint.clone(),
-            cost,
+            cost: request.cost,
             reply_to: env.reply_to,
-            use_cache: env.use_cache && reproducible,
-            stream: params.stream && env.kind == JobKind::Generate,
+            use_cache: env.use_cache && request.cacheable,
+            stream: request.stream,
             timeout: env.timeout,
             encoding: env.encoding,
         })
     }
 
-    fn validate_tensors(&self, input: &Value, max_elements: usize) -> Result<(JobInput, usize), JobError> {
-        let list = input
-            .as_map()
-            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("inputs")))
-            .map(|(_, v)| v)
-            .ok_or_else(|| JobError::bad_request("input.inputs: missing"))?
-            .as_array()
-            .ok_or_else(|| JobError::bad_request("input.inputs: expected a list of tensors"))?;
-        let specs = &self.config.inputs;
-        if list.len() != specs.len() {
-            return Err(JobError::bad_request(format!(
-                "input.inputs: model '{}' takes {} tensor(s) ({}), got {}",
-                self.name,
-                specs.len(),
-                specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
-                list.len()
-            )));
-        }
-        let mut tensors = Vec::with_capacity(list.len());
-        let mut cost = 0;
-        for (i, (wire, spec)) in list.iter().zip(specs).enumerate() {
-            let field = format!("input.inputs[{i}]");
-            let t = TensorData::from_wire(wire, &field, max_elements).map_err(JobError::bad_request)?;
-            if t.dtype != spec.dtype {
-                return Err(JobError::bad_request(format!(
-                    "{field}.dtype: input '{}' is {}, got {}",
-                    spec.name,
-                    spec.dtype.name(),
-                    t.dtype.name()
-                )));
-            }
-            let fits = t.shape.len() == spec.shape.len()
-                && t.shape.iter().zip(&spec.shape).all(|(&got, &want)| {
-                    if want < 0 { (1..=spec.max_len).contains(&got) } else { got == want }
-                });
-            if !fits {
-                let variable = if spec.shape.contains(&-1) { format!(" (-1: any of 1..={})", spec.max_len) } else { String::new() };
-                return Err(JobError::bad_request(format!(
-                    "{field}.shape: input '{}' takes {:?}{variable}, got {:?}",
-                    spec.name, spec.shape, t.shape
-                )));
-            }
-            cost += t.numel();
-            tensors.push(t);
-        }
-        Ok((JobInput::Tensor(tensors), cost.max(1)))
+    /// A tensor model's inputs, as the `tensor` kind checks jobs against them.
+    fn tensor_slots(&self) -> Vec<Slot<'_>> {
+        self.config.inputs.iter().map(|s| Slot { name: &s.name, dtype: s.dtype, shape: &s.shape, max_len: s.max_len }).collect()
     }
 }
 
@@ -407,7 +355,7 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{decode, Limits};
+    use crate::job::{decode, ErrorCode, Limits};
 
     fn model(dir: &Path, name: &str, toml: &str) -> PathBuf {
         let d = dir.join(name);

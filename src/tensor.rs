@@ -5,7 +5,7 @@
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
-use crate::job::Encoding;
+use crate::encoding::Encoding;
 
 /// Element types accepted on the wire (`schemas/tensor.schema.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -115,6 +115,9 @@ async fn malformed_and_hostile_jobs_are_answered_under_their_id() {
         bad("c-reply-dead", with("c-reply-dead", "reply_to", json!("jetbatch.dead.x")), true, "reply_to: "),
         bad("c-reply-results", with("c-reply-results", "reply_to", json!("jetbatch.results.other")), true, "reply_to: "),
         bad("c-reply-vt", with("c-reply-vt", "reply_to", json!("_INBOX.a\u{b}b")), true, "reply_to: "),
+        // Unknown keys are refused, naming the key and ours where one is meant.
+        bad("c-unknown-top", with("c-unknown-top", "timeout", json!(5)), true, "timeout: unknown; did you mean timeout_ms?"),
+        bad("c-unknown-params", with("c-unknown-params", "params", json!({"scale": 2})), true, "params.scale: unknown; tensor jobs take no params"),
     ];
     for (i, case) in cases.iter_mut().enumerate() {
         if i == 3 {

@@ -364,7 +364,8 @@ fn whole_loglikelihood(lm: &jetbatch::lm::LmSpec, context: &str, continuation: &
 }
 
 fn parse(lm: &jetbatch::lm::LmSpec, kind: jetbatch::job::JobKind, input: Value) -> Result<jetbatch::job::JobInput, jetbatch::job::JobError> {
-    lm.parse(kind, &rmpv::ext::to_value(input).unwrap(), &jetbatch::lm::Params::default()).map(|(i, _)| i)
+    let model = jetbatch::kinds::Model::Lm { name: "m", lm };
+    kind.validate(&model, &rmpv::ext::to_value(input).unwrap(), &Default::default()).map(|r| r.input).map_err(Into::into)
 }
 
 /// Texts are bounded before tokenising (a window of 16 bytes per token needed, doubled until it

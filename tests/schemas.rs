@@ -144,3 +144,61 @@ fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
     let job = spec.validate(env, 1 << 20).unwrap();
     assert_eq!((job.id.as_str(), job.cost), ("example-1", 16));
 }
+
+/// Unknown keys — at the top level, in `input`, in `params` — are refused by the schema and by the
+/// worker, which names the key (and ours, where one is meant); known keys of every kind pass both.
+#[test]
+fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
+    let job = validator("job.schema.json");
+    let dir = tempfile::tempdir().unwrap();
+    jetbatch::demo::write_demo_models(dir.path()).unwrap();
+    let limits = Limits::new(1 << 20, 1 << 20);
+    let worker = |doc: &Value| {
+        let model = doc["model"].as_str().unwrap();
+        let spec = ModelSpec::load(&dir.path().join(model)).unwrap();
+        let env = decode(doc.to_string().as_bytes(), None, model, &limits).map_err(|r| r.error)?;
+        spec.validate(env, 1 << 20).map(|_| ())
+    };
+    let x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let tensor_input = json!({"inputs": [{"dtype": "f32", "shape": [16], "data": x}]});
+    let lm = |kind: &str, input: Value, params: Value| json!({"id": "u", "model": "tiny-lm", "kind": kind, "input": input, "params": params});
+    let tensor = |extra: (&str, Value)| {
+        let mut doc = json!({"id": "u", "model": "mlp", "kind": "tensor", "input": tensor_input.clone()});
+        doc[extra.0] = extra.1;
+        doc
+    };
+    let refused = [
+        (tensor(("timeout", json!(5))), "timeout: unknown; did you mean timeout_ms?"),
+        (tensor(("params", json!({"scale": 2}))), "params.scale: unknown; tensor jobs take no params"),
+        (tensor(("input", json!({"inputs": tensor_input["inputs"], "pad": 0}))), "input.pad: unknown"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"until": ["\n"]})), "params.until: unknown; did you mean stop?"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"max_gen_toks": 5})), "params.max_gen_toks: unknown; did you mean max_new_tokens?"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"max_tokens": 5})), "params.max_tokens: unknown; did you mean max_new_tokens?"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"logprobs": 1})), "params.logprobs: unknown; not supported"),
+        (lm("generate", json!({"text": "hi"}), json!({})), "input.text: unknown; did you mean prompt?"),
+        (lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({"max_new_tokens": 3})), "params.max_new_tokens: unknown"),
+        (lm("loglikelihood_rolling", json!({"text": "a", "context": "b"}), json!({})), "input.context: unknown"),
+    ];
+    for (doc, needle) in refused {
+        assert!(!job.is_valid(&doc), "schema accepts {doc}");
+        let err = worker(&doc).expect_err(&doc.to_string());
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(err.message.starts_with(needle), "{doc}: {}", err.message);
+    }
+    let accepted = [
+        tensor(("cache", json!(false))),
+        lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 1, "stop": ["x"], "stop_token_ids": [1], "stream": true})),
+        lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),
+        lm("loglikelihood", json!({"context_tokens": [3], "continuation_tokens": [4]}), json!({})),
+        lm("loglikelihood_rolling", json!({"tokens": [3, 4]}), json!({})),
+    ];
+    for doc in accepted {
+        assert_valid(&job, &doc, &doc.to_string());
+        worker(&doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
+    }
+    // The encoder kinds (no demo model serves them): the schema alone.
+    assert!(job.is_valid(&json!({"id": "u", "model": "m", "kind": "embed", "input": {"text": "a"}, "params": {"normalize": false}})));
+    assert!(!job.is_valid(&json!({"id": "u", "model": "m", "kind": "embed", "input": {"text": "a", "text_pair": "b"}})));
+    assert!(!job.is_valid(&json!({"id": "u", "model": "m", "kind": "classify", "input": {"text": "a"}, "params": {"normalize": false}})));
+    assert!(job.is_valid(&json!({"id": "u", "model": "m", "kind": "classify", "input": {"text": "a", "text_pair": "b"}})));
+}

@@ -1,0 +1,224 @@
+//! The job kinds: one module each. A kind module parses its `input` and `params` into its typed
+//! request (its [`JobInput`] variant) and its batch cost, says which keys it takes (others are
+//! refused, naming the key), and writes its [`Output`]'s wire form. [`JobKind`] is the table and
+//! dispatches to the modules, as mini-redis's `Command::from_frame` does.
+//!
+//! # Layout
+//! - [`tensor`], [`generate`], [`loglikelihood`], [`loglikelihood_rolling`], [`embed`],
+//!   [`classify`]: one per kind.
+//! - [`scoring`]: what the two scoring kinds share (the [`scoring::Window`], truncation, `Score`).
+//! - [`encoder`]: what `embed` and `classify` share (the truncated encoder input).
+//! - [`text`]: bounded tokenisation of producer text; [`fields`]: strict reading of the job's
+//!   maps and the hints for unknown keys; [`validation`]: the typed [`ValidationError`].
+//!
+//! Adding a kind: a module here, a row in [`JobKind`] (`ALL`, `as_str`, `keys`, `validate`, and
+//! its batching), its [`JobInput`]/[`Output`] variants if new, the schema, and tests.
+
+use std::collections::BTreeMap;
+
+use rmpv::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::Encoding;
+use crate::lm::LmSpec;
+use crate::tensor::TensorData;
+
+pub mod classify;
+pub mod embed;
+pub mod encoder;
+pub mod fields;
+pub mod generate;
+pub mod loglikelihood;
+pub mod loglikelihood_rolling;
+pub mod scoring;
+pub mod tensor;
+pub mod text;
+pub mod validation;
+
+pub use fields::Place;
+pub use generate::{FinishReason, GenerateInput, Sampling};
+pub use scoring::Window;
+pub use validation::ValidationError;
+
+/// Job kinds of the contract. The engine's backends say which they serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Tensor,
+    Generate,
+    Loglikelihood,
+    LoglikelihoodRolling,
+    Embed,
+    Classify,
+}
+
+/// How the batcher groups a kind's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// In arrival order.
+    Arrival,
+    /// Jobs of similar cost together (less padding); for the scoring and encoder kinds.
+    ByLength,
+    /// Straight through, no waiting: `generate` jobs wait in the engine's generation scheduler,
+    /// which admits them into the running batch under the model's one token budget.
+    Continuous,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 6] = [
+        JobKind::Tensor,
+        JobKind::Generate,
+        JobKind::Loglikelihood,
+        JobKind::LoglikelihoodRolling,
+        JobKind::Embed,
+        JobKind::Classify,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Tensor => "tensor",
+            JobKind::Generate => "generate",
+            JobKind::Loglikelihood => "loglikelihood",
+            JobKind::LoglikelihoodRolling => "loglikelihood_rolling",
+            JobKind::Embed => "embed",
+            JobKind::Classify => "classify",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The keys this kind's `input` (or `params`) may have; [`Place::Top`]: the job's own.
+    pub fn keys(self, place: Place) -> &'static [&'static str] {
+        let (input, params) = match self {
+            JobKind::Tensor => (tensor::INPUT_KEYS, tensor::PARAM_KEYS),
+            JobKind::Generate => (generate::INPUT_KEYS, generate::PARAM_KEYS),
+            JobKind::Loglikelihood => (loglikelihood::INPUT_KEYS, loglikelihood::PARAM_KEYS),
+            JobKind::LoglikelihoodRolling => (loglikelihood_rolling::INPUT_KEYS, loglikelihood_rolling::PARAM_KEYS),
+            JobKind::Embed => (embed::INPUT_KEYS, embed::PARAM_KEYS),
+            JobKind::Classify => (classify::INPUT_KEYS, classify::PARAM_KEYS),
+        };
+        match place {
+            Place::Top => fields::TOP_LEVEL,
+            Place::Input => input,
+            Place::Params => params,
+        }
+    }
+
+    /// How the batcher groups this kind's jobs.
+    pub fn batching(self) -> Batching {
+        match self {
+            JobKind::Tensor => Batching::Arrival,
+            JobKind::Generate => Batching::Continuous,
+            JobKind::Loglikelihood | JobKind::LoglikelihoodRolling | JobKind::Embed | JobKind::Classify => Batching::ByLength,
+        }
+    }
+
+    /// Parses a job's `input` and `params` for `model`: its typed request. Unknown keys are refused.
+    pub fn validate(self, model: &Model, input: &Value, params: &BTreeMap<String, Value>) -> Result<Request, ValidationError> {
+        let input = fields::Input::read(input, self.keys(Place::Input), self)?;
+        let params = fields::Params::read(params, self.keys(Place::Params), self)?;
+        let unsupported = |name: &str| ValidationError::UnsupportedKind { model: name.to_string(), kind: self };
+        match (self, model) {
+            (JobKind::Tensor, Model::Tensor { name, slots, max_elements }) => tensor::parse(name, slots, *max_elements, &input),
+            (JobKind::Generate, Model::Lm { lm, .. }) => generate::parse(lm, &input, &params),
+            (JobKind::Loglikelihood, Model::Lm { lm, .. }) => loglikelihood::parse(lm, &input),
+            (JobKind::LoglikelihoodRolling, Model::Lm { lm, .. }) => loglikelihood_rolling::parse(lm, &input),
+            (JobKind::Embed, Model::Lm { lm, .. }) => embed::parse(lm, &input, &params),
+            (JobKind::Classify, Model::Lm { lm, .. }) => classify::parse(lm, &input),
+            (_, Model::Tensor { name, .. } | Model::Lm { name, .. }) => Err(unsupported(name)),
+        }
+    }
+}
+
+/// What a kind's parser needs of the model a job is for.
+#[derive(Debug)]
+pub enum Model<'a> {
+    /// A TorchScript model: its inputs, and the largest tensor accepted.
+    Tensor { name: &'a str, slots: Vec<tensor::Slot<'a>>, max_elements: usize },
+    /// A Hugging Face model: its config, tokenizer and request limits.
+    Lm { name: &'a str, lm: &'a LmSpec },
+}
+
+/// A kind's typed request: what the cache, the batcher and the engine need of a valid job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub input: JobInput,
+    /// Budget units the job uses in a batch.
+    pub cost: usize,
+    /// Whether the result may be cached (it is reproducible).
+    pub cacheable: bool,
+    /// `generate` with `stream: true`.
+    pub stream: bool,
+}
+
+impl Request {
+    /// A cacheable, non-streaming request.
+    pub fn new(cost: usize, input: JobInput) -> Request {
+        Request { input, cost, cacheable: true, stream: false }
+    }
+}
+
+/// Kind-specific, validated input: everything that determines the result (it is the cache key,
+/// in its MessagePack form: variants, field names and their order must not change).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobInput {
+    Tensor(Vec<TensorData>),
+    /// `loglikelihood` (one window) and `loglikelihood_rolling` (disjoint windows), in token ids.
+    Score(Vec<Window>),
+    Generate(GenerateInput),
+    /// `embed` and `classify`: the encoder's input with its special tokens.
+    Encode { ids: Vec<u32>, type_ids: Vec<u32>, normalize: bool },
+}
+
+/// What a model produces for one job; stored as-is in the cache (its MessagePack form must not
+/// change: the cache lives on disk across upgrades).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Output {
+    Tensor(Vec<TensorData>),
+    /// `loglikelihood` (with `is_greedy`) and `loglikelihood_rolling` (without).
+    Score { logprob: f64, is_greedy: Option<bool>, tokens: usize },
+    Generate { text: String, tokens: Vec<u32>, finish_reason: FinishReason, prompt_tokens: usize },
+    Embedding(Vec<f32>),
+    Classification { logits: Vec<f32>, probs: Vec<f32>, label: String, label_id: usize },
+}
+
+impl Output {
+    /// The result's `output` field, written by the kind's module.
+    pub fn to_wire(&self, encoding: Encoding) -> Value {
+        match self {
+            Output::Tensor(ts) => tensor::to_wire(ts, encoding),
+            Output::Score { logprob, is_greedy, tokens } => scoring::score_to_wire(*logprob, *is_greedy, *tokens, encoding),
+            Output::Generate { text, tokens, finish_reason, prompt_tokens } => generate::to_wire(text, tokens, *finish_reason, *prompt_tokens),
+            Output::Embedding(e) => embed::to_wire(e, encoding),
+            Output::Classification { logits, probs, label, label_id } => classify::to_wire(logits, probs, label, *label_id, encoding),
+        }
+    }
+}
+
+fn wire_map(pairs: Vec<(&str, Value)>) -> Value {
+    Value::Map(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
+}
+
+/// JSON has no NaN or infinities: there they are the strings "NaN", "Infinity", "-Infinity".
+fn wire_float(x: f64, encoding: Encoding) -> Value {
+    match encoding {
+        Encoding::Json => crate::tensor::json_float(Value::from(x)),
+        Encoding::MsgPack => Value::from(x),
+    }
+}
+
+fn wire_floats(xs: &[f32], encoding: Encoding) -> Value {
+    Value::Array(
+        xs.iter()
+            .map(|&x| match encoding {
+                Encoding::Json => crate::tensor::json_float(Value::from(x)),
+                Encoding::MsgPack => Value::from(x),
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests;
