@@ -43,7 +43,17 @@ pub struct Stats {
 impl Cache {
     /// Opens (or creates) the cache. `max_bytes` 0 means no cap.
     pub fn open(dir: &Path, ttl: Option<Duration>, max_bytes: u64) -> Result<Cache, CacheError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // sled releases its folder lock from a background thread after the last handle is
+        // dropped: a reopen right after a close (a restart in the same process) waits for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let results = db.open_tree("results")?;
         let order = db.open_tree("order")?;
         let bytes = results.iter().values().map(|v| v.map(|v| v.len() as u64)).sum::<Result<u64, _>>()?;

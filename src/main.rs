@@ -70,6 +70,9 @@ async fn models(args: jetbatch::config::ModelsArgs) -> anyhow::Result<()> {
     for (name, e) in &repo.invalid {
         println!("invalid {name}  {e}");
     }
+    for (name, why) in &repo.skipped {
+        println!("skipped {name}  {why}");
+    }
     anyhow::ensure!(repo.invalid.is_empty(), "{} invalid model(s)", repo.invalid.len());
     Ok(())
 }

@@ -197,8 +197,12 @@ impl ModelSpec {
         if !valid_model_name(&name) {
             return Err(cfg_err(format!("model folder name '{name}' is not [A-Za-z0-9_-]{{1,64}}")));
         }
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| RepoError::Io { path: config_path.clone(), source })?;
+        // A plain Hugging Face folder (config.json, no jetbatch.toml) is served with the defaults.
+        let text = if !config_path.is_file() && dir.join("config.json").is_file() {
+            PLAIN_HF_TOML.to_string()
+        } else {
+            std::fs::read_to_string(&config_path).map_err(|source| RepoError::Io { path: config_path.clone(), source })?
+        };
         let config: ModelConfig = toml::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
         check_config(&config).map_err(cfg_err)?;
         if config.backend == Backend::Torchscript && !dir.join("model.pt").is_file() {
@@ -317,11 +321,17 @@ fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
 }
 
 /// All models of a repository folder; folders that fail to load are kept with their error.
+/// The `jetbatch.toml` a Hugging Face folder without one is served with.
+const PLAIN_HF_TOML: &str = "backend = \"hf\"\n";
+
 #[derive(Debug)]
 pub struct Repository {
     pub dir: PathBuf,
     pub models: BTreeMap<String, Arc<ModelSpec>>,
+    /// Model folders that cannot be served, and why: their jobs are answered with that reason.
     pub invalid: BTreeMap<String, RepoError>,
+    /// Entries that are not model folders (no `jetbatch.toml`, no `config.json`), and why.
+    pub skipped: BTreeMap<String, String>,
 }
 
 impl Repository {
@@ -329,12 +339,18 @@ impl Repository {
         let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
         let mut models = BTreeMap::new();
         let mut invalid = BTreeMap::new();
+        let mut skipped = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
-            if !path.join("jetbatch.toml").is_file() {
+            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            if !path.is_dir() {
+                skipped.insert(name, "not a folder".to_string());
                 continue;
             }
-            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            if !path.join("jetbatch.toml").is_file() && !path.join("config.json").is_file() {
+                skipped.insert(name, "neither jetbatch.toml nor a Hugging Face config.json".to_string());
+                continue;
+            }
             match ModelSpec::load(&path) {
                 Ok(spec) => {
                     models.insert(name, Arc::new(spec));
@@ -344,7 +360,7 @@ impl Repository {
                 }
             }
         }
-        Ok(Repository { dir: dir.to_path_buf(), models, invalid })
+        Ok(Repository { dir: dir.to_path_buf(), models, invalid, skipped })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
@@ -421,5 +437,24 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         assert!(job("[3,3]", 9).is_err());
         let gen = decode(br#"{"id":"g","model":"seq","kind":"generate","input":{}}"#, None, "seq", &limits).unwrap();
         assert_eq!(spec.validate(gen, 100).unwrap_err().code, ErrorCode::UnsupportedKind);
+    }
+
+    #[test]
+    fn plain_hf_folders_are_served_and_other_entries_are_named_as_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plain = tmp.path().join("plain-lm");
+        crate::demo::write_tiny_lm(&plain, 3, 32, 1).unwrap();
+        std::fs::remove_file(plain.join("jetbatch.toml")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("notes")).unwrap();
+        std::fs::write(tmp.path().join("README.txt"), "hello").unwrap();
+        let broken = tmp.path().join("broken");
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(broken.join("config.json"), r#"{"architectures": ["NoSuchForCausalLM"]}"#).unwrap();
+        let repo = Repository::scan(tmp.path()).unwrap();
+        let spec = repo.get("plain-lm").expect("a config.json folder is served with defaults");
+        assert_eq!(spec.config.backend, Backend::Hf);
+        assert!(spec.kinds().contains(&JobKind::Generate));
+        assert!(repo.invalid.contains_key("broken"), "a folder that cannot be served is reported, not dropped");
+        assert_eq!(repo.skipped.keys().map(String::as_str).collect::<Vec<_>>(), vec!["README.txt", "notes"]);
     }
 }

@@ -104,8 +104,12 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -
         return Err((header(&env), JobError::bad_request(msg)));
     }
     let Some(spec) = repository.get(&env.model) else {
-        let msg = format!("model: '{}' is not in this worker's repository", env.model);
-        return Err((header(&env), JobError::new(ErrorCode::UnknownModel, msg)));
+        let error = match repository.invalid.get(&env.model) {
+            // The folder is there but cannot be served: say why, rather than that it is unknown.
+            Some(why) => JobError::new(ErrorCode::ModelError, format!("model: '{}' cannot be served by this worker: {why}", env.model)),
+            None => JobError::new(ErrorCode::UnknownModel, format!("model: '{}' is not in this worker's repository", env.model)),
+        };
+        return Err((header(&env), error));
     };
     let h = header(&env);
     let job = spec.validate(env, limits.max_tensor_elements).map_err(|e| (h, e))?;

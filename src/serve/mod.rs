@@ -63,7 +63,10 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     let metrics = Arc::new(Metrics::new(&worker));
     let repository = Arc::new(Repository::scan(&args.models)?);
     for (name, e) in &repository.invalid {
-        error!(model = %name, error = %e, "model skipped");
+        error!(model = %name, error = %e, "model cannot be served; its jobs are answered with this error");
+    }
+    for (name, why) in &repository.skipped {
+        info!(entry = %name, why, "not a model folder; skipped");
     }
     info!(models = ?repository.models.keys().collect::<Vec<_>>(), %worker, "starting");
     let cache = args.cache.cache_dir.as_ref().and_then(|dir| {
