@@ -100,6 +100,22 @@ impl Metrics {
         String::from_utf8(buf).expect("prometheus text is utf-8")
     }
 
+    /// Jobs answered so far: (ok, error), over every model and kind.
+    pub fn jobs_answered(&self) -> (u64, u64) {
+        use prometheus::core::Collector;
+        let (mut ok, mut error) = (0, 0);
+        for family in self.jobs_total.collect() {
+            for m in family.get_metric() {
+                let n = m.get_counter().get_value() as u64;
+                match m.get_label().iter().find(|l| l.name() == "status").map(|l| l.value()) {
+                    Some("ok") => ok += n,
+                    _ => error += n,
+                }
+            }
+        }
+        (ok, error)
+    }
+
     /// Every series as `name{labels}` → value; histograms as their `_count` and `_sum`.
     pub fn snapshot(&self) -> serde_json::Value {
         let mut figures = BTreeMap::new();
@@ -217,5 +233,7 @@ mod tests {
         assert_eq!(snap["worker"], "w1");
         assert_eq!(snap["metrics"]["jetbatch_jobs_total{kind=\"tensor\",model=\"demo\",status=\"ok\"}"], 3.0);
         assert_eq!(snap["metrics"]["jetbatch_batch_size_sum{model=\"demo\"}"], 4.0);
+        m.jobs_total.with_label_values(&["demo", "tensor", "error"]).inc();
+        assert_eq!(m.jobs_answered(), (3, 1));
     }
 }

@@ -342,7 +342,7 @@ async fn a_short_generation_overtakes_a_long_one_already_running() {
     h.publish(&short, jetbatch::job::Encoding::MsgPack).await;
     let mut order = Vec::new();
     while order.len() < 2 {
-        let msg = tokio::time::timeout(MINUTE, futures::StreamExt::next(&mut sub)).await.unwrap().unwrap();
+        let msg = tokio::time::timeout(MINUTE, futures::StreamExt::next(&mut sub)).await.unwrap_or_else(|_| panic!("no result; log:\n{}", w.log_text())).unwrap();
         let r = JobResult::decode(&msg.payload).unwrap();
         assert_eq!(r.status, Status::Ok, "{r:?}");
         order.push((r.id.clone(), output(&r)["tokens"].as_array().unwrap().len()));

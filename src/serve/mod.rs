@@ -150,6 +150,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     }
     drop(finished_tx);
     tasks.spawn(bus::snapshots(client.clone(), snapshot_subject, metrics.clone(), args.metrics_interval_secs, notify.subscribe()));
+    tasks.spawn(throughput(metrics.clone(), THROUGHPUT_EVERY, notify.subscribe()));
     let results_task = tokio::spawn(results::results(finished_rx, release_rx, ctx.clone()));
 
     let engine_died = async {
@@ -183,6 +184,28 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
         return Err(ServeError::EngineStopped);
     }
     Ok(())
+}
+
+/// How often the worker logs its throughput at info.
+const THROUGHPUT_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs the jobs answered (ok and error) and the rate every `every`, while there was work.
+async fn throughput(metrics: Arc<Metrics>, every: Duration, mut shutdown: broadcast::Receiver<()>) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let mut last = metrics.jobs_answered();
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let now = metrics.jobs_answered();
+        let (ok, errors) = (now.0 - last.0, now.1 - last.1);
+        if ok + errors > 0 {
+            info!(ok, errors, jobs_per_s = (ok + errors) as f64 / every.as_secs_f64(), inflight = metrics.inflight_jobs.get(), "throughput");
+        }
+        last = now;
+    }
 }
 
 fn default_worker_id() -> String {

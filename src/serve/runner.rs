@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
-use tracing::{info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
 use super::flow::{ms, Finished, Header, Outcome, Pending};
 use crate::batcher::Batch;
@@ -36,7 +36,8 @@ pub(crate) async fn runner(
             }
             continue;
         }
-        let span = info_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len());
+        let tokens: usize = batch.items.iter().map(|p| p.job.cost).sum();
+        let span = debug_span!("batch", model = %batch.model.name, kind = batch.kind.as_str(), size = batch.items.len(), tokens);
         let generate = batch.kind == JobKind::Generate;
         let Some(run) = submit(batch, &engine, &finished, &metrics).await else { continue };
         let collect = collect(run, streamer.clone(), finished.clone(), metrics.clone()).instrument(span);
@@ -115,5 +116,6 @@ async fn collect(mut run: Submitted, streamer: bus::Streamer, finished: mpsc::Se
         let _ = finished.send(Finished { delivery: p.delivery, header, outcome: Outcome::Retry(EngineError::Stopped) }).await;
     }
     metrics.batch_compute_seconds.with_label_values(&[&run.model]).observe(slowest.as_secs_f64());
+    debug!(compute_ms = ms(slowest), "batch done");
 }
 
