@@ -11,7 +11,7 @@
 //! inconsistent) and loaded afresh on next use. A panic in the engine's own code ends the thread
 //! (logged, `Metrics::engine_alive` cleared, the thread's `JoinHandle` finished), never silently.
 
-mod hf;
+pub mod hf;
 mod torchscript;
 
 use std::collections::HashMap;
