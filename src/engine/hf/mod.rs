@@ -20,6 +20,7 @@ mod gpt2;
 mod heads;
 mod layers;
 mod llama;
+mod qwen3;
 mod weights;
 
 use tch::{Device, Kind, Tensor};
