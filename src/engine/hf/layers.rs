@@ -29,12 +29,18 @@ impl Linear {
 pub(crate) enum Norm {
     /// Llama's RMSNorm: `w * normed.to(kind)`.
     Rms { w: Tensor, eps: f64 },
+    /// Gemma's: `(normed * (1 + w)).to(kind)`, all in f32 (`w1` holds `1 + w` in f32).
+    RmsUnitOffset { w1: Tensor, eps: f64 },
     Layer { w: Tensor, b: Tensor, eps: f64 },
 }
 
 impl Norm {
     pub fn rms(s: &Scope, name: &str, eps: f64) -> Result<Norm, EngineError> {
         Ok(Norm::Rms { w: s.pp(name).get("weight")?, eps })
+    }
+
+    pub fn rms_unit_offset(s: &Scope, name: &str, eps: f64) -> Result<Norm, EngineError> {
+        Ok(Norm::RmsUnitOffset { w1: s.pp(name).get("weight")?.to_kind(Kind::Float) + 1.0, eps })
     }
 
     pub fn layer(s: &Scope, name: &str, eps: f64) -> Result<Norm, EngineError> {
@@ -49,6 +55,7 @@ impl Norm {
         };
         match self {
             Norm::Rms { w, eps } => w * rms(&x.to_kind(Kind::Float), *eps).to_kind(x.kind()),
+            Norm::RmsUnitOffset { w1, eps } => (rms(&x.to_kind(Kind::Float), *eps) * w1).to_kind(x.kind()),
             Norm::Layer { w, b, eps } => x.layer_norm([*w.size().last().expect("1-d")], Some(w), Some(b), *eps, false),
         }
     }

@@ -14,6 +14,7 @@
 //! - `heads`: scoring windows, pooling and classifying; `generate`: the generation batch.
 
 mod bert;
+mod gemma;
 pub mod config;
 mod generate;
 mod gpt2;
