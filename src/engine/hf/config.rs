@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::weights::Scope;
-use super::{bert, gemma, gpt2, llama, qwen3, EngineError, Net};
+use super::{bert, gemma, gpt2, llama, phi3, qwen3, EngineError, Net};
 use crate::job::JobKind;
 
 /// The kinds a causal LM serves.
@@ -35,6 +35,7 @@ pub static ARCHS: &[ArchEntry] = &[
     ArchEntry { name: "Qwen3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: qwen3::check, load: qwen3::load },
     ArchEntry { name: "Gemma2ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: gemma::check2, load: gemma::load2 },
     ArchEntry { name: "Gemma3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: gemma::check3, load: gemma::load3 },
+    ArchEntry { name: "Phi3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: phi3::check, load: phi3::load },
     ArchEntry { name: "GPT2LMHeadModel", kinds: DECODER, prefixes: &["transformer.", ""], check: gpt2::check, load: gpt2::load },
     ArchEntry { name: "BertModel", kinds: &[JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
     ArchEntry { name: "BertForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },

@@ -138,28 +138,39 @@ pub(crate) fn inv_freq(rope: &Rope, head_dim: usize, long: bool) -> Vec<f32> {
 }
 
 /// Rotary position embedding of one head size: f32 inverse frequencies and a cos/sin scale.
+/// With LongRoPE, a row whose sequence is longer than `original_max_position_embeddings` (its
+/// largest position + 1, as transformers decides per forward) uses the long factors.
 pub(crate) struct Rotary {
     inv_freq: Tensor,
+    long: Option<(Tensor, f64)>,
     scale: f64,
 }
 
 impl Rotary {
     pub fn new(rope: &Rope, head_dim: usize, device: Device) -> Result<Rotary, EngineError> {
-        let scale = match &rope.scaling {
-            RopeScaling::LongRope { short_factor, long_factor, attention_factor, .. } => {
+        let freqs = |long: bool| Tensor::from_slice(&inv_freq(rope, head_dim, long)).to_device(device);
+        let (scale, long) = match &rope.scaling {
+            RopeScaling::LongRope { short_factor, long_factor, attention_factor, original_max_position_embeddings } => {
                 if short_factor.len() != head_dim / 2 || long_factor.len() != head_dim / 2 {
-                    return Err(EngineError::Load(format!("longrope factors must number head_dim / 2 = {}", head_dim / 2)));
+                    return Err(EngineError::Load(format!("config.json: longrope short_factor and long_factor must have head_dim / 2 = {} entries", head_dim / 2)));
                 }
-                *attention_factor
+                (*attention_factor, Some((freqs(true), *original_max_position_embeddings)))
             }
-            _ => 1.0,
+            _ => (1.0, None),
         };
-        Ok(Rotary { inv_freq: Tensor::from_slice(&inv_freq(rope, head_dim, false)).to_device(device), scale })
+        Ok(Rotary { inv_freq: freqs(false), long, scale })
     }
 
     /// `cos, sin` `[B, 1, T, D]` for positions `pos [B, T]`, in `kind`.
     pub fn cos_sin(&self, pos: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let inv = match &self.long {
+            None => self.inv_freq.view([1, 1, -1]),
+            Some((long, original)) => {
+                let is_long = (pos.amax([-1i64].as_slice(), true) + 1).gt(*original).unsqueeze(-1);
+                long.view([1, 1, -1]).where_self(&is_long, &self.inv_freq.view([1, 1, -1]))
+            }
+        };
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv;
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let (cos, sin) = if self.scale == 1.0 { (emb.cos(), emb.sin()) } else { (emb.cos() * self.scale, emb.sin() * self.scale) };
         (cos.to_kind(kind).unsqueeze(1), sin.to_kind(kind).unsqueeze(1))

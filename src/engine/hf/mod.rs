@@ -21,6 +21,7 @@ mod gpt2;
 mod heads;
 mod layers;
 mod llama;
+mod phi3;
 mod qwen3;
 mod weights;
 
