@@ -103,7 +103,7 @@ impl LmSpec {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["max_seq_length"].as_u64())
             .map(|n| n as usize);
-        let max_length = max_length.or(st_length).unwrap_or(config.max_position_embeddings).min(config.max_position_embeddings);
+        let max_length = max_length.or(st_length).unwrap_or(config.max_positions()).min(config.max_positions());
         if max_length == 0 {
             return Err("max_length: must be at least 1 (and the model's max_position_embeddings too)".into());
         }

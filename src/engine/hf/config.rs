@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::weights::Scope;
-use super::{bert, gemma, gpt2, llama, phi3, qwen3, EngineError, Net};
+use super::{bert, gemma, gpt2, llama, phi3, qwen3, xlm_roberta, EngineError, Net};
 use crate::job::JobKind;
 
 /// The kinds a causal LM serves.
@@ -39,6 +39,8 @@ pub static ARCHS: &[ArchEntry] = &[
     ArchEntry { name: "GPT2LMHeadModel", kinds: DECODER, prefixes: &["transformer.", ""], check: gpt2::check, load: gpt2::load },
     ArchEntry { name: "BertModel", kinds: &[JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
     ArchEntry { name: "BertForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
+    ArchEntry { name: "XLMRobertaModel", kinds: &[JobKind::Embed], prefixes: &["roberta.", ""], check: xlm_roberta::check, load: xlm_roberta::load },
+    ArchEntry { name: "XLMRobertaForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["roberta.", ""], check: xlm_roberta::check, load: xlm_roberta::load },
 ];
 
 /// An architecture of [`ARCHS`].
@@ -139,6 +141,20 @@ impl HfConfig {
 
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The first position an input reads: RoBERTa's models (`model_type` roberta, xlm-roberta)
+    /// start at `pad_token_id + 1`.
+    pub fn position_offset(&self) -> usize {
+        match self.get("model_type").and_then(Value::as_str) {
+            Some("roberta" | "xlm-roberta") => self.get("pad_token_id").and_then(Value::as_u64).unwrap_or(1) as usize + 1,
+            _ => 0,
+        }
+    }
+
+    /// Positions an input may fill.
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings.saturating_sub(self.position_offset())
     }
 
     pub fn kv_heads(&self) -> usize {

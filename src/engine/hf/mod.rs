@@ -10,7 +10,8 @@
 //! - `weights`: safetensors loading and scoped look-up.
 //! - `layers`: linear, norms, MLPs, rotary embeddings (with their scaling types), attention,
 //!   masks and the KV cache.
-//! - One file per architecture family: `llama` (Llama, Mistral, Qwen2), `gpt2`, `bert`.
+//! - One file per architecture family: `llama` (Llama, Mistral, Qwen2), `qwen3`, `gemma` (2 and 3),
+//!   `phi3`, `gpt2`, `bert`, `xlm_roberta`.
 //! - `heads`: scoring windows, pooling and classifying; `generate`: the generation batch.
 
 mod bert;
@@ -24,6 +25,7 @@ mod llama;
 mod phi3;
 mod qwen3;
 mod weights;
+mod xlm_roberta;
 
 use tch::{Device, Kind, Tensor};
 
