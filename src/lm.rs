@@ -1,176 +1,12 @@
-//! Language-model requests at the edge: the Hugging Face model folder's `config.json` and
-//! `tokenizer.json`, and the parsing of `loglikelihood`, `loglikelihood_rolling`, `generate`,
-//! `embed` and `classify` inputs into token ids — with lm-evaluation-harness semantics — so the
-//! engine receives only validated token sequences and the cache key covers exactly what is run.
+//! What the request edge knows of a Hugging Face model folder: its `config.json` (through the
+//! engine's architecture table), its `tokenizer.json`, and the request limits. The job kinds
+//! (`crate::kinds`) parse their inputs into token ids with it.
 
 use std::path::Path;
 
-use serde::Deserialize;
-
-use crate::job::JobKind;
-
-/// The architectures the `hf` backend implements (`config.json` `architectures[0]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Llama,
-    Mistral,
-    Qwen2,
-    Gpt2,
-    Bert,
-    BertForSequenceClassification,
-}
-
-impl Arch {
-    fn parse(name: &str) -> Option<Arch> {
-        Some(match name {
-            "LlamaForCausalLM" => Arch::Llama,
-            "MistralForCausalLM" => Arch::Mistral,
-            "Qwen2ForCausalLM" => Arch::Qwen2,
-            "GPT2LMHeadModel" => Arch::Gpt2,
-            "BertModel" => Arch::Bert,
-            "BertForSequenceClassification" => Arch::BertForSequenceClassification,
-            _ => return None,
-        })
-    }
-
-    pub fn is_decoder(self) -> bool {
-        matches!(self, Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2)
-    }
-
-    pub fn kinds(self) -> &'static [JobKind] {
-        match self {
-            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2 => {
-                &[JobKind::Generate, JobKind::Loglikelihood, JobKind::LoglikelihoodRolling]
-            }
-            Arch::Bert => &[JobKind::Embed],
-            Arch::BertForSequenceClassification => &[JobKind::Classify, JobKind::Embed],
-        }
-    }
-}
-
-/// `config.json`, the fields the `hf` backend reads. Names follow transformers (GPT-2's own too).
-#[derive(Debug, Clone, Deserialize)]
-pub struct HfConfig {
-    #[serde(default)]
-    pub architectures: Vec<String>,
-    #[serde(alias = "n_embd")]
-    pub hidden_size: usize,
-    #[serde(alias = "n_layer")]
-    pub num_hidden_layers: usize,
-    #[serde(alias = "n_head")]
-    pub num_attention_heads: usize,
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    #[serde(default, alias = "n_inner")]
-    pub intermediate_size: Option<usize>,
-    pub vocab_size: usize,
-    #[serde(alias = "n_positions")]
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub rms_norm_eps: Option<f64>,
-    #[serde(default, alias = "layer_norm_epsilon")]
-    pub layer_norm_eps: Option<f64>,
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
-    pub rope_parameters: Option<serde_json::Value>,
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
-    #[serde(default)]
-    pub tie_word_embeddings: Option<bool>,
-    #[serde(default)]
-    pub attention_bias: Option<bool>,
-    #[serde(default)]
-    pub sliding_window: Option<usize>,
-    #[serde(default)]
-    pub bos_token_id: Option<u32>,
-    #[serde(default)]
-    pub eos_token_id: Option<serde_json::Value>,
-    #[serde(default)]
-    pub type_vocab_size: Option<usize>,
-    #[serde(default)]
-    pub id2label: Option<std::collections::BTreeMap<String, String>>,
-    #[serde(default)]
-    pub hidden_act: Option<String>,
-}
-
-impl HfConfig {
-    pub fn arch(&self) -> Result<Arch, String> {
-        let name = self.architectures.first().ok_or("config.json: architectures is missing")?;
-        Arch::parse(name).ok_or_else(|| {
-            format!(
-                "config.json: architecture '{name}' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, \
-                 Qwen2ForCausalLM, GPT2LMHeadModel, BertModel, BertForSequenceClassification)"
-            )
-        })
-    }
-
-    /// RoPE settings: `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
-    pub fn rope(&self) -> Result<Rope, String> {
-        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|p| !p.is_null());
-        let theta = params.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()).or(self.rope_theta).unwrap_or(10_000.0);
-        let kind = params.and_then(|p| p.get("rope_type").or(p.get("type"))).and_then(|t| t.as_str()).unwrap_or("default");
-        let num = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64()).ok_or_else(|| format!("config.json: llama3 RoPE needs {k}"));
-        let llama3 = match kind {
-            "default" => None,
-            "llama3" => Some(Llama3Rope {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            }),
-            other => return Err(format!("config.json: rope_type '{other}' is not supported (default, llama3)")),
-        };
-        Ok(Rope { theta, llama3 })
-    }
-
-    pub fn eos_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(|n| vec![n]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).filter_map(|n| u32::try_from(n).ok()).collect(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rope {
-    pub theta: f64,
-    pub llama3: Option<Llama3Rope>,
-}
-
-/// Llama 3's frequency-dependent rescaling of the rotary frequencies.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Llama3Rope {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: f64,
-}
-
-impl Rope {
-    /// Inverse frequencies for `head_dim`, as transformers computes them (llama3 rescaling included).
-    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        (0..head_dim / 2)
-            .map(|i| {
-                let f = 1.0 / (self.theta as f32).powf((2 * i) as f32 / head_dim as f32);
-                let Some(l) = &self.llama3 else { return f };
-                let (low_wavelen, high_wavelen) = (l.original_max_position_embeddings / l.low_freq_factor, l.original_max_position_embeddings / l.high_freq_factor);
-                let wavelen = 2.0 * std::f64::consts::PI / f as f64;
-                if wavelen < high_wavelen {
-                    f
-                } else if wavelen > low_wavelen {
-                    (f as f64 / l.factor) as f32
-                } else {
-                    let smooth = (l.original_max_position_embeddings / wavelen - l.low_freq_factor) / (l.high_freq_factor - l.low_freq_factor);
-                    ((1.0 - smooth) * f as f64 / l.factor + smooth * f as f64) as f32
-                }
-            })
-            .collect()
-    }
-}
+/// `config.json` and the architecture table live with the engine's model code; the edge reads
+/// limits, special tokens and kinds from them.
+pub use crate::engine::hf::config::{Arch, HfConfig};
 
 /// What the edge knows of an `hf` model: its config and tokenizer, and the request limits.
 pub struct LmSpec {
@@ -224,7 +60,7 @@ impl LmSpec {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["max_seq_length"].as_u64())
             .map(|n| n as usize);
-        let max_length = max_length.or(st_length).unwrap_or(config.max_position_embeddings).min(config.max_position_embeddings);
+        let max_length = max_length.or(st_length).unwrap_or(config.max_positions()).min(config.max_positions());
         if max_length == 0 {
             return Err("max_length: must be at least 1 (and the model's max_position_embeddings too)".into());
         }
@@ -235,5 +71,3 @@ impl LmSpec {
     }
 }
 
-// Kept while the engine imports these from here; they live in their kind modules now.
-pub use crate::kinds::{GenerateInput, Sampling, Window};

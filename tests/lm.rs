@@ -2,40 +2,17 @@
 //! computed in test setup (tests/fixtures/make_lm_models.py) on the same weights.
 
 mod common;
+mod lm_fixture;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lm_fixture::fixture;
 use jetbatch::job::{ErrorCode, JobResult, Status};
 use serde_json::{json, Value};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// The fixture folder, built once per script version (the Python side takes ~15 s).
-fn fixture() -> &'static (PathBuf, Value) {
-    static FIXTURE: OnceLock<(PathBuf, Value)> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let script = root.join("tests/fixtures/make_lm_models.py");
-        let hash = blake3::hash(&std::fs::read(&script).unwrap()).to_hex()[..12].to_string();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lm-fixture-{hash}"));
-        if !dir.join("references.json").is_file() {
-            let _ = std::fs::remove_dir_all(&dir);
-            let out = std::process::Command::new(root.join(".venv/bin/python"))
-                .arg(&script)
-                .arg(&dir)
-                .env("HF_HUB_OFFLINE", "1")
-                .output()
-                .expect("venv python (make test bootstraps it)");
-            assert!(out.status.success(), "fixture: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let refs = serde_json::from_str(&std::fs::read_to_string(dir.join("references.json")).unwrap()).unwrap();
-        (dir, refs)
-    })
-}
 
 /// A harness whose repository also holds the fixture's models.
 async fn harness() -> Harness {
@@ -375,7 +352,7 @@ fn parse(lm: &jetbatch::lm::LmSpec, kind: jetbatch::job::JobKind, input: Value) 
 #[test]
 fn bounded_tokenisation_equals_whole_text_tokenisation() {
     use jetbatch::job::{JobInput, JobKind};
-    use jetbatch::lm::Window;
+    use jetbatch::kinds::Window;
     let (dir, _) = fixture();
     let corpus = "Workers ack a job only after its result is published. The quick brown fox jumps over the lazy dog; \
                   numbers like 12 345 and symbols ! ? , . are tokens too, as are Ünïcödé and 東京 and tabs\tand\nnewlines. ";

@@ -11,7 +11,7 @@
 //! inconsistent) and loaded afresh on next use. A panic in the engine's own code ends the thread
 //! (logged, `Metrics::engine_alive` cleared, the thread's `JoinHandle` finished), never silently.
 
-mod hf;
+pub mod hf;
 mod scheduler;
 mod torchscript;
 
@@ -621,7 +621,7 @@ mod tests {
     /// Generates: each row finishes on its second step; a step with a row prompting [66] panics.
     #[derive(Default)]
     struct FakeGen {
-        rows: Vec<(u64, crate::lm::GenerateInput, usize)>,
+        rows: Vec<(u64, crate::kinds::GenerateInput, usize)>,
     }
 
     impl LoadedModel for FakeGen {
@@ -660,10 +660,10 @@ mod tests {
     }
 
     fn gen_input(token: u32) -> JobInput {
-        JobInput::Generate(crate::lm::GenerateInput {
+        JobInput::Generate(crate::kinds::GenerateInput {
             prompt: vec![token],
             max_new_tokens: 2,
-            sampling: crate::lm::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None },
+            sampling: crate::kinds::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None },
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
         })

@@ -1,0 +1,112 @@
+//! BERT-style encoders: post-norm layers over word + position + token-type embeddings, with
+//! right padding and a key mask. XLM-RoBERTa loads into the same [`Bert`] with its position
+//! offset and classifier head.
+
+use tch::{Kind, Tensor};
+
+use super::config::HfConfig;
+use super::heads::ClassifierHead;
+use super::layers::{embed, key_mask, Act, Linear, Norm};
+use super::weights::Scope;
+use super::{EngineError, Net};
+
+pub(crate) struct Bert {
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+    /// Row i reads position embedding `position_offset + i` (RoBERTa: `padding_idx + 1`).
+    pub position_offset: i64,
+    pub classifier: Option<ClassifierHead>,
+    heads: i64,
+    head_dim: i64,
+    act: Act,
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    inter: Linear,
+    out: Linear,
+    out_norm: Norm,
+}
+
+pub(super) fn check(c: &HfConfig) -> Result<(), String> {
+    if let Some(p) = c.get("position_embedding_type").and_then(|v| v.as_str()).filter(|&p| p != "absolute") {
+        return Err(format!("config.json: position_embedding_type '{p}' is not supported (absolute)"));
+    }
+    Act::parse(c.hidden_act.as_deref().unwrap_or("gelu")).map_err(|e| format!("config.json: hidden_act: {e}"))?;
+    Ok(())
+}
+
+/// `BertModel` and `BertForSequenceClassification` (pooler → tanh → classifier).
+pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
+    let classifier = match (w.linear("pooler.dense", true), w.linear("classifier", true)) {
+        (Ok(dense), Ok(out)) => Some(ClassifierHead { dense, out }),
+        _ => None,
+    };
+    Ok(Net::Encoder(Bert::load(c, w, 0, classifier)?))
+}
+
+impl Bert {
+    pub fn load(c: &HfConfig, w: &Scope, position_offset: i64, classifier: Option<ClassifierHead>) -> Result<Bert, EngineError> {
+        let eps = c.layer_norm_eps.unwrap_or(1e-12);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = w.pp("encoder.layer").pp(i);
+                Ok(Layer {
+                    q: l.linear("attention.self.query", true)?,
+                    k: l.linear("attention.self.key", true)?,
+                    v: l.linear("attention.self.value", true)?,
+                    attn_out: l.linear("attention.output.dense", true)?,
+                    attn_norm: Norm::layer(&l, "attention.output.LayerNorm", eps)?,
+                    inter: l.linear("intermediate.dense", true)?,
+                    out: l.linear("output.dense", true)?,
+                    out_norm: Norm::layer(&l, "output.LayerNorm", eps)?,
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let e = w.pp("embeddings");
+        Ok(Bert {
+            word: e.get("word_embeddings.weight")?,
+            position: e.get("position_embeddings.weight")?,
+            token_type: e.get("token_type_embeddings.weight")?,
+            emb_norm: Norm::layer(&e, "LayerNorm", eps)?,
+            layers,
+            position_offset,
+            classifier,
+            heads: c.num_attention_heads as i64,
+            head_dim: (c.hidden_size / c.num_attention_heads) as i64,
+            act: Act::parse(c.hidden_act.as_deref().unwrap_or("gelu")).map_err(EngineError::Load)?,
+        })
+    }
+
+    /// Positions an input may fill.
+    pub fn max_positions(&self) -> i64 {
+        self.position.size()[0] - self.position_offset
+    }
+
+    /// Hidden states `[B, T, H]` of right-padded rows.
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, keep: &Tensor) -> Tensor {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let pos = Tensor::arange_start(self.position_offset, self.position_offset + t, (Kind::Int64, ids.device())).unsqueeze(0);
+        let x = embed(&self.word, ids) + embed(&self.position, &pos) + embed(&self.token_type, type_ids);
+        let mut x = self.emb_norm.forward(&x);
+        let kind = x.kind();
+        let mask = key_mask(keep, kind);
+        let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        for l in &self.layers {
+            let (q, k, v) = (split(l.q.forward(&x)), split(l.k.forward(&x)), split(l.v.forward(&x)));
+            let scores = q.matmul(&k.transpose(-2, -1)) * (1.0 / (self.head_dim as f64).sqrt()) + &mask;
+            let ctx = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v).transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]);
+            x = l.attn_norm.forward(&(l.attn_out.forward(&ctx) + &x));
+            let h = self.act.forward(&l.inter.forward(&x));
+            x = l.out_norm.forward(&(l.out.forward(&h) + &x));
+        }
+        x
+    }
+}

@@ -1,0 +1,257 @@
+//! `config.json` and the architecture table: the one place an architecture is named.
+//!
+//! The request edge (`lm.rs`) reads max positions, vocabulary, BOS/EOS and which kinds an
+//! architecture serves from here; the engine reads the constructor. Adding an architecture is a
+//! file beside this one (its `check` and `load`) and one line in [`ARCHS`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::weights::Scope;
+use super::{bert, gemma, gpt2, llama, phi3, qwen3, xlm_roberta, EngineError, Net};
+use crate::job::JobKind;
+
+/// The kinds a causal LM serves.
+pub const DECODER: &[JobKind] = &[JobKind::Generate, JobKind::Loglikelihood, JobKind::LoglikelihoodRolling];
+
+/// One architecture: the `architectures[0]` name in `config.json`, the kinds it serves, the
+/// prefixes its checkpoints put before weight names, a config check run when the model folder is
+/// scanned (a field we do not implement is refused there, by name) and the constructor.
+pub struct ArchEntry {
+    pub name: &'static str,
+    pub kinds: &'static [JobKind],
+    pub(super) prefixes: &'static [&'static str],
+    pub(super) check: fn(&HfConfig) -> Result<(), String>,
+    pub(super) load: fn(&HfConfig, &Scope) -> Result<Net, EngineError>,
+}
+
+#[rustfmt::skip]
+pub static ARCHS: &[ArchEntry] = &[
+    ArchEntry { name: "LlamaForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: llama::check, load: llama::load_llama },
+    ArchEntry { name: "MistralForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: llama::check, load: llama::load_mistral },
+    ArchEntry { name: "Qwen2ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: llama::check, load: llama::load_qwen2 },
+    ArchEntry { name: "Qwen3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: qwen3::check, load: qwen3::load },
+    ArchEntry { name: "Gemma2ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: gemma::check2, load: gemma::load2 },
+    ArchEntry { name: "Gemma3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: gemma::check3, load: gemma::load3 },
+    ArchEntry { name: "Phi3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: phi3::check, load: phi3::load },
+    ArchEntry { name: "GPT2LMHeadModel", kinds: DECODER, prefixes: &["transformer.", ""], check: gpt2::check, load: gpt2::load },
+    ArchEntry { name: "BertModel", kinds: &[JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
+    ArchEntry { name: "BertForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
+    ArchEntry { name: "XLMRobertaModel", kinds: &[JobKind::Embed], prefixes: &["roberta.", ""], check: xlm_roberta::check, load: xlm_roberta::load },
+    ArchEntry { name: "XLMRobertaForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["roberta.", ""], check: xlm_roberta::check, load: xlm_roberta::load },
+];
+
+/// An architecture of [`ARCHS`].
+#[derive(Clone, Copy)]
+pub struct Arch(pub(super) &'static ArchEntry);
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+
+    pub fn kinds(self) -> &'static [JobKind] {
+        self.0.kinds
+    }
+
+    pub fn is_decoder(self) -> bool {
+        self.0.kinds.contains(&JobKind::Generate)
+    }
+}
+
+impl PartialEq for Arch {
+    fn eq(&self, other: &Arch) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Arch {}
+
+impl std::fmt::Debug for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+/// `config.json`, the fields every architecture reads. Names follow transformers (GPT-2's own
+/// too); an architecture's own fields are read from `extra` by its module.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(alias = "n_embd")]
+    pub hidden_size: usize,
+    #[serde(alias = "n_layer")]
+    pub num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default, alias = "n_inner")]
+    pub intermediate_size: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(alias = "n_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default, alias = "layer_norm_epsilon")]
+    pub layer_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+    #[serde(default)]
+    pub type_vocab_size: Option<usize>,
+    #[serde(default)]
+    pub id2label: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    /// Every other field, for the architecture modules.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl HfConfig {
+    /// The architecture of `architectures[0]`, its config checked.
+    pub fn arch(&self) -> Result<Arch, String> {
+        let name = self.architectures.first().ok_or("config.json: architectures is missing")?;
+        let entry = ARCHS.iter().find(|a| a.name == name).ok_or_else(|| {
+            let names: Vec<&str> = ARCHS.iter().map(|a| a.name).collect();
+            format!("config.json: architecture '{name}' is not supported (supported: {})", names.join(", "))
+        })?;
+        (entry.check)(self)?;
+        Ok(Arch(entry))
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The first position an input reads: RoBERTa's models (`model_type` roberta, xlm-roberta)
+    /// start at `pad_token_id + 1`.
+    pub fn position_offset(&self) -> usize {
+        match self.get("model_type").and_then(Value::as_str) {
+            Some("roberta" | "xlm-roberta") => self.get("pad_token_id").and_then(Value::as_u64).unwrap_or(1) as usize + 1,
+            _ => 0,
+        }
+    }
+
+    /// Positions an input may fill.
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings.saturating_sub(self.position_offset())
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// An architecture-specific field.
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        self.extra.get(field).filter(|v| !v.is_null())
+    }
+
+    pub fn get_f64(&self, field: &str) -> Option<f64> {
+        self.get(field).and_then(Value::as_f64)
+    }
+
+    pub fn get_bool(&self, field: &str) -> Option<bool> {
+        self.get(field).and_then(Value::as_bool)
+    }
+
+    /// RoPE settings: `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
+    pub fn rope(&self) -> Result<Rope, String> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|p| !p.is_null());
+        self.rope_from(params, self.rope_theta.unwrap_or(10_000.0))
+    }
+
+    /// RoPE settings from one parameter object (`rope_theta`, `rope_type` and the scaling's
+    /// fields), `theta` when it names none.
+    pub fn rope_from(&self, params: Option<&Value>, theta: f64) -> Result<Rope, String> {
+        let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).unwrap_or(theta);
+        let kind = params.and_then(|p| p.get("rope_type").or(p.get("type"))).and_then(Value::as_str).unwrap_or("default");
+        let num = |k: &str| params.and_then(|p| p.get(k)).and_then(Value::as_f64).ok_or_else(|| format!("config.json: {kind} RoPE needs {k}"));
+        let list = |k: &str| -> Result<Vec<f64>, String> {
+            params
+                .and_then(|p| p.get(k))
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                .ok_or_else(|| format!("config.json: {kind} RoPE needs {k} (a list of numbers)"))
+        };
+        if let Some(f) = params.and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64).or(self.get_f64("partial_rotary_factor")) {
+            if f != 1.0 {
+                return Err(format!("config.json: partial_rotary_factor {f} is not supported (1.0 only)"));
+            }
+        }
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: num("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            },
+            "longrope" => {
+                let original = params
+                    .and_then(|p| p.get("original_max_position_embeddings"))
+                    .and_then(Value::as_f64)
+                    .or(self.get_f64("original_max_position_embeddings"))
+                    .ok_or("config.json: longrope RoPE needs original_max_position_embeddings")?;
+                let factor = params.and_then(|p| p.get("factor")).and_then(Value::as_f64).unwrap_or(self.max_position_embeddings as f64 / original);
+                let attention_factor = params.and_then(|p| p.get("attention_factor")).and_then(Value::as_f64).unwrap_or_else(|| {
+                    if factor <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + factor.ln() / original.ln()).sqrt()
+                    }
+                });
+                RopeScaling::LongRope { short_factor: list("short_factor")?, long_factor: list("long_factor")?, original_max_position_embeddings: original, attention_factor }
+            }
+            other => return Err(format!("config.json: rope_type '{other}' is not supported (default, linear, llama3, longrope)")),
+        };
+        Ok(Rope { theta, scaling })
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(|n| vec![n]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).filter_map(|n| u32::try_from(n).ok()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Rotary position settings as configured (the numerics are in `layers`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (frequencies, equivalently).
+    Linear { factor: f64 },
+    /// Llama 3's frequency-dependent rescaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Phi-3's LongRoPE: per-frequency factors, short or long by sequence length, and a
+    /// cos/sin scale.
+    LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: f64, attention_factor: f64 },
+}

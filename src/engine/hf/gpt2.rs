@@ -1,0 +1,94 @@
+//! GPT-2: learned positions, LayerNorm, fused Conv1D q/k/v, `gelu_new` MLP.
+
+use tch::{Kind, Tensor};
+
+use super::config::HfConfig;
+use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm};
+use super::weights::Scope;
+use super::{CausalLm, EngineError, Net};
+
+struct Block {
+    ln1: Norm,
+    attn: Attention,
+    ln2: Norm,
+    mlp: Mlp,
+}
+
+struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    layers: Vec<Block>,
+    ln_f: Norm,
+    lm_head: Tensor,
+}
+
+pub(super) fn check(c: &HfConfig) -> Result<(), String> {
+    if let Some(a) = c.get("activation_function").and_then(|v| v.as_str()) {
+        Act::parse(a).map_err(|e| format!("config.json: activation_function: {e}"))?;
+    }
+    Ok(())
+}
+
+pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
+    let eps = c.layer_norm_eps.unwrap_or(1e-5);
+    let heads = c.num_attention_heads as i64;
+    let head_dim = (c.hidden_size / c.num_attention_heads) as i64;
+    let hidden = c.hidden_size as i64;
+    let act = Act::parse(c.get("activation_function").and_then(|v| v.as_str()).unwrap_or("gelu_new")).map_err(EngineError::Load)?;
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            let l = w.pp("h").pp(i);
+            let mut qkv = l.conv1d("attn.c_attn")?.split(&[hidden, hidden, hidden]).into_iter();
+            let mut next = || qkv.next().expect("three parts");
+            Ok(Block {
+                ln1: Norm::layer(&l, "ln_1", eps)?,
+                attn: Attention {
+                    q: next(),
+                    k: next(),
+                    v: next(),
+                    o: l.conv1d("attn.c_proj")?,
+                    heads,
+                    kv_heads: heads,
+                    head_dim,
+                    scale: 1.0 / (head_dim as f64).sqrt(),
+                    softcap: None,
+                },
+                ln2: Norm::layer(&l, "ln_2", eps)?,
+                mlp: Mlp::Plain { fc: l.conv1d("mlp.c_fc")?, proj: l.conv1d("mlp.c_proj")?, act },
+            })
+        })
+        .collect::<Result<_, EngineError>>()?;
+    let wte = w.get("wte.weight")?;
+    Ok(Net::Decoder(Box::new(Gpt2 {
+        lm_head: w.try_get("lm_head.weight").unwrap_or_else(|| wte.shallow_clone()),
+        wte,
+        wpe: w.get("wpe.weight")?,
+        layers,
+        ln_f: Norm::layer(w, "ln_f", eps)?,
+    })))
+}
+
+impl CausalLm for Gpt2 {
+    fn vocab(&self) -> i64 {
+        self.wte.size()[0]
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+        let mut x = embed(&self.wte, ids) + embed(&self.wpe, pos);
+        let mask = causal_mask(keep, ids.size()[1], None, x.kind());
+        for (i, l) in self.layers.iter().enumerate() {
+            let (q, k, v) = l.attn.qkv(&l.ln1.forward(&x));
+            x += l.attn.attend(q, k, v, None, &mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            x += l.mlp.forward(&l.ln2.forward(&x));
+        }
+        self.ln_f.forward(&x)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+    }
+}

@@ -1,0 +1,143 @@
+//! Scoring and encoding heads: log-likelihoods of scored windows, pooled embeddings, and the
+//! classifier on the first token.
+
+use tch::{Device, Kind, Tensor};
+
+use super::bert::Bert;
+use super::layers::Linear;
+use super::{left_pad, tch_err, CausalLm, EngineError, Hf, Pooling};
+use crate::job::{JobKind, Output};
+use crate::kinds::Window;
+
+/// `out(tanh(dense(first token)))`: BERT's pooler + classifier, RoBERTa's classification head.
+pub(crate) struct ClassifierHead {
+    pub dense: Linear,
+    pub out: Linear,
+}
+
+impl ClassifierHead {
+    pub fn forward(&self, first: &Tensor) -> Tensor {
+        self.out.forward(&self.dense.forward(first).tanh())
+    }
+}
+
+impl Hf {
+    /// Checks the invariant every scored window keeps (`LmSpec::parse` builds them so): a
+    /// non-empty context and continuation, context + continuation - 1 <= max_length, ids in the
+    /// vocabulary. Without it a continuation token would be conditioned on padding or on nothing.
+    pub(super) fn check_window(&self, d: &dyn CausalLm, w: &Window) -> Result<(), EngineError> {
+        let vocab = d.vocab();
+        let (c, n) = (w.context.len(), w.continuation.len());
+        if c == 0 || n == 0 || c + n - 1 > self.max_length {
+            return Err(EngineError::Model(format!(
+                "window of {c} context and {n} continuation tokens breaks the scoring invariant \
+                 (a non-empty context, context + continuation - 1 <= max_length {})",
+                self.max_length
+            )));
+        }
+        if let Some(t) = w.context.iter().chain(&w.continuation).find(|&&t| i64::from(t) >= vocab) {
+            return Err(EngineError::Model(format!("token id {t} is not below the vocabulary size {vocab}")));
+        }
+        Ok(())
+    }
+
+    /// Log-prob sums (and greedy flags) of windows, one row each.
+    pub(super) fn score(&self, d: &dyn CausalLm, windows: &[&Window]) -> Result<Vec<(f64, bool)>, EngineError> {
+        for w in windows {
+            self.check_window(d, w)?;
+        }
+        let rows: Vec<Vec<i64>> = windows
+            .iter()
+            .map(|w| {
+                let mut all: Vec<i64> = w.context.iter().chain(&w.continuation).map(|&t| t as i64).collect();
+                all.pop();
+                all
+            })
+            .collect();
+        let (ids, keep, pos) = left_pad(&rows, self.device);
+        let hidden = d.forward(&ids, &pos, &keep, None);
+        let t = hidden.size()[1];
+        let c_max = windows.iter().map(|w| w.continuation.len()).max().unwrap_or(1) as i64;
+        if c_max > t {
+            return Err(EngineError::Model(format!("{c_max} continuation tokens in rows of {t}")));
+        }
+        // Only the last positions are scored: the LM head runs on those alone.
+        let last = hidden.f_narrow(1, t - c_max, c_max).map_err(tch_err)?;
+        let logp = d.logits(&last).f_log_softmax(-1, Kind::Float).map_err(tch_err)?.to_device(Device::Cpu);
+        let greedy = logp.f_argmax(-1, false).map_err(tch_err)?;
+        let mut out = Vec::with_capacity(windows.len());
+        for (r, w) in windows.iter().enumerate() {
+            let n = w.continuation.len() as i64;
+            let targets = Tensor::from_slice(&w.continuation.iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+            let row = logp.f_get(r as i64).and_then(|row| row.f_narrow(0, c_max - n, n)).map_err(tch_err)?;
+            let picked = row.f_gather(-1, &targets.f_unsqueeze(-1).map_err(tch_err)?, false).map_err(tch_err)?;
+            let is_greedy = greedy
+                .f_get(r as i64)
+                .and_then(|g| g.f_narrow(0, c_max - n, n))
+                .and_then(|g| g.f_eq_tensor(&targets))
+                .and_then(|g| g.f_all())
+                .and_then(|g| g.f_int64_value(&[]))
+                .map_err(tch_err)?
+                == 1;
+            let logprob = picked.f_sum(Kind::Double).and_then(|p| p.f_double_value(&[])).map_err(tch_err)?;
+            out.push((logprob, is_greedy));
+        }
+        Ok(out)
+    }
+
+    pub(super) fn encode(&self, b: &Bert, kind: JobKind, jobs: &[(&Vec<u32>, &Vec<u32>, bool)]) -> Result<Vec<Output>, EngineError> {
+        let (vocab, positions, types) = (b.word.size()[0], b.max_positions(), b.token_type.size()[0]);
+        for (ids, type_ids, _) in jobs {
+            if ids.is_empty() || ids.len() != type_ids.len() || ids.len() > self.max_length || ids.len() as i64 > positions {
+                return Err(EngineError::Model(format!(
+                    "an input of {} tokens ({} type ids) does not fit 1..={} positions",
+                    ids.len(),
+                    type_ids.len(),
+                    self.max_length.min(positions as usize)
+                )));
+            }
+            if ids.iter().any(|&t| i64::from(t) >= vocab) || type_ids.iter().any(|&t| i64::from(t) >= types) {
+                return Err(EngineError::Model("token or type id out of the embeddings' range".into()));
+            }
+        }
+        let len = jobs.iter().map(|(ids, _, _)| ids.len()).max().unwrap_or(0);
+        let pad = |v: &Vec<u32>| -> Vec<i64> { v.iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, len - v.len())).collect() };
+        let shape = [jobs.len() as i64, len as i64];
+        let ids = Tensor::from_slice(&jobs.iter().flat_map(|(i, _, _)| pad(i)).collect::<Vec<_>>()).view(shape).to_device(self.device);
+        let types = Tensor::from_slice(&jobs.iter().flat_map(|(_, t, _)| pad(t)).collect::<Vec<_>>()).view(shape).to_device(self.device);
+        let keep: Vec<i64> = jobs.iter().flat_map(|(i, _, _)| (0..len).map(move |j| (j < i.len()) as i64)).collect();
+        let keep = Tensor::from_slice(&keep).view(shape).to_device(self.device);
+        let hidden = b.forward(&ids, &types, &keep);
+        if kind == JobKind::Classify {
+            let head = b.classifier.as_ref().ok_or_else(|| EngineError::Model("no classification head".into()))?;
+            let logits = head.forward(&hidden.f_select(1, 0).map_err(tch_err)?).to_kind(Kind::Float).to_device(Device::Cpu);
+            let probs = logits.f_softmax(-1, Kind::Float).map_err(tch_err)?;
+            return (0..jobs.len() as i64)
+                .map(|r| {
+                    let logits = Vec::<f32>::try_from(logits.f_get(r).map_err(tch_err)?).map_err(tch_err)?;
+                    let probs = Vec::<f32>::try_from(probs.f_get(r).map_err(tch_err)?).map_err(tch_err)?;
+                    let label_id = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+                    let label = self.labels.get(label_id).cloned().unwrap_or_else(|| format!("LABEL_{label_id}"));
+                    Ok(Output::Classification { logits, probs, label, label_id })
+                })
+                .collect();
+        }
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.f_select(1, 0).map_err(tch_err)?.to_kind(Kind::Float),
+            Pooling::Mean => {
+                let m = keep.unsqueeze(-1).to_kind(Kind::Float);
+                (hidden.to_kind(Kind::Float) * &m).sum_dim_intlist(1, false, Kind::Float) / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9)
+            }
+        };
+        let pooled = pooled.to_device(Device::Cpu);
+        (0..jobs.len())
+            .map(|r| {
+                let mut e = pooled.f_get(r as i64).map_err(tch_err)?;
+                if jobs[r].2 {
+                    e = &e / e.norm().clamp_min(1e-12);
+                }
+                Ok(Output::Embedding(Vec::<f32>::try_from(e).map_err(tch_err)?))
+            })
+            .collect()
+    }
+}

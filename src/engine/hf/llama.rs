@@ -1,0 +1,132 @@
+//! The Llama family: Llama (Llama 3's RoPE too), Mistral (sliding window) and Qwen2 (q/k/v
+//! biases), one pre-norm decoder whose differences are [`Flags`].
+
+use tch::{Kind, Tensor};
+
+use super::config::HfConfig;
+use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm, Rotary};
+use super::weights::Scope;
+use super::{CausalLm, EngineError, Net};
+
+/// What sets a family member apart.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Flags {
+    /// Biases on q, k and v (Qwen2), besides `attention_bias`.
+    pub qkv_bias: bool,
+    /// Attention sees the last `sliding_window` keys only (Mistral).
+    pub sliding_window: bool,
+}
+
+pub(super) struct Block {
+    pub norm1: Norm,
+    pub attn: Attention,
+    pub norm2: Norm,
+    pub mlp: Mlp,
+}
+
+pub(super) struct Llama {
+    pub embed: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Norm,
+    pub lm_head: Tensor,
+    pub rotary: Rotary,
+    pub sliding_window: Option<i64>,
+}
+
+pub(super) fn check(c: &HfConfig) -> Result<(), String> {
+    c.rope()?;
+    act(c)?;
+    Ok(())
+}
+
+fn act(c: &HfConfig) -> Result<Act, String> {
+    Act::parse(c.hidden_act.as_deref().unwrap_or("silu")).map_err(|e| format!("config.json: hidden_act: {e}"))
+}
+
+pub(super) fn load_llama(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
+    Ok(Net::Decoder(Box::new(Llama::load(c, w, Flags::default())?)))
+}
+
+pub(super) fn load_mistral(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
+    Ok(Net::Decoder(Box::new(Llama::load(c, w, Flags { sliding_window: true, ..Flags::default() })?)))
+}
+
+pub(super) fn load_qwen2(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
+    Ok(Net::Decoder(Box::new(Llama::load(c, w, Flags { qkv_bias: true, ..Flags::default() })?)))
+}
+
+/// The tied or separate LM head.
+pub(super) fn lm_head(c: &HfConfig, w: &Scope, embed: &Tensor) -> Tensor {
+    match w.try_get("lm_head.weight") {
+        Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
+        _ => embed.shallow_clone(),
+    }
+}
+
+impl Llama {
+    pub fn load(c: &HfConfig, w: &Scope, flags: Flags) -> Result<Llama, EngineError> {
+        let eps = c.rms_norm_eps.unwrap_or(1e-6);
+        let head_dim = c.head_dim() as i64;
+        let bias = c.attention_bias.unwrap_or(false);
+        let act = act(c).map_err(EngineError::Load)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = w.pp("layers").pp(i);
+                let a = l.pp("self_attn");
+                let p = l.pp("mlp");
+                Ok(Block {
+                    norm1: Norm::rms(&l, "input_layernorm", eps)?,
+                    norm2: Norm::rms(&l, "post_attention_layernorm", eps)?,
+                    attn: Attention {
+                        q: a.linear("q_proj", bias || flags.qkv_bias)?,
+                        k: a.linear("k_proj", bias || flags.qkv_bias)?,
+                        v: a.linear("v_proj", bias || flags.qkv_bias)?,
+                        o: a.linear("o_proj", bias)?,
+                        heads: c.num_attention_heads as i64,
+                        kv_heads: c.kv_heads() as i64,
+                        head_dim,
+                        scale: 1.0 / (head_dim as f64).sqrt(),
+                        softcap: None,
+                    },
+                    mlp: Mlp::Gated { gate: p.linear("gate_proj", false)?, up: p.linear("up_proj", false)?, down: p.linear("down_proj", false)?, act },
+                })
+            })
+            .collect::<Result<_, EngineError>>()?;
+        let embed = w.get("embed_tokens.weight")?;
+        Ok(Llama {
+            lm_head: lm_head(c, w, &embed),
+            embed,
+            layers,
+            norm: Norm::rms(w, "norm", eps)?,
+            rotary: Rotary::new(&c.rope().map_err(EngineError::Load)?, head_dim as usize, w.device())?,
+            sliding_window: if flags.sliding_window { c.sliding_window.map(|w| w as i64) } else { None },
+        })
+    }
+}
+
+impl CausalLm for Llama {
+    fn vocab(&self) -> i64 {
+        self.embed.size()[0]
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+        let mut x = embed(&self.embed, ids);
+        let kind = x.kind();
+        let mask = causal_mask(keep, ids.size()[1], self.sliding_window, kind);
+        let rope = self.rotary.cos_sin(pos, kind);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
+            x += l.attn.attend(q, k, v, Some(&rope), &mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            x += l.mlp.forward(&l.norm2.forward(&x));
+        }
+        self.norm.forward(&x)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+    }
+}

@@ -1,0 +1,212 @@
+//! The `hf` backend: Hugging Face model folders run natively with tch (no Python at run time).
+//!
+//! Decoders batch with left padding: an additive attention mask hides padding and the future,
+//! and position ids count each row's own tokens, so a row's result does not depend on the rows
+//! beside it. Generation keeps a KV cache. Encoders batch with right padding and a key mask.
+//!
+//! # Layout
+//! - [`config`]: `config.json` ([`config::HfConfig`]) and the architecture table
+//!   ([`config::ARCHS`]), the only place an architecture is named; the request edge reads it too.
+//! - `weights`: safetensors loading and scoped look-up.
+//! - `layers`: linear, norms, MLPs, rotary embeddings (with their scaling types), attention,
+//!   masks and the KV cache.
+//! - One file per architecture family: `llama` (Llama, Mistral, Qwen2), `qwen3`, `gemma` (2 and 3),
+//!   `phi3`, `gpt2`, `bert`, `xlm_roberta`.
+//! - `heads`: scoring windows, pooling and classifying; `generate`: the generation batch.
+
+mod bert;
+mod gemma;
+pub mod config;
+mod generate;
+mod gpt2;
+mod heads;
+mod layers;
+mod llama;
+mod phi3;
+mod qwen3;
+mod weights;
+mod xlm_roberta;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{EngineError, LoadedModel, Sink};
+use crate::job::{JobInput, JobKind, Output};
+use crate::kinds::Window;
+use crate::repository::ModelSpec;
+use generate::{GenBatch, Row};
+use layers::KvCache;
+
+fn load_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(e.to_string())
+}
+
+fn tch_err(e: tch::TchError) -> EngineError {
+    EngineError::from_tch(e)
+}
+
+/// A causal LM, as scoring and generation use it.
+pub(crate) trait CausalLm {
+    fn vocab(&self) -> i64;
+    fn num_layers(&self) -> usize;
+    /// Final hidden states `[B, T, H]` of `ids [B, T]` at positions `pos [B, T]`. `keep [B, S]`
+    /// says which keys are real (S = cached + T); with a cache, keys and values are appended to it.
+    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, cache: Option<&mut KvCache>) -> Tensor;
+    /// f32 logits of hidden states.
+    fn logits(&self, hidden: &Tensor) -> Tensor;
+}
+
+/// What an architecture's constructor returns.
+pub(crate) enum Net {
+    Decoder(Box<dyn CausalLm>),
+    Encoder(bert::Bert),
+}
+
+/// Left-padded rows: ids `[B, L]`, keep mask `[B, L]`, and positions counting real tokens.
+fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Tensor) {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut keep = Vec::with_capacity(rows.len() * len);
+    for r in rows {
+        ids.extend(std::iter::repeat_n(0, len - r.len()).chain(r.iter().copied()));
+        keep.extend(std::iter::repeat_n(0i64, len - r.len()).chain(std::iter::repeat_n(1, r.len())));
+    }
+    let shape = [rows.len() as i64, len as i64];
+    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let keep = Tensor::from_slice(&keep).view(shape).to_device(device);
+    let pos = (keep.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    (ids, keep, pos)
+}
+
+#[derive(Clone, Copy)]
+enum Pooling {
+    Mean,
+    Cls,
+}
+
+pub struct Hf {
+    net: Net,
+    /// The running generation (continuous batching).
+    gen: GenBatch,
+    device: Device,
+    tokenizer: tokenizers::Tokenizer,
+    eos: Vec<u32>,
+    max_length: usize,
+    labels: Vec<String>,
+    pooling: Pooling,
+}
+
+impl Hf {
+    pub fn load(spec: &ModelSpec, device: Device) -> Result<Hf, EngineError> {
+        let lm = spec.lm.as_ref().ok_or_else(|| load_err("an hf model without its LM spec"))?;
+        let kind = match spec.config.dtype.filter(|_| device.is_cuda()) {
+            Some(crate::tensor::DType::F16) => Kind::Half,
+            Some(crate::tensor::DType::Bf16) => Kind::BFloat16,
+            _ => Kind::Float,
+        };
+        let c = &lm.config;
+        let entry = lm.arch.0;
+        let weights = weights::Weights { map: weights::load_weights(&spec.dir, device, kind)?, prefixes: entry.prefixes, device };
+        let net = (entry.load)(c, &weights.root())?;
+        let labels = match &c.id2label {
+            Some(m) => {
+                let mut pairs: Vec<(usize, String)> = m.iter().filter_map(|(k, v)| k.parse().ok().map(|k| (k, v.clone()))).collect();
+                pairs.sort();
+                pairs.into_iter().map(|(_, v)| v).collect()
+            }
+            None => Vec::new(),
+        };
+        // sentence-transformers folders say how to pool in 1_Pooling/config.json.
+        let pooling = std::fs::read_to_string(spec.dir.join("1_Pooling/config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| if v["pooling_mode_cls_token"].as_bool() == Some(true) { Pooling::Cls } else { Pooling::Mean })
+            .unwrap_or(Pooling::Mean);
+        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
+    }
+}
+
+impl LoadedModel for Hf {
+    fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
+        match (&self.net, kind) {
+            (Net::Decoder(d), JobKind::Loglikelihood | JobKind::LoglikelihoodRolling) => {
+                // Every window of every job is a row; a rolling job's windows are summed back.
+                let windows: Vec<&Window> = inputs.iter().flat_map(|i| match i { JobInput::Score(w) => w.iter(), _ => [].iter() }).collect();
+                let mut scores = self.score(d.as_ref(), &windows)?.into_iter();
+                Ok(inputs
+                    .iter()
+                    .map(|i| {
+                        let JobInput::Score(ws) = i else { unreachable!("validated kind") };
+                        let parts: Vec<(f64, bool)> = scores.by_ref().take(ws.len()).collect();
+                        Output::Score {
+                            logprob: parts.iter().map(|p| p.0).sum(),
+                            is_greedy: (kind == JobKind::Loglikelihood).then(|| parts.iter().all(|p| p.1)),
+                            tokens: ws.iter().map(|w| w.continuation.len()).sum(),
+                        }
+                    })
+                    .collect())
+            }
+            (Net::Encoder(b), JobKind::Embed | JobKind::Classify) => {
+                let jobs: Vec<(&Vec<u32>, &Vec<u32>, bool)> = inputs
+                    .iter()
+                    .map(|i| match i {
+                        JobInput::Encode { ids, type_ids, normalize } => (ids, type_ids, *normalize),
+                        _ => unreachable!("validated kind"),
+                    })
+                    .collect();
+                self.encode(b, kind, &jobs)
+            }
+            (_, kind) => Err(EngineError::Model(format!("kind {} is not served by this model", kind.as_str()))),
+        }
+    }
+
+    fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
+        let Net::Decoder(d) = &self.net else { return Err(EngineError::Model("an encoder does not generate".into())) };
+        let vocab = d.vocab();
+        let rows = jobs
+            .into_iter()
+            .map(|(job, input, stream)| match input {
+                // `LmSpec::parse` admits only these; checked again as the cache and positions rely on it.
+                JobInput::Generate(g) if g.prompt.is_empty() || g.prompt.len() >= self.max_length => Err(EngineError::Model(format!(
+                    "a prompt of {} tokens does not fit 1..{} positions",
+                    g.prompt.len(),
+                    self.max_length
+                ))),
+                JobInput::Generate(g) if g.prompt.iter().any(|&t| i64::from(t) >= vocab) => {
+                    Err(EngineError::Model(format!("a prompt token is not below the vocabulary size {vocab}")))
+                }
+                JobInput::Generate(g) => Ok(Row::new(job as usize, g, stream)),
+                other => Err(EngineError::Model(format!("not a generate job: {other:?}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.gen.admit(d.as_ref(), self.device, rows)
+    }
+
+    fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
+        let Net::Decoder(d) = &self.net else { return Vec::new() };
+        if self.gen.rows.is_empty() {
+            return Vec::new();
+        }
+        let mut gen = std::mem::take(&mut self.gen);
+        let result = gen.step(d.as_ref(), self, sink);
+        match result {
+            Ok(done) => {
+                self.gen = gen;
+                done.into_iter().map(|(job, out)| (job as u64, Ok(out))).collect()
+            }
+            // A failed step fails every row; the batch starts afresh.
+            Err(e) => gen.rows.iter().map(|r| (r.job as u64, Err(e.clone()))).collect(),
+        }
+    }
+
+    fn generating(&self) -> usize {
+        self.gen.rows.len()
+    }
+
+    fn warmup(&mut self) -> Result<(), EngineError> {
+        match &self.net {
+            Net::Decoder(d) => self.score(d.as_ref(), &[&Window { context: vec![0], continuation: vec![0] }]).map(|_| ()),
+            Net::Encoder(b) => self.encode(b, JobKind::Embed, &[(&vec![0, 0], &vec![0, 0], true)]).map(|_| ()),
+        }
+    }
+}
+

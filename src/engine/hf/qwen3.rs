@@ -1,0 +1,128 @@
+//! Qwen3: the Llama layout with an explicit `head_dim`, RMSNorm of each query and key head
+//! (before RoPE), and per-layer sliding windows where `layer_types` says so.
+
+use tch::{Kind, Tensor};
+
+use super::config::HfConfig;
+use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm, Rotary};
+use super::weights::Scope;
+use super::{CausalLm, EngineError, Net};
+
+struct Block {
+    norm1: Norm,
+    attn: Attention,
+    q_norm: Norm,
+    k_norm: Norm,
+    sliding: bool,
+    norm2: Norm,
+    mlp: Mlp,
+}
+
+struct Qwen3 {
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Norm,
+    lm_head: Tensor,
+    rotary: Rotary,
+    sliding_window: Option<i64>,
+}
+
+/// `layer_types` (default: all full attention); a sliding layer needs `sliding_window`.
+fn sliding_layers(c: &HfConfig) -> Result<Vec<bool>, String> {
+    let Some(types) = c.get("layer_types") else { return Ok(vec![false; c.num_hidden_layers]) };
+    let types: Vec<&str> = types.as_array().map(|a| a.iter().filter_map(|t| t.as_str()).collect()).unwrap_or_default();
+    if types.len() != c.num_hidden_layers {
+        return Err("config.json: layer_types must name one type per layer".into());
+    }
+    types
+        .iter()
+        .map(|t| match *t {
+            "full_attention" => Ok(false),
+            "sliding_attention" if c.sliding_window.is_some() => Ok(true),
+            "sliding_attention" => Err("config.json: layer_types has sliding_attention layers but sliding_window is not set".into()),
+            other => Err(format!("config.json: layer_types: '{other}' is not supported (full_attention, sliding_attention)")),
+        })
+        .collect()
+}
+
+pub(super) fn check(c: &HfConfig) -> Result<(), String> {
+    c.rope()?;
+    sliding_layers(c)?;
+    Act::parse(c.hidden_act.as_deref().unwrap_or("silu")).map_err(|e| format!("config.json: hidden_act: {e}"))?;
+    Ok(())
+}
+
+pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
+    let eps = c.rms_norm_eps.unwrap_or(1e-6);
+    let head_dim = c.head_dim() as i64;
+    let bias = c.attention_bias.unwrap_or(false);
+    let act = Act::parse(c.hidden_act.as_deref().unwrap_or("silu")).map_err(EngineError::Load)?;
+    let sliding = sliding_layers(c).map_err(EngineError::Load)?;
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            let l = w.pp("layers").pp(i);
+            let (a, p) = (l.pp("self_attn"), l.pp("mlp"));
+            Ok(Block {
+                norm1: Norm::rms(&l, "input_layernorm", eps)?,
+                attn: Attention {
+                    q: a.linear("q_proj", bias)?,
+                    k: a.linear("k_proj", bias)?,
+                    v: a.linear("v_proj", bias)?,
+                    o: a.linear("o_proj", bias)?,
+                    heads: c.num_attention_heads as i64,
+                    kv_heads: c.kv_heads() as i64,
+                    head_dim,
+                    scale: 1.0 / (head_dim as f64).sqrt(),
+                    softcap: None,
+                },
+                q_norm: Norm::rms(&a, "q_norm", eps)?,
+                k_norm: Norm::rms(&a, "k_norm", eps)?,
+                sliding: sliding[i],
+                norm2: Norm::rms(&l, "post_attention_layernorm", eps)?,
+                mlp: Mlp::Gated { gate: p.linear("gate_proj", false)?, up: p.linear("up_proj", false)?, down: p.linear("down_proj", false)?, act },
+            })
+        })
+        .collect::<Result<_, EngineError>>()?;
+    let embed = w.get("embed_tokens.weight")?;
+    Ok(Net::Decoder(Box::new(Qwen3 {
+        lm_head: match w.try_get("lm_head.weight") {
+            Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
+            _ => embed.shallow_clone(),
+        },
+        embed,
+        layers,
+        norm: Norm::rms(w, "norm", eps)?,
+        rotary: Rotary::new(&c.rope().map_err(EngineError::Load)?, head_dim as usize, w.device())?,
+        sliding_window: c.sliding_window.map(|w| w as i64),
+    })))
+}
+
+impl CausalLm for Qwen3 {
+    fn vocab(&self) -> i64 {
+        self.embed.size()[0]
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+        let mut x = embed(&self.embed, ids);
+        let (kind, t) = (x.kind(), ids.size()[1]);
+        let full = causal_mask(keep, t, None, kind);
+        let sliding = self.layers.iter().any(|l| l.sliding).then(|| causal_mask(keep, t, self.sliding_window, kind));
+        let rope = self.rotary.cos_sin(pos, kind);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
+            let (q, k) = (l.q_norm.forward(&q), l.k_norm.forward(&k));
+            let mask = if l.sliding { sliding.as_ref().expect("sliding mask") } else { &full };
+            x += l.attn.attend(q, k, v, Some(&rope), mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            x += l.mlp.forward(&l.norm2.forward(&x));
+        }
+        self.norm.forward(&x)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+    }
+}

@@ -1,0 +1,167 @@
+//! Numerics of every `hf` architecture on the engine alone (no NATS): the fixture's tiny random
+//! models (tests/fixtures/make_lm_models.py) against transformers on the same token ids, each
+//! request in one batch with the others and alone.
+
+mod lm_fixture;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jetbatch::engine::{EngineHandle, Event};
+use jetbatch::job::{JobInput, JobKind, Output};
+use jetbatch::kinds::{GenerateInput, Sampling, Window};
+use jetbatch::metrics::Metrics;
+use jetbatch::repository::ModelSpec;
+use lm_fixture::fixture;
+use serde_json::Value;
+
+fn engine() -> EngineHandle {
+    EngineHandle::start(Arc::new(Metrics::new("hf-engine-test")), 0).0
+}
+
+/// Runs `inputs` as one engine call (one batch); the outputs in order.
+fn run(engine: &EngineHandle, spec: &Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> Vec<Output> {
+    let n = inputs.len();
+    let mut events = engine.run(spec.clone(), kind, inputs, vec![false; n]);
+    let mut out: Vec<Option<Output>> = (0..n).map(|_| None).collect();
+    while out.iter().any(Option::is_none) {
+        match events.blocking_recv() {
+            Some(Event::Done { index, result, .. }) => out[index] = Some(result.unwrap_or_else(|e| panic!("{}: {e}", spec.name))),
+            Some(Event::Chunk { .. }) => {}
+            None => panic!("engine stopped"),
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Each input alone, then all in one batch.
+fn alone_and_batched(engine: &EngineHandle, spec: &Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> (Vec<Output>, Vec<Output>) {
+    let alone = inputs.iter().map(|i| run(engine, spec, kind, vec![i.clone()]).remove(0)).collect();
+    (alone, run(engine, spec, kind, inputs))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn windows(r: &Value) -> JobInput {
+    JobInput::Score(r["scored"].as_array().unwrap().iter().map(|w| Window { context: ids(&w[0]), continuation: ids(&w[1]) }).collect())
+}
+
+fn load(name: &str) -> Arc<ModelSpec> {
+    let (dir, _) = fixture();
+    Arc::new(ModelSpec::load(&dir.join("models").join(name)).unwrap())
+}
+
+/// Checks one decoder: loglikelihood and rolling within 1e-4 (relative to |logprob| past 1) of
+/// transformers, greedy flags and greedy generations equal, batched equal to alone. Returns the
+/// largest relative log-prob error.
+fn check_decoder(engine: &EngineHandle, name: &str) -> f64 {
+    let (_, refs) = fixture();
+    let refs = &refs["models"][name];
+    let spec = load(name);
+    let eos = spec.lm.as_ref().unwrap().config.eos_ids();
+    let mut worst = 0.0f64;
+    for (kind, key) in [(JobKind::Loglikelihood, "loglikelihood"), (JobKind::LoglikelihoodRolling, "loglikelihood_rolling")] {
+        let cases = refs[key].as_array().unwrap();
+        let (alone, batched) = alone_and_batched(engine, &spec, kind, cases.iter().map(windows).collect());
+        for (i, want) in cases.iter().enumerate() {
+            let (Output::Score { logprob: a, .. }, Output::Score { logprob: g, is_greedy, tokens }) = (&alone[i], &batched[i]) else { panic!("{name}: not a score") };
+            let w = want["logprob"].as_f64().unwrap();
+            let err = (g - w).abs() / w.abs().max(1.0);
+            worst = worst.max(err);
+            assert!(err <= 1e-4, "{name} {key} {i}: logprob {g} vs transformers {w}");
+            assert!((a - g).abs() <= 1e-4 * g.abs().max(1.0), "{name} {key} {i}: alone {a} vs batched {g}");
+            assert_eq!(*tokens as u64, want["tokens"].as_u64().unwrap(), "{name} {key} {i}");
+            if kind == JobKind::Loglikelihood {
+                assert_eq!(*is_greedy, want["is_greedy"].as_bool(), "{name} {key} {i}");
+            }
+        }
+    }
+    let cases = refs["generate"].as_array().unwrap();
+    let inputs = cases
+        .iter()
+        .map(|r| {
+            JobInput::Generate(GenerateInput {
+                prompt: ids(&r["prompt_ids"]),
+                max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize,
+                sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None },
+                stop: vec![],
+                stop_token_ids: eos.clone(),
+            })
+        })
+        .collect();
+    let (alone, batched) = alone_and_batched(engine, &spec, JobKind::Generate, inputs);
+    for (i, want) in cases.iter().enumerate() {
+        let (Output::Generate { tokens: a, .. }, Output::Generate { tokens: g, .. }) = (&alone[i], &batched[i]) else { panic!("{name}: not a generation") };
+        assert_eq!(g, &ids(&want["tokens"]), "{name} generate {i}: greedy tokens equal transformers'");
+        assert_eq!(a, g, "{name} generate {i}: alone == batched");
+    }
+    worst
+}
+
+#[test]
+fn decoders_match_transformers_on_the_engine() {
+    let engine = engine();
+    let (_, refs) = fixture();
+    let mut worst = BTreeMap::new();
+    for (name, r) in refs["models"].as_object().unwrap() {
+        if r.get("generate").is_some() {
+            worst.insert(name.clone(), check_decoder(&engine, name));
+        }
+    }
+    eprintln!("FIGURES engine: worst relative logprob error vs transformers (fp32): {worst:?}");
+}
+
+/// Encoders: classifier logits within 1e-4 of transformers, embeddings at cosine >= 0.9999 to
+/// sentence-transformers (or transformers' pooled output), batched equal to alone.
+#[test]
+fn encoders_match_transformers_on_the_engine() {
+    let engine = engine();
+    let (_, refs) = fixture();
+    let mut figures = BTreeMap::new();
+    for (name, r) in refs["models"].as_object().unwrap() {
+        let spec = load(name);
+        let tok = &spec.lm.as_ref().unwrap().tokenizer;
+        let encode = |r: &Value| {
+            let e = match r["text_pair"].as_str() {
+                Some(pair) => tok.encode((r["text"].as_str().unwrap(), pair), true),
+                None => tok.encode(r["text"].as_str().unwrap(), true),
+            }
+            .unwrap();
+            JobInput::Encode { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec(), normalize: true }
+        };
+        if let Some(cases) = r.get("classify").and_then(Value::as_array) {
+            let (alone, batched) = alone_and_batched(&engine, &spec, JobKind::Classify, cases.iter().map(encode).collect());
+            let mut worst = 0.0f64;
+            for (i, want) in cases.iter().enumerate() {
+                let (Output::Classification { logits: a, .. }, Output::Classification { logits: g, label_id, .. }) = (&alone[i], &batched[i]) else { panic!() };
+                let w: Vec<f64> = serde_json::from_value(want["logits"].clone()).unwrap();
+                for ((g, a), w) in g.iter().zip(a).zip(&w) {
+                    worst = worst.max((*g as f64 - w).abs());
+                    assert!((*g as f64 - w).abs() <= 1e-4, "{name} classify {i}: {g} vs {w}");
+                    assert!((g - a).abs() <= 1e-5, "{name} classify {i}: batched {g} vs alone {a}");
+                }
+                assert_eq!(*label_id as u64, want["label_id"].as_u64().unwrap(), "{name} {i}");
+            }
+            figures.insert(format!("{name} classify max |logit error|"), worst);
+        }
+        if let Some(cases) = r.get("embed").and_then(Value::as_array) {
+            let (alone, batched) = alone_and_batched(&engine, &spec, JobKind::Embed, cases.iter().map(encode).collect());
+            let mut min_cos = 1.0f64;
+            for (i, want) in cases.iter().enumerate() {
+                let (Output::Embedding(a), Output::Embedding(e)) = (&alone[i], &batched[i]) else { panic!() };
+                let w: Vec<f64> = serde_json::from_value(want["embedding"].clone()).unwrap();
+                let dot: f64 = e.iter().zip(&w).map(|(a, b)| *a as f64 * b).sum();
+                let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+                let cos = dot / (norm(&mut e.iter().map(|&x| x as f64)) * norm(&mut w.iter().copied()));
+                min_cos = min_cos.min(cos);
+                assert!(cos >= 0.9999, "{name} embed {i}: cosine {cos}");
+                assert!(e.iter().zip(a).all(|(x, y)| (x - y).abs() <= 1e-5), "{name} embed {i}: batched == alone");
+            }
+            figures.insert(format!("{name} embed min cosine"), min_cos);
+        }
+    }
+    eprintln!("FIGURES engine encoders: {figures:?}");
+}
+
