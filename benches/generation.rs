@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use jetbatch::engine::{EngineHandle, Event};
 use jetbatch::job::{JobInput, JobKind, Output};
-use jetbatch::lm::{GenerateInput, Sampling};
+use jetbatch::kinds::{GenerateInput, Sampling};
 use jetbatch::metrics::Metrics;
 use jetbatch::repository::ModelSpec;
 
