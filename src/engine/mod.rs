@@ -42,6 +42,9 @@ pub enum EngineError {
     Panic(String),
     #[error("engine stopped")]
     Stopped,
+    /// Never started: handed back at shutdown (a generate job still waiting to join).
+    #[error("handed back at shutdown")]
+    Released,
 }
 
 impl EngineError {
@@ -52,6 +55,7 @@ impl EngineError {
             EngineError::OutOfMemory(_) => "out_of_memory",
             EngineError::Panic(_) => "panic",
             EngineError::Stopped => "stopped",
+            EngineError::Released => "shutdown",
         }
     }
 
@@ -177,6 +181,12 @@ pub trait LoadedModel {
 
 fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
     let device = resolve_device(spec.config.device)?;
+    // Reduced precision applies on CUDA only; the CPU runs f32.
+    let dtype = match (device, spec.config.dtype) {
+        (tch::Device::Cuda(_), Some(d)) => d.name(),
+        _ => "f32",
+    };
+    info!(model = %spec.name, backend = ?spec.config.backend, device = ?device, dtype, "loading model");
     match spec.config.backend {
         Backend::Torchscript => Ok(Box::new(torchscript::TorchScript::load(spec, device)?)),
         Backend::Hf => Ok(Box::new(hf::Hf::load(spec, device)?)),
@@ -230,6 +240,9 @@ pub enum Command {
         model: Arc<ModelSpec>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// Shutdown: generate jobs not yet in a running batch are answered `Released`; the running
+    /// batches finish.
+    ReleaseWaiting,
 }
 
 /// Cloneable handle to the engine thread; the thread stops when every handle is dropped.
@@ -277,6 +290,11 @@ impl EngineHandle {
             }
         }
         rx
+    }
+
+    /// Hands back the generate jobs still waiting to join a running batch (see [`Command::ReleaseWaiting`]).
+    pub fn release_waiting(&self) {
+        let _ = self.tx.send(Command::ReleaseWaiting);
     }
 
     pub async fn load(&self, model: Arc<ModelSpec>) -> Result<(), EngineError> {
@@ -375,6 +393,12 @@ impl Engine {
             }
             Command::Load { model, reply } => {
                 let _ = reply.send(self.slot(&model).map(|_| ()));
+            }
+            Command::ReleaseWaiting => {
+                let waiting: Vec<u64> = self.waiting.values_mut().flat_map(|w| w.queue.drain_waiting()).collect();
+                for job in waiting {
+                    self.finish(job, Err(EngineError::Released));
+                }
             }
         }
     }
@@ -746,6 +770,21 @@ mod tests {
         engine.step_generations();
         let done = drain(&mut rx);
         assert!(matches!(&done[..], [(0, Ok(_))]), "{done:?}");
+    }
+
+    #[test]
+    fn at_shutdown_waiting_generations_are_handed_back_and_running_ones_finish() {
+        let (mut engine, spec) = engine_with(Box::<FakeGen>::default());
+        engine.models.get_mut(&spec.name).unwrap().cap = 1;
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let inputs = vec![gen_input(1), gen_input(2), gen_input(3)];
+        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; 3], inputs, events, span: Span::none() });
+        engine.step_generations();
+        engine.handle(Command::ReleaseWaiting);
+        engine.step_generations();
+        let done = drain(&mut rx);
+        assert!(matches!(&done[..], [(0, Ok(_)), (1, Err(EngineError::Released)), (2, Err(EngineError::Released))]), "{done:?}");
+        assert!(engine.routes.is_empty() && engine.waiting.is_empty());
     }
 
     #[test]

@@ -27,8 +27,21 @@ pub(crate) async fn runner(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let mut stopping = false;
-    while let Some(batch) = batches.recv().await {
-        stopping |= shutdown.try_recv().is_ok();
+    loop {
+        let batch = tokio::select! {
+            biased;
+            _ = shutdown.recv(), if !stopping => {
+                // Generate jobs waiting in the engine's scheduler were never started: hand them
+                // back now rather than generate them all before exiting.
+                stopping = true;
+                engine.release_waiting();
+                continue;
+            }
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+        };
         if stopping {
             for p in batch.items {
                 let header = Header::of(&p);
@@ -103,6 +116,7 @@ async fn collect(mut run: Submitted, streamer: bus::Streamer, finished: mpsc::Se
                 header.timing = Timing { queued_ms, compute_ms: ms(compute), batch_size: batch };
                 let outcome = match result {
                     Ok(output) => Outcome::Answer(Ok(output)),
+                    Err(EngineError::Released) => Outcome::Release,
                     Err(e) => Outcome::Retry(e),
                 };
                 let _ = finished.send(Finished { delivery: p.delivery, header, outcome }).await;
