@@ -1,79 +1,12 @@
-//! `config.json` and the architecture table: the one place an architecture is named.
-//!
-//! The request edge (`lm.rs`) reads max positions, vocabulary, BOS/EOS and which kinds an
-//! architecture serves from here; the engine reads the constructor. Adding an architecture is a
-//! file beside this one (its `check` and `load`) and one line in [`ARCHS`].
+//! `config.json`: the fields every architecture reads, and RoPE settings. The request edge
+//! (`lm.rs`) reads max positions, vocabulary and BOS/EOS from here; the architecture table is in
+//! `archs.rs`.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::weights::Scope;
-use super::{bert, gemma, gpt2, llama, phi3, qwen3, xlm_roberta, EngineError, Net};
-use crate::job::JobKind;
-
-/// The kinds a causal LM serves.
-pub const DECODER: &[JobKind] = &[JobKind::Generate, JobKind::Loglikelihood, JobKind::LoglikelihoodRolling];
-
-/// One architecture: the `architectures[0]` name in `config.json`, the kinds it serves, the
-/// prefixes its checkpoints put before weight names, a config check run when the model folder is
-/// scanned (a field we do not implement is refused there, by name) and the constructor.
-pub struct ArchEntry {
-    pub name: &'static str,
-    pub kinds: &'static [JobKind],
-    pub(super) prefixes: &'static [&'static str],
-    pub(super) check: fn(&HfConfig) -> Result<(), String>,
-    pub(super) load: fn(&HfConfig, &Scope) -> Result<Net, EngineError>,
-}
-
-#[rustfmt::skip]
-pub static ARCHS: &[ArchEntry] = &[
-    ArchEntry { name: "LlamaForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: llama::check, load: llama::load_llama },
-    ArchEntry { name: "MistralForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: llama::check, load: llama::load_mistral },
-    ArchEntry { name: "Qwen2ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: llama::check, load: llama::load_qwen2 },
-    ArchEntry { name: "Qwen3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: qwen3::check, load: qwen3::load },
-    ArchEntry { name: "Gemma2ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: gemma::check2, load: gemma::load2 },
-    ArchEntry { name: "Gemma3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: gemma::check3, load: gemma::load3 },
-    ArchEntry { name: "Phi3ForCausalLM", kinds: DECODER, prefixes: &["model.", ""], check: phi3::check, load: phi3::load },
-    ArchEntry { name: "GPT2LMHeadModel", kinds: DECODER, prefixes: &["transformer.", ""], check: gpt2::check, load: gpt2::load },
-    ArchEntry { name: "BertModel", kinds: &[JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
-    ArchEntry { name: "BertForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["bert.", ""], check: bert::check, load: bert::load },
-    ArchEntry { name: "XLMRobertaModel", kinds: &[JobKind::Embed], prefixes: &["roberta.", ""], check: xlm_roberta::check, load: xlm_roberta::load },
-    ArchEntry { name: "XLMRobertaForSequenceClassification", kinds: &[JobKind::Classify, JobKind::Embed], prefixes: &["roberta.", ""], check: xlm_roberta::check, load: xlm_roberta::load },
-];
-
-/// An architecture of [`ARCHS`].
-#[derive(Clone, Copy)]
-pub struct Arch(pub(super) &'static ArchEntry);
-
-impl Arch {
-    pub fn name(self) -> &'static str {
-        self.0.name
-    }
-
-    pub fn kinds(self) -> &'static [JobKind] {
-        self.0.kinds
-    }
-
-    pub fn is_decoder(self) -> bool {
-        self.0.kinds.contains(&JobKind::Generate)
-    }
-}
-
-impl PartialEq for Arch {
-    fn eq(&self, other: &Arch) -> bool {
-        self.0.name == other.0.name
-    }
-}
-
-impl Eq for Arch {}
-
-impl std::fmt::Debug for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.name)
-    }
-}
 
 /// `config.json`, the fields every architecture reads. Names follow transformers (GPT-2's own
 /// too); an architecture's own fields are read from `extra` by its module.
@@ -128,17 +61,6 @@ pub struct HfConfig {
 }
 
 impl HfConfig {
-    /// The architecture of `architectures[0]`, its config checked.
-    pub fn arch(&self) -> Result<Arch, String> {
-        let name = self.architectures.first().ok_or("config.json: architectures is missing")?;
-        let entry = ARCHS.iter().find(|a| a.name == name).ok_or_else(|| {
-            let names: Vec<&str> = ARCHS.iter().map(|a| a.name).collect();
-            format!("config.json: architecture '{name}' is not supported (supported: {})", names.join(", "))
-        })?;
-        (entry.check)(self)?;
-        Ok(Arch(entry))
-    }
-
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }

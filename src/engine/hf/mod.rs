@@ -5,8 +5,9 @@
 //! beside it. Generation keeps a KV cache. Encoders batch with right padding and a key mask.
 //!
 //! # Layout
-//! - [`config`]: `config.json` ([`config::HfConfig`]) and the architecture table
-//!   ([`config::ARCHS`]), the only place an architecture is named; the request edge reads it too.
+//! - [`config`]: `config.json` ([`config::HfConfig`]) and RoPE settings.
+//! - [`archs`]: the architecture table ([`archs::ARCHS`]), the only place an architecture is
+//!   named; the request edge reads it too.
 //! - `weights`: safetensors loading and scoped look-up.
 //! - `layers`: linear, norms, MLPs, rotary embeddings (with their scaling types), attention,
 //!   masks and the KV cache.
@@ -14,6 +15,7 @@
 //!   `phi3`, `gpt2`, `bert`, `xlm_roberta`.
 //! - `heads`: scoring windows, pooling and classifying; `generate`: the generation batch.
 
+pub mod archs;
 mod bert;
 mod gemma;
 pub mod config;
