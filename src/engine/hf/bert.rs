@@ -5,8 +5,7 @@
 use tch::{Kind, Tensor};
 
 use super::config::HfConfig;
-use super::heads::ClassifierHead;
-use super::layers::{embed, key_mask, Act, Linear, Norm};
+use super::layers::{Act, ClassifierHead, Linear, Norm, embed, key_mask};
 use super::weights::Scope;
 use super::{EngineError, Net};
 

@@ -4,22 +4,9 @@
 use tch::{Device, Kind, Tensor};
 
 use super::bert::Bert;
-use super::layers::Linear;
 use super::{left_pad, tch_err, CausalLm, EngineError, Hf, Pooling};
 use crate::job::{JobKind, Output};
 use crate::kinds::Window;
-
-/// `out(tanh(dense(first token)))`: BERT's pooler + classifier, RoBERTa's classification head.
-pub(crate) struct ClassifierHead {
-    pub dense: Linear,
-    pub out: Linear,
-}
-
-impl ClassifierHead {
-    pub fn forward(&self, first: &Tensor) -> Tensor {
-        self.out.forward(&self.dense.forward(first).tanh())
-    }
-}
 
 impl Hf {
     /// Checks the invariant every scored window keeps (`LmSpec::parse` builds them so): a

@@ -282,3 +282,30 @@ impl Attention {
 pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> Tensor {
     Tensor::embedding(table, ids, -1, false, false)
 }
+
+/// `out(tanh(dense(first token)))`: BERT's pooler + classifier, RoBERTa's classification head.
+pub(crate) struct ClassifierHead {
+    pub dense: Linear,
+    pub out: Linear,
+}
+
+impl ClassifierHead {
+    pub fn forward(&self, first: &Tensor) -> Tensor {
+        self.out.forward(&self.dense.forward(first).tanh())
+    }
+}
+
+/// Layers read from a checkpoint scope.
+impl Scope<'_> {
+    /// `name.weight` and, if `bias`, `name.bias`.
+    pub fn linear(&self, name: &str, bias: bool) -> Result<Linear, EngineError> {
+        let s = self.pp(name);
+        Ok(Linear { w: s.get("weight")?, b: if bias { Some(s.get("bias")?) } else { None } })
+    }
+
+    /// GPT-2's Conv1D stores `[in, out]`; transposed once here to a linear `[out, in]`.
+    pub fn conv1d(&self, name: &str) -> Result<Linear, EngineError> {
+        let s = self.pp(name);
+        Ok(Linear { w: s.get("weight")?.t_().contiguous(), b: Some(s.get("bias")?) })
+    }
+}

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::layers::Linear;
 use super::{load_err, EngineError};
 
 /// The tensors of `*.safetensors` (single file or sharded with an index), on `device` in `kind`.
@@ -67,17 +66,5 @@ impl<'a> Scope<'a> {
 
     pub fn try_get(&self, name: &str) -> Option<Tensor> {
         self.w.prefixes.iter().find_map(|p| self.w.map.get(&format!("{p}{}{name}", self.path))).map(|t| t.shallow_clone())
-    }
-
-    /// `name.weight` and, if `bias`, `name.bias`.
-    pub fn linear(&self, name: &str, bias: bool) -> Result<Linear, EngineError> {
-        let s = self.pp(name);
-        Ok(Linear { w: s.get("weight")?, b: if bias { Some(s.get("bias")?) } else { None } })
-    }
-
-    /// GPT-2's Conv1D stores `[in, out]`; transposed once here to a linear `[out, in]`.
-    pub fn conv1d(&self, name: &str) -> Result<Linear, EngineError> {
-        let s = self.pp(name);
-        Ok(Linear { w: s.get("weight")?.t_().contiguous(), b: Some(s.get("bias")?) })
     }
 }

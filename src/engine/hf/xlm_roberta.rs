@@ -4,7 +4,7 @@
 
 use super::bert::Bert;
 use super::config::HfConfig;
-use super::heads::ClassifierHead;
+use super::layers::ClassifierHead;
 use super::weights::Scope;
 use super::{EngineError, Net};
 
