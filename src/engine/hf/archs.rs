@@ -82,3 +82,45 @@ impl HfConfig {
     }
 
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config of `arch` with `extra` fields on top of a small valid base.
+    fn config(arch: &str, extra: serde_json::Value) -> HfConfig {
+        let mut v = serde_json::json!({
+            "architectures": [arch], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64,
+            "bos_token_id": 1, "eos_token_id": 2
+        });
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn every_architecture_has_one_line_and_refuses_what_it_does_not_implement_by_name() {
+        for entry in ARCHS {
+            assert_eq!(ARCHS.iter().filter(|a| a.name == entry.name).count(), 1, "{}", entry.name);
+        }
+        let refused = [
+            ("Qwen3ForCausalLM", serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), "rope_type 'yarn'"),
+            ("Qwen3ForCausalLM", serde_json::json!({"layer_types": ["full_attention", "chunked_attention"]}), "layer_types"),
+            ("Gemma2ForCausalLM", serde_json::json!({"hidden_activation": "relu6"}), "relu6"),
+            ("Gemma3ForCausalLM", serde_json::json!({"use_bidirectional_attention": true}), "use_bidirectional_attention"),
+            ("Phi3ForCausalLM", serde_json::json!({"partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+            ("XLMRobertaModel", serde_json::json!({"position_embedding_type": "relative_key"}), "position_embedding_type"),
+            ("FalconForCausalLM", serde_json::json!({}), "architecture 'FalconForCausalLM' is not supported"),
+        ];
+        for (arch, extra, field) in refused {
+            let err = config(arch, extra).arch().unwrap_err();
+            assert!(err.contains(field), "{arch}: {err}");
+        }
+        for ok in ["Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "XLMRobertaModel"] {
+            let arch = config(ok, serde_json::json!({})).arch().unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(arch.name(), ok);
+        }
+    }
+}
