@@ -49,7 +49,8 @@ impl LmSpec {
         // (sentence-transformers ship fixed padding) would put pad tokens into the inputs.
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| format!("tokenizer.json: {e}"))?;
-        let prefix_token = match config.bos_token_id.or_else(|| config.eos_ids().first().copied()) {
+        let from_tokenizer = if arch.is_decoder() { tokenizer_prefix(dir, &tokenizer)? } else { None };
+        let prefix_token = match from_tokenizer.or_else(|| config.bos_token_id.or_else(|| config.eos_ids().first().copied())) {
             Some(t) => t,
             None if arch.is_decoder() => return Err("config.json: neither bos_token_id nor eos_token_id is set (needed as the prefix token)".into()),
             // Encoders score nothing: no prefix token.
@@ -72,3 +73,56 @@ impl LmSpec {
     }
 }
 
+/// The prefix token as lm-evaluation-harness picks it (`prefix_token_id`): the tokenizer's BOS
+/// token if it has one, else its EOS token — read, as transformers loads them, from
+/// `tokenizer_config.json`, then `special_tokens_map.json`. `None` when the folder has neither
+/// file (then `config.json`'s ids are used). This matters where they differ: Qwen's tokenizer has
+/// no BOS and ends turns with `<|im_end|>` while its config.json names `<|endoftext|>`.
+fn tokenizer_prefix(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Option<u32>, String> {
+    let files: Vec<(&str, serde_json::Value)> = ["tokenizer_config.json", "special_tokens_map.json"]
+        .into_iter()
+        .filter_map(|f| {
+            let text = std::fs::read_to_string(dir.join(f)).ok()?;
+            Some(serde_json::from_str(&text).map(|v| (f, v)).map_err(|e| format!("{f}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    // A special token is a string or an AddedToken map with `content`; the first file naming the
+    // key decides (null there means the tokenizer has none).
+    let special = |key: &str| -> Result<Option<u32>, String> {
+        let Some((file, value)) = files.iter().find_map(|(f, v)| v.get(key).map(|x| (*f, x))) else { return Ok(None) };
+        let content = match value {
+            serde_json::Value::Null => return Ok(None),
+            serde_json::Value::String(s) => s.as_str(),
+            other => other.get("content").and_then(|c| c.as_str()).ok_or_else(|| format!("{file}: {key} is neither a string nor a token"))?,
+        };
+        tokenizer.token_to_id(content).map(Some).ok_or_else(|| format!("{file}: {key} '{content}' is not in tokenizer.json's vocabulary"))
+    };
+    Ok(special("bos_token")?.or(special("eos_token")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_token_is_the_tokenizers_bos_else_its_eos_as_the_harness_picks_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        crate::demo::write_tiny_lm(&dir, 1, 32, 1).unwrap();
+        let load = || LmSpec::load(&dir, None, 16).unwrap().prefix_token;
+        assert_eq!(load(), 0, "no tokenizer_config.json: config.json's bos_token_id");
+        // Qwen-style: no BOS in the tokenizer, EOS `</s>` (id 1), while config.json says bos 0.
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": null, "eos_token": "</s>"}"#).unwrap();
+        assert_eq!(load(), 1);
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": {"content": "<pad>", "special": true}, "eos_token": "</s>"}"#).unwrap();
+        assert_eq!(load(), 2, "the tokenizer's BOS first");
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{}"#).unwrap();
+        std::fs::write(dir.join("special_tokens_map.json"), r#"{"eos_token": {"content": "</s>"}}"#).unwrap();
+        assert_eq!(load(), 1, "special_tokens_map.json when tokenizer_config.json is silent");
+        std::fs::write(dir.join("special_tokens_map.json"), r#"{"bos_token": "<nope>"}"#).unwrap();
+        assert!(LmSpec::load(&dir, None, 16).unwrap_err().contains("<nope>"));
+    }
+}

@@ -153,6 +153,10 @@ pub struct ModelConfig {
     /// default [`crate::lm::DEFAULT_MAX_INPUT_BYTES`]). Other kinds read bounded windows of text.
     #[serde(default)]
     pub max_input_bytes: Option<usize>,
+    /// `hf` decoders: the token an empty context and the first rolling window are conditioned on
+    /// (lm-evaluation-harness's `prefix_token_id`); default: the tokenizer's BOS, else its EOS.
+    #[serde(default)]
+    pub prefix_token: Option<u32>,
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
     #[serde(default)]
@@ -212,6 +216,12 @@ impl ModelSpec {
             Backend::Hf => {
                 let mut lm = crate::lm::LmSpec::load(dir, config.max_length, config.max_new_tokens_limit).map_err(cfg_err)?;
                 lm.max_input_bytes = config.max_input_bytes.unwrap_or(crate::lm::DEFAULT_MAX_INPUT_BYTES);
+                if let Some(t) = config.prefix_token {
+                    if t as usize >= lm.config.vocab_size {
+                        return Err(cfg_err(format!("prefix_token: {t} is not below the vocabulary size {}", lm.config.vocab_size)));
+                    }
+                    lm.prefix_token = t;
+                }
                 Some(lm)
             }
             Backend::Torchscript => None,
@@ -456,5 +466,10 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         assert!(spec.kinds().contains(&JobKind::Generate));
         assert!(repo.invalid.contains_key("broken"), "a folder that cannot be served is reported, not dropped");
         assert_eq!(repo.skipped.keys().map(String::as_str).collect::<Vec<_>>(), vec!["README.txt", "notes"]);
+        // jetbatch.toml may name the prefix token; it must be in the vocabulary.
+        std::fs::write(plain.join("jetbatch.toml"), "backend = \"hf\"\nprefix_token = 2\n").unwrap();
+        assert_eq!(ModelSpec::load(&plain).unwrap().lm.unwrap().prefix_token, 2);
+        std::fs::write(plain.join("jetbatch.toml"), "backend = \"hf\"\nprefix_token = 100000\n").unwrap();
+        assert!(ModelSpec::load(&plain).unwrap_err().to_string().contains("prefix_token"));
     }
 }
