@@ -48,26 +48,34 @@ impl Hf {
         if c_max > t {
             return Err(EngineError::Model(format!("{c_max} continuation tokens in rows of {t}")));
         }
-        // Only the last positions are scored: the LM head runs on those alone.
-        let last = hidden.f_narrow(1, t - c_max, c_max).map_err(tch_err)?;
-        let logp = d.logits(&last).f_log_softmax(-1, Kind::Float).map_err(tch_err)?.to_device(Device::Cpu);
-        let greedy = logp.f_argmax(-1, false).map_err(tch_err)?;
-        let mut out = Vec::with_capacity(windows.len());
+        // Exactly the positions whose next token is scored, gathered into one contiguous
+        // `[n, hidden]` block, so the LM head (vocab × hidden: most of the work at real
+        // vocabularies) runs as one dense GEMM on them; a narrowed 3-D view would go down a
+        // batched path that repacks the weight per row. Only n log-probs and n greedy flags
+        // leave the device.
+        let hidden_size = hidden.size()[2];
+        let mut at = Vec::new();
+        let mut targets = Vec::new();
         for (r, w) in windows.iter().enumerate() {
             let n = w.continuation.len() as i64;
-            let targets = Tensor::from_slice(&w.continuation.iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
-            let row = logp.f_get(r as i64).and_then(|row| row.f_narrow(0, c_max - n, n)).map_err(tch_err)?;
-            let picked = row.f_gather(-1, &targets.f_unsqueeze(-1).map_err(tch_err)?, false).map_err(tch_err)?;
-            let is_greedy = greedy
-                .f_get(r as i64)
-                .and_then(|g| g.f_narrow(0, c_max - n, n))
-                .and_then(|g| g.f_eq_tensor(&targets))
-                .and_then(|g| g.f_all())
-                .and_then(|g| g.f_int64_value(&[]))
-                .map_err(tch_err)?
-                == 1;
-            let logprob = picked.f_sum(Kind::Double).and_then(|p| p.f_double_value(&[])).map_err(tch_err)?;
-            out.push((logprob, is_greedy));
+            at.extend((t - n..t).map(|p| r as i64 * t + p));
+            targets.extend(w.continuation.iter().map(|&t| i64::from(t)));
+        }
+        let at = Tensor::from_slice(&at).to_device(self.device);
+        let targets = Tensor::from_slice(&targets).to_device(self.device);
+        let scored = hidden.f_reshape([-1, hidden_size]).and_then(|h| h.f_index_select(0, &at)).map_err(tch_err)?;
+        let logp = d.logits(&scored).f_log_softmax(-1, Kind::Float).map_err(tch_err)?;
+        let picked = logp.f_gather(1, &targets.f_unsqueeze(1).map_err(tch_err)?, false).and_then(|p| p.f_squeeze_dim(1)).map_err(tch_err)?;
+        let greedy = logp.f_argmax(-1, false).and_then(|g| g.f_eq_tensor(&targets)).map_err(tch_err)?;
+        let picked = Vec::<f32>::try_from(picked.f_to_device(Device::Cpu).map_err(tch_err)?).map_err(tch_err)?;
+        let greedy = Vec::<bool>::try_from(greedy.f_to_device(Device::Cpu).map_err(tch_err)?).map_err(tch_err)?;
+        let mut out = Vec::with_capacity(windows.len());
+        let mut start = 0;
+        for w in windows {
+            let end = start + w.continuation.len();
+            let logprob = picked[start..end].iter().map(|&p| f64::from(p)).sum();
+            out.push((logprob, greedy[start..end].iter().all(|&g| g)));
+            start = end;
         }
         Ok(out)
     }
