@@ -237,6 +237,10 @@ pub struct SubmitArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Exit 0 even when some jobs were answered with errors (by default `submit` exits non-zero
+    /// then, after writing every result, so pipelines notice).
+    #[arg(long)]
+    pub allow_errors: bool,
 }
 
 #[derive(Debug, Args)]

@@ -295,7 +295,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 JobLine::parse(&j.to_string(), n + 1)
             })
             .collect::<Result<_, _>>()?;
-        run_jobs(&client, &topology, lines, false, Duration::from_secs(60), &mut print).await?;
+        run_jobs(&client, &topology, lines, false, Duration::from_secs(60), &mut print, |stall| eprintln!("{stall}")).await?;
     }
     let _ = stop_tx.send(());
     worker.await??;

@@ -39,8 +39,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&cache.stats()?)?);
         }
         Command::Submit(args) => {
-            let n = jetbatch::submit::submit(args).await?;
-            eprintln!("{n} job(s) answered");
+            // It prints its own summary (answered, ok, cached, errors by code).
+            jetbatch::submit::submit(args).await?;
         }
         Command::DemoModels { dir } => {
             jetbatch::demo::write_demo_models(&dir).map_err(anyhow::Error::msg)?;

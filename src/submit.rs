@@ -30,6 +30,64 @@ pub enum SubmitError {
     Nats(String),
     #[error("no result for {missing} job(s) after waiting {secs} s without progress")]
     Incomplete { missing: usize, secs: u64 },
+    #[error("{0}; pass --allow-errors to exit 0 anyway")]
+    JobsFailed(String),
+}
+
+/// What the answered jobs came to: ok (of which cached) and errors by code.
+#[derive(Debug, Default, PartialEq)]
+pub struct Summary {
+    pub ok: usize,
+    pub cached: usize,
+    pub errors: std::collections::BTreeMap<String, usize>,
+}
+
+impl Summary {
+    /// Counts one result (a JSON result as `submit` writes it).
+    pub fn count(&mut self, result: &Value) {
+        if result["status"] == "ok" {
+            self.ok += 1;
+            self.cached += usize::from(result["cached"] == true);
+        } else {
+            let code = result["error"]["code"].as_str().unwrap_or("unknown").to_string();
+            *self.errors.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn failed(&self) -> usize {
+        self.errors.values().sum()
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} answered: {} ok ({} cached), {} error(s)", self.ok + self.failed(), self.ok, self.cached, self.failed())?;
+        if !self.errors.is_empty() {
+            let by_code: Vec<String> = self.errors.iter().map(|(code, n)| format!("{code} {n}")).collect();
+            write!(f, " ({})", by_code.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// A line on what the workers' consumer says, for when results stop coming: are workers pulling,
+/// how many jobs wait, how many are being worked on.
+async fn consumer_status(js: &Context, t: &Topology) -> String {
+    let info = async {
+        let mut consumer: jetstream::consumer::PullConsumer = js.get_stream(&t.jobs_stream).await.ok()?.get_consumer(&t.consumer).await.ok()?;
+        consumer.info().await.ok().cloned()
+    };
+    match info.await {
+        Some(i) if i.num_waiting == 0 && i.num_ack_pending == 0 => format!(
+            "consumer {}: no worker is pulling (0 pull requests waiting); {} job(s) pending",
+            t.consumer, i.num_pending
+        ),
+        Some(i) => format!(
+            "consumer {}: {} pull request(s) waiting, {} job(s) pending, {} being worked on",
+            t.consumer, i.num_waiting, i.num_pending, i.num_ack_pending
+        ),
+        None => format!("consumer {} cannot be looked up (not created yet: no worker has started?)", t.consumer),
+    }
 }
 
 /// A job line: its id and model (for the subject) and the JSON to publish.
@@ -60,7 +118,11 @@ impl JobLine {
     }
 }
 
-/// Publishes `jobs` and calls `on_result` with each result's JSON as it arrives, until all are in.
+/// Quiet time after which `run_jobs` reports the consumer's state.
+const STALL_REPORT: Duration = Duration::from_secs(4);
+
+/// Publishes `jobs` and calls `on_result` with each result's JSON as it arrives, until all are in;
+/// `on_stall` hears what the consumer says when results stop coming.
 pub async fn run_jobs(
     client: &async_nats::Client,
     topology: &Topology,
@@ -68,6 +130,7 @@ pub async fn run_jobs(
     look_up_stored: bool,
     idle_timeout: Duration,
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
+    mut on_stall: impl FnMut(String),
 ) -> Result<(), SubmitError> {
     let js = jetstream::new(client.clone());
     ensure_streams(&js, topology).await?;
@@ -125,6 +188,10 @@ pub async fn run_jobs(
                         on_result(&id, &payload)?;
                         idle = Duration::ZERO;
                     }
+                }
+                // After a few quiet seconds, and every ten after that, say what the consumer says.
+                if !missing.is_empty() && idle >= STALL_REPORT && (idle - STALL_REPORT).as_secs() % 10 < poll.as_secs() {
+                    on_stall(format!("no result for {} s: {}", idle.as_secs(), consumer_status(&js, topology).await));
                 }
                 if idle >= idle_timeout && !missing.is_empty() {
                     return Err(SubmitError::Incomplete { missing: missing.len(), secs: idle_timeout.as_secs() });
@@ -202,6 +269,9 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} results  {per_sec}  eta {eta}").expect("valid template"),
     );
+    // Drawn at once (0/N) and kept alive while nothing arrives.
+    bar.enable_steady_tick(Duration::from_millis(250));
+    let mut summary = Summary::default();
     if !done.is_empty() {
         bar.println(format!("{} result(s) already in {}; submitting {todo}", done.len(), args.output.display()));
     }
@@ -210,19 +280,29 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     let resumed = !done.is_empty();
     run_jobs(&client, &args.topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
         // Jobs go out as JSON, so their results come back as JSON: one line each.
-        if payload.contains(&b'\n') || serde_json::from_slice::<Value>(payload).is_err() {
-            warn!(%id, "result is not single-line JSON; re-encoding");
-            let r = crate::job::JobResult::decode(payload).map_err(SubmitError::Input)?;
-            serde_json::to_writer(&mut out, &r).map_err(|e| SubmitError::Input(e.to_string()))?;
-        } else {
-            out.write_all(payload)?;
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(v) if !payload.contains(&b'\n') => {
+                summary.count(&v);
+                out.write_all(payload)?;
+            }
+            _ => {
+                warn!(%id, "result is not single-line JSON; re-encoding");
+                let r = crate::job::JobResult::decode(payload).map_err(SubmitError::Input)?;
+                let v = serde_json::to_value(&r).map_err(|e| SubmitError::Input(e.to_string()))?;
+                summary.count(&v);
+                serde_json::to_writer(&mut out, &v).map_err(|e| SubmitError::Input(e.to_string()))?;
+            }
         }
         out.write_all(b"\n")?;
         bar.inc(1);
         Ok(())
-    })
+    }, |stall| if args.quiet { eprintln!("{stall}") } else { bar.println(stall) })
     .await?;
     out.flush()?;
-    bar.finish();
+    bar.finish_and_clear();
+    eprintln!("{summary}");
+    if summary.failed() > 0 && !args.allow_errors {
+        return Err(SubmitError::JobsFailed(summary.to_string()));
+    }
     Ok(todo)
 }

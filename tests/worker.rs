@@ -445,3 +445,41 @@ async fn an_unopenable_cache_is_logged_and_the_worker_runs_without_it() {
     assert!(w.log_text().contains("running without cache"), "{}", w.log_text());
     assert_eq!(w.metric("jetbatch_errors_total{layer=\"cache\",type=\"storage\"}").await, 1.0);
 }
+
+#[tokio::test]
+async fn submit_says_what_it_waits_for_and_fails_on_error_results() {
+    let h = Harness::new().await;
+    jetbatch::bus::setup(&h.js, &h.topology).await.unwrap();
+    let dir = h.dir.path();
+    let jobs = |prefix: &str| {
+        let good = serde_json::json!({"id": format!("{prefix}-ok"), "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(1, 16)}]}});
+        let bad = serde_json::json!({"id": format!("{prefix}-bad"), "model": "nope", "kind": "tensor", "input": {"inputs": []}});
+        let path = dir.join(format!("{prefix}.jsonl"));
+        std::fs::write(&path, format!("{good}\n{bad}\n")).unwrap();
+        path
+    };
+    let submit = |input: &std::path::Path, output: &str, extra: &[&str], idle: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+            .args(["submit", "--quiet", "--nats-url", &h.url(), "--idle-timeout-secs", idle, "-i"])
+            .arg(input)
+            .args(["-o", dir.join(output).to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // No worker: submit says so while it waits, then gives up.
+    let first = jobs("a");
+    let out = submit(&first, "a.out", &[], "6");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no worker is pulling") && stderr.contains("2 job(s) pending"), "{stderr}");
+    // With a worker, the same run (resumed) answers both; an error answer fails the run, by code.
+    let _w = h.worker("w1", &[]);
+    let out = submit(&first, "a.out", &[], "60");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an error result fails the run: {stderr}");
+    assert!(stderr.contains("2 answered: 1 ok (0 cached), 1 error(s) (unknown_model 1)") && stderr.contains("--allow-errors"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(dir.join("a.out")).unwrap().lines().count(), 2, "every result is written first");
+    let out = submit(&jobs("b"), "b.out", &["--allow-errors"], "60");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
