@@ -19,9 +19,12 @@
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits.
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
 //! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
-//! - [`serve`]: `jetbatch serve` — the wiring and shutdown (`serve/mod.rs`), the types that flow
-//!   between stages (`flow.rs`), and one file per stage: `intake.rs`, `runner.rs`, `results.rs`
-//!   (the ack policy as a plain function, `decide`).
+//! - [`infer`]: the transport-neutral core — the batcher and the runner (`infer/runner.rs`) in
+//!   front of the engine, for any adapter's tickets ([`infer::spawn`]), and [`infer::Infer`], the
+//!   in-process adapter the benchmarks, loadtest and tests use.
+//! - [`serve`]: `jetbatch serve`, the JetStream adapter on the core — the wiring and shutdown
+//!   (`serve/mod.rs`), the types that flow between its stages (`flow.rs`), `intake.rs` and
+//!   `results.rs` (the ack policy as a plain function, `decide`).
 //! - [`cache`], [`metrics`]: beside the pipeline.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
@@ -34,6 +37,7 @@ pub mod demo;
 pub mod encoding;
 pub mod engine;
 pub mod error;
+pub mod infer;
 pub mod job;
 pub mod kinds;
 pub mod lm;

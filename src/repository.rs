@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::job::{valid_model_name, Envelope, JobError, JobKind, ValidJob};
+use crate::job::{valid_model_name, Envelope, ErrorCode, JobError, JobKind, ValidJob};
 use crate::kinds::tensor::Slot;
 use crate::kinds::{Model, ValidationError};
 use crate::tensor::DType;
@@ -375,6 +375,22 @@ impl Repository {
 
     pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
         self.models.get(name)
+    }
+
+    /// The model-specific half of parsing for any job: the model it names, and the job
+    /// validated against it.
+    pub fn admit(&self, env: Envelope, max_tensor_elements: usize) -> Result<(ValidJob, Arc<ModelSpec>), JobError> {
+        let spec = self.get(&env.model).ok_or_else(|| self.unknown(&env.model))?;
+        Ok((spec.validate(env, max_tensor_elements)?, spec.clone()))
+    }
+
+    /// The answer to a job for a model this repository does not serve.
+    pub fn unknown(&self, model: &str) -> JobError {
+        match self.invalid.get(model) {
+            // The folder is there but cannot be served: say why, rather than that it is unknown.
+            Some(why) => JobError::new(ErrorCode::ModelError, format!("model: '{model}' cannot be served by this worker: {why}")),
+            None => JobError::new(ErrorCode::UnknownModel, format!("model: '{model}' is not in this worker's repository")),
+        }
     }
 }
 

@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use jetbatch::config::Topology;
-use jetbatch::engine::{EngineHandle, Event};
-use jetbatch::job::{JobInput, JobKind, Limits};
+use jetbatch::infer::Infer;
 use jetbatch::metrics::Metrics;
-use jetbatch::repository::ModelSpec;
 
 use crate::driver::{self, Mode, Plan, Recording};
 use crate::local::{Local, WideModel};
@@ -21,8 +19,8 @@ use crate::{run_id, BenchArgs, LoadOpts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Which {
-    /// 1. `wide` through the engine alone (batch 1…64) vs through jetbatch end to end, at each of
-    /// `--engine-widths`.
+    /// 1. `wide` through the core in process (no bus; 1…256 jobs in flight) vs through jetbatch
+    /// end to end, at each of `--engine-widths`.
     Engine,
     /// 2. `wide` with max_batch_size = 1 vs dynamic batching: capacity, and p99 at half load.
     Batching,
@@ -145,7 +143,7 @@ async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
         let wide = WideModel { width, depth: args.wide.wide_depth };
         let mut b = Bench::with_wide(args, &wide).await?;
         let (best, cpu, table) = engine_alone(&b, Duration::from_secs_f64((args.secs / 4.0).max(1.0))).await?;
-        report.tables.push(format!("Engine alone, width {width} (in process, no bus); CPU at the best batch: {}\n\n{table}", crate::cpu::describe(&cpu)));
+        report.tables.push(format!("Engine alone, width {width} (in process, no bus); CPU at the best rate: {}\n\n{table}", crate::cpu::describe(&cpu)));
         b.local.start_worker("e2e", false)?;
         let topology = b.local.topology();
         let load = b.load();
@@ -154,56 +152,49 @@ async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
         b.local.stop_workers().await?;
         // The name stays the same from round to round (`--repeat` matches ratios by name).
         report.ratios.push(Ratio::new(&format!("e2e ÷ engine alone, width {width}"), r.throughput() / best, Some(0.9)));
-        report.notes.push(format!("width {width}: engine alone at its best batch {best:.0} jobs/s ({:.2} ms of compute a job); end to end {:.0} jobs/s", 1e3 / best, r.throughput()));
+        report.notes.push(format!("width {width}: engine alone (the core in process) at its best {best:.0} jobs/s ({:.2} ms of compute a job); end to end {:.0} jobs/s", 1e3 / best, r.throughput()));
         report.runs.push(RunReport::new(&label, Mode::Closed { concurrency: load.concurrency }, &r));
     }
     Ok(report)
 }
 
-/// `wide` through the engine in process at batch sizes 1…64, `per_size` each, with the next batch
-/// always queued behind the running one (as the worker's prefetch does), so the engine never
-/// waits on this loop. Returns the best rate, the CPU shares while it ran, and a Markdown table.
+/// `wide` through the core in process (`jetbatch::infer::Infer`: the worker's batcher and engine,
+/// no bus) with 1…256 jobs in flight, `per_size` each. Returns the best rate, the CPU shares while
+/// it ran, and a Markdown table.
 async fn engine_alone(b: &Bench<'_>, per_size: Duration) -> anyhow::Result<(f64, BTreeMap<String, f64>, String)> {
-    let spec = Arc::new(ModelSpec::load(&b.local.models.join("wide"))?);
-    let (engine, thread) = EngineHandle::start(Arc::new(Metrics::new("bench")), 0);
-    engine.load(spec.clone()).await?;
-    // The jobs the end-to-end run sends, parsed the way the worker parses them.
+    let infer = Infer::start(&b.local.models, 0, Arc::new(Metrics::new("bench")))?;
+    infer.preload("wide").await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    // The jobs the end-to-end run sends, as payloads.
     let mut generator = Generator::new(b.wide_jobs("wide"));
-    let limits = Limits::new(usize::MAX, usize::MAX);
-    let inputs: Vec<JobInput> = (0..64)
-        .map(|i| {
-            let job = generator.next(format!("engine.{i}"));
-            let envelope = jetbatch::job::decode(&job.body, Some("application/msgpack"), "wide", &limits).map_err(|r| anyhow::anyhow!("{}", r.error.message))?;
-            Ok(spec.validate(envelope, usize::MAX).map_err(|e| anyhow::anyhow!("{}", e.message))?.input)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let mut table = "| batch | jobs/s | ms per batch |\n| --- | --- | --- |\n".to_string();
+    let payloads: Vec<bytes::Bytes> = (0..64).map(|i| generator.next(format!("engine.{i}")).body).collect();
+    let mut table = "| jobs in flight | jobs/s | mean batch |\n| --- | --- | --- |\n".to_string();
     let (mut best, mut best_cpu) = (0.0f64, BTreeMap::new());
-    for size in [1usize, 2, 4, 8, 16, 32, 64] {
-        let submit = || engine.run(spec.clone(), JobKind::Tensor, inputs[..size].to_vec(), vec![false; size]);
-        let (mut jobs, start, cpu) = (0usize, Instant::now(), crate::cpu::Snapshot::take(&[]));
-        let mut queued = submit();
-        while start.elapsed() < per_size {
-            let mut running = std::mem::replace(&mut queued, submit());
-            for _ in 0..size {
-                match running.recv().await {
-                    Some(Event::Done { result: Ok(_), .. }) => jobs += 1,
-                    other => anyhow::bail!("engine: {other:?}"),
+    for inflight in [1usize, 4, 16, 64, 256] {
+        let (start, cpu) = (Instant::now(), crate::cpu::Snapshot::take(&[]));
+        let lanes = (0..inflight).map(|lane| {
+            let (infer, payloads) = (&infer, &payloads);
+            async move {
+                let (mut jobs, mut batched) = (0usize, 0usize);
+                while start.elapsed() < per_size {
+                    let answer = infer.run("wide", &payloads[(lane + jobs) % payloads.len()]).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                    jobs += 1;
+                    batched += answer.timing.batch_size;
                 }
+                anyhow::Ok((jobs, batched))
             }
+        });
+        let (mut jobs, mut batched) = (0usize, 0usize);
+        for lane in futures::future::join_all(lanes).await {
+            let (j, s) = lane?;
+            (jobs, batched) = (jobs + j, batched + s);
         }
         let rate = jobs as f64 / start.elapsed().as_secs_f64();
         if rate > best {
             (best, best_cpu) = (rate, crate::cpu::Snapshot::take(&[]).shares_since(&cpu));
         }
-        // Let the batch still queued finish before the next size starts.
-        for _ in 0..size {
-            queued.recv().await;
-        }
-        table += &format!("| {size} | {rate:.0} | {:.2} |\n", size as f64 / rate * 1e3);
+        table += &format!("| {inflight} | {rate:.0} | {:.1} |\n", batched as f64 / jobs.max(1) as f64);
     }
-    drop(engine);
-    thread.join().map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+    infer.shutdown().await;
     Ok((best, best_cpu, table))
 }
 

@@ -1,6 +1,7 @@
 //! The types that flow between the serve stages: a valid job on its way to the engine
 //! ([`Pending`]), what became of a job ([`Outcome`], with the [`Header`] of its result and its
-//! [`Delivery`]) on its way to the results stage, and the read-only [`Ctx`] they share.
+//! [`Delivery`]) on its way to the results stage, and the read-only [`Ctx`] they share. A
+//! [`Pending`] is the JetStream adapter's ticket through the core (`crate::infer`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use crate::batcher::Batchable;
 use crate::bus::{self, Delivery};
 use crate::cache::Cache;
 use crate::config::Topology;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, StreamChunk};
+use crate::infer::{ChunkSink, Done, Failure, Ticket};
 use crate::job::{Encoding, JobError, JobKind, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::repository::{ModelSpec, Repository};
@@ -22,6 +24,18 @@ pub struct Pending {
     pub spec: Arc<ModelSpec>,
     pub cache_key: Option<[u8; 32]>,
     pub delivery: Delivery,
+}
+
+impl Ticket for Pending {
+    fn job(&self) -> &ValidJob {
+        &self.job
+    }
+    fn job_mut(&mut self) -> &mut ValidJob {
+        &mut self.job
+    }
+    fn age(&self) -> Duration {
+        self.delivery.age()
+    }
 }
 
 impl Batchable for Pending {
@@ -46,6 +60,29 @@ pub enum Outcome {
     Release,
     /// Its result is already in the results stream (an earlier delivery was answered): ack only.
     AlreadyAnswered,
+}
+
+/// A job back from the core: failures that are answers (its deadline passed) are answered, the
+/// engine's failures retried, jobs never started handed back.
+impl From<Done<Pending>> for Finished {
+    fn from(Done { ticket, timing, result }: Done<Pending>) -> Finished {
+        let mut header = Header::of(&ticket);
+        header.timing = timing;
+        let outcome = match result {
+            Ok(output) => Outcome::Answer(Ok(output)),
+            Err(Failure::Late(e)) => Outcome::Answer(Err(e)),
+            Err(Failure::Released) => Outcome::Release,
+            Err(Failure::Engine(e)) => Outcome::Retry(e),
+        };
+        Finished { delivery: ticket.delivery, header, outcome }
+    }
+}
+
+/// Streamed chunks go on `<prefix>.stream.<id>`.
+impl ChunkSink for bus::Streamer {
+    async fn publish(&self, job: &ValidJob, chunk: &StreamChunk) {
+        bus::Streamer::publish(self, &job.id, job.encoding, chunk).await
+    }
 }
 
 /// Everything the results stage needs of a job, with the outcome.
@@ -128,9 +165,5 @@ impl Ctx {
         let kind = JobKind::parse(&h.kind).map_or("invalid", JobKind::as_str);
         [model, kind]
     }
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 

@@ -8,9 +8,10 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::flow::{ms, Ctx, Finished, Header, Outcome, Pending};
+use super::flow::{Ctx, Finished, Header, Outcome, Pending};
+use crate::infer::ms;
 use crate::bus::{self, Delivery};
-use crate::job::{self, ErrorCode, JobError, Limits, Output, ValidJob};
+use crate::job::{self, JobError, Limits, Output, ValidJob};
 use crate::repository::{ModelSpec, Repository};
 
 /// Payloads at least this large are parsed on the blocking pool: decoding and tokenising them
@@ -103,18 +104,10 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -
         let msg = format!("id: '{}' differs from the Nats-Msg-Id header '{}'", env.id, msg_id.chars().take(64).collect::<String>());
         return Err((header(&env), JobError::bad_request(msg)));
     }
-    let Some(spec) = repository.get(&env.model) else {
-        let error = match repository.invalid.get(&env.model) {
-            // The folder is there but cannot be served: say why, rather than that it is unknown.
-            Some(why) => JobError::new(ErrorCode::ModelError, format!("model: '{}' cannot be served by this worker: {why}", env.model)),
-            None => JobError::new(ErrorCode::UnknownModel, format!("model: '{}' is not in this worker's repository", env.model)),
-        };
-        return Err((header(&env), error));
-    };
     let h = header(&env);
-    let job = spec.validate(env, limits.max_tensor_elements).map_err(|e| (h, e))?;
+    let (job, spec) = repository.admit(env, limits.max_tensor_elements).map_err(|e| (h, e))?;
     let cache_key = job.use_cache.then(|| job.cache_key());
-    Ok((job, spec.clone(), cache_key))
+    Ok((job, spec, cache_key))
 }
 
 fn lookup(ctx: &Ctx, key: Option<&[u8; 32]>) -> Option<Output> {

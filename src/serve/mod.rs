@@ -1,11 +1,11 @@
-//! `jetbatch serve`: wires the stages together and runs them until shutdown; the stages are
-//! [`intake`], the batcher (`crate::batcher`), [`runner`] and [`results`], and the types that flow
-//! between them are in [`flow`]. JetStream is behind `crate::bus`.
+//! `jetbatch serve`: the JetStream adapter on the core (`crate::infer`). It wires the stages
+//! together and runs them until shutdown: [`intake`], the core (batcher, runner, engine) and
+//! [`results`]; the types that flow between them are in [`flow`]. JetStream is behind `crate::bus`.
 //!
 //! ```text
-//! bus::pull ──Delivery──▶ intake ──Pending──▶ batcher ──Batch(1 prefetched)──▶ runner ──▶ engine thread
-//!                           │ invalid / cache hit                                 │
-//!                           └──────────────────────Finished──────────────────────┴──▶ results ──▶ publish, ack
+//! bus::pull ──Delivery──▶ intake ──Pending──▶ core: batcher ─▶ runner ─▶ engine thread
+//!                           │ invalid / cache hit                  │ Done<Pending> (as Finished)
+//!                           └──────────────Finished────────────────┴──▶ results ──▶ publish, ack
 //! ```
 //! Every channel is bounded. The results stage is the only one that acks: a job is acked after its
 //! result is stored in the cache and its publish is acknowledged by the results stream.
@@ -15,7 +15,6 @@
 mod flow;
 mod intake;
 mod results;
-mod runner;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,8 +24,7 @@ use async_nats::jetstream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{error, info};
 
-use self::flow::{Ctx, Finished, Header, Outcome, Pending};
-use crate::batcher::{self, Batch};
+use self::flow::{Ctx, Finished, Pending};
 use crate::bus::{self, BusError, Delivery, PullOpts};
 use crate::cache::Cache;
 use crate::config::ServeArgs;
@@ -115,8 +113,6 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     let (deliveries_tx, deliveries_rx) = mpsc::channel(args.pull_batch);
     let (release_tx, release_rx) = mpsc::channel::<Vec<Delivery>>(16);
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(args.max_inflight);
-    let (batch_release_tx, mut batch_release_rx) = mpsc::channel::<Vec<Pending>>(4);
-    let (batches_tx, batches_rx) = mpsc::channel::<Batch<Pending>>(1);
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(args.max_inflight);
 
     let held = bus::Held::default();
@@ -134,20 +130,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     ));
     tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
     tasks.spawn(intake::intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
-    tasks.spawn(batcher::run(pending_rx, batches_tx, batch_release_tx, notify.subscribe()));
-    tasks.spawn(runner::runner(batches_rx, engine, streamer, finished_tx.clone(), metrics.clone(), notify.subscribe()));
-    {
-        // Batched jobs handed back at shutdown join the results stage as releases.
-        let finished_tx = finished_tx.clone();
-        tasks.spawn(async move {
-            while let Some(jobs) = batch_release_rx.recv().await {
-                for p in jobs {
-                    let header = Header::of(&p);
-                    let _ = finished_tx.send(Finished { delivery: p.delivery, header, outcome: Outcome::Release }).await;
-                }
-            }
-        });
-    }
+    crate::infer::spawn(&mut tasks, engine, pending_rx, finished_tx.clone(), streamer, metrics.clone(), &notify);
     drop(finished_tx);
     tasks.spawn(bus::snapshots(client.clone(), snapshot_subject, metrics.clone(), args.metrics_interval_secs, notify.subscribe()));
     tasks.spawn(throughput(metrics.clone(), THROUGHPUT_EVERY, notify.subscribe()));
