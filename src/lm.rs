@@ -111,7 +111,7 @@ mod tests {
     fn the_prefix_token_is_the_tokenizers_bos_else_its_eos_as_the_harness_picks_it() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("m");
-        crate::demo::write_tiny_lm(&dir, 1, 32, 1).unwrap();
+        jetbatch_testkit::write_tiny_lm(&dir, 1, 32, 1).unwrap();
         let load = || LmSpec::load(&dir, None, 16).unwrap().prefix_token;
         assert_eq!(load(), 0, "no tokenizer_config.json: config.json's bos_token_id");
         // Qwen-style: no BOS in the tokenizer, EOS `</s>` (id 1), while config.json says bos 0.

@@ -469,7 +469,7 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
     fn plain_hf_folders_are_served_and_other_entries_are_named_as_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let plain = tmp.path().join("plain-lm");
-        crate::demo::write_tiny_lm(&plain, 3, 32, 1).unwrap();
+        jetbatch_testkit::write_tiny_lm(&plain, 3, 32, 1).unwrap();
         std::fs::remove_file(plain.join("jetbatch.toml")).unwrap();
         std::fs::create_dir_all(tmp.path().join("notes")).unwrap();
         std::fs::write(tmp.path().join("README.txt"), "hello").unwrap();

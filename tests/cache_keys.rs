@@ -68,7 +68,7 @@ const TYPED: [&str; 6] = [
 #[test]
 fn cache_keys_of_parsed_jobs_are_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    jetbatch::demo::write_demo_models(dir.path()).unwrap();
+    jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
     let limits = Limits::new(1 << 20, 1 << 20);
     let key = |model: &str, doc: serde_json::Value| {
         let spec = ModelSpec::load(&dir.path().join(model)).unwrap();

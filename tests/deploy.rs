@@ -49,7 +49,7 @@ fn validation_fails_on_a_broken_manifest() {
 
 #[test]
 fn nats_configs_are_valid() {
-    let bin = jetbatch::demo::NatsServer::find_binary();
+    let bin = jetbatch_testkit::NatsServer::find_binary();
     for (conf, node) in [("nats-server.conf", None), ("cluster.conf", Some("nats-1"))] {
         let mut cmd = Command::new(&bin);
         cmd.args(["-t", "-c"]).arg(root().join("deploy/nats").join(conf)).env("PRODUCER_PASSWORD", "p").env("WORKER_PASSWORD", "w");

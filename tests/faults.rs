@@ -158,7 +158,7 @@ fn write_picky_model(h: &Harness) {
     let example = tch::Tensor::zeros([2, 1], (tch::Kind::Int64, tch::Device::Cpu));
     let module = tch::CModule::create_by_tracing("Picky", "forward", &[example], &mut |x| vec![table.index_select(0, &x[0].flatten(0, -1))]).unwrap();
     let toml = "backend = \"torchscript\"\nmax_batch_size = 16\nmax_wait_ms = 5\n[[inputs]]\nname = \"idx\"\ndtype = \"i64\"\nshape = [1]\n";
-    jetbatch::demo::write_model(&h.models.join("picky"), &module, toml).unwrap();
+    jetbatch_testkit::write_model(&h.models.join("picky"), &module, toml).unwrap();
 }
 
 #[tokio::test]

@@ -24,7 +24,7 @@ fn specs() -> &'static (ModelSpec, ModelSpec, tempfile::TempDir) {
     static SPECS: OnceLock<(ModelSpec, ModelSpec, tempfile::TempDir)> = OnceLock::new();
     SPECS.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        jetbatch::demo::write_demo_models(dir.path()).unwrap();
+        jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
         let mlp = ModelSpec::load(&dir.path().join("mlp")).unwrap();
         let seq = ModelSpec::load(&dir.path().join("seqproj")).unwrap();
         (mlp, seq, dir)

@@ -58,7 +58,7 @@ fn error_of(r: &JobResult) -> (ErrorCode, &str) {
 /// A worker process authenticated as `auth`, on the demo models in `dir`.
 fn spawn_worker(dir: &Path, url: &str, auth: &[&str]) -> Child {
     let models = dir.join("models");
-    jetbatch::demo::write_demo_models(&models).unwrap();
+    jetbatch_testkit::write_fixture_models(&models).unwrap();
     Command::new(BIN)
         .args(["serve", "--nats-url", url, "--worker-id", "w1", "--models", models.to_str().unwrap()])
         .args(auth)
@@ -75,7 +75,7 @@ async fn reply_to_cannot_make_the_worker_act_beyond_answering() {
     let node = shipped_accounts_server(dir.path());
     let as_user = |user: &str, pw: &str| async_nats::ConnectOptions::with_user_and_password(user.into(), pw.into()).connect(node.url());
     let worker_client = as_user("worker", "work-pw").await.unwrap();
-    let topology = jetbatch::demo::local_serve_args(node.url(), dir.path().into(), None).topology;
+    let topology = jetbatch::config::ServeArgs::local(node.url(), dir.path().into(), None).topology;
     jetbatch::bus::setup(&jetstream::new(worker_client.clone()), &topology).await.unwrap();
     let mut worker = spawn_worker(dir.path(), &node.url(), &["--nats-user", "worker", "--nats-password", "work-pw"]);
 

@@ -16,7 +16,7 @@ fn payload(v: serde_json::Value) -> Vec<u8> {
 #[tokio::test]
 async fn jobs_in_process_answer_as_on_the_bus() {
     let dir = tempfile::tempdir().unwrap();
-    jetbatch::demo::write_demo_models(dir.path()).unwrap();
+    jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
     let infer = Infer::start(dir.path(), 0, Arc::new(Metrics::new("test"))).unwrap();
     infer.preload("tiny-lm").await.unwrap();
 

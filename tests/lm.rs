@@ -306,7 +306,7 @@ async fn stop_strings_finish_reasons_and_streaming() {
 async fn a_short_generation_overtakes_a_long_one_already_running() {
     let h = harness().await;
     // Wide enough that 240 steps take a while on CPU.
-    jetbatch::demo::write_tiny_lm(&h.models.join("gen-lm"), 1, 768, 6).unwrap();
+    jetbatch_testkit::write_tiny_lm(&h.models.join("gen-lm"), 1, 768, 6).unwrap();
     std::fs::write(h.models.join("gen-lm/jetbatch.toml"), "backend = \"hf\"\nmax_batch_size = 8\nmax_wait_ms = 1\nmax_new_tokens_limit = 250\n").unwrap();
     let w = h.worker("w1", &[]);
     w.ready().await;

@@ -14,7 +14,7 @@ use serde_json::json;
 async fn plain_hf_folders_are_served_and_unservable_ones_say_why() {
     let h = Harness::new().await;
     let plain = h.models.join("plain-lm");
-    jetbatch::demo::write_tiny_lm(&plain, 3, 32, 1).unwrap();
+    jetbatch_testkit::write_tiny_lm(&plain, 3, 32, 1).unwrap();
     std::fs::remove_file(plain.join("jetbatch.toml")).unwrap();
     let falcon = h.models.join("falcon");
     std::fs::create_dir_all(&falcon).unwrap();

@@ -136,7 +136,7 @@ fn emitted_results_validate() {
 #[test]
 fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
     let dir = tempfile::tempdir().unwrap();
-    jetbatch::demo::write_demo_models(dir.path()).unwrap();
+    jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
     let spec = ModelSpec::load(&dir.path().join("mlp")).unwrap();
     let payload = std::fs::read(schemas_dir().join("examples/tensor-job.json")).unwrap();
     let limits = Limits::new(1 << 20, 1 << 20);
@@ -151,7 +151,7 @@ fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
 fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     let job = validator("job.schema.json");
     let dir = tempfile::tempdir().unwrap();
-    jetbatch::demo::write_demo_models(dir.path()).unwrap();
+    jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
     let limits = Limits::new(1 << 20, 1 << 20);
     let worker = |doc: &Value| {
         let model = doc["model"].as_str().unwrap();

@@ -23,7 +23,7 @@ async fn loglikelihood_batches_on_a_32k_vocabulary() {
     let model = dir.join("big-vocab");
     if !model.join("tokenizer.json").exists() {
         // Any byte-level tokenizer will do: the jobs are token ids.
-        jetbatch::demo::write_tiny_lm(&dir.join("tok"), 1, 32, 1).unwrap();
+        jetbatch_testkit::write_tiny_lm(&dir.join("tok"), 1, 32, 1).unwrap();
         std::fs::copy(dir.join("tok/tokenizer.json"), model.join("tokenizer.json")).unwrap();
     }
     let spec = Arc::new(ModelSpec::load(&model).unwrap());

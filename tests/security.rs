@@ -39,7 +39,7 @@ async fn round_trip_as(dir: &Path, url: &str, auth: &[&str], producer: &[&str]) 
     let out = run(&[&["setup", "--nats-url", url][..], auth].concat());
     assert!(out.status.success(), "setup: {}", String::from_utf8_lossy(&out.stderr));
     let models = dir.join("models");
-    jetbatch::demo::write_demo_models(&models).unwrap();
+    jetbatch_testkit::write_fixture_models(&models).unwrap();
     let log = std::fs::File::create(dir.join("worker.log")).unwrap();
     let mut worker = Command::new(BIN)
         .args([&["serve", "--nats-url", url, "--models", models.to_str().unwrap()][..], auth].concat())

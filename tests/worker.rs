@@ -126,7 +126,7 @@ async fn repeated_jobs_are_served_from_a_cache_that_survives_restarts_and_follow
     assert!(w.wait(MINUTE).success());
 
     // New weights in the model folder: the fingerprint changes and the cache is not used.
-    let module = jetbatch::demo::mlp_module(99).unwrap();
+    let module = jetbatch_testkit::mlp_module(99).unwrap();
     module.save(h.models.join("mlp/model.pt")).unwrap();
     let w = h.worker("w3", &["--cache-dir", cache_arg]);
     h.publish(&run("c4"), Encoding::MsgPack).await;

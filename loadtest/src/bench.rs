@@ -251,7 +251,7 @@ async fn bus(args: &BenchArgs) -> anyhow::Result<Report> {
     jetbatch::bus::setup_streams(&async_nats::jetstream::new(b.client.clone()), &raw_topology).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let (url, t) = (b.local.url(), raw_topology.clone());
-    let defaults = jetbatch::demo::local_serve_args(b.local.url(), PathBuf::new(), None);
+    let defaults = jetbatch::config::ServeArgs::local(b.local.url(), PathBuf::new(), None);
     let (inflight, pull) = (defaults.max_inflight, defaults.pull_batch);
     let raw = std::thread::spawn(move || -> anyhow::Result<()> {
         // Named like the in-process workers' threads, so its CPU time counts as worker I/O.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jetbatch::config::Topology;
-use jetbatch::demo::NatsServer;
+use jetbatch_testkit::NatsServer;
 use tch::{CModule, Kind, Tensor};
 
 /// The compute-bound benchmark model: f32[256] in, `depth` tanh layers of `width × width`, f32[256]
@@ -67,13 +67,13 @@ impl Local {
 
     /// The default topology (what a worker with no flags uses).
     pub fn topology(&self) -> Topology {
-        jetbatch::demo::local_serve_args(self.url(), PathBuf::new(), None).topology
+        jetbatch::config::ServeArgs::local(self.url(), PathBuf::new(), None).topology
     }
 
     /// Starts a worker named `name`; `cache`: with a result cache of its own.
     pub fn start_worker(&mut self, name: &str, cache: bool) -> anyhow::Result<()> {
         let cache_dir = cache.then(|| self.dir.path().join(format!("cache-{name}")));
-        let mut args = jetbatch::demo::local_serve_args(self.url(), self.models.clone(), cache_dir);
+        let mut args = jetbatch::config::ServeArgs::local(self.url(), self.models.clone(), cache_dir);
         args.worker_id = Some(name.to_string());
         args.metrics_interval_secs = 0;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -102,19 +102,19 @@ impl Local {
 }
 
 fn write_models(dir: &Path, wide: &WideModel) -> Result<(), String> {
-    jetbatch::demo::write_demo_models(dir)?;
-    let module = wide_module(wide.width, wide.depth, jetbatch::demo::DEMO_SEED)?;
+    jetbatch_testkit::write_fixture_models(dir)?;
+    let module = wide_module(wide.width, wide.depth, jetbatch_testkit::SEED)?;
     for (name, batch) in [("wide", 64), ("wide-b1", 1)] {
         let toml = format!(
             "# Benchmark: f32[{WIDE_IO}] -> {depth} tanh layers of {w}x{w} -> f32[{WIDE_IO}].\nbackend = \"torchscript\"\nmax_batch_size = {batch}\nmax_wait_ms = 2\npreload = true\n\n[[inputs]]\nname = \"x\"\ndtype = \"f32\"\nshape = [{WIDE_IO}]\n",
             depth = wide.depth,
             w = wide.width
         );
-        jetbatch::demo::write_model(&dir.join(name), &module, &toml)?;
+        jetbatch_testkit::write_model(&dir.join(name), &module, &toml)?;
     }
     for mode in ["continuous", "static"] {
         let model = dir.join(format!("gen-{mode}"));
-        jetbatch::demo::write_tiny_lm(&model, 7, GEN_HIDDEN, GEN_LAYERS)?;
+        jetbatch_testkit::write_tiny_lm(&model, 7, GEN_HIDDEN, GEN_LAYERS)?;
         let toml = format!("backend = \"hf\"\nmax_batch_size = 16\nmax_wait_ms = 5\nmax_new_tokens_limit = 200\ngeneration = \"{mode}\"\npreload = true\n");
         std::fs::write(model.join("jetbatch.toml"), toml).map_err(|e| e.to_string())?;
     }

@@ -8,7 +8,7 @@ use serde_json::json;
 /// The demo decoder's spec (byte-level tokenizer: one token per byte), at `max_length`.
 fn tiny(max_length: usize) -> (tempfile::TempDir, LmSpec) {
     let dir = tempfile::tempdir().unwrap();
-    crate::demo::write_tiny_lm(dir.path(), 1, 8, 1).unwrap();
+    jetbatch_testkit::write_tiny_lm(dir.path(), 1, 8, 1).unwrap();
     let spec = LmSpec::load(dir.path(), Some(max_length), 64).unwrap();
     (dir, spec)
 }

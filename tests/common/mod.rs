@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt;
 use jetbatch::config::Topology;
-use jetbatch::demo::{write_demo_models, NatsServer};
+use jetbatch_testkit::{write_fixture_models, NatsServer};
 use jetbatch::job::{Encoding, JobResult};
 use jetbatch::tensor::TensorData;
 use rmpv::Value;
@@ -154,7 +154,7 @@ impl Harness {
 
     async fn with_nodes(dir: tempfile::TempDir, nodes: Vec<Node>, replicas: usize) -> Harness {
         let models = dir.path().join("models");
-        write_demo_models(&models).expect("demo models");
+        write_fixture_models(&models).expect("fixture models");
         let urls: Vec<String> = nodes.iter().map(Node::url).collect();
         let client = async_nats::ConnectOptions::new()
             .max_reconnects(None)
@@ -163,7 +163,7 @@ impl Harness {
             .await
             .expect("connect");
         let js = jetstream::new(client.clone());
-        let mut topology = jetbatch::demo::local_serve_args(urls.join(","), PathBuf::new(), None).topology;
+        let mut topology = jetbatch::config::ServeArgs::local(urls.join(","), PathBuf::new(), None).topology;
         topology.replicas = replicas;
         // A cluster needs a meta leader before streams can be made.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -479,8 +479,8 @@ pub fn write_heavy_model(h: &Harness, depth: usize, width: i64, max_batch_size: 
         vec![y.narrow(1, 0, 4)]
     })
     .unwrap();
-    let toml = jetbatch::demo::MLP_TOML.replace("max_batch_size = 64", &format!("max_batch_size = {max_batch_size}"));
-    jetbatch::demo::write_model(&h.models.join("heavy"), &module, &toml).unwrap();
+    let toml = jetbatch_testkit::MLP_TOML.replace("max_batch_size = 64", &format!("max_batch_size = {max_batch_size}"));
+    jetbatch_testkit::write_model(&h.models.join("heavy"), &module, &toml).unwrap();
 }
 
 
