@@ -65,7 +65,7 @@ async fn decoders_match_transformers_batched_and_alone() {
     let _w = h.worker("w1", &[]);
     let mut sub = h.subscribe_results().await;
     let mut worst = HashMap::new();
-    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-llama3"] {
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-llama3", "tiny-qwen3", "tiny-phi3"] {
         let jobs = decoder_jobs(model, &refs["models"][model]);
         // Batched: one burst, requests of very different lengths side by side.
         let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
@@ -118,43 +118,49 @@ async fn encoders_match_transformers_and_sentence_transformers() {
     let (_, refs) = fixture();
     let _w = h.worker("w1", &[]);
     let mut sub = h.subscribe_results().await;
+    // (model, kind, its labels by id): BERT and XLM-RoBERTa classifiers and embedders.
+    let models = [
+        ("tiny-bert-cls", "classify", &["neg", "neutral", "pos"][..]),
+        ("tiny-xlmr-cls", "classify", &["no", "yes"][..]),
+        ("minilm", "embed", &[][..]),
+        ("tiny-xlmr", "embed", &[][..]),
+    ];
     let mut jobs = Vec::new();
-    for (i, r) in refs["models"]["tiny-bert-cls"]["classify"].as_array().unwrap().iter().enumerate() {
-        let mut input = json!({"text": r["text"]});
-        if !r["text_pair"].is_null() {
-            input["text_pair"] = r["text_pair"].clone();
+    for (model, kind, labels) in models {
+        for (i, r) in refs["models"][model][kind].as_array().unwrap().iter().enumerate() {
+            let mut input = json!({"text": r["text"]});
+            if !r["text_pair"].is_null() {
+                input["text_pair"] = r["text_pair"].clone();
+            }
+            let id = format!("{model}-{i}");
+            jobs.push((id.clone(), job(&id, model, kind, input, json!({})), r.clone(), labels));
         }
-        jobs.push((format!("cls-{i}"), job(&format!("cls-{i}"), "tiny-bert-cls", "classify", input, json!({})), r.clone()));
     }
-    for (i, r) in refs["models"]["minilm"]["embed"].as_array().unwrap().iter().enumerate() {
-        jobs.push((format!("emb-{i}"), job(&format!("emb-{i}"), "minilm", "embed", json!({"text": r["text"]}), json!({})), r.clone()));
-    }
-    let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
+    let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _, _)| j.clone()).collect();
     burst(&h, &wire).await;
     let got = collect(&mut sub, jobs.len(), MINUTE).await;
     let mut min_cos = 1.0f64;
-    for (id, _, want) in &jobs {
+    for (id, _, want, labels) in &jobs {
         let out = output(&got[id][0]);
-        if id.starts_with("cls") {
+        if !labels.is_empty() {
             let logits: Vec<f64> = serde_json::from_value(out["logits"].clone()).unwrap();
             let expect: Vec<f64> = serde_json::from_value(want["logits"].clone()).unwrap();
             assert_close(&logits, &expect, 1e-4, id);
             assert_eq!(out["label_id"], want["label_id"]);
-            let labels = ["neg", "neutral", "pos"];
             assert_eq!(out["label"], labels[want["label_id"].as_u64().unwrap() as usize]);
             let probs: Vec<f64> = serde_json::from_value(out["probs"].clone()).unwrap();
             assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-5);
         } else {
             let e: Vec<f64> = serde_json::from_value(out["embedding"].clone()).unwrap();
             let w: Vec<f64> = serde_json::from_value(want["embedding"].clone()).unwrap();
-            assert_eq!((out["dim"].as_u64(), e.len()), (Some(384), 384));
+            assert_eq!((out["dim"].as_u64(), e.len()), (Some(w.len() as u64), w.len()));
             let dot: f64 = e.iter().zip(&w).map(|(a, b)| a * b).sum();
             let cos = dot / (e.iter().map(|a| a * a).sum::<f64>().sqrt() * w.iter().map(|b| b * b).sum::<f64>().sqrt());
             min_cos = min_cos.min(cos);
-            assert!(cos >= 0.9999, "{id}: cosine {cos} to sentence-transformers");
+            assert!(cos >= 0.9999, "{id}: cosine {cos} to the reference");
         }
     }
-    eprintln!("FIGURES all-MiniLM-L6-v2 min cosine vs sentence-transformers: {min_cos:.7}");
+    eprintln!("FIGURES encoders (all-MiniLM-L6-v2 vs sentence-transformers, XLM-R vs transformers) min cosine: {min_cos:.7}");
 }
 
 #[tokio::test]
