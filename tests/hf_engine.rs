@@ -165,3 +165,48 @@ fn encoders_match_transformers_on_the_engine() {
     eprintln!("FIGURES engine encoders: {figures:?}");
 }
 
+
+fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> JobInput {
+    let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
+    JobInput::Generate(GenerateInput { prompt, max_new_tokens, sampling, stop: vec![], stop_token_ids: vec![] })
+}
+
+/// Rows joining a running generation (prefilled into free slots of its KV cache, shorter and
+/// longer than the rows running) and leaving it at different steps (the last row moving into a
+/// freed slot) generate what they generate alone: GQA, a sliding window, soft-capping.
+#[test]
+fn generations_joining_and_leaving_a_running_batch_equal_alone() {
+    let engine = engine();
+    for name in ["tiny-llama", "tiny-mistral", "tiny-gemma2", "tiny-qwen3"] {
+        let spec = load(name);
+        let prompt = |len: usize, seed: usize| (0..len).map(|i| 3 + ((seed * 37 + i * 11) % 300) as u32).collect::<Vec<u32>>();
+        let running = vec![greedy(prompt(4, 1), 30), greedy(prompt(9, 2), 6), greedy(prompt(6, 3), 18)];
+        let joining = vec![greedy(prompt(20, 4), 12), greedy(prompt(2, 5), 25), greedy(prompt(13, 6), 3)];
+        let alone: Vec<Output> = running.iter().chain(&joining).map(|i| run(&engine, &spec, JobKind::Generate, vec![i.clone()]).remove(0)).collect();
+        // The first rows stream, so the second batch is sent once they have stepped.
+        let mut first = engine.run(spec.clone(), JobKind::Generate, running, vec![true; 3]);
+        let mut out: Vec<Option<Output>> = (0..6).map(|_| None).collect();
+        let mut chunks = 0;
+        while chunks == 0 {
+            match first.blocking_recv() {
+                Some(Event::Chunk { .. }) => chunks += 1,
+                Some(Event::Done { index, result, .. }) => out[index] = Some(result.unwrap()),
+                None => panic!("engine stopped"),
+            }
+        }
+        let joined = run(&engine, &spec, JobKind::Generate, joining);
+        while out[..3].iter().any(Option::is_none) {
+            if let Some(Event::Done { index, result, .. }) = first.blocking_recv() {
+                out[index] = Some(result.unwrap());
+            }
+        }
+        for (i, j) in joined.into_iter().enumerate() {
+            out[3 + i] = Some(j);
+        }
+        for (i, (a, b)) in alone.iter().zip(&out).enumerate() {
+            let (Output::Generate { tokens: a, .. }, Some(Output::Generate { tokens: b, .. })) = (a, b) else { panic!("{name}: not a generation") };
+            assert_eq!(a, b, "{name} generation {i}: alone == joining a running batch");
+            assert!(!a.is_empty());
+        }
+    }
+}

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::config::{HfConfig, Rope};
-use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -167,14 +167,13 @@ impl CausalLm for Gemma {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
         let x = embed(&self.embed, ids);
-        let (kind, t) = (x.kind(), ids.size()[1]);
+        let kind = x.kind();
         // transformers: the scale as a tensor of the weights' dtype.
         let mut x = x * Tensor::from(self.embed_scale as f32).to_kind(kind).to_device(ids.device());
-        let full = causal_mask(keep, t, None, kind);
-        let local = causal_mask(keep, t, self.sliding_window, kind);
-        let (rope_g, rope_l) = (self.rope_global.cos_sin(pos, kind), self.rope_local.cos_sin(pos, kind));
+        let (full, local) = (layout.mask(None, kind), layout.mask(self.sliding_window, kind));
+        let (rope_g, rope_l) = (self.rope_global.cos_sin(&layout.pos, kind), self.rope_local.cos_sin(&layout.pos, kind));
         for (i, l) in self.layers.iter().enumerate() {
             let (q, k, v) = l.attn.qkv(&l.input_norm.forward(&x));
             let (q, k) = match &l.qk_norm {
@@ -182,7 +181,7 @@ impl CausalLm for Gemma {
                 None => (q, k),
             };
             let (mask, rope) = if l.sliding { (&local, &rope_l) } else { (&full, &rope_g) };
-            let h = l.attn.attend(q, k, v, Some(rope), mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            let h = l.attn.attend(q, k, v, Some(rope), mask, cache.as_deref_mut().map(|c| (c, i)));
             x += l.post_attn_norm.forward(&h);
             x += l.post_ff_norm.forward(&l.mlp.forward(&l.pre_ff_norm.forward(&x)));
         }

@@ -1,11 +1,11 @@
 //! The generation batch (continuous batching): rows join at step boundaries with their prompt
-//! prefilled, the left-padded KV caches merged, and leave when finished; sampling draws from each
+//! prefilled into free slots of the batch's preallocated KV cache, and leave when finished; sampling draws from each
 //! job's own seeded stream so a row's tokens do not depend on its neighbours.
 
 use tch::{Device, Kind, Tensor};
 
-use super::layers::KvCache;
-use super::{left_pad, tch_err, CausalLm, EngineError, Hf};
+use super::layers::{KvCache, Layout, Write};
+use super::{tch_err, CausalLm, EngineError, Hf};
 use crate::engine::{Sink, StreamChunk};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling};
@@ -105,9 +105,9 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     order[kept - 1] as u32
 }
 
-/// Rows generating together: their KV cache `[B, kv, S, D]`, key mask `[B, S]`, last positions
-/// `[B, 1]` and the logits `[B, V]` the next token is chosen from. Rows join (`admit`) and leave
-/// (finished rows are dropped in `step`) at step boundaries.
+/// Rows generating together: their KV cache (row r in slot r), the tokens each has in it, and
+/// the logits `[B, V]` the next token is chosen from. Rows join (`admit`) and leave (finished rows
+/// are dropped in `step`) at step boundaries.
 #[derive(Default)]
 pub(super) struct GenBatch {
     pub rows: Vec<Row>,
@@ -116,55 +116,47 @@ pub(super) struct GenBatch {
 
 struct GenState {
     cache: KvCache,
-    keep: Tensor,
-    last_pos: Tensor,
+    /// Tokens in each row's cache (also the position of its next token).
+    lens: Vec<i64>,
     logits: Tensor,
 }
 
+/// Right-padded prompts: ids `[B, T]` and their layout (a padding query repeats its row's last
+/// position, so it never looks like a longer row), the cache's left-aligned slot layout.
+fn right_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Layout) {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut keep, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        ids.extend(r.iter().copied().chain(std::iter::repeat_n(0, len - r.len())));
+        keep.extend((0..len).map(|j| (j < r.len()) as i64));
+        pos.extend((0..len).map(|j| j.min(r.len() - 1) as i64));
+    }
+    let shape = [rows.len() as i64, len as i64];
+    let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+    let dense = rows.iter().all(|r| r.len() == len);
+    (tensor(&ids), Layout::new(tensor(&pos), &tensor(&keep), dense))
+}
+
 impl GenBatch {
-    /// Prefills `rows` and merges them into the batch (left-padding the shorter cache).
+    /// Prefills `rows` into the next free slots of the cache.
     pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>) -> Result<(), EngineError> {
         if rows.is_empty() {
             return Ok(());
         }
         let prompts: Vec<Vec<i64>> = rows.iter().map(|r| r.input.prompt.iter().map(|&t| t as i64).collect()).collect();
-        let (ids, keep, pos) = left_pad(&prompts, device);
-        let mut cache = KvCache::new(d.num_layers());
-        let hidden = d.forward(&ids, &pos, &keep, Some(&mut cache));
-        let last = hidden.f_narrow(1, hidden.size()[1] - 1, 1).map_err(tch_err)?;
-        let logits = d.logits(&last.f_squeeze_dim(1).map_err(tch_err)?);
-        let new = GenState { cache, keep, last_pos: pos.f_narrow(1, pos.size()[1] - 1, 1).map_err(tch_err)?, logits };
-        self.state = Some(match self.state.take() {
-            None => new,
-            Some(old) => {
-                let s = old.keep.size()[1].max(new.keep.size()[1]);
-                let pad_keys = |t: &Tensor, dim: i64| {
-                    let missing = s - t.size()[dim as usize];
-                    if missing == 0 {
-                        return t.shallow_clone();
-                    }
-                    let mut shape = t.size();
-                    shape[dim as usize] = missing;
-                    Tensor::cat(&[&Tensor::zeros(&shape, (t.kind(), t.device())), t], dim)
-                };
-                let layers = old
-                    .cache
-                    .layers
-                    .iter()
-                    .zip(&new.cache.layers)
-                    .map(|(a, b)| {
-                        let ((ak, av), (bk, bv)) = (a.as_ref().expect("prefilled"), b.as_ref().expect("prefilled"));
-                        Some((Tensor::cat(&[pad_keys(ak, 2), pad_keys(bk, 2)], 0), Tensor::cat(&[pad_keys(av, 2), pad_keys(bv, 2)], 0)))
-                    })
-                    .collect();
-                GenState {
-                    cache: KvCache { layers },
-                    keep: Tensor::cat(&[pad_keys(&old.keep, 1), pad_keys(&new.keep, 1)], 0),
-                    last_pos: Tensor::cat(&[&old.last_pos, &new.last_pos], 0),
-                    logits: Tensor::cat(&[&old.logits, &new.logits], 0),
-                }
-            }
-        });
+        let (ids, layout) = right_pad(&prompts, device);
+        let state = self.state.get_or_insert_with(|| GenState { cache: KvCache::new(d.num_layers()), lens: Vec::new(), logits: Tensor::new() });
+        let first = self.rows.len() as i64;
+        state.cache.reserve(first + rows.len() as i64, ids.size()[1]);
+        state.cache.write = Write::Prefill { first };
+        let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
+        let (t, h) = (hidden.size()[1], hidden.size()[2]);
+        let last: Vec<i64> = prompts.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
+        let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
+        let logits = d.logits(&last);
+        state.logits = if first == 0 { logits } else { Tensor::f_cat(&[&state.logits, &logits], 0).map_err(tch_err)? };
+        state.lens.extend(prompts.iter().map(|p| p.len() as i64));
+        tracing::debug!(rows = first + rows.len() as i64, kv_cache_bytes = state.cache.bytes(), "generation batch");
         self.rows.extend(rows);
         Ok(())
     }
@@ -218,20 +210,36 @@ impl GenBatch {
             self.state = None;
             return Ok(outputs);
         }
-        let keep_rows = Tensor::from_slice(&live.iter().map(|(b, _)| *b as i64).collect::<Vec<_>>()).to_device(state.keep.device());
-        let next = Tensor::from_slice(&live.iter().map(|(_, r)| *r.generated.last().expect("one token") as i64).collect::<Vec<_>>())
-            .view([live.len() as i64, 1])
-            .to_device(state.keep.device());
-        self.rows = live.into_iter().map(|(_, r)| r).collect();
-        for layer in state.cache.layers.iter_mut() {
-            let (k, v) = layer.take().expect("prefilled");
-            *layer = Some((k.index_select(0, &keep_rows), v.index_select(0, &keep_rows)));
+        // A finished row's slot is taken by the last live row (one row's copy), so the live rows
+        // stay the first slots, in the order of `self.rows`.
+        let mut live: Vec<Option<(usize, Row)>> = live.into_iter().map(Some).collect();
+        let n = live.len();
+        let mut order: Vec<(usize, Row)> = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
+        for slot in 0..n {
+            let taken = live.iter().position(|r| r.as_ref().is_some_and(|(b, _)| *b == slot));
+            let (b, row) = match taken {
+                Some(i) => live[i].take().expect("present"),
+                None => live.iter_mut().rev().find_map(Option::take).expect("a live row beyond the live count"),
+            };
+            if b != slot {
+                state.cache.move_slot(b as i64, slot as i64, state.lens[b]);
+            }
+            lens.push(state.lens[b] + 1);
+            order.push((b, row));
         }
-        let ones = Tensor::ones([self.rows.len() as i64, 1], (Kind::Int64, state.keep.device()));
-        state.keep = Tensor::cat(&[&state.keep.index_select(0, &keep_rows), &ones], 1);
-        state.last_pos = state.last_pos.index_select(0, &keep_rows) + 1;
-        let hidden = d.forward(&next, &state.last_pos, &state.keep, Some(&mut state.cache));
+        let device = state.logits.device();
+        let next = Tensor::from_slice(&order.iter().map(|(_, r)| *r.generated.last().expect("one token") as i64).collect::<Vec<_>>()).view([n as i64, 1]).to_device(device);
+        self.rows = order.into_iter().map(|(_, r)| r).collect();
+        let cols = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>()).to_device(device);
+        let len = lens.iter().copied().max().expect("live rows");
+        state.cache.reserve(n as i64, len);
+        state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
+        let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
+        let layout = Layout::new(cols.unsqueeze(1), &keep, false);
+        let hidden = d.forward(&next, &layout, Some(&mut state.cache));
         state.logits = d.logits(&hidden.squeeze_dim(1));
+        state.lens = lens;
         Ok(outputs)
     }
 }

@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use super::config::HfConfig;
-use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -77,12 +77,12 @@ impl CausalLm for Gpt2 {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
-        let mut x = embed(&self.wte, ids) + embed(&self.wpe, pos);
-        let mask = causal_mask(keep, ids.size()[1], None, x.kind());
+    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
+        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &layout.pos);
+        let mask = layout.mask(None, x.kind());
         for (i, l) in self.layers.iter().enumerate() {
             let (q, k, v) = l.attn.qkv(&l.ln1.forward(&x));
-            x += l.attn.attend(q, k, v, None, &mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            x += l.attn.attend(q, k, v, None, &mask, cache.as_deref_mut().map(|c| (c, i)));
             x += l.mlp.forward(&l.ln2.forward(&x));
         }
         self.ln_f.forward(&x)

@@ -41,8 +41,8 @@ impl Hf {
                 all
             })
             .collect();
-        let (ids, keep, pos) = left_pad(&rows, self.device);
-        let hidden = d.forward(&ids, &pos, &keep, None);
+        let (ids, _, layout) = left_pad(&rows, self.device);
+        let hidden = d.forward(&ids, &layout, None);
         let t = hidden.size()[1];
         let c_max = windows.iter().map(|w| w.continuation.len()).max().unwrap_or(1) as i64;
         if c_max > t {

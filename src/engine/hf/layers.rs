@@ -195,19 +195,56 @@ pub(crate) fn min_value(kind: Kind) -> f64 {
     }
 }
 
-/// The additive mask `[B, 1, T, S]` for `t` new queries over keys `keep [B, S]` (which keys are
-/// real; the queries are the last `t`): query i sits at key index s - t + i and sees real keys at
-/// or before it, within `window` if given.
-pub(crate) fn causal_mask(keep: &Tensor, t: i64, window: Option<i64>, kind: Kind) -> Tensor {
-    let (b, s) = (keep.size()[0], keep.size()[1]);
-    let device = keep.device();
-    let q_idx = Tensor::arange_start(s - t, s, (Kind::Int64, device)).view([t, 1]);
-    let k_idx = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-    let mut allowed = k_idx.le_tensor(&q_idx).unsqueeze(0) * keep.unsqueeze(1);
-    if let Some(wnd) = window {
-        allowed *= (q_idx - k_idx).lt(wnd).unsqueeze(0);
+/// Who attends to whom in one forward: the position of every query `[B, T]` and of every key
+/// `[B, S]` (the cached keys, then the new ones; -1 for padding), and, for rows packing several
+/// sequences, their segments. A query sees the real keys at or before its position (within a
+/// window, if given) of its own segment or of segment 0, which every segment shares.
+pub(crate) struct Layout {
+    pub pos: Tensor,
+    key_pos: Tensor,
+    /// Segments of the queries `[B, T]` and keys `[B, S]`.
+    segments: Option<(Tensor, Tensor)>,
+    /// Every row is T real tokens and nothing is cached: plain causal attention, which SDPA
+    /// runs without a mask.
+    dense: bool,
+}
+
+impl Layout {
+    /// Queries at `pos` over keys `keep [B, S]` (which keys are real; a row's real keys are its
+    /// tokens in order, so a key's position is the count of real keys before it).
+    pub fn new(pos: Tensor, keep: &Tensor, dense: bool) -> Layout {
+        let key_pos = (keep.cumsum(1, Kind::Int64) - 1).where_scalarother(&keep.ne(0), -1);
+        Layout { pos, key_pos, segments: None, dense }
     }
-    Tensor::zeros([b, 1, t, s], (kind, device)).masked_fill(&allowed.logical_not().unsqueeze(1), min_value(kind))
+
+    /// The mask of attention within `window` (positions) if given, for scores in `kind`.
+    pub fn mask(&self, window: Option<i64>, kind: Kind) -> AttnMask {
+        let t = self.pos.size()[1];
+        if self.dense && window.is_none_or(|w| w >= t) {
+            return AttnMask::Causal;
+        }
+        let q = self.pos.unsqueeze(2);
+        let k = self.key_pos.unsqueeze(1);
+        let mut allowed = k.ge(0).logical_and(&k.le_tensor(&q));
+        if let Some(w) = window {
+            allowed = allowed.logical_and(&(&q - &k).lt(w));
+        }
+        if let Some((sq, sk)) = &self.segments {
+            let sk = sk.unsqueeze(1);
+            allowed = allowed.logical_and(&sk.eq(0).logical_or(&sk.eq_tensor(&sq.unsqueeze(2))));
+        }
+        let (b, s) = (allowed.size()[0], allowed.size()[2]);
+        // Additive with a finite minimum (as transformers): a query that sees no key (padding)
+        // averages all of them instead of producing NaN.
+        AttnMask::Additive(Tensor::zeros([b, 1, t, s], (kind, q.device())).masked_fill(&allowed.logical_not().unsqueeze(1), min_value(kind)))
+    }
+}
+
+pub(crate) enum AttnMask {
+    /// Query i sees keys 0..=i.
+    Causal,
+    /// `[B, 1, T, S]`, added to the scores.
+    Additive(Tensor),
 }
 
 /// The additive key mask `[B, 1, 1, T]` of right-padded encoder rows.
@@ -216,14 +253,98 @@ pub(crate) fn key_mask(keep: &Tensor, kind: Kind) -> Tensor {
     Tensor::zeros([b, 1, 1, t], (kind, keep.device())).masked_fill(&keep.eq(0).view([b, 1, 1, t]), min_value(kind))
 }
 
-/// Keys and values of every layer for the rows of a batch: `[B, kv_heads, S, D]`.
+/// Rows of the cache allocated at a time.
+const CACHE_ROW_BLOCK: i64 = 8;
+/// Key positions allocated at a time.
+const CACHE_COL_BLOCK: i64 = 64;
+
+/// The KV cache of a generation batch, preallocated: per layer, keys and values `[slots,
+/// kv_heads, columns, D]`, grown by blocks of slots and columns (never per step). Row r of the
+/// running batch is slot r and holds its tokens in columns 0..len (left-aligned: a key's column is
+/// its position), so the rows attended are a view of the first slots, and each step writes its
+/// new keys in place.
 pub(crate) struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Allocated slots and columns (layers are allocated at their first write).
+    rows: i64,
+    cols: i64,
+    pub write: Write,
+}
+
+/// Where a forward puts its keys and values.
+pub(crate) enum Write {
+    /// `n` joining rows, right-padded to T, into slots `first..first + n`, columns 0..T; they
+    /// attend to their own keys only.
+    Prefill { first: i64 },
+    /// One new key per running row (slot b) at column `cols[b]`; rows attend to columns 0..`len`.
+    Decode { cols: Tensor, len: i64 },
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> KvCache {
-        KvCache { layers: (0..layers).map(|_| None).collect() }
+        KvCache { layers: (0..layers).map(|_| None).collect(), rows: 0, cols: 0, write: Write::Prefill { first: 0 } }
+    }
+
+    /// Room for `rows` slots of `cols` keys, rounded up to whole blocks; growing copies the cache
+    /// once.
+    pub fn reserve(&mut self, rows: i64, cols: i64) {
+        if rows <= self.rows && cols <= self.cols {
+            return;
+        }
+        let round = |n: i64, block: i64| (n + block - 1) / block * block;
+        let (rows, cols) = (round(rows.max(self.rows), CACHE_ROW_BLOCK), round(cols.max(self.cols), CACHE_COL_BLOCK));
+        let grow = |t: &Tensor| {
+            let s = t.size();
+            let bigger = Tensor::zeros([rows, s[1], cols, s[3]], (t.kind(), t.device()));
+            bigger.narrow(0, 0, s[0]).narrow(2, 0, s[2]).copy_(t);
+            bigger
+        };
+        for (k, v) in self.layers.iter_mut().flatten() {
+            (*k, *v) = (grow(k), grow(v));
+        }
+        (self.rows, self.cols) = (rows, cols);
+    }
+
+    /// Moves slot `from` into slot `to` (columns 0..`len`): a leaving row's slot taken by the last
+    /// row, so the running rows stay the first slots without copying the others.
+    pub fn move_slot(&mut self, from: i64, to: i64, len: i64) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            for t in [k, v] {
+                let src = t.narrow(0, from, 1).narrow(2, 0, len).copy();
+                t.narrow(0, to, 1).narrow(2, 0, len).copy_(&src);
+            }
+        }
+    }
+
+    /// Bytes allocated.
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().flatten().map(|(k, v)| (k.numel() * k.kind().elt_size_in_bytes() + v.numel() * v.kind().elt_size_in_bytes()) as u64).sum()
+    }
+
+    /// Writes layer `i`'s new keys and values `[B, kv_heads, T, D]`; returns those to attend over.
+    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let (rows, cols) = (self.rows, self.cols);
+        let (ck, cv) = self.layers[i].get_or_insert_with(|| {
+            let s = k.size();
+            let alloc = || Tensor::zeros([rows, s[1], cols, s[3]], (k.kind(), k.device()));
+            (alloc(), alloc())
+        });
+        match &self.write {
+            Write::Prefill { first } => {
+                let (n, t) = (k.size()[0], k.size()[2]);
+                ck.narrow(0, *first, n).narrow(2, 0, t).copy_(&k);
+                cv.narrow(0, *first, n).narrow(2, 0, t).copy_(&v);
+                (k, v)
+            }
+            Write::Decode { cols, len } => {
+                let b = k.size()[0];
+                let slots = Tensor::arange(b, (Kind::Int64, k.device()));
+                let at = [Some(slots), None, Some(cols.shallow_clone())];
+                let _ = ck.index_put_(&at, &k.squeeze_dim(2), false);
+                let _ = cv.index_put_(&at, &v.squeeze_dim(2), false);
+                (ck.narrow(0, 0, b).narrow(2, 0, *len), cv.narrow(0, 0, b).narrow(2, 0, *len))
+            }
+        }
     }
 }
 
@@ -252,29 +373,44 @@ impl Attention {
         (split(self.q.forward(h), self.heads), split(self.k.forward(h), self.kv_heads), split(self.v.forward(h), self.kv_heads))
     }
 
-    /// Attention of `q` over `k, v` (plus the cached ones, which `slot` then holds): `[B, T, H]`.
-    pub fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: Option<&(Tensor, Tensor)>, mask: &Tensor, slot: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+    /// Attention of `q` over `k, v` (written to layer `i` of the cache, and then over the keys it
+    /// holds): `[B, T, H]`.
+    pub fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: Option<&(Tensor, Tensor)>, mask: &AttnMask, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let (b, t) = (q.size()[0], q.size()[2]);
-        let kind = q.kind();
-        let (q, mut k, mut v) = match rope {
+        let (q, k, v) = match rope {
             Some(cs) => (apply_rotary(&q, cs), apply_rotary(&k, cs), v),
             None => (q, k, v),
         };
-        if let Some(slot) = slot {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            *slot = Some((k.shallow_clone(), v.shallow_clone()));
-        }
-        let rep = self.heads / self.kv_heads;
-        let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None)) } else { (k, v) };
-        let mut scores = q.matmul(&k.transpose(-2, -1)) * self.scale;
-        if let Some(cap) = self.softcap {
-            scores = (scores / cap).tanh() * cap;
-        }
-        let attn = (scores + mask).softmax(-1, Kind::Float).to_kind(kind).matmul(&v);
+        let (k, v) = match cache {
+            Some((c, i)) => c.append(i, k, v),
+            None => (k, v),
+        };
+        let attn = match (self.softcap, mask) {
+            // The fused kernel (flash on CPU and for unpadded causal rows on CUDA, memory-efficient
+            // with a mask) reads grouped KV heads in place (`enable_gqa`).
+            (None, AttnMask::Causal) => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, self.scale, self.kv_heads < self.heads),
+            (None, AttnMask::Additive(m)) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, self.scale, self.kv_heads < self.heads),
+            (Some(cap), mask) => self.softcapped(&q, &k, &v, cap, mask),
+        };
         self.o.forward(&attn.transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]))
+    }
+
+    /// Soft-capped attention, explicitly (no fused kernel caps scores): each group of query heads
+    /// against its KV head by broadcasting, without copying K/V per query head.
+    fn softcapped(&self, q: &Tensor, k: &Tensor, v: &Tensor, cap: f64, mask: &AttnMask) -> Tensor {
+        let (b, t, s, d) = (q.size()[0], q.size()[2], k.size()[2], self.head_dim);
+        let (kind, g) = (q.kind(), self.heads / self.kv_heads);
+        let q = q.reshape([b, self.kv_heads, g * t, d]);
+        let scores = ((q.matmul(&k.transpose(-2, -1)) * self.scale / cap).tanh() * cap).view([b, self.heads, t, s]);
+        let scores = match mask {
+            AttnMask::Additive(m) => scores + m,
+            AttnMask::Causal => {
+                let future = Tensor::ones([t, s], (Kind::Bool, q.device())).triu(1);
+                scores.masked_fill(&future, min_value(kind))
+            }
+        };
+        let probs = scores.softmax(-1, Kind::Float).to_kind(kind).view([b, self.kv_heads, g * t, s]);
+        probs.matmul(v).view([b, self.heads, t, d])
     }
 }
 
@@ -307,5 +443,55 @@ impl Scope<'_> {
     pub fn conv1d(&self, name: &str) -> Result<Linear, EngineError> {
         let s = self.pp(name);
         Ok(Linear { w: s.get("weight")?.t_().contiguous(), b: Some(s.get("bias")?) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distinct values per (row, head, column, dim), offset by `base`.
+    fn keys(n: i64, t: i64, base: f64) -> Tensor {
+        Tensor::arange(n * 2 * t * 4, (Kind::Float, Device::Cpu)).view([n, 2, t, 4]) + base
+    }
+
+    #[test]
+    fn the_kv_cache_grows_by_blocks_keeps_its_keys_and_writes_in_place() {
+        let mut c = KvCache::new(1);
+        c.reserve(2, 3);
+        assert_eq!((c.rows, c.cols), (CACHE_ROW_BLOCK, CACHE_COL_BLOCK));
+        let first = keys(2, 3, 0.0);
+        c.write = Write::Prefill { first: 0 };
+        let (k, _) = c.append(0, first.shallow_clone(), first.shallow_clone() + 0.5);
+        assert!(k.equal(&first), "a prefill attends to its own keys");
+        // A row of 5 tokens joins in slot 2: nothing to grow, nothing else copied.
+        let joined = keys(1, 5, 1000.0);
+        c.reserve(3, 5);
+        assert_eq!((c.rows, c.cols), (CACHE_ROW_BLOCK, CACHE_COL_BLOCK));
+        c.write = Write::Prefill { first: 2 };
+        let _ = c.append(0, joined.shallow_clone(), joined.shallow_clone());
+        // One decode step: each row writes at its own column.
+        let new = keys(3, 1, 5000.0);
+        c.write = Write::Decode { cols: Tensor::from_slice(&[3i64, 3, 5]), len: 6 };
+        let (k, v) = c.append(0, new.shallow_clone(), new.shallow_clone() + 0.5);
+        assert_eq!(k.size(), [3, 2, 6, 4]);
+        assert!(k.narrow(0, 0, 2).narrow(2, 0, 3).equal(&first));
+        assert!(v.narrow(0, 0, 2).narrow(2, 0, 3).equal(&(&first + 0.5)));
+        assert!(k.narrow(0, 2, 1).narrow(2, 0, 5).equal(&joined));
+        for (row, col) in [(0, 3), (1, 3), (2, 5)] {
+            assert!(k.get(row).select(1, col).equal(&new.get(row).select(1, 0)), "row {row} wrote column {col}");
+        }
+        let before = k.copy();
+        // Past a block: the cache grows by whole blocks and keeps every key.
+        c.reserve(CACHE_ROW_BLOCK + 1, CACHE_COL_BLOCK + 1);
+        assert_eq!((c.rows, c.cols), (2 * CACHE_ROW_BLOCK, 2 * CACHE_COL_BLOCK));
+        let (ck, _) = c.layers[0].as_ref().unwrap();
+        assert!(ck.narrow(0, 0, 3).narrow(2, 0, 6).equal(&before));
+        assert_eq!(c.bytes(), 2 * (2 * CACHE_ROW_BLOCK * 2 * 2 * CACHE_COL_BLOCK * 4 * 4) as u64);
+        // The last row takes a leaving row's slot.
+        c.move_slot(2, 0, 6);
+        let (ck, _) = c.layers[0].as_ref().unwrap();
+        assert!(ck.get(0).narrow(1, 0, 6).equal(&before.get(2)));
+        assert!(ck.get(1).narrow(1, 0, 6).equal(&before.get(1)), "other rows stay");
     }
 }

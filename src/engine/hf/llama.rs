@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::config::HfConfig;
-use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -113,14 +113,14 @@ impl CausalLm for Llama {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
         let mut x = embed(&self.embed, ids);
         let kind = x.kind();
-        let mask = causal_mask(keep, ids.size()[1], self.sliding_window, kind);
-        let rope = self.rotary.cos_sin(pos, kind);
+        let mask = layout.mask(self.sliding_window, kind);
+        let rope = self.rotary.cos_sin(&layout.pos, kind);
         for (i, l) in self.layers.iter().enumerate() {
             let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
-            x += l.attn.attend(q, k, v, Some(&rope), &mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            x += l.attn.attend(q, k, v, Some(&rope), &mask, cache.as_deref_mut().map(|c| (c, i)));
             x += l.mlp.forward(&l.norm2.forward(&x));
         }
         self.norm.forward(&x)

@@ -36,7 +36,7 @@ use crate::job::{JobInput, JobKind, Output};
 use crate::kinds::Window;
 use crate::repository::ModelSpec;
 use generate::{GenBatch, Row};
-use layers::KvCache;
+use layers::{KvCache, Layout};
 
 fn load_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Load(e.to_string())
@@ -50,9 +50,9 @@ fn tch_err(e: tch::TchError) -> EngineError {
 pub(crate) trait CausalLm {
     fn vocab(&self) -> i64;
     fn num_layers(&self) -> usize;
-    /// Final hidden states `[B, T, H]` of `ids [B, T]` at positions `pos [B, T]`. `keep [B, S]`
-    /// says which keys are real (S = cached + T); with a cache, keys and values are appended to it.
-    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, cache: Option<&mut KvCache>) -> Tensor;
+    /// Final hidden states `[B, T, H]` of `ids [B, T]`, attending as `layout` says (S = cached +
+    /// T keys); with a cache, keys and values are appended to it.
+    fn forward(&self, ids: &Tensor, layout: &Layout, cache: Option<&mut KvCache>) -> Tensor;
     /// f32 logits of hidden states.
     fn logits(&self, hidden: &Tensor) -> Tensor;
 }
@@ -63,8 +63,9 @@ pub(crate) enum Net {
     Encoder(bert::Bert),
 }
 
-/// Left-padded rows: ids `[B, L]`, keep mask `[B, L]`, and positions counting real tokens.
-fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Tensor) {
+/// Left-padded rows: ids `[B, L]`, keep mask `[B, L]`, and their layout (positions counting
+/// real tokens).
+fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Layout) {
     let len = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(rows.len() * len);
     let mut keep = Vec::with_capacity(rows.len() * len);
@@ -76,7 +77,9 @@ fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Tensor) {
     let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
     let keep = Tensor::from_slice(&keep).view(shape).to_device(device);
     let pos = (keep.cumsum(1, Kind::Int64) - 1).clamp_min(0);
-    (ids, keep, pos)
+    let dense = rows.iter().all(|r| r.len() == len);
+    let layout = Layout::new(pos, &keep, dense);
+    (ids, keep, layout)
 }
 
 #[derive(Clone, Copy)]

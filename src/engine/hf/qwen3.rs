@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::config::HfConfig;
-use super::layers::{causal_mask, embed, Act, Attention, KvCache, Mlp, Norm, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -106,17 +106,17 @@ impl CausalLm for Qwen3 {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, pos: &Tensor, keep: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
         let mut x = embed(&self.embed, ids);
-        let (kind, t) = (x.kind(), ids.size()[1]);
-        let full = causal_mask(keep, t, None, kind);
-        let sliding = self.layers.iter().any(|l| l.sliding).then(|| causal_mask(keep, t, self.sliding_window, kind));
-        let rope = self.rotary.cos_sin(pos, kind);
+        let kind = x.kind();
+        let full = layout.mask(None, kind);
+        let sliding = self.layers.iter().any(|l| l.sliding).then(|| layout.mask(self.sliding_window, kind));
+        let rope = self.rotary.cos_sin(&layout.pos, kind);
         for (i, l) in self.layers.iter().enumerate() {
             let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
             let (q, k) = (l.q_norm.forward(&q), l.k_norm.forward(&k));
             let mask = if l.sliding { sliding.as_ref().expect("sliding mask") } else { &full };
-            x += l.attn.attend(q, k, v, Some(&rope), mask, cache.as_deref_mut().map(|c| &mut c.layers[i]));
+            x += l.attn.attend(q, k, v, Some(&rope), mask, cache.as_deref_mut().map(|c| (c, i)));
             x += l.mlp.forward(&l.norm2.forward(&x));
         }
         self.norm.forward(&x)
