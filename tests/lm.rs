@@ -451,3 +451,57 @@ async fn a_large_embed_job_is_answered_quickly_and_truncated_like_a_short_one() 
     eprintln!("FIGURES 900 KiB embed job answered in {took:?} (publish to result)");
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+/// The fixture's `python` (the project's venv) run on `script` with `args`; its stdout as JSON.
+/// For reference values from transformers on the fixture's files.
+fn python(script: &str, args: &[&str]) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("venv python (make test bootstraps it)");
+    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `truncate: "left"` over the bus: a prompt longer than `max_length - max_new_tokens` keeps the
+/// tokens lm-evaluation-harness keeps (`context_enc[:, -max_ctx_len:]`, here from transformers'
+/// tokenizer on the same files), and generates what those tokens given directly generate.
+#[tokio::test]
+async fn truncate_left_cuts_a_long_prompt_as_the_harness_does() {
+    let h = harness().await;
+    let (dir, _) = fixture();
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let prompt = "workers ack a job only after its result is safely published and rolling windows cover a long text ".repeat(4);
+    let (max_new, keep) = (8, 48 - 8);
+    let want = python(
+        "import json, sys\nfrom transformers import PreTrainedTokenizerFast\n\
+         tok = PreTrainedTokenizerFast(tokenizer_file=sys.argv[1])\n\
+         ids = tok(sys.argv[2], add_special_tokens=False).input_ids\n\
+         print(json.dumps({'whole': len(ids), 'kept': ids[-int(sys.argv[3]):]}))",
+        &[dir.join("models/tiny-llama/tokenizer.json").to_str().unwrap(), &prompt, &keep.to_string()],
+    );
+    assert!(want["whole"].as_u64().unwrap() > 48, "the prompt is longer than the model: {want}");
+    let params = json!({"max_new_tokens": max_new, "truncate": "left"});
+    let jobs = [
+        job("cut-text", "tiny-llama", "generate", json!({"prompt": prompt}), params.clone()),
+        job("cut-tokens", "tiny-llama", "generate", json!({"prompt_tokens": (3..103).collect::<Vec<u32>>()}), params),
+        job("kept", "tiny-llama", "generate", json!({"prompt_tokens": want["kept"]}), json!({"max_new_tokens": max_new})),
+        job("kept-tail", "tiny-llama", "generate", json!({"prompt_tokens": (63..103).collect::<Vec<u32>>()}), json!({"max_new_tokens": max_new})),
+        job("refused", "tiny-llama", "generate", json!({"prompt": prompt}), json!({"max_new_tokens": max_new})),
+    ];
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let (cut, kept) = (output(&got["cut-text"][0]), output(&got["kept"][0]));
+    assert_eq!(cut["prompt_tokens"], keep);
+    assert_eq!(cut["tokens"].as_array().unwrap().len(), max_new);
+    assert_eq!(cut["tokens"], kept["tokens"], "the cut prompt is the harness's last {keep} tokens");
+    assert_eq!(output(&got["cut-tokens"][0])["tokens"], output(&got["kept-tail"][0])["tokens"]);
+    let err = got["refused"][0].error.clone().expect("the default refuses");
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.starts_with("input.prompt: ") && err.message.contains("truncate"), "{}", err.message);
+}
