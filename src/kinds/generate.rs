@@ -172,13 +172,13 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
             let prompt = input.text("prompt")?.ok_or(ValidationError::Missing { field: "input.prompt".into(), or: Some("prompt_tokens") })?;
             match keep {
                 // Only the end of a long prompt is read: its last `keep` tokens are those of the whole.
-                Some(keep) => text::encode(lm, text::bounded_tail(lm, prompt, keep)?, true)?,
+                Some(keep) => text::encode_text(lm, text::bounded_tail(lm, prompt, keep)?)?,
                 None => {
                     // A prompt must fit the model: a bounded start of it tells an over-long one.
                     if text::over(lm, prompt, lm.max_length)? {
                         return Err(ValidationError::NoRoomToGenerate { tokens: Count::MoreThan(lm.max_length), max: lm.max_length });
                     }
-                    text::encode(lm, prompt, true)?
+                    text::encode_text(lm, prompt)?
                 }
             }
         }

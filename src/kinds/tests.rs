@@ -121,7 +121,7 @@ fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
     // Texts crossing the window (16 bytes a token): bounded results equal whole-text ones.
     for len in [700, 767, 768, 769, 800, 1600, 5000] {
         let text: String = words.chars().cycle().take(len).collect();
-        let whole = text::encode(&spec, &text, true).unwrap();
+        let whole = text::encode_text(&spec, &text).unwrap();
         match parse(&spec, JobKind::Generate, json!({"prompt": text}), json!({"max_new_tokens": 1})) {
             Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole),
             Ok(other) => panic!("{other:?}"),
@@ -225,7 +225,7 @@ fn truncate_left_keeps_the_end_of_a_long_prompt_as_the_harness_cuts_it() {
     let gen = JobKind::Generate;
     // One token per byte: 100 bytes of prompt, 8 new tokens: the last 40 tokens stay.
     let text: String = (0..100).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-    let whole = text::encode(&spec, &text, true).unwrap();
+    let whole = text::encode_text(&spec, &text).unwrap();
     assert_eq!(whole.len(), 100);
     let left = json!({"max_new_tokens": 8, "truncate": "left"});
     assert_eq!(prompt(parse(&spec, gen, json!({"prompt": text}), left.clone()).unwrap()), whole[60..].to_vec());
