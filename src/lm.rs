@@ -18,6 +18,9 @@ pub struct LmSpec {
     pub max_length: usize,
     /// The token an empty context (and the first rolling window) is conditioned on: BOS, else EOS.
     pub prefix_token: u32,
+    /// Whether producer text is encoded with the tokenizer's special tokens (its BOS), as
+    /// lm-evaluation-harness's `add_bos_token` says: see [`harness_adds_bos`].
+    pub add_bos: bool,
     pub max_new_tokens_limit: usize,
     /// Largest `loglikelihood_rolling` text, in bytes: that kind tokenises and scores the whole
     /// text, so this bounds its cost (`max_input_bytes` in jetbatch.toml; see
@@ -69,8 +72,18 @@ impl LmSpec {
         if arch.is_decoder() && (prefix_token as usize) >= config.vocab_size {
             return Err(format!("config.json: the prefix token {prefix_token} is not below vocab_size {}", config.vocab_size));
         }
-        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
+        let add_bos = harness_adds_bos(&config);
+        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, add_bos, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
     }
+}
+
+/// lm-evaluation-harness's HF backend encodes every text (contexts, continuations, rolling texts,
+/// `generate_until` contexts) with `add_special_tokens=False`, except for models whose
+/// `config.json` `model_type` contains "gemma" (gemma, gemma2, gemma3_text, …): there it sets
+/// `add_bos_token` and the tokenizer adds its BOS, as Gemma is trained to read one.
+/// `add_bos_token` in jetbatch.toml overrides this per model.
+pub fn harness_adds_bos(config: &HfConfig) -> bool {
+    config.get("model_type").and_then(serde_json::Value::as_str).is_some_and(|t| t.contains("gemma"))
 }
 
 /// The prefix token as lm-evaluation-harness picks it (`prefix_token_id`): the tokenizer's BOS

@@ -157,6 +157,10 @@ pub struct ModelConfig {
     /// (lm-evaluation-harness's `prefix_token_id`); default: the tokenizer's BOS, else its EOS.
     #[serde(default)]
     pub prefix_token: Option<u32>,
+    /// `hf` decoders: whether producer text is encoded with the tokenizer's BOS (lm-evaluation-
+    /// harness's `add_bos_token`); default: only for Gemma models, as the harness does.
+    #[serde(default)]
+    pub add_bos_token: Option<bool>,
     #[serde(default)]
     pub inputs: Vec<InputSpec>,
     #[serde(default)]
@@ -222,6 +226,7 @@ impl ModelSpec {
                     }
                     lm.prefix_token = t;
                 }
+                lm.add_bos = config.add_bos_token.unwrap_or(lm.add_bos);
                 Some(lm)
             }
             Backend::Torchscript => None,

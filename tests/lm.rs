@@ -65,7 +65,8 @@ async fn decoders_match_transformers_batched_and_alone() {
     let _w = h.worker("w1", &[]);
     let mut sub = h.subscribe_results().await;
     let mut worst = HashMap::new();
-    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-llama3", "tiny-qwen3", "tiny-phi3"] {
+    // Gemma: text encoded with BOS, as the harness encodes it for Gemma.
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-llama3", "tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-gemma3"] {
         let jobs = decoder_jobs(model, &refs["models"][model]);
         // Batched: one burst, requests of very different lengths side by side.
         let wire: Vec<rmpv::Value> = jobs.iter().map(|(_, j, _)| j.clone()).collect();
@@ -373,7 +374,7 @@ fn bounded_tokenisation_equals_whole_text_tokenisation() {
         for (n, &len) in lengths.iter().enumerate() {
             let t = text(len, n * 7);
             if lm.arch.is_decoder() {
-                let whole = lm.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec();
+                let whole = lm.tokenizer.encode(t.as_str(), lm.add_bos).unwrap().get_ids().to_vec();
                 match parse(lm, JobKind::Generate, json!({"prompt": t})) {
                     Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole, "{model} {len}"),
                     Ok(other) => panic!("{other:?}"),
@@ -456,4 +457,129 @@ async fn a_large_embed_job_is_answered_quickly_and_truncated_like_a_short_one() 
     assert_close(&a, &b, 1e-6, "900 KiB text vs its 600-token start");
     eprintln!("FIGURES 900 KiB embed job answered in {took:?} (publish to result)");
     assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+/// The fixture's `python` (the project's venv) run on `script` with `args`; its stdout as JSON.
+/// For reference values from transformers on the fixture's files.
+fn python(script: &str, args: &[&str]) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("venv python (make test bootstraps it)");
+    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `truncate: "left"` over the bus: a prompt longer than `max_length - max_new_tokens` keeps the
+/// tokens lm-evaluation-harness keeps (`context_enc[:, -max_ctx_len:]`, here from transformers'
+/// tokenizer on the same files), and generates what those tokens given directly generate.
+#[tokio::test]
+async fn truncate_left_cuts_a_long_prompt_as_the_harness_does() {
+    let h = harness().await;
+    let (dir, _) = fixture();
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let prompt = "workers ack a job only after its result is safely published and rolling windows cover a long text ".repeat(4);
+    let (max_new, keep) = (8, 48 - 8);
+    let want = python(
+        "import json, sys\nfrom transformers import PreTrainedTokenizerFast\n\
+         tok = PreTrainedTokenizerFast(tokenizer_file=sys.argv[1])\n\
+         ids = tok(sys.argv[2], add_special_tokens=False).input_ids\n\
+         print(json.dumps({'whole': len(ids), 'kept': ids[-int(sys.argv[3]):]}))",
+        &[dir.join("models/tiny-llama/tokenizer.json").to_str().unwrap(), &prompt, &keep.to_string()],
+    );
+    assert!(want["whole"].as_u64().unwrap() > 48, "the prompt is longer than the model: {want}");
+    let params = json!({"max_new_tokens": max_new, "truncate": "left"});
+    let jobs = [
+        job("cut-text", "tiny-llama", "generate", json!({"prompt": prompt}), params.clone()),
+        job("cut-tokens", "tiny-llama", "generate", json!({"prompt_tokens": (3..103).collect::<Vec<u32>>()}), params),
+        job("kept", "tiny-llama", "generate", json!({"prompt_tokens": want["kept"]}), json!({"max_new_tokens": max_new})),
+        job("kept-tail", "tiny-llama", "generate", json!({"prompt_tokens": (63..103).collect::<Vec<u32>>()}), json!({"max_new_tokens": max_new})),
+        job("refused", "tiny-llama", "generate", json!({"prompt": prompt}), json!({"max_new_tokens": max_new})),
+    ];
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let (cut, kept) = (output(&got["cut-text"][0]), output(&got["kept"][0]));
+    assert_eq!(cut["prompt_tokens"], keep);
+    assert_eq!(cut["tokens"].as_array().unwrap().len(), max_new);
+    assert_eq!(cut["tokens"], kept["tokens"], "the cut prompt is the harness's last {keep} tokens");
+    assert_eq!(output(&got["cut-tokens"][0])["tokens"], output(&got["kept-tail"][0])["tokens"]);
+    let err = got["refused"][0].error.clone().expect("the default refuses");
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.starts_with("input.prompt: ") && err.message.contains("truncate"), "{}", err.message);
+}
+
+/// lm-evaluation-harness's HF backend encoding (`tok_encode`, `_encode_pair`, the empty context),
+/// written with transformers' tokenizer on a model folder: argv = folder, add_bos_token
+/// ("auto": the harness's rule, BOS for Gemma only), then a JSON list of (context, continuation).
+const HARNESS_ENCODING: &str = "import json, sys
+from transformers import PreTrainedTokenizerFast
+d, override, pairs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tok = PreTrainedTokenizerFast(tokenizer_file=d + '/tokenizer.json')
+model_type = json.load(open(d + '/config.json'))['model_type']
+add_bos = {'auto': 'gemma' in model_type, 'true': True, 'false': False}[override]
+def tok_encode(s):
+    return tok(s, add_special_tokens=add_bos).input_ids
+def encode_pair(context, continuation):
+    n = len(context) - len(context.rstrip())
+    if n > 0:
+        continuation, context = context[-n:] + continuation, context[:-n]
+    whole, ctx = tok_encode(context + continuation), tok_encode(context)
+    return [ctx, whole[len(ctx):]]
+print(json.dumps({'pairs': [encode_pair(c, k) if c else [None, tok_encode(k)] for c, k in pairs],
+                  'texts': [tok_encode(c + k) for c, k in pairs]}))
+";
+
+/// Producer text is encoded as the harness encodes it — without special tokens, but with BOS for
+/// Gemma models (`model_type` containing "gemma") — for loglikelihood pairs (an empty context is
+/// the prefix token), rolling texts and generate prompts; `add_bos_token` in jetbatch.toml
+/// overrides the family's rule either way. Checked against transformers' tokenizer.
+#[test]
+fn text_is_encoded_as_the_harness_encodes_it_with_bos_for_gemma() {
+    use jetbatch::job::{JobInput, JobKind};
+    let (dir, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "workers ack a job"), ("numbers like 12", " 345")];
+    let pairs_json = serde_json::to_string(&pairs).unwrap();
+    for (model, add_bos, expect_bos) in
+        [("tiny-llama", None, false), ("tiny-qwen2", None, false), ("tiny-gemma2", None, true), ("tiny-gemma3", None, true), ("tiny-llama", Some(true), true), ("tiny-gemma2", Some(false), false)]
+    {
+        let src = dir.join("models").join(model);
+        let folder = match add_bos {
+            None => src.clone(),
+            Some(b) => {
+                let f = tmp.path().join(format!("{model}-{b}"));
+                std::fs::create_dir_all(&f).unwrap();
+                for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+                    std::os::unix::fs::symlink(src.join(file), f.join(file)).unwrap();
+                }
+                std::fs::write(f.join("jetbatch.toml"), format!("backend = \"hf\"\nadd_bos_token = {b}\n")).unwrap();
+                f
+            }
+        };
+        let spec = jetbatch::repository::ModelSpec::load(&folder).unwrap();
+        let lm = spec.lm.as_ref().unwrap();
+        let override_arg = add_bos.map(|b| b.to_string()).unwrap_or_else(|| "auto".into());
+        let want = python(HARNESS_ENCODING, &[folder.to_str().unwrap(), &override_arg, &pairs_json]);
+        let what = format!("{model} add_bos_token={override_arg}");
+        for (i, (context, continuation)) in pairs.iter().enumerate() {
+            let ids = |v: &Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+            let [ctx, cont] = [&want["pairs"][i][0], &want["pairs"][i][1]];
+            let JobInput::Score(w) = parse(lm, JobKind::Loglikelihood, json!({"context": context, "continuation": continuation})).unwrap() else { panic!() };
+            let want_ctx = if ctx.is_null() { vec![lm.prefix_token] } else { ids(ctx) };
+            assert_eq!((&w[0].context, &w[0].continuation), (&want_ctx, &ids(cont)), "{what}: loglikelihood {context:?} {continuation:?}");
+            let text = format!("{context}{continuation}");
+            let whole = ids(&want["texts"][i]);
+            assert_eq!(whole.first() == Some(&0), expect_bos, "{what}: BOS (id 0) in {whole:?}");
+            let JobInput::Generate(g) = parse(lm, JobKind::Generate, json!({"prompt": text})).unwrap() else { panic!() };
+            assert_eq!(g.prompt, whole, "{what}: generate prompt {text:?}");
+            let JobInput::Score(r) = parse(lm, JobKind::LoglikelihoodRolling, json!({"text": text})).unwrap() else { panic!() };
+            let scored: Vec<u32> = r.iter().flat_map(|w| w.continuation.clone()).collect();
+            assert_eq!((r[0].context.clone(), scored), (vec![lm.prefix_token], whole), "{what}: rolling {text:?}");
+        }
+    }
 }

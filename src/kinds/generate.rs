@@ -11,7 +11,7 @@ use super::{JobInput, Request};
 use crate::lm::LmSpec;
 
 pub const INPUT_KEYS: &[&str] = &["prompt", "prompt_tokens"];
-pub const PARAM_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "stream"];
+pub const PARAM_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "stream", "truncate"];
 
 /// `max_new_tokens` when a job does not say.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -71,6 +71,17 @@ impl FinishReason {
     }
 }
 
+/// What becomes of a prompt too long for the model (`params.truncate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Truncate {
+    /// `"error"` (the default): a prompt that leaves no room to generate is a `bad_request`.
+    #[default]
+    Error,
+    /// `"left"`: the prompt keeps its last `max_length - max_new_tokens` tokens, as
+    /// lm-evaluation-harness's `generate_until` cuts its contexts (`context_enc[:, -max_ctx_len:]`).
+    Left,
+}
+
 /// `params` of a `generate` job, parsed and range-checked (the vocabulary is checked in [`parse`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateParams {
@@ -82,6 +93,7 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     pub stop_token_ids: Option<Vec<u32>>,
     pub stream: bool,
+    pub truncate: Truncate,
 }
 
 impl GenerateParams {
@@ -117,6 +129,14 @@ impl GenerateParams {
             ),
             Some(_) => return Err(bad("stop_token_ids", "a list of token ids")),
         };
+        let truncate = match params.get("truncate") {
+            None | Some(Value::Nil) => Truncate::Error,
+            Some(v) => match v.as_str() {
+                Some("error") => Truncate::Error,
+                Some("left") => Truncate::Left,
+                _ => return Err(bad("truncate", "\"error\" or \"left\"")),
+            },
+        };
         let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         Ok(GenerateParams {
             max_new_tokens: params.uint("max_new_tokens")?.map(size),
@@ -127,33 +147,50 @@ impl GenerateParams {
             stop,
             stop_token_ids,
             stream: params.boolean("stream")?.unwrap_or(false),
+            truncate,
         })
     }
 }
 
 pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, ValidationError> {
     let params = GenerateParams::read(params)?;
+    let max_new = params.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+    if max_new == 0 || max_new > lm.max_new_tokens_limit {
+        return Err(ValidationError::OutOfRange { field: "params.max_new_tokens".into(), range: format!("1..={}", lm.max_new_tokens_limit) });
+    }
+    // Tokens the prompt may keep: with `truncate: "left"`, what leaves room for every new token.
+    let keep = match params.truncate {
+        Truncate::Error => None,
+        Truncate::Left => Some(lm.max_length.checked_sub(max_new).filter(|&k| k > 0).ok_or_else(|| ValidationError::OutOfRange {
+            field: "params.max_new_tokens".into(),
+            range: format!("1..{} with truncate \"left\" (room for the prompt within max_length)", lm.max_length),
+        })?),
+    };
     let prompt = match input.tokens("prompt_tokens", lm.config.vocab_size)? {
         Some(t) => t,
         None => {
             let prompt = input.text("prompt")?.ok_or(ValidationError::Missing { field: "input.prompt".into(), or: Some("prompt_tokens") })?;
-            // A prompt must fit the model: a bounded start of it tells an over-long one.
-            if text::over(lm, prompt, lm.max_length)? {
-                return Err(ValidationError::NoRoomToGenerate { tokens: Count::MoreThan(lm.max_length), max: lm.max_length });
+            match keep {
+                // Only the end of a long prompt is read: its last `keep` tokens are those of the whole.
+                Some(keep) => text::encode_text(lm, text::bounded_tail(lm, prompt, keep)?)?,
+                None => {
+                    // A prompt must fit the model: a bounded start of it tells an over-long one.
+                    if text::over(lm, prompt, lm.max_length)? {
+                        return Err(ValidationError::NoRoomToGenerate { tokens: Count::MoreThan(lm.max_length), max: lm.max_length });
+                    }
+                    text::encode_text(lm, prompt)?
+                }
             }
-            text::encode(lm, prompt, true)?
         }
     };
     if prompt.is_empty() {
         return Err(ValidationError::NoTokens { field: "input.prompt".into() });
     }
-    let max_new = params.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-    if max_new == 0 || max_new > lm.max_new_tokens_limit {
-        return Err(ValidationError::OutOfRange { field: "params.max_new_tokens".into(), range: format!("1..={}", lm.max_new_tokens_limit) });
-    }
-    if prompt.len() >= lm.max_length {
-        return Err(ValidationError::NoRoomToGenerate { tokens: Count::Exactly(prompt.len()), max: lm.max_length });
-    }
+    let prompt = match keep {
+        Some(keep) => prompt[prompt.len().saturating_sub(keep)..].to_vec(),
+        None if prompt.len() >= lm.max_length => return Err(ValidationError::NoRoomToGenerate { tokens: Count::Exactly(prompt.len()), max: lm.max_length }),
+        None => prompt,
+    };
     let temperature = params.temperature.unwrap_or(0.0);
     let sampling = Sampling {
         temperature,

@@ -21,7 +21,7 @@ pub fn parse(lm: &LmSpec, input: &Input) -> Result<Request, ValidationError> {
             if text.len() > lm.max_input_bytes {
                 return Err(ValidationError::TooManyBytes { field: "input.text".into(), bytes: text.len(), max: lm.max_input_bytes });
             }
-            text::encode(lm, text, false)?
+            text::encode_text(lm, text)?
         }
     };
     if tokens.is_empty() {

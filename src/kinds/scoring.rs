@@ -26,15 +26,17 @@ impl Window {
 
 /// lm-evaluation-harness `_encode_pair`: trailing spaces of the context move to the front of the
 /// continuation; the pair is encoded whole and the continuation is what follows the context's own
-/// encoding. An empty context is conditioned on the prefix token.
+/// encoding. An empty context is conditioned on the prefix token. Texts are encoded as the harness
+/// encodes them ([`text::encode_text`]): where it adds BOS (Gemma), both encodings start with it,
+/// and an empty context's continuation does too, as in the harness.
 pub fn split_pair(lm: &LmSpec, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>), ValidationError> {
     if context.is_empty() {
-        return Ok((vec![lm.prefix_token], text::encode(lm, continuation, false)?));
+        return Ok((vec![lm.prefix_token], text::encode_text(lm, continuation)?));
     }
     let trimmed = context.trim_end();
     let (context, continuation) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));
-    let whole = text::encode(lm, &format!("{context}{continuation}"), false)?;
-    let context_ids = text::encode(lm, context, false)?;
+    let whole = text::encode_text(lm, &format!("{context}{continuation}"))?;
+    let context_ids = text::encode_text(lm, context)?;
     let split = context_ids.len().min(whole.len());
     Ok((context_ids, whole[split..].to_vec()))
 }

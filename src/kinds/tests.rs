@@ -121,7 +121,7 @@ fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
     // Texts crossing the window (16 bytes a token): bounded results equal whole-text ones.
     for len in [700, 767, 768, 769, 800, 1600, 5000] {
         let text: String = words.chars().cycle().take(len).collect();
-        let whole = text::encode(&spec, &text, true).unwrap();
+        let whole = text::encode_text(&spec, &text).unwrap();
         match parse(&spec, JobKind::Generate, json!({"prompt": text}), json!({"max_new_tokens": 1})) {
             Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole),
             Ok(other) => panic!("{other:?}"),
@@ -210,4 +210,37 @@ fn unknown_keys_in_input_and_params_are_refused_with_a_suggestion() {
     assert_eq!(gen.validate(&model, &dup, &BTreeMap::new()).unwrap_err().to_string(), "input.prompt: appears more than once");
     let int_key = Value::Map(vec![(Value::from(1), "a".into())]);
     assert_eq!(gen.validate(&model, &int_key, &BTreeMap::new()).unwrap_err().to_string(), "input: keys must be strings");
+}
+
+fn prompt(input: JobInput) -> Vec<u32> {
+    match input {
+        JobInput::Generate(g) => g.prompt,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn truncate_left_keeps_the_end_of_a_long_prompt_as_the_harness_cuts_it() {
+    let (_d, spec) = tiny(48);
+    let gen = JobKind::Generate;
+    // One token per byte: 100 bytes of prompt, 8 new tokens: the last 40 tokens stay.
+    let text: String = (0..100).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let whole = text::encode_text(&spec, &text).unwrap();
+    assert_eq!(whole.len(), 100);
+    let left = json!({"max_new_tokens": 8, "truncate": "left"});
+    assert_eq!(prompt(parse(&spec, gen, json!({"prompt": text}), left.clone()).unwrap()), whole[60..].to_vec());
+    let tokens: Vec<u32> = (3..103).collect();
+    assert_eq!(prompt(parse(&spec, gen, json!({"prompt_tokens": tokens}), left.clone()).unwrap()), tokens[60..].to_vec());
+    // A prompt that fits is kept whole, even where the default would also take it.
+    assert_eq!(prompt(parse(&spec, gen, json!({"prompt": "abc"}), left).unwrap()).len(), 3);
+    // The default refuses, and says what to do.
+    let err = parse(&spec, gen, json!({"prompt": text}), json!({"max_new_tokens": 8})).unwrap_err();
+    assert!(err.message.starts_with("input.prompt: 100 tokens leave no room") && err.message.contains("truncate"), "{}", err.message);
+    let err = parse(&spec, gen, json!({"prompt": text}), json!({"max_new_tokens": 8, "truncate": "error"})).unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    // No room left for any prompt token, or a value we do not have.
+    let err = parse(&spec, gen, json!({"prompt": "abc"}), json!({"max_new_tokens": 48, "truncate": "left"})).unwrap_err();
+    assert!(err.message.starts_with("params.max_new_tokens: must be 1..48 with truncate"), "{}", err.message);
+    let err = parse(&spec, gen, json!({"prompt": "abc"}), json!({"truncate": "right"})).unwrap_err();
+    assert_eq!(err.message, "params.truncate: expected \"error\" or \"left\"");
 }

@@ -85,6 +85,12 @@ pub(crate) fn count(lm: &LmSpec, text: &str) -> Result<usize, ValidationError> {
     lm.tokenizer.encode_fast(text, false).map(|e| e.len()).map_err(tokenize_error)
 }
 
+/// The token ids of producer text as lm-evaluation-harness's HF backend encodes it (`tok_encode`):
+/// with the tokenizer's special tokens only for models it gives a BOS ([`LmSpec::add_bos`]).
+pub fn encode_text(lm: &LmSpec, text: &str) -> Result<Vec<u32>, ValidationError> {
+    encode(lm, text, lm.add_bos)
+}
+
 /// The token ids of `text`, with the tokenizer's special tokens when `special`.
 pub fn encode(lm: &LmSpec, text: &str, special: bool) -> Result<Vec<u32>, ValidationError> {
     lm.tokenizer.encode(text, special).map(|e| e.get_ids().to_vec()).map_err(tokenize_error)

@@ -47,7 +47,7 @@ pub enum ValidationError {
     Tokenize { field: String, reason: String },
     #[error("{field}: {tokens} tokens; the model scores at most {max} continuation tokens (its max_length)")]
     ContinuationTooLong { field: String, tokens: Count, max: usize },
-    #[error("input.prompt: {tokens} tokens leave no room to generate within the model's {max} positions")]
+    #[error("input.prompt: {tokens} tokens leave no room to generate within the model's {max} positions (params.truncate \"left\" keeps its end)")]
     NoRoomToGenerate { tokens: Count, max: usize },
     #[error("{field}: {bytes} bytes, over this model's max_input_bytes ({max}) for loglikelihood_rolling")]
     TooManyBytes { field: String, bytes: usize, max: usize },

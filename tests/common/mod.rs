@@ -193,7 +193,8 @@ impl Harness {
             .args(extra)
             // Short redelivery for tests; an env default, so `extra` flags can override it.
             .env("JETBATCH_ACK_WAIT_SECS", "5")
-            .env("JETBATCH_LOG", "info")
+            // TEST_WORKER_LOG=jetbatch=debug to see batch spans in a failing test's worker log.
+            .env("JETBATCH_LOG", std::env::var("TEST_WORKER_LOG").unwrap_or("info".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
