@@ -50,10 +50,7 @@ impl<T> State<T> {
         self.entries.push_back(Entry { item, cost, enqueued: now });
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

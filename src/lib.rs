@@ -29,7 +29,7 @@
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
-pub mod batcher;
+pub(crate) mod batcher;
 pub mod bus;
 pub mod cache;
 pub mod config;

@@ -35,11 +35,26 @@ use crate::metrics::Metrics;
 use crate::repository::{ModelSpec, RepoError, Repository};
 
 /// A job on its way through the core, with whatever its adapter needs to answer it.
-pub trait Ticket: Batchable + Send + 'static {
+pub trait Ticket: Send + 'static {
+    /// The model the job runs on.
+    fn spec(&self) -> &Arc<ModelSpec>;
     fn job(&self) -> &ValidJob;
     fn job_mut(&mut self) -> &mut ValidJob;
     /// Time since the job arrived: its queue time, against which its `timeout_ms` counts.
     fn age(&self) -> Duration;
+}
+
+/// The batcher groups tickets by model and kind, under the model's budgets.
+impl<T: Ticket> Batchable for T {
+    fn model(&self) -> &Arc<ModelSpec> {
+        self.spec()
+    }
+    fn kind(&self) -> JobKind {
+        self.job().kind
+    }
+    fn cost(&self) -> usize {
+        self.job().cost
+    }
 }
 
 /// Why a job has no output.
@@ -147,19 +162,10 @@ struct Local {
     reply: oneshot::Sender<Result<Answer, JobError>>,
 }
 
-impl Batchable for Local {
-    fn model(&self) -> &Arc<ModelSpec> {
+impl Ticket for Local {
+    fn spec(&self) -> &Arc<ModelSpec> {
         &self.spec
     }
-    fn kind(&self) -> JobKind {
-        self.job.kind
-    }
-    fn cost(&self) -> usize {
-        self.job.cost
-    }
-}
-
-impl Ticket for Local {
     fn job(&self) -> &ValidJob {
         &self.job
     }

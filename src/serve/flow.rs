@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::batcher::Batchable;
 use crate::bus::{self, Delivery};
 use crate::cache::Cache;
 use crate::config::Topology;
@@ -27,6 +26,9 @@ pub struct Pending {
 }
 
 impl Ticket for Pending {
+    fn spec(&self) -> &Arc<ModelSpec> {
+        &self.spec
+    }
     fn job(&self) -> &ValidJob {
         &self.job
     }
@@ -35,18 +37,6 @@ impl Ticket for Pending {
     }
     fn age(&self) -> Duration {
         self.delivery.age()
-    }
-}
-
-impl Batchable for Pending {
-    fn model(&self) -> &Arc<ModelSpec> {
-        &self.spec
-    }
-    fn kind(&self) -> JobKind {
-        self.job.kind
-    }
-    fn cost(&self) -> usize {
-        self.job.cost
     }
 }
 
