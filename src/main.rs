@@ -42,6 +42,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // It prints its own summary (answered, ok, cached, errors by code).
             jetbatch::submit::submit(args).await?;
         }
+        Command::Cancel(args) => {
+            jetbatch::submit::cancel(args).await?;
+        }
         Command::DemoModels { dir } => {
             jetbatch::demo::write_demo_models(&dir).map_err(anyhow::Error::msg)?;
             println!("demo models written to {}", dir.display());

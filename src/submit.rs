@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tracing::warn;
 
-use crate::config::{SubmitArgs, Topology};
+use crate::config::{CancelArgs, SubmitArgs, Topology};
 use crate::job::{valid_job_id, valid_model_name};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum SubmitError {
     Incomplete { missing: usize, secs: u64 },
     #[error("{0}; pass --allow-errors to exit 0 anyway")]
     JobsFailed(String),
+    #[error("interrupted: {written} result(s) written; {queued} job(s) stay queued and are still computed — run the same command again to collect their results, or `jetbatch cancel` with the same input to drop them")]
+    Interrupted { written: usize, queued: usize },
 }
 
 /// What the answered jobs came to: ok (of which cached) and errors by code.
@@ -122,7 +124,8 @@ impl JobLine {
 const STALL_REPORT: Duration = Duration::from_secs(4);
 
 /// Publishes `jobs` and calls `on_result` with each result's JSON as it arrives, until all are in;
-/// `on_stall` hears what the consumer says when results stop coming.
+/// `on_stall` hears what the consumer says when results stop coming, and of jobs dropped as
+/// duplicates of another job under their id, which are returned (they will never be answered).
 pub async fn run_jobs(
     client: &async_nats::Client,
     topology: &Topology,
@@ -131,7 +134,7 @@ pub async fn run_jobs(
     idle_timeout: Duration,
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
     mut on_stall: impl FnMut(String),
-) -> Result<(), SubmitError> {
+) -> Result<Vec<String>, SubmitError> {
     let js = jetstream::new(client.clone());
     ensure_streams(&js, topology).await?;
     // Each job's fingerprint, to tell its result from anything else published under its id.
@@ -149,20 +152,29 @@ pub async fn run_jobs(
             }
         }
     }
-    // Publish with pipelined acks; the server's ack means the job is stored.
+    // Publish with pipelined acks; the server's ack means the job is stored. An ack that says
+    // duplicate means the stream already held a job under this id (inside its duplicate window).
     let mut acks = futures::stream::FuturesUnordered::new();
+    let mut duplicates = HashSet::new();
+    let mut dropped = Vec::new();
+    let mut note = |(id, ack): (String, Result<jetstream::publish::PublishAck, _>)| -> Result<(), SubmitError> {
+        if ack.map_err(|e: jetstream::context::PublishError| nats(&e))?.duplicate {
+            duplicates.insert(id);
+        }
+        Ok(())
+    };
     for job in jobs.into_iter().filter(|j| missing.contains(&j.id)) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", job.id.as_str());
         headers.insert("Content-Type", "application/json");
         let ack = js.publish_with_headers(topology.jobs_subject(&job.model), headers, job.body.into()).await.map_err(|e| nats(&e))?;
-        acks.push(ack.into_future());
+        acks.push(async move { (job.id, ack.into_future().await) });
         while acks.len() >= 1024 {
-            acks.next().await.expect("non-empty").map_err(|e| nats(&e))?;
+            note(acks.next().await.expect("non-empty"))?;
         }
     }
     while let Some(ack) = acks.next().await {
-        ack.map_err(|e| nats(&e))?;
+        note(ack)?;
     }
     let prefix_len = topology.prefix.len() + ".results.".len();
     let mut idle = Duration::ZERO;
@@ -172,7 +184,12 @@ pub async fn run_jobs(
             Ok(Some(msg)) => {
                 let id = msg.subject.get(prefix_len..).unwrap_or_default();
                 let ours = hashes.get(id).is_some_and(|hash| answers(id, hash, msg.headers.as_ref(), &msg.payload));
-                if missing.contains(id) && !ours {
+                if missing.contains(id) && !ours && duplicates.contains(id) {
+                    // Ours was dropped as a duplicate of that other job: it will never be answered.
+                    on_stall(format!("id '{id}': the stream already held a different job under this id (published within its duplicate window), so this one was dropped; give it a new id"));
+                    missing.remove(id);
+                    dropped.push(id.to_string());
+                } else if missing.contains(id) && !ours {
                     warn!(%id, "a result under this id answers another job; still waiting for ours");
                 } else if missing.remove(id) {
                     on_result(id, &msg.payload)?;
@@ -199,7 +216,7 @@ pub async fn run_jobs(
             }
         }
     }
-    Ok(())
+    Ok(dropped)
 }
 
 /// Makes sure the jobs and results streams exist. A producer's account may lack the rights to
@@ -234,35 +251,129 @@ async fn stored_results(js: &Context, t: &Topology, hashes: &HashMap<String, Str
     Ok(found)
 }
 
+/// What the output file already holds: per job (by the id of its input line), its last result's
+/// status and how many times it was retried.
+#[derive(Default)]
+struct Previous {
+    last_ok: HashMap<String, bool>,
+    retries: HashMap<String, usize>,
+}
+
+/// The id of an input line that a result's id answers: `<id>:retry-<n>` answers `<id>`.
+fn original_id(id: &str) -> (&str, usize) {
+    match id.rsplit_once(":retry-") {
+        Some((orig, n)) if !orig.is_empty() => n.parse().map_or((id, 0), |n| (orig, n)),
+        _ => (id, 0),
+    }
+}
+
+impl Previous {
+    fn read(path: &std::path::Path) -> Previous {
+        let mut p = Previous::default();
+        let Ok(f) = std::fs::File::open(path) else { return p };
+        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+            let Some(id) = v.get("id").and_then(Value::as_str) else { continue };
+            let (orig, n) = original_id(id);
+            p.last_ok.insert(orig.to_string(), v["status"] == "ok");
+            let r = p.retries.entry(orig.to_string()).or_default();
+            *r = (*r).max(n);
+        }
+        p
+    }
+}
+
+/// Reads the input: the jobs to publish, and every bad line (each named; the run publishes
+/// nothing while there is one).
+fn read_jobs(reader: Box<dyn BufRead>, max_payload: usize, previous: &Previous, retry_errors: bool) -> Result<(Vec<JobLine>, Vec<String>, Vec<(usize, JobLine)>), SubmitError> {
+    let (mut jobs, mut bad, mut done) = (Vec::new(), Vec::new(), Vec::new());
+    let mut seen = HashMap::new();
+    for (n, line) in reader.lines().enumerate() {
+        let (n, line) = (n + 1, line?);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.len() > max_payload {
+            bad.push(format!("line {n}: {} bytes, over the server's max_payload of {max_payload} bytes", line.len()));
+            continue;
+        }
+        let job = match JobLine::parse(&line, n) {
+            Ok(job) => job,
+            Err(e) => {
+                bad.push(e.to_string());
+                continue;
+            }
+        };
+        if let Some(prev) = seen.insert(job.id.clone(), n) {
+            bad.push(format!("line {n}: id '{}' repeats line {prev}", job.id));
+            continue;
+        }
+        match previous.last_ok.get(&job.id) {
+            None => jobs.push(job),
+            Some(false) if retry_errors => {
+                let retry = format!("{}:retry-{}", job.id, previous.retries.get(&job.id).copied().unwrap_or(0) + 1);
+                let mut v: Value = serde_json::from_str(&line).map_err(|e| SubmitError::Input(e.to_string()))?;
+                v["id"] = retry.clone().into();
+                jobs.push(JobLine { id: retry, model: job.model, body: v.to_string().into_bytes() });
+            }
+            Some(_) => done.push((n, job)),
+        }
+    }
+    Ok((jobs, bad, done))
+}
+
+/// Warns about resumed jobs whose input line changed since they were answered: the stored result
+/// answers the job as it was (its job hash differs), and re-running keeps that answer.
+async fn warn_changed(js: &Context, t: &Topology, done: &[(usize, JobLine)], say: &dyn Fn(String)) {
+    let Ok(stream) = js.get_stream_no_info(&t.results_stream).await else { return };
+    let changed: Vec<String> = futures::stream::iter(done)
+        .map(|(n, job)| {
+            let stream = &stream;
+            async move {
+                let stored = stream.get_last_raw_message_by_subject(&t.result_subject(&job.id)).await.ok()?;
+                let hash = stored.headers.get(crate::bus::JOB_HASH_HEADER)?.as_str().to_string();
+                (hash != crate::bus::job_hash(&job.body)).then(|| format!("line {n}: id '{}' was answered for a different job than this line (the output holds that answer); give the changed job a new id", job.id))
+            }
+        })
+        .buffer_unordered(64)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await;
+    for c in changed {
+        say(c);
+    }
+}
+
+/// Most bad lines printed one by one (the rest are counted).
+const BAD_LINES_SHOWN: usize = 50;
+
 /// The `submit` command.
 pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
-    let done: HashSet<String> = match std::fs::File::open(&args.output) {
-        Ok(f) => std::io::BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok()?.get("id")?.as_str().map(str::to_string))
-            .collect(),
-        Err(_) => HashSet::new(),
-    };
+    let topology = args.subjects.topology();
+    let to_stdout = args.output.as_os_str() == "-";
+    let previous = if to_stdout { Previous::default() } else { Previous::read(&args.output) };
+    let client = crate::bus::connect(&args.nats, "jetbatch-submit").await?;
+    let max_payload = client.server_info().max_payload;
+    if max_payload < crate::config::DEFAULT_MAX_PAYLOAD_BYTES {
+        eprintln!(
+            "warning: the server's max_payload is {max_payload} bytes, below the {} bytes a worker accepts by default: larger jobs are refused by the server",
+            crate::config::DEFAULT_MAX_PAYLOAD_BYTES
+        );
+    }
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
         Box::new(std::io::BufReader::new(std::fs::File::open(&args.input)?))
     };
-    let mut jobs = Vec::new();
-    let mut seen = HashMap::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
+    let (jobs, bad, done) = read_jobs(reader, max_payload, &previous, args.retry_errors)?;
+    if !bad.is_empty() {
+        for line in bad.iter().take(BAD_LINES_SHOWN) {
+            eprintln!("{line}");
         }
-        let job = JobLine::parse(&line, n + 1)?;
-        if let Some(prev) = seen.insert(job.id.clone(), n + 1) {
-            return Err(SubmitError::Input(format!("line {}: id '{}' repeats line {prev}", n + 1, job.id)));
+        if bad.len() > BAD_LINES_SHOWN {
+            eprintln!("… and {} more", bad.len() - BAD_LINES_SHOWN);
         }
-        if !done.contains(&job.id) {
-            jobs.push(job);
-        }
+        return Err(SubmitError::Input(format!("{} bad line(s) in {}; nothing was submitted", bad.len(), args.input.display())));
     }
     let todo = jobs.len();
     let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(todo as u64) };
@@ -271,14 +382,20 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     );
     // Drawn at once (0/N) and kept alive while nothing arrives.
     bar.enable_steady_tick(Duration::from_millis(250));
-    let mut summary = Summary::default();
-    if !done.is_empty() {
-        bar.println(format!("{} result(s) already in {}; submitting {todo}", done.len(), args.output.display()));
+    let say = |line: String| if args.quiet { eprintln!("{line}") } else { bar.println(line) };
+    if !previous.last_ok.is_empty() {
+        let retried = if args.retry_errors { format!(" ({} errored, submitted again)", jobs.iter().filter(|j| j.id.contains(":retry-")).count()) } else { String::new() };
+        say(format!("{} job(s) already answered in {}{retried}; submitting {todo}", previous.last_ok.len(), args.output.display()));
+        warn_changed(&jetstream::new(client.clone()), &topology, &done, &say).await;
     }
-    let client = crate::bus::connect(&args.nats, "jetbatch-submit").await?;
-    let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.output)?;
-    let resumed = !done.is_empty();
-    run_jobs(&client, &args.topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
+    let mut out: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::fs::OpenOptions::new().create(true).append(true).open(&args.output)?)
+    };
+    let mut summary = Summary::default();
+    let resumed = !previous.last_ok.is_empty();
+    let run = run_jobs(&client, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
         // Jobs go out as JSON, so their results come back as JSON: one line each.
         match serde_json::from_slice::<Value>(payload) {
             Ok(v) if !payload.contains(&b'\n') => {
@@ -296,13 +413,66 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
         out.write_all(b"\n")?;
         bar.inc(1);
         Ok(())
-    }, |stall| if args.quiet { eprintln!("{stall}") } else { bar.println(stall) })
-    .await?;
+    }, |stall| say(stall));
+    let outcome = tokio::select! {
+        r = run => r,
+        _ = tokio::signal::ctrl_c() => Err(SubmitError::Interrupted { written: bar.position() as usize, queued: todo - bar.position() as usize }),
+    };
     out.flush()?;
     bar.finish_and_clear();
     eprintln!("{summary}");
+    let dropped = outcome?;
+    if !dropped.is_empty() {
+        return Err(SubmitError::Input(format!("{} job(s) not answered: their ids belong to other jobs ({})", dropped.len(), dropped.join(", "))));
+    }
     if summary.failed() > 0 && !args.allow_errors {
         return Err(SubmitError::JobsFailed(summary.to_string()));
     }
     Ok(todo)
+}
+
+/// The `cancel` command: deletes the queued jobs of the input file from the jobs stream. Jobs a
+/// worker has taken finish and are answered. Needs the right to read and delete messages of the
+/// jobs stream (`$JS.API.STREAM.MSG.GET`/`DELETE`).
+pub async fn cancel(args: CancelArgs) -> Result<usize, SubmitError> {
+    let topology = args.subjects.topology();
+    let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(&args.input)?))
+    };
+    let (jobs, bad, _) = read_jobs(reader, usize::MAX, &Previous::default(), false)?;
+    if let Some(first) = bad.first() {
+        return Err(SubmitError::Input(format!("{first} ({} bad line(s))", bad.len())));
+    }
+    // Retries of a job (`<id>:retry-<n>`) are its own too.
+    let ids: HashSet<String> = jobs.into_iter().map(|j| j.id).collect();
+    let client = crate::bus::connect(&args.nats, "jetbatch-cancel").await?;
+    let js = jetstream::new(client);
+    let nats = |e: &dyn std::fmt::Display| SubmitError::Nats(e.to_string());
+    let stream = js.get_stream(&topology.jobs_stream).await.map_err(|e| nats(&e))?;
+    let state = stream.get_info().await.map_err(|e| nats(&e))?.state;
+    let deleted = futures::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(|seq| {
+            let (stream, ids) = (&stream, &ids);
+            async move {
+                // Gaps are jobs already acked (a work queue removes them): nothing to do.
+                let msg = stream.get_raw_message(seq).await.ok()?;
+                let id = msg.headers.get("Nats-Msg-Id")?.as_str();
+                if !ids.contains(id) && !ids.contains(original_id(id).0) {
+                    return None;
+                }
+                Some(stream.delete_message(seq).await)
+            }
+        })
+        .buffer_unordered(64)
+        .filter_map(|x| async move { x })
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<bool>, _>>()
+        .map_err(|e| nats(&e))?;
+    let n = deleted.into_iter().filter(|d| *d).count();
+    eprintln!("cancelled {n} queued job(s) of {} in {}", ids.len(), args.input.display());
+    Ok(n)
 }

@@ -1,0 +1,125 @@
+//! `jetbatch submit` and `cancel` as a producer meets them: every bad line named in one pass,
+//! results on standard output, `NATS_URL`, retrying errors under new ids, a changed line on resume,
+//! Ctrl-C, and dropping a run's queued jobs.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+fn job(id: &str, model: &str, seed: u64) -> String {
+    serde_json::json!({"id": id, "model": model, "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(seed, 16)}]}}).to_string()
+}
+
+fn jetbatch(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jetbatch")).args(args).env_remove("NATS_URL").envs(env.iter().copied()).output().unwrap()
+}
+
+fn submit(h: &Harness, input: &Path, output: &str, extra: &[&str]) -> Output {
+    let url = h.url();
+    let mut args = vec!["submit", "--quiet", "--nats-url", &url, "--idle-timeout-secs", "60", "-i", input.to_str().unwrap(), "-o", output];
+    args.extend(extra);
+    jetbatch(&args, &[])
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn bad_lines_are_all_named_and_nothing_is_published() {
+    let h = Harness::new().await;
+    jetbatch::bus::setup(&h.js, &h.topology).await.unwrap();
+    let input = h.dir.path().join("jobs.jsonl");
+    let huge = job("huge", "mlp", 1).replace("\"kind\"", &format!("\"pad\": \"{}\", \"kind\"", "x".repeat(2 << 20)));
+    let lines = [job("a", "mlp", 1), "{not json".into(), job("b", "mlp", 2), r#"{"model": "mlp"}"#.into(), job("a", "mlp", 3), huge];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = submit(&h, &input, h.dir.path().join("out").to_str().unwrap(), &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    for expect in ["line 2:", "line 4: id: missing or invalid", "line 5: id 'a' repeats line 1", "line 6: 2097", "over the server's max_payload", "4 bad line(s)", "nothing was submitted"] {
+        assert!(err.contains(expect), "stderr lacks {expect:?}:\n{err}");
+    }
+    assert!(err.contains("max_payload is 1048576 bytes, below the 8388608 bytes"), "the server's smaller limit is said at start:\n{err}");
+    assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 0, "nothing published");
+}
+
+#[tokio::test]
+async fn results_on_stdout_with_nats_url_and_a_producer_sized_help() {
+    let h = Harness::new().await;
+    let _w = h.worker("w1", &[]);
+    let input = h.dir.path().join("jobs.jsonl");
+    std::fs::write(&input, [job("o-1", "mlp", 1), job("o-2", "mlp", 2)].join("\n")).unwrap();
+    let out = jetbatch(&["submit", "--quiet", "-i", input.to_str().unwrap(), "-o", "-"], &[("NATS_URL", &h.url())]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ids: Vec<String> = text(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 2, "one result a line on stdout");
+    assert!(!Path::new("-").exists(), "no file named -");
+    let help = text(&jetbatch(&["submit", "--help"], &[]).stdout);
+    assert!(help.contains("--retry-errors") && help.contains("--consumer") && help.contains("NATS_URL"), "{help}");
+    for pool in ["--ack-wait-secs", "--replicas", "--max-deliver", "--duplicate-window-secs", "--serve-models"] {
+        assert!(!help.contains(pool), "submit --help lists the pool setting {pool}");
+    }
+}
+
+#[tokio::test]
+async fn errors_are_retried_under_new_ids_and_a_changed_line_is_named() {
+    let h = Harness::new().await;
+    let input = h.dir.path().join("jobs.jsonl");
+    let output = h.dir.path().join("results.jsonl");
+    let out_path = output.to_str().unwrap();
+    std::fs::write(&input, [job("r-1", "mlp", 1), job("r-2", "late", 2)].join("\n")).unwrap();
+    let w = h.worker("w1", &[]);
+    let first = submit(&h, &input, out_path, &[]);
+    assert!(!first.status.success() && text(&first.stderr).contains("unknown_model 1"), "{}", text(&first.stderr));
+    drop(w);
+    // The fix: the model appears (a worker that serves it); the same run with --retry-errors.
+    jetbatch_testkit::write_model(&h.models.join("late"), &jetbatch_testkit::mlp_module(5).unwrap(), jetbatch_testkit::MLP_TOML).unwrap();
+    let _w = h.worker("w2", &[]);
+    let again = submit(&h, &input, out_path, &["--retry-errors"]);
+    let err = text(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("2 job(s) already answered") && err.contains("(1 errored, submitted again)") && err.contains("1 answered: 1 ok"), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = lines.last().unwrap();
+    assert_eq!((last["id"].as_str(), last["status"].as_str()), (Some("r-2:retry-1"), Some("ok")), "{lines:?}");
+    // Nothing left to do; a line changed under an answered id is named.
+    std::fs::write(&input, [job("r-1", "mlp", 9), job("r-2", "late", 2)].join("\n")).unwrap();
+    let third = submit(&h, &input, out_path, &["--retry-errors"]);
+    let err = text(&third.stderr);
+    assert!(third.status.success(), "{err}");
+    assert!(err.contains("line 1: id 'r-1' was answered for a different job"), "{err}");
+    assert!(err.contains("0 answered"), "{err}");
+}
+
+#[tokio::test]
+async fn ctrl_c_says_what_stays_queued_and_cancel_drops_it() {
+    let h = Harness::new().await;
+    jetbatch::bus::setup(&h.js, &h.topology).await.unwrap();
+    let input = h.dir.path().join("jobs.jsonl");
+    let other = h.dir.path().join("other.jsonl");
+    std::fs::write(&input, (0..5).map(|i| job(&format!("c-{i}"), "mlp", i)).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(&other, job("keep-1", "mlp", 7)).unwrap();
+    // No worker: the jobs stay queued.
+    let url = h.url();
+    let queued = jetbatch(&["submit", "--quiet", "--nats-url", &url, "--idle-timeout-secs", "1", "-i", other.to_str().unwrap(), "-o", "-"], &[]);
+    assert!(text(&queued.stderr).contains("no result for 1 job(s)"), "{}", text(&queued.stderr));
+    let child = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+        .args(["submit", "--quiet", "--nats-url", &h.url(), "-i", input.to_str().unwrap(), "-o", h.dir.path().join("out").to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("interrupted: 0 result(s) written; 5 job(s) stay queued") && err.contains("jetbatch cancel"), "{err}");
+    assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 6);
+    let cancel = jetbatch(&["cancel", "--nats-url", &h.url(), "-i", input.to_str().unwrap()], &[]);
+    assert!(cancel.status.success() && text(&cancel.stderr).contains("cancelled 5 queued job(s) of 5"), "{}", text(&cancel.stderr));
+    assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 1, "another run's job stays");
+}
