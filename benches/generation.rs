@@ -1,16 +1,16 @@
-//! Continuous vs static batching for `generate` on a mixed short/long workload, engine only (no
-//! bus): tokens per second and job latency percentiles, both modes in the same run.
+//! Continuous vs static batching for `generate` on a mixed short/long workload, through the core in
+//! process (`jetbatch::infer::Infer`: batcher and engine, no bus): tokens per second and job
+//! latency percentiles, both modes in the same run.
 //!
 //! `cargo bench --bench generation` (under `cargo test` it runs a few jobs as a smoke test).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jetbatch::engine::{EngineHandle, Event};
-use jetbatch::job::{JobInput, JobKind, Output};
-use jetbatch::kinds::{GenerateInput, Sampling};
+use futures::future::join_all;
+use jetbatch::infer::Infer;
+use jetbatch::job::Output;
 use jetbatch::metrics::Metrics;
-use jetbatch::repository::ModelSpec;
 
 struct Report {
     tokens: usize,
@@ -22,43 +22,29 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Sends `jobs` in waves of `wave` every `gap` (as batches reach the engine) and waits for all.
-async fn run(engine: &EngineHandle, spec: Arc<ModelSpec>, jobs: &[usize], wave: usize, gap: Duration) -> Report {
+/// Sends `jobs` (their new-token counts) to the core in waves of `wave` every `gap` and waits for
+/// all.
+async fn run(infer: &Infer, model: &str, jobs: &[usize], wave: usize, gap: Duration) -> Report {
     let start = Instant::now();
-    let mut waiting = Vec::new();
-    for (w, chunk) in jobs.chunks(wave).enumerate() {
+    let each = jobs.iter().enumerate().map(|(i, &n)| async move {
+        let (w, k) = (i / wave, i % wave);
         tokio::time::sleep_until(tokio::time::Instant::from_std(start + gap * w as u32)).await;
-        let inputs: Vec<JobInput> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let prompt: Vec<u32> = (0..8).map(|t| 3 + ((w * 31 + i * 7 + t) % 250) as u32).collect();
-                let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
-                JobInput::Generate(GenerateInput { prompt, max_new_tokens: n, sampling, stop: vec![], stop_token_ids: vec![] })
-            })
-            .collect();
+        let prompt: Vec<u32> = (0..8).map(|t| 3 + ((w * 31 + k * 7 + t) % 250) as u32).collect();
+        let job = serde_json::json!({"id": format!("g{i}"), "model": model, "kind": "generate", "input": {"prompt_tokens": prompt},
+                                     "params": {"max_new_tokens": n, "stop_token_ids": []}, "cache": false});
         let sent = Instant::now();
-        let mut events = engine.run(spec.clone(), JobKind::Generate, inputs, vec![false; chunk.len()]);
-        let n = chunk.len();
-        waiting.push(tokio::spawn(async move {
-            let mut done = Vec::new();
-            while done.len() < n {
-                match events.recv().await {
-                    Some(Event::Done { result: Ok(Output::Generate { tokens, .. }), .. }) => done.push((tokens.len(), sent.elapsed())),
-                    Some(Event::Done { result, .. }) => panic!("generation failed: {result:?}"),
-                    Some(Event::Chunk { .. }) => {}
-                    None => panic!("engine stopped"),
-                }
-            }
-            done
-        }));
-    }
-    let mut report = Report { tokens: 0, wall: Duration::ZERO, latencies: Vec::new() };
-    for w in waiting {
-        for (tokens, latency) in w.await.expect("collector") {
-            report.tokens += tokens;
-            report.latencies.push(latency);
+        match infer.run(model, &serde_json::to_vec(&job).unwrap()).await {
+            Ok(answer) => match answer.output {
+                Output::Generate { tokens, .. } => (tokens.len(), sent.elapsed()),
+                other => panic!("not a generation: {other:?}"),
+            },
+            Err(e) => panic!("generation failed: {e:?}"),
         }
+    });
+    let mut report = Report { tokens: 0, wall: Duration::ZERO, latencies: Vec::new() };
+    for (tokens, latency) in join_all(each).await {
+        report.tokens += tokens;
+        report.latencies.push(latency);
     }
     report.wall = start.elapsed();
     report.latencies.sort();
@@ -76,16 +62,18 @@ fn main() {
     println!("| --- | --- | --- | --- | --- |");
     let mut results = Vec::new();
     for mode in ["continuous", "static"] {
-        let model = dir.path().join(mode);
+        let repository = dir.path().join(mode);
+        let model = repository.join("lm");
         jetbatch_testkit::write_tiny_lm(&model, 7, hidden, layers).unwrap();
         let toml = format!("backend = \"hf\"\nmax_batch_size = 16\nmax_new_tokens_limit = 200\ngeneration = \"{mode}\"\n");
         std::fs::write(model.join("jetbatch.toml"), toml).unwrap();
-        let spec = Arc::new(ModelSpec::load(&model).unwrap());
-        let (engine, _thread) = EngineHandle::start(Arc::new(Metrics::new("bench")), 0);
         let lengths: Vec<usize> = (0..jobs).map(|i| if i % 4 == 3 { 128 } else { 8 }).collect();
         let r = runtime.block_on(async {
-            engine.load(spec.clone()).await.unwrap();
-            run(&engine, spec, &lengths, wave, Duration::from_millis(20)).await
+            let infer = Infer::start(&repository, 0, Arc::new(Metrics::new("bench"))).unwrap();
+            infer.preload("lm").await.unwrap();
+            let r = run(&infer, "lm", &lengths, wave, Duration::from_millis(20)).await;
+            infer.shutdown().await;
+            r
         });
         let tps = r.tokens as f64 / r.wall.as_secs_f64();
         println!(
