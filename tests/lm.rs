@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lm_fixture::fixture;
+use lm_fixture::{fixture, python};
 use jetbatch::job::{ErrorCode, JobResult, Status};
 use serde_json::{json, Value};
 
@@ -453,21 +453,6 @@ async fn a_large_embed_job_is_answered_quickly_and_truncated_like_a_short_one() 
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
-/// The fixture's `python` (the project's venv) run on `script` with `args`; its stdout as JSON.
-/// For reference values from transformers on the fixture's files.
-fn python(script: &str, args: &[&str]) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(root.join(".venv/bin/python"))
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("venv python (make test bootstraps it)");
-    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// `truncate: "left"` over the bus: a prompt longer than `max_length - max_new_tokens` keeps the
 /// tokens lm-evaluation-harness keeps (`context_enc[:, -max_ctx_len:]`, here from transformers'
 /// tokenizer on the same files), and generates what those tokens given directly generate.
@@ -576,4 +561,62 @@ fn text_is_encoded_as_the_harness_encodes_it_with_bos_for_gemma() {
             assert_eq!((r[0].context.clone(), scored), (vec![lm.prefix_token], whole), "{what}: rolling {text:?}");
         }
     }
+}
+
+/// `generate` with `messages` over the bus: rendered with the model's chat template (here
+/// Mistral-7B-Instruct-v0.1's, in tokenizer_config.json) and encoded as transformers'
+/// `apply_chat_template(tokenize=True)` encodes it (no special tokens added: the template writes
+/// `<s>`), it generates what those token ids generate. A refusal of the template and a model
+/// without one are `bad_request`s that say so.
+#[tokio::test]
+async fn generate_renders_messages_with_the_models_chat_template() {
+    let h = harness().await;
+    let (dir, _) = fixture();
+    let template = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates/mistral-7b-v0.1.jinja")).unwrap();
+    let chat = h.models.join("chat-llama");
+    std::fs::create_dir_all(&chat).unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors", "jetbatch.toml"] {
+        std::os::unix::fs::symlink(dir.join("models/tiny-llama").join(file), chat.join(file)).unwrap();
+    }
+    let config = json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template});
+    std::fs::write(chat.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let messages = json!([{"role": "user", "content": "the"}, {"role": "assistant", "content": "fox"}, {"role": "user", "content": "a"}]);
+    let want = python(
+        "import json, sys\nfrom transformers import PreTrainedTokenizerFast\n\
+         tok = PreTrainedTokenizerFast(tokenizer_file=sys.argv[1] + '/tokenizer.json', bos_token='<s>', eos_token='</s>')\n\
+         tok.chat_template = json.load(open(sys.argv[1] + '/tokenizer_config.json'))['chat_template']\n\
+         out = {}\n\
+         for g in (True, False):\n    \
+             text = tok.apply_chat_template(json.loads(sys.argv[2]), tokenize=False, add_generation_prompt=g)\n    \
+             out[str(g)] = {'text': text, 'ids': tok(text, add_special_tokens=False).input_ids}\n\
+         print(json.dumps(out))",
+        &[chat.to_str().unwrap(), &messages.to_string()],
+    );
+    let ids = &want["True"]["ids"];
+    assert_eq!(ids[0], 0, "the template writes <s> (id 0): {}", want["True"]["text"]);
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let gen = json!({"max_new_tokens": 6});
+    let jobs = [
+        job("chat", "chat-llama", "generate", json!({"messages": messages}), gen.clone()),
+        job("chat-ids", "chat-llama", "generate", json!({"prompt_tokens": ids}), gen.clone()),
+        job("chat-no-prompt", "chat-llama", "generate", json!({"messages": messages}), json!({"max_new_tokens": 6, "add_generation_prompt": false})),
+        job("chat-no-prompt-ids", "chat-llama", "generate", json!({"prompt_tokens": want["False"]["ids"]}), gen.clone()),
+        job("chat-refused", "chat-llama", "generate", json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}), gen.clone()),
+        job("no-template", "tiny-llama", "generate", json!({"messages": messages}), gen),
+    ];
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let chat = output(&got["chat"][0]);
+    assert_eq!(chat["prompt_tokens"].as_u64(), Some(ids.as_array().unwrap().len() as u64));
+    assert_eq!(chat["tokens"], output(&got["chat-ids"][0])["tokens"]);
+    assert_eq!(output(&got["chat-no-prompt"][0])["tokens"], output(&got["chat-no-prompt-ids"][0])["tokens"]);
+    let err = |id: &str| got[id][0].error.clone().unwrap_or_else(|| panic!("{id} should fail"));
+    assert_eq!(err("chat-refused").code, ErrorCode::BadRequest);
+    assert_eq!(
+        err("chat-refused").message,
+        "input.messages: the model's chat template refuses them: Conversation roles must alternate user/assistant/user/assistant/..."
+    );
+    assert_eq!(err("no-template").code, ErrorCode::BadRequest);
+    assert!(err("no-template").message.starts_with("input.messages: the model has no chat template"), "{}", err("no-template").message);
 }

@@ -176,6 +176,9 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         (lm("generate", json!({"prompt": "hi"}), json!({"max_tokens": 5})), "params.max_tokens: unknown; did you mean max_new_tokens?"),
         (lm("generate", json!({"prompt": "hi"}), json!({"logprobs": 1})), "params.logprobs: unknown; not supported"),
         (lm("generate", json!({"text": "hi"}), json!({})), "input.text: unknown; did you mean prompt?"),
+        (lm("generate", json!({"messages": [{"role": "user", "content": "hi", "name": "x"}]}), json!({})), "input.messages[0].name: unknown"),
+        (lm("generate", json!({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}), json!({})), "input: give one of prompt, prompt_tokens and messages"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"truncate": "right"})), "params.truncate: expected"),
         (lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({"max_new_tokens": 3})), "params.max_new_tokens: unknown"),
         (lm("loglikelihood_rolling", json!({"text": "a", "context": "b"}), json!({})), "input.context: unknown"),
     ];
@@ -188,6 +191,7 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     let accepted = [
         tensor(("cache", json!(false))),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 1, "stop": ["x"], "stop_token_ids": [1], "stream": true})),
+        lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "truncate": "left"})),
         lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),
         lm("loglikelihood", json!({"context_tokens": [3], "continuation_tokens": [4]}), json!({})),
         lm("loglikelihood_rolling", json!({"tokens": [3, 4]}), json!({})),
@@ -196,7 +200,10 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         assert_valid(&job, &doc, &doc.to_string());
         worker(&doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
     }
-    // The encoder kinds (no demo model serves them): the schema alone.
+    // Messages (the demo model has no chat template) and the encoder kinds (no demo model serves
+    // them): the schema alone.
+    let chat = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
+    assert_valid(&job, &lm("generate", chat, json!({"add_generation_prompt": false, "truncate": "left"})), "messages");
     assert!(job.is_valid(&json!({"id": "u", "model": "m", "kind": "embed", "input": {"text": "a"}, "params": {"normalize": false}})));
     assert!(!job.is_valid(&json!({"id": "u", "model": "m", "kind": "embed", "input": {"text": "a", "text_pair": "b"}})));
     assert!(!job.is_valid(&json!({"id": "u", "model": "m", "kind": "classify", "input": {"text": "a"}, "params": {"normalize": false}})));

@@ -154,7 +154,19 @@ fn rolling_texts_over_max_input_bytes_are_refused() {
 fn each_kind_names_the_field_it_refuses() {
     let (_d, spec) = tiny(48);
     let cases = [
-        (JobKind::Generate, json!({}), json!({}), "input.prompt: missing (or prompt_tokens)"),
+        (JobKind::Generate, json!({}), json!({}), "input.prompt: missing (or prompt_tokens or messages)"),
+        (JobKind::Generate, json!({"prompt": "hi", "prompt_tokens": [5]}), json!({}), "input: give one of prompt, prompt_tokens and messages, not prompt and prompt_tokens"),
+        (JobKind::Generate, json!({"messages": []}), json!({}), "input.messages: expected a non-empty list of {role, content} maps with string values"),
+        (JobKind::Generate, json!({"messages": [{"role": "user"}]}), json!({}), "input.messages[0].content: missing"),
+        (JobKind::Generate, json!({"messages": [{"role": "user", "content": 1}]}), json!({}), "input.messages[0].content: expected a string"),
+        (JobKind::Generate, json!({"messages": [{"role": "user", "content": "x", "name": "a"}]}), json!({}), "input.messages[0].name: unknown; a message has role and content"),
+        (
+            JobKind::Generate,
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            json!({}),
+            "input.messages: the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)",
+        ),
+        (JobKind::Generate, json!({"prompt": "hi"}), json!({"add_generation_prompt": false}), "params.add_generation_prompt: only with input.messages"),
         (JobKind::Generate, json!({"prompt": 5}), json!({}), "input.prompt: expected a string"),
         (JobKind::Generate, json!({"prompt_tokens": "x"}), json!({}), "input.prompt_tokens: expected a list of token ids"),
         (JobKind::Generate, json!({"prompt": "hi"}), json!({"max_new_tokens": 0}), "params.max_new_tokens: must be 1..=64"),
