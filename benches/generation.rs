@@ -34,7 +34,7 @@ async fn run(engine: &EngineHandle, spec: Arc<ModelSpec>, jobs: &[usize], wave: 
             .map(|(i, &n)| {
                 let prompt: Vec<u32> = (0..8).map(|t| 3 + ((w * 31 + i * 7 + t) % 250) as u32).collect();
                 let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
-                JobInput::Generate(GenerateInput { prompt, max_new_tokens: n, sampling, stop: vec![], stop_token_ids: vec![] })
+                JobInput::Generate(GenerateInput { prompt, max_new_tokens: n, sampling, stop: vec![], stop_token_ids: vec![], top_logprobs: 0 })
             })
             .collect();
         let sent = Instant::now();

@@ -377,7 +377,7 @@ fn bounded_tokenisation_equals_whole_text_tokenisation() {
                 for continuation in [" the end", "!", " and so on and so forth"] {
                     let (context, cont) = whole_loglikelihood(lm, &t, continuation);
                     let got = parse(lm, JobKind::Loglikelihood, json!({"context": t, "continuation": continuation})).unwrap();
-                    assert_eq!(got, JobInput::Score(vec![Window { context, continuation: cont }]), "{model} {len}");
+                    assert_eq!(got, JobInput::Score(vec![Window { context, continuation: cont, top_logprobs: 0 }]), "{model} {len}");
                 }
             } else {
                 let truncate = |e: tokenizers::Encoding| -> (Vec<u32>, Vec<u32>) {
@@ -619,4 +619,57 @@ async fn generate_renders_messages_with_the_models_chat_template() {
     );
     assert_eq!(err("no-template").code, ErrorCode::BadRequest);
     assert!(err("no-template").message.starts_with("input.messages: the model has no chat template"), "{}", err("no-template").message);
+}
+
+/// `top_logprobs: k` over the bus, against transformers' `log_softmax(...).topk(k)` on the same
+/// weights: per continuation token of a `loglikelihood` job, per generated token of a `generate`
+/// job (ids, their text as `tokenizer.decode([id])`, log-probs within 1e-4); jobs that do not ask,
+/// batched beside them, get no list.
+#[tokio::test]
+async fn top_logprobs_match_transformers() {
+    let h = harness().await;
+    let (dir, _) = fixture();
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let pair = json!({"context": "the quick brown", "continuation": " fox jumps"});
+    let jobs = [
+        job("ll-top", "tiny-llama", "loglikelihood", pair.clone(), json!({"top_logprobs": 5})),
+        job("ll-plain", "tiny-llama", "loglikelihood", pair, json!({})),
+        job("gen-top", "tiny-llama", "generate", json!({"prompt": "the quick"}), json!({"max_new_tokens": 4, "top_logprobs": 3})),
+        job("gen-plain", "tiny-llama", "generate", json!({"prompt": "a batch of jobs"}), json!({"max_new_tokens": 4})),
+    ];
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let (ll, gen) = (output(&got["ll-top"][0]), output(&got["gen-top"][0]));
+    assert!(output(&got["ll-plain"][0]).get("top_logprobs").is_none() && output(&got["gen-plain"][0]).get("top_logprobs").is_none());
+    assert_eq!(ll["logprob"], output(&got["ll-plain"][0])["logprob"], "asking for top log-probs changes no score");
+    let want = python(
+        "import json, sys, torch\nfrom transformers import AutoModelForCausalLM, PreTrainedTokenizerFast\n\
+         d, generated = sys.argv[1], json.loads(sys.argv[2])\n\
+         tok = PreTrainedTokenizerFast(tokenizer_file=d + '/tokenizer.json')\n\
+         model = AutoModelForCausalLM.from_pretrained(d, attn_implementation='eager').eval()\n\
+         enc = lambda s: tok(s, add_special_tokens=False).input_ids\n\
+         def top(ids, n, k):\n    \
+             with torch.no_grad():\n        \
+                 logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)[-n:]\n    \
+             v, i = logp.topk(k, -1)\n    \
+             return [{'ids': r.tolist(), 'tokens': [tok.decode([t]) for t in r.tolist()], 'logprobs': x.tolist()} for x, r in zip(v, i)]\n\
+         ctx = enc('the quick brown'); cont = enc('the quick brown fox jumps')[len(ctx):]\n\
+         prompt = enc('the quick')\n\
+         print(json.dumps({'ll': top((ctx + cont)[:-1], len(cont), 5), 'gen': top((prompt + generated)[:-1], len(generated), 3)}))",
+        &[dir.join("models/tiny-llama").to_str().unwrap(), &gen["tokens"].to_string()],
+    );
+    for (what, got, want, k) in [("loglikelihood", &ll, &want["ll"], 5), ("generate", &gen, &want["gen"], 3)] {
+        let (got, want) = (got["top_logprobs"].as_array().unwrap(), want.as_array().unwrap());
+        assert_eq!(got.len(), want.len(), "{what}: one entry per token");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((&g["ids"], &g["tokens"]), (&w["ids"], &w["tokens"]), "{what}");
+            let (g, w): (Vec<f64>, Vec<f64>) = (serde_json::from_value(g["logprobs"].clone()).unwrap(), serde_json::from_value(w["logprobs"].clone()).unwrap());
+            assert_eq!(g.len(), k);
+            assert_close(&g, &w, 1e-4, what);
+        }
+    }
+    // Greedy: each generated token is the first of its position's list.
+    let firsts: Vec<Value> = gen["top_logprobs"].as_array().unwrap().iter().map(|t| t["ids"][0].clone()).collect();
+    assert_eq!(Value::from(firsts), gen["tokens"]);
 }

@@ -108,15 +108,18 @@ fn emitted_results_validate() {
         error: Some(JobError::new(ErrorCode::OutOfMemory, "out of memory")),
         ..ok.clone()
     };
+    let top = jetbatch::kinds::TopLogprobs { ids: vec![5, 7], tokens: vec![" fox".into(), "\u{FFFD}".into()], logprobs: vec![-0.5, f32::NEG_INFINITY] };
     let lm_outputs = [
-        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 2 },
-        Output::Score { logprob: -30.0, is_greedy: None, tokens: 20 },
-        Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3 },
+        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 2, top: vec![] },
+        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 1, top: vec![top.clone()] },
+        Output::Score { logprob: -30.0, is_greedy: None, tokens: 20, top: vec![] },
+        Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3, top: vec![] },
+        Output::Generate { text: "h".into(), tokens: vec![1], finish_reason: jetbatch::job::FinishReason::Length, prompt_tokens: 3, top: vec![top.clone()] },
         Output::Embedding(vec![0.6, 0.8]),
         Output::Classification { logits: vec![1.0, 2.0], probs: vec![0.27, 0.73], label: "pos".into(), label_id: 1 },
         // Non-finite floats are strings in JSON.
-        Output::Score { logprob: f64::NEG_INFINITY, is_greedy: Some(false), tokens: 2 },
-        Output::Score { logprob: f64::NAN, is_greedy: None, tokens: 2 },
+        Output::Score { logprob: f64::NEG_INFINITY, is_greedy: Some(false), tokens: 2, top: vec![] },
+        Output::Score { logprob: f64::NAN, is_greedy: None, tokens: 2, top: vec![] },
         Output::Embedding(vec![f32::NAN, f32::INFINITY]),
         Output::Classification { logits: vec![f32::NEG_INFINITY, 2.0], probs: vec![0.0, f32::NAN], label: "pos".into(), label_id: 1 },
         Output::Tensor(vec![TensorData::from((&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY][..], vec![3]))]),
@@ -174,7 +177,7 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         (lm("generate", json!({"prompt": "hi"}), json!({"until": ["\n"]})), "params.until: unknown; did you mean stop?"),
         (lm("generate", json!({"prompt": "hi"}), json!({"max_gen_toks": 5})), "params.max_gen_toks: unknown; did you mean max_new_tokens?"),
         (lm("generate", json!({"prompt": "hi"}), json!({"max_tokens": 5})), "params.max_tokens: unknown; did you mean max_new_tokens?"),
-        (lm("generate", json!({"prompt": "hi"}), json!({"logprobs": 1})), "params.logprobs: unknown; not supported"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"logprobs": 1})), "params.logprobs: unknown; did you mean top_logprobs?"),
         (lm("generate", json!({"text": "hi"}), json!({})), "input.text: unknown; did you mean prompt?"),
         (lm("generate", json!({"messages": [{"role": "user", "content": "hi", "name": "x"}]}), json!({})), "input.messages[0].name: unknown"),
         (lm("generate", json!({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}), json!({})), "input: give one of prompt, prompt_tokens and messages"),

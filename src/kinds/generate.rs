@@ -13,7 +13,7 @@ use crate::chat::Message;
 use crate::lm::LmSpec;
 
 pub const INPUT_KEYS: &[&str] = &["prompt", "prompt_tokens", "messages"];
-pub const PARAM_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "stream", "truncate", "add_generation_prompt"];
+pub const PARAM_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "stream", "truncate", "add_generation_prompt", "top_logprobs"];
 
 /// `max_new_tokens` when a job does not say.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -40,6 +40,14 @@ pub struct GenerateInput {
     pub stop: Vec<String>,
     /// Generation ends on these tokens (default: the model's eos ids).
     pub stop_token_ids: Vec<u32>,
+    /// How many of the most likely tokens to report at each generated position (0: none; then
+    /// not encoded, so cache keys stay as they were).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub top_logprobs: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl GenerateInput {
@@ -97,6 +105,7 @@ pub struct GenerateParams {
     pub stream: bool,
     pub truncate: Truncate,
     pub add_generation_prompt: Option<bool>,
+    pub top_logprobs: Option<usize>,
 }
 
 impl GenerateParams {
@@ -152,6 +161,7 @@ impl GenerateParams {
             stream: params.boolean("stream")?.unwrap_or(false),
             truncate,
             add_generation_prompt: params.boolean("add_generation_prompt")?,
+            top_logprobs: super::read_top_logprobs(params)?,
         })
     }
 }
@@ -215,7 +225,8 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     if let Some(bad) = stop_token_ids.iter().find(|&&t| t as usize >= lm.config.vocab_size) {
         return Err(ValidationError::Invalid { field: "params.stop_token_ids".into(), detail: format!("{bad} is not below the vocabulary size") });
     }
-    let input = GenerateInput { prompt, max_new_tokens: max_new, sampling, stop: params.stop, stop_token_ids };
+    let top_logprobs = params.top_logprobs.unwrap_or(0);
+    let input = GenerateInput { prompt, max_new_tokens: max_new, sampling, stop: params.stop, stop_token_ids, top_logprobs };
     Ok(Request { cost: input.cost(), cacheable: input.reproducible(), stream: params.stream, input: JobInput::Generate(input) })
 }
 

@@ -130,7 +130,7 @@ fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
         let (c, k) = scoring::split_pair(&spec, &text, " !").unwrap();
         let (c, k) = scoring::truncate(spec.max_length, c, k);
         let w = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": text, "continuation": " !"}), json!({})).unwrap());
-        assert_eq!(w[0], Window { context: c, continuation: k }, "{len}");
+        assert_eq!(w[0], Window { context: c, continuation: k, top_logprobs: 0 }, "{len}");
         let JobInput::Encode { ids: got, .. } = parse(&spec, JobKind::Embed, json!({"text": text}), json!({})).unwrap() else { panic!() };
         // Encoders keep the first max_length - 1 tokens and the last (their final separator).
         let want: Vec<u32> = if whole.len() > 48 { whole[..47].iter().chain(whole.last()).copied().collect() } else { whole.clone() };
@@ -209,7 +209,12 @@ fn unknown_keys_in_input_and_params_are_refused_with_a_suggestion() {
     assert_eq!(msg(gen, hi(), json!({"until": ["\n"]})), "params.until: unknown; did you mean stop?");
     assert_eq!(msg(gen, hi(), json!({"max_gen_toks": 5})), "params.max_gen_toks: unknown; did you mean max_new_tokens?");
     assert_eq!(msg(gen, hi(), json!({"max_tokens": 5})), "params.max_tokens: unknown; did you mean max_new_tokens?");
-    assert!(msg(gen, hi(), json!({"logprobs": 5})).starts_with("params.logprobs: unknown; not supported"));
+    assert_eq!(msg(gen, hi(), json!({"logprobs": 5})), "params.logprobs: unknown; did you mean top_logprobs?");
+    assert_eq!(msg(gen, hi(), json!({"top_logprobs": 21})), "params.top_logprobs: must be 1..=20");
+    assert_eq!(
+        msg(JobKind::LoglikelihoodRolling, json!({"text": "a"}), json!({"top_logprobs": 2})),
+        "params.top_logprobs: unknown; not one of the params of loglikelihood_rolling jobs (it is one of generate jobs)"
+    );
     assert_eq!(msg(gen, json!({"text": "hi"}), json!({})), "input.text: unknown; did you mean prompt?");
     assert_eq!(msg(JobKind::Embed, json!({"text": "hi", "text_pair": "b"}), json!({})), "input.text_pair: unknown; not one of the input keys of embed jobs (it is one of classify jobs)");
     assert_eq!(msg(JobKind::Classify, json!({"text": "hi"}), json!({"normalize": false})), "params.normalize: unknown; not one of the params of classify jobs (it is one of embed jobs)");
