@@ -261,3 +261,29 @@ fn truncate_left_keeps_the_end_of_a_long_prompt_as_the_harness_cuts_it() {
     let err = parse(&spec, gen, json!({"prompt": "abc"}), json!({"truncate": "right"})).unwrap_err();
     assert_eq!(err.message, "params.truncate: expected \"error\" or \"left\"");
 }
+
+/// `top_logprobs` left the cache as it was: jobs that do not ask keep their cache keys (the field
+/// is not encoded at 0), and outputs cached before it existed still decode.
+#[test]
+fn top_logprobs_keeps_cache_keys_and_old_cached_outputs() {
+    let window = Window { context: vec![1, 2], continuation: vec![3], top_logprobs: 0 };
+    assert_eq!(rmp_serde::to_vec(&window).unwrap(), rmp_serde::to_vec(&(vec![1u32, 2], vec![3u32])).unwrap());
+    let asks = Window { top_logprobs: 2, ..window };
+    assert_ne!(rmp_serde::to_vec(&asks).unwrap(), rmp_serde::to_vec(&(vec![1u32, 2], vec![3u32])).unwrap());
+    // The output enum as it was: same variants in the same order, `Score` and `Generate` without `top`.
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum Before {
+        Tensor(Vec<TensorData>),
+        Score { logprob: f64, is_greedy: Option<bool>, tokens: usize },
+        Generate { text: String, tokens: Vec<u32>, finish_reason: FinishReason, prompt_tokens: usize },
+    }
+    let decode = |old: &Before| -> Output {
+        let mut bytes = Vec::new();
+        rmp_serde::encode::write(&mut bytes, old).unwrap();
+        rmp_serde::from_slice(&bytes).unwrap()
+    };
+    assert_eq!(decode(&Before::Score { logprob: -1.5, is_greedy: Some(true), tokens: 2 }), Output::Score { logprob: -1.5, is_greedy: Some(true), tokens: 2, top: vec![] });
+    let generated = Before::Generate { text: "hi".into(), tokens: vec![4], finish_reason: FinishReason::Eos, prompt_tokens: 3 };
+    assert_eq!(decode(&generated), Output::Generate { text: "hi".into(), tokens: vec![4], finish_reason: FinishReason::Eos, prompt_tokens: 3, top: vec![] });
+}
