@@ -16,7 +16,8 @@
 //! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
 //!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
-//! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits.
+//! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
+//!   chat template, rendered as transformers renders it.
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
 //! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
 //! - [`infer`]: the transport-neutral core — the batcher and the runner (`infer/runner.rs`) in
@@ -32,6 +33,7 @@
 pub(crate) mod batcher;
 pub mod bus;
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod demo;
 pub mod encoding;

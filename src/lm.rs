@@ -2,7 +2,10 @@
 //! engine's architecture table), its `tokenizer.json`, and the request limits. The job kinds
 //! (`crate::kinds`) parse their inputs into token ids with it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use crate::chat::ChatTemplate;
 
 /// `config.json` and the architecture table live with the engine's model code; the edge reads
 /// limits, special tokens and kinds from them.
@@ -21,6 +24,8 @@ pub struct LmSpec {
     /// Whether producer text is encoded with the tokenizer's special tokens (its BOS), as
     /// lm-evaluation-harness's `add_bos_token` says: see [`harness_adds_bos`].
     pub add_bos: bool,
+    /// The chat template `generate` renders `messages` with, or why the model has none.
+    pub chat: Result<ChatTemplate, String>,
     pub max_new_tokens_limit: usize,
     /// Largest `loglikelihood_rolling` text, in bytes: that kind tokenises and scores the whole
     /// text, so this bounds its cost (`max_input_bytes` in jetbatch.toml; see
@@ -52,7 +57,8 @@ impl LmSpec {
         // (sentence-transformers ship fixed padding) would put pad tokens into the inputs.
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| format!("tokenizer.json: {e}"))?;
-        let from_tokenizer = if arch.is_decoder() { tokenizer_prefix(dir, &tokenizer)? } else { None };
+        let special = SpecialTokens::read(dir)?;
+        let from_tokenizer = if arch.is_decoder() && special.found { special.prefix(&tokenizer)? } else { None };
         let prefix_token = match from_tokenizer.or_else(|| config.bos_token_id.or_else(|| config.eos_ids().first().copied())) {
             Some(t) => t,
             None if arch.is_decoder() => return Err("config.json: neither bos_token_id nor eos_token_id is set (needed as the prefix token)".into()),
@@ -73,7 +79,15 @@ impl LmSpec {
             return Err(format!("config.json: the prefix token {prefix_token} is not below vocab_size {}", config.vocab_size));
         }
         let add_bos = harness_adds_bos(&config);
-        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, add_bos, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
+        // A template that cannot be read or compiled fails only the jobs that need it.
+        let no_template = || "the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)".to_string();
+        let chat = match arch.is_decoder() {
+            true => ChatTemplate::source(dir, special.tokenizer_config.as_ref())
+                .and_then(|source| source.ok_or_else(no_template))
+                .and_then(|source| ChatTemplate::new(source, special.text)),
+            false => Err(no_template()),
+        };
+        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, add_bos, chat, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
     }
 }
 
@@ -86,34 +100,49 @@ pub fn harness_adds_bos(config: &HfConfig) -> bool {
     config.get("model_type").and_then(serde_json::Value::as_str).is_some_and(|t| t.contains("gemma"))
 }
 
-/// The prefix token as lm-evaluation-harness picks it (`prefix_token_id`): the tokenizer's BOS
-/// token if it has one, else its EOS token — read, as transformers loads them, from
-/// `tokenizer_config.json`, then `special_tokens_map.json`. `None` when the folder has neither
-/// file (then `config.json`'s ids are used). This matters where they differ: Qwen's tokenizer has
-/// no BOS and ends turns with `<|im_end|>` while its config.json names `<|endoftext|>`.
-fn tokenizer_prefix(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Option<u32>, String> {
-    let files: Vec<(&str, serde_json::Value)> = ["tokenizer_config.json", "special_tokens_map.json"]
-        .into_iter()
-        .filter_map(|f| {
-            let text = std::fs::read_to_string(dir.join(f)).ok()?;
-            Some(serde_json::from_str(&text).map(|v| (f, v)).map_err(|e| format!("{f}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    if files.is_empty() {
-        return Ok(None);
+/// The tokenizer's special tokens, as transformers loads them: from `tokenizer_config.json`, then
+/// `special_tokens_map.json` (the first file naming a key decides; null there means none). A token
+/// is a string or an AddedToken map with `content`.
+struct SpecialTokens {
+    /// Whether either file is there (else `config.json`'s ids stand in).
+    found: bool,
+    /// `bos_token`, `eos_token`, `unk_token`, `pad_token` → their text, where set.
+    text: BTreeMap<&'static str, String>,
+    /// `tokenizer_config.json`, for its `chat_template`.
+    tokenizer_config: Option<serde_json::Value>,
+}
+
+impl SpecialTokens {
+    fn read(dir: &Path) -> Result<SpecialTokens, String> {
+        let files: Vec<(&str, serde_json::Value)> = ["tokenizer_config.json", "special_tokens_map.json"]
+            .into_iter()
+            .filter_map(|f| {
+                let text = std::fs::read_to_string(dir.join(f)).ok()?;
+                Some(serde_json::from_str(&text).map(|v| (f, v)).map_err(|e| format!("{f}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut text = BTreeMap::new();
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            let Some((file, value)) = files.iter().find_map(|(f, v)| v.get(key).map(|x| (*f, x))) else { continue };
+            let content = match value {
+                serde_json::Value::Null => continue,
+                serde_json::Value::String(s) => s.as_str(),
+                other => other.get("content").and_then(|c| c.as_str()).ok_or_else(|| format!("{file}: {key} is neither a string nor a token"))?,
+            };
+            text.insert(key, content.to_string());
+        }
+        let tokenizer_config = files.iter().find(|(f, _)| *f == "tokenizer_config.json").map(|(_, v)| v.clone());
+        Ok(SpecialTokens { found: !files.is_empty(), text, tokenizer_config })
     }
-    // A special token is a string or an AddedToken map with `content`; the first file naming the
-    // key decides (null there means the tokenizer has none).
-    let special = |key: &str| -> Result<Option<u32>, String> {
-        let Some((file, value)) = files.iter().find_map(|(f, v)| v.get(key).map(|x| (*f, x))) else { return Ok(None) };
-        let content = match value {
-            serde_json::Value::Null => return Ok(None),
-            serde_json::Value::String(s) => s.as_str(),
-            other => other.get("content").and_then(|c| c.as_str()).ok_or_else(|| format!("{file}: {key} is neither a string nor a token"))?,
-        };
-        tokenizer.token_to_id(content).map(Some).ok_or_else(|| format!("{file}: {key} '{content}' is not in tokenizer.json's vocabulary"))
-    };
-    Ok(special("bos_token")?.or(special("eos_token")?))
+
+    /// The prefix token as lm-evaluation-harness picks it (`prefix_token_id`): the tokenizer's BOS
+    /// token if it has one, else its EOS token. `None` when the folder has neither file (then
+    /// `config.json`'s ids are used). This matters where they differ: Qwen's tokenizer has no BOS
+    /// and ends turns with `<|im_end|>` while its config.json names `<|endoftext|>`.
+    fn prefix(&self, tokenizer: &tokenizers::Tokenizer) -> Result<Option<u32>, String> {
+        let Some((key, content)) = ["bos_token", "eos_token"].into_iter().find_map(|k| self.text.get(k).map(|c| (k, c))) else { return Ok(None) };
+        tokenizer.token_to_id(content).map(Some).ok_or_else(|| format!("tokenizer files: {key} '{content}' is not in tokenizer.json's vocabulary"))
+    }
 }
 
 #[cfg(test)]

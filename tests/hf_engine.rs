@@ -45,7 +45,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn windows(r: &Value) -> JobInput {
-    JobInput::Score(r["scored"].as_array().unwrap().iter().map(|w| Window { context: ids(&w[0]), continuation: ids(&w[1]) }).collect())
+    JobInput::Score(r["scored"].as_array().unwrap().iter().map(|w| Window { context: ids(&w[0]), continuation: ids(&w[1]), top_logprobs: 0 }).collect())
 }
 
 fn load(name: &str) -> Arc<ModelSpec> {
@@ -66,7 +66,7 @@ fn check_decoder(engine: &EngineHandle, name: &str) -> f64 {
         let cases = refs[key].as_array().unwrap();
         let (alone, batched) = alone_and_batched(engine, &spec, kind, cases.iter().map(windows).collect());
         for (i, want) in cases.iter().enumerate() {
-            let (Output::Score { logprob: a, .. }, Output::Score { logprob: g, is_greedy, tokens }) = (&alone[i], &batched[i]) else { panic!("{name}: not a score") };
+            let (Output::Score { logprob: a, .. }, Output::Score { logprob: g, is_greedy, tokens, .. }) = (&alone[i], &batched[i]) else { panic!("{name}: not a score") };
             let w = want["logprob"].as_f64().unwrap();
             let err = (g - w).abs() / w.abs().max(1.0);
             worst = worst.max(err);
@@ -88,6 +88,7 @@ fn check_decoder(engine: &EngineHandle, name: &str) -> f64 {
                 sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None },
                 stop: vec![],
                 stop_token_ids: eos.clone(),
+                top_logprobs: 0,
             })
         })
         .collect();
@@ -168,7 +169,7 @@ fn encoders_match_transformers_on_the_engine() {
 
 fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> JobInput {
     let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
-    JobInput::Generate(GenerateInput { prompt, max_new_tokens, sampling, stop: vec![], stop_token_ids: vec![] })
+    JobInput::Generate(GenerateInput { prompt, max_new_tokens, sampling, stop: vec![], stop_token_ids: vec![], top_logprobs: 0 })
 }
 
 /// Rows joining a running generation (prefilled into free slots of its KV cache, shorter and

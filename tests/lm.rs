@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lm_fixture::fixture;
+use lm_fixture::{fixture, python};
 use jetbatch::job::{ErrorCode, JobResult, Status};
 use serde_json::{json, Value};
 
@@ -383,7 +383,7 @@ fn bounded_tokenisation_equals_whole_text_tokenisation() {
                 for continuation in [" the end", "!", " and so on and so forth"] {
                     let (context, cont) = whole_loglikelihood(lm, &t, continuation);
                     let got = parse(lm, JobKind::Loglikelihood, json!({"context": t, "continuation": continuation})).unwrap();
-                    assert_eq!(got, JobInput::Score(vec![Window { context, continuation: cont }]), "{model} {len}");
+                    assert_eq!(got, JobInput::Score(vec![Window { context, continuation: cont, top_logprobs: 0 }]), "{model} {len}");
                 }
             } else {
                 let truncate = |e: tokenizers::Encoding| -> (Vec<u32>, Vec<u32>) {
@@ -457,21 +457,6 @@ async fn a_large_embed_job_is_answered_quickly_and_truncated_like_a_short_one() 
     assert_close(&a, &b, 1e-6, "900 KiB text vs its 600-token start");
     eprintln!("FIGURES 900 KiB embed job answered in {took:?} (publish to result)");
     assert!(took < Duration::from_secs(10), "{took:?}");
-}
-
-/// The fixture's `python` (the project's venv) run on `script` with `args`; its stdout as JSON.
-/// For reference values from transformers on the fixture's files.
-fn python(script: &str, args: &[&str]) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(root.join(".venv/bin/python"))
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("venv python (make test bootstraps it)");
-    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// `truncate: "left"` over the bus: a prompt longer than `max_length - max_new_tokens` keeps the
@@ -582,4 +567,115 @@ fn text_is_encoded_as_the_harness_encodes_it_with_bos_for_gemma() {
             assert_eq!((r[0].context.clone(), scored), (vec![lm.prefix_token], whole), "{what}: rolling {text:?}");
         }
     }
+}
+
+/// `generate` with `messages` over the bus: rendered with the model's chat template (here
+/// Mistral-7B-Instruct-v0.1's, in tokenizer_config.json) and encoded as transformers'
+/// `apply_chat_template(tokenize=True)` encodes it (no special tokens added: the template writes
+/// `<s>`), it generates what those token ids generate. A refusal of the template and a model
+/// without one are `bad_request`s that say so.
+#[tokio::test]
+async fn generate_renders_messages_with_the_models_chat_template() {
+    let h = harness().await;
+    let (dir, _) = fixture();
+    let template = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates/mistral-7b-v0.1.jinja")).unwrap();
+    let chat = h.models.join("chat-llama");
+    std::fs::create_dir_all(&chat).unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors", "jetbatch.toml"] {
+        std::os::unix::fs::symlink(dir.join("models/tiny-llama").join(file), chat.join(file)).unwrap();
+    }
+    let config = json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template});
+    std::fs::write(chat.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let messages = json!([{"role": "user", "content": "the"}, {"role": "assistant", "content": "fox"}, {"role": "user", "content": "a"}]);
+    let want = python(
+        "import json, sys\nfrom transformers import PreTrainedTokenizerFast\n\
+         tok = PreTrainedTokenizerFast(tokenizer_file=sys.argv[1] + '/tokenizer.json', bos_token='<s>', eos_token='</s>')\n\
+         tok.chat_template = json.load(open(sys.argv[1] + '/tokenizer_config.json'))['chat_template']\n\
+         out = {}\n\
+         for g in (True, False):\n    \
+             text = tok.apply_chat_template(json.loads(sys.argv[2]), tokenize=False, add_generation_prompt=g)\n    \
+             out[str(g)] = {'text': text, 'ids': tok(text, add_special_tokens=False).input_ids}\n\
+         print(json.dumps(out))",
+        &[chat.to_str().unwrap(), &messages.to_string()],
+    );
+    let ids = &want["True"]["ids"];
+    assert_eq!(ids[0], 0, "the template writes <s> (id 0): {}", want["True"]["text"]);
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let gen = json!({"max_new_tokens": 6});
+    let jobs = [
+        job("chat", "chat-llama", "generate", json!({"messages": messages}), gen.clone()),
+        job("chat-ids", "chat-llama", "generate", json!({"prompt_tokens": ids}), gen.clone()),
+        job("chat-no-prompt", "chat-llama", "generate", json!({"messages": messages}), json!({"max_new_tokens": 6, "add_generation_prompt": false})),
+        job("chat-no-prompt-ids", "chat-llama", "generate", json!({"prompt_tokens": want["False"]["ids"]}), gen.clone()),
+        job("chat-refused", "chat-llama", "generate", json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}), gen.clone()),
+        job("no-template", "tiny-llama", "generate", json!({"messages": messages}), gen),
+    ];
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let chat = output(&got["chat"][0]);
+    assert_eq!(chat["prompt_tokens"].as_u64(), Some(ids.as_array().unwrap().len() as u64));
+    assert_eq!(chat["tokens"], output(&got["chat-ids"][0])["tokens"]);
+    assert_eq!(output(&got["chat-no-prompt"][0])["tokens"], output(&got["chat-no-prompt-ids"][0])["tokens"]);
+    let err = |id: &str| got[id][0].error.clone().unwrap_or_else(|| panic!("{id} should fail"));
+    assert_eq!(err("chat-refused").code, ErrorCode::BadRequest);
+    assert_eq!(
+        err("chat-refused").message,
+        "input.messages: the model's chat template refuses them: Conversation roles must alternate user/assistant/user/assistant/..."
+    );
+    assert_eq!(err("no-template").code, ErrorCode::BadRequest);
+    assert!(err("no-template").message.starts_with("input.messages: the model has no chat template"), "{}", err("no-template").message);
+}
+
+/// `top_logprobs: k` over the bus, against transformers' `log_softmax(...).topk(k)` on the same
+/// weights: per continuation token of a `loglikelihood` job, per generated token of a `generate`
+/// job (ids, their text as `tokenizer.decode([id])`, log-probs within 1e-4); jobs that do not ask,
+/// batched beside them, get no list.
+#[tokio::test]
+async fn top_logprobs_match_transformers() {
+    let h = harness().await;
+    let (dir, _) = fixture();
+    let _w = h.worker("w1", &[]);
+    let mut sub = h.subscribe_results().await;
+    let pair = json!({"context": "the quick brown", "continuation": " fox jumps"});
+    let jobs = [
+        job("ll-top", "tiny-llama", "loglikelihood", pair.clone(), json!({"top_logprobs": 5})),
+        job("ll-plain", "tiny-llama", "loglikelihood", pair, json!({})),
+        job("gen-top", "tiny-llama", "generate", json!({"prompt": "the quick"}), json!({"max_new_tokens": 4, "top_logprobs": 3})),
+        job("gen-plain", "tiny-llama", "generate", json!({"prompt": "a batch of jobs"}), json!({"max_new_tokens": 4})),
+    ];
+    burst(&h, &jobs).await;
+    let got = collect(&mut sub, jobs.len(), MINUTE).await;
+    let (ll, gen) = (output(&got["ll-top"][0]), output(&got["gen-top"][0]));
+    assert!(output(&got["ll-plain"][0]).get("top_logprobs").is_none() && output(&got["gen-plain"][0]).get("top_logprobs").is_none());
+    assert_eq!(ll["logprob"], output(&got["ll-plain"][0])["logprob"], "asking for top log-probs changes no score");
+    let want = python(
+        "import json, sys, torch\nfrom transformers import AutoModelForCausalLM, PreTrainedTokenizerFast\n\
+         d, generated = sys.argv[1], json.loads(sys.argv[2])\n\
+         tok = PreTrainedTokenizerFast(tokenizer_file=d + '/tokenizer.json')\n\
+         model = AutoModelForCausalLM.from_pretrained(d, attn_implementation='eager').eval()\n\
+         enc = lambda s: tok(s, add_special_tokens=False).input_ids\n\
+         def top(ids, n, k):\n    \
+             with torch.no_grad():\n        \
+                 logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)[-n:]\n    \
+             v, i = logp.topk(k, -1)\n    \
+             return [{'ids': r.tolist(), 'tokens': [tok.decode([t]) for t in r.tolist()], 'logprobs': x.tolist()} for x, r in zip(v, i)]\n\
+         ctx = enc('the quick brown'); cont = enc('the quick brown fox jumps')[len(ctx):]\n\
+         prompt = enc('the quick')\n\
+         print(json.dumps({'ll': top((ctx + cont)[:-1], len(cont), 5), 'gen': top((prompt + generated)[:-1], len(generated), 3)}))",
+        &[dir.join("models/tiny-llama").to_str().unwrap(), &gen["tokens"].to_string()],
+    );
+    for (what, got, want, k) in [("loglikelihood", &ll, &want["ll"], 5), ("generate", &gen, &want["gen"], 3)] {
+        let (got, want) = (got["top_logprobs"].as_array().unwrap(), want.as_array().unwrap());
+        assert_eq!(got.len(), want.len(), "{what}: one entry per token");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((&g["ids"], &g["tokens"]), (&w["ids"], &w["tokens"]), "{what}");
+            let (g, w): (Vec<f64>, Vec<f64>) = (serde_json::from_value(g["logprobs"].clone()).unwrap(), serde_json::from_value(w["logprobs"].clone()).unwrap());
+            assert_eq!(g.len(), k);
+            assert_close(&g, &w, 1e-4, what);
+        }
+    }
+    // Greedy: each generated token is the first of its position's list.
+    let firsts: Vec<Value> = gen["top_logprobs"].as_array().unwrap().iter().map(|t| t["ids"][0].clone()).collect();
+    assert_eq!(Value::from(firsts), gen["tokens"]);
 }

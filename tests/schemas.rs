@@ -108,15 +108,18 @@ fn emitted_results_validate() {
         error: Some(JobError::new(ErrorCode::OutOfMemory, "out of memory")),
         ..ok.clone()
     };
+    let top = jetbatch::kinds::TopLogprobs { ids: vec![5, 7], tokens: vec![" fox".into(), "\u{FFFD}".into()], logprobs: vec![-0.5, f32::NEG_INFINITY] };
     let lm_outputs = [
-        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 2 },
-        Output::Score { logprob: -30.0, is_greedy: None, tokens: 20 },
-        Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3 },
+        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 2, top: vec![] },
+        Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 1, top: vec![top.clone()] },
+        Output::Score { logprob: -30.0, is_greedy: None, tokens: 20, top: vec![] },
+        Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3, top: vec![] },
+        Output::Generate { text: "h".into(), tokens: vec![1], finish_reason: jetbatch::job::FinishReason::Length, prompt_tokens: 3, top: vec![top.clone()] },
         Output::Embedding(vec![0.6, 0.8]),
         Output::Classification { logits: vec![1.0, 2.0], probs: vec![0.27, 0.73], label: "pos".into(), label_id: 1 },
         // Non-finite floats are strings in JSON.
-        Output::Score { logprob: f64::NEG_INFINITY, is_greedy: Some(false), tokens: 2 },
-        Output::Score { logprob: f64::NAN, is_greedy: None, tokens: 2 },
+        Output::Score { logprob: f64::NEG_INFINITY, is_greedy: Some(false), tokens: 2, top: vec![] },
+        Output::Score { logprob: f64::NAN, is_greedy: None, tokens: 2, top: vec![] },
         Output::Embedding(vec![f32::NAN, f32::INFINITY]),
         Output::Classification { logits: vec![f32::NEG_INFINITY, 2.0], probs: vec![0.0, f32::NAN], label: "pos".into(), label_id: 1 },
         Output::Tensor(vec![TensorData::from((&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY][..], vec![3]))]),
@@ -174,8 +177,11 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         (lm("generate", json!({"prompt": "hi"}), json!({"until": ["\n"]})), "params.until: unknown; did you mean stop?"),
         (lm("generate", json!({"prompt": "hi"}), json!({"max_gen_toks": 5})), "params.max_gen_toks: unknown; did you mean max_new_tokens?"),
         (lm("generate", json!({"prompt": "hi"}), json!({"max_tokens": 5})), "params.max_tokens: unknown; did you mean max_new_tokens?"),
-        (lm("generate", json!({"prompt": "hi"}), json!({"logprobs": 1})), "params.logprobs: unknown; not supported"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"logprobs": 1})), "params.logprobs: unknown; did you mean top_logprobs?"),
         (lm("generate", json!({"text": "hi"}), json!({})), "input.text: unknown; did you mean prompt?"),
+        (lm("generate", json!({"messages": [{"role": "user", "content": "hi", "name": "x"}]}), json!({})), "input.messages[0].name: unknown"),
+        (lm("generate", json!({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}), json!({})), "input: give one of prompt, prompt_tokens and messages"),
+        (lm("generate", json!({"prompt": "hi"}), json!({"truncate": "right"})), "params.truncate: expected"),
         (lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({"max_new_tokens": 3})), "params.max_new_tokens: unknown"),
         (lm("loglikelihood_rolling", json!({"text": "a", "context": "b"}), json!({})), "input.context: unknown"),
     ];
@@ -188,6 +194,7 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     let accepted = [
         tensor(("cache", json!(false))),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 1, "stop": ["x"], "stop_token_ids": [1], "stream": true})),
+        lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "truncate": "left"})),
         lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),
         lm("loglikelihood", json!({"context_tokens": [3], "continuation_tokens": [4]}), json!({})),
         lm("loglikelihood_rolling", json!({"tokens": [3, 4]}), json!({})),
@@ -196,7 +203,10 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         assert_valid(&job, &doc, &doc.to_string());
         worker(&doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
     }
-    // The encoder kinds (no demo model serves them): the schema alone.
+    // Messages (the demo model has no chat template) and the encoder kinds (no demo model serves
+    // them): the schema alone.
+    let chat = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
+    assert_valid(&job, &lm("generate", chat, json!({"add_generation_prompt": false, "truncate": "left"})), "messages");
     assert!(job.is_valid(&json!({"id": "u", "model": "m", "kind": "embed", "input": {"text": "a"}, "params": {"normalize": false}})));
     assert!(!job.is_valid(&json!({"id": "u", "model": "m", "kind": "embed", "input": {"text": "a", "text_pair": "b"}})));
     assert!(!job.is_valid(&json!({"id": "u", "model": "m", "kind": "classify", "input": {"text": "a"}, "params": {"normalize": false}})));

@@ -33,7 +33,7 @@ async fn loglikelihood_batches_on_a_32k_vocabulary() {
         .map(|i| {
             let context: Vec<u32> = (0..20 + (i * 7) % 40).map(|t| 3 + (t * 13 + i) % 250).collect();
             let continuation: Vec<u32> = (0..1 + i % 8).map(|t| 3 + (t * 31 + i) % 250).collect();
-            JobInput::Score(vec![Window { context, continuation }])
+            JobInput::Score(vec![Window { context, continuation, top_logprobs: 0 }])
         })
         .collect();
     for round in 0..3 {

@@ -673,7 +673,7 @@ mod tests {
             self.rows = live;
             done.into_iter()
                 .map(|(job, g, _)| {
-                    let out = Output::Generate { text: String::new(), tokens: g.prompt.clone(), finish_reason: crate::job::FinishReason::Length, prompt_tokens: 1 };
+                    let out = Output::Generate { text: String::new(), tokens: g.prompt.clone(), finish_reason: crate::job::FinishReason::Length, prompt_tokens: 1, top: Vec::new() };
                     (job, Ok(out))
                 })
                 .collect()
@@ -690,6 +690,7 @@ mod tests {
             sampling: crate::kinds::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None },
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            top_logprobs: 0,
         })
     }
 

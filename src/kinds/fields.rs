@@ -60,6 +60,7 @@ const ALIASES: &[(Place, &str, &str)] = &[
     (Place::Params, "normalise", "normalize"),
     (Place::Params, "normalize_embeddings", "normalize"),
     (Place::Params, "streaming", "stream"),
+    (Place::Params, "logprobs", "top_logprobs"),
     (Place::Input, "text", "prompt"),
     (Place::Input, "tokens", "prompt_tokens"),
     (Place::Input, "input_ids", "prompt_tokens"),
@@ -72,8 +73,7 @@ const ALIASES: &[(Place, &str, &str)] = &[
 
 /// Parameters of other APIs that we do not have, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("logprobs", "not supported; score text with a loglikelihood job"),
-    ("top_logprobs", "not supported; score text with a loglikelihood job"),
+    ("logprobs", "not supported; top_logprobs on generate and loglikelihood jobs"),
     ("echo", "not supported; score text with a loglikelihood job"),
     ("do_sample", "not supported; temperature 0 is greedy and above 0 samples"),
     ("n", "not supported; send one job per sample (with different seeds)"),
@@ -236,13 +236,15 @@ mod tests {
         assert_eq!(msg(Place::Params, "max_gen_toks", gen, JobKind::Generate), "params.max_gen_toks: unknown; did you mean max_new_tokens?");
         assert_eq!(msg(Place::Params, "max_tokens", gen, JobKind::Generate), "params.max_tokens: unknown; did you mean max_new_tokens?");
         assert_eq!(msg(Place::Params, "temprature", gen, JobKind::Generate), "params.temprature: unknown; did you mean temperature?");
-        assert!(msg(Place::Params, "logprobs", gen, JobKind::Generate).starts_with("params.logprobs: unknown; not supported"));
+        assert_eq!(msg(Place::Params, "logprobs", gen, JobKind::Generate), "params.logprobs: unknown; did you mean top_logprobs?");
         let ll = JobKind::Loglikelihood.keys(Place::Params);
         assert_eq!(
             msg(Place::Params, "max_new_tokens", ll, JobKind::Loglikelihood),
             "params.max_new_tokens: unknown; not one of the params of loglikelihood jobs (it is one of generate jobs)"
         );
-        assert_eq!(msg(Place::Params, "until", ll, JobKind::Loglikelihood), "params.until: unknown; loglikelihood jobs take no params");
+        assert_eq!(msg(Place::Params, "until", ll, JobKind::Loglikelihood), "params.until: unknown; the params of loglikelihood jobs are top_logprobs");
+        let rolling = JobKind::LoglikelihoodRolling.keys(Place::Params);
+        assert_eq!(msg(Place::Params, "until", rolling, JobKind::LoglikelihoodRolling), "params.until: unknown; loglikelihood_rolling jobs take no params");
         assert_eq!(msg(Place::Params, "x", &[], JobKind::Tensor), "params.x: unknown; tensor jobs take no params");
         let input = JobKind::Generate.keys(Place::Input);
         assert_eq!(msg(Place::Input, "text", input, JobKind::Generate), "input.text: unknown; did you mean prompt?");

@@ -1,4 +1,5 @@
-//! `generate`: text from a prompt, greedy or sampled, until `max_new_tokens`, a stop string or a
+//! `generate`: text from a prompt (text, token ids, or `messages` rendered with the model's chat
+//! template), greedy or sampled, until `max_new_tokens`, a stop string or a
 //! stop token. Output: `Generate` (`text`, `tokens`, `finish_reason`, `prompt_tokens`).
 
 use rmpv::Value;
@@ -8,10 +9,11 @@ use super::fields::{Input, Params};
 use super::text;
 use super::validation::{Count, ValidationError};
 use super::{JobInput, Request};
+use crate::chat::Message;
 use crate::lm::LmSpec;
 
-pub const INPUT_KEYS: &[&str] = &["prompt", "prompt_tokens"];
-pub const PARAM_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "stream", "truncate"];
+pub const INPUT_KEYS: &[&str] = &["prompt", "prompt_tokens", "messages"];
+pub const PARAM_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "stream", "truncate", "add_generation_prompt", "top_logprobs"];
 
 /// `max_new_tokens` when a job does not say.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 64;
@@ -38,6 +40,14 @@ pub struct GenerateInput {
     pub stop: Vec<String>,
     /// Generation ends on these tokens (default: the model's eos ids).
     pub stop_token_ids: Vec<u32>,
+    /// How many of the most likely tokens to report at each generated position (0: none; then
+    /// not encoded, so cache keys stay as they were).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub top_logprobs: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl GenerateInput {
@@ -94,6 +104,8 @@ pub struct GenerateParams {
     pub stop_token_ids: Option<Vec<u32>>,
     pub stream: bool,
     pub truncate: Truncate,
+    pub add_generation_prompt: Option<bool>,
+    pub top_logprobs: Option<usize>,
 }
 
 impl GenerateParams {
@@ -148,6 +160,8 @@ impl GenerateParams {
             stop_token_ids,
             stream: params.boolean("stream")?.unwrap_or(false),
             truncate,
+            add_generation_prompt: params.boolean("add_generation_prompt")?,
+            top_logprobs: super::read_top_logprobs(params)?,
         })
     }
 }
@@ -166,29 +180,37 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
             range: format!("1..{} with truncate \"left\" (room for the prompt within max_length)", lm.max_length),
         })?),
     };
-    let prompt = match input.tokens("prompt_tokens", lm.config.vocab_size)? {
-        Some(t) => t,
-        None => {
-            let prompt = input.text("prompt")?.ok_or(ValidationError::Missing { field: "input.prompt".into(), or: Some("prompt_tokens") })?;
-            match keep {
-                // Only the end of a long prompt is read: its last `keep` tokens are those of the whole.
-                Some(keep) => text::encode_text(lm, text::bounded_tail(lm, prompt, keep)?)?,
-                None => {
-                    // A prompt must fit the model: a bounded start of it tells an over-long one.
-                    if text::over(lm, prompt, lm.max_length)? {
-                        return Err(ValidationError::NoRoomToGenerate { tokens: Count::MoreThan(lm.max_length), max: lm.max_length });
-                    }
-                    text::encode_text(lm, prompt)?
-                }
-            }
+    let given: Vec<&str> = INPUT_KEYS.iter().copied().filter(|k| input.get(k).is_some()).collect();
+    let (field, prompt) = match given.as_slice() {
+        ["prompt_tokens"] => ("input.prompt_tokens", input.tokens("prompt_tokens", lm.config.vocab_size)?.unwrap_or_default()),
+        ["prompt"] => ("input.prompt", encode_prompt(lm, input.text("prompt")?.unwrap_or_default(), lm.add_bos, keep, "input.prompt")?),
+        ["messages"] => {
+            let messages = read_messages(input)?;
+            let chat = lm.chat.as_ref().map_err(|why| ValidationError::Invalid { field: "input.messages".into(), detail: why.clone() })?;
+            let text = chat
+                .render(&messages, params.add_generation_prompt.unwrap_or(true))
+                .map_err(|e| ValidationError::Invalid { field: "input.messages".into(), detail: e.to_string() })?;
+            // As apply_chat_template(tokenize=True) encodes it: the template writes its own
+            // special tokens (a BOS where the model wants one).
+            ("input.messages", encode_prompt(lm, &text, false, keep, "input.messages")?)
+        }
+        [] => return Err(ValidationError::Missing { field: "input.prompt".into(), or: Some("prompt_tokens or messages") }),
+        _ => {
+            let detail = format!("give one of prompt, prompt_tokens and messages, not {}", given.join(" and "));
+            return Err(ValidationError::Invalid { field: "input".into(), detail });
         }
     };
+    if params.add_generation_prompt.is_some() && field != "input.messages" {
+        return Err(ValidationError::Invalid { field: "params.add_generation_prompt".into(), detail: "only with input.messages".into() });
+    }
     if prompt.is_empty() {
-        return Err(ValidationError::NoTokens { field: "input.prompt".into() });
+        return Err(ValidationError::NoTokens { field: field.into() });
     }
     let prompt = match keep {
         Some(keep) => prompt[prompt.len().saturating_sub(keep)..].to_vec(),
-        None if prompt.len() >= lm.max_length => return Err(ValidationError::NoRoomToGenerate { tokens: Count::Exactly(prompt.len()), max: lm.max_length }),
+        None if prompt.len() >= lm.max_length => {
+            return Err(ValidationError::NoRoomToGenerate { field: field.into(), tokens: Count::Exactly(prompt.len()), max: lm.max_length })
+        }
         None => prompt,
     };
     let temperature = params.temperature.unwrap_or(0.0);
@@ -203,8 +225,55 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     if let Some(bad) = stop_token_ids.iter().find(|&&t| t as usize >= lm.config.vocab_size) {
         return Err(ValidationError::Invalid { field: "params.stop_token_ids".into(), detail: format!("{bad} is not below the vocabulary size") });
     }
-    let input = GenerateInput { prompt, max_new_tokens: max_new, sampling, stop: params.stop, stop_token_ids };
+    let top_logprobs = params.top_logprobs.unwrap_or(0);
+    let input = GenerateInput { prompt, max_new_tokens: max_new, sampling, stop: params.stop, stop_token_ids, top_logprobs };
     Ok(Request { cost: input.cost(), cacheable: input.reproducible(), stream: params.stream, input: JobInput::Generate(input) })
+}
+
+/// The token ids of a prompt's text (with the tokenizer's special tokens when `special`), bounded
+/// before tokenising: with `keep` (truncate left) only its end is read, else a bounded start of it
+/// tells an over-long one.
+fn encode_prompt(lm: &LmSpec, prompt: &str, special: bool, keep: Option<usize>, field: &str) -> Result<Vec<u32>, ValidationError> {
+    match keep {
+        // Its last `keep` tokens are those of the whole text.
+        Some(keep) => text::encode(lm, text::bounded_tail(lm, prompt, keep)?, special),
+        None if text::over(lm, prompt, lm.max_length)? => {
+            Err(ValidationError::NoRoomToGenerate { field: field.into(), tokens: Count::MoreThan(lm.max_length), max: lm.max_length })
+        }
+        None => text::encode(lm, prompt, special),
+    }
+}
+
+/// `input.messages`: a list of `{role, content}` maps, strings both.
+fn read_messages(input: &Input) -> Result<Vec<Message>, ValidationError> {
+    const EXPECTED: &str = "a non-empty list of {role, content} maps with string values";
+    let expected = |field: String| ValidationError::Expected { field, expected: EXPECTED };
+    let items = match input.get("messages") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        _ => return Err(expected("input.messages".into())),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = |key: &str| format!("input.messages[{i}].{key}");
+            let pairs = m.as_map().ok_or_else(|| expected(format!("input.messages[{i}]")))?;
+            let (mut role, mut content) = (None, None);
+            for (k, v) in pairs {
+                let slot = match k.as_str() {
+                    Some("role") => &mut role,
+                    Some("content") => &mut content,
+                    Some(other) => return Err(ValidationError::UnknownKey { field: at(other), hint: "a message has role and content".into() }),
+                    None => return Err(ValidationError::KeyNotString { field: format!("input.messages[{i}]") }),
+                };
+                *slot = Some(v.as_str().map(String::from).ok_or_else(|| ValidationError::Expected { field: at(k.as_str().unwrap_or_default()), expected: "a string" })?);
+            }
+            Ok(Message {
+                role: role.ok_or_else(|| ValidationError::Missing { field: at("role"), or: None })?,
+                content: content.ok_or_else(|| ValidationError::Missing { field: at("content"), or: None })?,
+            })
+        })
+        .collect()
 }
 
 /// The `Generate` output on the wire.

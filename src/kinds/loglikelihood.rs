@@ -1,8 +1,9 @@
 //! `loglikelihood`: the log-probability of a continuation given a context, and whether it is the
 //! greedy one — lm-evaluation-harness semantics (see [`super::scoring::split_pair`]). Output:
-//! `Score` with `is_greedy`.
+//! `Score` with `is_greedy` (and, with `top_logprobs: k`, the k most likely tokens at each
+//! continuation position).
 
-use super::fields::Input;
+use super::fields::{Input, Params};
 use super::scoring::{self, Window};
 use super::text;
 use super::validation::{Count, ValidationError};
@@ -10,9 +11,10 @@ use super::{JobInput, Request};
 use crate::lm::LmSpec;
 
 pub const INPUT_KEYS: &[&str] = &["context", "continuation", "context_tokens", "continuation_tokens"];
-pub const PARAM_KEYS: &[&str] = &[];
+pub const PARAM_KEYS: &[&str] = &["top_logprobs"];
 
-pub fn parse(lm: &LmSpec, input: &Input) -> Result<Request, ValidationError> {
+pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, ValidationError> {
+    let top_logprobs = super::read_top_logprobs(params)?.unwrap_or(0);
     let vocab = lm.config.vocab_size;
     let (context, continuation, field) = match (input.tokens("context_tokens", vocab)?, input.tokens("continuation_tokens", vocab)?) {
         (Some(c), Some(k)) => (c, k, "input.continuation_tokens"),
@@ -42,7 +44,7 @@ pub fn parse(lm: &LmSpec, input: &Input) -> Result<Request, ValidationError> {
     // An empty context is conditioned on the prefix token, given as text or as tokens.
     let context = if context.is_empty() { vec![lm.prefix_token] } else { context };
     let (context, continuation) = scoring::truncate(lm.max_length, context, continuation);
-    let window = Window { context, continuation };
+    let window = Window { context, continuation, top_logprobs };
     Ok(Request::new(window.cost(), JobInput::Score(vec![window])))
 }
 

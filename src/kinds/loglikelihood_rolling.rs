@@ -56,7 +56,7 @@ pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Windo
         .map(|(a, b)| {
             // make_disjoint_window: the context keeps only what precedes the continuation.
             let keep = a.len() + 1 - b.len();
-            Window { context: a[..keep].to_vec(), continuation: b }
+            Window { context: a[..keep].to_vec(), continuation: b, top_logprobs: 0 }
         })
         .collect()
 }
@@ -74,6 +74,6 @@ mod tests {
         assert_eq!(pairs, vec![(vec![99], vec![0, 1, 2, 3]), (vec![3], vec![4, 5, 6, 7]), (vec![5, 6, 7], vec![8, 9])]);
         // Every token is predicted exactly once.
         let short = rolling_windows(&[5, 6], 1, 4);
-        assert_eq!(short, vec![Window { context: vec![1], continuation: vec![5, 6] }]);
+        assert_eq!(short, vec![Window { context: vec![1], continuation: vec![5, 6], top_logprobs: 0 }]);
     }
 }

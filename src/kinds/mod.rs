@@ -123,7 +123,7 @@ impl JobKind {
         match (self, model) {
             (JobKind::Tensor, Model::Tensor { name, slots, max_elements }) => tensor::parse(name, slots, *max_elements, &input),
             (JobKind::Generate, Model::Lm { lm, .. }) => generate::parse(lm, &input, &params),
-            (JobKind::Loglikelihood, Model::Lm { lm, .. }) => loglikelihood::parse(lm, &input),
+            (JobKind::Loglikelihood, Model::Lm { lm, .. }) => loglikelihood::parse(lm, &input, &params),
             (JobKind::LoglikelihoodRolling, Model::Lm { lm, .. }) => loglikelihood_rolling::parse(lm, &input),
             (JobKind::Embed, Model::Lm { lm, .. }) => embed::parse(lm, &input, &params),
             (JobKind::Classify, Model::Lm { lm, .. }) => classify::parse(lm, &input),
@@ -177,9 +177,24 @@ pub enum JobInput {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Output {
     Tensor(Vec<TensorData>),
-    /// `loglikelihood` (with `is_greedy`) and `loglikelihood_rolling` (without).
-    Score { logprob: f64, is_greedy: Option<bool>, tokens: usize },
-    Generate { text: String, tokens: Vec<u32>, finish_reason: FinishReason, prompt_tokens: usize },
+    /// `loglikelihood` (with `is_greedy`) and `loglikelihood_rolling` (without); `top`: per
+    /// continuation token with `top_logprobs`, else empty.
+    Score {
+        logprob: f64,
+        is_greedy: Option<bool>,
+        tokens: usize,
+        #[serde(default)]
+        top: Vec<TopLogprobs>,
+    },
+    /// `top`: per generated token with `top_logprobs`, else empty.
+    Generate {
+        text: String,
+        tokens: Vec<u32>,
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        #[serde(default)]
+        top: Vec<TopLogprobs>,
+    },
     Embedding(Vec<f32>),
     Classification { logits: Vec<f32>, probs: Vec<f32>, label: String, label_id: usize },
 }
@@ -189,12 +204,49 @@ impl Output {
     pub fn to_wire(&self, encoding: Encoding) -> Value {
         match self {
             Output::Tensor(ts) => tensor::to_wire(ts, encoding),
-            Output::Score { logprob, is_greedy, tokens } => scoring::score_to_wire(*logprob, *is_greedy, *tokens, encoding),
-            Output::Generate { text, tokens, finish_reason, prompt_tokens } => generate::to_wire(text, tokens, *finish_reason, *prompt_tokens),
+            Output::Score { logprob, is_greedy, tokens, top } => with_top(scoring::score_to_wire(*logprob, *is_greedy, *tokens, encoding), top, encoding),
+            Output::Generate { text, tokens, finish_reason, prompt_tokens, top } => with_top(generate::to_wire(text, tokens, *finish_reason, *prompt_tokens), top, encoding),
             Output::Embedding(e) => embed::to_wire(e, encoding),
             Output::Classification { logits, probs, label, label_id } => classify::to_wire(logits, probs, label, *label_id, encoding),
         }
     }
+}
+
+/// The most likely tokens at one position (`top_logprobs`): ids, their text, their log-probs
+/// (of the model's distribution, before any temperature), most likely first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprobs {
+    pub ids: Vec<u32>,
+    pub tokens: Vec<String>,
+    pub logprobs: Vec<f32>,
+}
+
+/// `top_logprobs` (params of `generate` and `loglikelihood`): how many, 1..=20; `None` if absent.
+pub fn read_top_logprobs(params: &fields::Params) -> Result<Option<usize>, ValidationError> {
+    match params.uint("top_logprobs")? {
+        None => Ok(None),
+        Some(k @ 1..=20) => Ok(Some(k as usize)),
+        Some(_) => Err(ValidationError::OutOfRange { field: "params.top_logprobs".into(), range: "1..=20".into() }),
+    }
+}
+
+/// A kind's output map with `top_logprobs` (one entry per scored or generated token) where asked.
+fn with_top(output: Value, top: &[TopLogprobs], encoding: Encoding) -> Value {
+    let Value::Map(mut pairs) = output else { return output };
+    if !top.is_empty() {
+        let entries = top
+            .iter()
+            .map(|t| {
+                wire_map(vec![
+                    ("ids", Value::Array(t.ids.iter().map(|&i| Value::from(i)).collect())),
+                    ("tokens", Value::Array(t.tokens.iter().map(|s| Value::from(s.as_str())).collect())),
+                    ("logprobs", wire_floats(&t.logprobs, encoding)),
+                ])
+            })
+            .collect();
+        pairs.push((Value::from("top_logprobs"), Value::Array(entries)));
+    }
+    Value::Map(pairs)
 }
 
 fn wire_map(pairs: Vec<(&str, Value)>) -> Value {

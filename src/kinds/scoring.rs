@@ -15,6 +15,14 @@ use crate::lm::LmSpec;
 pub struct Window {
     pub context: Vec<u32>,
     pub continuation: Vec<u32>,
+    /// `loglikelihood` with `top_logprobs`: how many of the most likely tokens to report at each
+    /// continuation position (0: none; then not encoded, so cache keys stay as they were).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub top_logprobs: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Window {

@@ -130,7 +130,7 @@ fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
         let (c, k) = scoring::split_pair(&spec, &text, " !").unwrap();
         let (c, k) = scoring::truncate(spec.max_length, c, k);
         let w = windows(parse(&spec, JobKind::Loglikelihood, json!({"context": text, "continuation": " !"}), json!({})).unwrap());
-        assert_eq!(w[0], Window { context: c, continuation: k }, "{len}");
+        assert_eq!(w[0], Window { context: c, continuation: k, top_logprobs: 0 }, "{len}");
         let JobInput::Encode { ids: got, .. } = parse(&spec, JobKind::Embed, json!({"text": text}), json!({})).unwrap() else { panic!() };
         // Encoders keep the first max_length - 1 tokens and the last (their final separator).
         let want: Vec<u32> = if whole.len() > 48 { whole[..47].iter().chain(whole.last()).copied().collect() } else { whole.clone() };
@@ -154,7 +154,19 @@ fn rolling_texts_over_max_input_bytes_are_refused() {
 fn each_kind_names_the_field_it_refuses() {
     let (_d, spec) = tiny(48);
     let cases = [
-        (JobKind::Generate, json!({}), json!({}), "input.prompt: missing (or prompt_tokens)"),
+        (JobKind::Generate, json!({}), json!({}), "input.prompt: missing (or prompt_tokens or messages)"),
+        (JobKind::Generate, json!({"prompt": "hi", "prompt_tokens": [5]}), json!({}), "input: give one of prompt, prompt_tokens and messages, not prompt and prompt_tokens"),
+        (JobKind::Generate, json!({"messages": []}), json!({}), "input.messages: expected a non-empty list of {role, content} maps with string values"),
+        (JobKind::Generate, json!({"messages": [{"role": "user"}]}), json!({}), "input.messages[0].content: missing"),
+        (JobKind::Generate, json!({"messages": [{"role": "user", "content": 1}]}), json!({}), "input.messages[0].content: expected a string"),
+        (JobKind::Generate, json!({"messages": [{"role": "user", "content": "x", "name": "a"}]}), json!({}), "input.messages[0].name: unknown; a message has role and content"),
+        (
+            JobKind::Generate,
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            json!({}),
+            "input.messages: the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)",
+        ),
+        (JobKind::Generate, json!({"prompt": "hi"}), json!({"add_generation_prompt": false}), "params.add_generation_prompt: only with input.messages"),
         (JobKind::Generate, json!({"prompt": 5}), json!({}), "input.prompt: expected a string"),
         (JobKind::Generate, json!({"prompt_tokens": "x"}), json!({}), "input.prompt_tokens: expected a list of token ids"),
         (JobKind::Generate, json!({"prompt": "hi"}), json!({"max_new_tokens": 0}), "params.max_new_tokens: must be 1..=64"),
@@ -197,7 +209,12 @@ fn unknown_keys_in_input_and_params_are_refused_with_a_suggestion() {
     assert_eq!(msg(gen, hi(), json!({"until": ["\n"]})), "params.until: unknown; did you mean stop?");
     assert_eq!(msg(gen, hi(), json!({"max_gen_toks": 5})), "params.max_gen_toks: unknown; did you mean max_new_tokens?");
     assert_eq!(msg(gen, hi(), json!({"max_tokens": 5})), "params.max_tokens: unknown; did you mean max_new_tokens?");
-    assert!(msg(gen, hi(), json!({"logprobs": 5})).starts_with("params.logprobs: unknown; not supported"));
+    assert_eq!(msg(gen, hi(), json!({"logprobs": 5})), "params.logprobs: unknown; did you mean top_logprobs?");
+    assert_eq!(msg(gen, hi(), json!({"top_logprobs": 21})), "params.top_logprobs: must be 1..=20");
+    assert_eq!(
+        msg(JobKind::LoglikelihoodRolling, json!({"text": "a"}), json!({"top_logprobs": 2})),
+        "params.top_logprobs: unknown; not one of the params of loglikelihood_rolling jobs (it is one of generate jobs)"
+    );
     assert_eq!(msg(gen, json!({"text": "hi"}), json!({})), "input.text: unknown; did you mean prompt?");
     assert_eq!(msg(JobKind::Embed, json!({"text": "hi", "text_pair": "b"}), json!({})), "input.text_pair: unknown; not one of the input keys of embed jobs (it is one of classify jobs)");
     assert_eq!(msg(JobKind::Classify, json!({"text": "hi"}), json!({"normalize": false})), "params.normalize: unknown; not one of the params of classify jobs (it is one of embed jobs)");
@@ -243,4 +260,30 @@ fn truncate_left_keeps_the_end_of_a_long_prompt_as_the_harness_cuts_it() {
     assert!(err.message.starts_with("params.max_new_tokens: must be 1..48 with truncate"), "{}", err.message);
     let err = parse(&spec, gen, json!({"prompt": "abc"}), json!({"truncate": "right"})).unwrap_err();
     assert_eq!(err.message, "params.truncate: expected \"error\" or \"left\"");
+}
+
+/// `top_logprobs` left the cache as it was: jobs that do not ask keep their cache keys (the field
+/// is not encoded at 0), and outputs cached before it existed still decode.
+#[test]
+fn top_logprobs_keeps_cache_keys_and_old_cached_outputs() {
+    let window = Window { context: vec![1, 2], continuation: vec![3], top_logprobs: 0 };
+    assert_eq!(rmp_serde::to_vec(&window).unwrap(), rmp_serde::to_vec(&(vec![1u32, 2], vec![3u32])).unwrap());
+    let asks = Window { top_logprobs: 2, ..window };
+    assert_ne!(rmp_serde::to_vec(&asks).unwrap(), rmp_serde::to_vec(&(vec![1u32, 2], vec![3u32])).unwrap());
+    // The output enum as it was: same variants in the same order, `Score` and `Generate` without `top`.
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum Before {
+        Tensor(Vec<TensorData>),
+        Score { logprob: f64, is_greedy: Option<bool>, tokens: usize },
+        Generate { text: String, tokens: Vec<u32>, finish_reason: FinishReason, prompt_tokens: usize },
+    }
+    let decode = |old: &Before| -> Output {
+        let mut bytes = Vec::new();
+        rmp_serde::encode::write(&mut bytes, old).unwrap();
+        rmp_serde::from_slice(&bytes).unwrap()
+    };
+    assert_eq!(decode(&Before::Score { logprob: -1.5, is_greedy: Some(true), tokens: 2 }), Output::Score { logprob: -1.5, is_greedy: Some(true), tokens: 2, top: vec![] });
+    let generated = Before::Generate { text: "hi".into(), tokens: vec![4], finish_reason: FinishReason::Eos, prompt_tokens: 3 };
+    assert_eq!(decode(&generated), Output::Generate { text: "hi".into(), tokens: vec![4], finish_reason: FinishReason::Eos, prompt_tokens: 3, top: vec![] });
 }

@@ -47,8 +47,8 @@ pub enum ValidationError {
     Tokenize { field: String, reason: String },
     #[error("{field}: {tokens} tokens; the model scores at most {max} continuation tokens (its max_length)")]
     ContinuationTooLong { field: String, tokens: Count, max: usize },
-    #[error("input.prompt: {tokens} tokens leave no room to generate within the model's {max} positions (params.truncate \"left\" keeps its end)")]
-    NoRoomToGenerate { tokens: Count, max: usize },
+    #[error("{field}: {tokens} tokens leave no room to generate within the model's {max} positions (params.truncate \"left\" keeps its end)")]
+    NoRoomToGenerate { field: String, tokens: Count, max: usize },
     #[error("{field}: {bytes} bytes, over this model's max_input_bytes ({max}) for loglikelihood_rolling")]
     TooManyBytes { field: String, bytes: usize, max: usize },
     #[error("{field}: must be {range}")]
@@ -83,9 +83,9 @@ impl ValidationError {
             | Tokenize { field, .. }
             | ContinuationTooLong { field, .. }
             | TooManyBytes { field, .. }
+            | NoRoomToGenerate { field, .. }
             | OutOfRange { field, .. }
             | Invalid { field, .. } => field,
-            NoRoomToGenerate { .. } => "input.prompt",
             UnsupportedKind { .. } => "kind",
         }
     }

@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn answers_are_acked_and_errors_termed() {
-        let ok = Output::Score { logprob: -1.0, is_greedy: Some(true), tokens: 1 };
+        let ok = Output::Score { logprob: -1.0, is_greedy: Some(true), tokens: 1, top: Vec::new() };
         assert_eq!(decide(Outcome::Answer(Ok(ok.clone())), true, 1, 5), Decision::Answer { answer: Ok(ok), then: Then::Ack });
         assert_eq!(decide(Outcome::Answer(Err(bad())), true, 1, 5), Decision::Answer { answer: Err(bad()), then: Then::Term });
     }

@@ -35,3 +35,18 @@ pub fn fixture() -> &'static (PathBuf, Value) {
         (dir, refs)
     })
 }
+
+/// The project venv's `python` run on `script` with `args`; its stdout as JSON. For reference
+/// values from transformers on the fixture's files.
+pub fn python(script: &str, args: &[&str]) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("venv python (make test bootstraps it)");
+    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -8,7 +8,7 @@ use super::layers::{KvCache, Layout, Write};
 use super::{tch_err, CausalLm, EngineError, Hf};
 use crate::engine::{Sink, StreamChunk};
 use crate::job::{FinishReason, Output};
-use crate::kinds::{GenerateInput, Sampling};
+use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
 
 /// One generation in a [`GenBatch`].
 pub(super) struct Row {
@@ -23,6 +23,8 @@ pub(super) struct Row {
     emitted: usize,
     chunks: usize,
     finish: Option<FinishReason>,
+    /// With `top_logprobs`: the most likely tokens at each generated position.
+    top: Vec<TopLogprobs>,
 }
 
 impl Row {
@@ -33,7 +35,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), emitted: 0, chunks: 0, finish: None, input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), emitted: 0, chunks: 0, finish: None, top: Vec::new(), input }
     }
 
     /// Text that may be streamed now: not what could still become a stop string, nor an
@@ -168,7 +170,13 @@ impl GenBatch {
         let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
         let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
         let cpu_logits = if sampled { Some(state.logits.to_device(Device::Cpu)) } else { None };
+        let per_row: Vec<usize> = self.rows.iter().map(|r| r.input.top_logprobs).collect();
+        let mut tops = match per_row.iter().any(|&k| k > 0) {
+            true => hf.top_logprobs(&state.logits.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
+            false => Vec::new().into_iter(),
+        };
         for (b, row) in self.rows.iter_mut().enumerate() {
+            row.top.extend(tops.next().filter(|t| !t.ids.is_empty()));
             let tok = match &cpu_logits {
                 Some(l) if row.input.sampling.temperature > 0.0 => {
                     let logits = Vec::<f32>::try_from(l.f_get(b as i64).map_err(tch_err)?).map_err(tch_err)?;
@@ -203,7 +211,13 @@ impl GenBatch {
             if row.stream {
                 sink.emit(StreamChunk { job: row.job, index: row.chunks, text: String::new(), token: 0, done: true });
             }
-            let out = Output::Generate { text, tokens: row.generated, finish_reason: row.finish.expect("finished"), prompt_tokens: row.input.prompt.len() };
+            let out = Output::Generate {
+                text,
+                tokens: row.generated,
+                finish_reason: row.finish.expect("finished"),
+                prompt_tokens: row.input.prompt.len(),
+                top: row.top,
+            };
             outputs.push((row.job, out));
         }
         if live.is_empty() {

@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 use super::bert::Bert;
 use super::{left_pad, tch_err, CausalLm, EngineError, Hf, Pooling};
 use crate::job::{JobKind, Output};
-use crate::kinds::Window;
+use crate::kinds::{TopLogprobs, Window};
 
 impl Hf {
     /// Checks the invariant every scored window keeps (`LmSpec::parse` builds them so): a
@@ -28,8 +28,31 @@ impl Hf {
         Ok(())
     }
 
-    /// Log-prob sums (and greedy flags) of windows, one row each.
-    pub(super) fn score(&self, d: &dyn CausalLm, windows: &[&Window]) -> Result<Vec<(f64, bool)>, EngineError> {
+    /// The `per_row[r]` most likely tokens of each row of `logp` (`[rows, vocab]` log-probs), with
+    /// their text; one top-k for the batch, only `rows × k` values leave the device.
+    pub(super) fn top_logprobs(&self, logp: &Tensor, per_row: &[usize]) -> Result<Vec<TopLogprobs>, EngineError> {
+        let k = per_row.iter().copied().max().unwrap_or(0) as i64;
+        let (values, ids) = logp.f_topk(k, -1, true, true).map_err(tch_err)?;
+        let values = Vec::<f32>::try_from(values.f_to_device(Device::Cpu).map_err(tch_err)?.f_reshape([-1]).map_err(tch_err)?).map_err(tch_err)?;
+        let ids = Vec::<i64>::try_from(ids.f_to_device(Device::Cpu).map_err(tch_err)?.f_reshape([-1]).map_err(tch_err)?).map_err(tch_err)?;
+        per_row
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                let at = r * k as usize;
+                let ids: Vec<u32> = ids[at..at + n].iter().map(|&i| i as u32).collect();
+                let tokens = ids
+                    .iter()
+                    .map(|&i| self.tokenizer.decode(&[i], false).map_err(|e| EngineError::Model(format!("decode: {e}"))))
+                    .collect::<Result<_, _>>()?;
+                Ok(TopLogprobs { ids, tokens, logprobs: values[at..at + n].to_vec() })
+            })
+            .collect()
+    }
+
+    /// Log-prob sums, greedy flags and (where a window asks) the top log-probs at each continuation
+    /// position of windows, one row each.
+    pub(super) fn score(&self, d: &dyn CausalLm, windows: &[&Window]) -> Result<Vec<(f64, bool, Vec<TopLogprobs>)>, EngineError> {
         for w in windows {
             self.check_window(d, w)?;
         }
@@ -69,12 +92,19 @@ impl Hf {
         let greedy = logp.f_argmax(-1, false).and_then(|g| g.f_eq_tensor(&targets)).map_err(tch_err)?;
         let picked = Vec::<f32>::try_from(picked.f_to_device(Device::Cpu).map_err(tch_err)?).map_err(tch_err)?;
         let greedy = Vec::<bool>::try_from(greedy.f_to_device(Device::Cpu).map_err(tch_err)?).map_err(tch_err)?;
+        let per_position: Vec<usize> = windows.iter().flat_map(|w| std::iter::repeat_n(w.top_logprobs, w.continuation.len())).collect();
+        let mut top = match per_position.iter().any(|&k| k > 0) {
+            true => self.top_logprobs(&logp, &per_position)?.into_iter(),
+            false => Vec::new().into_iter(),
+        };
         let mut out = Vec::with_capacity(windows.len());
         let mut start = 0;
         for w in windows {
             let end = start + w.continuation.len();
             let logprob = picked[start..end].iter().map(|&p| f64::from(p)).sum();
-            out.push((logprob, greedy[start..end].iter().all(|&g| g)));
+            // Windows that did not ask have empty entries (or none): they get no list.
+            let tops = top.by_ref().take(w.continuation.len()).filter(|t| !t.ids.is_empty()).collect();
+            out.push((logprob, greedy[start..end].iter().all(|&g| g), tops));
             start = end;
         }
         Ok(out)

@@ -141,11 +141,12 @@ impl LoadedModel for Hf {
                     .iter()
                     .map(|i| {
                         let JobInput::Score(ws) = i else { unreachable!("validated kind") };
-                        let parts: Vec<(f64, bool)> = scores.by_ref().take(ws.len()).collect();
+                        let parts: Vec<(f64, bool, Vec<_>)> = scores.by_ref().take(ws.len()).collect();
                         Output::Score {
                             logprob: parts.iter().map(|p| p.0).sum(),
                             is_greedy: (kind == JobKind::Loglikelihood).then(|| parts.iter().all(|p| p.1)),
                             tokens: ws.iter().map(|w| w.continuation.len()).sum(),
+                            top: parts.into_iter().flat_map(|p| p.2).collect(),
                         }
                     })
                     .collect())
@@ -209,7 +210,7 @@ impl LoadedModel for Hf {
 
     fn warmup(&mut self) -> Result<(), EngineError> {
         match &self.net {
-            Net::Decoder(d) => self.score(d.as_ref(), &[&Window { context: vec![0], continuation: vec![0] }]).map(|_| ()),
+            Net::Decoder(d) => self.score(d.as_ref(), &[&Window { context: vec![0], continuation: vec![0], top_logprobs: 0 }]).map(|_| ()),
             Net::Encoder(b) => self.encode(b, JobKind::Embed, &[(&vec![0, 0], &vec![0, 0], true)]).map(|_| ()),
         }
     }
