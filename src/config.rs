@@ -145,6 +145,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub nats: NatsOpts,
     #[command(flatten)]
+    pub torch: TorchOpts,
+    #[command(flatten)]
     pub topology: Topology,
     #[command(flatten)]
     pub cache: CacheOpts,
@@ -181,6 +183,19 @@ pub struct ServeArgs {
     /// Seconds between metric snapshots published on `<prefix>.metrics.<worker>` (0: none).
     #[arg(long, env = "JETBATCH_METRICS_INTERVAL_SECS", default_value_t = 10)]
     pub metrics_interval_secs: u64,
+}
+
+/// libtorch's CPU threads, set on the engine thread before its first op.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct TorchOpts {
+    /// Intra-op threads (OpenMP/MKL) of the engine (0: libtorch's default, one per physical
+    /// core). Fewer than the cores leaves room for the NATS client and other workers on the host.
+    #[arg(long, env = "JETBATCH_TORCH_THREADS", default_value_t = 0)]
+    pub torch_threads: usize,
+    /// Inter-op threads (0: libtorch's default). jetbatch runs one op at a time; 1 keeps an idle
+    /// pool from spinning.
+    #[arg(long, env = "JETBATCH_TORCH_INTEROP_THREADS", default_value_t = 1)]
+    pub torch_interop_threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -318,5 +333,9 @@ mod tests {
         assert_eq!(s.nats.urls, vec!["nats://x:1", "nats://y:2"]);
         assert_eq!((s.topology.consumer.as_str(), s.topology.max_deliver), ("jetbatch-workers", 5));
         assert_eq!(s.topology.result_subject("a"), "jetbatch.results.a");
+        assert_eq!((s.torch.torch_threads, s.torch.torch_interop_threads), (0, 1));
+        let cli = Cli::try_parse_from(["jetbatch", "serve", "--models", "m", "--torch-threads", "3", "--torch-interop-threads", "2"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!("serve") };
+        assert_eq!((s.torch.torch_threads, s.torch.torch_interop_threads), (3, 2));
     }
 }
