@@ -1,6 +1,7 @@
 //! The generation batch (continuous batching): rows join at step boundaries with their prompt
-//! prefilled into free slots of the batch's preallocated KV cache, and leave when finished; sampling draws from each
-//! job's own seeded stream so a row's tokens do not depend on its neighbours.
+//! prefilled into free slots of the batch's preallocated KV cache, and leave when finished;
+//! sampling draws from each job's own seeded stream so a row's tokens do not depend on its
+//! neighbours.
 
 use tch::{Device, Kind, Tensor};
 
