@@ -211,3 +211,35 @@ fn generations_joining_and_leaving_a_running_batch_equal_alone() {
         }
     }
 }
+
+/// Multiple-choice questions sent as one `loglikelihood` job per option, in one batch with jobs of
+/// other contexts: the options of a question share a row (its context run once) and score what
+/// they score alone and what transformers scores for each (within 1e-4), every architecture
+/// (sliding windows, soft-capping, LongRoPE, which scores them apart).
+#[test]
+fn options_sharing_a_context_score_as_alone_and_as_transformers() {
+    let engine = engine();
+    let (_, refs) = fixture();
+    for (name, r) in refs["models"].as_object().unwrap() {
+        let Some(questions) = r.get("multiple_choice").and_then(Value::as_array) else { continue };
+        let spec = load(name);
+        // (input, transformers' logprob and greedy flag): the options interleaved with unshared windows.
+        let mut cases: Vec<(JobInput, f64, Option<bool>)> = Vec::new();
+        for (q, unshared) in questions.iter().zip(r["loglikelihood"].as_array().unwrap()) {
+            for (i, cont) in q["continuations"].as_array().unwrap().iter().enumerate() {
+                let window = Window { context: ids(&q["context"]), continuation: ids(cont), top_logprobs: 0 };
+                cases.push((JobInput::Score(vec![window]), q["logprobs"][i].as_f64().unwrap(), q["is_greedy"][i].as_bool()));
+                if i == 1 {
+                    cases.push((windows(unshared), unshared["logprob"].as_f64().unwrap(), unshared["is_greedy"].as_bool()));
+                }
+            }
+        }
+        let (alone, batched) = alone_and_batched(&engine, &spec, JobKind::Loglikelihood, cases.iter().map(|c| c.0.clone()).collect());
+        for (i, (_, want, want_greedy)) in cases.iter().enumerate() {
+            let (Output::Score { logprob: a, .. }, Output::Score { logprob: g, is_greedy, .. }) = (&alone[i], &batched[i]) else { panic!("{name}: not a score") };
+            assert!((g - want).abs() <= 1e-4 * want.abs().max(1.0), "{name} {i}: shared {g} vs transformers {want}");
+            assert!((g - a).abs() <= 1e-4 * a.abs().max(1.0), "{name} {i}: shared {g} vs alone {a}");
+            assert_eq!(is_greedy, want_greedy, "{name} {i}");
+        }
+    }
+}

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn, Span};
 
+use crate::config::TorchOpts;
 use crate::job::{ErrorCode, JobError, JobInput, JobKind, Output};
 use self::scheduler::GenQueue;
 use crate::metrics::Metrics;
@@ -245,6 +246,38 @@ pub enum Command {
     ReleaseWaiting,
 }
 
+/// libtorch's thread counts for engine threads started from now on (`serve`'s flags, set by
+/// `main` before it starts the worker); unset, libtorch's defaults.
+static TORCH_THREADS: std::sync::OnceLock<TorchOpts> = std::sync::OnceLock::new();
+
+/// Sets the thread counts engine threads apply (the first call wins).
+pub fn configure_threads(opts: TorchOpts) {
+    let _ = TORCH_THREADS.set(opts);
+}
+
+/// Applies the configured thread counts on this (the engine) thread, before its first op:
+/// OpenMP's count is per calling thread, and libtorch takes the inter-op count once per process
+/// (later calls fail), so that one is set only by the first engine.
+fn apply_threads() {
+    let Some(opts) = TORCH_THREADS.get() else { return };
+    let threads = opts.torch_threads.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (tch::get_num_threads() as usize).min(cpus.saturating_sub(1)).max(1)
+    });
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+    static INTEROP: std::sync::Once = std::sync::Once::new();
+    if opts.torch_interop_threads > 0 {
+        INTEROP.call_once(|| {
+            if catch_unwind(|| tch::set_num_interop_threads(opts.torch_interop_threads as i32)).is_err() {
+                warn!("libtorch's inter-op threads were already started; --torch-interop-threads is not applied");
+            }
+        });
+    }
+    info!(threads = tch::get_num_threads(), interop_threads = tch::get_num_interop_threads(), "libtorch threads");
+}
+
 /// Cloneable handle to the engine thread; the thread stops when every handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -265,6 +298,7 @@ impl EngineHandle {
                 // Model calls catch their own panics; one escaping here is the engine's own bug.
                 // The thread then ends (its JoinHandle finishes) and every later job gets `Stopped`.
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    apply_threads();
                     let _no_grad = tch::no_grad_guard();
                     let mut engine = Engine::new(memory_budget, metrics);
                     engine.serve(&rx);

@@ -188,6 +188,10 @@ impl CausalLm for Gemma {
         self.norm.forward(&x)
     }
 
+    fn packs(&self) -> bool {
+        !self.rope_global.varies_by_length() && !self.rope_local.varies_by_length()
+    }
+
     fn logits(&self, hidden: &Tensor) -> Tensor {
         let logits = hidden.linear(&self.lm_head, None::<&Tensor>);
         match self.final_softcap {

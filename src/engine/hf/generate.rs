@@ -1,6 +1,7 @@
 //! The generation batch (continuous batching): rows join at step boundaries with their prompt
-//! prefilled into free slots of the batch's preallocated KV cache, and leave when finished; sampling draws from each
-//! job's own seeded stream so a row's tokens do not depend on its neighbours.
+//! prefilled into free slots of the batch's preallocated KV cache, and leave when finished;
+//! sampling draws from each job's own seeded stream so a row's tokens do not depend on its
+//! neighbours.
 
 use tch::{Device, Kind, Tensor};
 
@@ -20,6 +21,10 @@ pub(super) struct Row {
     track_text: bool,
     stream: bool,
     text: String,
+    /// Incremental detokenization (as TGI): `text` holds the text of `generated[..read]`;
+    /// `generated[prefix..read]` is decoded again as the context of the newer tokens.
+    prefix: usize,
+    read: usize,
     emitted: usize,
     chunks: usize,
     finish: Option<FinishReason>,
@@ -35,7 +40,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), emitted: 0, chunks: 0, finish: None, top: Vec::new(), input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, top: Vec::new(), input }
     }
 
     /// Text that may be streamed now: not what could still become a stop string, nor an
@@ -50,6 +55,25 @@ impl Row {
             end -= '\u{FFFD}'.len_utf8();
         }
         end.max(self.emitted)
+    }
+
+    /// Appends the text of the newest tokens: the tail from `prefix` decoded, less the text of
+    /// `prefix..read` (so the tokenizer's leading-space and byte rules see the same neighbours
+    /// as in a whole decode), held back while it ends in an incomplete UTF-8 sequence unless
+    /// `last`. Two decodes of a few tokens a step instead of one of the whole generation.
+    fn detokenize(&mut self, tokenizer: &tokenizers::Tokenizer, last: bool) -> Result<(), EngineError> {
+        let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| EngineError::Model(format!("decode: {e}")));
+        let before = decode(&self.generated[self.prefix..self.read])?;
+        let now = decode(&self.generated[self.prefix..])?;
+        if now.len() > before.len() && (last || !now.ends_with('\u{FFFD}')) {
+            match now.strip_prefix(before.as_str()) {
+                Some(new) => self.text.push_str(new),
+                // The context decodes differently once followed: fall back to a whole decode.
+                None => self.text = decode(&self.generated)?,
+            }
+            (self.prefix, self.read) = (self.read, self.generated.len());
+        }
+        Ok(())
     }
 
     fn emit(&mut self, end: usize, token: u32, sink: &mut dyn Sink) {
@@ -186,19 +210,24 @@ impl GenBatch {
             };
             row.generated.push(tok);
             if row.track_text {
-                row.text = hf.tokenizer.decode(&row.generated, true).map_err(|e| EngineError::Model(format!("decode: {e}")))?;
+                row.detokenize(&hf.tokenizer, false)?;
                 let stop_at = row.input.stop.iter().filter_map(|s| row.text.find(s.as_str())).min();
                 if let Some(at) = stop_at {
                     row.text.truncate(at);
                     row.finish = Some(FinishReason::Stop);
                 }
             }
+            let cut_at_stop_string = row.finish.is_some();
             if row.finish.is_none() && row.input.stop_token_ids.contains(&tok) {
                 row.finish = Some(if hf.eos.contains(&tok) { FinishReason::Eos } else { FinishReason::Stop });
             } else if row.finish.is_none()
                 && (row.generated.len() >= row.input.max_new_tokens || row.input.prompt.len() + row.generated.len() >= hf.max_length)
             {
                 row.finish = Some(FinishReason::Length);
+            }
+            // A row finished by a token: its text is the whole decode's, an incomplete tail too.
+            if row.track_text && row.finish.is_some() && !cut_at_stop_string {
+                row.detokenize(&hf.tokenizer, true)?;
             }
             let end = if row.finish.is_some() { row.text.len() } else { row.safe_end() };
             row.emit(end, tok, sink);
@@ -255,5 +284,40 @@ impl GenBatch {
         state.logits = d.logits(&hidden.squeeze_dim(1));
         state.lens = lens;
         Ok(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::GenerateInput;
+
+    /// Token by token, the incremental text is the whole decode's (less an incomplete UTF-8
+    /// tail, which the last call flushes): byte-level tokens split multi-byte characters.
+    #[test]
+    fn incremental_detokenization_equals_decoding_the_whole_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        jetbatch_testkit::write_tiny_lm(dir.path(), 1, 8, 1).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        let ids = tokenizer.encode("héllo wörld, 東京 ✓  end", false).unwrap().get_ids().to_vec();
+        assert!(ids.len() > 20, "byte-level: one token per byte");
+        let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
+        let input = GenerateInput { prompt: vec![1], max_new_tokens: 64, sampling, stop: vec![], stop_token_ids: vec![], top_logprobs: 0 };
+        // The first byte of '✓' last: held back, then flushed as the whole decode writes it.
+        let cut = ids.len() - 7;
+        let mut row = Row::new(0, input, true);
+        let mut held = 0;
+        for &t in &ids[..cut] {
+            row.generated.push(t);
+            row.detokenize(&tokenizer, false).unwrap();
+            let whole = tokenizer.decode(&row.generated, true).unwrap();
+            let complete = whole.trim_end_matches('\u{FFFD}');
+            held += (complete.len() < whole.len()) as usize;
+            assert_eq!(row.text, complete, "after {} tokens", row.generated.len());
+        }
+        assert!(held > 0, "some steps end inside a character");
+        row.detokenize(&tokenizer, true).unwrap();
+        assert_eq!(row.text, tokenizer.decode(&row.generated, true).unwrap());
+        assert!(row.generated.len() - row.prefix < 8, "only a tail is decoded");
     }
 }

@@ -88,6 +88,10 @@ impl CausalLm for Gpt2 {
         self.ln_f.forward(&x)
     }
 
+    fn packs(&self) -> bool {
+        true
+    }
+
     fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
     }

@@ -4,7 +4,8 @@
 use tch::{Device, Kind, Tensor};
 
 use super::bert::Bert;
-use super::{left_pad, tch_err, CausalLm, EngineError, Hf, Pooling};
+use super::layers::Layout;
+use super::{left_pad, pad_left, tch_err, CausalLm, EngineError, Hf, Pooling};
 use crate::job::{JobKind, Output};
 use crate::kinds::{TopLogprobs, Window};
 
@@ -51,26 +52,22 @@ impl Hf {
     }
 
     /// Log-prob sums, greedy flags and (where a window asks) the top log-probs at each continuation
-    /// position of windows, one row each.
+    /// position of windows, one each, in order. Windows with identical
+    /// context tokens (a multiple-choice question sent as one job per option, or one job's
+    /// choices) share a row: see [`pack`]. One context with several continuations is scored by
+    /// passing one window per continuation.
     pub(super) fn score(&self, d: &dyn CausalLm, windows: &[&Window]) -> Result<Vec<(f64, bool, Vec<TopLogprobs>)>, EngineError> {
         for w in windows {
             self.check_window(d, w)?;
         }
-        let rows: Vec<Vec<i64>> = windows
-            .iter()
-            .map(|w| {
-                let mut all: Vec<i64> = w.context.iter().chain(&w.continuation).map(|&t| t as i64).collect();
-                all.pop();
-                all
-            })
-            .collect();
-        let (ids, _, layout) = left_pad(&rows, self.device);
+        let packed = pack(windows, d.packs());
+        let (ids, keep, layout) = left_pad(&packed.rows, self.device);
+        let layout = match &packed.segments {
+            Some(segments) => Layout::packed(pad_left(&packed.pos, self.device), pad_left(segments, self.device), &keep),
+            None => layout,
+        };
         let hidden = d.forward(&ids, &layout, None);
         let t = hidden.size()[1];
-        let c_max = windows.iter().map(|w| w.continuation.len()).max().unwrap_or(1) as i64;
-        if c_max > t {
-            return Err(EngineError::Model(format!("{c_max} continuation tokens in rows of {t}")));
-        }
         // Exactly the positions whose next token is scored, gathered into one contiguous
         // `[n, hidden]` block, so the LM head (vocab × hidden: most of the work at real
         // vocabularies) runs as one dense GEMM on them; a narrowed 3-D view would go down a
@@ -79,9 +76,9 @@ impl Hf {
         let hidden_size = hidden.size()[2];
         let mut at = Vec::new();
         let mut targets = Vec::new();
-        for (r, w) in windows.iter().enumerate() {
-            let n = w.continuation.len() as i64;
-            at.extend((t - n..t).map(|p| r as i64 * t + p));
+        for (w, (r, scored)) in windows.iter().zip(&packed.scored) {
+            let start = *r as i64 * t + t - packed.rows[*r].len() as i64;
+            at.extend(scored.iter().map(|&p| start + p as i64));
             targets.extend(w.continuation.iter().map(|&t| i64::from(t)));
         }
         let at = Tensor::from_slice(&at).to_device(self.device);
@@ -164,5 +161,81 @@ impl Hf {
                 Ok(Output::Embedding(Vec::<f32>::try_from(e).map_err(tch_err)?))
             })
             .collect()
+    }
+}
+
+/// The rows of a scoring batch.
+struct Packed {
+    rows: Vec<Vec<i64>>,
+    /// Positions of each row's tokens, and their segments when some row packs several windows.
+    pos: Vec<Vec<i64>>,
+    segments: Option<Vec<Vec<i64>>>,
+    /// Per window: its row and the indices (in the row) whose next token it scores.
+    scored: Vec<(usize, Vec<usize>)>,
+}
+
+/// One row per distinct context: the context once, then each window's continuation but its last
+/// token (segments 1, 2, …: each sees the context and itself causally, its positions continuing
+/// the context's). A window scores from the context's last token and its own segment, so its
+/// numbers are those of its own row `context + continuation[..n-1]`. With `share` false (or no
+/// context repeated), one plain row per window.
+fn pack(windows: &[&Window], share: bool) -> Packed {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut by_context: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    for (i, w) in windows.iter().enumerate() {
+        match by_context.get(w.context.as_slice()) {
+            Some(&g) if share => groups[g].push(i),
+            _ => {
+                by_context.insert(&w.context, groups.len());
+                groups.push(vec![i]);
+            }
+        }
+    }
+    let mut p = Packed { rows: Vec::new(), pos: Vec::new(), segments: None, scored: vec![(0, Vec::new()); windows.len()] };
+    let mut segments = Vec::new();
+    for (r, group) in groups.iter().enumerate() {
+        let context = &windows[group[0]].context;
+        let c = context.len();
+        let mut row: Vec<i64> = context.iter().map(|&t| i64::from(t)).collect();
+        let mut pos: Vec<i64> = (0..c as i64).collect();
+        let mut seg = vec![0i64; c];
+        for (k, &i) in group.iter().enumerate() {
+            let own = &windows[i].continuation[..windows[i].continuation.len() - 1];
+            let start = row.len();
+            p.scored[i] = (r, std::iter::once(c - 1).chain(start..start + own.len()).collect());
+            row.extend(own.iter().map(|&t| i64::from(t)));
+            pos.extend((c..c + own.len()).map(|q| q as i64));
+            seg.extend(std::iter::repeat_n(k as i64 + 1, own.len()));
+        }
+        p.rows.push(row);
+        p.pos.push(pos);
+        segments.push(seg);
+    }
+    if groups.iter().any(|g| g.len() > 1) {
+        p.segments = Some(segments);
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(context: &[u32], continuation: &[u32]) -> Window {
+        Window { context: context.to_vec(), continuation: continuation.to_vec(), top_logprobs: 0 }
+    }
+
+    #[test]
+    fn windows_sharing_a_context_share_a_row() {
+        let (a, b, c, d) = (w(&[1, 2, 3], &[4, 5]), w(&[9], &[8]), w(&[1, 2, 3], &[6]), w(&[1, 2, 3], &[7, 8, 9]));
+        let p = pack(&[&a, &b, &c, &d], true);
+        assert_eq!(p.rows, vec![vec![1, 2, 3, 4, 7, 8], vec![9]]);
+        assert_eq!(p.pos, vec![vec![0, 1, 2, 3, 3, 4], vec![0]]);
+        assert_eq!(p.segments, Some(vec![vec![0, 0, 0, 1, 3, 3], vec![0]]));
+        assert_eq!(p.scored, vec![(0, vec![2, 3]), (1, vec![0]), (0, vec![2]), (0, vec![2, 4, 5])]);
+        let alone = pack(&[&a, &b, &c, &d], false);
+        assert_eq!(alone.rows, vec![vec![1, 2, 3, 4], vec![9], vec![1, 2, 3], vec![1, 2, 3, 7, 8]]);
+        assert_eq!(alone.segments, None);
+        assert_eq!(alone.scored, vec![(0, vec![2, 3]), (1, vec![0]), (2, vec![2]), (3, vec![2, 3, 4])]);
     }
 }

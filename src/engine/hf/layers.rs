@@ -162,6 +162,11 @@ impl Rotary {
     }
 
     /// `cos, sin` `[B, 1, T, D]` for positions `pos [B, T]`, in `kind`.
+    /// Whether a row's factors depend on its largest position (LongRoPE).
+    pub fn varies_by_length(&self) -> bool {
+        self.long.is_some()
+    }
+
     pub fn cos_sin(&self, pos: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let inv = match &self.long {
             None => self.inv_freq.view([1, 1, -1]),
@@ -215,6 +220,14 @@ impl Layout {
     pub fn new(pos: Tensor, keep: &Tensor, dense: bool) -> Layout {
         let key_pos = (keep.cumsum(1, Kind::Int64) - 1).where_scalarother(&keep.ne(0), -1);
         Layout { pos, key_pos, segments: None, dense }
+    }
+
+    /// Packed rows: a shared context (segment 0) and continuations (segments 1, 2, …) after it,
+    /// whose positions continue the context's; `pos`, `segments [B, T]` of the new tokens, which
+    /// are all the keys (nothing is cached), `keep` says which are real.
+    pub fn packed(pos: Tensor, segments: Tensor, keep: &Tensor) -> Layout {
+        let key_pos = pos.where_scalarother(&keep.ne(0), -1);
+        Layout { pos, key_pos, segments: Some((segments.shallow_clone(), segments)), dense: false }
     }
 
     /// The mask of attention within `window` (positions) if given, for scores in `kind`.

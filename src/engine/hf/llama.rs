@@ -126,6 +126,10 @@ impl CausalLm for Llama {
         self.norm.forward(&x)
     }
 
+    fn packs(&self) -> bool {
+        !self.rotary.varies_by_length()
+    }
+
     fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
     }

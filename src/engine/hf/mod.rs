@@ -55,6 +55,10 @@ pub(crate) trait CausalLm {
     fn forward(&self, ids: &Tensor, layout: &Layout, cache: Option<&mut KvCache>) -> Tensor;
     /// f32 logits of hidden states.
     fn logits(&self, hidden: &Tensor) -> Tensor;
+    /// Whether one row may pack a shared context and several continuations (positions
+    /// restarting after the context): not under LongRoPE, whose factors follow each row's
+    /// largest position.
+    fn packs(&self) -> bool;
 }
 
 /// What an architecture's constructor returns.
@@ -63,19 +67,22 @@ pub(crate) enum Net {
     Encoder(bert::Bert),
 }
 
+/// `rows` left-padded with zeros: `[B, L]`.
+fn pad_left(rows: &[Vec<i64>], device: Device) -> Tensor {
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut flat = Vec::with_capacity(rows.len() * len);
+    for r in rows {
+        flat.extend(std::iter::repeat_n(0, len - r.len()).chain(r.iter().copied()));
+    }
+    Tensor::from_slice(&flat).view([rows.len() as i64, len as i64]).to_device(device)
+}
+
 /// Left-padded rows: ids `[B, L]`, keep mask `[B, L]`, and their layout (positions counting
 /// real tokens).
 fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Layout) {
     let len = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(rows.len() * len);
-    let mut keep = Vec::with_capacity(rows.len() * len);
-    for r in rows {
-        ids.extend(std::iter::repeat_n(0, len - r.len()).chain(r.iter().copied()));
-        keep.extend(std::iter::repeat_n(0i64, len - r.len()).chain(std::iter::repeat_n(1, r.len())));
-    }
-    let shape = [rows.len() as i64, len as i64];
-    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let keep = Tensor::from_slice(&keep).view(shape).to_device(device);
+    let ids = pad_left(rows, device);
+    let keep = pad_left(&rows.iter().map(|r| vec![1; r.len()]).collect::<Vec<_>>(), device);
     let pos = (keep.cumsum(1, Kind::Int64) - 1).clamp_min(0);
     let dense = rows.iter().all(|r| r.len() == len);
     let layout = Layout::new(pos, &keep, dense);

@@ -122,6 +122,10 @@ impl CausalLm for Qwen3 {
         self.norm.forward(&x)
     }
 
+    fn packs(&self) -> bool {
+        !self.rotary.varies_by_length()
+    }
+
     fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
     }
