@@ -13,6 +13,10 @@ import time
 
 import pytest
 
+# lm-eval's tasks read local JSON files only; their dataset cache stays out of the home folder.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "jetbatch-tests-hf-datasets"))
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from tiny_lm import write_tiny_llama  # noqa: E402
 
