@@ -5,6 +5,7 @@ within 1e-4, same greedy flags, same generations) and equal metrics. Also the ch
 route, lm-eval's --use_cache, and the `lm-eval-jetbatch` command."""
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -28,9 +29,14 @@ TASKS = ["jb_mc", "jb_rolling", "jb_gen"]
 TOL = 1e-4
 
 
+@functools.lru_cache(maxsize=None)
+def task_manager() -> TaskManager:
+    # Our tasks only: indexing lm-eval's thousands of built-in tasks takes seconds per evaluation.
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
 def evaluate(model, tasks=TASKS, **kw):
-    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(TASKS_DIR)),
-                                   log_samples=True, **kw)
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=task_manager(), log_samples=True, **kw)
 
 
 def assert_same(got, want, path="") -> None:
