@@ -13,7 +13,8 @@ import pytest
 import jetbatch
 from jetbatch import Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, RollingOutput
 
-from conftest import MODEL, start_nats
+from conftest import MODEL
+from harness import start_nats
 
 PAIRS = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "the lazy dog"),
          ("numbers like 12", " 345 and 6789")]

@@ -84,15 +84,25 @@ def hf_reference(models):
         os.chdir(old)
 
 
-def jetbatch_lm(nats_url, **kw):
-    return JetbatchLM(model=MODEL, nats_url=nats_url, progress=False, **kw)
+@pytest.fixture
+def jetbatch_lm():
+    """Makes backends and closes their connections after the test."""
+    made = []
+
+    def make(nats_url, **kw):
+        made.append(JetbatchLM(model=MODEL, nats_url=nats_url, progress=False, **kw))
+        return made[-1]
+
+    yield make
+    for lm in made:
+        lm.close()
 
 
 def test_registered_under_jetbatch():
     assert get_model("jetbatch") is JetbatchLM
 
 
-def test_equal_to_the_hf_backend_on_every_output_type(worker, nats_url, hf_reference):
+def test_equal_to_the_hf_backend_on_every_output_type(worker, nats_url, hf_reference, jetbatch_lm):
     got = evaluate(jetbatch_lm(nats_url))
     assert_same_evaluation(got, hf_reference, TASKS)
     gens = [s["filtered_resps"][0] for s in hf_reference["samples"]["jb_gen"]]
@@ -103,7 +113,7 @@ def test_equal_to_the_hf_backend_on_every_output_type(worker, nats_url, hf_refer
     assert any(a[0] == "" for a in mc_args)
 
 
-def test_chat_template_rendered_from_the_tokenizer_equals_hf(worker, nats_url, models, hf_reference):
+def test_chat_template_rendered_from_the_tokenizer_equals_hf(worker, nats_url, models, hf_reference, jetbatch_lm):
     tasks = ["jb_mc", "jb_gen"]
     want = evaluate("hf", tasks, model_args=f"pretrained={models / MODEL},dtype=float32", device="cpu", batch_size=4,
                     apply_chat_template=True, limit=4)
@@ -112,7 +122,7 @@ def test_chat_template_rendered_from_the_tokenizer_equals_hf(worker, nats_url, m
     assert "<|assistant|>" in want["samples"]["jb_gen"][0]["arguments"][0][0]
 
 
-def test_without_a_tokenizer_chat_messages_go_to_the_worker(nats_url):
+def test_without_a_tokenizer_chat_messages_go_to_the_worker(nats_url, jetbatch_lm):
     lm = jetbatch_lm(nats_url)
     history = [{"role": "user", "content": "the quick, brown fox"}]
     assert lm._prompt(lm.apply_chat_template(history)) == {"messages": history}
@@ -120,7 +130,7 @@ def test_without_a_tokenizer_chat_messages_go_to_the_worker(nats_url):
         lm._plain(lm.apply_chat_template(history), "loglikelihood")
 
 
-def test_generation_kwargs_map_onto_generate_params(nats_url):
+def test_generation_kwargs_map_onto_generate_params(nats_url, jetbatch_lm):
     lm = jetbatch_lm(nats_url, truncate="left")
     params, until = lm._generate_params({"until": ["\n", "", "x" * 300], "max_gen_toks": 5, "do_sample": False, "temperature": 0.7})
     assert params == {"max_new_tokens": 5, "stop": ["\n"], "truncate": "left"} and until == ["\n", "", "x" * 300]
@@ -130,7 +140,7 @@ def test_generation_kwargs_map_onto_generate_params(nats_url):
         lm._generate_params({"until": [], "num_beams": 4})
 
 
-def test_use_cache_answers_a_second_run_without_the_bus(worker, nats_url, hf_reference, tmp_path):
+def test_use_cache_answers_a_second_run_without_the_bus(worker, nats_url, hf_reference, tmp_path, jetbatch_lm):
     first = evaluate(jetbatch_lm(nats_url), use_cache=str(tmp_path / "cache"))
     # Nothing listens on port 1: only the cache can answer.
     second = evaluate(jetbatch_lm("nats://127.0.0.1:1"), use_cache=str(tmp_path / "cache"))

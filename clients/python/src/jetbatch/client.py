@@ -114,6 +114,11 @@ def _answer(p: _Pending, headers: Optional[dict], payload: bytes) -> Optional[di
     return d if isinstance(d, dict) and d.get("id") == p.id else None
 
 
+async def _log_error(e: Exception) -> None:
+    # One line per connection error (nats-py's default prints a traceback for each reconnect try).
+    log.warning("nats: %s", e)
+
+
 class Client:
     """Publishes jobs and collects their results.
 
@@ -155,7 +160,8 @@ class Client:
 
     async def connect(self) -> "Client":
         if self._nc is None:
-            self._nc = await nats.connect(servers=self.servers, max_reconnect_attempts=-1, **self._connect_options)
+            opts = {"max_reconnect_attempts": -1, "error_cb": _log_error, **self._connect_options}
+            self._nc = await nats.connect(servers=self.servers, **opts)
         return self
 
     async def close(self) -> None:

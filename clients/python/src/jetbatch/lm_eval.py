@@ -77,6 +77,10 @@ class JetbatchLM(LM):
             idle_timeout=idle_timeout,
         )
 
+    def close(self) -> None:
+        """Closes the connection (lm-eval never does; the process's end does it otherwise)."""
+        self._client.close()
+
     def _run(self, jobs: list[Job]) -> list[Result]:
         results = self._client.run(jobs, run_id=self.run_id, progress=self.progress)
         failed = [r for r in results if r.error is not None]
