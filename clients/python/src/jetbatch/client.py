@@ -297,7 +297,8 @@ class Client:
                         for r in emitter.add(p, d, resumed=True, bar=bar):
                             yield r
             slots = asyncio.Semaphore(self.max_inflight)
-            publisher = asyncio.create_task(self._publish(list(missing.values()), slots))
+            published: set[str] = set()
+            publisher = asyncio.create_task(self._publish(missing, published, slots))
             idle = 0.0
             while missing:
                 wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
@@ -315,7 +316,7 @@ class Client:
                         log.warning("a result under id %s answers another job; still waiting for ours", job_id)
                     if d is not None:
                         del missing[job_id]
-                        slots.release()
+                        _free(job_id, published, slots)
                         idle = 0.0
                         for r in emitter.add(p, d, resumed=False, bar=bar):
                             yield r
@@ -326,7 +327,7 @@ class Client:
                 idle += POLL_S
                 for p, d in await self._stored(list(missing.values())):
                     if missing.pop(p.id, None) is not None:
-                        slots.release()
+                        _free(p.id, published, slots)
                         idle = 0.0
                         for r in emitter.add(p, d, resumed=False, bar=bar):
                             yield r
@@ -344,13 +345,18 @@ class Client:
             if bar is not None:
                 bar.close()
 
-    async def _publish(self, pending: list[_Pending], slots: asyncio.Semaphore) -> None:
-        """Publishes each job once a slot is free (a result frees one), with pipelined acks."""
+    async def _publish(self, missing: dict[str, _Pending], published: set[str], slots: asyncio.Semaphore) -> None:
+        """Publishes each job still missing once a slot is free (its result frees it), with
+        pipelined acks. A job answered meanwhile (found in the results stream) is not sent."""
         js = self._nc.jetstream()
         ct = "application/msgpack" if self.encoding == "msgpack" else "application/json"
         acks = []
-        for p in pending:
+        for p in list(missing.values()):
             await slots.acquire()
+            if p.id not in missing:
+                slots.release()
+                continue
+            published.add(p.id)
             headers = {"Nats-Msg-Id": p.id, "Content-Type": ct}
             acks.append(await js.publish_async(self.topology.jobs_subject(p.model), p.payload, headers=headers))
             if len(acks) >= 256:
@@ -369,6 +375,13 @@ class Client:
         """All results, in input order (see `submit` for the options)."""
         kw["ordered"] = True
         return [r async for r in self.submit(jobs, **kw)]
+
+
+def _free(job_id: str, published: set[str], slots: asyncio.Semaphore) -> None:
+    """A job's result came: its slot is free, if it took one."""
+    if job_id in published:
+        published.discard(job_id)
+        slots.release()
 
 
 class _Emitter:
