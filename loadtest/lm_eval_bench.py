@@ -98,7 +98,9 @@ def main() -> None:
                 return time.perf_counter() - t0, r
 
             hf_s, hf = timed("hf", model_args=f"pretrained={model_dir},dtype=float32", device="cpu", batch_size=args.batch_size)
-            jb_s, jb = timed(JetbatchLM(model="bench-llama", nats_url=url, progress=False))
+            lm = JetbatchLM(model="bench-llama", nats_url=url, progress=False)
+            jb_s, jb = timed(lm)
+            lm.close()
         finally:
             worker.stop()
             nats.stop()

@@ -17,6 +17,8 @@ from harness import start_nats, start_worker  # noqa: E402
 from tiny_lm import write_tiny_llama  # noqa: E402
 
 MODEL = "tiny-llama"
+# The same weights with a tokenizer that puts <s> in front of every text.
+BOS_MODEL = "tiny-llama-bos"
 # Small, so truncation and several rolling windows are exercised by short texts.
 MAX_POSITIONS = 64
 CHAT_TEMPLATE = (
@@ -29,6 +31,7 @@ CHAT_TEMPLATE = (
 def models(tmp_path_factory) -> pathlib.Path:
     d = tmp_path_factory.mktemp("models")
     write_tiny_llama(d / MODEL, max_positions=MAX_POSITIONS, chat_template=CHAT_TEMPLATE)
+    write_tiny_llama(d / BOS_MODEL, max_positions=MAX_POSITIONS, bos_in_template=True)
     return d
 
 

@@ -18,14 +18,18 @@ CORPUS = [
 ]
 
 
-def byte_level_bpe(vocab_size: int = 320):
-    """A byte-level BPE trained on CORPUS; its post-processor adds no special tokens."""
+def byte_level_bpe(vocab_size: int = 320, bos_in_template: bool = False):
+    """A byte-level BPE trained on CORPUS; its post-processor adds `<s>` in front of each text
+    (as Llama's tokenizers do) with `bos_in_template`, else no special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if bos_in_template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -35,7 +39,7 @@ def byte_level_bpe(vocab_size: int = 320):
 
 def write_tiny_llama(
     out: pathlib.Path, *, seed: int = 7, vocab_size: int = 320, hidden: int = 64, layers: int = 2,
-    max_positions: int = 64, std: float = 0.2, chat_template: str | None = None,
+    max_positions: int = 64, std: float = 0.2, chat_template: str | None = None, bos_in_template: bool = False,
 ) -> pathlib.Path:
     """Writes the folder and returns it. `vocab_size` may exceed the tokenizer's (rows no text
     reaches, as padded vocabularies have). Weights are drawn with `std` (larger than the default
@@ -56,7 +60,7 @@ def write_tiny_llama(
             if p.dim() >= 2:
                 p.normal_(0.0, std)
     model.save_pretrained(out, safe_serialization=True)
-    byte_level_bpe().save(str(out / "tokenizer.json"))
+    byte_level_bpe(bos_in_template=bos_in_template).save(str(out / "tokenizer.json"))
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
         "model_max_length": max_positions, "clean_up_tokenization_spaces": False,
