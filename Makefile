@@ -9,9 +9,11 @@ demo: bootstrap
 	$(ENV) cargo build --release --locked
 	$(ENV) ./target/release/jetbatch demo
 
-## The whole test suite (unit, integration against real nats-servers, schema checks).
+## The whole test suite (unit, integration against real nats-servers, schema checks), then the
+## Python client's tests against the worker binary that cargo test built (target/debug/jetbatch).
 test: bootstrap
 	$(ENV) cargo test --locked --workspace --all-targets
+	.venv/bin/python -m pytest -q clients/python/tests
 
 ## The benchmarks of loadtest/README.md: `make bench` (all) or `make bench WHICH=engine` (engine,
 ## batching, bus, python, generation, scaling); `REPEAT=3` reports each ratio as the median of 3

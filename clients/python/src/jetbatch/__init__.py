@@ -1,0 +1,25 @@
+"""Python client for jetbatch: ML jobs over NATS JetStream (see clients/python/README.md).
+
+`jetbatch.lm_eval` is the lm-evaluation-harness backend (imported on its own: it needs lm-eval).
+"""
+from .client import Client, JetbatchError, SyncClient, Topology, derive_id, job_hash, run, split_servers
+from .types import (
+    ClassifyOutput,
+    EmbedOutput,
+    GenerateOutput,
+    JetbatchTimeout,
+    Job,
+    JobError,
+    LoglikelihoodOutput,
+    Result,
+    RollingOutput,
+    Tensor,
+    TensorOutput,
+    Timing,
+)
+
+__all__ = [
+    "Client", "SyncClient", "run", "Topology", "JetbatchError", "JetbatchTimeout", "Job", "JobError", "Result",
+    "Timing", "LoglikelihoodOutput", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
+    "TensorOutput", "derive_id", "job_hash", "split_servers",
+]

@@ -1,0 +1,453 @@
+"""The asyncio client: publish jobs into JETBATCH_JOBS, collect their results from JETBATCH_RESULTS.
+
+It follows `jetbatch submit` (src/submit.rs): streams are only looked up (a producer's account may
+not create them) and created only when missing; jobs go out with `Nats-Msg-Id: <id>` so JetStream
+drops a re-published id; a result counts as a job's answer only when its body's id and its
+`Jetbatch-Job-Hash` header (BLAKE3 of the job's payload, 32 hex digits) both match; results that
+the live subscription missed are read from the results stream when it goes quiet.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterable, Optional, Sequence, Union
+
+import blake3
+import msgpack
+import nats
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from .types import JetbatchTimeout, Job, Result, valid_job_id
+
+log = logging.getLogger("jetbatch")
+
+JOB_HASH_HEADER = "Jetbatch-Job-Hash"
+# Quiet time after which the consumer's state is reported, as `jetbatch submit` does.
+STALL_REPORT_S = 4.0
+POLL_S = 2.0
+
+
+class JetbatchError(Exception):
+    """The bus refused something (streams missing and not creatable, a publish not acknowledged)."""
+
+
+def job_hash(payload: bytes) -> str:
+    """A job's fingerprint on the wire, as the worker computes it (src/bus/publish.rs `job_hash`)."""
+    return blake3.blake3(payload).hexdigest()[:32]
+
+
+def derive_id(job: Job, run_id: str) -> str:
+    """The job's own id, else `<run_id>.<hash of the job>`: the same job in the same run always
+    gets the same id, which is what lets a re-run find its results."""
+    if job.id is not None:
+        return job.id
+    canonical = json.dumps(job.body(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return f"{run_id}.{blake3.blake3(canonical).hexdigest()[:32]}"
+
+
+def split_servers(servers: Union[str, Sequence[str], None]) -> list[str]:
+    """Server URLs from a list or a string separated by `,` or `|` (lm-eval splits its model_args
+    on commas, so `|` is the separator that survives there). Default: `$NATS_URL`, else local."""
+    if servers is None:
+        servers = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    if isinstance(servers, str):
+        servers = servers.replace("|", ",").split(",")
+    urls = [s.strip() for s in servers if s.strip()]
+    if not urls:
+        raise ValueError("servers: no NATS URL given")
+    return urls
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Subject prefix and stream names; the defaults are the worker's (`jetbatch serve --help`)."""
+
+    prefix: str = "jetbatch"
+    jobs_stream: str = "JETBATCH_JOBS"
+    results_stream: str = "JETBATCH_RESULTS"
+    dead_stream: str = "JETBATCH_DEAD"
+    consumer: str = "jetbatch-workers"
+    duplicate_window_s: float = 120.0
+    results_max_age_s: float = 24 * 3600.0
+
+    def jobs_subject(self, model: str) -> str:
+        return f"{self.prefix}.jobs.{model}"
+
+    def result_subject(self, job_id: str) -> str:
+        return f"{self.prefix}.results.{job_id}"
+
+
+class _Pending:
+    """One distinct job of a submit call: its id, payload, hash and where it sits in the input
+    (identical jobs share an id, are computed once and answer every position)."""
+
+    __slots__ = ("id", "model", "payload", "hash", "indices")
+
+    def __init__(self, job_id: str, model: str, payload: bytes):
+        self.id, self.model, self.payload = job_id, model, payload
+        self.hash = job_hash(payload)
+        self.indices: list[int] = []
+
+
+def _decode(payload: bytes) -> dict:
+    """A result is encoded like its job: JSON when it starts with `{`, MessagePack otherwise."""
+    if payload[:1] == b"{":
+        return json.loads(payload)
+    return msgpack.unpackb(payload, raw=False)
+
+
+def _answer(p: _Pending, headers: Optional[dict], payload: bytes) -> Optional[dict]:
+    """The decoded result when the message answers this very job (id and job hash match)."""
+    if not headers or headers.get(JOB_HASH_HEADER) != p.hash or not payload:
+        return None
+    try:
+        d = _decode(payload)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    return d if isinstance(d, dict) and d.get("id") == p.id else None
+
+
+async def _log_error(e: Exception) -> None:
+    # One line per connection error (nats-py's default prints a traceback for each reconnect try).
+    log.warning("nats: %s", e)
+
+
+class Client:
+    """Publishes jobs and collects their results.
+
+    `run_id`: jobs without an id get `<run_id>.<hash of the job>`. Given (here or per call), a run
+    is resumable: running the same jobs again reads the results already in the results stream
+    (kept 24 h) instead of computing them; without it each call gets a fresh random run id.
+    `max_inflight` bounds published-but-unanswered jobs. `idle_timeout`: seconds without any
+    result before `JetbatchTimeout`. `encoding`: "msgpack" (default) or "json".
+    """
+
+    def __init__(
+        self,
+        servers: Union[str, Sequence[str], None] = None,
+        *,
+        run_id: Optional[str] = None,
+        topology: Topology = Topology(),
+        encoding: str = "msgpack",
+        max_inflight: int = 1024,
+        idle_timeout: float = 300.0,
+        progress: bool = False,
+        connect_options: Optional[dict] = None,
+    ):
+        if encoding not in ("msgpack", "json"):
+            raise ValueError(f"encoding: {encoding!r} is neither msgpack nor json")
+        if max_inflight < 1:
+            raise ValueError("max_inflight: must be at least 1")
+        if run_id is not None and not valid_job_id(run_id):
+            raise ValueError(f"run_id: {run_id!r} is not a job id prefix ([A-Za-z0-9_:-] tokens separated by dots)")
+        self.servers = split_servers(servers)
+        self.run_id = run_id
+        self.topology = topology
+        self.encoding = encoding
+        self.max_inflight = max_inflight
+        self.idle_timeout = idle_timeout
+        self.progress = progress
+        self._connect_options = connect_options or {}
+        self._nc = None
+        self._streams_checked = False
+
+    async def connect(self) -> "Client":
+        if self._nc is None:
+            opts = {"max_reconnect_attempts": -1, "error_cb": _log_error, **self._connect_options}
+            self._nc = await nats.connect(servers=self.servers, **opts)
+        return self
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+
+    async def __aenter__(self) -> "Client":
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def ensure_streams(self) -> None:
+        """Looks the jobs and results streams up; creates them (as `jetbatch setup` does) only when
+        missing, and says what to run when that is refused."""
+        if self._streams_checked:
+            return
+        js = self._nc.jetstream()
+        t = self.topology
+        try:
+            await js.stream_info(t.jobs_stream)
+            await js.stream_info(t.results_stream)
+        except NotFoundError:
+            try:
+                await js.add_stream(api.StreamConfig(
+                    name=t.jobs_stream, subjects=[f"{t.prefix}.jobs.>"], retention=api.RetentionPolicy.WORK_QUEUE,
+                    storage=api.StorageType.FILE, duplicate_window=t.duplicate_window_s))
+                await js.add_stream(api.StreamConfig(
+                    name=t.results_stream, subjects=[f"{t.prefix}.results.>"], retention=api.RetentionPolicy.LIMITS,
+                    storage=api.StorageType.FILE, max_age=t.results_max_age_s, duplicate_window=t.duplicate_window_s,
+                    allow_direct=True))
+                await js.add_stream(api.StreamConfig(
+                    name=t.dead_stream, subjects=[f"{t.prefix}.dead.>"], retention=api.RetentionPolicy.LIMITS,
+                    storage=api.StorageType.FILE, duplicate_window=t.duplicate_window_s))
+            except Exception as e:  # any refusal: the message says what to do
+                raise JetbatchError(
+                    f"streams missing and cannot be created ({e}); run `jetbatch setup` with a worker's credentials") from e
+        self._streams_checked = True
+
+    def _prepare(self, jobs: Iterable[Union[Job, dict]], run_id: str) -> tuple[list[_Pending], int]:
+        by_id: dict[str, _Pending] = {}
+        n = 0
+        for n, job in enumerate(jobs, start=1):
+            if isinstance(job, dict):
+                job = Job.from_dict(job)
+            body = job.body()
+            job_id = derive_id(job, run_id)
+            p = by_id.get(job_id)
+            if p is None:
+                wire = {"id": job_id, **body}
+                payload = msgpack.packb(wire, use_bin_type=True) if self.encoding == "msgpack" else json.dumps(wire).encode()
+                p = by_id[job_id] = _Pending(job_id, job.model, payload)
+            elif job.id is not None and {"id": job_id, **body} != _decode(p.payload):
+                raise ValueError(f"id: {job_id!r} is given to two different jobs (positions {p.indices[0]} and {n - 1})")
+            p.indices.append(n - 1)
+        return list(by_id.values()), n
+
+    async def _stored(self, pending: list[_Pending]) -> list[tuple[_Pending, dict]]:
+        """Results already in the results stream that answer these jobs (direct gets, 64 at a time)."""
+        js = self._nc.jetstream()
+        sem = asyncio.Semaphore(64)
+
+        async def one(p: _Pending):
+            async with sem:
+                try:
+                    m = await js.get_last_msg(self.topology.results_stream, self.topology.result_subject(p.id), direct=True)
+                except NotFoundError:
+                    return None
+                d = _answer(p, m.headers, m.data or b"")
+                return (p, d) if d is not None else None
+
+        found = await asyncio.gather(*(one(p) for p in pending))
+        return [f for f in found if f is not None]
+
+    async def consumer_status(self) -> str:
+        """What the workers' consumer says: are workers pulling, how many jobs wait or are worked on."""
+        t = self.topology
+        try:
+            i = await self._nc.jetstream().consumer_info(t.jobs_stream, t.consumer)
+        except Exception:
+            return f"consumer {t.consumer} cannot be looked up (not created yet: no worker has started?)"
+        if not i.num_waiting and not i.num_ack_pending:
+            return f"consumer {t.consumer}: no worker is pulling (0 pull requests waiting); {i.num_pending} job(s) pending"
+        return (f"consumer {t.consumer}: {i.num_waiting} pull request(s) waiting, {i.num_pending} job(s) pending, "
+                f"{i.num_ack_pending} being worked on")
+
+    async def submit(
+        self,
+        jobs: Iterable[Union[Job, dict]],
+        *,
+        ordered: bool = False,
+        run_id: Optional[str] = None,
+        progress: Optional[bool] = None,
+        timeout: Optional[float] = None,
+    ) -> AsyncIterator[Result]:
+        """Publishes `jobs` and yields one `Result` per job (`result.index` is its position) as
+        they arrive, or in input order with `ordered=True`. `timeout`: seconds for the whole call.
+        Error results are yielded like the others (`result.error`, or `result.output` raises)."""
+        run_id = run_id or self.run_id
+        resumable = run_id is not None
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+        elif not valid_job_id(run_id):
+            raise ValueError(f"run_id: {run_id!r} is not a job id prefix")
+        pending, total = self._prepare(jobs, run_id)
+        if not pending:
+            return
+        await self.connect()
+        await self.ensure_streams()
+        by_id = {p.id: p for p in pending}
+        t = self.topology
+        # Derived ids all live under the run id: listen there only, not to every producer's results.
+        own_subtree = all(p.id.startswith(run_id + ".") for p in pending)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def on_msg(msg):
+            queue.put_nowait(msg)
+
+        sub = await self._nc.subscribe(
+            f"{t.prefix}.results.{run_id}.>" if own_subtree else f"{t.prefix}.results.>",
+            cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        await self._nc.flush()
+        bar = _progress_bar(total) if (self.progress if progress is None else progress) else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        emitter = _Emitter(ordered)
+        publisher = None
+        try:
+            missing = dict(by_id)
+            if resumable:
+                for p, d in await self._stored(pending):
+                    if missing.pop(p.id, None) is not None:
+                        for r in emitter.add(p, d, resumed=True, bar=bar):
+                            yield r
+            slots = asyncio.Semaphore(self.max_inflight)
+            published: set[str] = set()
+            publisher = asyncio.create_task(self._publish(missing, published, slots))
+            idle = 0.0
+            while missing:
+                wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+                try:
+                    msg = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    msg = None
+                if publisher.done() and publisher.exception() is not None:
+                    raise publisher.exception()
+                if msg is not None:
+                    job_id = msg.subject[len(t.prefix) + len(".results."):]
+                    p = missing.get(job_id)
+                    d = _answer(p, msg.headers, msg.data) if p is not None else None
+                    if p is not None and d is None:
+                        log.warning("a result under id %s answers another job; still waiting for ours", job_id)
+                    if d is not None:
+                        del missing[job_id]
+                        _free(job_id, published, slots)
+                        idle = 0.0
+                        for r in emitter.add(p, d, resumed=False, bar=bar):
+                            yield r
+                    continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JetbatchTimeout(f"no result for {len(missing)} job(s) within {timeout} s", sorted(missing))
+                # Quiet: the live feed may have missed results (a reconnect); read them from the stream.
+                idle += POLL_S
+                for p, d in await self._stored(list(missing.values())):
+                    if missing.pop(p.id, None) is not None:
+                        _free(p.id, published, slots)
+                        idle = 0.0
+                        for r in emitter.add(p, d, resumed=False, bar=bar):
+                            yield r
+                if missing and idle >= STALL_REPORT_S and (idle - STALL_REPORT_S) % 10 < POLL_S:
+                    line = f"no result for {idle:.0f} s: {await self.consumer_status()}"
+                    (bar.write if bar is not None else log.warning)(line)
+                if missing and idle >= self.idle_timeout:
+                    raise JetbatchTimeout(
+                        f"no result for {len(missing)} job(s) after waiting {self.idle_timeout:.0f} s without progress; "
+                        f"{await self.consumer_status()}", sorted(missing))
+        finally:
+            if publisher is not None and not publisher.done():
+                publisher.cancel()
+            await sub.unsubscribe()
+            if bar is not None:
+                bar.close()
+
+    async def _publish(self, missing: dict[str, _Pending], published: set[str], slots: asyncio.Semaphore) -> None:
+        """Publishes each job still missing once a slot is free (its result frees it), with
+        pipelined acks. A job answered meanwhile (found in the results stream) is not sent."""
+        js = self._nc.jetstream()
+        ct = "application/msgpack" if self.encoding == "msgpack" else "application/json"
+        acks = []
+        for p in list(missing.values()):
+            await slots.acquire()
+            if p.id not in missing:
+                slots.release()
+                continue
+            published.add(p.id)
+            headers = {"Nats-Msg-Id": p.id, "Content-Type": ct}
+            acks.append(await js.publish_async(self.topology.jobs_subject(p.model), p.payload, headers=headers))
+            if len(acks) >= 256:
+                await self._await_acks(acks)
+                acks = []
+        await self._await_acks(acks)
+
+    @staticmethod
+    async def _await_acks(acks: list) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), 30)
+        except asyncio.TimeoutError as e:
+            raise JetbatchError("the jobs stream did not acknowledge published jobs within 30 s") from e
+
+    async def run(self, jobs: Iterable[Union[Job, dict]], **kw) -> list[Result]:
+        """All results, in input order (see `submit` for the options)."""
+        kw["ordered"] = True
+        return [r async for r in self.submit(jobs, **kw)]
+
+
+def _free(job_id: str, published: set[str], slots: asyncio.Semaphore) -> None:
+    """A job's result came: its slot is free, if it took one."""
+    if job_id in published:
+        published.discard(job_id)
+        slots.release()
+
+
+class _Emitter:
+    """Turns answers of distinct jobs into one `Result` per input position, in order if asked."""
+
+    def __init__(self, ordered: bool):
+        self.ordered = ordered
+        self.buffer: dict[int, Result] = {}
+        self.next = 0
+
+    def add(self, p: _Pending, d: dict, resumed: bool, bar) -> list[Result]:
+        out = []
+        for i in p.indices:
+            r = Result.from_wire(d, index=i, resumed=resumed)
+            if bar is not None:
+                bar.update(1)
+            if not self.ordered:
+                out.append(r)
+                continue
+            self.buffer[i] = r
+        if self.ordered:
+            while self.next in self.buffer:
+                out.append(self.buffer.pop(self.next))
+                self.next += 1
+        return out
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="job", desc="jetbatch")
+
+
+class SyncClient:
+    """The client for synchronous code: its own event loop runs in a thread, so it also works
+    where a loop is already running (notebooks). Same arguments as `Client`."""
+
+    def __init__(self, *args, **kw):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="jetbatch-client", daemon=True)
+        self._thread.start()
+        self.client = Client(*args, **kw)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def run(self, jobs: Iterable[Union[Job, dict]], **kw) -> list[Result]:
+        return self._call(self.client.run(jobs, **kw))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self.client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run(jobs: Iterable[Union[Job, dict]], servers: Union[str, Sequence[str], None] = None, **kw) -> list[Result]:
+    """One call from synchronous code: connect, run `jobs`, close. `kw` goes to `SyncClient`
+    (and `ordered`, `run_id`, `progress`, `timeout` to `Client.run`)."""
+    call_kw = {k: kw.pop(k) for k in ("run_id", "progress", "timeout") if k in kw}
+    with SyncClient(servers, **kw) as c:
+        return c.run(jobs, **call_kw)

@@ -1,0 +1,205 @@
+"""An lm-evaluation-harness (0.4.x) backend that runs every request on a jetbatch worker pool.
+
+    lm-eval-jetbatch --model jetbatch --model_args model=NAME,nats_url=nats://a:4222|nats://b:4222 --tasks ...
+
+or, in Python, `lm_eval.simple_evaluate(model=JetbatchLM(model="NAME"), tasks=[...])`.
+
+Each call (`loglikelihood`, `loglikelihood_rolling`, `generate_until`) publishes all its requests
+at once and matches the results back to them in order; the worker does the tokenising, the
+harness's context/continuation split, truncation and rolling windows (README "Language models").
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from .client import SyncClient, Topology
+from .types import Job, JobError, Result
+
+log = logging.getLogger("jetbatch.lm_eval")
+
+# The worker takes at most 16 stop strings of 1-256 characters (schemas/job.schema.json); the
+# others are applied by the post-hoc cut alone, which gives the same text (generation is only
+# longer before the cut).
+MAX_STOP, MAX_STOP_LEN = 16, 256
+# Sampling parameters that map one to one onto `generate` params.
+PASSTHROUGH = ("top_p", "top_k", "seed")
+# apply_chat_template without a local tokenizer hands the messages to the worker, which renders
+# the model's own template: the rendered "prompt" is this marker followed by the messages as JSON.
+MESSAGES_MARK = "\x00jetbatch-messages\x00"
+
+
+@register_model("jetbatch")
+class JetbatchLM(LM):
+    """`model`: the model's name in the worker's repository. `nats_url`: server URLs separated by
+    `|` (or `,` when given in Python). `run_id`: makes the evaluation resumable (a re-run reads the
+    answers already in the results stream). `tokenizer`: a Hugging Face tokenizer (path or name)
+    to render chat templates locally, exactly as the HF backend does; without it, `generate_until`
+    sends the chat messages for the worker to render. `truncate="left"`: prompts longer than
+    `max_length - max_gen_toks` are cut from the left by the worker (as the HF backend does)
+    instead of answered with `bad_request`. `batch_size`, `max_batch_size` and `device` are
+    accepted for lm-eval's sake: the worker batches and picks its device itself."""
+
+    def __init__(
+        self,
+        model: str,
+        nats_url: Optional[str] = None,
+        run_id: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        truncate: Optional[str] = None,
+        max_gen_toks: int = 256,
+        max_inflight: int = 4096,
+        idle_timeout: float = 600.0,
+        prefix: str = "jetbatch",
+        encoding: str = "msgpack",
+        progress: bool = True,
+        batch_size=None,
+        max_batch_size=None,
+        device=None,
+    ):
+        super().__init__()
+        if truncate not in (None, "left"):
+            raise ValueError(f"truncate: {truncate!r}; only 'left' (or nothing)")
+        self.model = model
+        self.truncate = truncate
+        self.max_gen_toks = int(max_gen_toks)
+        self.run_id = run_id
+        self.progress = progress
+        self._tokenizer_name = tokenizer
+        self._tokenizer = None
+        self._client = SyncClient(
+            nats_url, topology=Topology(prefix=prefix), encoding=encoding, max_inflight=max_inflight,
+            idle_timeout=idle_timeout,
+        )
+
+    def close(self) -> None:
+        """Closes the connection (lm-eval never does; the process's end does it otherwise)."""
+        self._client.close()
+
+    def _run(self, jobs: list[Job]) -> list[Result]:
+        results = self._client.run(jobs, run_id=self.run_id, progress=self.progress)
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            codes = sorted({r.error.code for r in failed})
+            first = failed[0].error
+            raise JobError(first.code, f"{len(failed)} of {len(results)} request(s) failed ({', '.join(codes)}); "
+                                       f"first: {first.message}", first.job_id)
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        jobs = [Job.loglikelihood(self.model, *self._plain(req.args[0], "loglikelihood"), req.args[1]) for req in requests]
+        out = []
+        for req, r in zip(requests, self._run(jobs)):
+            o = r.output
+            answer = (o.logprob, o.is_greedy)
+            self.cache_hook.add_partial("loglikelihood", req.args, answer)
+            out.append(answer)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        jobs = [Job.loglikelihood_rolling(self.model, self._plain(req.args[0], "loglikelihood_rolling")[0]) for req in requests]
+        out = []
+        for req, r in zip(requests, self._run(jobs)):
+            lp = r.output.logprob
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, lp)
+            out.append(lp)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        jobs, untils = [], []
+        for req in requests:
+            context, gen_kwargs = req.args
+            params, until = self._generate_params(gen_kwargs)
+            jobs.append(Job(self.model, "generate", self._prompt(context), params))
+            untils.append(until)
+        out = []
+        for req, until, r in zip(requests, untils, self._run(jobs)):
+            # The harness's own cut at the first stop string, so the text is the HF backend's.
+            text = postprocess_generated_text(r.output.text, until, None)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+            out.append(text)
+        return out
+
+    def _generate_params(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        # The worker stops at the model's EOS ids and decodes without special tokens, so the EOS
+        # string the HF backend adds to `until` can never appear in our text.
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=None)
+        params = {"max_new_tokens": int(kwargs.pop("max_gen_toks"))}
+        do_sample = kwargs.pop("do_sample", False)
+        temperature = float(kwargs.pop("temperature", 0.0))
+        if do_sample and temperature > 0:
+            params["temperature"] = temperature
+        for key in PASSTHROUGH:
+            if key in kwargs:
+                params[key] = kwargs.pop(key)
+        if kwargs:
+            raise ValueError(f"gen_kwargs.{sorted(kwargs)[0]}: not supported by the jetbatch backend "
+                             f"(it takes until, max_gen_toks, do_sample, temperature, {', '.join(PASSTHROUGH)})")
+        stop = [s for s in until if 0 < len(s) <= MAX_STOP_LEN][:MAX_STOP]
+        if stop:
+            params["stop"] = stop
+        if self.truncate:
+            params["truncate"] = self.truncate
+        return params, until
+
+    def _prompt(self, context: str) -> dict:
+        if context.startswith(MESSAGES_MARK):
+            messages, rest = _split_messages(context)
+            if rest:
+                raise ValueError("text after a chat-templated prompt (a gen_prefix?) needs tokenizer=… to render it locally")
+            return {"messages": messages}
+        return {"prompt": context}
+
+    def _plain(self, text: str, kind: str) -> tuple[str]:
+        if text.startswith(MESSAGES_MARK):
+            raise ValueError(f"{kind} with --apply_chat_template needs tokenizer=… in model_args: "
+                             "the worker renders chat templates for generate only")
+        return (text,)
+
+    # Chat templates: `--apply_chat_template` calls these.
+    @property
+    def tokenizer_name(self) -> str:
+        return (self._tokenizer_name or f"jetbatch-{self.model}").replace("/", "__")
+
+    def _hf_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_name)
+        return self._tokenizer
+
+    def chat_template(self, chat_template=False) -> Optional[str]:
+        if chat_template is False or chat_template is None:
+            return None
+        if self._tokenizer_name is None:
+            return ""  # the worker renders the model's own template
+        return self._hf_tokenizer().get_chat_template(chat_template if isinstance(chat_template, str) else None)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self._tokenizer_name is None:
+            if not add_generation_prompt:
+                raise ValueError("prefilling the assistant message needs tokenizer=… to render the template locally")
+            return MESSAGES_MARK + json.dumps(chat_history, ensure_ascii=False)
+        return self._hf_tokenizer().apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+
+def _split_messages(context: str) -> tuple[list, str]:
+    messages, end = json.JSONDecoder().raw_decode(context, len(MESSAGES_MARK))
+    return messages, context[end:]
+
+
+def main() -> None:
+    """`lm-eval-jetbatch`: lm-eval's own command line, with the `jetbatch` backend registered
+    (importing this module did that)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -1,0 +1,228 @@
+"""Jobs and results as `schemas/job.schema.json` and `schemas/result.schema.json` define them."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+# schemas/job.schema.json: `id` and `model`.
+JOB_ID = re.compile(r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_ID_LEN = 256
+
+KINDS = ("tensor", "generate", "loglikelihood", "loglikelihood_rolling", "embed", "classify")
+ERROR_CODES = ("bad_request", "unknown_model", "unsupported_kind", "model_error", "out_of_memory", "timeout")
+
+
+def valid_job_id(job_id: str) -> bool:
+    return len(job_id) <= MAX_ID_LEN and JOB_ID.match(job_id) is not None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job. Without `id`, the client derives one from its run id and a hash of the job, so
+    that running the same jobs again under the same run id finds the results already computed."""
+
+    model: str
+    kind: str
+    input: dict
+    params: Optional[dict] = None
+    id: Optional[str] = None
+    cache: Optional[bool] = None
+    timeout_ms: Optional[int] = None
+
+    def __post_init__(self):
+        if not MODEL_NAME.match(self.model):
+            raise ValueError(f"model: {self.model!r} is not a model name ([A-Za-z0-9_-]{{1,64}})")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.id is not None and not valid_job_id(self.id):
+            raise ValueError(f"id: {self.id!r} is not a job id (schemas/job.schema.json)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        """A job as a JSONL line of `jetbatch submit` holds it."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if "reply_to" in unknown:
+            raise ValueError("reply_to: the client collects results from the results stream; remove reply_to")
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown job field")
+        return cls(**d)
+
+    @classmethod
+    def loglikelihood(cls, model: str, context: str, continuation: str, **kw) -> "Job":
+        return cls(model, "loglikelihood", {"context": context, "continuation": continuation}, **kw)
+
+    @classmethod
+    def loglikelihood_rolling(cls, model: str, text: str, **kw) -> "Job":
+        return cls(model, "loglikelihood_rolling", {"text": text}, **kw)
+
+    @classmethod
+    def generate(cls, model: str, prompt: str, params: Optional[dict] = None, **kw) -> "Job":
+        return cls(model, "generate", {"prompt": prompt}, params, **kw)
+
+    @classmethod
+    def embed(cls, model: str, text: str, **kw) -> "Job":
+        return cls(model, "embed", {"text": text}, **kw)
+
+    def body(self) -> dict:
+        """The fields that define the computation (the id aside), in a fixed order."""
+        b: dict[str, Any] = {"model": self.model, "kind": self.kind, "input": self.input}
+        if self.params is not None:
+            b["params"] = self.params
+        if self.cache is not None:
+            b["cache"] = self.cache
+        if self.timeout_ms is not None:
+            b["timeout_ms"] = self.timeout_ms
+        return b
+
+
+class JobError(Exception):
+    """An error result: `code` is one of `ERROR_CODES`, `message` names the offending field."""
+
+    def __init__(self, code: str, message: str, job_id: str = ""):
+        super().__init__(f"{code}: {message}" + (f" (job {job_id})" if job_id else ""))
+        self.code = code
+        self.message = message
+        self.job_id = job_id
+
+
+class JetbatchTimeout(TimeoutError):
+    """Results stopped coming: `missing` jobs had no answer after waiting."""
+
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = missing
+
+
+def _float(v: Any) -> float:
+    # JSON results carry non-finite floats as strings (result.schema.json $defs/float).
+    if isinstance(v, str):
+        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[v]
+    return float(v)
+
+
+def _pick(cls, d: dict, **conv):
+    """Builds `cls` from the fields it knows (later schema versions may add more)."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            kw[f.name] = conv[f.name](d[f.name]) if f.name in conv else d[f.name]
+    return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queued_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class LoglikelihoodOutput:
+    logprob: float
+    is_greedy: bool
+    tokens: int
+
+
+@dataclass(frozen=True)
+class RollingOutput:
+    logprob: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    text: str
+    tokens: list
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EmbedOutput:
+    embedding: list
+    dim: int
+
+
+@dataclass(frozen=True)
+class ClassifyOutput:
+    logits: list
+    probs: list
+    label: str
+    label_id: int
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A result tensor: `data` is a list (JSON) or the raw little-endian bytes (MessagePack)."""
+
+    dtype: str
+    shape: list
+    data: Union[list, bytes]
+
+
+@dataclass(frozen=True)
+class TensorOutput:
+    outputs: list
+
+
+Output = Union[LoglikelihoodOutput, RollingOutput, GenerateOutput, EmbedOutput, ClassifyOutput, TensorOutput]
+
+
+def _output(kind: str, d: dict) -> Output:
+    floats = lambda xs: [_float(x) for x in xs]  # noqa: E731
+    if kind == "loglikelihood":
+        return _pick(LoglikelihoodOutput, d, logprob=_float)
+    if kind == "loglikelihood_rolling":
+        return _pick(RollingOutput, d, logprob=_float)
+    if kind == "generate":
+        return _pick(GenerateOutput, d)
+    if kind == "embed":
+        return _pick(EmbedOutput, d, embedding=floats)
+    if kind == "classify":
+        return _pick(ClassifyOutput, d, logits=floats, probs=floats)
+    if kind == "tensor":
+        return TensorOutput([_pick(Tensor, t) for t in d["outputs"]])
+    raise ValueError(f"kind: {kind!r} is not a known job kind")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A job's answer. `index` is the job's position in what was submitted; `resumed` says it was
+    read back from the results stream (a run before this one computed it)."""
+
+    id: str
+    model: str
+    kind: str
+    status: str
+    cached: bool
+    worker: str
+    timing: Timing
+    index: int = -1
+    resumed: bool = False
+    error: Optional[JobError] = None
+    raw_output: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def output(self) -> Output:
+        """The typed output; raises the result's `JobError` when the job failed."""
+        if self.error is not None:
+            raise self.error
+        return _output(self.kind, self.raw_output or {})
+
+    @classmethod
+    def from_wire(cls, d: dict, index: int = -1, resumed: bool = False) -> "Result":
+        err = d.get("error")
+        error = JobError(err["code"], err["message"], d["id"]) if d.get("status") == "error" and err else None
+        return cls(
+            id=d["id"], model=d["model"], kind=d["kind"], status=d["status"], cached=bool(d["cached"]),
+            worker=d["worker"], timing=_pick(Timing, d["timing"]), index=index, resumed=resumed,
+            error=error, raw_output=d.get("output"),
+        )

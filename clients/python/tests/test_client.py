@@ -1,0 +1,177 @@
+"""jetbatch.Client against a real nats-server and worker: round trips, order, duplicates, resume,
+results that answer another job, error results, timeouts, the sync wrapper."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import msgpack
+import nats
+import pytest
+
+import jetbatch
+from jetbatch import Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, RollingOutput
+
+from conftest import MODEL
+from harness import start_nats
+
+PAIRS = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "the lazy dog"),
+         ("numbers like 12", " 345 and 6789")]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(url, jobs, **kw):
+    async with Client(url, **{k: kw.pop(k) for k in ("run_id", "encoding", "max_inflight", "idle_timeout") if k in kw}) as c:
+        return [r async for r in c.submit(jobs, **kw)]
+
+
+def tokenizer(models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models / MODEL)
+
+
+def reference_logprob(models, context, continuation):
+    """transformers on the same folder, the harness's split (trailing spaces move to the continuation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer(models)
+    model = AutoModelForCausalLM.from_pretrained(models / MODEL, dtype=torch.float32)
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, add_special_tokens=False) if context else [tok.bos_token_id]
+    whole = tok.encode(context + continuation, add_special_tokens=False) if context else ctx + tok.encode(continuation, add_special_tokens=False)
+    cont = whole[len(ctx):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0], -1)
+    return float(logp[-len(cont):].gather(1, torch.tensor(cont)[:, None]).sum()), len(cont)
+
+
+def test_round_trip_typed_results_in_order(worker, nats_url, models):
+    jobs = [Job.loglikelihood(MODEL, c, x) for c, x in PAIRS]
+    jobs.append(Job.loglikelihood_rolling(MODEL, "the quick brown fox jumps over the lazy dog " * 4))
+    jobs.append(Job.generate(MODEL, "the quick", {"max_new_tokens": 8}))
+    results = run(collect(nats_url, jobs, ordered=True))
+    assert [r.index for r in results] == list(range(len(jobs)))
+    assert all(r.ok and r.error is None and r.worker == "py-tests" and not r.resumed for r in results)
+    for (context, continuation), r in zip(PAIRS, results):
+        assert isinstance(r.output, LoglikelihoodOutput)
+        want, n = reference_logprob(models, context, continuation)
+        assert r.output.tokens == n
+        assert math.isclose(r.output.logprob, want, rel_tol=1e-4, abs_tol=1e-4), (context, r.output.logprob, want)
+    rolling, gen = results[-2].output, results[-1].output
+    assert isinstance(rolling, RollingOutput) and rolling.tokens > 64 and rolling.logprob < 0
+    tok = tokenizer(models)
+    assert isinstance(gen, GenerateOutput) and gen.prompt_tokens == len(tok.encode("the quick")) and len(gen.tokens) <= 8
+    assert gen.text == tok.decode(gen.tokens, skip_special_tokens=True)
+    assert gen.finish_reason in ("length", "eos", "stop")
+
+
+def test_unordered_yields_each_position_once_and_json_equals_msgpack(worker, nats_url):
+    jobs = [Job.loglikelihood(MODEL, c, x) for c, x in PAIRS]
+    unordered = run(collect(nats_url, jobs))
+    assert sorted(r.index for r in unordered) == list(range(len(jobs)))
+    as_json = run(collect(nats_url, jobs, encoding="json", ordered=True))
+    by_index = {r.index: r.output.logprob for r in unordered}
+    assert [r.output.logprob for r in as_json] == [by_index[i] for i in range(len(jobs))]
+
+
+def test_identical_jobs_are_computed_once_and_answer_every_position(worker, nats_url):
+    job = Job.loglikelihood(MODEL, "the quick brown", " fox")
+    results = run(collect(nats_url, [job, Job.loglikelihood(MODEL, "the quick", " brown"), job], ordered=True))
+    assert results[0].id == results[2].id != results[1].id
+    assert results[0].output == results[2].output
+    assert results[0].id.count(".") == 1  # <run id>.<hash>
+
+
+def test_bounded_inflight_still_answers_everything(worker, nats_url):
+    jobs = [Job.loglikelihood(MODEL, "the quick brown", f" fox {i}") for i in range(6)]
+    results = run(collect(nats_url, jobs, max_inflight=1, ordered=True))
+    assert [r.index for r in results] == list(range(6)) and all(r.ok for r in results)
+
+
+def test_a_rerun_under_the_same_run_id_reads_the_results_stream(worker, nats_url):
+    run_id = f"resume-{time.time_ns()}"
+    jobs = [Job.loglikelihood(MODEL, c, x) for c, x in PAIRS]
+    first = run(collect(nats_url, jobs, run_id=run_id, ordered=True))
+    again = run(collect(nats_url, jobs, run_id=run_id, ordered=True))
+    assert not any(r.resumed for r in first) and all(r.resumed for r in again)
+    assert [r.id for r in again] == [r.id for r in first]
+    assert [r.output for r in again] == [r.output for r in first]
+    # Another run id: new ids, nothing to resume.
+    other = run(collect(nats_url, jobs, run_id=run_id + "-b", ordered=True))
+    assert not any(r.resumed for r in other) and {r.id for r in other}.isdisjoint(r.id for r in first)
+
+
+def test_a_stored_result_of_another_job_under_our_id_is_not_taken(worker, nats_url):
+    run_id = f"foreign-{time.time_ns()}"
+    job = Job.loglikelihood(MODEL, "the quick brown", " fox")
+    job_id = jetbatch.derive_id(job, run_id)
+
+    async def plant():
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        fake = {"id": job_id, "model": MODEL, "kind": "loglikelihood", "status": "ok", "cached": False, "worker": "impostor",
+                "timing": {"queued_ms": 0, "compute_ms": 0, "batch_size": 1},
+                "output": {"logprob": 0.0, "is_greedy": True, "tokens": 1}}
+        await js.publish(f"jetbatch.results.{job_id}", msgpack.packb(fake),
+                         headers={"Jetbatch-Job-Hash": "0" * 32, "Nats-Msg-Id": f"{job_id}:{'0' * 32}"})
+        await nc.close()
+
+    run(plant())
+    [r] = run(collect(nats_url, [job], run_id=run_id))
+    assert r.worker == "py-tests" and not r.resumed and r.output.logprob < 0
+
+
+def test_error_results_are_typed(worker, nats_url):
+    jobs = [Job.loglikelihood("no-such-model", "a", " b"),
+            Job(MODEL, "loglikelihood", {"context": "a", "continuation": " b", "extra": 1}),
+            Job.loglikelihood(MODEL, "a", " b")]
+    bad_model, bad_input, good = run(collect(nats_url, jobs, ordered=True))
+    assert bad_model.status == "error" and bad_model.error.code == "unknown_model"
+    assert bad_input.error.code == "bad_request" and "extra" in bad_input.error.message
+    with pytest.raises(JobError) as e:
+        bad_input.output
+    assert e.value.code == "bad_request" and e.value.job_id == bad_input.id
+    assert good.ok and good.output.logprob < 0
+
+
+def test_invalid_jobs_are_refused_before_publishing():
+    with pytest.raises(ValueError, match="model"):
+        Job.loglikelihood("a.b", "x", "y")
+    with pytest.raises(ValueError, match="reply_to"):
+        Job.from_dict({"model": MODEL, "kind": "embed", "input": {"text": "x"}, "reply_to": "_INBOX.x"})
+    with pytest.raises(ValueError, match="run_id"):
+        Client("nats://127.0.0.1:1", run_id="a..b")
+
+
+def test_no_worker_pulling_times_out_naming_the_missing_jobs(tmp_path):
+    server, url = start_nats(tmp_path)
+    try:
+        jobs = [Job.loglikelihood(MODEL, "a", " b"), Job.loglikelihood(MODEL, "a", " c")]
+        t0 = time.monotonic()
+        with pytest.raises(JetbatchTimeout) as e:
+            run(collect(url, jobs, idle_timeout=4))
+        assert len(e.value.missing) == 2 and "cannot be looked up" in str(e.value)
+        assert time.monotonic() - t0 < 15
+        with pytest.raises(JetbatchTimeout, match="within 1"):
+            run(collect(url, jobs, timeout=1))
+    finally:
+        server.stop()
+
+
+def test_sync_wrapper_and_server_lists(worker, nats_url):
+    # `|` separates URLs where lm-eval's model_args split on commas; a dead one is skipped.
+    urls = f"nats://127.0.0.1:1|{nats_url}"
+    assert jetbatch.split_servers(urls) == ["nats://127.0.0.1:1", nats_url]
+    [r] = jetbatch.run([{"model": MODEL, "kind": "loglikelihood", "input": {"context": "a", "continuation": " b"}}],
+                       servers=[nats_url])
+    assert r.ok and r.index == 0
+    with jetbatch.SyncClient(nats_url) as c:
+        assert c.run([Job.loglikelihood(MODEL, "a", " b")])[0].output == r.output

@@ -1,0 +1,178 @@
+"""The jetbatch backend against lm-eval's own HF backend on the same weights: local JSON tasks of
+each output type (multiple_choice with acc_mutual_info's empty contexts, loglikelihood_rolling
+over several windows, generate_until with stop strings) give equal samples (log-likelihoods
+within 1e-4, same greedy flags, same generations) and equal metrics. Also the chat-template
+route, lm-eval's --use_cache, and the `lm-eval-jetbatch` command."""
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import lm_eval
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+
+from jetbatch.lm_eval import JetbatchLM
+
+from conftest import BOS_MODEL, MODEL
+
+TASKS_DIR = pathlib.Path(__file__).parent / "fixtures" / "tasks"
+TASKS = ["jb_mc", "jb_rolling", "jb_gen"]
+TOL = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def task_manager() -> TaskManager:
+    # Our tasks only: indexing lm-eval's thousands of built-in tasks takes seconds per evaluation.
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def evaluate(model, tasks=TASKS, **kw):
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=task_manager(), log_samples=True, **kw)
+
+
+def assert_same(got, want, path="") -> None:
+    """Equal structure and values; floats within TOL (relative or absolute)."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, (int, float)) and isinstance(want, (int, float)), f"{path}: {got!r} vs {want!r}"
+        assert math.isclose(got, want, rel_tol=TOL, abs_tol=TOL) or (math.isnan(got) and math.isnan(want)), \
+            f"{path}: {got!r} vs {want!r}"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{path}: keys {sorted(got)} vs {sorted(want)}"
+        for k in want:
+            assert_same(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), f"{path}: {got!r} vs {want!r}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, f"{path}: {got!r} vs {want!r}"
+
+
+def assert_same_evaluation(got, want, tasks) -> None:
+    for task in tasks:
+        assert_same(got["results"][task], want["results"][task], f"results.{task}")
+        g = sorted(got["samples"][task], key=lambda s: s["doc_id"])
+        w = sorted(want["samples"][task], key=lambda s: s["doc_id"])
+        assert len(g) == len(w) > 0
+        for gs, ws in zip(g, w):
+            assert_same(gs, ws, f"samples.{task}[{ws['doc_id']}]")
+
+
+@pytest.fixture(autouse=True)
+def in_tasks_dir(monkeypatch):
+    # The task YAMLs name their data files relative to their own folder.
+    monkeypatch.chdir(TASKS_DIR)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(models):
+    # Session-scoped, so it changes directory itself (monkeypatch is per test).
+    old = os.getcwd()
+    os.chdir(TASKS_DIR)
+    try:
+        return evaluate("hf", model_args=f"pretrained={models / MODEL},dtype=float32", device="cpu", batch_size=4)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def jetbatch_lm():
+    """Makes backends and closes their connections after the test."""
+    made = []
+
+    def make(nats_url, **kw):
+        made.append(JetbatchLM(model=MODEL, nats_url=nats_url, progress=False, **kw))
+        return made[-1]
+
+    yield make
+    for lm in made:
+        lm.close()
+
+
+def test_registered_under_jetbatch():
+    assert get_model("jetbatch") is JetbatchLM
+
+
+def test_equal_to_the_hf_backend_on_every_output_type(worker, nats_url, hf_reference, jetbatch_lm):
+    got = evaluate(jetbatch_lm(nats_url))
+    assert_same_evaluation(got, hf_reference, TASKS)
+    gens = [s["filtered_resps"][0] for s in hf_reference["samples"]["jb_gen"]]
+    # The stop strings did cut some generations (the post-hoc cut is exercised) and not all.
+    assert any(len(g) < 6 for g in gens) and any(len(g) >= 6 for g in gens), gens
+    # acc_mutual_info's unconditional requests have an empty context.
+    mc_args = [a for s in hf_reference["samples"]["jb_mc"] for a in s["arguments"]]
+    assert any(a[0] == "" for a in mc_args)
+
+
+def test_chat_template_rendered_from_the_tokenizer_equals_hf(worker, nats_url, models, hf_reference, jetbatch_lm):
+    tasks = ["jb_mc", "jb_gen"]
+    want = evaluate("hf", tasks, model_args=f"pretrained={models / MODEL},dtype=float32", device="cpu", batch_size=4,
+                    apply_chat_template=True, limit=4)
+    got = evaluate(jetbatch_lm(nats_url, tokenizer=str(models / MODEL)), tasks, apply_chat_template=True, limit=4)
+    assert_same_evaluation(got, want, tasks)
+    assert "<|assistant|>" in want["samples"]["jb_gen"][0]["arguments"][0][0]
+
+
+def test_without_a_tokenizer_chat_messages_go_to_the_worker(nats_url, jetbatch_lm):
+    lm = jetbatch_lm(nats_url)
+    history = [{"role": "user", "content": "the quick, brown fox"}]
+    assert lm._prompt(lm.apply_chat_template(history)) == {"messages": history}
+    with pytest.raises(ValueError, match="tokenizer"):
+        lm._plain(lm.apply_chat_template(history), "loglikelihood")
+
+
+def test_generation_kwargs_map_onto_generate_params(nats_url, jetbatch_lm):
+    lm = jetbatch_lm(nats_url, truncate="left")
+    params, until = lm._generate_params({"until": ["\n", "", "x" * 300], "max_gen_toks": 5, "do_sample": False, "temperature": 0.7})
+    assert params == {"max_new_tokens": 5, "stop": ["\n"], "truncate": "left"} and until == ["\n", "", "x" * 300]
+    params, _ = lm._generate_params({"until": "Q:", "do_sample": True, "temperature": 0.5, "top_p": 0.9, "seed": 3})
+    assert params == {"max_new_tokens": 256, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": ["Q:"], "truncate": "left"}
+    with pytest.raises(ValueError, match="gen_kwargs.num_beams"):
+        lm._generate_params({"until": [], "num_beams": 4})
+
+
+def test_use_cache_answers_a_second_run_without_the_bus(worker, nats_url, hf_reference, tmp_path, jetbatch_lm):
+    first = evaluate(jetbatch_lm(nats_url), use_cache=str(tmp_path / "cache"))
+    # Nothing listens on port 1: only the cache can answer.
+    second = evaluate(jetbatch_lm("nats://127.0.0.1:1"), use_cache=str(tmp_path / "cache"))
+    assert_same_evaluation(second, first, TASKS)
+    assert_same_evaluation(first, hf_reference, TASKS)
+
+
+def test_the_lm_eval_jetbatch_command(worker, nats_url, hf_reference, tmp_path):
+    command = pathlib.Path(sys.executable).parent / "lm-eval-jetbatch"
+    out = subprocess.run(
+        [str(command), "run", "--model", "jetbatch", "--model_args", f"model={MODEL},nats_url=nats://127.0.0.1:1|{nats_url}",
+         "--tasks", "jb_mc", "--include_path", str(TASKS_DIR), "--batch_size", "8", "--output_path", str(tmp_path)],
+        cwd=TASKS_DIR, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [path] = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
+    assert_same(json.loads(pathlib.Path(path).read_text())["results"]["jb_mc"], hf_reference["results"]["jb_mc"])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "worker: lm-eval 0.4.13's HF backend encodes loglikelihood contexts and rolling texts with the tokenizer's "
+    "special tokens (add_bos_token unset), so a tokenizer that adds <s> gets <s> scored in front; the worker "
+    "encodes them without special tokens. Strict: passes, and so fails here, once the worker does as the harness"))
+def test_a_tokenizer_that_adds_bos_scores_as_the_hf_backend(worker, nats_url, models):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    pairs = [Instance("loglikelihood", {}, ("the quick brown", " fox"), 0), Instance("loglikelihood", {}, ("", "the lazy dog"), 1)]
+    texts = [Instance("loglikelihood_rolling", {}, ("the quick brown fox jumps over the lazy dog " * 3,), 0)]
+    hf = HFLM(pretrained=str(models / BOS_MODEL), dtype="float32", device="cpu")
+    ours = JetbatchLM(model=BOS_MODEL, nats_url=nats_url, progress=False)
+    try:
+        assert_same(ours.loglikelihood(pairs), hf.loglikelihood(pairs))
+        assert_same(ours.loglikelihood_rolling(texts), hf.loglikelihood_rolling(texts))
+    finally:
+        ours.close()

@@ -1,0 +1,129 @@
+"""lm-eval multiple choice: the jetbatch backend (one local worker) vs lm-eval's own HF backend,
+same model, same machine, one after the other. Prints a Markdown block for loadtest/README.md.
+
+usage: .venv/bin/python loadtest/lm_eval_bench.py [--questions 300] [--batch-size 32] [--jetbatch-bin PATH]
+
+The model is a random Llama (fixed seed) with a 32,000-token vocabulary, hidden size 256 and 4
+layers; the task is local (4 choices per question, accuracy). Each side's time is the whole
+`lm_eval.simple_evaluate` call, model loading included (the worker loads its model on the first
+job). Needs a release worker: `cargo build --release` (or give --jetbatch-bin).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "clients" / "python" / "tests"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from harness import start_nats, start_worker  # noqa: E402
+from tiny_lm import write_tiny_llama  # noqa: E402
+
+WORDS = ("the quick brown fox jumps over lazy dog a batch of jobs waits on bus for worker with free device "
+         "language models score continuations by sum their token log probabilities rolling windows cover long "
+         "text in pieces model can read numbers like and symbols are tokens too").split()
+TASK = """task: bench_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def write_task(dir: pathlib.Path, questions: int, seed: int = 5) -> None:
+    rng = random.Random(seed)
+    words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    with open(dir / "mc.jsonl", "w") as f:
+        for i in range(questions):
+            f.write(json.dumps({"question": words(8, 16) + "?", "choices": [words(1, 4) for _ in range(4)],
+                                "answer": rng.randrange(4)}) + "\n")
+    (dir / "bench_mc.yaml").write_text(TASK.format(data=dir / "mc.jsonl"))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def commit() -> str:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return rev + ("+changes" if dirty else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--questions", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=32, help="lm-eval's batch_size for the HF backend")
+    ap.add_argument("--jetbatch-bin", default=str(ROOT / "target" / "release" / "jetbatch"))
+    args = ap.parse_args()
+
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    from jetbatch.lm_eval import JetbatchLM
+
+    with tempfile.TemporaryDirectory(prefix="jetbatch-lm-eval-bench-") as tmp:
+        tmp = pathlib.Path(tmp)
+        model_dir = write_tiny_llama(tmp / "models" / "bench-llama", seed=11, vocab_size=32000, hidden=256, layers=4,
+                                     max_positions=512, std=0.05)
+        (tmp / "tasks").mkdir()
+        write_task(tmp / "tasks", args.questions)
+        tm = TaskManager(include_path=str(tmp / "tasks"), include_defaults=False)
+        nats, url = start_nats(tmp / "nats")
+        worker = start_worker(url, tmp / "models", tmp / "worker", binary=args.jetbatch_bin, worker_id="bench")
+        try:
+            def timed(model, **kw):
+                t0 = time.perf_counter()
+                r = lm_eval.simple_evaluate(model=model, tasks=["bench_mc"], task_manager=tm, log_samples=True, **kw)
+                return time.perf_counter() - t0, r
+
+            hf_s, hf = timed("hf", model_args=f"pretrained={model_dir},dtype=float32", device="cpu", batch_size=args.batch_size)
+            lm = JetbatchLM(model="bench-llama", nats_url=url, progress=False)
+            jb_s, jb = timed(lm)
+            lm.close()
+        finally:
+            worker.stop()
+            nats.stop()
+
+    def lls(r):
+        return [ll for s in sorted(r["samples"]["bench_mc"], key=lambda s: s["doc_id"]) for ll, _ in s["filtered_resps"]]
+
+    diff = max(abs(a - b) for a, b in zip(lls(hf), lls(jb)))
+    requests = len(lls(hf))
+    acc = (hf["results"]["bench_mc"]["acc,none"], jb["results"]["bench_mc"]["acc,none"])
+    print(f"""
+- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {machine()}; commit {commit()}
+- lm-eval {lm_eval.__version__ if hasattr(lm_eval, '__version__') else '?'}, torch {torch.__version__} ({torch.get_num_threads()} threads), {args.questions} questions x 4 choices = {requests} loglikelihood requests
+
+| backend | wall time | requests/s | acc |
+| --- | --- | --- | --- |
+| lm-eval `hf` (batch_size {args.batch_size}) | {hf_s:.1f} s | {requests / hf_s:.1f} | {acc[0]:.4f} |
+| `jetbatch` (one local worker) | {jb_s:.1f} s | {requests / jb_s:.1f} | {acc[1]:.4f} |
+
+ratio (hf / jetbatch): **{hf_s / jb_s:.2f}x**; largest loglikelihood difference {diff:.2e}""")
+    if acc[0] != acc[1] or not math.isclose(diff, 0.0, abs_tol=1e-3):
+        sys.exit("the two backends disagree (see above)")
+
+
+if __name__ == "__main__":
+    main()
