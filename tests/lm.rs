@@ -648,7 +648,9 @@ async fn top_logprobs_match_transformers() {
     let got = collect(&mut sub, jobs.len(), MINUTE).await;
     let (ll, gen) = (output(&got["ll-top"][0]), output(&got["gen-top"][0]));
     assert!(output(&got["ll-plain"][0]).get("top_logprobs").is_none() && output(&got["gen-plain"][0]).get("top_logprobs").is_none());
-    assert_eq!(ll["logprob"], output(&got["ll-plain"][0])["logprob"], "asking for top log-probs changes no score");
+    // The two share a context, so they may share a row (scored once): equal within 1e-4.
+    let (with, without) = (ll["logprob"].as_f64().unwrap(), output(&got["ll-plain"][0])["logprob"].as_f64().unwrap());
+    assert!((with - without).abs() <= 1e-4 * without.abs().max(1.0), "asking for top log-probs changes no score: {with} vs {without}");
     let want = python(
         "import json, sys, torch\nfrom transformers import AutoModelForCausalLM, PreTrainedTokenizerFast\n\
          d, generated = sys.argv[1], json.loads(sys.argv[2])\n\
