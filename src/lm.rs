@@ -21,9 +21,15 @@ pub struct LmSpec {
     pub max_length: usize,
     /// The token an empty context (and the first rolling window) is conditioned on: BOS, else EOS.
     pub prefix_token: u32,
-    /// Whether producer text is encoded with the tokenizer's special tokens (its BOS), as
-    /// lm-evaluation-harness's `add_bos_token` says: see [`harness_adds_bos`].
-    pub add_bos: bool,
+    /// Whether producer text is encoded with the tokenizer's special tokens (lm-evaluation-
+    /// harness's `add_bos_token`, from jetbatch.toml); unset: the tokenizer's own default (with
+    /// them), as the harness does when not told. See [`crate::kinds::text::encode_text`].
+    pub add_bos: Option<bool>,
+    /// The prefix token's text: a text that starts with it is encoded without special tokens.
+    pub prefix_text: String,
+    /// The tokenizer's BOS token text, where it has one: a prompt that starts with it is encoded
+    /// without special tokens.
+    pub bos_text: Option<String>,
     /// The chat template `generate` renders `messages` with, or why the model has none.
     pub chat: Result<ChatTemplate, String>,
     pub max_new_tokens_limit: usize,
@@ -78,7 +84,8 @@ impl LmSpec {
         if arch.is_decoder() && (prefix_token as usize) >= config.vocab_size {
             return Err(format!("config.json: the prefix token {prefix_token} is not below vocab_size {}", config.vocab_size));
         }
-        let add_bos = harness_adds_bos(&config);
+        let prefix_text = tokenizer.decode(&[prefix_token], false).map_err(|e| format!("tokenizer.json: decoding the prefix token: {e}"))?;
+        let bos_text = special.text.get("bos_token").cloned();
         // A template that cannot be read or compiled fails only the jobs that need it.
         let no_template = || "the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)".to_string();
         let chat = match arch.is_decoder() {
@@ -87,17 +94,8 @@ impl LmSpec {
                 .and_then(|source| ChatTemplate::new(source, special.text)),
             false => Err(no_template()),
         };
-        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, add_bos, chat, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
+        Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, add_bos: None, prefix_text, bos_text, chat, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
     }
-}
-
-/// lm-evaluation-harness's HF backend encodes every text (contexts, continuations, rolling texts,
-/// `generate_until` contexts) with `add_special_tokens=False`, except for models whose
-/// `config.json` `model_type` contains "gemma" (gemma, gemma2, gemma3_text, …): there it sets
-/// `add_bos_token` and the tokenizer adds its BOS, as Gemma is trained to read one.
-/// `add_bos_token` in jetbatch.toml overrides this per model.
-pub fn harness_adds_bos(config: &HfConfig) -> bool {
-    config.get("model_type").and_then(serde_json::Value::as_str).is_some_and(|t| t.contains("gemma"))
 }
 
 /// The tokenizer's special tokens, as transformers loads them: from `tokenizer_config.json`, then

@@ -157,8 +157,9 @@ pub struct ModelConfig {
     /// (lm-evaluation-harness's `prefix_token_id`); default: the tokenizer's BOS, else its EOS.
     #[serde(default)]
     pub prefix_token: Option<u32>,
-    /// `hf` decoders: whether producer text is encoded with the tokenizer's BOS (lm-evaluation-
-    /// harness's `add_bos_token`); default: only for Gemma models, as the harness does.
+    /// `hf` decoders: whether producer text is encoded with the tokenizer's special tokens
+    /// (lm-evaluation-harness's `add_bos_token`); default: the tokenizer's own default, as the
+    /// harness does when not told.
     #[serde(default)]
     pub add_bos_token: Option<bool>,
     #[serde(default)]
@@ -226,7 +227,7 @@ impl ModelSpec {
                     }
                     lm.prefix_token = t;
                 }
-                lm.add_bos = config.add_bos_token.unwrap_or(lm.add_bos);
+                lm.add_bos = config.add_bos_token;
                 Some(lm)
             }
             Backend::Torchscript => None,

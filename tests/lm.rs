@@ -337,7 +337,9 @@ async fn a_short_generation_overtakes_a_long_one_already_running() {
 /// lm-evaluation-harness's pair encoding and left truncation, on the whole context (the reference
 /// the bounded parsing must equal).
 fn whole_loglikelihood(lm: &jetbatch::lm::LmSpec, context: &str, continuation: &str) -> (Vec<u32>, Vec<u32>) {
-    let enc = |s: &str| lm.tokenizer.encode(s, false).unwrap().get_ids().to_vec();
+    // lm-evaluation-harness 0.4.13 tok_encode: the tokenizer's special tokens unless the text
+    // starts with the prefix token's text.
+    let enc = |s: &str| lm.tokenizer.encode(s, !s.starts_with(&lm.prefix_text) && lm.add_bos.unwrap_or(true)).unwrap().get_ids().to_vec();
     let trimmed = context.trim_end();
     let continuation = format!("{}{continuation}", &context[trimmed.len()..]);
     let whole = enc(&format!("{trimmed}{continuation}"));
@@ -374,7 +376,7 @@ fn bounded_tokenisation_equals_whole_text_tokenisation() {
         for (n, &len) in lengths.iter().enumerate() {
             let t = text(len, n * 7);
             if lm.arch.is_decoder() {
-                let whole = lm.tokenizer.encode(t.as_str(), lm.add_bos).unwrap().get_ids().to_vec();
+                let whole = lm.tokenizer.encode(t.as_str(), lm.add_bos.unwrap_or(true)).unwrap().get_ids().to_vec();
                 match parse(lm, JobKind::Generate, json!({"prompt": t})) {
                     Ok(JobInput::Generate(g)) => assert_eq!(g.prompt, whole, "{model} {len}"),
                     Ok(other) => panic!("{other:?}"),
@@ -505,33 +507,43 @@ const HARNESS_ENCODING: &str = "import json, sys
 from transformers import PreTrainedTokenizerFast
 d, override, pairs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 tok = PreTrainedTokenizerFast(tokenizer_file=d + '/tokenizer.json')
-model_type = json.load(open(d + '/config.json'))['model_type']
-add_bos = {'auto': 'gemma' in model_type, 'true': True, 'false': False}[override]
+prefix = json.load(open(d + '/config.json'))['bos_token_id']
+prefix_text = tok.decode(prefix)
+special = {'auto': {}, 'true': {'add_special_tokens': True}, 'false': {'add_special_tokens': False}}[override]
 def tok_encode(s):
-    return tok(s, add_special_tokens=add_bos).input_ids
+    kwargs = {'add_special_tokens': False} if s.startswith(prefix_text) else special
+    return tok.encode(s, **kwargs)
 def encode_pair(context, continuation):
+    if not context:
+        cont = tok.encode(continuation, add_special_tokens=False)
+        return [[prefix], cont] if cont[0] != prefix else [cont[:1], cont[1:]]
     n = len(context) - len(context.rstrip())
     if n > 0:
         continuation, context = context[-n:] + continuation, context[:-n]
     whole, ctx = tok_encode(context + continuation), tok_encode(context)
     return [ctx, whole[len(ctx):]]
-print(json.dumps({'pairs': [encode_pair(c, k) if c else [None, tok_encode(k)] for c, k in pairs],
-                  'texts': [tok_encode(c + k) for c, k in pairs]}))
+def prompt_encode(s):  # tok_batch_encode, as generate_until encodes its contexts
+    bos = tok.bos_token
+    return tok.encode(s, **({'add_special_tokens': False} if bos and s.startswith(bos) else special))
+print(json.dumps({'pairs': [encode_pair(c, k) for c, k in pairs], 'texts': [tok_encode(c + k) for c, k in pairs],
+                  'prompts': [prompt_encode(c + k) for c, k in pairs]}))
 ";
 
-/// Producer text is encoded as the harness encodes it — without special tokens, but with BOS for
-/// Gemma models (`model_type` containing "gemma") — for loglikelihood pairs (an empty context is
-/// the prefix token), rolling texts and generate prompts; `add_bos_token` in jetbatch.toml
-/// overrides the family's rule either way. Checked against transformers' tokenizer.
+/// Producer text is encoded as lm-evaluation-harness 0.4.13's HF backend encodes it — with the
+/// tokenizer's own special tokens (a BOS where its post-processor adds one), none for a text
+/// that already starts with the prefix token's text; an empty context is the prefix token and its
+/// continuation has no special tokens — for loglikelihood pairs, rolling texts and generate
+/// prompts; `add_bos_token` in jetbatch.toml overrides the tokenizer either way. Checked against
+/// transformers' tokenizer.
 #[test]
-fn text_is_encoded_as_the_harness_encodes_it_with_bos_for_gemma() {
+fn text_is_encoded_as_the_harness_encodes_it() {
     use jetbatch::job::{JobInput, JobKind};
     let (dir, _) = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let pairs = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "workers ack a job"), ("numbers like 12", " 345")];
+    let pairs = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "workers ack a job"), ("numbers like 12", " 345"), ("<s>the quick", " fox")];
     let pairs_json = serde_json::to_string(&pairs).unwrap();
     for (model, add_bos, expect_bos) in
-        [("tiny-llama", None, false), ("tiny-qwen2", None, false), ("tiny-gemma2", None, true), ("tiny-gemma3", None, true), ("tiny-llama", Some(true), true), ("tiny-gemma2", Some(false), false)]
+        [("tiny-llama", None, true), ("tiny-qwen2", None, false), ("tiny-gemma2", None, true), ("tiny-gpt2", None, false), ("tiny-llama", Some(false), false), ("tiny-gemma2", Some(false), false)]
     {
         let src = dir.join("models").join(model);
         let folder = match add_bos {
@@ -555,13 +567,14 @@ fn text_is_encoded_as_the_harness_encodes_it_with_bos_for_gemma() {
             let ids = |v: &Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
             let [ctx, cont] = [&want["pairs"][i][0], &want["pairs"][i][1]];
             let JobInput::Score(w) = parse(lm, JobKind::Loglikelihood, json!({"context": context, "continuation": continuation})).unwrap() else { panic!() };
-            let want_ctx = if ctx.is_null() { vec![lm.prefix_token] } else { ids(ctx) };
-            assert_eq!((&w[0].context, &w[0].continuation), (&want_ctx, &ids(cont)), "{what}: loglikelihood {context:?} {continuation:?}");
+            assert_eq!((&w[0].context, &w[0].continuation), (&ids(ctx), &ids(cont)), "{what}: loglikelihood {context:?} {continuation:?}");
             let text = format!("{context}{continuation}");
             let whole = ids(&want["texts"][i]);
-            assert_eq!(whole.first() == Some(&0), expect_bos, "{what}: BOS (id 0) in {whole:?}");
+            if !text.starts_with("<s>") {
+                assert_eq!(whole.first() == Some(&0), expect_bos, "{what}: BOS (id 0) in {whole:?}");
+            }
             let JobInput::Generate(g) = parse(lm, JobKind::Generate, json!({"prompt": text})).unwrap() else { panic!() };
-            assert_eq!(g.prompt, whole, "{what}: generate prompt {text:?}");
+            assert_eq!(g.prompt, ids(&want["prompts"][i]), "{what}: generate prompt {text:?}");
             let JobInput::Score(r) = parse(lm, JobKind::LoglikelihoodRolling, json!({"text": text})).unwrap() else { panic!() };
             let scored: Vec<u32> = r.iter().flat_map(|w| w.continuation.clone()).collect();
             assert_eq!((r[0].context.clone(), scored), (vec![lm.prefix_token], whole), "{what}: rolling {text:?}");
@@ -656,7 +669,7 @@ async fn top_logprobs_match_transformers() {
          d, generated = sys.argv[1], json.loads(sys.argv[2])\n\
          tok = PreTrainedTokenizerFast(tokenizer_file=d + '/tokenizer.json')\n\
          model = AutoModelForCausalLM.from_pretrained(d, attn_implementation='eager').eval()\n\
-         enc = lambda s: tok(s, add_special_tokens=False).input_ids\n\
+         enc = lambda s: tok(s).input_ids\n\
          def top(ids, n, k):\n    \
              with torch.no_grad():\n        \
                  logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)[-n:]\n    \

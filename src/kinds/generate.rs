@@ -183,7 +183,12 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     let given: Vec<&str> = INPUT_KEYS.iter().copied().filter(|k| input.get(k).is_some()).collect();
     let (field, prompt) = match given.as_slice() {
         ["prompt_tokens"] => ("input.prompt_tokens", input.tokens("prompt_tokens", lm.config.vocab_size)?.unwrap_or_default()),
-        ["prompt"] => ("input.prompt", encode_prompt(lm, input.text("prompt")?.unwrap_or_default(), lm.add_bos, keep, "input.prompt")?),
+        ["prompt"] => {
+            // As the harness's generate_until encodes its contexts (`tok_batch_encode`).
+            let prompt = input.text("prompt")?.unwrap_or_default();
+            let special = text::special_tokens(lm, prompt, lm.bos_text.as_deref().unwrap_or(""));
+            ("input.prompt", encode_prompt(lm, prompt, special, keep, "input.prompt")?)
+        }
         ["messages"] => {
             let messages = read_messages(input)?;
             let chat = lm.chat.as_ref().map_err(|why| ValidationError::Invalid { field: "input.messages".into(), detail: why.clone() })?;

@@ -34,12 +34,18 @@ impl Window {
 
 /// lm-evaluation-harness `_encode_pair`: trailing spaces of the context move to the front of the
 /// continuation; the pair is encoded whole and the continuation is what follows the context's own
-/// encoding. An empty context is conditioned on the prefix token. Texts are encoded as the harness
-/// encodes them ([`text::encode_text`]): where it adds BOS (Gemma), both encodings start with it,
-/// and an empty context's continuation does too, as in the harness.
+/// encoding. Texts are encoded as the harness encodes them ([`text::encode_text`]), so where the
+/// tokenizer adds a BOS both encodings start with it. An empty context is conditioned on the
+/// prefix token and its continuation encoded without special tokens; a continuation that starts
+/// with the prefix token itself gives up that token as its context, as in the harness.
 pub fn split_pair(lm: &LmSpec, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>), ValidationError> {
     if context.is_empty() {
-        return Ok((vec![lm.prefix_token], text::encode_text(lm, continuation)?));
+        let mut continuation = text::encode(lm, continuation, false)?;
+        if continuation.len() > 1 && continuation[0] == lm.prefix_token {
+            let rest = continuation.split_off(1);
+            return Ok((continuation, rest));
+        }
+        return Ok((vec![lm.prefix_token], continuation));
     }
     let trimmed = context.trim_end();
     let (context, continuation) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));

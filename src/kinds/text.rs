@@ -85,10 +85,18 @@ pub(crate) fn count(lm: &LmSpec, text: &str) -> Result<usize, ValidationError> {
     lm.tokenizer.encode_fast(text, false).map(|e| e.len()).map_err(tokenize_error)
 }
 
-/// The token ids of producer text as lm-evaluation-harness's HF backend encodes it (`tok_encode`):
-/// with the tokenizer's special tokens only for models it gives a BOS ([`LmSpec::add_bos`]).
+/// The token ids of producer text as lm-evaluation-harness (0.4.13) `tok_encode`s contexts,
+/// continuations and rolling texts: with the tokenizer's own special tokens (a BOS where its
+/// post-processor adds one; [`LmSpec::add_bos`] overrides), but none when the text already starts
+/// with the prefix token's text.
 pub fn encode_text(lm: &LmSpec, text: &str) -> Result<Vec<u32>, ValidationError> {
-    encode(lm, text, lm.add_bos)
+    encode(lm, text, special_tokens(lm, text, &lm.prefix_text))
+}
+
+/// Whether text that may start with `marker` (written by the producer) gets special tokens.
+pub(crate) fn special_tokens(lm: &LmSpec, text: &str, marker: &str) -> bool {
+    let marked = !marker.is_empty() && text.starts_with(marker);
+    !marked && lm.add_bos.unwrap_or(true)
 }
 
 /// The token ids of `text`, with the tokenizer's special tokens when `special`.

@@ -159,10 +159,9 @@ def test_the_lm_eval_jetbatch_command(worker, nats_url, hf_reference, tmp_path):
     assert_same(json.loads(pathlib.Path(path).read_text())["results"]["jb_mc"], hf_reference["results"]["jb_mc"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker: lm-eval 0.4.13's HF backend encodes loglikelihood contexts and rolling texts with the tokenizer's "
-    "special tokens (add_bos_token unset), so a tokenizer that adds <s> gets <s> scored in front; the worker "
-    "encodes them without special tokens. Strict: passes, and so fails here, once the worker does as the harness"))
+# lm-eval 0.4.13 encodes loglikelihood contexts, rolling texts and generate_until contexts with
+# the tokenizer's special tokens (add_bos_token unset): a tokenizer that adds <s> gets <s> in front,
+# and the worker encodes as it does.
 def test_a_tokenizer_that_adds_bos_scores_as_the_hf_backend(worker, nats_url, models):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
