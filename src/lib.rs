@@ -19,7 +19,10 @@
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
 //!   chat template, rendered as transformers renders it.
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
-//! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`].
+//! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`]:
+//!   TorchScript, and `engine/hf/` — shared layers (`layers.rs`), one file per architecture family
+//!   and one table from `config.json`'s `architectures` (`archs.rs`), scoring heads, generation;
+//!   the generation scheduler (`scheduler.rs`) as a plain state machine.
 //! - [`infer`]: the transport-neutral core — the batcher and the runner (`infer/runner.rs`) in
 //!   front of the engine, for any adapter's tickets ([`infer::spawn`]), and [`infer::Infer`], the
 //!   in-process adapter the benchmarks, loadtest and tests use.
