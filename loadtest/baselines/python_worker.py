@@ -7,7 +7,9 @@ What a competent team writes with nats-py and torch, and nothing naive:
   torch.inference_mode() so the event loop keeps pulling and publishing;
 - inputs joined into one buffer and viewed as a tensor (torch.frombuffer, no per-element Python);
 - results published concurrently with Nats-Msg-Id, each job acked only after its result's PubAck
-  (the same guarantee jetbatch gives), bad jobs answered with an error result and terminated.
+  (the same guarantee jetbatch gives), bad jobs answered with an error result and terminated;
+- jobs held longer than a third of the consumer's ack_wait marked in progress (as jetbatch does),
+  so a slow batch is not redelivered and computed twice.
 
 Same wire format as jetbatch (MessagePack jobs and results, schemas/), so the same load generator
 drives both. Serves one model, of one of two kinds:
@@ -163,14 +165,30 @@ async def main():
     sub = await js.pull_subscribe_bind(durable=args.consumer, stream=args.stream)
     batches = asyncio.Queue(maxsize=1)  # exactly one batch prefetched
     inflight = set()
+    held = {}  # id(msg) -> (msg, when it was fetched or last marked in progress)
+    info = await js.consumer_info(args.stream, args.consumer)
+    keep_alive_period = info.config.ack_wait / 3
 
     async def publish_and_ack(msg, job_id, body):
         await js.publish(f"{args.results_prefix}.{job_id}", body, headers={"Nats-Msg-Id": job_id})
         await msg.ack()
+        held.pop(id(msg), None)
 
     async def puller():
         while True:
-            await batches.put(await next_batch(sub, args.max_batch, args.max_wait_ms / 1000))
+            msgs = await next_batch(sub, args.max_batch, args.max_wait_ms / 1000)
+            now = time.monotonic()
+            held.update((id(m), (m, now)) for m in msgs)
+            await batches.put(msgs)
+
+    async def keep_alive():
+        while True:
+            await asyncio.sleep(keep_alive_period / 2)
+            now = time.monotonic()
+            for key, (m, since) in list(held.items()):
+                if now - since > keep_alive_period and key in held:
+                    held[key] = (m, now)
+                    await m.in_progress()
 
     async def runner():
         loop = asyncio.get_running_loop()
@@ -188,6 +206,7 @@ async def main():
                     job_id = job.get("id", "unknown") if isinstance(job, dict) else "unknown"
                     await js.publish(f"{args.results_prefix}.{job_id}", error_result(job_id, model.kind, "bad_request", str(e)))
                     await m.term()
+                    held.pop(id(m), None)
             if not good:
                 continue
             outputs = await loop.run_in_executor(None, model.forward, inputs)
@@ -202,7 +221,7 @@ async def main():
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
 
-    await asyncio.gather(puller(), runner())
+    await asyncio.gather(puller(), runner(), keep_alive())
 
 
 if __name__ == "__main__":
