@@ -199,7 +199,7 @@ async fn transformers(args: &BenchArgs, m: &LmModel, mode: &str, workload: Workl
         .await?;
     anyhow::ensure!(out.status.success(), "baselines/lm_transformers.py {mode} failed ({})", out.status);
     let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
-    Ok(serde_json::from_str(&last).map_err(|e| anyhow::anyhow!("lm_transformers.py printed {last:?}: {e}"))?)
+    serde_json::from_str(&last).map_err(|e| anyhow::anyhow!("lm_transformers.py printed {last:?}: {e}"))
 }
 
 fn number(v: &serde_json::Value, key: &str) -> anyhow::Result<f64> {
@@ -226,7 +226,7 @@ pub async fn multiple_choice(args: &BenchArgs, m: &LmModel) -> anyhow::Result<Re
 }
 
 /// 9. Greedy generation: jetbatch (every job published at once, continuous batching) vs
-/// transformers' batched `generate` in process (static batches of 64, left padding).
+///    transformers' batched `generate` in process (static batches of 64, left padding).
 pub async fn generate(args: &BenchArgs, m: &LmModel) -> anyhow::Result<Report> {
     let mut b = m.bench(args).await?;
     let jobs = args.gen_jobs;

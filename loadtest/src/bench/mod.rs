@@ -35,11 +35,11 @@ pub enum Which {
     Generation,
     /// 6. 1, 2 and 3 workers on one consumer.
     Scaling,
-    /// 7. A `loglikelihood` backlog drained: jetbatch vs the Python worker (transformers), on a
-    /// random Llama with a 32k vocabulary.
+    /// 7. A `loglikelihood` backlog drained: jetbatch vs the Python worker (transformers), on
+    ///    a random Llama with a 32k vocabulary.
     LmScore,
     /// 8. Multiple choice (4 `loglikelihood` jobs sharing a context): jetbatch vs the Python
-    /// worker and vs transformers in process.
+    ///    worker and vs transformers in process.
     Mc,
     /// 9. Greedy `generate`, mixed lengths: jetbatch vs transformers' batched `generate`.
     LmGenerate,
