@@ -16,8 +16,8 @@ test: bootstrap
 	.venv/bin/python -m pytest -q clients/python/tests
 
 ## The benchmarks of loadtest/README.md: `make bench` (all) or `make bench WHICH=engine` (engine,
-## batching, bus, python, generation, scaling); `REPEAT=3` reports each ratio as the median of 3
-## rounds; reports in loadtest-report/.
+## batching, bus, python, generation, scaling, and the LM ones: lm-score, mc, lm-generate, lm-e2e);
+## `REPEAT=3` reports each ratio as the median of 3 rounds; reports in loadtest-report/.
 WHICH ?= all
 REPEAT ?= 1
 bench: bootstrap

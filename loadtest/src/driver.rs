@@ -27,6 +27,8 @@ pub enum Mode {
     Open { rate: f64 },
     /// `concurrency` jobs outstanding: a new one as each result arrives.
     Closed { concurrency: usize },
+    /// `jobs` published before any worker started, then drained ([`publish_backlog`]).
+    Backlog { jobs: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +169,9 @@ enum TokensView {
 
 /// Runs `plan` against the workers behind `topology`'s streams and returns what it measured.
 pub async fn drive(client: &async_nats::Client, topology: &Topology, generator: &mut Generator, plan: &Plan) -> anyhow::Result<Recording> {
+    if let Mode::Backlog { .. } = plan.mode {
+        anyhow::bail!("a backlog is published with `publish_backlog` and drained, not driven");
+    }
     let js = jetstream::new(client.clone());
     let mut results = client.subscribe(format!("{}.results.{}.>", topology.prefix, plan.run_id)).await?;
     // Make sure the subscription is registered before the first job can be answered.
@@ -213,6 +218,7 @@ pub async fn drive(client: &async_nats::Client, topology: &Topology, generator: 
                     let room = concurrency.saturating_sub(due.len()).min(left);
                     to_send.resize(room, Instant::now());
                 }
+                Mode::Backlog { .. } => unreachable!("refused above"),
             }
         }
         for due_at in to_send {
@@ -265,6 +271,78 @@ pub async fn drive(client: &async_nats::Client, topology: &Topology, generator: 
     }
     bar.finish_and_clear();
     Ok(rec)
+}
+
+/// A backlog of jobs published with nobody consuming them yet (see [`publish_backlog`]).
+pub struct Backlog {
+    results: async_nats::Subscriber,
+    due: HashMap<String, Instant>,
+    rec: Recording,
+}
+
+/// Publishes `jobs` jobs from `generator` under `run_id` and waits until the server has stored
+/// them all: a queue for workers started afterwards to drain ([`Backlog::drain`]).
+pub async fn publish_backlog(client: &async_nats::Client, topology: &Topology, generator: &mut Generator, jobs: u64, run_id: &str) -> anyhow::Result<Backlog> {
+    let js = jetstream::new(client.clone());
+    let results = client.subscribe(format!("{}.results.{run_id}.>", topology.prefix)).await?;
+    client.flush().await?;
+    let mut rec = Recording::new();
+    let mut due = HashMap::new();
+    let mut acks = FuturesUnordered::new();
+    let content_type = match generator.encoding() {
+        Encoding::MsgPack => "application/msgpack",
+        Encoding::Json => "application/json",
+    };
+    let now = Instant::now();
+    for n in 0..jobs {
+        let id = format!("{run_id}.{n}");
+        let job = generator.next(id.clone());
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert("Content-Type", content_type);
+        acks.push(js.publish_with_headers(topology.jobs_subject(&job.model), headers, job.body).await?.into_future());
+        if acks.len() >= MAX_UNACKED {
+            acks.next().await.expect("not empty").map_err(|e| anyhow::anyhow!("publishing a job: {e}"))?;
+        }
+        due.insert(id, now);
+        rec.sent += 1;
+    }
+    while let Some(ack) = acks.next().await {
+        ack.map_err(|e| anyhow::anyhow!("publishing a job: {e}"))?;
+    }
+    Ok(Backlog { results, due, rec })
+}
+
+impl Backlog {
+    /// Records the results as workers (started since the backlog was published) drain it, until
+    /// every job is answered or none was for `drain_timeout` (the wait for the first result is
+    /// `start_timeout`: a worker's start-up). Latency counts from this call; `wall` runs from
+    /// the first result to the last, so the workers' start-up (model loading, a Python
+    /// interpreter's imports) is not counted: throughput is the rate of the drain itself, and the
+    /// CPU shares (this process's threads and `others`) are taken over the same span.
+    pub async fn drain(mut self, start_timeout: Duration, drain_timeout: Duration, others: &[(&str, u32)]) -> anyhow::Result<Recording> {
+        let start = Instant::now();
+        for due in self.due.values_mut() {
+            *due = start;
+        }
+        let (mut first, mut last, mut cpu) = (None, start, None);
+        while !self.due.is_empty() {
+            let wait = if first.is_some() { drain_timeout } else { start_timeout };
+            let Ok(msg) = tokio::time::timeout(wait, self.results.next()).await else { break };
+            let msg = msg.ok_or_else(|| anyhow::anyhow!("results subscription closed"))?;
+            last = Instant::now();
+            if first.is_none() {
+                (first, cpu) = (Some(last), Some(crate::cpu::Snapshot::take(others)));
+            }
+            record(&mut self.rec, &mut self.due, &msg.payload, last, start);
+        }
+        if let Some(cpu) = cpu {
+            self.rec.cpu = crate::cpu::Snapshot::take(others).shares_since(&cpu);
+        }
+        self.rec.wall = last.duration_since(first.unwrap_or(start));
+        self.rec.send_wall = self.rec.wall;
+        Ok(self.rec)
+    }
 }
 
 /// Publishes not yet acknowledged by the server before the generator waits for acks.

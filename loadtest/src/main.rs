@@ -144,10 +144,23 @@ struct BenchArgs {
     /// from what model size on the bus stops mattering.
     #[arg(long, value_delimiter = ',', default_values_t = [1024i64, 2048, 4096])]
     engine_widths: Vec<i64>,
+    /// `lm-score`: `loglikelihood` jobs in the backlog each side drains.
+    #[arg(long, default_value_t = 5000)]
+    lm_jobs: u64,
+    /// `mc`: multiple-choice questions (4 jobs each) in the backlog each side drains.
+    #[arg(long, default_value_t = 1250)]
+    mc_questions: u64,
+    /// `lm-generate`: `generate` jobs, all published at once.
+    #[arg(long, default_value_t = 384)]
+    gen_jobs: u64,
+    /// The LM benchmarks on a tiny model (vocabulary 259, hidden 64, 1 layer) instead of the
+    /// 32k-vocabulary one: seconds instead of minutes, for checking that they run, not for ratios.
+    #[arg(long)]
+    lm_tiny: bool,
     /// The nats-server binary (default: the project venv's, then PATH).
     #[arg(long)]
     nats_server: Option<PathBuf>,
-    /// Python for the baseline worker (default: the project venv's).
+    /// Python for the baseline worker and the LM benchmarks' transformers side (default: the project venv's).
     #[arg(long)]
     python: Option<PathBuf>,
     /// No progress bars.

@@ -221,6 +221,7 @@ impl Report {
                 let load = match r.mode {
                     Mode::Open { rate } => format!("open {rate:.0}/s"),
                     Mode::Closed { concurrency } => format!("closed ×{concurrency}"),
+                    Mode::Backlog { jobs } => format!("backlog of {jobs}"),
                 };
                 let l = &r.latency_ms;
                 let errors: u64 = r.errors.values().sum();

@@ -23,6 +23,13 @@
 //! kind = "tensor"
 //! shape = [{ uniform = [4, 64] }, 8]
 //!
+//! [[mix]]                     # multiple choice: 4 jobs in a row with the same context
+//! model = "lm"
+//! kind = "loglikelihood"
+//! context_words = { uniform = [6, 24] }
+//! continuation_words = { choice = [1, 2, 3] }
+//! choices = 4
+//!
 //! [[mix]]                     # 3 short generations to 1 long one
 //! model = "tiny-lm"
 //! kind = "generate"
@@ -92,6 +99,9 @@ pub struct Template {
     /// `loglikelihood`: words of context and of continuation.
     pub context_words: Option<Dist>,
     pub continuation_words: Option<Dist>,
+    /// `loglikelihood`: jobs drawn as groups of this many in a row that share one context (a
+    /// multiple-choice question as lm-evaluation-harness sends it: one job per option).
+    pub choices: Option<u64>,
     /// `loglikelihood_rolling`, `embed`, `classify`: words of text.
     pub text_words: Option<Dist>,
     /// Copied into every job (`params` of the job schema); `max_new_tokens` above wins.
@@ -188,6 +198,7 @@ impl Template {
             max_new_tokens: None,
             context_words: None,
             continuation_words: None,
+            choices: None,
             text_words: None,
             params: Default::default(),
             cache: None,
@@ -223,14 +234,18 @@ impl Template {
             }
             JobKind::Loglikelihood => {
                 need(&self.context_words, "context_words")?;
+                if self.choices == Some(0) {
+                    return Err("choices: must be at least 1".into());
+                }
                 need(&self.continuation_words, "continuation_words")
             }
             JobKind::LoglikelihoodRolling | JobKind::Embed | JobKind::Classify => need(&self.text_words, "text_words"),
         }
     }
 
-    /// The job's `input` and `params` with sizes drawn from `rng`.
-    fn draw(&self, rng: &mut Rng, encoding: Encoding) -> (Value, Value) {
+    /// The `input` and `params` of the next jobs (one, or `choices` sharing a context) with sizes
+    /// drawn from `rng`.
+    fn draw(&self, rng: &mut Rng, encoding: Encoding) -> Vec<(Value, Value)> {
         let words = |d: &Option<Dist>, rng: &mut Rng| text(d.as_ref().map_or(1, |d| d.sample(rng)), rng);
         let mut params: Vec<(Value, Value)> =
             self.params.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))).collect();
@@ -246,13 +261,19 @@ impl Template {
                 }
                 map(vec![("prompt", words(&self.prompt_words, rng).into())])
             }
-            "loglikelihood" => map(vec![
-                ("context", words(&self.context_words, rng).into()),
-                ("continuation", format!(" {}", words(&self.continuation_words, rng)).into()),
-            ]),
+            "loglikelihood" => {
+                let context = words(&self.context_words, rng);
+                let params = Value::Map(params);
+                return (0..self.choices.unwrap_or(1))
+                    .map(|_| {
+                        let continuation = format!(" {}", words(&self.continuation_words, rng));
+                        (map(vec![("context", context.as_str().into()), ("continuation", continuation.into())]), params.clone())
+                    })
+                    .collect();
+            }
             _ => map(vec![("text", words(&self.text_words, rng).into())]),
         };
-        (input, Value::Map(params))
+        vec![(input, Value::Map(params))]
     }
 }
 
@@ -270,6 +291,8 @@ pub struct Generator {
     total_weight: f64,
     /// Earlier jobs' (template index, input, params), for duplicates.
     earlier: Vec<(usize, Value, Value)>,
+    /// The rest of a group drawn together (multiple-choice options), sent next in this order.
+    group: std::collections::VecDeque<(usize, Value, Value)>,
 }
 
 /// Earlier inputs kept for duplicates: enough for a long run's hit pattern, bounded in memory.
@@ -279,7 +302,7 @@ impl Generator {
     pub fn new(workload: Workload) -> Generator {
         let total_weight = workload.mix.iter().map(|t| t.weight).sum();
         let rng = Rng::new(workload.seed);
-        Generator { workload, rng, total_weight, earlier: Vec::new() }
+        Generator { workload, rng, total_weight, earlier: Vec::new(), group: Default::default() }
     }
 
     pub fn encoding(&self) -> Encoding {
@@ -293,8 +316,9 @@ impl Generator {
 
     pub fn next(&mut self, id: String) -> Job {
         let encoding = self.workload.encoding();
-        let repeat = !self.earlier.is_empty() && self.rng.unit() < self.workload.duplicate_ratio;
-        let (index, input, params) = if repeat {
+        let (index, input, params) = if let Some(next) = self.group.pop_front() {
+            next
+        } else if !self.earlier.is_empty() && self.rng.unit() < self.workload.duplicate_ratio {
             self.earlier[self.rng.below(self.earlier.len() as u64) as usize].clone()
         } else {
             let mut pick = self.rng.unit() * self.total_weight;
@@ -303,7 +327,9 @@ impl Generator {
                 pick < 0.0
             });
             let index = index.unwrap_or(self.workload.mix.len() - 1);
-            let (input, params) = self.workload.mix[index].draw(&mut self.rng, encoding);
+            let mut drawn = self.workload.mix[index].draw(&mut self.rng, encoding).into_iter();
+            let (input, params) = drawn.next().expect("a template draws at least one job");
+            self.group.extend(drawn.map(|(i, p)| (index, i, p)));
             if self.earlier.len() < EARLIER_KEPT {
                 self.earlier.push((index, input.clone(), params.clone()));
             } else {
@@ -330,6 +356,25 @@ impl Generator {
         }
         let body = encode(&map(fields), encoding);
         Job { id, model: t.model.clone(), body: body.into() }
+    }
+}
+
+impl Job {
+    /// The job's `input` fields and `params` in one JSON object (`{"context": …, "continuation":
+    /// …}`, `{"prompt": …, "max_new_tokens": …}`): the line a script outside the bus reads.
+    pub fn input_and_params(&self) -> serde_json::Value {
+        let job = if self.body.first() == Some(&b'{') {
+            serde_json::from_slice(&self.body).unwrap_or_default()
+        } else {
+            rmpv::decode::read_value(&mut &self.body[..]).map(|v| value_to_json(&v)).unwrap_or_default()
+        };
+        let mut out = serde_json::Map::new();
+        for part in ["input", "params"] {
+            if let Some(fields) = job.get(part).and_then(|v| v.as_object()) {
+                out.extend(fields.clone());
+            }
+        }
+        serde_json::Value::Object(out)
     }
 }
 
@@ -486,6 +531,23 @@ mod tests {
         // 3:1 mix, and about half of the jobs repeat an earlier input.
         assert!((2800..3200).contains(&a), "{a} of 4000 jobs were model a");
         assert!((1800..2200).contains(&bodies.len()), "{} distinct inputs in 4000 jobs", bodies.len());
+    }
+
+    #[test]
+    fn multiple_choice_options_come_in_a_row_with_one_context() {
+        let w = workload("[[mix]]\nmodel = \"lm\"\nkind = \"loglikelihood\"\ncontext_words = 8\ncontinuation_words = 3\nchoices = 4\n").unwrap();
+        let mut g = Generator::new(w);
+        let jobs: Vec<serde_json::Value> = (0..12).map(|i| g.next(format!("j{i}")).input_and_params()).collect();
+        for question in jobs.chunks(4) {
+            let contexts: std::collections::HashSet<_> = question.iter().map(|j| j["context"].as_str().unwrap().to_string()).collect();
+            assert_eq!(contexts.len(), 1, "one context per question: {question:?}");
+            let options: std::collections::HashSet<_> = question.iter().map(|j| j["continuation"].as_str().unwrap().to_string()).collect();
+            assert!(options.len() >= 3, "options are drawn apart: {question:?}");
+            assert_eq!(question[0]["context"].as_str().unwrap().split(' ').count(), 8);
+        }
+        assert_ne!(jobs[0]["context"], jobs[4]["context"], "each question its own context");
+        let e = workload("[[mix]]\nmodel = \"a\"\nkind = \"loglikelihood\"\ncontext_words = 3\ncontinuation_words = 1\nchoices = 0\n").unwrap_err();
+        assert!(e.contains("mix[0].choices: must be at least 1"), "{e}");
     }
 
     #[test]

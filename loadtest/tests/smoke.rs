@@ -31,10 +31,10 @@ fn help_documents_every_option() {
         assert!(run.contains(option), "run --help lacks {option}");
     }
     let bench = String::from_utf8(loadtest(&["bench", "--help"]).stdout).unwrap();
-    for which in ["engine", "batching", "bus", "python", "generation", "scaling", "all"] {
+    for which in ["engine", "batching", "bus", "python", "generation", "scaling", "lm-score", "mc", "lm-generate", "lm-e2e", "all"] {
         assert!(bench.contains(which), "bench --help lacks {which}");
     }
-    for option in ["--repeat", "--secs", "--engine-widths", "--concurrency", "--python", "--out"] {
+    for option in ["--repeat", "--secs", "--engine-widths", "--concurrency", "--python", "--out", "--lm-jobs", "--mc-questions", "--gen-jobs", "--lm-tiny"] {
         assert!(bench.contains(option), "bench --help lacks {option}");
     }
 }
@@ -88,4 +88,32 @@ fn bus_and_python_benchmarks_produce_their_ratios() {
     // The raw worker and the Python baseline answer in jetbatch's result format.
     let bus = report(&dir.path().join("bus"));
     assert_eq!(bus["runs"][1]["cached_share"], 1.0, "after the fill, every job is a cache hit");
+}
+
+/// The LM benchmarks on the tiny model: `mc` drains through both workers and scores in process
+/// with transformers (`lm-score` is the same drain without shared contexts), `lm-generate` runs
+/// transformers' `generate` and compares greedy tokens, `lm-e2e` the engine alone.
+#[test]
+fn lm_benchmarks_run_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    for which in ["mc", "lm-generate", "lm-e2e"] {
+        loadtest(&["bench", which, "--lm-tiny", "--mc-questions", "16", "--gen-jobs", "8", "--secs", "1", "--concurrency", "64", "--out", out, "--quiet"]);
+        let r = report(&dir.path().join(which));
+        for ratio in r["ratios"].as_array().unwrap() {
+            let v = ratio["value"].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{which}: {ratio}");
+        }
+        for run in r["runs"].as_array().unwrap() {
+            assert_eq!(run["lost"], 0, "{which}: {run}");
+            assert_eq!(run["ok"], run["received"], "{which}: every job is valid: {run}");
+        }
+    }
+    let mc = report(&dir.path().join("mc"));
+    assert_eq!(mc["ratios"].as_array().unwrap().len(), 2, "vs the Python worker and vs transformers in process: {mc}");
+    assert!(mc["runs"].as_array().unwrap().iter().all(|run| run["received"] == 64), "16 questions × 4 options: {mc}");
+    // Batched continuous generation gives transformers' greedy tokens, job for job.
+    let generate = report(&dir.path().join("lm-generate"));
+    let notes = generate["notes"].to_string();
+    assert!(notes.contains("greedy tokens: identical on all 8 sampled jobs"), "{notes}");
 }

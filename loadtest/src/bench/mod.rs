@@ -1,8 +1,11 @@
 //! The benchmarks of `loadtest/README.md`. Each starts its own nats-server and workers, runs the
 //! two sides of its comparison one after the other in the same process, and reports the ratio.
+//! The language-model ones (#11) are in `lm`.
+
+mod lm;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +35,16 @@ pub enum Which {
     Generation,
     /// 6. 1, 2 and 3 workers on one consumer.
     Scaling,
+    /// 7. A `loglikelihood` backlog drained: jetbatch vs the Python worker (transformers), on
+    ///    a random Llama with a 32k vocabulary.
+    LmScore,
+    /// 8. Multiple choice (4 `loglikelihood` jobs sharing a context): jetbatch vs the Python
+    ///    worker and vs transformers in process.
+    Mc,
+    /// 9. Greedy `generate`, mixed lengths: jetbatch vs transformers' batched `generate`.
+    LmGenerate,
+    /// 10. LM scoring end to end vs the engine alone (in process).
+    LmE2e,
     /// All of the above, one after the other.
     All,
 }
@@ -45,6 +58,10 @@ impl Which {
             Which::Python => "python",
             Which::Generation => "generation",
             Which::Scaling => "scaling",
+            Which::LmScore => "lm-score",
+            Which::Mc => "mc",
+            Which::LmGenerate => "lm-generate",
+            Which::LmE2e => "lm-e2e",
             Which::All => "all",
         }
     }
@@ -63,7 +80,12 @@ impl Bench<'_> {
     }
 
     async fn with_wide<'a>(args: &'a BenchArgs, wide: &WideModel) -> anyhow::Result<Bench<'a>> {
-        let local = Local::start(args.nats_server.clone(), None, wide)?;
+        Bench::with_repository(args, None, wide).await
+    }
+
+    /// A target serving the repository `models` (None: the built-in one, with `wide` as given).
+    async fn with_repository<'a>(args: &'a BenchArgs, models: Option<PathBuf>, wide: &WideModel) -> anyhow::Result<Bench<'a>> {
+        let local = Local::start(args.nats_server.clone(), models, wide)?;
         let client = async_nats::connect(local.url()).await?;
         Ok(Bench { args, local, client })
     }
@@ -96,6 +118,23 @@ impl Bench<'_> {
         Ok(r)
     }
 
+    /// Starts `baselines/python_worker.py` on `topology`'s consumer (which must exist) serving
+    /// `model`, batches of up to 64, with `extra` arguments.
+    fn python_worker(&self, topology: &Topology, model: &Path, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
+        let python = interpreter(self.args);
+        tokio::process::Command::new(&python)
+            .arg(baselines().join("python_worker.py"))
+            .args(["--nats-url", &self.local.url(), "--stream", &topology.jobs_stream, "--consumer", &topology.consumer])
+            .args(["--results-prefix", &format!("{}.results", topology.prefix)])
+            .arg("--model")
+            .arg(model)
+            .args(["--max-batch", "64"])
+            .args(extra)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", python.display()))
+    }
+
     fn wide_jobs(&self, model: &str) -> Workload {
         Workload::tensor(model, &[crate::local::WIDE_IO as u64], 0.0)
     }
@@ -103,9 +142,23 @@ impl Bench<'_> {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let list = match args.which {
-        Which::All => vec![Which::Engine, Which::Batching, Which::Bus, Which::Python, Which::Generation, Which::Scaling],
+        Which::All => vec![
+            Which::Engine,
+            Which::Batching,
+            Which::Bus,
+            Which::Python,
+            Which::Generation,
+            Which::Scaling,
+            Which::LmScore,
+            Which::Mc,
+            Which::LmGenerate,
+            Which::LmE2e,
+        ],
         w => vec![w],
     };
+    // The LM benchmarks' model, built once for all of them (its tokenizer takes a while to train).
+    let lm_model = if list.iter().any(|w| lm::uses_model(*w)) { Some(lm::LmModel::build(&args)?) } else { None };
+    let lm_model = || lm_model.as_ref().expect("built for the LM benchmarks above");
     let mut summary = Report::new("jetbatch benchmarks: summary");
     let rounds = args.repeat.max(1);
     for which in list {
@@ -120,6 +173,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Which::Python => python(&args).await?,
                 Which::Generation => generation(&args).await?,
                 Which::Scaling => scaling(&args).await?,
+                Which::LmScore => lm::score(&args, lm_model()).await?,
+                Which::Mc => lm::multiple_choice(&args, lm_model()).await?,
+                Which::LmGenerate => lm::generate(&args, lm_model()).await?,
+                Which::LmE2e => lm::e2e(&args, lm_model()).await?,
                 Which::All => unreachable!("expanded above"),
             });
         }
@@ -142,7 +199,7 @@ async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
     for &width in &args.engine_widths {
         let wide = WideModel { width, depth: args.wide.wide_depth };
         let mut b = Bench::with_wide(args, &wide).await?;
-        let (best, cpu, table) = engine_alone(&b, Duration::from_secs_f64((args.secs / 4.0).max(1.0))).await?;
+        let (best, cpu, table) = engine_alone(&b.local.models, "wide", b.wide_jobs("wide"), Duration::from_secs_f64((args.secs / 4.0).max(1.0))).await?;
         report.tables.push(format!("Engine alone, width {width} (in process, no bus); CPU at the best rate: {}\n\n{table}", crate::cpu::describe(&cpu)));
         b.local.start_worker("e2e", false)?;
         let topology = b.local.topology();
@@ -158,15 +215,15 @@ async fn engine(args: &BenchArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// `wide` through the core in process (`jetbatch::infer::Infer`: the worker's batcher and engine,
-/// no bus) with 1…256 jobs in flight, `per_size` each. Returns the best rate, the CPU shares while
+/// `model` of the repository `models` through the core in process (`jetbatch::infer::Infer`: the
+/// worker's batcher and engine, no bus) with 1…256 jobs in flight, `per_size` each, the jobs drawn
+/// from `workload` (as the end-to-end run sends them). Returns the best rate, the CPU shares while
 /// it ran, and a Markdown table.
-async fn engine_alone(b: &Bench<'_>, per_size: Duration) -> anyhow::Result<(f64, BTreeMap<String, f64>, String)> {
-    let infer = Infer::start(&b.local.models, 0, Arc::new(Metrics::new("bench")))?;
-    infer.preload("wide").await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    // The jobs the end-to-end run sends, as payloads.
-    let mut generator = Generator::new(b.wide_jobs("wide"));
-    let payloads: Vec<bytes::Bytes> = (0..64).map(|i| generator.next(format!("engine.{i}")).body).collect();
+async fn engine_alone(models: &Path, model: &str, workload: Workload, per_size: Duration) -> anyhow::Result<(f64, BTreeMap<String, f64>, String)> {
+    let infer = Infer::start(models, 0, Arc::new(Metrics::new("bench")))?;
+    infer.preload(model).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let mut generator = Generator::new(workload);
+    let payloads: Vec<bytes::Bytes> = (0..1024).map(|i| generator.next(format!("engine.{i}")).body).collect();
     let mut table = "| jobs in flight | jobs/s | mean batch |\n| --- | --- | --- |\n".to_string();
     let (mut best, mut best_cpu) = (0.0f64, BTreeMap::new());
     for inflight in [1usize, 4, 16, 64, 256] {
@@ -176,7 +233,7 @@ async fn engine_alone(b: &Bench<'_>, per_size: Duration) -> anyhow::Result<(f64,
             async move {
                 let (mut jobs, mut batched) = (0usize, 0usize);
                 while start.elapsed() < per_size {
-                    let answer = infer.run("wide", &payloads[(lane + jobs) % payloads.len()]).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                    let answer = infer.run(model, &payloads[(lane * 61 + jobs) % payloads.len()]).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
                     jobs += 1;
                     batched += answer.timing.batch_size;
                 }
@@ -222,6 +279,16 @@ async fn batching(args: &BenchArgs) -> anyhow::Result<Report> {
     report.runs.push(RunReport::new("batch-1 half load", Mode::Open { rate }, &one_half));
     report.runs.push(RunReport::new("dynamic half load", Mode::Open { rate }, &dynamic_half));
     Ok(report)
+}
+
+/// The Python interpreter the baselines run in (default: the project venv's).
+fn interpreter(args: &BenchArgs) -> PathBuf {
+    args.python.clone().unwrap_or_else(|| baselines().join("../../.venv/bin/python"))
+}
+
+/// `loadtest/baselines/`: the Python side of the comparisons.
+fn baselines() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("baselines")
 }
 
 /// A topology beside jetbatch's default one, for a worker that is not jetbatch.
@@ -286,22 +353,11 @@ async fn python(args: &BenchArgs) -> anyhow::Result<Report> {
     let mut b = Bench::new(args).await?;
     let mut report = Report::new("Python baseline (nats-py + torch) vs jetbatch (`mlp`, batch ≤ 64, 2 ms wait)");
     let load = b.load();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = args.python.clone().unwrap_or_else(|| root.join("../.venv/bin/python"));
     let py_topology = side_topology(&b.local.topology(), "pybase");
     let js = async_nats::jetstream::new(b.client.clone());
     jetbatch::bus::setup_streams(&js, &py_topology).await?;
     jetbatch::bus::setup_consumer(&js, &py_topology).await?;
-    let mut child = tokio::process::Command::new(&python)
-        .arg(root.join("baselines/python_worker.py"))
-        .args(["--nats-url", &b.local.url(), "--stream", &py_topology.jobs_stream, "--consumer", &py_topology.consumer])
-        .args(["--results-prefix", &format!("{}.results", py_topology.prefix)])
-        .arg("--model")
-        .arg(b.local.models.join("mlp/model.pt"))
-        .args(["--max-batch", "64", "--max-wait-ms", "2"])
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", python.display()))?;
+    let mut child = b.python_worker(&py_topology, &b.local.models.join("mlp/model.pt"), &["--max-wait-ms", "2"])?;
     let pid = child.id().unwrap_or(0);
     let py = b.measure_beside(&py_topology, mlp_jobs(0.0), &load, "python baseline", Some(("python worker", pid))).await;
     child.kill().await?;
