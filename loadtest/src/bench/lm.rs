@@ -50,7 +50,7 @@ impl LmModel {
         let repository = tempfile::Builder::new().prefix("jetbatch-lm-").tempdir()?;
         let dir = repository.path().join(MODEL);
         if args.lm_tiny {
-            jetbatch::demo::write_tiny_lm(&dir, 7, 64, 1).map_err(anyhow::Error::msg)?;
+            jetbatch_testkit::write_tiny_lm(&dir, 7, 64, 1).map_err(anyhow::Error::msg)?;
             // Room for the generation workload's longest prompts (up to 40 words of bytes).
             let path = dir.join("config.json");
             let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
