@@ -22,10 +22,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => {
-            jetbatch::engine::configure_threads(args.torch);
-            jetbatch::serve::run(args, shutdown_signal()).await?
-        }
+        Command::Serve(args) => jetbatch::serve::run(args, shutdown_signal()).await?,
         Command::Setup(args) => {
             let client = jetbatch::bus::connect(&args.nats, "jetbatch-setup").await?;
             let js = async_nats::jetstream::new(client);

@@ -83,6 +83,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     let js = jetstream::new(client.clone());
     let consumer = bus::setup(&js, &args.topology).await?;
 
+    // libtorch's threads, as configured (the first worker of a process decides: they are per process).
+    crate::engine::configure_threads(args.torch);
     let (engine, engine_thread) = EngineHandle::start(metrics.clone(), args.model_memory_mb << 20);
     for spec in repository.models.values().filter(|s| s.config.preload) {
         if let Err(e) = engine.load(spec.clone()).await {
