@@ -10,6 +10,8 @@
 //! Choices whose context tokens come out equal share one row in the engine (the context is run
 //! once), and the job's cost counts each distinct context once.
 
+use rmpv::Value;
+
 use super::fields::{self, Input, Params};
 use super::scoring::{self, Window};
 use super::text;
@@ -38,14 +40,7 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
         Some(context) => {
             let continuations = match (input.tokens("continuation_tokens", vocab)?, input.list("continuations_tokens", MAX_CHOICES, "choices")?) {
                 (Some(k), None) => vec![("input.continuation_tokens".to_string(), k)],
-                (None, Some(items)) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        let field = format!("input.continuations_tokens[{i}]");
-                        fields::token_ids(v, field.clone(), vocab).map(|k| (field, k))
-                    })
-                    .collect::<Result<_, _>>()?,
+                (None, Some(items)) => each(items, "continuations_tokens", |v, field| fields::token_ids(v, field.into(), vocab))?,
                 _ => return Err(together()),
             };
             continuations.into_iter().map(|(field, k)| (field, context.clone(), k)).collect()
@@ -55,14 +50,7 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
             let context = input.text("context")?.ok_or(ValidationError::Missing { field: "input.context".into(), or: Some("context_tokens") })?;
             let continuations: Vec<(String, &str)> = match (input.text("continuation")?, input.list("continuations", MAX_CHOICES, "choices")?) {
                 (Some(k), None) => vec![("input.continuation".to_string(), k)],
-                (None, Some(items)) => items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        let field = format!("input.continuations[{i}]");
-                        v.as_str().map(|k| (field.clone(), k)).ok_or(ValidationError::Expected { field, expected: "a string" })
-                    })
-                    .collect::<Result<_, _>>()?,
+                (None, Some(items)) => each(items, "continuations", |v, field| v.as_str().ok_or(ValidationError::Expected { field: field.into(), expected: "a string" }))?,
                 _ => return Err(ValidationError::Missing { field: "input.continuation".into(), or: Some("continuation_tokens") }),
             };
             // The context is cut from the left anyway: tokenised only as far as a window reaches.
@@ -83,6 +71,18 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     let windows = pairs.into_iter().map(|(field, c, k)| window(lm, &field, c, k, top_logprobs)).collect::<Result<Vec<_>, _>>()?;
     let cost = scoring::cost(&windows);
     Ok(Request::new(cost, if choices { JobInput::Choices(windows) } else { JobInput::Score(windows) }))
+}
+
+/// Each choice of the list `input.{name}` read by `read` (given its field's path), with that path.
+fn each<'a, T>(items: &'a [Value], name: &str, read: impl Fn(&'a Value, &str) -> Result<T, ValidationError>) -> Result<Vec<(String, T)>, ValidationError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let field = format!("input.{name}[{i}]");
+            read(v, &field).map(|k| (field, k))
+        })
+        .collect()
 }
 
 /// The scored window of one continuation (`field`) and its context, truncated as the harness does.
