@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`tensor`], [`generate`], [`loglikelihood`], [`loglikelihood_rolling`], [`embed`],
 //!   [`classify`]: one per kind.
-//! - [`scoring`]: what the two scoring kinds share (the [`scoring::Window`], truncation, `Score`).
+//! - [`scoring`]: what the two scoring kinds share (the [`scoring::Window`], truncation, the
+//!   `Score` and `Choices` outputs).
 //! - [`encoder`]: what `embed` and `classify` share (the truncated encoder input).
 //! - [`text`]: bounded tokenisation of producer text; [`fields`]: strict reading of the job's
 //!   maps and the hints for unknown keys; [`validation`]: the typed [`ValidationError`].
