@@ -243,3 +243,59 @@ fn options_sharing_a_context_score_as_alone_and_as_transformers() {
         }
     }
 }
+
+/// The choices form (`continuations`): one job per question answers, per choice, what a separate
+/// job with that one continuation answers and what transformers gives for it — beside other jobs
+/// in one batch, on every decoder architecture of the fixture (Phi-3 with longrope unpacked).
+#[test]
+fn a_choices_job_scores_each_choice_as_a_separate_job_and_as_transformers() {
+    let engine = engine();
+    let (_, refs) = fixture();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    let mut checked = Vec::new();
+    for (name, r) in refs["models"].as_object().unwrap() {
+        let Some(questions) = r.get("multiple_choice").and_then(Value::as_array) else { continue };
+        let spec = load(name);
+        let choices = |q: &Value, top_logprobs: usize| -> Vec<Window> {
+            q["continuations"].as_array().unwrap().iter().map(|k| Window { context: ids(&q["context"]), continuation: ids(k), top_logprobs }).collect()
+        };
+        // One batch: every question's choices job, each beside an unshared window.
+        let mut jobs = Vec::new();
+        for (q, unshared) in questions.iter().zip(r["loglikelihood"].as_array().unwrap()) {
+            jobs.push(JobInput::Choices(choices(q, 0)));
+            jobs.push(windows(unshared));
+        }
+        let together = run(&engine, &spec, JobKind::Loglikelihood, jobs);
+        // And every choice as its own job, in one batch.
+        let separate = questions.iter().flat_map(|q| choices(q, 0)).map(|w| JobInput::Score(vec![w])).collect();
+        let mut separate = run(&engine, &spec, JobKind::Loglikelihood, separate).into_iter();
+        for (qi, q) in questions.iter().enumerate() {
+            let Output::Choices { logprobs, is_greedy, tokens, top } = &together[2 * qi] else { panic!("{name}: {:?}", together[2 * qi]) };
+            let n = q["continuations"].as_array().unwrap().len();
+            assert_eq!((logprobs.len(), is_greedy.len(), tokens.len(), top.len()), (n, n, n, 0), "{name} {qi}");
+            for i in 0..n {
+                let Some(Output::Score { logprob: alone, is_greedy: alone_greedy, tokens: alone_tokens, .. }) = separate.next() else { panic!("{name}: not a score") };
+                let want = q["logprobs"][i].as_f64().unwrap();
+                assert!(close(logprobs[i], want), "{name} {qi}/{i}: choice {} vs transformers {want}", logprobs[i]);
+                assert!(close(logprobs[i], alone), "{name} {qi}/{i}: choice {} vs separate {alone}", logprobs[i]);
+                assert_eq!((Some(is_greedy[i]), Some(is_greedy[i])), (q["is_greedy"][i].as_bool(), alone_greedy), "{name} {qi}/{i}");
+                assert_eq!(tokens[i], alone_tokens, "{name} {qi}/{i}");
+            }
+        }
+        // top_logprobs per choice: those of the choice's separate job.
+        let asked = choices(&questions[0], 3);
+        let Output::Choices { top, .. } = run(&engine, &spec, JobKind::Loglikelihood, vec![JobInput::Choices(asked.clone())]).remove(0) else { panic!("{name}") };
+        assert_eq!(top.len(), asked.len(), "{name}");
+        for (w, top) in asked.iter().zip(&top) {
+            let Output::Score { top: alone, .. } = run(&engine, &spec, JobKind::Loglikelihood, vec![JobInput::Score(vec![w.clone()])]).remove(0) else { panic!("{name}") };
+            assert_eq!(top.len(), w.continuation.len(), "{name}");
+            for (a, b) in top.iter().zip(&alone) {
+                assert_eq!(a.ids, b.ids, "{name}");
+                a.logprobs.iter().zip(&b.logprobs).for_each(|(x, y)| assert!(close(f64::from(*x), f64::from(*y)), "{name}: top {x} vs {y}"));
+            }
+        }
+        checked.push(name.clone());
+    }
+    assert!(checked.len() >= 2, "architectures checked: {checked:?}");
+    eprintln!("FIGURES choices checked on {checked:?}");
+}

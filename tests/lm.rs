@@ -694,3 +694,62 @@ async fn top_logprobs_match_transformers() {
     let firsts: Vec<Value> = gen["top_logprobs"].as_array().unwrap().iter().map(|t| t["ids"][0].clone()).collect();
     assert_eq!(Value::from(firsts), gen["tokens"]);
 }
+
+/// A multiple-choice question as one job (`continuations`) over the bus, in JSON and in
+/// MessagePack, answers per choice what the same choices sent as separate jobs answer; the cache
+/// key covers the choices (the same job again is a hit, the choices reordered are not).
+#[tokio::test]
+async fn a_choices_job_answers_as_its_choices_sent_as_separate_jobs() {
+    use jetbatch::job::Encoding;
+    let h = harness().await;
+    let _w = h.worker("w1", &["--cache-dir", h.dir.path().join("cache").to_str().unwrap()]);
+    let mut sub = h.subscribe_results().await;
+    let uncached = |mut j: rmpv::Value| {
+        if let rmpv::Value::Map(m) = &mut j {
+            m.push(("cache".into(), false.into()));
+        }
+        j
+    };
+    // The second context's trailing space moves to each continuation; "!" splits differently.
+    let questions = [("Question: what follows the quick brown?\nAnswer:", vec![" fox", " dog", " jumps over", "!"]), ("a batch of jobs waits ", vec!["on the bus", "for", "x"])];
+    for encoding in [Encoding::Json, Encoding::MsgPack] {
+        let mut expected = 0;
+        for (q, (context, choices)) in questions.iter().enumerate() {
+            let params = json!({"top_logprobs": 2});
+            h.publish(&uncached(job(&format!("{encoding:?}-q{q}"), "tiny-llama", "loglikelihood", json!({"context": context, "continuations": choices}), params.clone())), encoding).await;
+            for (i, k) in choices.iter().enumerate() {
+                h.publish(&uncached(job(&format!("{encoding:?}-q{q}-{i}"), "tiny-llama", "loglikelihood", json!({"context": context, "continuation": k}), params.clone())), encoding).await;
+            }
+            expected += 1 + choices.len();
+        }
+        let got = collect(&mut sub, expected, MINUTE).await;
+        for (q, (_, choices)) in questions.iter().enumerate() {
+            let one = output(&got[&format!("{encoding:?}-q{q}")][0]);
+            let n = choices.len();
+            for key in ["logprobs", "tokens", "is_greedy", "top_logprobs"] {
+                assert_eq!(one[key].as_array().map(Vec::len), Some(n), "{encoding:?} q{q}: {key} per choice: {one}");
+            }
+            for i in 0..n {
+                let alone = output(&got[&format!("{encoding:?}-q{q}-{i}")][0]);
+                let (g, a) = (one["logprobs"][i].as_f64().unwrap(), alone["logprob"].as_f64().unwrap());
+                assert!((g - a).abs() <= 1e-4 * a.abs().max(1.0), "{encoding:?} q{q}/{i}: choice {g} vs separate job {a}");
+                assert_eq!((&one["tokens"][i], &one["is_greedy"][i]), (&alone["tokens"], &alone["is_greedy"]), "{encoding:?} q{q}/{i}");
+                let ids = |t: &Value| t.as_array().unwrap().iter().map(|e| e["ids"].clone()).collect::<Vec<_>>();
+                assert_eq!(ids(&one["top_logprobs"][i]), ids(&alone["top_logprobs"]), "{encoding:?} q{q}/{i}");
+            }
+        }
+    }
+    // Cached: the same choices again are a hit with the same numbers; reordered, a miss answered in the new order.
+    let (context, choices) = &questions[0];
+    let mut answers = Vec::new();
+    for (id, choices) in [("c-1", choices.clone()), ("c-2", choices.clone()), ("c-3", choices.iter().rev().copied().collect())] {
+        h.publish(&job(id, "tiny-llama", "loglikelihood", json!({"context": context, "continuations": choices}), json!({})), Encoding::Json).await;
+        answers.push(collect(&mut sub, 1, MINUTE).await.remove(id).unwrap().remove(0));
+    }
+    assert_eq!(answers.iter().map(|r| r.cached).collect::<Vec<_>>(), vec![false, true, false]);
+    let (first, hit, reversed) = (output(&answers[0]), output(&answers[1]), output(&answers[2]));
+    assert_eq!(hit, first);
+    let mut back: Vec<f64> = serde_json::from_value(reversed["logprobs"].clone()).unwrap();
+    back.reverse();
+    assert_close(&back, &serde_json::from_value::<Vec<f64>>(first["logprobs"].clone()).unwrap(), 1e-4, "reordered choices");
+}

@@ -42,7 +42,7 @@ fn examples_validate() {
     assert_valid(&result, &read(&schemas_dir().join("examples/tensor-result.json")), "tensor-result");
     assert_valid(&result, &read(&schemas_dir().join("examples/error-result.json")), "error-result");
     assert_valid(&result, &read(&schemas_dir().join("examples/generate-result.json")), "generate-result");
-    for ex in ["generate-job.json", "loglikelihood-job.json"] {
+    for ex in ["generate-job.json", "loglikelihood-job.json", "loglikelihood-choices-job.json"] {
         assert_valid(&job, &read(&schemas_dir().join("examples").join(ex)), ex);
     }
     let chunk = validator("stream-chunk.schema.json");
@@ -113,6 +113,8 @@ fn emitted_results_validate() {
         Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 2, top: vec![] },
         Output::Score { logprob: -3.5, is_greedy: Some(true), tokens: 1, top: vec![top.clone()] },
         Output::Score { logprob: -30.0, is_greedy: None, tokens: 20, top: vec![] },
+        Output::Choices { logprobs: vec![-3.5, -1.0], is_greedy: vec![false, true], tokens: vec![2, 1], top: vec![] },
+        Output::Choices { logprobs: vec![f64::NEG_INFINITY], is_greedy: vec![false], tokens: vec![1], top: vec![vec![top.clone()]] },
         Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3, top: vec![] },
         Output::Generate { text: "h".into(), tokens: vec![1], finish_reason: jetbatch::job::FinishReason::Length, prompt_tokens: 3, top: vec![top.clone()] },
         Output::Embedding(vec![0.6, 0.8]),
@@ -184,6 +186,10 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         (lm("generate", json!({"prompt": "hi"}), json!({"truncate": "right"})), "params.truncate: expected"),
         (lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({"max_new_tokens": 3})), "params.max_new_tokens: unknown"),
         (lm("loglikelihood_rolling", json!({"text": "a", "context": "b"}), json!({})), "input.context: unknown"),
+        (lm("loglikelihood", json!({"context": "a", "continuations": []}), json!({})), "input.continuations: must be a list of 1 to 64 choices"),
+        (lm("loglikelihood", json!({"context": "a", "continuations": vec!["b"; 65]}), json!({})), "input.continuations: must be a list of 1 to 64 choices"),
+        (lm("loglikelihood", json!({"context": "a", "continuation": "b", "continuations": ["c"]}), json!({})), "input: give continuation (one) or continuations"),
+        (lm("loglikelihood", json!({"context": "a", "continuations_tokens": [[4]]}), json!({})), "input: give context_tokens and continuation_tokens"),
     ];
     for (doc, needle) in refused {
         assert!(!job.is_valid(&doc), "schema accepts {doc}");
@@ -197,6 +203,8 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "truncate": "left"})),
         lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),
         lm("loglikelihood", json!({"context_tokens": [3], "continuation_tokens": [4]}), json!({})),
+        lm("loglikelihood", json!({"context": "a", "continuations": ["b", " c"]}), json!({"top_logprobs": 2})),
+        lm("loglikelihood", json!({"context_tokens": [3], "continuations_tokens": [[4], [5, 6]]}), json!({})),
         lm("loglikelihood_rolling", json!({"tokens": [3, 4]}), json!({})),
     ];
     for doc in accepted {

@@ -174,17 +174,28 @@ impl<'a> Input<'a> {
 
     /// A list of token ids, each below `vocab`.
     pub fn tokens(&self, name: &'static str, vocab: usize) -> Result<Option<Vec<u32>>, ValidationError> {
+        self.get(name).map(|v| token_ids(v, format!("input.{name}"), vocab)).transpose()
+    }
+
+    /// A list of 1..=`max` items (`what` names them in the error).
+    pub fn list(&self, name: &'static str, max: usize, what: &str) -> Result<Option<&'a [Value]>, ValidationError> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).filter(|&t| (t as usize) < vocab))
-                .collect::<Option<Vec<u32>>>()
-                .map(Some)
-                .ok_or(ValidationError::TokenIds { field: format!("input.{name}"), vocab }),
-            Some(_) => Err(ValidationError::Expected { field: format!("input.{name}"), expected: "a list of token ids" }),
+            Some(Value::Array(items)) if (1..=max).contains(&items.len()) => Ok(Some(items)),
+            Some(Value::Array(_)) => Err(ValidationError::OutOfRange { field: format!("input.{name}"), range: format!("a list of 1 to {max} {what}") }),
+            Some(_) => Err(ValidationError::Expected { field: format!("input.{name}"), expected: "a list" }),
         }
     }
+}
+
+/// `value` (the field at `field`) as a list of token ids, each below `vocab`.
+pub fn token_ids(value: &Value, field: String, vocab: usize) -> Result<Vec<u32>, ValidationError> {
+    let Value::Array(items) = value else { return Err(ValidationError::Expected { field, expected: "a list of token ids" }) };
+    items
+        .iter()
+        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).filter(|&t| (t as usize) < vocab))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or(ValidationError::TokenIds { field, vocab })
 }
 
 /// A job's `params`, read strictly: only the kind's own.
@@ -251,7 +262,7 @@ mod tests {
         assert_eq!(msg(Place::Input, "prompt", JobKind::Embed.keys(Place::Input), JobKind::Embed), "input.prompt: unknown; did you mean text?");
         assert_eq!(
             msg(Place::Input, "zzz", JobKind::Loglikelihood.keys(Place::Input), JobKind::Loglikelihood),
-            "input.zzz: unknown; the input keys of loglikelihood jobs are context, continuation, context_tokens, continuation_tokens"
+            "input.zzz: unknown; the input keys of loglikelihood jobs are context, continuation, continuations, context_tokens, continuation_tokens, continuations_tokens"
         );
         assert_eq!(unknown_key(Place::Top, "timeout", TOP_LEVEL, None).to_string(), "timeout: unknown; did you mean timeout_ms?");
         assert_eq!(unknown_key(Place::Top, "cahce", TOP_LEVEL, None).to_string(), "cahce: unknown; did you mean cache?");

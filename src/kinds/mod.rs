@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`tensor`], [`generate`], [`loglikelihood`], [`loglikelihood_rolling`], [`embed`],
 //!   [`classify`]: one per kind.
-//! - [`scoring`]: what the two scoring kinds share (the [`scoring::Window`], truncation, `Score`).
+//! - [`scoring`]: what the two scoring kinds share (the [`scoring::Window`], truncation, the
+//!   `Score` and `Choices` outputs).
 //! - [`encoder`]: what `embed` and `classify` share (the truncated encoder input).
 //! - [`text`]: bounded tokenisation of producer text; [`fields`]: strict reading of the job's
 //!   maps and the hints for unknown keys; [`validation`]: the typed [`ValidationError`].
@@ -170,6 +171,18 @@ pub enum JobInput {
     Generate(GenerateInput),
     /// `embed` and `classify`: the encoder's input with its special tokens.
     Encode { ids: Vec<u32>, type_ids: Vec<u32>, normalize: bool },
+    /// `loglikelihood` with `continuations`: one window per choice, in the job's order.
+    Choices(Vec<Window>),
+}
+
+impl JobInput {
+    /// The windows a scoring job scores (none for the other kinds).
+    pub fn windows(&self) -> &[Window] {
+        match self {
+            JobInput::Score(w) | JobInput::Choices(w) => w,
+            _ => &[],
+        }
+    }
 }
 
 /// What a model produces for one job; stored as-is in the cache (its MessagePack form must not
@@ -197,6 +210,9 @@ pub enum Output {
     },
     Embedding(Vec<f32>),
     Classification { logits: Vec<f32>, probs: Vec<f32>, label: String, label_id: usize },
+    /// `loglikelihood` with `continuations`: per choice, in the job's order; `top`: per choice
+    /// (per continuation token) with `top_logprobs`, else empty.
+    Choices { logprobs: Vec<f64>, is_greedy: Vec<bool>, tokens: Vec<usize>, top: Vec<Vec<TopLogprobs>> },
 }
 
 impl Output {
@@ -208,6 +224,7 @@ impl Output {
             Output::Generate { text, tokens, finish_reason, prompt_tokens, top } => with_top(generate::to_wire(text, tokens, *finish_reason, *prompt_tokens), top, encoding),
             Output::Embedding(e) => embed::to_wire(e, encoding),
             Output::Classification { logits, probs, label, label_id } => classify::to_wire(logits, probs, label, *label_id, encoding),
+            Output::Choices { logprobs, is_greedy, tokens, top } => scoring::choices_to_wire(logprobs, is_greedy, tokens, top, encoding),
         }
     }
 }
@@ -234,8 +251,15 @@ pub fn read_top_logprobs(params: &fields::Params) -> Result<Option<usize>, Valid
 fn with_top(output: Value, top: &[TopLogprobs], encoding: Encoding) -> Value {
     let Value::Map(mut pairs) = output else { return output };
     if !top.is_empty() {
-        let entries = top
-            .iter()
+        pairs.push((Value::from("top_logprobs"), top_to_wire(top, encoding)));
+    }
+    Value::Map(pairs)
+}
+
+/// `top_logprobs` entries, one per token.
+fn top_to_wire(top: &[TopLogprobs], encoding: Encoding) -> Value {
+    Value::Array(
+        top.iter()
             .map(|t| {
                 wire_map(vec![
                     ("ids", Value::Array(t.ids.iter().map(|&i| Value::from(i)).collect())),
@@ -243,10 +267,8 @@ fn with_top(output: Value, top: &[TopLogprobs], encoding: Encoding) -> Value {
                     ("logprobs", wire_floats(&t.logprobs, encoding)),
                 ])
             })
-            .collect();
-        pairs.push((Value::from("top_logprobs"), Value::Array(entries)));
-    }
-    Value::Map(pairs)
+            .collect(),
+    )
 }
 
 fn wire_map(pairs: Vec<(&str, Value)>) -> Value {

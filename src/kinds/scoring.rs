@@ -1,11 +1,12 @@
 //! What the two scoring kinds share (`loglikelihood`, `loglikelihood_rolling`): the scored
-//! [`Window`], the harness's truncation, and the `Score` output's wire form.
+//! [`Window`], the harness's truncation, the outputs made of windows' scores, and their wire forms.
 
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
 use super::text;
 use super::validation::ValidationError;
+use super::{JobInput, Output, TopLogprobs};
 use crate::encoding::Encoding;
 use crate::lm::LmSpec;
 
@@ -29,6 +30,40 @@ impl Window {
     /// Positions the model reads for this window (its batch cost).
     pub fn cost(&self) -> usize {
         self.context.len() + self.continuation.len()
+    }
+}
+
+/// The batch cost of a job's windows: each distinct context once (windows with equal context
+/// tokens share one row in the engine) plus every continuation.
+pub fn cost(windows: &[Window]) -> usize {
+    let contexts: std::collections::HashSet<&[u32]> = windows.iter().map(|w| w.context.as_slice()).collect();
+    contexts.iter().map(|c| c.len()).sum::<usize>() + windows.iter().map(|w| w.continuation.len()).sum::<usize>()
+}
+
+/// What the engine gives for one window: its log-prob, whether every token is the greedy one, and
+/// the top log-probs at each continuation position (empty unless asked).
+pub type WindowScore = (f64, bool, Vec<TopLogprobs>);
+
+/// A scoring job's output from its windows' scores, in order: `Score` sums them (a rolling text's
+/// windows; `is_greedy` only for `loglikelihood`), `Choices` keeps one per choice.
+pub fn output(input: &JobInput, greedy: bool, scores: Vec<WindowScore>) -> Output {
+    let tokens = input.windows().iter().map(|w| w.continuation.len());
+    match input {
+        JobInput::Choices(_) => {
+            let asked = scores.iter().any(|s| !s.2.is_empty());
+            Output::Choices {
+                logprobs: scores.iter().map(|s| s.0).collect(),
+                is_greedy: scores.iter().map(|s| s.1).collect(),
+                tokens: tokens.collect(),
+                top: if asked { scores.into_iter().map(|s| s.2).collect() } else { Vec::new() },
+            }
+        }
+        _ => Output::Score {
+            logprob: scores.iter().map(|s| s.0).sum(),
+            is_greedy: greedy.then(|| scores.iter().all(|s| s.1)),
+            tokens: tokens.sum(),
+            top: scores.into_iter().flat_map(|s| s.2).collect(),
+        },
     }
 }
 
@@ -76,6 +111,20 @@ pub fn score_to_wire(logprob: f64, is_greedy: Option<bool>, tokens: usize, encod
     let mut pairs = vec![("logprob", super::wire_float(logprob, encoding)), ("tokens", Value::from(tokens as u64))];
     if let Some(g) = is_greedy {
         pairs.push(("is_greedy", Value::Boolean(g)));
+    }
+    super::wire_map(pairs)
+}
+
+/// The `Choices` output on the wire: `logprobs`, `tokens`, `is_greedy` (one per choice, in the
+/// job's order) and, where asked, `top_logprobs` (per choice, one entry per continuation token).
+pub fn choices_to_wire(logprobs: &[f64], is_greedy: &[bool], tokens: &[usize], top: &[Vec<TopLogprobs>], encoding: Encoding) -> Value {
+    let mut pairs = vec![
+        ("logprobs", Value::Array(logprobs.iter().map(|&l| super::wire_float(l, encoding)).collect())),
+        ("tokens", Value::Array(tokens.iter().map(|&n| Value::from(n as u64)).collect())),
+        ("is_greedy", Value::Array(is_greedy.iter().map(|&g| Value::Boolean(g)).collect())),
+    ];
+    if !top.is_empty() {
+        pairs.push(("top_logprobs", Value::Array(top.iter().map(|t| super::top_to_wire(t, encoding)).collect())));
     }
     super::wire_map(pairs)
 }

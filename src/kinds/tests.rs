@@ -14,6 +14,10 @@ fn tiny(max_length: usize) -> (tempfile::TempDir, LmSpec) {
 }
 
 fn parse(spec: &LmSpec, kind: JobKind, input: serde_json::Value, params: serde_json::Value) -> Result<JobInput, JobError> {
+    request(spec, kind, input, params).map(|r| r.input)
+}
+
+fn request(spec: &LmSpec, kind: JobKind, input: serde_json::Value, params: serde_json::Value) -> Result<Request, JobError> {
     let params: BTreeMap<String, Value> = rmpv::ext::to_value(params)
         .unwrap()
         .as_map()
@@ -22,7 +26,7 @@ fn parse(spec: &LmSpec, kind: JobKind, input: serde_json::Value, params: serde_j
         .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
         .collect();
     let model = Model::Lm { name: "tiny", lm: spec };
-    kind.validate(&model, &rmpv::ext::to_value(input).unwrap(), &params).map(|r| r.input).map_err(JobError::from)
+    kind.validate(&model, &rmpv::ext::to_value(input).unwrap(), &params).map_err(JobError::from)
 }
 
 fn windows(input: JobInput) -> Vec<Window> {
@@ -174,7 +178,7 @@ fn each_kind_names_the_field_it_refuses() {
         (JobKind::Generate, json!({"prompt": "hi"}), json!({"stream": "yes"}), "params.stream: expected true or false"),
         (JobKind::Generate, json!({"prompt": "hi"}), json!({"stop_token_ids": [300]}), "params.stop_token_ids: 300 is not below the vocabulary size"),
         (JobKind::Loglikelihood, json!({"context": "a"}), json!({}), "input.continuation: missing (or continuation_tokens)"),
-        (JobKind::Loglikelihood, json!({"context_tokens": [1]}), json!({}), "input: give context_tokens and continuation_tokens together"),
+        (JobKind::Loglikelihood, json!({"context_tokens": [1]}), json!({}), "input: give context_tokens and continuation_tokens (or continuations_tokens) together"),
         (JobKind::Loglikelihood, json!({"context_tokens": [1], "continuation_tokens": [999]}), json!({}), "input.continuation_tokens: token ids must be integers below the vocabulary size 259"),
         (JobKind::LoglikelihoodRolling, json!({}), json!({}), "input.text: missing"),
         (JobKind::LoglikelihoodRolling, json!({"tokens": []}), json!({}), "input.text: encodes to no tokens"),
@@ -286,4 +290,83 @@ fn top_logprobs_keeps_cache_keys_and_old_cached_outputs() {
     assert_eq!(decode(&Before::Score { logprob: -1.5, is_greedy: Some(true), tokens: 2 }), Output::Score { logprob: -1.5, is_greedy: Some(true), tokens: 2, top: vec![] });
     let generated = Before::Generate { text: "hi".into(), tokens: vec![4], finish_reason: FinishReason::Eos, prompt_tokens: 3 };
     assert_eq!(decode(&generated), Output::Generate { text: "hi".into(), tokens: vec![4], finish_reason: FinishReason::Eos, prompt_tokens: 3, top: vec![] });
+}
+
+/// A choices job's windows are exactly those of separate jobs with one continuation each (split
+/// and truncated per choice), its cost counts a shared context once, and its cache key covers the
+/// choices and their order.
+#[test]
+fn choices_are_the_windows_of_separate_jobs() {
+    let (_d, spec) = tiny(16);
+    let ll = JobKind::Loglikelihood;
+    let choices = [" A", "B", " a longer one", "x"];
+    for context in ["Question: 2+2 = ", "Q:", "", "a context far past the model's sixteen positions "] {
+        let r = request(&spec, ll, json!({"context": context, "continuations": choices}), json!({"top_logprobs": 2})).unwrap();
+        let JobInput::Choices(got) = &r.input else { panic!("{:?}", r.input) };
+        let alone: Vec<Window> =
+            choices.iter().flat_map(|k| windows(parse(&spec, ll, json!({"context": context, "continuation": k}), json!({"top_logprobs": 2})).unwrap())).collect();
+        assert_eq!(got, &alone, "{context:?}");
+        got.iter().for_each(|w| assert_invariant(w, 16));
+        assert_eq!(r.cost, scoring::cost(&alone));
+        // Tokens alike: the same choices as token lists give the same windows.
+        let tokens: Vec<&Vec<u32>> = alone.iter().map(|w| &w.continuation).collect();
+        let by_tokens = parse(&spec, ll, json!({"context_tokens": alone[1].context, "continuations_tokens": tokens}), json!({"top_logprobs": 2})).unwrap();
+        assert_eq!(by_tokens.windows()[1], alone[1]);
+    }
+    // Byte-level: the context's trailing space joins every continuation, so all four share "Q:".
+    let r = request(&spec, ll, json!({"context": "Q: ", "continuations": ["a", "bc"]}), json!({})).unwrap();
+    assert_eq!(r.input.windows().iter().map(|w| w.context.len()).collect::<Vec<_>>(), vec![2, 2]);
+    assert_eq!(r.cost, 2 + 2 + 3, "the shared context counts once");
+    let one = request(&spec, ll, json!({"context": "Q: ", "continuation": "a"}), json!({})).unwrap();
+    assert_eq!(one.cost, 2 + 2);
+    // The cache key (the input's MessagePack form) covers the choices and their order, and a
+    // one-choice job is not a plain one.
+    let key = |input: serde_json::Value| rmp_serde::to_vec(&parse(&spec, ll, input, json!({})).unwrap()).unwrap();
+    let ab = key(json!({"context": "Q: ", "continuations": ["a", "b"]}));
+    assert_ne!(ab, key(json!({"context": "Q: ", "continuations": ["b", "a"]})));
+    assert_ne!(ab, key(json!({"context": "Q: ", "continuations": ["a", "c"]})));
+    assert_ne!(key(json!({"context": "Q: ", "continuations": ["a"]})), key(json!({"context": "Q: ", "continuation": "a"})));
+}
+
+#[test]
+fn bad_choices_are_refused_naming_the_choice() {
+    let (_d, spec) = tiny(12);
+    let cases = [
+        (json!({"context": "a", "continuations": []}), "input.continuations: must be a list of 1 to 64 choices"),
+        (json!({"context": "a", "continuations": vec!["x"; 65]}), "input.continuations: must be a list of 1 to 64 choices"),
+        (json!({"context": "a", "continuations": "x"}), "input.continuations: expected a list"),
+        (json!({"context": "a", "continuations": ["x", 7]}), "input.continuations[1]: expected a string"),
+        (json!({"context": "a", "continuations": ["x", "y", "z".repeat(13)]}), "input.continuations[2]: 13 tokens; the model scores at most 12 continuation tokens (its max_length)"),
+        (json!({"context_tokens": [1], "continuations_tokens": [[2], []]}), "input.continuations_tokens[1]: encodes to no tokens"),
+        (json!({"context_tokens": [1], "continuations_tokens": [[2], [999]]}), "input.continuations_tokens[1]: token ids must be integers below the vocabulary size 259"),
+        (json!({"context_tokens": [1], "continuations_tokens": [[2], 3]}), "input.continuations_tokens[1]: expected a list of token ids"),
+        (json!({"context_tokens": [1], "continuations_tokens": [vec![2; 13]]}), "input.continuations_tokens[0]: 13 tokens; the model scores at most 12 continuation tokens (its max_length)"),
+        (json!({"context": "a", "continuation": "x", "continuations": ["y"]}), "input: give continuation (one) or continuations (choices), not both"),
+        (json!({"context": "a", "continuations_tokens": [[2]]}), "input: give context_tokens and continuation_tokens (or continuations_tokens) together"),
+        (json!({"context_tokens": [1], "continuations": ["y"]}), "input: give context_tokens and continuation_tokens (or continuations_tokens) together"),
+    ];
+    for (input, want) in cases {
+        let err = parse(&spec, JobKind::Loglikelihood, input.clone(), json!({})).unwrap_err();
+        assert_eq!((err.code, err.message.as_str()), (ErrorCode::BadRequest, want), "{input}");
+    }
+    assert!(parse(&spec, JobKind::Loglikelihood, json!({"context": "a", "continuations": vec!["x"; 64]}), json!({})).is_ok());
+}
+
+/// The engine's per-window scores become one score per choice (a plain job's are summed), and the
+/// wire form lists them in the job's order.
+#[test]
+fn choices_outputs_keep_one_score_per_choice() {
+    let w = |k: usize| Window { context: vec![1], continuation: vec![2; k], top_logprobs: 0 };
+    let top = TopLogprobs { ids: vec![3], tokens: vec!["c".into()], logprobs: vec![-0.5] };
+    let scores = || vec![(-1.5, true, vec![]), (-2.0, false, vec![])];
+    let choices = scoring::output(&JobInput::Choices(vec![w(1), w(2)]), true, scores());
+    assert_eq!(choices, Output::Choices { logprobs: vec![-1.5, -2.0], is_greedy: vec![true, false], tokens: vec![1, 2], top: vec![] });
+    assert_eq!(scoring::output(&JobInput::Score(vec![w(1), w(2)]), false, scores()), Output::Score { logprob: -3.5, is_greedy: None, tokens: 3, top: vec![] });
+    let asked = scoring::output(&JobInput::Choices(vec![w(1), w(1)]), true, vec![(-1.0, true, vec![top.clone()]), (f64::NEG_INFINITY, false, vec![top.clone()])]);
+    let wire = serde_json::to_value(asked.to_wire(Encoding::Json)).unwrap();
+    let entry = json!({"ids": [3], "tokens": ["c"], "logprobs": [-0.5]});
+    assert_eq!(wire, json!({"logprobs": [-1.0, "-Infinity"], "tokens": [1, 1], "is_greedy": [true, false], "top_logprobs": [[entry], [entry]]}));
+    let Value::Map(pairs) = choices.to_wire(Encoding::MsgPack) else { panic!() };
+    assert_eq!(pairs[0], (Value::from("logprobs"), Value::Array(vec![Value::from(-1.5), Value::from(-2.0)])));
+    assert_eq!(pairs.len(), 3, "no top_logprobs unless asked");
 }

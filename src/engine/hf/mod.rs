@@ -33,7 +33,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{EngineError, LoadedModel, Sink};
 use crate::job::{JobInput, JobKind, Output};
-use crate::kinds::Window;
+use crate::kinds::{scoring, Window};
 use crate::repository::ModelSpec;
 use generate::{GenBatch, Row};
 use layers::{KvCache, Layout};
@@ -141,22 +141,11 @@ impl LoadedModel for Hf {
     fn run(&mut self, kind: JobKind, inputs: &[&JobInput]) -> Result<Vec<Output>, EngineError> {
         match (&self.net, kind) {
             (Net::Decoder(d), JobKind::Loglikelihood | JobKind::LoglikelihoodRolling) => {
-                // Every window of every job is a row; a rolling job's windows are summed back.
-                let windows: Vec<&Window> = inputs.iter().flat_map(|i| match i { JobInput::Score(w) => w.iter(), _ => [].iter() }).collect();
+                // Every window of every job is a row (a rolling text's windows, a job's choices).
+                let windows: Vec<&Window> = inputs.iter().flat_map(|i| i.windows()).collect();
                 let mut scores = self.score(d.as_ref(), &windows)?.into_iter();
-                Ok(inputs
-                    .iter()
-                    .map(|i| {
-                        let JobInput::Score(ws) = i else { unreachable!("validated kind") };
-                        let parts: Vec<(f64, bool, Vec<_>)> = scores.by_ref().take(ws.len()).collect();
-                        Output::Score {
-                            logprob: parts.iter().map(|p| p.0).sum(),
-                            is_greedy: (kind == JobKind::Loglikelihood).then(|| parts.iter().all(|p| p.1)),
-                            tokens: ws.iter().map(|w| w.continuation.len()).sum(),
-                            top: parts.into_iter().flat_map(|p| p.2).collect(),
-                        }
-                    })
-                    .collect())
+                let greedy = kind == JobKind::Loglikelihood;
+                Ok(inputs.iter().map(|i| scoring::output(i, greedy, scores.by_ref().take(i.windows().len()).collect())).collect())
             }
             (Net::Encoder(b), JobKind::Embed | JobKind::Classify) => {
                 let jobs: Vec<(&Vec<u32>, &Vec<u32>, bool)> = inputs
