@@ -127,7 +127,8 @@ pub struct ModelConfig {
     pub max_batch_tokens: usize,
     #[serde(default = "default_device")]
     pub device: DeviceChoice,
-    /// Floating-point dtype to run in on CUDA (`f16`, `bf16`); CPU always runs `f32`.
+    /// Floating-point dtype of the weights and activations (`f16`, `bf16`; default `f32`), on
+    /// any device: `hf` keeps norms, softmax and log-probs in f32 and answers in f32.
     #[serde(default)]
     pub dtype: Option<DType>,
     /// Run a dummy batch right after loading.

@@ -182,11 +182,9 @@ pub trait LoadedModel {
 
 fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
     let device = resolve_device(spec.config.device)?;
-    // Reduced precision applies on CUDA only; the CPU runs f32.
-    let dtype = match (device, spec.config.dtype) {
-        (tch::Device::Cuda(_), Some(d)) => d.name(),
-        _ => "f32",
-    };
+    // `dtype` applies on every device (libtorch runs bf16/f16 on CPU too, which is how the
+    // reduced-precision paths are tested without a GPU).
+    let dtype = spec.config.dtype.map_or("f32", |d| d.name());
     info!(model = %spec.name, backend = ?spec.config.backend, device = ?device, dtype, "loading model");
     match spec.config.backend {
         Backend::Torchscript => Ok(Box::new(torchscript::TorchScript::load(spec, device)?)),

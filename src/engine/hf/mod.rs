@@ -110,7 +110,7 @@ pub struct Hf {
 impl Hf {
     pub fn load(spec: &ModelSpec, device: Device) -> Result<Hf, EngineError> {
         let lm = spec.lm.as_ref().ok_or_else(|| load_err("an hf model without its LM spec"))?;
-        let kind = match spec.config.dtype.filter(|_| device.is_cuda()) {
+        let kind = match spec.config.dtype {
             Some(crate::tensor::DType::F16) => Kind::Half,
             Some(crate::tensor::DType::Bf16) => Kind::BFloat16,
             _ => Kind::Float,
