@@ -4,7 +4,9 @@
 //!
 //! Backends implement [`LoadedModel`] for the job kinds they serve; the thread keeps an LRU of
 //! loaded models under a memory budget, splits batches that hit CUDA out-of-memory (and lowers the
-//! model's batch cap), and isolates jobs that make a batch fail so one bad job cannot sink the rest.
+//! model's batch cap), shrinks a running generation that does (its rows go back to the head of the
+//! queue, keeping what they generated; only a row that does not fit alone fails), and isolates
+//! jobs that make a batch fail so one bad job cannot sink the rest.
 //!
 //! A panic in a model call (load, warmup, run, join, step) is caught and becomes
 //! [`EngineError::Panic`] for the jobs of that call; the model is then dropped (its state may be
@@ -71,8 +73,7 @@ impl EngineError {
 
     fn from_tch(e: tch::TchError) -> EngineError {
         let msg = e.to_string();
-        // libtorch reports allocation failures as ordinary errors; their text is the only signal.
-        if msg.contains("out of memory") {
+        if is_oom(&msg) {
             EngineError::OutOfMemory(summary(&msg))
         } else {
             EngineError::Model(summary(&msg))
@@ -98,12 +99,34 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     summary(&text)
 }
 
-/// Runs a model call on the engine thread; a panic in it becomes [`EngineError::Panic`].
+/// Whether an error's text is libtorch's for an allocation that failed (CUDA's "CUDA out of
+/// memory. Tried to allocate …", the CPU allocator's too): libtorch has no other signal.
+fn is_oom(message: &str) -> bool {
+    message.contains("out of memory")
+}
+
+/// Runs `f`, turning a failed allocation (which tch raises as a panic) into
+/// [`EngineError::OutOfMemory`]; any other panic unwinds on. For model code that keeps its state
+/// consistent across an out-of-memory error (a generation batch pausing its rows).
+pub(crate) fn catch_oom<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| match panic_message(&*payload) {
+        message if is_oom(&message) => EngineError::OutOfMemory(message),
+        _ => std::panic::resume_unwind(payload),
+    })
+}
+
+/// Runs a model call on the engine thread; a panic in it becomes [`EngineError::Panic`], or
+/// [`EngineError::OutOfMemory`] where it was a failed allocation (the batch is split or shrunk
+/// instead; the model is kept: the calls leave their state usable when an allocation fails, at
+/// worst a generation batch that lost its rows, which the engine then requeues).
 fn guarded<T>(model: &str, call: &str, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
         Err(payload) => {
             let message = panic_message(&*payload);
+            if is_oom(&message) {
+                return Err(EngineError::OutOfMemory(message));
+            }
             error!(model, call, panic = %message, "model call panicked: its jobs fail, the model is reloaded");
             Err(EngineError::Panic(format!("{call}: {message}")))
         }
@@ -162,16 +185,25 @@ pub trait LoadedModel {
     fn release_cache(&mut self) {}
 
     /// Continuous batching: `jobs` (engine job number, input, streamed?) join the running
-    /// generation at the next step boundary.
+    /// generation at the next step boundary. A job the model paused (see `step`) resumes where it
+    /// was. On [`EngineError::OutOfMemory`] the joining jobs are paused and the running rows
+    /// untouched.
     fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
         let _ = jobs;
         Err(EngineError::Model("this model does not generate".into()))
     }
 
     /// One step of the running generation; returns the jobs that finished (or all, on failure).
+    /// Rows answered [`EngineError::OutOfMemory`] left the batch paused, keeping what they
+    /// generated: the engine joins them again (resumed) or, giving up, `forget`s them.
     fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
         let _ = sink;
         Vec::new()
+    }
+
+    /// Drops what a paused job had generated (it failed for good).
+    fn forget(&mut self, job: u64) {
+        let _ = job;
     }
 
     /// Rows in the running generation.
@@ -466,10 +498,15 @@ impl Engine {
             let mut panicked = None;
             if !joining.is_empty() {
                 let jobs: Vec<u64> = joining.iter().map(|(j, _, _)| *j).collect();
-                if let Err(e) = guarded(&spec.name, "join", || slot.model.join(joining)) {
-                    failed.extend(jobs.into_iter().map(|j| (j, Err(e.clone()))));
-                    if let EngineError::Panic(_) = e {
-                        panicked = Some(e);
+                match guarded(&spec.name, "join", || slot.model.join(joining)) {
+                    Ok(()) => {}
+                    // The running rows fit: the joiners wait (paused) for a smaller batch.
+                    Err(e @ EngineError::OutOfMemory(_)) => failed.extend(shrink(&mut slot, &spec.name, &mut queue, rows - jobs.len(), jobs, &e)),
+                    Err(e) => {
+                        failed.extend(jobs.into_iter().map(|j| (j, Err(e.clone()))));
+                        if let EngineError::Panic(_) = e {
+                            panicked = Some(e);
+                        }
                     }
                 }
             }
@@ -478,9 +515,18 @@ impl Engine {
                 let mut sink = RouteSink { routes: &self.routes };
                 match guarded(&spec.name, "step", || Ok(slot.model.step(&mut sink))) {
                     Ok(done) => stepped = done,
+                    // An allocation failed outside the rows' own handling: the batch is gone.
+                    Err(e @ EngineError::OutOfMemory(_)) => stepped = queue.running_jobs().map(|j| (j, Err(e.clone()))).collect(),
                     Err(e) => panicked = Some(e),
                 }
                 self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
+            }
+            let (oom, stepped): (Vec<_>, Vec<_>) = stepped.into_iter().partition(|(_, r)| matches!(r, Err(EngineError::OutOfMemory(_))));
+            if let Some((_, Err(e))) = oom.first() {
+                let e = e.clone();
+                let jobs: Vec<u64> = oom.iter().map(|(j, _)| *j).collect();
+                let kept = queue.running() - jobs.len();
+                failed.extend(shrink(&mut slot, &spec.name, &mut queue, kept, jobs, &e));
             }
             for (job, result) in failed.into_iter().chain(stepped) {
                 queue.leave(job);
@@ -574,6 +620,32 @@ impl Engine {
             self.metrics.models_loaded.dec();
         }
     }
+}
+
+/// A running generation out of device memory: `jobs` (paused by the model) go back to the head of
+/// the queue and the batch cap drops to `kept` rows (those still running) plus half of `jobs`, so
+/// the oldest rejoin and the youngest wait. A job with no row beside it does not fit at all: it is
+/// returned to be answered with `error`.
+fn shrink(slot: &mut Slot, model: &str, queue: &mut GenQueue<JobInput>, kept: usize, jobs: Vec<u64>, error: &EngineError) -> Vec<(u64, Result<Output, EngineError>)> {
+    if guarded(model, "release_cache", || {
+        slot.model.release_cache();
+        Ok(())
+    })
+    .is_err()
+    {
+        slot.poisoned = true;
+    }
+    if kept + jobs.len() <= 1 {
+        warn!(model, "out of memory: a generation that does not fit alone fails");
+        for &job in &jobs {
+            slot.model.forget(job);
+        }
+        return jobs.into_iter().map(|j| (j, Err(error.clone()))).collect();
+    }
+    slot.cap = (kept + jobs.len() / 2).max(1);
+    warn!(model, cap = slot.cap, requeued = jobs.len(), "out of memory: the generation batch shrinks, its youngest rows wait");
+    queue.requeue(&jobs);
+    Vec::new()
 }
 
 /// Runs `inputs` in chunks of the slot's cap. A failing chunk is split in halves and retried, so
@@ -675,9 +747,21 @@ mod tests {
     }
 
     /// Generates: each row finishes on its second step; a step with a row prompting [66] panics.
-    #[derive(Default)]
+    /// A join bringing the batch over `join_fits` rows, or a step of more than `step_fits`, is
+    /// out of memory: its rows are paused (keeping their steps) until joined again.
     struct FakeGen {
         rows: Vec<(u64, crate::kinds::GenerateInput, usize)>,
+        join_fits: usize,
+        step_fits: usize,
+        paused: HashMap<u64, (crate::kinds::GenerateInput, usize)>,
+        /// Rows that rejoined with steps already taken.
+        resumed: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Default for FakeGen {
+        fn default() -> Self {
+            FakeGen { rows: Vec::new(), join_fits: usize::MAX, step_fits: usize::MAX, paused: HashMap::new(), resumed: Default::default() }
+        }
     }
 
     impl LoadedModel for FakeGen {
@@ -688,15 +772,32 @@ mod tests {
             Ok(())
         }
         fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
+            let fits = self.rows.len() + jobs.len() <= self.join_fits;
             for (job, input, _) in jobs {
                 let JobInput::Generate(g) = input else { panic!("not generate") };
-                self.rows.push((job, g, 0));
+                let (g, steps) = self.paused.remove(&job).unwrap_or((g, 0));
+                match fits {
+                    true => {
+                        self.resumed.fetch_add((steps > 0) as usize, Ordering::SeqCst);
+                        self.rows.push((job, g, steps));
+                    }
+                    false => drop(self.paused.insert(job, (g, steps))),
+                }
             }
-            Ok(())
+            if fits { Ok(()) } else { Err(EngineError::OutOfMemory("join".into())) }
         }
         fn step(&mut self, _: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
             if self.rows.iter().any(|(_, g, _)| g.prompt == [66]) {
                 panic!("index out of range in the KV cache");
+            }
+            if self.rows.len() > self.step_fits {
+                return std::mem::take(&mut self.rows)
+                    .into_iter()
+                    .map(|(job, g, steps)| {
+                        self.paused.insert(job, (g, steps));
+                        (job, Err(EngineError::OutOfMemory("step".into())))
+                    })
+                    .collect();
             }
             for row in &mut self.rows {
                 row.2 += 1;
@@ -712,6 +813,9 @@ mod tests {
         }
         fn generating(&self) -> usize {
             self.rows.len()
+        }
+        fn forget(&mut self, job: u64) {
+            self.paused.remove(&job);
         }
     }
 
@@ -803,6 +907,78 @@ mod tests {
         engine.step_generations();
         let done = drain(&mut rx);
         assert!(matches!(&done[..], [(0, Ok(_))]), "{done:?}");
+    }
+
+    fn generate(spec: &Arc<ModelSpec>, inputs: Vec<JobInput>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Command {
+        Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; inputs.len()], inputs, events, span: Span::none() }
+    }
+
+    /// Steps until no generation runs or waits (at most `limit` steps).
+    fn settle(engine: &mut Engine, limit: usize) {
+        for _ in 0..limit {
+            if engine.routes.is_empty() {
+                return;
+            }
+            engine.step_generations();
+        }
+        panic!("generations still running after {limit} steps");
+    }
+
+    fn generated(done: &[(usize, Result<Output, EngineError>)]) -> Vec<Vec<u32>> {
+        done.iter()
+            .map(|(i, r)| match r {
+                Ok(Output::Generate { tokens, .. }) => tokens.clone(),
+                other => panic!("job {i}: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_generation_step_out_of_memory_shrinks_the_batch_and_every_job_finishes_as_alone() {
+        let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut engine, spec) = engine_with(Box::new(FakeGen { step_fits: 2, resumed: resumed.clone(), ..Default::default() }));
+        let ((events, mut rx), (later, mut later_rx)) = (tokio::sync::mpsc::unbounded_channel(), tokio::sync::mpsc::unbounded_channel());
+        // Two rows take a step; three join them, and the step of five is out of memory.
+        engine.handle(generate(&spec, vec![gen_input(1), gen_input(2)], events));
+        engine.step_generations();
+        engine.handle(generate(&spec, vec![gen_input(3), gen_input(4), gen_input(5)], later));
+        engine.step_generations();
+        assert_eq!(engine.models[&spec.name].cap, 2, "the cap halves");
+        assert_eq!(engine.waiting[&spec.name].queue.waiting_jobs().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4], "requeued, oldest first");
+        settle(&mut engine, 20);
+        assert_eq!(generated(&drain(&mut rx)), vec![vec![1], vec![2]], "every job answered, as alone");
+        assert_eq!(generated(&drain(&mut later_rx)), vec![vec![3], vec![4], vec![5]]);
+        assert_eq!(resumed.load(Ordering::SeqCst), 2, "the two rows that had stepped resumed where they were");
+        assert!(engine.waiting.is_empty() && engine.routes.is_empty());
+        assert_eq!(engine.models.len(), 1, "the model is kept");
+    }
+
+    #[test]
+    fn a_join_out_of_memory_waits_for_a_smaller_batch_and_a_row_alone_that_does_not_fit_fails() {
+        let (mut engine, spec) = engine_with(Box::new(FakeGen { join_fits: 1, ..Default::default() }));
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.handle(generate(&spec, (1..=3).map(gen_input).collect(), events));
+        settle(&mut engine, 20);
+        assert_eq!(generated(&drain(&mut rx)), vec![vec![1], vec![2], vec![3]]);
+        assert_eq!(engine.models[&spec.name].cap, 1);
+
+        let (mut engine, spec) = engine_with(Box::new(FakeGen { join_fits: 0, ..Default::default() }));
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.handle(generate(&spec, vec![gen_input(1), gen_input(2)], events));
+        settle(&mut engine, 10);
+        let done = drain(&mut rx);
+        assert!(matches!(&done[..], [(0, Err(EngineError::OutOfMemory(_))), (1, Err(EngineError::OutOfMemory(_)))]), "{done:?}");
+        assert!(engine.waiting.is_empty() && engine.routes.is_empty());
+    }
+
+    #[test]
+    fn an_allocation_panic_is_out_of_memory_and_other_panics_unwind_on() {
+        let oom = catch_oom(|| -> () { panic!("CUDA out of memory. Tried to allocate 2.00 GiB") });
+        assert!(matches!(oom, Err(EngineError::OutOfMemory(m)) if m.contains("Tried to allocate")));
+        assert_eq!(catch_oom(|| 7).unwrap(), 7);
+        assert!(catch_unwind(|| catch_oom(|| -> () { panic!("index out of range") })).is_err());
+        let r: Result<(), _> = guarded("m", "run", || panic!("CUDA out of memory."));
+        assert!(matches!(r, Err(EngineError::OutOfMemory(_))), "not a panic that reloads the model: {r:?}");
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl LoadedModel for Hf {
                 JobInput::Generate(g) if g.prompt.iter().any(|&t| i64::from(t) >= vocab) => {
                     Err(EngineError::Model(format!("a prompt token is not below the vocabulary size {vocab}")))
                 }
-                JobInput::Generate(g) => Ok(Row::new(job as usize, g, stream)),
+                JobInput::Generate(g) => Ok(self.gen.resume(job as usize).unwrap_or_else(|| Row::new(job as usize, g, stream))),
                 other => Err(EngineError::Model(format!("not a generate job: {other:?}"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -204,7 +204,7 @@ impl LoadedModel for Hf {
         match result {
             Ok(done) => {
                 self.gen = gen;
-                done.into_iter().map(|(job, out)| (job as u64, Ok(out))).collect()
+                done.into_iter().map(|(job, out)| (job as u64, out)).collect()
             }
             // A failed step fails every row; the batch starts afresh.
             Err(e) => gen.rows.iter().map(|r| (r.job as u64, Err(e.clone()))).collect(),
@@ -213,6 +213,10 @@ impl LoadedModel for Hf {
 
     fn generating(&self) -> usize {
         self.gen.rows.len()
+    }
+
+    fn forget(&mut self, job: u64) {
+        self.gen.forget(job as usize);
     }
 
     fn warmup(&mut self) -> Result<(), EngineError> {
