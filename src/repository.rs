@@ -122,7 +122,9 @@ pub struct ModelConfig {
     /// How long the first job of a batch waits for company.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
-    /// Budget of a batch in elements of its inputs (0: no limit besides `max_batch_size`).
+    /// Budget of a batch in elements of its inputs (0: no limit besides `max_batch_size`); for
+    /// `hf` generation, the tokens (prompt + `max_new_tokens`) its running batch may hold. Unset
+    /// (0) on CUDA, the generation budget is derived from free device memory at load (logged).
     #[serde(default)]
     pub max_batch_tokens: usize,
     #[serde(default = "default_device")]

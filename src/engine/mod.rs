@@ -201,6 +201,18 @@ pub trait LoadedModel {
         Vec::new()
     }
 
+    /// Bytes of KV cache one token of a generation takes (0: the model does not generate).
+    fn kv_bytes_per_token(&self) -> u64 {
+        0
+    }
+
+    /// Runs about `tokens` tokens through the model at once (prefill-sized), so that the device
+    /// memory it peaks at can be measured.
+    fn probe(&mut self, tokens: usize) -> Result<(), EngineError> {
+        let _ = tokens;
+        Ok(())
+    }
+
     /// Drops what a paused job had generated (it failed for good).
     fn forget(&mut self, job: u64) {
         let _ = job;
@@ -222,6 +234,46 @@ fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
         Backend::Torchscript => Ok(Box::new(torchscript::TorchScript::load(spec, device)?)),
         Backend::Hf => Ok(Box::new(hf::Hf::load(spec, device)?)),
     }
+}
+
+/// Tokens of the probe batch that measures activation memory (TGI's default prefill is 4096).
+const PROBE_TOKENS: usize = 2048;
+/// Share of free device memory left unbudgeted: the allocator's fragmentation, cuBLAS workspaces.
+const MEMORY_MARGIN: f64 = 0.1;
+
+/// The generation token budget of a model just loaded: `max_batch_tokens` when set; unset, on
+/// CUDA, derived from free device memory as TGI does at warmup (free memory, a probe batch's peak,
+/// the KV cache a token takes; see [`scheduler::token_budget`]) and logged; on CPU, none.
+fn generation_token_budget(spec: &ModelSpec, model: &mut dyn LoadedModel) -> Result<usize, EngineError> {
+    let configured = spec.config.max_batch_tokens;
+    let kv = model.kv_bytes_per_token();
+    let index = match resolve_device(spec.config.device)? {
+        tch::Device::Cuda(i) if configured == 0 && kv > 0 => i,
+        _ => return Ok(configured),
+    };
+    let Some(free) = free_device_memory(index) else {
+        warn!(model = %spec.name, "free device memory unknown (nvidia-smi did not answer): max_batch_tokens stays unlimited");
+        return Ok(0);
+    };
+    model.probe(PROBE_TOKENS)?;
+    // libtorch's caching allocator keeps the probe's peak reserved: what free memory lost is it.
+    let probe = free.saturating_sub(free_device_memory(index).unwrap_or(free));
+    let budget = scheduler::token_budget(free, probe, PROBE_TOKENS as u64, kv, MEMORY_MARGIN);
+    info!(model = %spec.name, free_bytes = free, probe_bytes = probe, probe_tokens = PROBE_TOKENS, kv_bytes_per_token = kv, max_batch_tokens = budget, "max_batch_tokens derived from free device memory");
+    Ok(budget)
+}
+
+/// Free memory of CUDA device `index` in bytes, as `nvidia-smi` reports it (libtorch's C API, as
+/// tch exposes it, has no `cudaMemGetInfo`); `CUDA_VISIBLE_DEVICES` maps the index when it lists
+/// numbers.
+fn free_device_memory(index: usize) -> Option<u64> {
+    let physical = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').nth(index)?.trim().parse::<usize>().ok()?,
+        _ => index,
+    };
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", &physical.to_string()]).output().ok()?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib << 20)
 }
 
 fn resolve_device(choice: DeviceChoice) -> Result<tch::Device, EngineError> {
@@ -377,6 +429,9 @@ struct Slot {
     cap: usize,
     /// A call panicked: the model is dropped once the current batch is done, and reloaded.
     poisoned: bool,
+    /// Tokens a generation batch may hold (0: no limit): `max_batch_tokens`, or derived from
+    /// free device memory at load when that is unset (see [`generation_token_budget`]).
+    token_budget: usize,
 }
 
 struct Engine {
@@ -484,7 +539,7 @@ impl Engine {
             let static_batches = matches!(spec.config.generation, crate::repository::Generation::Static);
             let cap = slot.cap.min(spec.config.max_batch_size);
             let joining: Vec<(u64, JobInput, bool)> = queue
-                .admit(cap, spec.config.max_batch_tokens, static_batches)
+                .admit(cap, slot.token_budget, static_batches)
                 .into_iter()
                 .map(|(job, input)| (job, input, self.routes.get(&job).is_some_and(|r| r.stream)))
                 .collect();
@@ -586,19 +641,18 @@ impl Engine {
         if !self.models.contains_key(&spec.name) {
             self.evict_for(spec.size_bytes);
             let start = Instant::now();
-            let model = guarded(&spec.name, "load", || {
+            let (model, token_budget) = guarded(&spec.name, "load", || {
                 let mut model = load(spec)?;
                 if spec.config.warmup {
                     model.warmup()?;
                 }
-                Ok(model)
+                let budget = generation_token_budget(spec, model.as_mut())?;
+                Ok((model, budget))
             })?;
             info!(model = %spec.name, secs = start.elapsed().as_secs_f64(), "model loaded");
             self.metrics.models_loaded.inc();
-            self.models.insert(
-                spec.name.clone(),
-                Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap: spec.config.max_batch_size, poisoned: false },
-            );
+            let cap = spec.config.max_batch_size;
+            self.models.insert(spec.name.clone(), Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap, poisoned: false, token_budget });
         }
         let slot = self.models.get_mut(&spec.name).expect("just inserted");
         slot.last_used = self.clock;
@@ -835,7 +889,7 @@ mod tests {
         metrics.models_loaded.inc();
         let mut engine = Engine::new(0, metrics);
         let spec = Arc::new(spec());
-        engine.models.insert(spec.name.clone(), Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false });
+        engine.models.insert(spec.name.clone(), Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 });
         (engine, spec)
     }
 
@@ -853,7 +907,7 @@ mod tests {
     #[test]
     fn a_panicking_job_fails_alone_and_the_model_is_reloaded() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 };
         let inputs: Vec<JobInput> = [1, 2, 66, 4, 5].into_iter().map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         for (i, r) in out.iter().enumerate() {
@@ -901,7 +955,7 @@ mod tests {
         assert!(engine.routes.is_empty() && engine.waiting.is_empty());
         assert!(engine.models.is_empty(), "the model is dropped");
         // The next generation loads afresh (here: a fresh fake put back by hand) and runs.
-        engine.models.insert(spec.name.clone(), Slot { model: Box::<FakeGen>::default(), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false });
+        engine.models.insert(spec.name.clone(), Slot { model: Box::<FakeGen>::default(), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 });
         engine.handle(run(vec![gen_input(3)], events));
         engine.step_generations();
         engine.step_generations();
@@ -1029,7 +1083,7 @@ mod tests {
     #[test]
     fn out_of_memory_splits_the_batch_and_lowers_the_cap() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 };
         let inputs: Vec<JobInput> = (0..8).map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         assert!(out.iter().all(|r| r.is_ok()));
@@ -1043,7 +1097,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new("t"));
         let mut engine = Engine::new(250, metrics);
         for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
-            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false };
+            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false, token_budget: 0 };
             engine.models.insert(name.into(), slot);
         }
         engine.evict_for(100);
@@ -1055,7 +1109,7 @@ mod tests {
     #[test]
     fn a_poison_job_fails_alone() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 };
         let inputs: Vec<JobInput> = [1, 2, 13, 4, 5].into_iter().map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         let failed: Vec<usize> = out.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();

@@ -91,6 +91,20 @@ impl<I: Clone> GenQueue<I> {
     }
 }
 
+/// A generation batch's token budget from free device memory, as TGI derives its
+/// `max_batch_total_tokens` at warmup: `free` bytes after the weights loaded, less a `margin`
+/// share for the allocator's fragmentation and other users, divided by what a token costs — its
+/// KV cache in every layer plus its share of a probe batch's activations (`probe` bytes measured
+/// running `probe_tokens` tokens). At least 1.
+pub(crate) fn token_budget(free: u64, probe: u64, probe_tokens: u64, kv_per_token: u64, margin: f64) -> usize {
+    let usable = free as f64 * (1.0 - margin);
+    let per_token = kv_per_token as f64 + probe as f64 / probe_tokens.max(1) as f64;
+    if per_token <= 0.0 {
+        return 1;
+    }
+    (usable / per_token).floor().max(1.0) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +169,20 @@ mod tests {
         assert_eq!(q.waiting_jobs().collect::<Vec<_>>(), vec![0, 2, 3]);
         // Their token costs come back with them: 20 running + 10 + 30 fits 60, 40 more does not.
         assert_eq!(ids(q.admit(8, 60, false)), vec![0, 2]);
+    }
+
+    #[test]
+    fn the_token_budget_divides_free_memory_less_the_margin_by_a_tokens_cost() {
+        // Llama-3.2-1B in bf16: 16 layers x 8 KV heads x 64 dims x 2 (K, V) x 2 bytes = 32 KiB a
+        // token; 60 GiB free, a 2048-token probe peaking at 1 GiB (0.5 MiB a token), 10 % margin:
+        // 54 GiB / 544 KiB.
+        let gib = 1u64 << 30;
+        assert_eq!(token_budget(60 * gib, gib, 2048, 32 << 10, 0.1), (54 * gib / (544 << 10)) as usize);
+        assert_eq!(token_budget(60 * gib, gib, 2048, 32 << 10, 0.1), 104_086);
+        assert_eq!(token_budget(1000, 0, 10, 100, 0.0), 10, "no activations: KV alone");
+        assert_eq!(token_budget(1000, 500, 10, 50, 0.5), 5, "half the memory, 100 bytes a token");
+        assert_eq!(token_budget(10, 1 << 20, 1, 1 << 20, 0.1), 1, "nothing fits: one token, so a row still runs alone");
+        assert_eq!(token_budget(10, 0, 0, 0, 0.1), 1);
     }
 
     #[test]

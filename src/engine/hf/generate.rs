@@ -364,6 +364,10 @@ mod tests {
         jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
         let spec = crate::repository::ModelSpec::load(&dir).unwrap();
         let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
+        // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
+        // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.
+        assert_eq!(hf.kv_bytes_per_token(), 2 * 2 * 2 * 8 * 4);
+        hf.probe(3 * hf.max_length + 1).unwrap();
         let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
         let jobs = || -> Vec<(u64, JobInput, bool)> {
             [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 11, 12]]

@@ -105,6 +105,8 @@ pub struct Hf {
     max_length: usize,
     labels: Vec<String>,
     pooling: Pooling,
+    /// KV cache bytes of one token in every layer, in the weights' dtype.
+    kv_token_bytes: u64,
 }
 
 impl Hf {
@@ -133,7 +135,8 @@ impl Hf {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .map(|v| if v["pooling_mode_cls_token"].as_bool() == Some(true) { Pooling::Cls } else { Pooling::Mean })
             .unwrap_or(Pooling::Mean);
-        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
+        let kv_token_bytes = (2 * c.num_hidden_layers * c.kv_heads() * c.head_dim() * kind.elt_size_in_bytes()) as u64;
+        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling, kv_token_bytes })
     }
 }
 
@@ -217,6 +220,21 @@ impl LoadedModel for Hf {
 
     fn forget(&mut self, job: u64) {
         self.gen.forget(job as usize);
+    }
+
+    fn kv_bytes_per_token(&self) -> u64 {
+        match self.net {
+            Net::Decoder(_) => self.kv_token_bytes,
+            Net::Encoder(_) => 0,
+        }
+    }
+
+    /// Scoring rows of `max_length` (distinct, so none share a row) holding `tokens` in all.
+    fn probe(&mut self, tokens: usize) -> Result<(), EngineError> {
+        let Net::Decoder(d) = &self.net else { return Ok(()) };
+        let len = self.max_length.min(tokens).max(2);
+        let windows: Vec<Window> = (0..tokens.div_ceil(len) as u32).map(|r| Window { context: vec![r % 2; len - 1].into_iter().chain([r]).collect(), continuation: vec![0], top_logprobs: 0 }).collect();
+        self.score(d.as_ref(), &windows.iter().collect::<Vec<_>>()).map(|_| ())
     }
 
     fn warmup(&mut self) -> Result<(), EngineError> {
