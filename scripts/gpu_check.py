@@ -102,20 +102,24 @@ def make_jobs(rng, vocab, n_score, n_gen, ctx, cont, prompt, new, tag):
     return jobs
 
 
+def left_pad(seqs, device):
+    """Token ids `[B, W]` padded on the left with 0, their attention mask, and W."""
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(s)
+        mask[r, width - len(s):] = 1
+    return ids.to(device), mask.to(device), width
+
+
 @torch.no_grad()
 def hf_scores(model, jobs, device, batch=64):
     """Log-prob sums of continuations, batched with left padding (as a Python worker would)."""
     out = {}
     for at in range(0, len(jobs), batch):
         chunk = jobs[at:at + batch]
-        seqs = [j["input"]["context_tokens"] + j["input"]["continuation_tokens"] for j in chunk]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask, width = left_pad([j["input"]["context_tokens"] + j["input"]["continuation_tokens"] for j in chunk], device)
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         for r, j in enumerate(chunk):
@@ -132,17 +136,11 @@ def hf_generate(model, jobs, device, batch=64):
     out, tokens = {}, 0
     for at in range(0, len(jobs), batch):
         chunk = jobs[at:at + batch]
-        prompts = [j["input"]["prompt_tokens"] for j in chunk]
-        width = max(map(len, prompts))
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
+        ids, mask, width = left_pad([j["input"]["prompt_tokens"] for j in chunk], device)
         new = max(j["params"]["max_new_tokens"] for j in chunk)
         # No EOS stop: every row runs to its length; the report cuts both sides after EOS.
         model.generation_config.eos_token_id = None
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False, pad_token_id=0)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
         for r, j in enumerate(chunk):
             seq = gen[r, width:width + j["params"]["max_new_tokens"]].tolist()
             out[j["id"]] = seq
