@@ -138,6 +138,9 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     order[kept - 1] as u32
 }
 
+/// A row that left a step: its job, and its output or why it has none.
+pub(super) type Finished = (usize, Result<Output, EngineError>);
+
 /// Rows generating together: their KV cache (row r in slot r), the tokens each has in it, and
 /// the logits `[B, V]` the next token is chosen from. Rows join (`admit`) and leave (finished rows
 /// are dropped in `step`) at step boundaries.
@@ -236,7 +239,7 @@ impl GenBatch {
     /// Chooses every row's next token, finishes rows, and runs one decode step for the rest.
     /// Returns the outputs of rows that finished, and, when the decode step ran out of memory,
     /// `OutOfMemory` for every other row: those are paused (see [`GenBatch::admit`]).
-    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, sink: &mut dyn Sink) -> Result<Vec<(usize, Result<Output, EngineError>)>, EngineError> {
+    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
         let state = self.state.as_mut().expect("rows imply state");
         let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
         let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
