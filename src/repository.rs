@@ -122,12 +122,15 @@ pub struct ModelConfig {
     /// How long the first job of a batch waits for company.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
-    /// Budget of a batch in elements of its inputs (0: no limit besides `max_batch_size`).
+    /// Budget of a batch in elements of its inputs (0: no limit besides `max_batch_size`); for
+    /// `hf` generation, the tokens (prompt + `max_new_tokens`) its running batch may hold. Unset
+    /// (0) on CUDA, the generation budget is derived from free device memory at load (logged).
     #[serde(default)]
     pub max_batch_tokens: usize,
     #[serde(default = "default_device")]
     pub device: DeviceChoice,
-    /// Floating-point dtype to run in on CUDA (`f16`, `bf16`); CPU always runs `f32`.
+    /// Floating-point dtype of the weights and activations (`f16`, `bf16`; default `f32`), on
+    /// any device: `hf` keeps norms, softmax and log-probs in f32 and answers in f32.
     #[serde(default)]
     pub dtype: Option<DType>,
     /// Run a dummy batch right after loading.

@@ -4,7 +4,9 @@
 //!
 //! Backends implement [`LoadedModel`] for the job kinds they serve; the thread keeps an LRU of
 //! loaded models under a memory budget, splits batches that hit CUDA out-of-memory (and lowers the
-//! model's batch cap), and isolates jobs that make a batch fail so one bad job cannot sink the rest.
+//! model's batch cap), shrinks a running generation that does (its rows go back to the head of the
+//! queue, keeping what they generated; only a row that does not fit alone fails), and isolates
+//! jobs that make a batch fail so one bad job cannot sink the rest.
 //!
 //! A panic in a model call (load, warmup, run, join, step) is caught and becomes
 //! [`EngineError::Panic`] for the jobs of that call; the model is then dropped (its state may be
@@ -71,8 +73,7 @@ impl EngineError {
 
     fn from_tch(e: tch::TchError) -> EngineError {
         let msg = e.to_string();
-        // libtorch reports allocation failures as ordinary errors; their text is the only signal.
-        if msg.contains("out of memory") {
+        if is_oom(&msg) {
             EngineError::OutOfMemory(summary(&msg))
         } else {
             EngineError::Model(summary(&msg))
@@ -98,12 +99,34 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     summary(&text)
 }
 
-/// Runs a model call on the engine thread; a panic in it becomes [`EngineError::Panic`].
+/// Whether an error's text is libtorch's for an allocation that failed (CUDA's "CUDA out of
+/// memory. Tried to allocate …", the CPU allocator's too): libtorch has no other signal.
+fn is_oom(message: &str) -> bool {
+    message.contains("out of memory")
+}
+
+/// Runs `f`, turning a failed allocation (which tch raises as a panic) into
+/// [`EngineError::OutOfMemory`]; any other panic unwinds on. For model code that keeps its state
+/// consistent across an out-of-memory error (a generation batch pausing its rows).
+pub(crate) fn catch_oom<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| match panic_message(&*payload) {
+        message if is_oom(&message) => EngineError::OutOfMemory(message),
+        _ => std::panic::resume_unwind(payload),
+    })
+}
+
+/// Runs a model call on the engine thread; a panic in it becomes [`EngineError::Panic`], or
+/// [`EngineError::OutOfMemory`] where it was a failed allocation (the batch is split or shrunk
+/// instead; the model is kept: the calls leave their state usable when an allocation fails, at
+/// worst a generation batch that lost its rows, which the engine then requeues).
 fn guarded<T>(model: &str, call: &str, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
         Err(payload) => {
             let message = panic_message(&*payload);
+            if is_oom(&message) {
+                return Err(EngineError::OutOfMemory(message));
+            }
             error!(model, call, panic = %message, "model call panicked: its jobs fail, the model is reloaded");
             Err(EngineError::Panic(format!("{call}: {message}")))
         }
@@ -162,16 +185,37 @@ pub trait LoadedModel {
     fn release_cache(&mut self) {}
 
     /// Continuous batching: `jobs` (engine job number, input, streamed?) join the running
-    /// generation at the next step boundary.
+    /// generation at the next step boundary. A job the model paused (see `step`) resumes where it
+    /// was. On [`EngineError::OutOfMemory`] the joining jobs are paused and the running rows
+    /// untouched.
     fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
         let _ = jobs;
         Err(EngineError::Model("this model does not generate".into()))
     }
 
     /// One step of the running generation; returns the jobs that finished (or all, on failure).
+    /// Rows answered [`EngineError::OutOfMemory`] left the batch paused, keeping what they
+    /// generated: the engine joins them again (resumed) or, giving up, `forget`s them.
     fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
         let _ = sink;
         Vec::new()
+    }
+
+    /// Bytes of KV cache one token of a generation takes (0: the model does not generate).
+    fn kv_bytes_per_token(&self) -> u64 {
+        0
+    }
+
+    /// Runs about `tokens` tokens through the model at once (prefill-sized), so that the device
+    /// memory it peaks at can be measured.
+    fn probe(&mut self, tokens: usize) -> Result<(), EngineError> {
+        let _ = tokens;
+        Ok(())
+    }
+
+    /// Drops what a paused job had generated (it failed for good).
+    fn forget(&mut self, job: u64) {
+        let _ = job;
     }
 
     /// Rows in the running generation.
@@ -182,16 +226,54 @@ pub trait LoadedModel {
 
 fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
     let device = resolve_device(spec.config.device)?;
-    // Reduced precision applies on CUDA only; the CPU runs f32.
-    let dtype = match (device, spec.config.dtype) {
-        (tch::Device::Cuda(_), Some(d)) => d.name(),
-        _ => "f32",
-    };
+    // `dtype` applies on every device (libtorch runs bf16/f16 on CPU too, which is how the
+    // reduced-precision paths are tested without a GPU).
+    let dtype = spec.config.dtype.map_or("f32", |d| d.name());
     info!(model = %spec.name, backend = ?spec.config.backend, device = ?device, dtype, "loading model");
     match spec.config.backend {
         Backend::Torchscript => Ok(Box::new(torchscript::TorchScript::load(spec, device)?)),
         Backend::Hf => Ok(Box::new(hf::Hf::load(spec, device)?)),
     }
+}
+
+/// Tokens of the probe batch that measures activation memory (TGI's default prefill is 4096).
+const PROBE_TOKENS: usize = 2048;
+/// Share of free device memory left unbudgeted: the allocator's fragmentation, cuBLAS workspaces.
+const MEMORY_MARGIN: f64 = 0.1;
+
+/// The generation token budget of a model just loaded: `max_batch_tokens` when set; unset, on
+/// CUDA, derived from free device memory as TGI does at warmup (free memory, a probe batch's peak,
+/// the KV cache a token takes; see [`scheduler::token_budget`]) and logged; on CPU, none.
+fn generation_token_budget(spec: &ModelSpec, model: &mut dyn LoadedModel) -> Result<usize, EngineError> {
+    let configured = spec.config.max_batch_tokens;
+    let kv = model.kv_bytes_per_token();
+    let index = match resolve_device(spec.config.device)? {
+        tch::Device::Cuda(i) if configured == 0 && kv > 0 => i,
+        _ => return Ok(configured),
+    };
+    let Some(free) = free_device_memory(index) else {
+        warn!(model = %spec.name, "free device memory unknown (nvidia-smi did not answer): max_batch_tokens stays unlimited");
+        return Ok(0);
+    };
+    model.probe(PROBE_TOKENS)?;
+    // libtorch's caching allocator keeps the probe's peak reserved: what free memory lost is it.
+    let probe = free.saturating_sub(free_device_memory(index).unwrap_or(free));
+    let budget = scheduler::token_budget(free, probe, PROBE_TOKENS as u64, kv, MEMORY_MARGIN);
+    info!(model = %spec.name, free_bytes = free, probe_bytes = probe, probe_tokens = PROBE_TOKENS, kv_bytes_per_token = kv, max_batch_tokens = budget, "max_batch_tokens derived from free device memory");
+    Ok(budget)
+}
+
+/// Free memory of CUDA device `index` in bytes, as `nvidia-smi` reports it (libtorch's C API, as
+/// tch exposes it, has no `cudaMemGetInfo`); `CUDA_VISIBLE_DEVICES` maps the index when it lists
+/// numbers.
+fn free_device_memory(index: usize) -> Option<u64> {
+    let physical = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').nth(index)?.trim().parse::<usize>().ok()?,
+        _ => index,
+    };
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", &physical.to_string()]).output().ok()?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib << 20)
 }
 
 fn resolve_device(choice: DeviceChoice) -> Result<tch::Device, EngineError> {
@@ -347,6 +429,9 @@ struct Slot {
     cap: usize,
     /// A call panicked: the model is dropped once the current batch is done, and reloaded.
     poisoned: bool,
+    /// Tokens a generation batch may hold (0: no limit): `max_batch_tokens`, or derived from
+    /// free device memory at load when that is unset (see [`generation_token_budget`]).
+    token_budget: usize,
 }
 
 struct Engine {
@@ -454,7 +539,7 @@ impl Engine {
             let static_batches = matches!(spec.config.generation, crate::repository::Generation::Static);
             let cap = slot.cap.min(spec.config.max_batch_size);
             let joining: Vec<(u64, JobInput, bool)> = queue
-                .admit(cap, spec.config.max_batch_tokens, static_batches)
+                .admit(cap, slot.token_budget, static_batches)
                 .into_iter()
                 .map(|(job, input)| (job, input, self.routes.get(&job).is_some_and(|r| r.stream)))
                 .collect();
@@ -468,10 +553,15 @@ impl Engine {
             let mut panicked = None;
             if !joining.is_empty() {
                 let jobs: Vec<u64> = joining.iter().map(|(j, _, _)| *j).collect();
-                if let Err(e) = guarded(&spec.name, "join", || slot.model.join(joining)) {
-                    failed.extend(jobs.into_iter().map(|j| (j, Err(e.clone()))));
-                    if let EngineError::Panic(_) = e {
-                        panicked = Some(e);
+                match guarded(&spec.name, "join", || slot.model.join(joining)) {
+                    Ok(()) => {}
+                    // The running rows fit: the joiners wait (paused) for a smaller batch.
+                    Err(e @ EngineError::OutOfMemory(_)) => failed.extend(shrink(&mut slot, &spec.name, &mut queue, rows - jobs.len(), jobs, &e)),
+                    Err(e) => {
+                        failed.extend(jobs.into_iter().map(|j| (j, Err(e.clone()))));
+                        if let EngineError::Panic(_) = e {
+                            panicked = Some(e);
+                        }
                     }
                 }
             }
@@ -480,9 +570,18 @@ impl Engine {
                 let mut sink = RouteSink { routes: &self.routes };
                 match guarded(&spec.name, "step", || Ok(slot.model.step(&mut sink))) {
                     Ok(done) => stepped = done,
+                    // An allocation failed outside the rows' own handling: the batch is gone.
+                    Err(e @ EngineError::OutOfMemory(_)) => stepped = queue.running_jobs().map(|j| (j, Err(e.clone()))).collect(),
                     Err(e) => panicked = Some(e),
                 }
                 self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
+            }
+            let (oom, stepped): (Vec<_>, Vec<_>) = stepped.into_iter().partition(|(_, r)| matches!(r, Err(EngineError::OutOfMemory(_))));
+            if let Some((_, Err(e))) = oom.first() {
+                let e = e.clone();
+                let jobs: Vec<u64> = oom.iter().map(|(j, _)| *j).collect();
+                let kept = queue.running() - jobs.len();
+                failed.extend(shrink(&mut slot, &spec.name, &mut queue, kept, jobs, &e));
             }
             for (job, result) in failed.into_iter().chain(stepped) {
                 queue.leave(job);
@@ -542,19 +641,18 @@ impl Engine {
         if !self.models.contains_key(&spec.name) {
             self.evict_for(spec.size_bytes);
             let start = Instant::now();
-            let model = guarded(&spec.name, "load", || {
+            let (model, token_budget) = guarded(&spec.name, "load", || {
                 let mut model = load(spec)?;
                 if spec.config.warmup {
                     model.warmup()?;
                 }
-                Ok(model)
+                let budget = generation_token_budget(spec, model.as_mut())?;
+                Ok((model, budget))
             })?;
             info!(model = %spec.name, secs = start.elapsed().as_secs_f64(), "model loaded");
             self.metrics.models_loaded.inc();
-            self.models.insert(
-                spec.name.clone(),
-                Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap: spec.config.max_batch_size, poisoned: false },
-            );
+            let cap = spec.config.max_batch_size;
+            self.models.insert(spec.name.clone(), Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap, poisoned: false, token_budget });
         }
         let slot = self.models.get_mut(&spec.name).expect("just inserted");
         slot.last_used = self.clock;
@@ -576,6 +674,32 @@ impl Engine {
             self.metrics.models_loaded.dec();
         }
     }
+}
+
+/// A running generation out of device memory: `jobs` (paused by the model) go back to the head of
+/// the queue and the batch cap drops to `kept` rows (those still running) plus half of `jobs`, so
+/// the oldest rejoin and the youngest wait. A job with no row beside it does not fit at all: it is
+/// returned to be answered with `error`.
+fn shrink(slot: &mut Slot, model: &str, queue: &mut GenQueue<JobInput>, kept: usize, jobs: Vec<u64>, error: &EngineError) -> Vec<(u64, Result<Output, EngineError>)> {
+    if guarded(model, "release_cache", || {
+        slot.model.release_cache();
+        Ok(())
+    })
+    .is_err()
+    {
+        slot.poisoned = true;
+    }
+    if kept + jobs.len() <= 1 {
+        warn!(model, "out of memory: a generation that does not fit alone fails");
+        for &job in &jobs {
+            slot.model.forget(job);
+        }
+        return jobs.into_iter().map(|j| (j, Err(error.clone()))).collect();
+    }
+    slot.cap = (kept + jobs.len() / 2).max(1);
+    warn!(model, cap = slot.cap, requeued = jobs.len(), "out of memory: the generation batch shrinks, its youngest rows wait");
+    queue.requeue(&jobs);
+    Vec::new()
 }
 
 /// Runs `inputs` in chunks of the slot's cap. A failing chunk is split in halves and retried, so
@@ -677,9 +801,21 @@ mod tests {
     }
 
     /// Generates: each row finishes on its second step; a step with a row prompting [66] panics.
-    #[derive(Default)]
+    /// A join bringing the batch over `join_fits` rows, or a step of more than `step_fits`, is
+    /// out of memory: its rows are paused (keeping their steps) until joined again.
     struct FakeGen {
         rows: Vec<(u64, crate::kinds::GenerateInput, usize)>,
+        join_fits: usize,
+        step_fits: usize,
+        paused: HashMap<u64, (crate::kinds::GenerateInput, usize)>,
+        /// Rows that rejoined with steps already taken.
+        resumed: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Default for FakeGen {
+        fn default() -> Self {
+            FakeGen { rows: Vec::new(), join_fits: usize::MAX, step_fits: usize::MAX, paused: HashMap::new(), resumed: Default::default() }
+        }
     }
 
     impl LoadedModel for FakeGen {
@@ -690,15 +826,32 @@ mod tests {
             Ok(())
         }
         fn join(&mut self, jobs: Vec<(u64, JobInput, bool)>) -> Result<(), EngineError> {
+            let fits = self.rows.len() + jobs.len() <= self.join_fits;
             for (job, input, _) in jobs {
                 let JobInput::Generate(g) = input else { panic!("not generate") };
-                self.rows.push((job, g, 0));
+                let (g, steps) = self.paused.remove(&job).unwrap_or((g, 0));
+                match fits {
+                    true => {
+                        self.resumed.fetch_add((steps > 0) as usize, Ordering::SeqCst);
+                        self.rows.push((job, g, steps));
+                    }
+                    false => drop(self.paused.insert(job, (g, steps))),
+                }
             }
-            Ok(())
+            if fits { Ok(()) } else { Err(EngineError::OutOfMemory("join".into())) }
         }
         fn step(&mut self, _: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {
             if self.rows.iter().any(|(_, g, _)| g.prompt == [66]) {
                 panic!("index out of range in the KV cache");
+            }
+            if self.rows.len() > self.step_fits {
+                return std::mem::take(&mut self.rows)
+                    .into_iter()
+                    .map(|(job, g, steps)| {
+                        self.paused.insert(job, (g, steps));
+                        (job, Err(EngineError::OutOfMemory("step".into())))
+                    })
+                    .collect();
             }
             for row in &mut self.rows {
                 row.2 += 1;
@@ -714,6 +867,9 @@ mod tests {
         }
         fn generating(&self) -> usize {
             self.rows.len()
+        }
+        fn forget(&mut self, job: u64) {
+            self.paused.remove(&job);
         }
     }
 
@@ -733,7 +889,7 @@ mod tests {
         metrics.models_loaded.inc();
         let mut engine = Engine::new(0, metrics);
         let spec = Arc::new(spec());
-        engine.models.insert(spec.name.clone(), Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false });
+        engine.models.insert(spec.name.clone(), Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 });
         (engine, spec)
     }
 
@@ -751,7 +907,7 @@ mod tests {
     #[test]
     fn a_panicking_job_fails_alone_and_the_model_is_reloaded() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 };
         let inputs: Vec<JobInput> = [1, 2, 66, 4, 5].into_iter().map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         for (i, r) in out.iter().enumerate() {
@@ -799,12 +955,84 @@ mod tests {
         assert!(engine.routes.is_empty() && engine.waiting.is_empty());
         assert!(engine.models.is_empty(), "the model is dropped");
         // The next generation loads afresh (here: a fresh fake put back by hand) and runs.
-        engine.models.insert(spec.name.clone(), Slot { model: Box::<FakeGen>::default(), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false });
+        engine.models.insert(spec.name.clone(), Slot { model: Box::<FakeGen>::default(), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 });
         engine.handle(run(vec![gen_input(3)], events));
         engine.step_generations();
         engine.step_generations();
         let done = drain(&mut rx);
         assert!(matches!(&done[..], [(0, Ok(_))]), "{done:?}");
+    }
+
+    fn generate(spec: &Arc<ModelSpec>, inputs: Vec<JobInput>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Command {
+        Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; inputs.len()], inputs, events, span: Span::none() }
+    }
+
+    /// Steps until no generation runs or waits (at most `limit` steps).
+    fn settle(engine: &mut Engine, limit: usize) {
+        for _ in 0..limit {
+            if engine.routes.is_empty() {
+                return;
+            }
+            engine.step_generations();
+        }
+        panic!("generations still running after {limit} steps");
+    }
+
+    fn generated(done: &[(usize, Result<Output, EngineError>)]) -> Vec<Vec<u32>> {
+        done.iter()
+            .map(|(i, r)| match r {
+                Ok(Output::Generate { tokens, .. }) => tokens.clone(),
+                other => panic!("job {i}: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_generation_step_out_of_memory_shrinks_the_batch_and_every_job_finishes_as_alone() {
+        let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut engine, spec) = engine_with(Box::new(FakeGen { step_fits: 2, resumed: resumed.clone(), ..Default::default() }));
+        let ((events, mut rx), (later, mut later_rx)) = (tokio::sync::mpsc::unbounded_channel(), tokio::sync::mpsc::unbounded_channel());
+        // Two rows take a step; three join them, and the step of five is out of memory.
+        engine.handle(generate(&spec, vec![gen_input(1), gen_input(2)], events));
+        engine.step_generations();
+        engine.handle(generate(&spec, vec![gen_input(3), gen_input(4), gen_input(5)], later));
+        engine.step_generations();
+        assert_eq!(engine.models[&spec.name].cap, 2, "the cap halves");
+        assert_eq!(engine.waiting[&spec.name].queue.waiting_jobs().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4], "requeued, oldest first");
+        settle(&mut engine, 20);
+        assert_eq!(generated(&drain(&mut rx)), vec![vec![1], vec![2]], "every job answered, as alone");
+        assert_eq!(generated(&drain(&mut later_rx)), vec![vec![3], vec![4], vec![5]]);
+        assert_eq!(resumed.load(Ordering::SeqCst), 2, "the two rows that had stepped resumed where they were");
+        assert!(engine.waiting.is_empty() && engine.routes.is_empty());
+        assert_eq!(engine.models.len(), 1, "the model is kept");
+    }
+
+    #[test]
+    fn a_join_out_of_memory_waits_for_a_smaller_batch_and_a_row_alone_that_does_not_fit_fails() {
+        let (mut engine, spec) = engine_with(Box::new(FakeGen { join_fits: 1, ..Default::default() }));
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.handle(generate(&spec, (1..=3).map(gen_input).collect(), events));
+        settle(&mut engine, 20);
+        assert_eq!(generated(&drain(&mut rx)), vec![vec![1], vec![2], vec![3]]);
+        assert_eq!(engine.models[&spec.name].cap, 1);
+
+        let (mut engine, spec) = engine_with(Box::new(FakeGen { join_fits: 0, ..Default::default() }));
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.handle(generate(&spec, vec![gen_input(1), gen_input(2)], events));
+        settle(&mut engine, 10);
+        let done = drain(&mut rx);
+        assert!(matches!(&done[..], [(0, Err(EngineError::OutOfMemory(_))), (1, Err(EngineError::OutOfMemory(_)))]), "{done:?}");
+        assert!(engine.waiting.is_empty() && engine.routes.is_empty());
+    }
+
+    #[test]
+    fn an_allocation_panic_is_out_of_memory_and_other_panics_unwind_on() {
+        let oom = catch_oom(|| -> () { panic!("CUDA out of memory. Tried to allocate 2.00 GiB") });
+        assert!(matches!(oom, Err(EngineError::OutOfMemory(m)) if m.contains("Tried to allocate")));
+        assert_eq!(catch_oom(|| 7).unwrap(), 7);
+        assert!(catch_unwind(|| catch_oom(|| -> () { panic!("index out of range") })).is_err());
+        let r: Result<(), _> = guarded("m", "run", || panic!("CUDA out of memory."));
+        assert!(matches!(r, Err(EngineError::OutOfMemory(_))), "not a panic that reloads the model: {r:?}");
     }
 
     #[test]
@@ -855,7 +1083,7 @@ mod tests {
     #[test]
     fn out_of_memory_splits_the_batch_and_lowers_the_cap() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let mut slot = Slot { model: Box::new(Fake { fits: 2, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 };
         let inputs: Vec<JobInput> = (0..8).map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         assert!(out.iter().all(|r| r.is_ok()));
@@ -869,7 +1097,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new("t"));
         let mut engine = Engine::new(250, metrics);
         for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
-            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false };
+            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false, token_budget: 0 };
             engine.models.insert(name.into(), slot);
         }
         engine.evict_for(100);
@@ -881,7 +1109,7 @@ mod tests {
     #[test]
     fn a_poison_job_fails_alone() {
         let spec = spec();
-        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false };
+        let mut slot = Slot { model: Box::new(Fake { fits: 100, calls: vec![] }), fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 };
         let inputs: Vec<JobInput> = [1, 2, 13, 4, 5].into_iter().map(input).collect();
         let out = run_adaptive(&mut slot, &spec, JobKind::Tensor, &inputs, &Metrics::new("t"));
         let failed: Vec<usize> = out.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();

@@ -1,15 +1,16 @@
 //! The generation scheduler of one model: the one queue a `generate` job waits in, and the one
 //! token budget of its running batch. Jobs join at step boundaries, oldest first, while the batch
 //! has a free row and the tokens its rows may occupy (prompt + `max_new_tokens` each) stay within
-//! `max_batch_tokens`; they leave the moment they finish. Plain data, unit-tested without torch
-//! (as TGI's `backends/v3/src/queue.rs`); the engine thread only runs the steps.
+//! `max_batch_tokens`; they leave the moment they finish, or go back to the head of the queue when
+//! the batch ran out of device memory. Plain data, unit-tested without torch (as TGI's
+//! `backends/v3/src/queue.rs`); the engine thread only runs the steps.
 
 use std::collections::{HashMap, VecDeque};
 
 pub(crate) struct GenQueue<I> {
     waiting: VecDeque<(u64, I, usize)>,
-    /// Rows of the running batch and the tokens each may occupy.
-    running: HashMap<u64, usize>,
+    /// Rows of the running batch: the tokens each may occupy, and its input (to requeue it).
+    running: HashMap<u64, (usize, I)>,
 }
 
 impl<I> Default for GenQueue<I> {
@@ -18,7 +19,7 @@ impl<I> Default for GenQueue<I> {
     }
 }
 
-impl<I> GenQueue<I> {
+impl<I: Clone> GenQueue<I> {
     pub fn append(&mut self, job: u64, input: I, cost: usize) {
         self.waiting.push_back((job, input, cost));
     }
@@ -31,7 +32,7 @@ impl<I> GenQueue<I> {
         if static_batches && !self.running.is_empty() {
             return Vec::new();
         }
-        let mut used: usize = self.running.values().sum();
+        let mut used: usize = self.running.values().map(|(cost, _)| cost).sum();
         let mut joining = Vec::new();
         while self.running.len() < cap.max(1) {
             let Some(&(_, _, cost)) = self.waiting.front() else { break };
@@ -40,7 +41,7 @@ impl<I> GenQueue<I> {
             }
             let (job, input, cost) = self.waiting.pop_front().expect("non-empty");
             used += cost;
-            self.running.insert(job, cost);
+            self.running.insert(job, (cost, input.clone()));
             joining.push((job, input));
         }
         joining
@@ -49,6 +50,18 @@ impl<I> GenQueue<I> {
     /// A row finished (or failed): its tokens are free for the next step's joiners.
     pub fn leave(&mut self, job: u64) {
         self.running.remove(&job);
+    }
+
+    /// Running rows that did not fit in device memory go back to the head of the queue, oldest
+    /// first, before every job that never ran: with the batch cap lowered, the oldest rejoin
+    /// and the youngest wait.
+    pub fn requeue(&mut self, jobs: &[u64]) {
+        let mut back: Vec<(u64, I, usize)> = jobs.iter().filter_map(|j| self.running.remove(j).map(|(cost, input)| (*j, input, cost))).collect();
+        // Job numbers grow with arrival.
+        back.sort_by_key(|(job, _, _)| std::cmp::Reverse(*job));
+        for entry in back {
+            self.waiting.push_front(entry);
+        }
     }
 
     /// The running batch is gone (its model was dropped): every row left.
@@ -76,6 +89,20 @@ impl<I> GenQueue<I> {
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
     }
+}
+
+/// A generation batch's token budget from free device memory, as TGI derives its
+/// `max_batch_total_tokens` at warmup: `free` bytes after the weights loaded, less a `margin`
+/// share for the allocator's fragmentation and other users, divided by what a token costs — its
+/// KV cache in every layer plus its share of a probe batch's activations (`probe` bytes measured
+/// running `probe_tokens` tokens). At least 1.
+pub(crate) fn token_budget(free: u64, probe: u64, probe_tokens: u64, kv_per_token: u64, margin: f64) -> usize {
+    let usable = free as f64 * (1.0 - margin);
+    let per_token = kv_per_token as f64 + probe as f64 / probe_tokens.max(1) as f64;
+    if per_token <= 0.0 {
+        return 1;
+    }
+    (usable / per_token).floor().max(1.0) as usize
 }
 
 #[cfg(test)]
@@ -131,6 +158,31 @@ mod tests {
         assert!(q.admit(2, 0, true).is_empty(), "row 1 still runs");
         q.leave(1);
         assert_eq!(ids(q.admit(2, 0, true)), vec![2]);
+    }
+
+    #[test]
+    fn rows_out_of_memory_go_back_to_the_head_oldest_first() {
+        let mut q = queue(&[10, 20, 30, 40]);
+        assert_eq!(ids(q.admit(3, 0, false)), vec![0, 1, 2]);
+        q.requeue(&[2, 0, 9]);
+        assert_eq!(q.running_jobs().collect::<Vec<_>>(), vec![1], "a job not running is ignored");
+        assert_eq!(q.waiting_jobs().collect::<Vec<_>>(), vec![0, 2, 3]);
+        // Their token costs come back with them: 20 running + 10 + 30 fits 60, 40 more does not.
+        assert_eq!(ids(q.admit(8, 60, false)), vec![0, 2]);
+    }
+
+    #[test]
+    fn the_token_budget_divides_free_memory_less_the_margin_by_a_tokens_cost() {
+        // Llama-3.2-1B in bf16: 16 layers x 8 KV heads x 64 dims x 2 (K, V) x 2 bytes = 32 KiB a
+        // token; 60 GiB free, a 2048-token probe peaking at 1 GiB (0.5 MiB a token), 10 % margin:
+        // 54 GiB / 544 KiB.
+        let gib = 1u64 << 30;
+        assert_eq!(token_budget(60 * gib, gib, 2048, 32 << 10, 0.1), (54 * gib / (544 << 10)) as usize);
+        assert_eq!(token_budget(60 * gib, gib, 2048, 32 << 10, 0.1), 104_086);
+        assert_eq!(token_budget(1000, 0, 10, 100, 0.0), 10, "no activations: KV alone");
+        assert_eq!(token_budget(1000, 500, 10, 50, 0.5), 5, "half the memory, 100 bytes a token");
+        assert_eq!(token_budget(10, 1 << 20, 1, 1 << 20, 0.1), 1, "nothing fits: one token, so a row still runs alone");
+        assert_eq!(token_budget(10, 0, 0, 0, 0.1), 1);
     }
 
     #[test]

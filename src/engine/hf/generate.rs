@@ -1,13 +1,14 @@
 //! The generation batch (continuous batching): rows join at step boundaries with their prompt
 //! prefilled into free slots of the batch's preallocated KV cache, and leave when finished;
 //! sampling draws from each job's own seeded stream so a row's tokens do not depend on its
-//! neighbours.
+//! neighbours. Out of device memory, rows are paused (their tokens, text and random stream kept,
+//! their cache dropped) and resume when they join again, prefilling prompt and generated tokens.
 
 use tch::{Device, Kind, Tensor};
 
 use super::layers::{KvCache, Layout, Write};
 use super::{tch_err, CausalLm, EngineError, Hf};
-use crate::engine::{Sink, StreamChunk};
+use crate::engine::{catch_oom, Sink, StreamChunk};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
 
@@ -41,6 +42,12 @@ impl Row {
         });
         let track_text = stream || !input.stop.is_empty();
         Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, top: Vec::new(), input }
+    }
+
+    /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
+    /// row feeds its last token again, so its next logits are those a decode step gives).
+    fn tokens(&self) -> Vec<i64> {
+        self.input.prompt.iter().chain(&self.generated).map(|&t| i64::from(t)).collect()
     }
 
     /// Text that may be streamed now: not what could still become a stop string, nor an
@@ -131,6 +138,9 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     order[kept - 1] as u32
 }
 
+/// A row that left a step: its job, and its output or why it has none.
+pub(super) type Finished = (usize, Result<Output, EngineError>);
+
 /// Rows generating together: their KV cache (row r in slot r), the tokens each has in it, and
 /// the logits `[B, V]` the next token is chosen from. Rows join (`admit`) and leave (finished rows
 /// are dropped in `step`) at step boundaries.
@@ -138,6 +148,8 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
 pub(super) struct GenBatch {
     pub rows: Vec<Row>,
     state: Option<GenState>,
+    /// Rows paused out of memory, by job, until they join again (or are forgotten).
+    paused: std::collections::HashMap<usize, Row>,
 }
 
 struct GenState {
@@ -164,23 +176,60 @@ fn right_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Layout) {
 }
 
 impl GenBatch {
-    /// Prefills `rows` into the next free slots of the cache.
+    /// The paused row of `job`, if it was paused (see [`GenBatch::admit`]).
+    pub fn resume(&mut self, job: usize) -> Option<Row> {
+        self.paused.remove(&job)
+    }
+
+    /// Pauses every running row and drops the cache; returns their jobs.
+    fn pause_all(&mut self) -> Vec<usize> {
+        self.state = None;
+        let rows = std::mem::take(&mut self.rows);
+        let jobs = rows.iter().map(|r| r.job).collect();
+        self.paused.extend(rows.into_iter().map(|r| (r.job, r)));
+        jobs
+    }
+
+    /// Drops a paused row that will not join again.
+    pub fn forget(&mut self, job: usize) {
+        self.paused.remove(&job);
+    }
+
+    /// Prefills `rows` into the next free slots of the cache. Out of memory, they are paused and
+    /// the running rows go on untouched (the slots and columns written beyond them are unused).
     pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>) -> Result<(), EngineError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let prompts: Vec<Vec<i64>> = rows.iter().map(|r| r.input.prompt.iter().map(|&t| t as i64).collect()).collect();
+        let prompts: Vec<Vec<i64>> = rows.iter().map(Row::tokens).collect();
         let (ids, layout) = right_pad(&prompts, device);
         let state = self.state.get_or_insert_with(|| GenState { cache: KvCache::new(d.num_layers()), lens: Vec::new(), logits: Tensor::new() });
         let first = self.rows.len() as i64;
-        state.cache.reserve(first + rows.len() as i64, ids.size()[1]);
-        state.cache.write = Write::Prefill { first };
-        let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
-        let (t, h) = (hidden.size()[1], hidden.size()[2]);
-        let last: Vec<i64> = prompts.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
-        let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
-        let logits = d.logits(&last);
-        state.logits = if first == 0 { logits } else { Tensor::f_cat(&[&state.logits, &logits], 0).map_err(tch_err)? };
+        let prefilled = catch_oom(|| {
+            state.cache.reserve(first + rows.len() as i64, ids.size()[1]);
+            state.cache.write = Write::Prefill { first };
+            let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
+            let (t, h) = (hidden.size()[1], hidden.size()[2]);
+            let last: Vec<i64> = prompts.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
+            let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
+            let logits = d.logits(&last);
+            if first == 0 { Ok(logits) } else { Tensor::f_cat(&[&state.logits, &logits], 0).map_err(tch_err) }
+        })
+        .and_then(|r| r);
+        let logits = match prefilled {
+            Ok(logits) => logits,
+            Err(e) => {
+                if let EngineError::OutOfMemory(_) = e {
+                    self.paused.extend(rows.into_iter().map(|r| (r.job, r)));
+                }
+                if self.rows.is_empty() {
+                    self.state = None;
+                }
+                return Err(e);
+            }
+        };
+        let state = self.state.as_mut().expect("kept");
+        state.logits = logits;
         state.lens.extend(prompts.iter().map(|p| p.len() as i64));
         tracing::debug!(rows = first + rows.len() as i64, kv_cache_bytes = state.cache.bytes(), "generation batch");
         self.rows.extend(rows);
@@ -188,8 +237,9 @@ impl GenBatch {
     }
 
     /// Chooses every row's next token, finishes rows, and runs one decode step for the rest.
-    /// Returns the outputs of rows that finished.
-    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, sink: &mut dyn Sink) -> Result<Vec<(usize, Output)>, EngineError> {
+    /// Returns the outputs of rows that finished, and, when the decode step ran out of memory,
+    /// `OutOfMemory` for every other row: those are paused (see [`GenBatch::admit`]).
+    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
         let state = self.state.as_mut().expect("rows imply state");
         let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
         let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
@@ -247,7 +297,7 @@ impl GenBatch {
                 prompt_tokens: row.input.prompt.len(),
                 top: row.top,
             };
-            outputs.push((row.job, out));
+            outputs.push((row.job, Ok(out)));
         }
         if live.is_empty() {
             self.state = None;
@@ -258,6 +308,7 @@ impl GenBatch {
         let mut live: Vec<Option<(usize, Row)>> = live.into_iter().map(Some).collect();
         let n = live.len();
         let mut order: Vec<(usize, Row)> = Vec::with_capacity(n);
+        let mut moves = Vec::new();
         let mut lens = Vec::with_capacity(n);
         for slot in 0..n {
             let taken = live.iter().position(|r| r.as_ref().is_some_and(|(b, _)| *b == slot));
@@ -266,7 +317,7 @@ impl GenBatch {
                 None => live.iter_mut().rev().find_map(Option::take).expect("a live row beyond the live count"),
             };
             if b != slot {
-                state.cache.move_slot(b as i64, slot as i64, state.lens[b]);
+                moves.push((b as i64, slot as i64, state.lens[b]));
             }
             lens.push(state.lens[b] + 1);
             order.push((b, row));
@@ -276,13 +327,26 @@ impl GenBatch {
         self.rows = order.into_iter().map(|(_, r)| r).collect();
         let cols = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>()).to_device(device);
         let len = lens.iter().copied().max().expect("live rows");
-        state.cache.reserve(n as i64, len);
-        state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
-        let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
-        let layout = Layout::new(cols.unsqueeze(1), &keep, false);
-        let hidden = d.forward(&next, &layout, Some(&mut state.cache));
-        state.logits = d.logits(&hidden.squeeze_dim(1));
-        state.lens = lens;
+        let decoded = catch_oom(|| {
+            for &(from, to, len) in &moves {
+                state.cache.move_slot(from, to, len);
+            }
+            state.cache.reserve(n as i64, len);
+            state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
+            let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
+            let layout = Layout::new(cols.unsqueeze(1), &keep, false);
+            let hidden = d.forward(&next, &layout, Some(&mut state.cache));
+            d.logits(&hidden.squeeze_dim(1))
+        });
+        match decoded {
+            Ok(logits) => {
+                state.logits = logits;
+                state.lens = lens;
+            }
+            // The cache is dropped (partly moved, partly written); every live row resumes by
+            // prefilling what it has, with the token just chosen last.
+            Err(e) => outputs.extend(self.pause_all().into_iter().map(|job| (job, Err(e.clone())))),
+        }
         Ok(outputs)
     }
 }
@@ -291,6 +355,66 @@ impl GenBatch {
 mod tests {
     use super::*;
     use crate::kinds::GenerateInput;
+
+    /// Rows paused mid-generation (as out of memory pauses them: the cache dropped) and joining
+    /// again generate the tokens and text they generate uninterrupted.
+    #[test]
+    fn paused_rows_resume_to_what_they_generate_uninterrupted() {
+        use crate::engine::LoadedModel;
+        use crate::job::JobInput;
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().join("lm");
+        jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
+        let spec = crate::repository::ModelSpec::load(&dir).unwrap();
+        let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
+        // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
+        // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.
+        assert_eq!(hf.kv_bytes_per_token(), 2 * 2 * 2 * 8 * 4);
+        hf.probe(3 * hf.max_length + 1).unwrap();
+        let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
+        let jobs = || -> Vec<(u64, JobInput, bool)> {
+            [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 11, 12]]
+                .into_iter()
+                .enumerate()
+                .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: 0 }), true))
+                .collect()
+        };
+        struct Texts(Vec<String>);
+        impl Sink for Texts {
+            fn wants(&self, _: usize) -> bool {
+                true
+            }
+            fn emit(&mut self, chunk: StreamChunk) {
+                self.0[chunk.job].push_str(&chunk.text);
+            }
+        }
+        let generate = |hf: &mut Hf, pause_after: Option<usize>| {
+            hf.join(jobs()).unwrap();
+            let mut sink = Texts(vec![String::new(); 3]);
+            let mut out = vec![None; 3];
+            for step in 1.. {
+                for (job, r) in hf.step(&mut sink) {
+                    let Output::Generate { tokens, text, .. } = r.unwrap() else { panic!("a generation") };
+                    out[job as usize] = Some((tokens, text));
+                }
+                if hf.generating() == 0 {
+                    break;
+                }
+                if Some(step) == pause_after {
+                    let paused = hf.gen.pause_all();
+                    assert_eq!(paused.len(), 3);
+                    hf.join(jobs()).unwrap();
+                    assert!(hf.gen.paused.is_empty(), "every row resumed");
+                }
+            }
+            (out, sink.0)
+        };
+        let (want, want_streamed) = generate(&mut hf, None);
+        assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
+        let (got, streamed) = generate(&mut hf, Some(4));
+        assert_eq!(got, want, "tokens and text as uninterrupted");
+        assert_eq!(streamed, want_streamed, "nothing streamed twice");
+    }
 
     /// Token by token, the incremental text is the whole decode's (less an incomplete UTF-8
     /// tail, which the last call flushes): byte-level tokens split multi-byte characters.

@@ -105,12 +105,14 @@ pub struct Hf {
     max_length: usize,
     labels: Vec<String>,
     pooling: Pooling,
+    /// KV cache bytes of one token in every layer, in the weights' dtype.
+    kv_token_bytes: u64,
 }
 
 impl Hf {
     pub fn load(spec: &ModelSpec, device: Device) -> Result<Hf, EngineError> {
         let lm = spec.lm.as_ref().ok_or_else(|| load_err("an hf model without its LM spec"))?;
-        let kind = match spec.config.dtype.filter(|_| device.is_cuda()) {
+        let kind = match spec.config.dtype {
             Some(crate::tensor::DType::F16) => Kind::Half,
             Some(crate::tensor::DType::Bf16) => Kind::BFloat16,
             _ => Kind::Float,
@@ -133,7 +135,8 @@ impl Hf {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .map(|v| if v["pooling_mode_cls_token"].as_bool() == Some(true) { Pooling::Cls } else { Pooling::Mean })
             .unwrap_or(Pooling::Mean);
-        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling })
+        let kv_token_bytes = (2 * c.num_hidden_layers * c.kv_heads() * c.head_dim() * kind.elt_size_in_bytes()) as u64;
+        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling, kv_token_bytes })
     }
 }
 
@@ -176,7 +179,7 @@ impl LoadedModel for Hf {
                 JobInput::Generate(g) if g.prompt.iter().any(|&t| i64::from(t) >= vocab) => {
                     Err(EngineError::Model(format!("a prompt token is not below the vocabulary size {vocab}")))
                 }
-                JobInput::Generate(g) => Ok(Row::new(job as usize, g, stream)),
+                JobInput::Generate(g) => Ok(self.gen.resume(job as usize).unwrap_or_else(|| Row::new(job as usize, g, stream))),
                 other => Err(EngineError::Model(format!("not a generate job: {other:?}"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -193,7 +196,7 @@ impl LoadedModel for Hf {
         match result {
             Ok(done) => {
                 self.gen = gen;
-                done.into_iter().map(|(job, out)| (job as u64, Ok(out))).collect()
+                done.into_iter().map(|(job, out)| (job as u64, out)).collect()
             }
             // A failed step fails every row; the batch starts afresh.
             Err(e) => gen.rows.iter().map(|r| (r.job as u64, Err(e.clone()))).collect(),
@@ -202,6 +205,25 @@ impl LoadedModel for Hf {
 
     fn generating(&self) -> usize {
         self.gen.rows.len()
+    }
+
+    fn forget(&mut self, job: u64) {
+        self.gen.forget(job as usize);
+    }
+
+    fn kv_bytes_per_token(&self) -> u64 {
+        match self.net {
+            Net::Decoder(_) => self.kv_token_bytes,
+            Net::Encoder(_) => 0,
+        }
+    }
+
+    /// Scoring rows of `max_length` (distinct, so none share a row) holding `tokens` in all.
+    fn probe(&mut self, tokens: usize) -> Result<(), EngineError> {
+        let Net::Decoder(d) = &self.net else { return Ok(()) };
+        let len = self.max_length.min(tokens).max(2);
+        let windows: Vec<Window> = (0..tokens.div_ceil(len) as u32).map(|r| Window { context: vec![r % 2; len - 1].into_iter().chain([r]).collect(), continuation: vec![0], top_logprobs: 0 }).collect();
+        self.score(d.as_ref(), &windows.iter().collect::<Vec<_>>()).map(|_| ())
     }
 
     fn warmup(&mut self) -> Result<(), EngineError> {
