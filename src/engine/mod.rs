@@ -342,12 +342,8 @@ pub fn configure_threads(opts: TorchOpts) {
 /// (later calls fail), so that one is set only by the first engine.
 fn apply_threads() {
     let Some(opts) = TORCH_THREADS.get() else { return };
-    let threads = opts.torch_threads.unwrap_or_else(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (tch::get_num_threads() as usize).min(cpus.saturating_sub(1)).max(1)
-    });
-    if threads > 0 {
-        tch::set_num_threads(threads as i32);
+    if opts.torch_threads > 0 {
+        tch::set_num_threads(opts.torch_threads as i32);
     }
     static INTEROP: std::sync::Once = std::sync::Once::new();
     if opts.torch_interop_threads > 0 {
