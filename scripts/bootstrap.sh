@@ -19,6 +19,10 @@ if [ ! -f "$stamp" ] || ! cat requirements.txt clients/python/pyproject.toml | c
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e clients/python
   cat requirements.txt clients/python/pyproject.toml > "$stamp"
 fi
+# The editable client must be this checkout's (a venv shared with another checkout points there).
+if ! .venv/bin/python -c "import jetbatch, os, sys; sys.exit(not os.path.realpath(jetbatch.__file__).startswith(os.path.realpath('clients/python')))" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e clients/python
+fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.11.0'), torch.__version__"
 .venv/bin/nats-server --version >/dev/null
 .venv/bin/python -c "import jetbatch.lm_eval"
