@@ -24,12 +24,17 @@ pub struct Node {
     pub port: u16,
     args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Where the server's own log goes (appended across restarts), when it has one.
+    log: Option<PathBuf>,
 }
 
 impl Node {
     /// A server from a config file that listens on `port`.
+    /// Its log goes beside the config (`n0.conf` → `n0.log`) so a failing test can show it.
     pub fn spawn_conf(conf: &Path, port: u16) -> Node {
-        Node::spawn(vec!["-c".into(), conf.to_string_lossy().to_string()], port)
+        let mut node = Node { child: None, port, args: vec!["-c".into(), conf.to_string_lossy().to_string()], env: vec![], log: Some(conf.with_extension("log")) };
+        node.start();
+        node
     }
 
     pub fn spawn(args: Vec<String>, port: u16) -> Node {
@@ -37,7 +42,7 @@ impl Node {
     }
 
     pub fn spawn_env(args: Vec<String>, port: u16, env: Vec<(String, String)>) -> Node {
-        let mut node = Node { child: None, port, args, env };
+        let mut node = Node { child: None, port, args, env, log: None };
         node.start();
         node
     }
@@ -48,7 +53,10 @@ impl Node {
             .args(&self.args)
             .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match &self.log {
+                Some(path) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).expect("server log")),
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("nats-server");
         self.child = Some(child);
@@ -69,6 +77,13 @@ impl Node {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The last lines of the server's log, for a failure message.
+    pub fn log_tail(&self) -> String {
+        let text = self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
     }
 }
 
@@ -152,7 +167,12 @@ impl Harness {
         Harness::with_nodes(dir, nodes, 3).await
     }
 
-    async fn with_nodes(dir: tempfile::TempDir, nodes: Vec<Node>, replicas: usize) -> Harness {
+    async fn with_nodes(mut dir: tempfile::TempDir, nodes: Vec<Node>, replicas: usize) -> Harness {
+        // JETBATCH_KEEP_TEST_DIR=1 keeps servers' and workers' logs and stores for a post-mortem.
+        if std::env::var_os("JETBATCH_KEEP_TEST_DIR").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("test dir kept: {}", dir.path().display());
+        }
         let models = dir.path().join("models");
         write_fixture_models(&models).expect("fixture models");
         let urls: Vec<String> = nodes.iter().map(Node::url).collect();
@@ -165,10 +185,15 @@ impl Harness {
         let js = jetstream::new(client.clone());
         let mut topology = jetbatch::config::ServeArgs::local(urls.join(","), PathBuf::new(), None).topology;
         topology.replicas = replicas;
-        // A cluster needs a meta leader before streams can be made.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // A cluster needs a meta leader before streams can be made; on 2 busy cores (CI runs the
+        // fault tests side by side) its election has taken over 30 s, so wait long and show the
+        // servers' logs if it never comes.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while let Err(e) = jetbatch::bus::setup_streams(&js, &topology).await {
-            assert!(Instant::now() < deadline, "streams: {e}");
+            if Instant::now() > deadline {
+                let logs: Vec<String> = nodes.iter().map(|n| format!("--- :{}\n{}", n.port, n.log_tail())).collect();
+                panic!("streams: {e}\n{}", logs.join("\n"));
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Harness { nodes, dir, models, client, js, topology }
