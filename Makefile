@@ -11,8 +11,9 @@ demo: bootstrap
 
 ## The whole test suite (unit, integration against real nats-servers, schema checks), then the
 ## Python client's tests against the worker binary that cargo test built (target/debug/jetbatch).
+## A Rust test that fails is rerun once alone (scripts/test.sh says why) and must pass then.
 test: bootstrap
-	$(ENV) cargo test --locked --workspace --all-targets
+	$(ENV) scripts/test.sh
 	.venv/bin/python -m pytest -q clients/python/tests
 
 ## The benchmarks of loadtest/README.md: `make bench` (all) or `make bench WHICH=engine` (engine,
