@@ -199,11 +199,46 @@ async fn publish_result(ctx: &Ctx, h: &Header, hash: &str, answer: Result<Output
         worker: ctx.worker.clone(),
         timing: h.timing.clone(),
     };
-    ctx.publisher.result(&result, h.encoding, hash, h.reply_to.as_deref()).await
+    patiently(ctx, "result", || ctx.publisher.result(&result, h.encoding, hash, h.reply_to.as_deref())).await
+}
+
+/// How long a publish that fails transiently is retried in place — the job held, its lease kept
+/// by progress acks — before the job is handed back. Handing back at once would spend a delivery
+/// per failed publish: through a cluster fail-over (seconds without a stream leader) a job could
+/// use up `max_deliver`, after which the server never redelivers it. Retrying is safe: the
+/// results stream drops a second copy by `Nats-Msg-Id` (its window is longer than this).
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The pause before retry `attempt` (1-based) of a publish that failed transiently, or `None`
+/// once `elapsed` has used up [`PUBLISH_PATIENCE`]: 0.5 s doubling to at most 5 s.
+pub(crate) fn publish_retry_pause(attempt: u32, elapsed: Duration) -> Option<Duration> {
+    (elapsed < PUBLISH_PATIENCE).then(|| Duration::from_millis(250 << attempt.clamp(1, 5)).min(Duration::from_secs(5)))
+}
+
+/// Runs `publish` until it succeeds, fails permanently, or [`publish_retry_pause`] gives up.
+async fn patiently<F, Fut>(ctx: &Ctx, what: &str, mut publish: F) -> Result<(), BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BusError>>,
+{
+    let started = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        match publish().await {
+            Err(e) if !e.is_permanent() => {
+                attempt += 1;
+                let Some(pause) = publish_retry_pause(attempt, started.elapsed()) else { return Err(e) };
+                ctx.metrics.errors_total.with_label_values(&["bus", e.error_type()]).inc();
+                warn!(what, error = %e, attempt, "publish failed; retrying");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn dead_letter_then_term(d: &Delivery, h: &Header, err: &JobError, ctx: &Ctx) {
-    match ctx.publisher.dead_letter(d, &h.model, h.id.as_deref(), err).await {
+    match patiently(ctx, "dead letter", || ctx.publisher.dead_letter(d, &h.model, h.id.as_deref(), err)).await {
         Ok(()) => {
             ctx.metrics.dead_letters_total.inc();
             if let Err(e) = d.term().await {
@@ -262,5 +297,12 @@ mod tests {
         assert!(err.message.contains("could not be stored"));
         let transient = BusError::Publish { message: "timed out".into(), permanent: false };
         assert_eq!(after_failed_publish(&transient).unwrap_err(), Decision::HandBack { delay: Some(Duration::from_secs(1)), reason: "publish" });
+    }
+
+    #[test]
+    fn a_transient_publish_failure_is_retried_in_place_for_a_minute() {
+        let pauses: Vec<_> = (1..=7).map(|a| publish_retry_pause(a, Duration::from_secs(1)).unwrap().as_millis()).collect();
+        assert_eq!(pauses, [500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(publish_retry_pause(3, PUBLISH_PATIENCE), None, "then the job is handed back");
     }
 }
