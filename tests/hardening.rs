@@ -154,7 +154,7 @@ async fn a_stored_result_counts_only_if_it_answers_that_very_job() {
     // The worker's answered-elsewhere check: a redelivered job whose id has a forged result stored.
     let mut topology = h.topology.clone();
     topology.ack_wait_secs = 1.0;
-    let consumer = jetbatch::bus::setup(&h.js, &topology).await.unwrap();
+    let consumer = jetbatch::bus::setup(&h.js, &topology).await.unwrap().get(jetbatch::priority::Priority::Normal).clone();
     forge(&h, "victim-1").await;
     publish_json(&h.js, &mlp_job("victim-1")).await;
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
