@@ -295,6 +295,13 @@ pub struct SubmitArgs {
     /// results are appended, so the last line of a job wins.
     #[arg(long)]
     pub retry_errors: bool,
+    /// The jobs' priority level: `high`, `normal` or `low`; a line's own `priority` key wins.
+    #[arg(long, default_value = "normal", value_parser = priority)]
+    pub priority: crate::priority::Priority,
+}
+
+fn priority(s: &str) -> Result<crate::priority::Priority, String> {
+    crate::priority::Priority::parse(s).ok_or_else(|| format!("'{s}': expected one of high, normal, low"))
 }
 
 #[derive(Debug, Args)]
