@@ -110,3 +110,24 @@ async fn a_steady_stream_of_high_jobs_does_not_starve_a_low_job() {
     // One aging period to be asked for, two to count as high in the worker, and a few batches.
     assert!(waited < Duration::from_secs(10), "the low job waited {waited:?}");
 }
+
+#[tokio::test]
+async fn setup_migrates_a_pool_made_before_levels_and_keeps_its_queued_jobs() {
+    use async_nats::jetstream::{consumer, stream};
+    let h = Harness::new().await;
+    // What setup made before levels: the stream on `jobs.>`, one consumer on all of it.
+    let jobs = h.js.get_stream("JETBATCH_JOBS").await.unwrap();
+    h.js.delete_stream("JETBATCH_JOBS").await.unwrap();
+    let old = stream::Config { subjects: vec!["jetbatch.jobs.>".into()], ..jobs.cached_info().config.clone() };
+    let stream = h.js.create_stream(old).await.unwrap();
+    let filter = consumer::pull::Config { durable_name: Some("jetbatch-workers".into()), filter_subjects: vec!["jetbatch.jobs.>".into()], ..Default::default() };
+    stream.create_consumer(filter).await.unwrap();
+    burst(&h, &[tensor_job("queued-1", "mlp", &[mlp_input(1)], jetbatch::job::Encoding::MsgPack)]).await;
+    let mut sub = h.subscribe_results().await;
+    let _w = h.worker("w1", &[]);
+    let got = answers(&mut sub, 1, Duration::from_secs(60)).await;
+    assert_eq!(got[0].0, "queued-1");
+    let mut subjects = h.js.get_stream("JETBATCH_JOBS").await.unwrap().info().await.unwrap().config.subjects.clone();
+    subjects.sort();
+    assert_eq!(subjects, ["jetbatch.jobs.*", "jetbatch.jobs.*.high", "jetbatch.jobs.*.low"]);
+}
