@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(aging.effective(Low, 60 * S), High);
         assert_eq!(aging.effective(Low, 3600 * S), High, "never above high");
         assert_eq!(aging.effective(Normal, 30 * S), High);
-        assert_eq!(aging.effective(High, 0 * S), High);
+        assert_eq!(aging.effective(High, Duration::ZERO), High);
         assert_eq!(Aging(Duration::ZERO).effective(Low, Duration::ZERO), High, "no aging period: every job is equal");
     }
 

@@ -110,15 +110,21 @@ impl ChunkSink for NoStreaming {
     async fn publish(&self, _: &ValidJob, _: &StreamChunk) {}
 }
 
-/// Starts the batcher and the runner on `tasks`: tickets in on `jobs`, each back on `out` as a
-/// [`Done`]. On `shutdown`, queued tickets come back [`Failure::Released`], the batch in flight
-/// finishes, and the tasks end once `jobs` is closed and drained.
+/// Where the core's answers go: every ticket back on `done`, streamed chunks to `chunks`.
+pub struct Outlets<O, S> {
+    pub done: mpsc::Sender<O>,
+    pub chunks: S,
+}
+
+/// Starts the batcher and the runner on `tasks`: tickets in on `jobs`, each back on
+/// `outlets.done` as a [`Done`]; batches age tickets by `aging` (see [`crate::priority`]). On
+/// `shutdown`, queued tickets come back [`Failure::Released`], the batch in flight finishes, and
+/// the tasks end once `jobs` is closed and drained.
 pub fn spawn<T, O, S>(
     tasks: &mut JoinSet<()>,
     engine: EngineHandle,
     jobs: mpsc::Receiver<T>,
-    out: mpsc::Sender<O>,
-    chunks: S,
+    outlets: Outlets<O, S>,
     metrics: Arc<Metrics>,
     aging: Aging,
     shutdown: &broadcast::Sender<()>,
@@ -127,6 +133,7 @@ pub fn spawn<T, O, S>(
     O: From<Done<T>> + Send + 'static,
     S: ChunkSink,
 {
+    let Outlets { done: out, chunks } = outlets;
     let (batches_tx, batches_rx) = mpsc::channel(1);
     let (release_tx, mut release_rx) = mpsc::channel::<Vec<T>>(4);
     tasks.spawn(batcher::run(jobs, batches_tx, release_tx, aging, shutdown.subscribe()));
@@ -193,7 +200,7 @@ impl Infer {
         let (out, mut out_rx) = mpsc::channel::<Done<Local>>(1024);
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
-        spawn(&mut tasks, engine.clone(), jobs_rx, out, NoStreaming, metrics, Aging(DEFAULT_AGING), &shutdown);
+        spawn(&mut tasks, engine.clone(), jobs_rx, Outlets { done: out, chunks: NoStreaming }, metrics, Aging(DEFAULT_AGING), &shutdown);
         tasks.spawn(async move {
             while let Some(Done { ticket, timing, result }) = out_rx.recv().await {
                 let answer = result.map(|output| Answer { output, timing }).map_err(|f| f.to_job_error());

@@ -134,7 +134,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     ));
     tasks.spawn(bus::watch_consumer(consumers, metrics.clone(), notify.subscribe()));
     tasks.spawn(intake::intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
-    crate::infer::spawn(&mut tasks, engine, pending_rx, finished_tx.clone(), streamer, metrics.clone(), Aging(aging), &notify);
+    let outlets = crate::infer::Outlets { done: finished_tx.clone(), chunks: streamer };
+    crate::infer::spawn(&mut tasks, engine, pending_rx, outlets, metrics.clone(), Aging(aging), &notify);
     drop(finished_tx);
     tasks.spawn(bus::snapshots(client.clone(), snapshot_subject, metrics.clone(), args.metrics_interval_secs, notify.subscribe()));
     tasks.spawn(throughput(metrics.clone(), THROUGHPUT_EVERY, notify.subscribe()));
