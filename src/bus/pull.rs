@@ -171,7 +171,8 @@ const LONG_POLL: Duration = Duration::from_secs(1);
 /// sends them to `out`. While permits are free it asks the levels in turn without waiting
 /// ([`Puller::sweep`]); once every level was empty, it waits with one long poll per level, each
 /// holding one permit, so the first job of any level is taken at once and nothing arrives
-/// without a permit for it. On shutdown it stops asking, waits for the open polls and sends what
+/// without a permit for it (with fewer free permits than levels, the levels first in the sweep's
+/// order get the polls and the others are asked again when one ends, within [`LONG_POLL`]). On shutdown it stops asking, waits for the open polls and sends what
 /// still arrives to `release`, so those jobs are handed back at once instead of waiting out
 /// `ack_wait`.
 pub async fn pull(
