@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::job::JobKind;
 use crate::kinds::Batching;
+use crate::priority::{Aging, Priority, DEFAULT_AGING};
 use crate::repository::ModelSpec;
 
 /// Limits of one batch.
@@ -25,13 +26,17 @@ pub struct Budget {
 struct Entry<T> {
     item: T,
     cost: usize,
+    level: Priority,
     enqueued: Instant,
 }
 
-/// The queue of one (model, kind).
+/// The queue of one (model, kind). Batches take jobs highest level first, oldest first within a
+/// level, where a job's level is raised by the aging rule ([`Aging::effective`]) for the time it
+/// has queued here.
 pub struct State<T> {
     entries: VecDeque<Entry<T>>,
     max_wait: Duration,
+    aging: Aging,
     /// Group by length: the oldest job goes with the queued jobs (within a window of
     /// 4 × `max_size`) closest to it in cost, so rows of a batch pad little.
     by_length: bool,
@@ -39,15 +44,20 @@ pub struct State<T> {
 
 impl<T> State<T> {
     pub fn new(max_wait: Duration) -> Self {
-        State { entries: VecDeque::new(), max_wait, by_length: false }
+        State { entries: VecDeque::new(), max_wait, aging: Aging(DEFAULT_AGING), by_length: false }
     }
 
     pub fn by_length(max_wait: Duration) -> Self {
         State { by_length: true, ..State::new(max_wait) }
     }
 
-    pub fn append(&mut self, item: T, cost: usize, now: Instant) {
-        self.entries.push_back(Entry { item, cost, enqueued: now });
+    /// Sets the aging period of priorities (see [`crate::priority`]).
+    pub fn aging(self, aging: Aging) -> Self {
+        State { aging, ..self }
+    }
+
+    pub fn append(&mut self, item: T, cost: usize, level: Priority, now: Instant) {
+        self.entries.push_back(Entry { item, cost, level, enqueued: now });
     }
 
     #[cfg(test)]
@@ -60,19 +70,27 @@ impl<T> State<T> {
         self.entries.front().map(|e| e.enqueued + self.max_wait)
     }
 
-    pub fn oldest(&self) -> Option<Instant> {
-        self.entries.front().map(|e| e.enqueued)
+    /// The level the job at `i` counts as at `now`.
+    fn rank(&self, i: usize, now: Instant) -> Priority {
+        let e = &self.entries[i];
+        self.aging.effective(e.level, now.saturating_duration_since(e.enqueued))
     }
 
-    /// Which queued jobs make the next batch (queue indices, oldest first): a prefix of the queue,
-    /// or with `by_length` the oldest job and its nearest in cost. At least one: a job larger
-    /// than the token budget still runs, alone.
-    fn select(&self, budget: &Budget) -> Vec<usize> {
+    /// The job the next batch is built around: the highest (aged) level, then the oldest.
+    pub fn head(&self, now: Instant) -> Option<(Priority, Instant)> {
+        (0..self.entries.len()).map(|i| (self.rank(i, now), self.entries[i].enqueued)).min()
+    }
+
+    /// Which queued jobs make the next batch (queue indices, in queue order): by level, then
+    /// oldest first, or with `by_length` the head job and those of its level nearest to it in
+    /// cost. At least one: a job larger than the token budget still runs, alone.
+    fn select(&self, budget: &Budget, now: Instant) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        order.sort_by_cached_key(|&i| (self.rank(i, now), i));
         if self.by_length && !order.is_empty() {
             order.truncate(budget.max_size.saturating_mul(4));
-            let c0 = self.entries[0].cost;
-            order.sort_by_key(|&i| (self.entries[i].cost.abs_diff(c0), i));
+            let c0 = self.entries[order[0]].cost;
+            order.sort_by_cached_key(|&i| (self.rank(i, now), self.entries[i].cost.abs_diff(c0), i));
         }
         let mut picked = Vec::new();
         let mut largest = 0;
@@ -90,7 +108,7 @@ impl<T> State<T> {
 
     /// The batch due now, if one is: the budget is filled, or the oldest job reached its deadline.
     fn due_batch(&self, budget: &Budget, now: Instant) -> Option<Vec<usize>> {
-        let picked = self.select(budget);
+        let picked = self.select(budget, now);
         let full = picked.len() < self.entries.len() || picked.len() >= budget.max_size;
         let late = self.deadline().is_some_and(|d| d <= now);
         (!picked.is_empty() && (full || late)).then_some(picked)
@@ -119,6 +137,7 @@ pub trait Batchable {
     fn model(&self) -> &Arc<ModelSpec>;
     fn kind(&self) -> JobKind;
     fn cost(&self) -> usize;
+    fn priority(&self) -> Priority;
 }
 
 /// A closed batch: jobs of one model and kind.
@@ -136,6 +155,7 @@ pub async fn run<T: Batchable + Send + 'static>(
     mut jobs: mpsc::Receiver<T>,
     batches: mpsc::Sender<Batch<T>>,
     release: mpsc::Sender<Vec<T>>,
+    aging: Aging,
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let mut queues: HashMap<Key, (Arc<ModelSpec>, State<T>)> = HashMap::new();
@@ -145,12 +165,13 @@ pub async fn run<T: Batchable + Send + 'static>(
         _ => Budget { max_size: m.config.max_batch_size, max_tokens: m.config.max_batch_tokens },
     };
     loop {
-        // The queue to serve next: among those with a due batch, the one whose head is oldest.
+        // The queue to serve next: among those with a due batch, the one whose head has the
+        // highest level, then is oldest.
         let now = Instant::now();
         let next = queues
             .iter()
             .filter(|((_, kind), (m, s))| s.is_due(&budget(m, *kind), now))
-            .min_by_key(|(_, (_, s))| s.oldest())
+            .min_by_key(|(_, (_, s))| s.head(now))
             .map(|(k, _)| k.clone());
         let wake = queues.values().filter_map(|(_, s)| s.deadline()).min();
         tokio::select! {
@@ -171,10 +192,10 @@ pub async fn run<T: Batchable + Send + 'static>(
                 let generate = key.1.batching() == Batching::Continuous;
                 let (_, state) = queues.entry(key).or_insert_with(|| {
                     let wait = if generate { Duration::ZERO } else { Duration::from_millis(job.model().config.max_wait_ms) };
-                    (job.model().clone(), if scoring { State::by_length(wait) } else { State::new(wait) })
+                    (job.model().clone(), if scoring { State::by_length(wait) } else { State::new(wait) }.aging(aging))
                 });
-                let cost = job.cost();
-                state.append(job, cost, Instant::now());
+                let (cost, level) = (job.cost(), job.priority());
+                state.append(job, cost, level, Instant::now());
             }
             _ = sleep_until_opt(wake), if next.is_none() => {}
         }
@@ -200,6 +221,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Priority::*;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -209,7 +231,7 @@ mod tests {
         let mut s = State::new(10 * MS);
         let budget = Budget { max_size: 3, max_tokens: 0 };
         for i in 0..4 {
-            s.append(i, 1, t0);
+            s.append(i, 1, Normal, t0);
         }
         assert_eq!(s.next_batch(&budget, t0), Some(vec![0, 1, 2]));
         assert_eq!(s.next_batch(&budget, t0), None, "one job waits for company");
@@ -225,7 +247,7 @@ mod tests {
         let budget = Budget { max_size: 10, max_tokens: 100 };
         // Padded cost: 10, then 2 × 40 = 80, then 3 × 40 = 120 > 100.
         for cost in [10, 40, 5, 5] {
-            s.append(cost, cost, t0);
+            s.append(cost, cost, Normal, t0);
         }
         assert_eq!(s.next_batch(&budget, t0), Some(vec![10, 40]), "full by tokens, not by time");
         assert_eq!(s.next_batch(&budget, t0), None);
@@ -237,7 +259,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::by_length(MS);
         for cost in [100, 5, 98, 7, 103, 6] {
-            s.append(cost, cost, t0);
+            s.append(cost, cost, Normal, t0);
         }
         // Padded cost: 100, 200, 309, then 412 with a short one — over the budget.
         let budget = Budget { max_size: 4, max_tokens: 320 };
@@ -247,7 +269,7 @@ mod tests {
         // FIFO without by_length.
         let mut f = State::new(MS);
         for cost in [100, 5, 98] {
-            f.append(cost, cost, t0);
+            f.append(cost, cost, Normal, t0);
         }
         assert_eq!(f.next_batch(&Budget { max_size: 2, max_tokens: 0 }, t0), Some(vec![100, 5]));
     }
@@ -256,10 +278,52 @@ mod tests {
     fn a_job_over_the_token_budget_runs_alone() {
         let t0 = Instant::now();
         let mut s = State::new(MS);
-        s.append("big", 500, t0);
-        s.append("small", 1, t0);
+        s.append("big", 500, Normal, t0);
+        s.append("small", 1, Normal, t0);
         let budget = Budget { max_size: 8, max_tokens: 100 };
         assert_eq!(s.next_batch(&budget, t0), Some(vec!["big"]));
         assert_eq!(s.drain(), vec!["small"]);
+    }
+
+    #[test]
+    fn batches_take_the_highest_level_first_then_the_oldest() {
+        let t0 = Instant::now();
+        let mut s = State::new(MS);
+        for (item, level) in [("low-1", Low), ("normal-1", Normal), ("low-2", Low), ("high-1", High), ("normal-2", Normal), ("high-2", High)] {
+            s.append(item, 1, level, t0);
+        }
+        let budget = Budget { max_size: 3, max_tokens: 0 };
+        assert_eq!(s.head(t0), Some((High, t0)));
+        // A batch keeps queue order; its members are the two high jobs and the oldest normal one.
+        assert_eq!(s.next_batch(&budget, t0), Some(vec!["normal-1", "high-1", "high-2"]));
+        assert_eq!(s.next_batch(&budget, t0 + MS), Some(vec!["low-1", "low-2", "normal-2"]));
+        // By length, the head's level comes before nearness in cost.
+        let mut s = State::by_length(MS);
+        s.append("low-10", 10, Low, t0);
+        s.append("high-100", 100, High, t0);
+        s.append("high-5", 5, High, t0);
+        s.append("low-99", 99, Low, t0);
+        assert_eq!(s.next_batch(&Budget { max_size: 2, max_tokens: 0 }, t0), Some(vec!["high-100", "high-5"]));
+    }
+
+    #[test]
+    fn a_waiting_job_counts_one_level_higher_per_aging_period() {
+        let t0 = Instant::now();
+        let mut s = State::new(MS).aging(Aging(Duration::from_secs(10)));
+        let budget = Budget { max_size: 1, max_tokens: 0 };
+        s.append("low", 1, Low, t0);
+        s.append("normal", 1, Normal, t0 + Duration::from_secs(8));
+        // At 15 s the low job counts as normal and is older: it goes before the normal job.
+        s.append("high", 1, High, t0 + Duration::from_secs(15));
+        assert_eq!(s.next_batch(&budget, t0 + Duration::from_secs(15)), Some(vec!["high"]));
+        assert_eq!(s.head(t0 + Duration::from_secs(15)), Some((Normal, t0)));
+        assert_eq!(s.next_batch(&budget, t0 + Duration::from_secs(15)), Some(vec!["low"]));
+        // A low job that waited two periods counts as high and goes before a newer high job.
+        let mut s = State::new(MS).aging(Aging(Duration::from_secs(10)));
+        s.append("low", 1, Low, t0);
+        s.append("high", 1, High, t0 + Duration::from_secs(19));
+        assert_eq!(s.next_batch(&budget, t0 + Duration::from_secs(19)), Some(vec!["high"]), "at 19 s low counts as normal");
+        s.append("high-2", 1, High, t0 + Duration::from_secs(19));
+        assert_eq!(s.next_batch(&budget, t0 + Duration::from_secs(20)), Some(vec!["low"]), "at 20 s low counts as high, and is older");
     }
 }

@@ -118,6 +118,10 @@ impl Topology {
     pub fn jobs_subject(&self, model: &str) -> String {
         format!("{}.jobs.{model}", self.prefix)
     }
+    /// The subject of `model`'s jobs of `level` (see [`crate::priority`]).
+    pub fn priority_subject(&self, model: &str, level: crate::priority::Priority) -> String {
+        format!("{}{}", self.jobs_subject(model), level.subject_suffix())
+    }
     pub fn result_subject(&self, id: &str) -> String {
         format!("{}.results.{id}", self.prefix)
     }
@@ -188,6 +192,16 @@ pub struct ServeArgs {
     /// Seconds between metric snapshots published on `<prefix>.metrics.<worker>` (0: none).
     #[arg(long, env = "JETBATCH_METRICS_INTERVAL_SECS", default_value_t = 10)]
     pub metrics_interval_secs: u64,
+    /// The aging period of job priorities: a level not asked for jobs this long is asked first,
+    /// and a job waiting in the worker counts one level higher per period waited, so low jobs
+    /// are never starved (0: every level is served alike).
+    #[arg(long, env = "JETBATCH_PRIORITY_AGING_SECS", default_value_t = crate::priority::DEFAULT_AGING.as_secs_f64(), value_parser = seconds)]
+    pub priority_aging_secs: f64,
+}
+
+/// A number of seconds: finite and not negative.
+fn seconds(s: &str) -> Result<f64, String> {
+    s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| format!("'{s}': expected a number of seconds, 0 or more"))
 }
 
 impl ServeArgs {
@@ -281,6 +295,13 @@ pub struct SubmitArgs {
     /// results are appended, so the last line of a job wins.
     #[arg(long)]
     pub retry_errors: bool,
+    /// The jobs' priority level: `high`, `normal` or `low`; a line's own `priority` key wins.
+    #[arg(long, default_value = "normal", value_parser = priority)]
+    pub priority: crate::priority::Priority,
+}
+
+fn priority(s: &str) -> Result<crate::priority::Priority, String> {
+    crate::priority::Priority::parse(s).ok_or_else(|| format!("'{s}': expected one of high, normal, low"))
 }
 
 #[derive(Debug, Args)]

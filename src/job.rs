@@ -18,6 +18,7 @@ pub use crate::error::{ErrorCode, JobError, MAX_ERROR_MESSAGE_BYTES};
 use crate::error::excerpt;
 pub use crate::kinds::{FinishReason, JobInput, JobKind, Output, ValidationError};
 use crate::kinds::fields::{self, Place};
+use crate::priority::Priority;
 use crate::tensor::TensorData;
 
 /// Where results may be core-published at a producer's request (`reply_to`) by default.
@@ -150,6 +151,8 @@ pub struct Envelope {
     pub use_cache: bool,
     pub timeout: Option<Duration>,
     pub encoding: Encoding,
+    /// The `priority` field, if given; on the bus it must equal its subject's level.
+    pub priority: Option<Priority>,
 }
 
 /// A payload that cannot become a job. `id` is set when it could be read, so an error result can
@@ -657,11 +660,18 @@ pub fn decode(
             v.as_u64().ok_or_else(|| bad("timeout_ms: expected a non-negative integer".into()))?,
         )),
     };
+    let priority = match take("priority") {
+        None => None,
+        Some(v) => {
+            let p = expect_str("priority", v).map_err(bad)?;
+            Some(Priority::parse(&p).ok_or_else(|| bad(format!("priority: '{}' is not one of high, normal, low", excerpt(&p))))?)
+        }
+    };
     // Checked last, so a wrong known field is named first; a misspelt key gets our name for it.
     if let Some(key) = fields.keys().next() {
         return Err(reject(fields::unknown_key(Place::Top, key, fields::TOP_LEVEL, None).into()));
     }
-    Ok(Envelope { id, model, kind, input, params, reply_to, use_cache, timeout, encoding })
+    Ok(Envelope { id, model, kind, input, params, reply_to, use_cache, timeout, encoding, priority })
 }
 
 /// A job ready for the cache and the batcher.
@@ -683,6 +693,8 @@ pub struct ValidJob {
     pub stream: bool,
     pub timeout: Option<Duration>,
     pub encoding: Encoding,
+    /// Its level: the batcher picks jobs highest level first.
+    pub priority: Priority,
 }
 
 impl ValidJob {

@@ -30,6 +30,8 @@
 //!   (`serve/mod.rs`), the types that flow between its stages (`flow.rs`), `intake.rs` and
 //!   `results.rs` (the ack policy as a plain function, `decide`).
 //! - [`cache`], [`metrics`]: beside the pipeline.
+//! - [`priority`]: job levels, their subjects and consumers, the aging rule the pull loop and the
+//!   batcher follow.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
@@ -47,6 +49,7 @@ pub mod job;
 pub mod kinds;
 pub mod lm;
 pub mod metrics;
+pub mod priority;
 pub mod repository;
 pub mod serve;
 pub mod submit;

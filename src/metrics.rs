@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prometheus::proto::MetricType;
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 use tokio::sync::broadcast;
@@ -35,6 +35,10 @@ pub struct Metrics {
     pub model_forward_total: IntCounterVec,
     pub engine_jobs_total: IntCounterVec,
     pub models_loaded: IntGauge,
+    /// Job latency (publish to result) by priority level.
+    pub priority_latency_seconds: HistogramVec,
+    /// Jobs waiting in the stream by priority level (the level's consumer's pending count).
+    pub priority_pending: IntGaugeVec,
     /// Set while the worker is connected and consuming; `/healthz` reports it.
     pub ready: AtomicBool,
     /// True while the engine thread runs: set by `EngineHandle::start`, cleared when the thread
@@ -82,6 +86,18 @@ impl Metrics {
             model_forward_total: counter_vec("jetbatch_model_forward_total", "Forward passes run, by model.", &["model"]),
             engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
             models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
+            priority_latency_seconds: b.add(
+                HistogramVec::new(
+                    HistogramOpts::new("jetbatch_priority_latency_seconds", "JetStream publish time of the job to its result published, by priority level.")
+                        .buckets(exponential_buckets(0.0005, 2.0, 18).expect("buckets")),
+                    &["priority"],
+                )
+                .expect("valid metric"),
+            ),
+            priority_pending: b.add(
+                IntGaugeVec::new(Opts::new("jetbatch_priority_pending", "Jobs in the stream not yet delivered, by priority level."), &["priority"])
+                    .expect("valid metric"),
+            ),
             ready: AtomicBool::new(false),
             engine_alive: AtomicBool::new(false),
             registry: b.registry.clone(),

@@ -272,6 +272,7 @@ impl ModelSpec {
             stream: request.stream,
             timeout: env.timeout,
             encoding: env.encoding,
+            priority: env.priority.unwrap_or_default(),
         })
     }
 

@@ -17,6 +17,7 @@ use tracing::warn;
 
 use crate::config::{CancelArgs, SubmitArgs, Topology};
 use crate::job::{valid_job_id, valid_model_name};
+use crate::priority::Priority;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -72,24 +73,31 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// A line on what the workers' consumer says, for when results stop coming: are workers pulling,
-/// how many jobs wait, how many are being worked on.
+/// A line on what the workers' consumers (one per priority level) say, for when results stop
+/// coming: are workers pulling, how many jobs wait, how many are being worked on.
 async fn consumer_status(js: &Context, t: &Topology) -> String {
-    let info = async {
-        let mut consumer: jetstream::consumer::PullConsumer = js.get_stream(&t.jobs_stream).await.ok()?.get_consumer(&t.consumer).await.ok()?;
+    let info = |name: String| async move {
+        let mut consumer: jetstream::consumer::PullConsumer = js.get_stream(&t.jobs_stream).await.ok()?.get_consumer(&name).await.ok()?;
         consumer.info().await.ok().cloned()
     };
-    match info.await {
-        Some(i) if i.num_waiting == 0 && i.num_ack_pending == 0 => format!(
-            "consumer {}: no worker is pulling (0 pull requests waiting); {} job(s) pending",
-            t.consumer, i.num_pending
-        ),
-        Some(i) => format!(
-            "consumer {}: {} pull request(s) waiting, {} job(s) pending, {} being worked on",
-            t.consumer, i.num_waiting, i.num_pending, i.num_ack_pending
-        ),
-        None => format!("consumer {} cannot be looked up (not created yet: no worker has started?)", t.consumer),
+    let mut infos = Vec::new();
+    for level in Priority::ALL {
+        let name = level.consumer(&t.consumer);
+        match info(name.clone()).await {
+            Some(i) => infos.push((name, i)),
+            None => return format!("consumer {name} cannot be looked up (not created yet: no worker has started?)"),
+        }
     }
+    // An idle worker keeps a pull request open on every level; a busy one holds jobs of some.
+    if infos.iter().all(|(_, i)| i.num_waiting == 0 && i.num_ack_pending == 0) {
+        let pending: u64 = infos.iter().map(|(_, i)| i.num_pending).sum();
+        return format!("consumers {}: no worker is pulling (0 pull requests waiting); {pending} job(s) pending", t.consumer);
+    }
+    let levels: Vec<String> = infos
+        .iter()
+        .map(|(name, i)| format!("{name}: {} pull request(s) waiting, {} job(s) pending, {} being worked on", i.num_waiting, i.num_pending, i.num_ack_pending))
+        .collect();
+    format!("consumers {}", levels.join("; "))
 }
 
 /// A job line: its id and model (for the subject) and the JSON to publish.
@@ -97,6 +105,8 @@ pub struct JobLine {
     pub id: String,
     pub model: String,
     pub body: Vec<u8>,
+    /// The line's `priority`, if it has one; it is published on that level's subject.
+    pub priority: Option<Priority>,
 }
 
 /// Whether a result message answers the job whose payload hashes to `hash`: its body's id and its
@@ -116,7 +126,11 @@ impl JobLine {
         if v.get("reply_to").is_some() {
             return Err(bad("reply_to: submit collects results from the results stream; remove reply_to"));
         }
-        Ok(JobLine { id: id.to_string(), model: model.to_string(), body: line.as_bytes().to_vec() })
+        let priority = match v.get("priority") {
+            None => None,
+            Some(p) => Some(p.as_str().and_then(Priority::parse).ok_or_else(|| bad("priority: expected one of high, normal, low"))?),
+        };
+        Ok(JobLine { id: id.to_string(), model: model.to_string(), body: line.as_bytes().to_vec(), priority })
     }
 }
 
@@ -167,7 +181,8 @@ pub async fn run_jobs(
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", job.id.as_str());
         headers.insert("Content-Type", "application/json");
-        let ack = js.publish_with_headers(topology.jobs_subject(&job.model), headers, job.body.into()).await.map_err(|e| nats(&e))?;
+        let subject = topology.priority_subject(&job.model, job.priority.unwrap_or_default());
+        let ack = js.publish_with_headers(subject, headers, job.body.into()).await.map_err(|e| nats(&e))?;
         acks.push(async move { (job.id, ack.into_future().await) });
         while acks.len() >= 1024 {
             note(acks.next().await.expect("non-empty"))?;
@@ -314,7 +329,7 @@ fn read_jobs(reader: Box<dyn BufRead>, max_payload: usize, previous: &Previous, 
                 let retry = format!("{}:retry-{}", job.id, previous.retries.get(&job.id).copied().unwrap_or(0) + 1);
                 let mut v: Value = serde_json::from_str(&line).map_err(|e| SubmitError::Input(e.to_string()))?;
                 v["id"] = retry.clone().into();
-                jobs.push(JobLine { id: retry, model: job.model, body: v.to_string().into_bytes() });
+                jobs.push(JobLine { id: retry, model: job.model, body: v.to_string().into_bytes(), priority: job.priority });
             }
             Some(_) => done.push((n, job)),
         }
@@ -365,7 +380,10 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     } else {
         Box::new(std::io::BufReader::new(std::fs::File::open(&args.input)?))
     };
-    let (jobs, bad, done) = read_jobs(reader, max_payload, &previous, args.retry_errors)?;
+    let (mut jobs, bad, done) = read_jobs(reader, max_payload, &previous, args.retry_errors)?;
+    for job in &mut jobs {
+        job.priority.get_or_insert(args.priority);
+    }
     if !bad.is_empty() {
         for line in bad.iter().take(BAD_LINES_SHOWN) {
             eprintln!("{line}");

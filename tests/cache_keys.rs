@@ -24,6 +24,8 @@ fn key_of(kind: JobKind, input: JobInput) -> String {
         stream: false,
         timeout: None,
         encoding: Encoding::MsgPack,
+        // Not the default level: a job's priority does not change its result, nor its key.
+        priority: jetbatch::priority::Priority::Low,
     };
     hex(&job.cache_key())
 }

@@ -154,7 +154,7 @@ async fn a_stored_result_counts_only_if_it_answers_that_very_job() {
     // The worker's answered-elsewhere check: a redelivered job whose id has a forged result stored.
     let mut topology = h.topology.clone();
     topology.ack_wait_secs = 1.0;
-    let consumer = jetbatch::bus::setup(&h.js, &topology).await.unwrap();
+    let consumer = jetbatch::bus::setup(&h.js, &topology).await.unwrap().get(jetbatch::priority::Priority::Normal).clone();
     forge(&h, "victim-1").await;
     publish_json(&h.js, &mlp_job("victim-1")).await;
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
@@ -226,20 +226,33 @@ async fn ids_subjects_and_made_up_names_are_held_to_the_contract() {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", "other-id");
     h.js.publish_with_headers("jetbatch.jobs.mlp", headers, mlp_job("msgid-1").to_string().into()).await.unwrap().await.unwrap();
-    // A subject with extra tokens before the model.
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "subject-1");
-    h.js.publish_with_headers("jetbatch.jobs.x.y.mlp", headers, mlp_job("subject-1").to_string().into()).await.unwrap().await.unwrap();
+    // A subject with extra tokens before the model, or a level we do not have: no stream takes
+    // it, so the producer hears at once instead of the job waiting for a consumer.
+    for subject in ["jetbatch.jobs.x.y.mlp", "jetbatch.jobs.mlp.urgent", "jetbatch.jobs.mlp.high.x"] {
+        let stored = h.js.publish(subject, mlp_job("subject-1").to_string().into()).await.unwrap().await;
+        assert!(stored.is_err(), "{subject}: {stored:?}");
+    }
+    // A `priority` field must say what the subject says, and be a level.
+    let mut job = mlp_job("prio-1");
+    job["priority"] = json!("low");
+    h.js.publish("jetbatch.jobs.mlp.high", job.to_string().into()).await.unwrap().await.unwrap();
+    let mut job = mlp_job("prio-2");
+    job["priority"] = json!("urgent");
+    h.js.publish("jetbatch.jobs.mlp", job.to_string().into()).await.unwrap().await.unwrap();
     // 60 made-up models and kinds: none may become a metric series.
     for i in 0..60 {
         let (model, kind) = (format!("madeup-model-{i}"), format!("madeup-kind-{i}"));
         publish_json(&h.js, &json!({"id": format!("made-{i}"), "model": model, "kind": kind, "input": {}})).await;
     }
-    let got: HashMap<String, Vec<JobResult>> = collect(&mut sub, 62, Duration::from_secs(60)).await;
+    let got: HashMap<String, Vec<JobResult>> = collect(&mut sub, 63, Duration::from_secs(60)).await;
     let (code, message) = error_of(&got["msgid-1"][0]);
     assert!(code == ErrorCode::BadRequest && message.contains("Nats-Msg-Id"), "{message}");
-    let (code, message) = error_of(&got["subject-1"][0]);
-    assert!(code == ErrorCode::BadRequest && message.starts_with("model"), "{message}");
+    let (code, message) = error_of(&got["prio-1"][0]);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert_eq!(message, "priority: 'low' differs from the level of the subject it was published on ('high', jetbatch.jobs.mlp.high)");
+    let (code, message) = error_of(&got["prio-2"][0]);
+    assert_eq!((code, message), (ErrorCode::BadRequest, "priority: 'urgent' is not one of high, normal, low"));
+    assert!(!got.contains_key("subject-1"));
     assert_eq!((0..60).filter(|i| got.contains_key(&format!("made-{i}"))).count(), 60);
     let metrics = w.http_get("/metrics").await;
     assert!(!metrics.contains("madeup"), "made-up names became series");

@@ -174,6 +174,8 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     };
     let refused = [
         (tensor(("timeout", json!(5))), "timeout: unknown; did you mean timeout_ms?"),
+        (tensor(("priority", json!("urgent"))), "priority: 'urgent' is not one of high, normal, low"),
+        (tensor(("priority", json!(0))), "priority: expected a string"),
         (tensor(("params", json!({"scale": 2}))), "params.scale: unknown; tensor jobs take no params"),
         (tensor(("input", json!({"inputs": tensor_input["inputs"], "pad": 0}))), "input.pad: unknown"),
         (lm("generate", json!({"prompt": "hi"}), json!({"until": ["\n"]})), "params.until: unknown; did you mean stop?"),
@@ -199,6 +201,7 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     }
     let accepted = [
         tensor(("cache", json!(false))),
+        tensor(("priority", json!("low"))),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 1, "stop": ["x"], "stop_token_ids": [1], "stream": true})),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "truncate": "left"})),
         lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),

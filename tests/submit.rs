@@ -101,14 +101,17 @@ async fn ctrl_c_says_what_stays_queued_and_cancel_drops_it() {
     jetbatch::bus::setup(&h.js, &h.topology).await.unwrap();
     let input = h.dir.path().join("jobs.jsonl");
     let other = h.dir.path().join("other.jsonl");
-    std::fs::write(&input, (0..5).map(|i| job(&format!("c-{i}"), "mlp", i)).collect::<Vec<_>>().join("\n")).unwrap();
+    // The run goes out at low priority, but for a line that says high: cancel finds both levels.
+    let lines: Vec<String> = (0..5).map(|i| job(&format!("c-{i}"), "mlp", i)).collect();
+    let high = lines[1].replacen('{', r#"{"priority": "high", "#, 1);
+    std::fs::write(&input, [&lines[..1], &[high], &lines[2..]].concat().join("\n")).unwrap();
     std::fs::write(&other, job("keep-1", "mlp", 7)).unwrap();
     // No worker: the jobs stay queued.
     let url = h.url();
     let queued = jetbatch(&["submit", "--quiet", "--nats-url", &url, "--idle-timeout-secs", "1", "-i", other.to_str().unwrap(), "-o", "-"], &[]);
     assert!(text(&queued.stderr).contains("no result for 1 job(s)"), "{}", text(&queued.stderr));
     let child = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
-        .args(["submit", "--quiet", "--nats-url", &h.url(), "-i", input.to_str().unwrap(), "-o", h.dir.path().join("out").to_str().unwrap()])
+        .args(["submit", "--quiet", "--priority", "low", "--nats-url", &h.url(), "-i", input.to_str().unwrap(), "-o", h.dir.path().join("out").to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -119,6 +122,13 @@ async fn ctrl_c_says_what_stays_queued_and_cancel_drops_it() {
     assert!(!out.status.success());
     assert!(err.contains("interrupted: 0 result(s) written; 5 job(s) stay queued") && err.contains("jetbatch cancel"), "{err}");
     assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 6);
+    let stream = h.js.get_stream(&h.topology.jobs_stream).await.unwrap();
+    let mut subjects = Vec::new();
+    for seq in 1..=6 {
+        subjects.push(stream.get_raw_message(seq).await.unwrap().subject.to_string());
+    }
+    subjects.sort();
+    assert_eq!(subjects, ["jetbatch.jobs.mlp", "jetbatch.jobs.mlp.high", "jetbatch.jobs.mlp.low", "jetbatch.jobs.mlp.low", "jetbatch.jobs.mlp.low", "jetbatch.jobs.mlp.low"]);
     let cancel = jetbatch(&["cancel", "--nats-url", &h.url(), "-i", input.to_str().unwrap()], &[]);
     assert!(cancel.status.success() && text(&cancel.stderr).contains("cancelled 5 queued job(s) of 5"), "{}", text(&cancel.stderr));
     assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 1, "another run's job stays");

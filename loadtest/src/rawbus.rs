@@ -18,7 +18,7 @@ use jetbatch::config::Topology;
 pub async fn serve(url: String, topology: Topology, max_inflight: usize, pull_batch: usize, stop: tokio::sync::oneshot::Receiver<()>) -> anyhow::Result<()> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client);
-    let consumer = jetbatch::bus::setup_consumer(&js, &topology).await?;
+    let consumer = jetbatch::bus::setup_consumer(&js, &topology).await?.get(jetbatch::priority::Priority::Normal).clone();
     let mut messages = consumer.stream().max_messages_per_batch(pull_batch).messages().await?;
     let tail = bytes::Bytes::from(result_fields());
     let mut inflight = FuturesUnordered::new();

@@ -1,4 +1,4 @@
-//! The bus: everything JetStream. Connecting, creating the streams and the workers' consumer
+//! The bus: everything JetStream. Connecting, creating the streams and the workers' consumers
 //! (here); pulling jobs and the [`Delivery`] handle through which a job is acked, nak'ed, termed
 //! or extended ([`pull`]); publishing results, dead letters, streamed chunks and metric snapshots,
 //! and looking up whether a job was answered already ([`publish`]). The serve stages decide what
@@ -14,6 +14,7 @@ use async_nats::{Client, ServerAddr};
 use tracing::info;
 
 use crate::config::{NatsOpts, Topology};
+use crate::priority::Priority;
 
 pub use publish::{job_hash, publish_stored, result_msg_id, snapshots, stored_answer, Publisher, Streamer, JOB_HASH_HEADER};
 pub use pull::{keep_alive, pull, watch_consumer, Delivery, Held, PullOpts};
@@ -83,9 +84,9 @@ pub async fn connect(opts: &NatsOpts, name: &str) -> Result<Client, BusError> {
     async_nats::connect_with_options(addrs, options).await.map_err(|e| err(e.to_string()))
 }
 
-/// Creates or updates the jobs, results and dead-letter streams and the workers' consumer.
+/// Creates or updates the jobs, results and dead-letter streams and the workers' consumers.
 /// Safe to run from every worker at start: the same configuration is a no-op.
-pub async fn setup(js: &Context, t: &Topology) -> Result<consumer::PullConsumer, BusError> {
+pub async fn setup(js: &Context, t: &Topology) -> Result<Consumers, BusError> {
     setup_streams(js, t).await?;
     setup_consumer(js, t).await
 }
@@ -98,7 +99,9 @@ pub async fn setup_streams(js: &Context, t: &Topology) -> Result<(), BusError> {
         // Jobs: deleted once acked; the duplicate window drops re-published job ids.
         stream::Config {
             name: t.jobs_stream.clone(),
-            subjects: vec![format!("{}.jobs.>", t.prefix)],
+            // Exactly the subjects of the levels: a publish on any other `jobs.` subject fails at
+            // the producer (no stream) instead of waiting for a consumer that never comes.
+            subjects: Priority::ALL.iter().map(|p| format!("{}.jobs.*{}", t.prefix, p.subject_suffix())).collect(),
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             num_replicas: t.replicas,
@@ -134,28 +137,48 @@ pub async fn setup_streams(js: &Context, t: &Topology) -> Result<(), BusError> {
     Ok(())
 }
 
-/// Creates the workers' durable consumer, or updates it when its settings changed.
-pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<consumer::PullConsumer, BusError> {
-    let setup_err = |what: &str, e: &dyn std::fmt::Display| BusError::Setup(format!("{what}: {e}"));
-    let filter_subjects = if t.serve_models.is_empty() {
-        vec![format!("{}.jobs.>", t.prefix)]
-    } else {
-        t.serve_models.iter().map(|m| t.jobs_subject(m)).collect()
-    };
-    let config = consumer::pull::Config {
-        durable_name: Some(t.consumer.clone()),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: t.ack_wait(),
-        max_deliver: t.max_deliver,
-        max_ack_pending: t.max_ack_pending,
-        filter_subjects,
-        ..Default::default()
-    };
-    let jobs = js.get_stream(&t.jobs_stream).await.map_err(|e| setup_err("jobs stream", &e))?;
-    // create_consumer is idempotent for an identical config; a changed one (new ack wait, filter) is an update.
-    match jobs.create_consumer(config.clone()).await {
-        Ok(c) => Ok(c),
-        Err(_) => jobs.update_consumer(config).await.map_err(|e| setup_err(&format!("consumer {}", t.consumer), &e)),
+/// The pool's durable consumers, one per level (WorkQueue streams forbid overlapping filters).
+#[derive(Clone)]
+pub struct Consumers([consumer::PullConsumer; 3]);
+
+impl Consumers {
+    pub fn get(&self, level: Priority) -> &consumer::PullConsumer {
+        &self.0[level as usize]
     }
 }
 
+/// Creates the workers' durable consumers (see [`crate::priority`]), or updates those whose
+/// settings changed.
+pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<Consumers, BusError> {
+    let setup_err = |what: &str, e: &dyn std::fmt::Display| BusError::Setup(format!("{what}: {e}"));
+    let jobs = js.get_stream(&t.jobs_stream).await.map_err(|e| setup_err("jobs stream", &e))?;
+    let mut consumers = Vec::with_capacity(Priority::ALL.len());
+    // Normal first: a stream set up before levels existed has one consumer on `jobs.>`, which
+    // would overlap the other levels' filters until it is narrowed to `jobs.*`.
+    for level in [Priority::Normal, Priority::High, Priority::Low] {
+        let filter_subjects = if t.serve_models.is_empty() {
+            vec![format!("{}.jobs.*{}", t.prefix, level.subject_suffix())]
+        } else {
+            t.serve_models.iter().map(|m| t.priority_subject(m, level)).collect()
+        };
+        let name = level.consumer(&t.consumer);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: t.ack_wait(),
+            max_deliver: t.max_deliver,
+            max_ack_pending: t.max_ack_pending,
+            filter_subjects,
+            ..Default::default()
+        };
+        // create_consumer is idempotent for an identical config; a changed one (new ack wait, filter) is an update.
+        let made = match jobs.create_consumer(config.clone()).await {
+            Ok(c) => c,
+            Err(_) => jobs.update_consumer(config).await.map_err(|e| setup_err(&format!("consumer {name}"), &e))?,
+        };
+        consumers.push((level, made));
+    }
+    consumers.sort_by_key(|(level, _)| *level);
+    let consumers: Vec<_> = consumers.into_iter().map(|(_, c)| c).collect();
+    Ok(Consumers(consumers.try_into().unwrap_or_else(|_| unreachable!("one consumer per level"))))
+}

@@ -1,8 +1,8 @@
-//! Pulling jobs. Pulls are sized by free in-flight permits, never more: a job sits in this
-//! worker's buffer only while there is room to start it, so it cannot outlive `ack_wait` there and
-//! be redelivered to another worker (the over-buffering duplicates of nats.go#1929). Each pulled
-//! job holds a permit until it is acked or handed back, and [`keep_alive`] extends the lease of
-//! every job held.
+//! Pulling jobs, highest level first (see [`crate::priority`]). Pulls are sized by free in-flight
+//! permits, never more: a job sits in this worker's buffer only while there is room to start it,
+//! so it cannot outlive `ack_wait` there and be redelivered to another worker (the over-buffering
+//! duplicates of nats.go#1929). Each pulled job holds a permit until it is acked or handed back,
+//! and [`keep_alive`] extends the lease of every job held.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,12 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream::{self, consumer, AckKind};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use super::BusError;
+use super::{BusError, Consumers};
 use crate::metrics::Metrics;
+use crate::priority::{Priority, Sweep};
 
 /// The jobs this worker holds (pulled, not yet acked or handed back), so [`keep_alive`] can extend
 /// the lease of every one of them — queued, prefetched or computing — not only the running batch.
@@ -121,10 +123,12 @@ impl Delivery {
         self.headers.as_ref()?.get(name).map(|v| v.as_str())
     }
 
-    /// What follows `<prefix>.jobs.`: a model name when the subject is well formed. A subject
-    /// with extra tokens (`jobs.x.y.mlp`) keeps them, so the job is refused for not naming its model.
-    pub fn subject_model(&self, prefix: &str) -> &str {
-        self.subject.strip_prefix(prefix).and_then(|s| s.strip_prefix(".jobs.")).unwrap_or(&self.subject)
+    /// The model token and the priority level of the job's subject `<prefix>.jobs.<model>[.high|.low]`.
+    /// The jobs stream takes no other subjects; were one to come, its extra tokens stay in the
+    /// model token, so the job is refused for not naming its model.
+    pub fn subject_job(&self, prefix: &str) -> (&str, Priority) {
+        let rest = self.subject.strip_prefix(prefix).and_then(|s| s.strip_prefix(".jobs.")).unwrap_or(&self.subject);
+        Priority::split_subject(rest)
     }
 
     /// Time since the producer published the job.
@@ -155,13 +159,24 @@ impl Delivery {
 pub struct PullOpts {
     pub max_inflight: usize,
     pub pull_batch: usize,
+    /// A level not asked for jobs this long is asked first (see [`crate::priority`]).
+    pub aging: Duration,
 }
 
-/// The pull loop: fetches as many jobs as there are free permits and sends them to `out`. On
-/// shutdown it stops asking, finishes the open pull request and sends what still arrives to
-/// `release`, so those jobs are handed back at once instead of waiting out `ack_wait`.
+/// How long a pull request waits for a job on an idle worker before it is renewed; shutdown
+/// waits for the open ones, so this also bounds how long it waits for them.
+const LONG_POLL: Duration = Duration::from_secs(1);
+
+/// The pull loop: fetches as many jobs as there are free permits, highest level first, and
+/// sends them to `out`. While permits are free it asks the levels in turn without waiting
+/// ([`Puller::sweep`]); once every level was empty, it waits with one long poll per level, each
+/// holding one permit, so the first job of any level is taken at once and nothing arrives
+/// without a permit for it (with fewer free permits than levels, the levels first in the sweep's
+/// order get the polls and the others are asked again when one ends, within [`LONG_POLL`]). On shutdown it stops asking, waits for the open polls and sends what
+/// still arrives to `release`, so those jobs are handed back at once instead of waiting out
+/// `ack_wait`.
 pub async fn pull(
-    consumer: consumer::PullConsumer,
+    consumers: Consumers,
     opts: PullOpts,
     held: Held,
     out: mpsc::Sender<Delivery>,
@@ -170,79 +185,193 @@ pub async fn pull(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let permits = Arc::new(Semaphore::new(opts.max_inflight));
-    let mut stopping = false;
+    let mut p = Puller {
+        consumers,
+        permits: permits.clone(),
+        pull_batch: opts.pull_batch.max(1),
+        order: Sweep::new(opts.aging, Instant::now()),
+        held,
+        out,
+        release,
+        metrics: metrics.clone(),
+        stopping: false,
+    };
+    let mut polls = FuturesUnordered::new();
+    let mut polling = [false; 3];
+    // Every level was empty at the last sweep: wait on long polls instead of sweeping again.
+    let mut idle = false;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    while !stopping {
-        let mut slots = tokio::select! {
-            _ = shutdown.recv() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let extra = permits.available_permits().min(opts.pull_batch - 1);
-        if extra > 0 {
-            if let Ok(more) = permits.clone().try_acquire_many_owned(extra as u32) {
-                slots.merge(more);
-            }
+    loop {
+        if !p.stopping && !idle && permits.available_permits() > 0 {
+            idle = p.sweep().await;
         }
-        let want = slots.num_permits();
-        let mut batch = match consumer.batch().max_messages(want).expires(Duration::from_secs(1)).messages().await {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "pull request failed; retrying");
-                metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.recv(), if !stopping => { stopping = true; continue }
-                m = batch.next() => m,
-            };
-            let msg = match next {
-                None => break,
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    warn!(error = %e, "pull batch error");
-                    metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
-                    break;
-                }
-            };
-            let Some(permit) = slots.split(1) else { break };
-            let delivery = match Delivery::new(msg, permit, &metrics.inflight_jobs, &held) {
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(error = %e, "dropping a non-JetStream message");
+        if !p.stopping && idle {
+            let now = Instant::now();
+            for level in p.order.order(now) {
+                if polling[level as usize] {
                     continue;
                 }
-            };
-            if delivery.delivered > 1 {
-                metrics.redeliveries_total.inc();
+                let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                p.order.asked(level, now);
+                polling[level as usize] = true;
+                polls.push(long_poll(p.consumers.get(level).clone(), level, permit, p.metrics.clone()));
             }
-            let sent = if stopping { release.send(vec![delivery]).await.is_ok() } else { out.send(delivery).await.is_ok() };
-            if !sent {
-                stopping = true;
+        }
+        if p.stopping && polls.is_empty() {
+            break;
+        }
+        let lacking_poll = idle && polling.contains(&false);
+        tokio::select! {
+            _ = shutdown.recv(), if !p.stopping => p.stopping = true,
+            Some((level, got, permit)) = polls.next(), if !polls.is_empty() => {
+                polling[level as usize] = false;
+                if let Some(msg) = got {
+                    p.forward(msg, permit).await;
+                }
+                // Sweep again: a job that woke a poll may have company, and higher levels go first.
+                idle = false;
             }
+            // A permit came free: sweep, or open the poll a level lacked for want of one.
+            free = permits.acquire(), if !p.stopping && (!idle || lacking_poll) => drop(free),
         }
     }
     metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
     info!("pull loop stopped");
 }
 
-/// Keeps `jetbatch_consumer_pending` and `_ack_pending` current.
-pub async fn watch_consumer(mut consumer: consumer::PullConsumer, metrics: Arc<Metrics>, mut shutdown: broadcast::Receiver<()>) {
+/// Waits up to [`LONG_POLL`] for one job of `level`; gives back the permit it holds for it.
+async fn long_poll(
+    consumer: consumer::PullConsumer,
+    level: Priority,
+    permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+) -> (Priority, Option<jetstream::Message>, OwnedSemaphorePermit) {
+    // One message satisfies the request, so the server holds no request for this inbox after it.
+    let got = match consumer.batch().max_messages(1).expires(LONG_POLL).messages().await {
+        Ok(mut batch) => match batch.next().await {
+            Some(Ok(msg)) => Some(msg),
+            Some(Err(e)) => {
+                pull_failed(e.to_string(), &metrics).await;
+                None
+            }
+            None => None,
+        },
+        Err(e) => {
+            pull_failed(e.to_string(), &metrics).await;
+            None
+        }
+    };
+    (level, got, permit)
+}
+
+/// Counts a failed pull and pauses, so a broken connection is not asked again in a tight loop.
+async fn pull_failed(e: String, metrics: &Metrics) {
+    warn!(error = %e, "pull request failed; retrying");
+    metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// The pull loop's state between rounds.
+struct Puller {
+    consumers: Consumers,
+    permits: Arc<Semaphore>,
+    pull_batch: usize,
+    order: Sweep,
+    held: Held,
+    out: mpsc::Sender<Delivery>,
+    release: mpsc::Sender<Vec<Delivery>>,
+    metrics: Arc<Metrics>,
+    stopping: bool,
+}
+
+impl Puller {
+    /// Asks the levels for jobs without waiting, in [`Sweep::order`], until the free permits are
+    /// used. True when permits are left: every level was emptied.
+    async fn sweep(&mut self) -> bool {
+        let now = Instant::now();
+        for level in self.order.order(now) {
+            loop {
+                let want = self.permits.available_permits().min(self.pull_batch);
+                if want == 0 {
+                    return false;
+                }
+                let slots = self.permits.clone().try_acquire_many_owned(want as u32).expect("only the pull loop takes permits");
+                self.order.asked(level, now);
+                if self.fetch(level, slots).await < want {
+                    break;
+                }
+            }
+        }
+        self.permits.available_permits() > 0
+    }
+
+    /// One no-wait pull of as many jobs of `level` as `slots` has permits; returns how many came.
+    async fn fetch(&mut self, level: Priority, mut slots: OwnedSemaphorePermit) -> usize {
+        let want = slots.num_permits();
+        let mut batch = match self.consumers.get(level).fetch().max_messages(want).messages().await {
+            Ok(b) => b,
+            Err(e) => {
+                pull_failed(e.to_string(), &self.metrics).await;
+                return 0;
+            }
+        };
+        let mut got = 0;
+        while let Some(next) = batch.next().await {
+            let msg = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, %level, "pull batch error");
+                    self.metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
+                    break;
+                }
+            };
+            let Some(permit) = slots.split(1) else { break };
+            got += 1;
+            self.forward(msg, permit).await;
+        }
+        got
+    }
+
+    /// Hands a pulled job on with its permit: to intake, or to `release` once stopping.
+    async fn forward(&mut self, msg: jetstream::Message, permit: OwnedSemaphorePermit) {
+        let delivery = match Delivery::new(msg, permit, &self.metrics.inflight_jobs, &self.held) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "dropping a non-JetStream message");
+                return;
+            }
+        };
+        if delivery.delivered > 1 {
+            self.metrics.redeliveries_total.inc();
+        }
+        let sent = if self.stopping { self.release.send(vec![delivery]).await.is_ok() } else { self.out.send(delivery).await.is_ok() };
+        if !sent {
+            self.stopping = true;
+        }
+    }
+}
+
+/// Keeps `jetbatch_consumer_pending` and `_ack_pending` (summed over the levels) and
+/// `jetbatch_priority_pending{priority}` current.
+pub async fn watch_consumer(consumers: Consumers, metrics: Arc<Metrics>, mut shutdown: broadcast::Receiver<()>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = tick.tick() => {}
         }
-        match consumer.info().await {
-            Ok(info) => {
-                metrics.consumer_pending.set(info.num_pending as i64);
-                metrics.consumer_ack_pending.set(info.num_ack_pending as i64);
+        let (mut pending, mut ack_pending) = (0, 0);
+        for level in Priority::ALL {
+            match consumers.get(level).clone().info().await {
+                Ok(info) => {
+                    metrics.priority_pending.with_label_values(&[level.as_str()]).set(info.num_pending as i64);
+                    pending += info.num_pending as i64;
+                    ack_pending += info.num_ack_pending as i64;
+                }
+                Err(e) => warn!(error = %e, %level, "consumer info"),
             }
-            Err(e) => warn!(error = %e, "consumer info"),
         }
+        metrics.consumer_pending.set(pending);
+        metrics.consumer_ack_pending.set(ack_pending);
     }
 }
-

@@ -32,6 +32,7 @@ use crate::batcher::{self, Batchable};
 use crate::engine::{EngineError, EngineHandle, StreamChunk};
 use crate::job::{self, ErrorCode, JobError, JobKind, Limits, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
+use crate::priority::{Aging, Priority, DEFAULT_AGING};
 use crate::repository::{ModelSpec, RepoError, Repository};
 
 /// A job on its way through the core, with whatever its adapter needs to answer it.
@@ -54,6 +55,9 @@ impl<T: Ticket> Batchable for T {
     }
     fn cost(&self) -> usize {
         self.job().cost
+    }
+    fn priority(&self) -> Priority {
+        self.job().priority
     }
 }
 
@@ -106,25 +110,33 @@ impl ChunkSink for NoStreaming {
     async fn publish(&self, _: &ValidJob, _: &StreamChunk) {}
 }
 
-/// Starts the batcher and the runner on `tasks`: tickets in on `jobs`, each back on `out` as a
-/// [`Done`]. On `shutdown`, queued tickets come back [`Failure::Released`], the batch in flight
-/// finishes, and the tasks end once `jobs` is closed and drained.
+/// Where the core's answers go: every ticket back on `done`, streamed chunks to `chunks`.
+pub struct Outlets<O, S> {
+    pub done: mpsc::Sender<O>,
+    pub chunks: S,
+}
+
+/// Starts the batcher and the runner on `tasks`: tickets in on `jobs`, each back on
+/// `outlets.done` as a [`Done`]; batches age tickets by `aging` (see [`crate::priority`]). On
+/// `shutdown`, queued tickets come back [`Failure::Released`], the batch in flight finishes, and
+/// the tasks end once `jobs` is closed and drained.
 pub fn spawn<T, O, S>(
     tasks: &mut JoinSet<()>,
     engine: EngineHandle,
     jobs: mpsc::Receiver<T>,
-    out: mpsc::Sender<O>,
-    chunks: S,
+    outlets: Outlets<O, S>,
     metrics: Arc<Metrics>,
+    aging: Aging,
     shutdown: &broadcast::Sender<()>,
 ) where
     T: Ticket,
     O: From<Done<T>> + Send + 'static,
     S: ChunkSink,
 {
+    let Outlets { done: out, chunks } = outlets;
     let (batches_tx, batches_rx) = mpsc::channel(1);
     let (release_tx, mut release_rx) = mpsc::channel::<Vec<T>>(4);
-    tasks.spawn(batcher::run(jobs, batches_tx, release_tx, shutdown.subscribe()));
+    tasks.spawn(batcher::run(jobs, batches_tx, release_tx, aging, shutdown.subscribe()));
     tasks.spawn(runner::runner(batches_rx, engine, chunks, out.clone(), metrics, shutdown.subscribe()));
     tasks.spawn(async move {
         while let Some(tickets) = release_rx.recv().await {
@@ -188,7 +200,7 @@ impl Infer {
         let (out, mut out_rx) = mpsc::channel::<Done<Local>>(1024);
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
-        spawn(&mut tasks, engine.clone(), jobs_rx, out, NoStreaming, metrics, &shutdown);
+        spawn(&mut tasks, engine.clone(), jobs_rx, Outlets { done: out, chunks: NoStreaming }, metrics, Aging(DEFAULT_AGING), &shutdown);
         tasks.spawn(async move {
             while let Some(Done { ticket, timing, result }) = out_rx.recv().await {
                 let answer = result.map(|output| Answer { output, timing }).map_err(|f| f.to_job_error());

@@ -11,6 +11,7 @@ use tracing::{error, warn};
 use super::flow::{Ctx, Finished, Header, Outcome, Pending};
 use crate::infer::ms;
 use crate::bus::{self, Delivery};
+use crate::error::excerpt;
 use crate::job::{self, JobError, Limits, Output, ValidJob};
 use crate::repository::{ModelSpec, Repository};
 
@@ -93,7 +94,8 @@ type Parsed = (ValidJob, Arc<ModelSpec>, Option<[u8; 32]>);
 
 /// Decodes and validates a delivery; on failure, the header of the error result.
 fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -> Result<Parsed, (Header, JobError)> {
-    let env = job::decode(&d.payload, d.header("Content-Type"), d.subject_model(prefix), limits).map_err(|r| {
+    let (model, level) = d.subject_job(prefix);
+    let mut env = job::decode(&d.payload, d.header("Content-Type"), model, limits).map_err(|r| {
         let header = Header::of_parts(r.id, r.model.unwrap_or_default(), r.kind.unwrap_or_default(), r.encoding, None);
         (header, r.error)
     })?;
@@ -103,6 +105,15 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -
     if let Some(msg_id) = d.header("Nats-Msg-Id").filter(|m| *m != env.id) {
         let msg = format!("id: '{}' differs from the Nats-Msg-Id header '{}'", env.id, msg_id.chars().take(64).collect::<String>());
         return Err((header(&env), JobError::bad_request(msg)));
+    }
+    // The subject decides the level (the consumer that delivered it); a body that says otherwise
+    // was published on the wrong subject.
+    match env.priority {
+        Some(p) if p != level => {
+            let msg = format!("priority: '{p}' differs from the level of the subject it was published on ('{level}', {})", excerpt(&d.subject));
+            return Err((header(&env), JobError::bad_request(msg)));
+        }
+        _ => env.priority = Some(level),
     }
     let h = header(&env);
     let (job, spec) = repository.admit(env, limits.max_tensor_elements).map_err(|e| (h, e))?;

@@ -31,6 +31,7 @@ use crate::config::ServeArgs;
 use crate::engine::EngineHandle;
 use crate::job::{self, Limits};
 use crate::metrics::Metrics;
+use crate::priority::Aging;
 use crate::repository::{RepoError, Repository};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +82,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
 
     let client = bus::connect(&args.nats, &format!("jetbatch-worker {worker}")).await?;
     let js = jetstream::new(client.clone());
-    let consumer = bus::setup(&js, &args.topology).await?;
+    let consumers = bus::setup(&js, &args.topology).await?;
 
     // libtorch's threads, as configured (the first worker of a process decides: they are per process).
     crate::engine::configure_threads(args.torch);
@@ -121,18 +122,20 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     // Runs until every held job is settled, past the shutdown signal: the last batch keeps its lease.
     let keep_alive = tokio::spawn(bus::keep_alive(client.clone(), held.clone(), args.topology.ack_wait(), metrics.clone()));
     let mut tasks = tokio::task::JoinSet::new();
+    let aging = Duration::from_secs_f64(args.priority_aging_secs);
     tasks.spawn(bus::pull(
-        consumer.clone(),
-        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight) },
+        consumers.clone(),
+        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight), aging },
         held,
         deliveries_tx,
         release_tx,
         metrics.clone(),
         notify.subscribe(),
     ));
-    tasks.spawn(bus::watch_consumer(consumer, metrics.clone(), notify.subscribe()));
+    tasks.spawn(bus::watch_consumer(consumers, metrics.clone(), notify.subscribe()));
     tasks.spawn(intake::intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
-    crate::infer::spawn(&mut tasks, engine, pending_rx, finished_tx.clone(), streamer, metrics.clone(), &notify);
+    let outlets = crate::infer::Outlets { done: finished_tx.clone(), chunks: streamer };
+    crate::infer::spawn(&mut tasks, engine, pending_rx, outlets, metrics.clone(), Aging(aging), &notify);
     drop(finished_tx);
     tasks.spawn(bus::snapshots(client.clone(), snapshot_subject, metrics.clone(), args.metrics_interval_secs, notify.subscribe()));
     tasks.spawn(throughput(metrics.clone(), THROUGHPUT_EVERY, notify.subscribe()));

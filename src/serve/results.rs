@@ -173,6 +173,8 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     let [model, kind] = ctx.labels(&header);
     ctx.metrics.jobs_total.with_label_values(&[model, kind, status]).inc();
     ctx.metrics.job_latency_seconds.with_label_values(&[model]).observe(delivery.age().as_secs_f64());
+    let level = delivery.subject_job(&ctx.topology.prefix).1;
+    ctx.metrics.priority_latency_seconds.with_label_values(&[level.as_str()]).observe(delivery.age().as_secs_f64());
     let done = match then {
         Then::DeadLetter(err) => return dead_letter_then_term(&delivery, &header, &err, &ctx).await,
         Then::Ack => delivery.ack().await,

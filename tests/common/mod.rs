@@ -475,6 +475,11 @@ pub fn seq_input(seed: u64, len: i64) -> TensorData {
 
 /// Publishes many jobs with pipelined acks, so they arrive as a burst.
 pub async fn burst(h: &Harness, jobs: &[rmpv::Value]) {
+    burst_at(h, jobs, "").await
+}
+
+/// [`burst`] on the subjects of a priority level: `suffix` is `.high`, `.low` or empty (normal).
+pub async fn burst_at(h: &Harness, jobs: &[rmpv::Value], suffix: &str) {
     let mut acks = futures::stream::FuturesUnordered::new();
     for job in jobs {
         let map = job.as_map().unwrap();
@@ -482,7 +487,7 @@ pub async fn burst(h: &Harness, jobs: &[rmpv::Value]) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", field("id").as_str());
         let payload = rmp_serde::to_vec_named(job).unwrap();
-        let ack = h.js.publish_with_headers(format!("jetbatch.jobs.{}", field("model")), headers, payload.into()).await.unwrap();
+        let ack = h.js.publish_with_headers(format!("jetbatch.jobs.{}{suffix}", field("model")), headers, payload.into()).await.unwrap();
         acks.push(ack.into_future());
     }
     while let Some(ack) = acks.next().await {

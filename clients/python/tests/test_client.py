@@ -142,6 +142,24 @@ def test_error_results_are_typed(worker, nats_url):
     assert good.ok and good.output.logprob < 0
 
 
+def test_priority_publishes_on_the_levels_subject(worker, nats_url):
+    async def delivered(consumer):
+        nc = await nats.connect(nats_url)
+        try:
+            return (await nc.jetstream().consumer_info("JETBATCH_JOBS", consumer)).delivered.consumer_seq
+        finally:
+            await nc.close()
+
+    before = {c: run(delivered(c)) for c in ("jetbatch-workers-high", "jetbatch-workers", "jetbatch-workers-low")}
+    for level, context in (("high", "high"), ("low", "low one"), ("low", "low two")):
+        [r] = run(collect(nats_url, [Job.loglikelihood(MODEL, context, " priority")], priority=level))
+        assert r.ok, r.error
+    after = {c: run(delivered(c)) for c in before}
+    assert {c: after[c] - before[c] for c in before} == {"jetbatch-workers-high": 1, "jetbatch-workers": 0, "jetbatch-workers-low": 2}
+    with pytest.raises(ValueError, match="priority: 'urgent' is not one of high, normal, low"):
+        run(collect(nats_url, [Job.loglikelihood(MODEL, "a", " b")], priority="urgent"))
+
+
 def test_invalid_jobs_are_refused_before_publishing():
     with pytest.raises(ValueError, match="model"):
         Job.loglikelihood("a.b", "x", "y")

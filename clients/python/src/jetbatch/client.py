@@ -29,6 +29,9 @@ from .types import JetbatchTimeout, Job, Result, valid_job_id
 log = logging.getLogger("jetbatch")
 
 JOB_HASH_HEADER = "Jetbatch-Job-Hash"
+# Priority levels, highest first; each has its subjects and its consumer (see the README).
+PRIORITIES = ("high", "normal", "low")
+
 # Quiet time after which the consumer's state is reported, as `jetbatch submit` does.
 STALL_REPORT_S = 4.0
 POLL_S = 2.0
@@ -77,8 +80,13 @@ class Topology:
     duplicate_window_s: float = 120.0
     results_max_age_s: float = 24 * 3600.0
 
-    def jobs_subject(self, model: str) -> str:
-        return f"{self.prefix}.jobs.{model}"
+    def jobs_subject(self, model: str, priority: str = "normal") -> str:
+        """`<prefix>.jobs.<model>` for normal jobs, with `.high` or `.low` after it for the others."""
+        return f"{self.prefix}.jobs.{model}" + ("" if priority == "normal" else f".{priority}")
+
+    def consumer_of(self, priority: str) -> str:
+        """The workers' durable consumer of a priority level."""
+        return self.consumer if priority == "normal" else f"{self.consumer}-{priority}"
 
     def result_subject(self, job_id: str) -> str:
         return f"{self.prefix}.results.{job_id}"
@@ -88,10 +96,10 @@ class _Pending:
     """One distinct job of a submit call: its id, payload, hash and where it sits in the input
     (identical jobs share an id, are computed once and answer every position)."""
 
-    __slots__ = ("id", "model", "payload", "hash", "indices")
+    __slots__ = ("id", "model", "payload", "hash", "indices", "priority")
 
-    def __init__(self, job_id: str, model: str, payload: bytes):
-        self.id, self.model, self.payload = job_id, model, payload
+    def __init__(self, job_id: str, model: str, payload: bytes, priority: str):
+        self.id, self.model, self.payload, self.priority = job_id, model, payload, priority
         self.hash = job_hash(payload)
         self.indices: list[int] = []
 
@@ -188,7 +196,8 @@ class Client:
         except NotFoundError:
             try:
                 await js.add_stream(api.StreamConfig(
-                    name=t.jobs_stream, subjects=[f"{t.prefix}.jobs.>"], retention=api.RetentionPolicy.WORK_QUEUE,
+                    name=t.jobs_stream, subjects=[t.jobs_subject("*", p) for p in PRIORITIES],
+                    retention=api.RetentionPolicy.WORK_QUEUE,
                     storage=api.StorageType.FILE, duplicate_window=t.duplicate_window_s))
                 await js.add_stream(api.StreamConfig(
                     name=t.results_stream, subjects=[f"{t.prefix}.results.>"], retention=api.RetentionPolicy.LIMITS,
@@ -202,7 +211,7 @@ class Client:
                     f"streams missing and cannot be created ({e}); run `jetbatch setup` with a worker's credentials") from e
         self._streams_checked = True
 
-    def _prepare(self, jobs: Iterable[Union[Job, dict]], run_id: str) -> tuple[list[_Pending], int]:
+    def _prepare(self, jobs: Iterable[Union[Job, dict]], run_id: str, priority: str) -> tuple[list[_Pending], int]:
         by_id: dict[str, _Pending] = {}
         n = 0
         for n, job in enumerate(jobs, start=1):
@@ -214,7 +223,7 @@ class Client:
             if p is None:
                 wire = {"id": job_id, **body}
                 payload = msgpack.packb(wire, use_bin_type=True) if self.encoding == "msgpack" else json.dumps(wire).encode()
-                p = by_id[job_id] = _Pending(job_id, job.model, payload)
+                p = by_id[job_id] = _Pending(job_id, job.model, payload, priority)
             elif job.id is not None and {"id": job_id, **body} != _decode(p.payload):
                 raise ValueError(f"id: {job_id!r} is given to two different jobs (positions {p.indices[0]} and {n - 1})")
             p.indices.append(n - 1)
@@ -238,16 +247,23 @@ class Client:
         return [f for f in found if f is not None]
 
     async def consumer_status(self) -> str:
-        """What the workers' consumer says: are workers pulling, how many jobs wait or are worked on."""
+        """What the workers' consumers (one per priority level) say: are workers pulling, how many
+        jobs wait or are worked on."""
         t = self.topology
-        try:
-            i = await self._nc.jetstream().consumer_info(t.jobs_stream, t.consumer)
-        except Exception:
-            return f"consumer {t.consumer} cannot be looked up (not created yet: no worker has started?)"
-        if not i.num_waiting and not i.num_ack_pending:
-            return f"consumer {t.consumer}: no worker is pulling (0 pull requests waiting); {i.num_pending} job(s) pending"
-        return (f"consumer {t.consumer}: {i.num_waiting} pull request(s) waiting, {i.num_pending} job(s) pending, "
-                f"{i.num_ack_pending} being worked on")
+        infos = []
+        for p in PRIORITIES:
+            name = t.consumer_of(p)
+            try:
+                infos.append((name, await self._nc.jetstream().consumer_info(t.jobs_stream, name)))
+            except Exception:
+                return f"consumer {name} cannot be looked up (not created yet: no worker has started?)"
+        # An idle worker keeps a pull request open on every level; a busy one holds jobs of some.
+        if all(not i.num_waiting and not i.num_ack_pending for _, i in infos):
+            pending = sum(i.num_pending for _, i in infos)
+            return f"consumers {t.consumer}: no worker is pulling (0 pull requests waiting); {pending} job(s) pending"
+        return "consumers " + "; ".join(
+            f"{name}: {i.num_waiting} pull request(s) waiting, {i.num_pending} job(s) pending, {i.num_ack_pending} being worked on"
+            for name, i in infos)
 
     async def submit(
         self,
@@ -257,17 +273,22 @@ class Client:
         run_id: Optional[str] = None,
         progress: Optional[bool] = None,
         timeout: Optional[float] = None,
+        priority: str = "normal",
     ) -> AsyncIterator[Result]:
         """Publishes `jobs` and yields one `Result` per job (`result.index` is its position) as
         they arrive, or in input order with `ordered=True`. `timeout`: seconds for the whole call.
-        Error results are yielded like the others (`result.error`, or `result.output` raises)."""
+        `priority`: `high`, `normal` or `low` — workers take higher levels first (low jobs age, so
+        they are never starved). Error results are yielded like the others (`result.error`, or
+        `result.output` raises)."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
         run_id = run_id or self.run_id
         resumable = run_id is not None
         if run_id is None:
             run_id = uuid.uuid4().hex
         elif not valid_job_id(run_id):
             raise ValueError(f"run_id: {run_id!r} is not a job id prefix")
-        pending, total = self._prepare(jobs, run_id)
+        pending, total = self._prepare(jobs, run_id, priority)
         if not pending:
             return
         await self.connect()
@@ -358,7 +379,7 @@ class Client:
                 continue
             published.add(p.id)
             headers = {"Nats-Msg-Id": p.id, "Content-Type": ct}
-            acks.append(await js.publish_async(self.topology.jobs_subject(p.model), p.payload, headers=headers))
+            acks.append(await js.publish_async(self.topology.jobs_subject(p.model, p.priority), p.payload, headers=headers))
             if len(acks) >= 256:
                 await self._await_acks(acks)
                 acks = []
