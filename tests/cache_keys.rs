@@ -23,6 +23,7 @@ fn key_of(kind: JobKind, input: JobInput) -> String {
         use_cache: true,
         stream: false,
         timeout: None,
+        deadline: None,
         encoding: Encoding::MsgPack,
     };
     hex(&job.cache_key())

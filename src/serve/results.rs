@@ -137,7 +137,8 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     if let Err(err) = &answer {
         info!(id = ?header.id, model = ctx.labels(&header)[0], error = %err, "job answered with an error");
     }
-    if let (Ok(output), Some(cache), Some(key), false) = (&answer, &ctx.cache, &header.cache_key, header.cached) {
+    // A generation its deadline cut short is answered but not cached: it is not the job's result.
+    if let (Some(output), Some(cache), Some(key), false) = (answer.as_ref().ok().filter(|o| o.complete()), &ctx.cache, &header.cache_key, header.cached) {
         if let Err(e) = cache.put(key, output) {
             warn!(error = %e, "cache write");
             ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
