@@ -70,6 +70,10 @@ fn the_schemas_reject_what_the_worker_rejects() {
         json!({"id": "a", "model": 7, "kind": "tensor", "input": {}}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "cache": "yes"}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "timeout_ms": -1}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": "tomorrow"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": "2026-11-26T12:00:00"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": 1795694400}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": 1.5}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "params": 5}),
     ];
     let limits = Limits::new(1 << 20, 1 << 20);
@@ -199,6 +203,8 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     }
     let accepted = [
         tensor(("cache", json!(false))),
+        tensor(("deadline", json!("2026-11-26T13:00:00.5+01:00"))),
+        tensor(("deadline", json!(1795694400000u64))),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 1, "stop": ["x"], "stop_token_ids": [1], "stream": true})),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "truncate": "left"})),
         lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),
