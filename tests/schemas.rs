@@ -92,6 +92,26 @@ fn the_schemas_reject_what_the_worker_rejects() {
 }
 
 #[test]
+fn emitted_metric_snapshots_validate() {
+    let schema = validator("metrics-snapshot.schema.json");
+    let m = jetbatch::metrics::Metrics::new("w-1");
+    m.jobs_total.with_label_values(&["mlp", "tensor", "ok"]).inc();
+    m.job_errors_total.with_label_values(&["timeout"]).inc();
+    m.batch_size.with_label_values(&["mlp"]).observe(3.0);
+    m.inflight_jobs.set(2);
+    let snap = m.snapshot();
+    assert_valid(&schema, &snap, "snapshot");
+    assert_eq!(snap["metrics"]["jetbatch_job_errors_total"]["series"][0]["labels"]["code"], "timeout");
+    // A Prometheus series string where the labels belong is refused.
+    let mut flat = snap.clone();
+    flat["metrics"]["jetbatch_inflight_jobs"] = json!(2.0);
+    assert!(!schema.is_valid(&flat));
+    let mut labels = snap;
+    labels["metrics"]["jetbatch_jobs_total"]["series"][0]["labels"] = json!("model=\"mlp\"");
+    assert!(!schema.is_valid(&labels));
+}
+
+#[test]
 fn emitted_results_validate() {
     let result = validator("result.schema.json");
     let output = Output::Tensor(vec![TensorData::from((&[1.0f32, -2.0][..], vec![2]))]);

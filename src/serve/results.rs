@@ -152,6 +152,7 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
         ctx.streamer.publish(id, header.encoding, &crate::engine::StreamChunk { done: true, ..chunk }).await;
     }
     let mut status = if answer.is_ok() { "ok" } else { "error" };
+    let mut code = answer.as_ref().err().map(|e| e.code);
     let mut then = then;
     if let Err(e) = publish_result(&ctx, &header, &hash, answer).await {
         ctx.metrics.errors_total.with_label_values(&["bus", e.error_type()]).inc();
@@ -169,10 +170,14 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
             Ok(()) => {}
         }
         status = "error";
+        code = Some(err.code);
         then = Then::DeadLetter(err);
     }
     let [model, kind] = ctx.labels(&header);
     ctx.metrics.jobs_total.with_label_values(&[model, kind, status]).inc();
+    if let Some(code) = code {
+        ctx.metrics.job_errors_total.with_label_values(&[code.as_str()]).inc();
+    }
     ctx.metrics.job_latency_seconds.with_label_values(&[model]).observe(delivery.age().as_secs_f64());
     let done = match then {
         Then::DeadLetter(err) => return dead_letter_then_term(&delivery, &header, &err, &ctx).await,
