@@ -14,14 +14,16 @@ pub(crate) struct GenQueue<I> {
     waiting: VecDeque<(u64, I, usize)>,
     /// Rows of the running batch: the tokens each may occupy, and its input (to requeue it).
     running: HashMap<u64, (usize, I)>,
-    /// Deadlines of the jobs that have one and were not yet reported past it. Most jobs have
-    /// none, so the check a step makes is of an empty map.
+    /// Deadlines of the jobs that have one and were not yet reported past it.
     deadlines: HashMap<u64, Instant>,
+    /// No deadline falls before this: until then a step's check is one comparison. It may be
+    /// early (a job with the earliest deadline left) — the next scan moves it on.
+    earliest: Option<Instant>,
 }
 
 impl<I> Default for GenQueue<I> {
     fn default() -> Self {
-        GenQueue { waiting: VecDeque::new(), running: HashMap::new(), deadlines: HashMap::new() }
+        GenQueue { waiting: VecDeque::new(), running: HashMap::new(), deadlines: HashMap::new(), earliest: None }
     }
 }
 
@@ -39,6 +41,7 @@ impl<I: Clone> GenQueue<I> {
         self.waiting.push_back((job, input, cost));
         if let Some(d) = deadline {
             self.deadlines.insert(job, d);
+            self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
         }
     }
 
@@ -46,10 +49,11 @@ impl<I: Clone> GenQueue<I> {
     /// the queue; running rows stay until the step that ends them reports them (`leave`).
     pub fn expire(&mut self, now: Instant) -> Expired {
         let mut expired = Expired::default();
-        if self.deadlines.is_empty() {
+        if self.earliest.is_none_or(|e| e > now) {
             return expired;
         }
         let mut due: Vec<u64> = self.deadlines.iter().filter(|(_, d)| **d <= now).map(|(j, _)| *j).collect();
+        self.earliest = self.deadlines.values().filter(|d| **d > now).min().copied();
         // Job numbers grow with arrival: reported oldest first.
         due.sort_unstable();
         for job in due {
