@@ -48,7 +48,8 @@ pub enum EngineError {
     /// Never started: handed back at shutdown (a generate job still waiting to join).
     #[error("handed back at shutdown")]
     Released,
-    /// Never started: its deadline passed while it waited to join a generation.
+    /// Its deadline passed while it waited to join a generation (or, paused out of memory, to
+    /// rejoin one: what it had generated is dropped).
     #[error("its deadline passed while it waited to join a generation")]
     Expired,
 }
