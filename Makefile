@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: demo test build bench bootstrap
+.PHONY: demo test build bench bootstrap install install-check
 
 ## A local nats-server, the built-in demo models, a worker, and a few demo jobs with their results.
 demo: bootstrap
@@ -26,6 +26,17 @@ bench: bootstrap
 
 build: bootstrap
 	$(ENV) cargo build --release --locked
+
+## Installs the release binary for hosts without the build tree: PREFIX/bin/jetbatch, and libtorch's
+## shared libraries in PREFIX/lib/jetbatch (found through the rpath $$ORIGIN/../lib/jetbatch).
+PREFIX ?= /usr/local
+install: build
+	./scripts/install.sh $(PREFIX)
+
+## The install layout's test (tests/install.rs, which the suite runs on the debug binary) on the
+## release binary: installed to a temporary prefix, moved, run with a clean environment.
+install-check: build
+	$(ENV) JETBATCH_INSTALL_BIN=target/release/jetbatch cargo test --locked --test install
 
 bootstrap:
 	./scripts/bootstrap.sh

@@ -12,6 +12,7 @@ use std::time::Duration;
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
+pub use crate::deadline::Deadline;
 pub use crate::encoding::Encoding;
 use crate::encoding::BOM;
 pub use crate::error::{ErrorCode, JobError, MAX_ERROR_MESSAGE_BYTES};
@@ -150,6 +151,7 @@ pub struct Envelope {
     pub reply_to: Option<String>,
     pub use_cache: bool,
     pub timeout: Option<Duration>,
+    pub deadline: Option<Deadline>,
     pub encoding: Encoding,
     /// The `priority` field, if given; on the bus it must equal its subject's level.
     pub priority: Option<Priority>,
@@ -667,11 +669,12 @@ pub fn decode(
             Some(Priority::parse(&p).ok_or_else(|| bad(format!("priority: '{}' is not one of high, normal, low", excerpt(&p))))?)
         }
     };
+    let deadline = take("deadline").map(|v| Deadline::parse(&v)).transpose().map_err(bad)?;
     // Checked last, so a wrong known field is named first; a misspelt key gets our name for it.
     if let Some(key) = fields.keys().next() {
         return Err(reject(fields::unknown_key(Place::Top, key, fields::TOP_LEVEL, None).into()));
     }
-    Ok(Envelope { id, model, kind, input, params, reply_to, use_cache, timeout, encoding, priority })
+    Ok(Envelope { id, model, kind, input, params, reply_to, use_cache, timeout, deadline, encoding, priority })
 }
 
 /// A job ready for the cache and the batcher.
@@ -692,6 +695,9 @@ pub struct ValidJob {
     /// `generate` with `stream: true`: chunks go on `<prefix>.stream.<id>` before the result.
     pub stream: bool,
     pub timeout: Option<Duration>,
+    /// Past it the job is answered `timeout` unstarted, and a generation stops (not part of the
+    /// cache key: it changes whether a result comes, not what it is).
+    pub deadline: Option<Deadline>,
     pub encoding: Encoding,
     /// Its level: the batcher picks jobs highest level first.
     pub priority: Priority,
@@ -904,6 +910,19 @@ mod tests {
         assert_eq!((r.model.as_deref(), r.kind.as_deref()), (Some("m"), Some("embed")));
         let r = json(&format!(r#"{{"id":"a","model":"{}","kind":7,"input":{{}}}}"#, "m".repeat(70_000))).unwrap_err();
         assert_eq!((r.model, r.kind), (None, None));
+    }
+
+    #[test]
+    fn a_deadline_is_read_as_a_timestamp_or_epoch_milliseconds() {
+        let job = |extra: &str| format!(r#"{{"id":"s","model":"m","kind":"tensor","input":{{}}{extra}}}"#);
+        let noon = Deadline::from_unix_ms(1_795_694_400_000);
+        assert_eq!(json(&job(r#","deadline":"2026-11-26T12:00:00Z""#)).unwrap().deadline, noon);
+        assert_eq!(json(&job(r#","deadline":1795694400000,"timeout_ms":50"#)).unwrap().deadline, noon);
+        assert_eq!(json(&job("")).unwrap().deadline, None);
+        let r = json(&job(r#","deadline":"noon""#)).unwrap_err();
+        assert_eq!((r.id.as_deref(), r.error.code), (Some("s"), ErrorCode::BadRequest), "answered under its id");
+        assert!(r.error.message.starts_with("deadline: 'noon' is not an RFC 3339 timestamp"), "{}", r.error.message);
+        assert_eq!(json(&job(r#","deadlines":1"#)).unwrap_err().error.message, "deadlines: unknown; did you mean deadline?");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Metrics beside the pipeline: a Prometheus registry served on `/metrics`, and the same figures as
 //! a JSON snapshot published on `<prefix>.metrics.<worker_id>` every few seconds.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,6 +31,8 @@ pub struct Metrics {
     pub progress_acks_total: IntCounter,
     pub duplicates_suppressed_total: IntCounter,
     pub errors_total: IntCounterVec,
+    /// Error results published, by their wire error code (`bad_request`, `timeout`, …).
+    pub job_errors_total: IntCounterVec,
     pub model_forward_total: IntCounterVec,
     pub engine_jobs_total: IntCounterVec,
     pub models_loaded: IntGauge,
@@ -83,6 +84,7 @@ impl Metrics {
             ),
             progress_acks_total: counter("jetbatch_progress_acks_total", "In-progress acks sent for jobs held past a third of ack_wait."),
             errors_total: counter_vec("jetbatch_errors_total", "Internal errors by layer and type.", &["layer", "type"]),
+            job_errors_total: counter_vec("jetbatch_job_errors_total", "Error results published, by wire error code.", &["code"]),
             model_forward_total: counter_vec("jetbatch_model_forward_total", "Forward passes run, by model.", &["model"]),
             engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
             models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
@@ -132,35 +134,45 @@ impl Metrics {
         (ok, error)
     }
 
-    /// Every series as `name{labels}` → value; histograms as their `_count` and `_sum`.
+    /// Every family by name (`schemas/metrics-snapshot.schema.json`): its type, help and series,
+    /// each with its labels as an object; a counter or gauge has a `value`, a histogram its
+    /// `count`, `sum` and cumulative `buckets` (`le` upper bounds; `count` is the `+Inf` bucket).
+    /// Buckets rather than quantiles: buckets from several workers add up to the pool's, and the
+    /// pool's quantiles come from those, where per-worker quantiles cannot be combined.
     pub fn snapshot(&self) -> serde_json::Value {
-        let mut figures = BTreeMap::new();
+        use serde_json::{json, Map, Value};
+        let mut families = Map::new();
         for family in self.registry.gather() {
-            for m in family.get_metric() {
-                let labels: Vec<String> = m.get_label().iter().map(|l| format!("{}=\"{}\"", l.name(), l.value())).collect();
-                let series = |suffix: &str| {
-                    if labels.is_empty() {
-                        format!("{}{suffix}", family.name())
-                    } else {
-                        format!("{}{suffix}{{{}}}", family.name(), labels.join(","))
+            let kind = match family.get_field_type() {
+                MetricType::COUNTER => "counter",
+                MetricType::GAUGE => "gauge",
+                MetricType::HISTOGRAM => "histogram",
+                _ => continue,
+            };
+            let series: Vec<Value> = family
+                .get_metric()
+                .iter()
+                .map(|m| {
+                    let labels: Map<String, Value> = m.get_label().iter().map(|l| (l.name().to_string(), Value::from(l.value()))).collect();
+                    match family.get_field_type() {
+                        MetricType::COUNTER => json!({"labels": labels, "value": m.get_counter().get_value()}),
+                        MetricType::GAUGE => json!({"labels": labels, "value": m.get_gauge().get_value()}),
+                        _ => {
+                            let h = m.get_histogram();
+                            let buckets: Vec<Value> = h
+                                .get_bucket()
+                                .iter()
+                                .filter(|b| b.upper_bound().is_finite())
+                                .map(|b| json!({"le": b.upper_bound(), "count": b.cumulative_count()}))
+                                .collect();
+                            json!({"labels": labels, "count": h.get_sample_count(), "sum": h.get_sample_sum(), "buckets": buckets})
+                        }
                     }
-                };
-                match family.get_field_type() {
-                    MetricType::COUNTER => {
-                        figures.insert(series(""), m.get_counter().get_value());
-                    }
-                    MetricType::GAUGE => {
-                        figures.insert(series(""), m.get_gauge().get_value());
-                    }
-                    MetricType::HISTOGRAM => {
-                        figures.insert(series("_count"), m.get_histogram().get_sample_count() as f64);
-                        figures.insert(series("_sum"), m.get_histogram().get_sample_sum());
-                    }
-                    _ => {}
-                }
-            }
+                })
+                .collect();
+            families.insert(family.name().to_string(), json!({"type": kind, "help": family.help(), "series": series}));
         }
-        serde_json::json!({ "worker": self.worker, "time_ms": now_ms(), "metrics": figures })
+        json!({ "worker": self.worker, "time_ms": now_ms(), "metrics": families })
     }
 }
 
@@ -245,10 +257,22 @@ mod tests {
         m.batch_size.with_label_values(&["demo"]).observe(4.0);
         let text = m.render();
         assert!(text.contains("jetbatch_jobs_total{kind=\"tensor\",model=\"demo\",status=\"ok\"} 3"), "{text}");
+        m.batch_size.with_label_values(&["demo"]).observe(1.0);
+        m.inflight_jobs.set(7);
         let snap = m.snapshot();
         assert_eq!(snap["worker"], "w1");
-        assert_eq!(snap["metrics"]["jetbatch_jobs_total{kind=\"tensor\",model=\"demo\",status=\"ok\"}"], 3.0);
-        assert_eq!(snap["metrics"]["jetbatch_batch_size_sum{model=\"demo\"}"], 4.0);
+        let jobs = &snap["metrics"]["jetbatch_jobs_total"];
+        assert_eq!(jobs["type"], "counter");
+        assert_eq!(jobs["series"], serde_json::json!([{"labels": {"kind": "tensor", "model": "demo", "status": "ok"}, "value": 3.0}]));
+        assert_eq!(snap["metrics"]["jetbatch_inflight_jobs"]["series"], serde_json::json!([{"labels": {}, "value": 7.0}]));
+        let batches = &snap["metrics"]["jetbatch_batch_size"];
+        assert_eq!(batches["type"], "histogram");
+        let series = &batches["series"][0];
+        assert_eq!((&series["labels"]["model"], &series["count"], &series["sum"]), (&"demo".into(), &2.into(), &5.0.into()));
+        // Cumulative, Prometheus's buckets 1, 2, 4, … 512: one observation ≤ 1, both ≤ 4.
+        let buckets: Vec<(f64, u64)> = series["buckets"].as_array().unwrap().iter().map(|b| (b["le"].as_f64().unwrap(), b["count"].as_u64().unwrap())).collect();
+        assert_eq!(buckets.len(), 10);
+        assert_eq!(&buckets[..4], &[(1.0, 1), (2.0, 1), (4.0, 2), (8.0, 2)]);
         m.jobs_total.with_label_values(&["demo", "tensor", "error"]).inc();
         assert_eq!(m.jobs_answered(), (3, 1));
     }

@@ -271,6 +271,7 @@ impl ModelSpec {
             use_cache: env.use_cache && request.cacheable,
             stream: request.stream,
             timeout: env.timeout,
+            deadline: env.deadline,
             encoding: env.encoding,
             priority: env.priority.unwrap_or_default(),
         })

@@ -23,6 +23,7 @@ fn key_of(kind: JobKind, input: JobInput) -> String {
         use_cache: true,
         stream: false,
         timeout: None,
+        deadline: None,
         encoding: Encoding::MsgPack,
         // Not the default level: a job's priority does not change its result, nor its key.
         priority: jetbatch::priority::Priority::Low,

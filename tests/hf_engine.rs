@@ -23,7 +23,7 @@ fn engine() -> EngineHandle {
 /// Runs `inputs` as one engine call (one batch); the outputs in order.
 fn run(engine: &EngineHandle, spec: &Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> Vec<Output> {
     let n = inputs.len();
-    let mut events = engine.run(spec.clone(), kind, inputs, vec![false; n]);
+    let mut events = engine.run(spec.clone(), kind, inputs, vec![false; n], Vec::new());
     let mut out: Vec<Option<Output>> = (0..n).map(|_| None).collect();
     while out.iter().any(Option::is_none) {
         match events.blocking_recv() {
@@ -193,7 +193,7 @@ fn generations_joining_and_leaving_a_running_batch_equal_alone() {
         let joining = vec![greedy(prompt(20, 4), 12), greedy(prompt(2, 5), 25), greedy(prompt(13, 6), 3)];
         let alone: Vec<Output> = running.iter().chain(&joining).map(|i| run(&engine, &spec, JobKind::Generate, vec![i.clone()]).remove(0)).collect();
         // The first rows stream, so the second batch is sent once they have stepped.
-        let mut first = engine.run(spec.clone(), JobKind::Generate, running, vec![true; 3]);
+        let mut first = engine.run(spec.clone(), JobKind::Generate, running, vec![true; 3], Vec::new());
         let mut out: Vec<Option<Output>> = (0..6).map(|_| None).collect();
         let mut chunks = 0;
         while chunks == 0 {

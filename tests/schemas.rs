@@ -70,6 +70,10 @@ fn the_schemas_reject_what_the_worker_rejects() {
         json!({"id": "a", "model": 7, "kind": "tensor", "input": {}}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "cache": "yes"}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "timeout_ms": -1}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": "tomorrow"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": "2026-11-26T12:00:00"}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": 1795694400}),
+        json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "deadline": 1.5}),
         json!({"id": "a", "model": "m", "kind": "tensor", "input": {}, "params": 5}),
     ];
     let limits = Limits::new(1 << 20, 1 << 20);
@@ -85,6 +89,26 @@ fn the_schemas_reject_what_the_worker_rejects() {
         assert_valid(&job, &doc, reply);
         assert!(decode(doc.to_string().as_bytes(), None, "m", &limits).is_ok(), "{reply}");
     }
+}
+
+#[test]
+fn emitted_metric_snapshots_validate() {
+    let schema = validator("metrics-snapshot.schema.json");
+    let m = jetbatch::metrics::Metrics::new("w-1");
+    m.jobs_total.with_label_values(&["mlp", "tensor", "ok"]).inc();
+    m.job_errors_total.with_label_values(&["timeout"]).inc();
+    m.batch_size.with_label_values(&["mlp"]).observe(3.0);
+    m.inflight_jobs.set(2);
+    let snap = m.snapshot();
+    assert_valid(&schema, &snap, "snapshot");
+    assert_eq!(snap["metrics"]["jetbatch_job_errors_total"]["series"][0]["labels"]["code"], "timeout");
+    // A Prometheus series string where the labels belong is refused.
+    let mut flat = snap.clone();
+    flat["metrics"]["jetbatch_inflight_jobs"] = json!(2.0);
+    assert!(!schema.is_valid(&flat));
+    let mut labels = snap;
+    labels["metrics"]["jetbatch_jobs_total"]["series"][0]["labels"] = json!("model=\"mlp\"");
+    assert!(!schema.is_valid(&labels));
 }
 
 #[test]
@@ -202,6 +226,8 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     let accepted = [
         tensor(("cache", json!(false))),
         tensor(("priority", json!("low"))),
+        tensor(("deadline", json!("2026-11-26T13:00:00.5+01:00"))),
+        tensor(("deadline", json!(1795694400000u64))),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "seed": 1, "stop": ["x"], "stop_token_ids": [1], "stream": true})),
         lm("generate", json!({"prompt": "hi"}), json!({"max_new_tokens": 2, "truncate": "left"})),
         lm("loglikelihood", json!({"context": "a", "continuation": "b"}), json!({})),

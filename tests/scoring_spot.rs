@@ -39,7 +39,7 @@ async fn loglikelihood_batches_on_a_32k_vocabulary() {
     for round in 0..3 {
         let (n, start) = (10, Instant::now());
         for _ in 0..n {
-            let mut rx = engine.run(spec.clone(), JobKind::Loglikelihood, inputs.clone(), vec![false; 64]);
+            let mut rx = engine.run(spec.clone(), JobKind::Loglikelihood, inputs.clone(), vec![false; 64], Vec::new());
             for _ in 0..64 {
                 assert!(matches!(rx.recv().await, Some(Event::Done { result: Ok(_), .. })));
             }

@@ -48,6 +48,10 @@ pub enum EngineError {
     /// Never started: handed back at shutdown (a generate job still waiting to join).
     #[error("handed back at shutdown")]
     Released,
+    /// Its deadline passed while it waited to join a generation (or, paused out of memory, to
+    /// rejoin one: what it had generated is dropped).
+    #[error("its deadline passed while it waited to join a generation")]
+    Expired,
 }
 
 impl EngineError {
@@ -59,6 +63,7 @@ impl EngineError {
             EngineError::Panic(_) => "panic",
             EngineError::Stopped => "stopped",
             EngineError::Released => "shutdown",
+            EngineError::Expired => "deadline",
         }
     }
 
@@ -218,6 +223,12 @@ pub trait LoadedModel {
         let _ = job;
     }
 
+    /// Running rows of `jobs` end at the next step, with what they generated so far and the
+    /// finish reason `deadline`.
+    fn stop(&mut self, jobs: &[u64]) {
+        let _ = jobs;
+    }
+
     /// Rows in the running generation.
     fn generating(&self) -> usize {
         0
@@ -316,6 +327,8 @@ pub enum Command {
         inputs: Vec<JobInput>,
         /// Per job: whether its text is streamed.
         streaming: Vec<bool>,
+        /// Per job: when a generation stops (finish reason `deadline`), or fails unstarted.
+        deadlines: Vec<Option<Instant>>,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
         span: Span,
     },
@@ -391,11 +404,12 @@ impl EngineHandle {
 
     /// Submits a batch; its jobs report on the returned channel (chunks, then one `Done` each).
     /// `generate` jobs join the model's running generation and finish one by one.
-    pub fn run(&self, model: Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>, streaming: Vec<bool>) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    /// `deadlines` (one per job, or empty: none) apply to `generate` jobs.
+    pub fn run(&self, model: Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>, streaming: Vec<bool>, deadlines: Vec<Option<Instant>>) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let n = inputs.len();
         if let Err(std::sync::mpsc::SendError(Command::Run { events, .. })) =
-            self.tx.send(Command::Run { model, kind, inputs, streaming, events: events.clone(), span: Span::current() })
+            self.tx.send(Command::Run { model, kind, inputs, streaming, deadlines, events: events.clone(), span: Span::current() })
         {
             for index in 0..n {
                 let _ = events.send(Event::Done { index, result: Err(EngineError::Stopped), compute: Duration::ZERO, batch: n });
@@ -474,9 +488,10 @@ impl Engine {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Run { model, kind: JobKind::Generate, inputs, streaming, events, span: _ } => {
+            Command::Run { model, kind: JobKind::Generate, inputs, streaming, deadlines, events, span: _ } => {
                 let queue = &mut self.waiting.entry(model.name.clone()).or_insert_with(|| Waiting { spec: model.clone(), queue: Default::default() }).queue;
                 for (index, (input, stream)) in inputs.into_iter().zip(streaming).enumerate() {
+                    let deadline = deadlines.get(index).copied().flatten();
                     let job = self.next_job;
                     self.next_job += 1;
                     let cost = match &input {
@@ -484,10 +499,10 @@ impl Engine {
                         _ => 1,
                     };
                     self.routes.insert(job, Route { model: model.name.clone(), events: events.clone(), index, stream, started: Instant::now(), peak: 0 });
-                    queue.append(job, input, cost);
+                    queue.append(job, input, cost, deadline);
                 }
             }
-            Command::Run { model, kind, inputs, streaming: _, events, span } => {
+            Command::Run { model, kind, inputs, streaming: _, deadlines: _, events, span } => {
                 let n = inputs.len();
                 let _enter = span.enter();
                 let start = Instant::now();
@@ -532,6 +547,15 @@ impl Engine {
             }
             // Out of the map while it steps, so the routes and metrics stay reachable.
             let mut slot = self.models.remove(&name).expect("just loaded");
+            // One clock read a step; jobs without a deadline cost nothing more.
+            let expired = queue.expire(Instant::now());
+            for job in expired.waiting {
+                slot.model.forget(job);
+                self.finish(job, Err(EngineError::Expired));
+            }
+            if !expired.running.is_empty() {
+                slot.model.stop(&expired.running);
+            }
             let static_batches = matches!(spec.config.generation, crate::repository::Generation::Static);
             let cap = slot.cap.min(spec.config.max_batch_size);
             let joining: Vec<(u64, JobInput, bool)> = queue
@@ -806,11 +830,13 @@ mod tests {
         paused: HashMap<u64, (crate::kinds::GenerateInput, usize)>,
         /// Rows that rejoined with steps already taken.
         resumed: Arc<std::sync::atomic::AtomicUsize>,
+        /// Rows told to stop (their deadline passed): they end at the next step.
+        stopped: Vec<u64>,
     }
 
     impl Default for FakeGen {
         fn default() -> Self {
-            FakeGen { rows: Vec::new(), join_fits: usize::MAX, step_fits: usize::MAX, paused: HashMap::new(), resumed: Default::default() }
+            FakeGen { rows: Vec::new(), join_fits: usize::MAX, step_fits: usize::MAX, paused: HashMap::new(), resumed: Default::default(), stopped: Vec::new() }
         }
     }
 
@@ -852,11 +878,12 @@ mod tests {
             for row in &mut self.rows {
                 row.2 += 1;
             }
-            let (done, live) = std::mem::take(&mut self.rows).into_iter().partition(|r| r.2 >= 2);
+            let (done, live) = std::mem::take(&mut self.rows).into_iter().partition(|r| r.2 >= 2 || self.stopped.contains(&r.0));
             self.rows = live;
             done.into_iter()
                 .map(|(job, g, _)| {
-                    let out = Output::Generate { text: String::new(), tokens: g.prompt.clone(), finish_reason: crate::job::FinishReason::Length, prompt_tokens: 1, top: Vec::new() };
+                    let finish_reason = if self.stopped.contains(&job) { crate::job::FinishReason::Deadline } else { crate::job::FinishReason::Length };
+                    let out = Output::Generate { text: String::new(), tokens: g.prompt.clone(), finish_reason, prompt_tokens: 1, top: Vec::new() };
                     (job, Ok(out))
                 })
                 .collect()
@@ -866,6 +893,9 @@ mod tests {
         }
         fn forget(&mut self, job: u64) {
             self.paused.remove(&job);
+        }
+        fn stop(&mut self, jobs: &[u64]) {
+            self.stopped.extend(jobs);
         }
     }
 
@@ -920,7 +950,7 @@ mod tests {
         let (mut engine, spec) = engine_with(Box::new(Fake { fits: 100, calls: vec![] }));
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let inputs: Vec<JobInput> = [1, 66, 3].into_iter().map(input).collect();
-        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Tensor, inputs, streaming: vec![false; 3], events, span: Span::none() });
+        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Tensor, inputs, streaming: vec![false; 3], deadlines: Vec::new(), events, span: Span::none() });
         let done = drain(&mut rx);
         assert_eq!(done.iter().map(|(_, r)| r.is_ok()).collect::<Vec<_>>(), vec![true, false, true]);
         assert!(engine.models.is_empty(), "the poisoned model was dropped");
@@ -935,6 +965,7 @@ mod tests {
             model: spec.clone(),
             kind: JobKind::Generate,
             streaming: vec![false; inputs.len()],
+            deadlines: Vec::new(),
             inputs,
             events,
             span: Span::none(),
@@ -960,7 +991,7 @@ mod tests {
     }
 
     fn generate(spec: &Arc<ModelSpec>, inputs: Vec<JobInput>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Command {
-        Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; inputs.len()], inputs, events, span: Span::none() }
+        Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; inputs.len()], deadlines: Vec::new(), inputs, events, span: Span::none() }
     }
 
     /// Steps until no generation runs or waits (at most `limit` steps).
@@ -1032,12 +1063,34 @@ mod tests {
     }
 
     #[test]
+    fn past_its_deadline_a_waiting_generation_fails_unstarted_and_a_running_one_stops_marked() {
+        let (mut engine, spec) = engine_with(Box::<FakeGen>::default());
+        engine.models.get_mut(&spec.name).unwrap().cap = 1;
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let now = Instant::now();
+        let deadlines = vec![Some(now + Duration::from_millis(30)), None, Some(now - Duration::from_millis(1))];
+        let inputs = vec![gen_input(1), gen_input(2), gen_input(3)];
+        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; 3], deadlines, inputs, events, span: Span::none() });
+        engine.step_generations();
+        let done = drain(&mut rx);
+        assert!(matches!(&done[..], [(2, Err(EngineError::Expired))]), "the job already late never ran: {done:?}");
+        assert_eq!(EngineError::Expired.error_type(), "deadline");
+        std::thread::sleep(Duration::from_millis(40));
+        engine.step_generations();
+        settle(&mut engine, 10);
+        let done = drain(&mut rx);
+        let reasons: Vec<_> = done.iter().map(|(i, r)| (*i, matches!(r, Ok(Output::Generate { finish_reason, .. }) if *finish_reason == crate::job::FinishReason::Deadline))).collect();
+        assert_eq!(reasons, vec![(0, true), (1, false)], "the running row stopped at its deadline; the other ran to its length: {done:?}");
+        assert!(engine.routes.is_empty() && engine.waiting.is_empty());
+    }
+
+    #[test]
     fn at_shutdown_waiting_generations_are_handed_back_and_running_ones_finish() {
         let (mut engine, spec) = engine_with(Box::<FakeGen>::default());
         engine.models.get_mut(&spec.name).unwrap().cap = 1;
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let inputs = vec![gen_input(1), gen_input(2), gen_input(3)];
-        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; 3], inputs, events, span: Span::none() });
+        engine.handle(Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; 3], deadlines: Vec::new(), inputs, events, span: Span::none() });
         engine.step_generations();
         engine.handle(Command::ReleaseWaiting);
         engine.step_generations();

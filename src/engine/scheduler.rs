@@ -2,26 +2,71 @@
 //! token budget of its running batch. Jobs join at step boundaries, oldest first, while the batch
 //! has a free row and the tokens its rows may occupy (prompt + `max_new_tokens` each) stay within
 //! `max_batch_tokens`; they leave the moment they finish, or go back to the head of the queue when
-//! the batch ran out of device memory. Plain data, unit-tested without torch (as TGI's
+//! the batch ran out of device memory. A job past its deadline leaves too: unstarted, it is
+//! answered without compute; running, it ends at the next step with what it generated
+//! ([`GenQueue::expire`]). Plain data, unit-tested without torch (as TGI's
 //! `backends/v3/src/queue.rs`); the engine thread only runs the steps.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 pub(crate) struct GenQueue<I> {
     waiting: VecDeque<(u64, I, usize)>,
     /// Rows of the running batch: the tokens each may occupy, and its input (to requeue it).
     running: HashMap<u64, (usize, I)>,
+    /// Deadlines of the jobs that have one and were not yet reported past it.
+    deadlines: HashMap<u64, Instant>,
+    /// No deadline falls before this: until then a step's check is one comparison. It may be
+    /// early (a job with the earliest deadline left) — the next scan moves it on.
+    earliest: Option<Instant>,
 }
 
 impl<I> Default for GenQueue<I> {
     fn default() -> Self {
-        GenQueue { waiting: VecDeque::new(), running: HashMap::new() }
+        GenQueue { waiting: VecDeque::new(), running: HashMap::new(), deadlines: HashMap::new(), earliest: None }
     }
 }
 
+/// Jobs past their deadline at a step boundary (see [`GenQueue::expire`]).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Expired {
+    /// They never joined (or wait to rejoin after out of memory): they left the queue.
+    pub waiting: Vec<u64>,
+    /// Running rows: they end at this step, marked as stopped by their deadline.
+    pub running: Vec<u64>,
+}
+
 impl<I: Clone> GenQueue<I> {
-    pub fn append(&mut self, job: u64, input: I, cost: usize) {
+    pub fn append(&mut self, job: u64, input: I, cost: usize, deadline: Option<Instant>) {
         self.waiting.push_back((job, input, cost));
+        if let Some(d) = deadline {
+            self.deadlines.insert(job, d);
+            self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
+        }
+    }
+
+    /// The jobs whose deadline passed by `now`, each reported once: waiting jobs are taken out of
+    /// the queue; running rows stay until the step that ends them reports them (`leave`).
+    pub fn expire(&mut self, now: Instant) -> Expired {
+        let mut expired = Expired::default();
+        if self.earliest.is_none_or(|e| e > now) {
+            return expired;
+        }
+        let mut due: Vec<u64> = self.deadlines.iter().filter(|(_, d)| **d <= now).map(|(j, _)| *j).collect();
+        self.earliest = self.deadlines.values().filter(|d| **d > now).min().copied();
+        // Job numbers grow with arrival: reported oldest first.
+        due.sort_unstable();
+        for job in due {
+            self.deadlines.remove(&job);
+            match self.running.contains_key(&job) {
+                true => expired.running.push(job),
+                false => expired.waiting.push(job),
+            }
+        }
+        if !expired.waiting.is_empty() {
+            self.waiting.retain(|(job, _, _)| !expired.waiting.contains(job));
+        }
+        expired
     }
 
     /// The jobs that join the running batch now. Oldest first and in order (a long job at the
@@ -50,6 +95,7 @@ impl<I: Clone> GenQueue<I> {
     /// A row finished (or failed): its tokens are free for the next step's joiners.
     pub fn leave(&mut self, job: u64) {
         self.running.remove(&job);
+        self.deadlines.remove(&job);
     }
 
     /// Running rows that did not fit in device memory go back to the head of the queue, oldest
@@ -66,12 +112,19 @@ impl<I: Clone> GenQueue<I> {
 
     /// The running batch is gone (its model was dropped): every row left.
     pub fn clear_running(&mut self) {
+        for job in self.running.keys() {
+            self.deadlines.remove(job);
+        }
         self.running.clear();
     }
 
     /// Takes every waiting job out (its model cannot be loaded).
     pub fn drain_waiting(&mut self) -> Vec<u64> {
-        self.waiting.drain(..).map(|(job, _, _)| job).collect()
+        let jobs: Vec<u64> = self.waiting.drain(..).map(|(job, _, _)| job).collect();
+        for job in &jobs {
+            self.deadlines.remove(job);
+        }
+        jobs
     }
 
     pub fn waiting_jobs(&self) -> impl Iterator<Item = u64> + '_ {
@@ -112,7 +165,7 @@ mod tests {
     fn queue(costs: &[usize]) -> GenQueue<()> {
         let mut q = GenQueue::default();
         for (job, &cost) in costs.iter().enumerate() {
-            q.append(job as u64, (), cost);
+            q.append(job as u64, (), cost, None);
         }
         q
     }
@@ -135,7 +188,7 @@ mod tests {
     fn one_token_budget_counts_the_running_rows() {
         let mut q = queue(&[40, 40, 40]);
         assert_eq!(ids(q.admit(8, 100, false)), vec![0, 1]);
-        q.append(9, (), 10);
+        q.append(9, (), 10, None);
         assert!(q.admit(8, 100, false).is_empty(), "80 running + 40 at the head is over 100; the head is not overtaken");
         q.leave(0);
         assert_eq!(ids(q.admit(8, 100, false)), vec![2, 9]);
@@ -193,5 +246,32 @@ mod tests {
         assert_eq!(q.waiting_jobs().collect::<Vec<_>>(), vec![2]);
         assert_eq!(q.drain_waiting(), vec![2]);
         assert!(q.is_idle());
+    }
+
+    #[test]
+    fn jobs_past_their_deadline_leave_waiting_unstarted_and_running_marked_once() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + std::time::Duration::from_millis(n);
+        let mut q = GenQueue::default();
+        q.append(0, (), 1, Some(ms(10)));
+        q.append(1, (), 1, None);
+        q.append(2, (), 1, Some(ms(30)));
+        q.append(3, (), 1, Some(ms(5)));
+        assert_eq!(ids(q.admit(2, 0, false)), vec![0, 1]);
+        assert_eq!(q.expire(ms(4)), Expired::default(), "nothing due yet");
+        assert_eq!(q.expire(ms(10)), Expired { waiting: vec![3], running: vec![0] }, "a deadline at the step's time is due");
+        assert_eq!(q.waiting_jobs().collect::<Vec<_>>(), vec![2], "the unstarted job left the queue");
+        assert_eq!(q.running(), 2, "the running row stays until its step reports it");
+        assert_eq!(q.expire(ms(20)), Expired::default(), "each job is reported once");
+        q.leave(0);
+        assert_eq!(ids(q.admit(2, 0, false)), vec![2]);
+        assert_eq!(q.expire(ms(30)), Expired { waiting: vec![], running: vec![2] });
+        // A row out of memory waits to rejoin: past its deadline it leaves as a waiting job.
+        q.append(4, (), 1, Some(ms(50)));
+        q.requeue(&[1]);
+        assert_eq!(q.expire(ms(60)), Expired { waiting: vec![4], running: vec![] });
+        q.leave(2);
+        assert_eq!(q.waiting_jobs().collect::<Vec<_>>(), vec![1]);
+        assert!(q.deadlines.is_empty(), "nothing left to check");
     }
 }

@@ -64,7 +64,7 @@ impl<T: Ticket> Batchable for T {
 /// Why a job has no output.
 #[derive(Debug)]
 pub enum Failure {
-    /// It waited longer than its `timeout_ms` before it could start (an answer, not a retry).
+    /// Its `timeout_ms` or `deadline` passed before it could start (an answer, not a retry).
     Late(JobError),
     /// Never started: handed back at shutdown.
     Released,
@@ -76,6 +76,8 @@ impl Failure {
     fn from_engine(e: EngineError) -> Failure {
         match e {
             EngineError::Released => Failure::Released,
+            // A generate job that waited in the engine's queue past its deadline: final.
+            e @ EngineError::Expired => Failure::Late(JobError::new(ErrorCode::Timeout, e.to_string())),
             e => Failure::Engine(e),
         }
     }

@@ -2,7 +2,7 @@
 //! failure, as soon as the engine reports it done.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, debug_span, Instrument};
@@ -10,7 +10,8 @@ use tracing::{debug, debug_span, Instrument};
 use super::{ChunkSink, Done, Failure, Ticket};
 use crate::batcher::Batch;
 use crate::engine::{EngineHandle, Event};
-use crate::job::{self, ErrorCode, JobError, JobKind, Timing};
+use crate::deadline::{self, Deadline};
+use crate::job::{self, JobKind, Timing};
 use crate::metrics::Metrics;
 
 /// Runs batches on the engine. Scoring batches are awaited here, so exactly one more waits in
@@ -67,15 +68,21 @@ struct Submitted<T> {
     events: mpsc::UnboundedReceiver<Event>,
 }
 
-/// Answers jobs past their deadline, and submits the rest to the engine.
+/// Answers jobs past their deadline or `timeout_ms` (they waited in the batcher meanwhile), and
+/// submits the rest to the engine.
 async fn submit<T: Ticket, O: From<Done<T>>>(batch: Batch<T>, engine: &EngineHandle, out: &mpsc::Sender<O>, metrics: &Metrics) -> Option<Submitted<T>> {
-    let Batch { model, kind, items } = batch;
-    let (mut items, late): (Vec<T>, Vec<T>) = items.into_iter().partition(|t| t.job().timeout.is_none_or(|limit| t.age() <= limit));
-    for ticket in late {
-        let queued_ms = ms(ticket.age());
-        let err = JobError::new(ErrorCode::Timeout, format!("waited {queued_ms:.0} ms, over the job's timeout_ms"));
-        let timing = Timing { queued_ms, ..Timing::default() };
-        let _ = out.send(Done { ticket, timing, result: Err(Failure::Late(err)) }.into()).await;
+    let Batch { model, kind, items: all } = batch;
+    let batch_len = all.len();
+    let now = SystemTime::now();
+    let mut items = Vec::with_capacity(batch_len);
+    for ticket in all {
+        match deadline::late(ticket.job(), ticket.age(), now) {
+            None => items.push(ticket),
+            Some(err) => {
+                let timing = Timing { queued_ms: ms(ticket.age()), ..Timing::default() };
+                let _ = out.send(Done { ticket, timing, result: Err(Failure::Late(err)) }.into()).await;
+            }
+        }
     }
     if items.is_empty() {
         return None;
@@ -83,7 +90,8 @@ async fn submit<T: Ticket, O: From<Done<T>>>(batch: Batch<T>, engine: &EngineHan
     metrics.batch_size.with_label_values(&[&model.name]).observe(items.len() as f64);
     let inputs = items.iter_mut().map(|t| std::mem::replace(&mut t.job_mut().input, job::JobInput::Tensor(Vec::new()))).collect();
     let streaming = items.iter().map(|t| t.job().stream).collect();
-    let events = engine.run(model.clone(), kind, inputs, streaming);
+    let deadlines = items.iter().map(|t| t.job().deadline.map(Deadline::instant)).collect();
+    let events = engine.run(model.clone(), kind, inputs, streaming, deadlines);
     let items = items
         .into_iter()
         .map(|t| {

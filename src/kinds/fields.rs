@@ -11,7 +11,7 @@ use super::JobKind;
 use crate::error::excerpt;
 
 /// The keys of a job's top level.
-pub const TOP_LEVEL: &[&str] = &["id", "model", "kind", "input", "params", "reply_to", "cache", "timeout_ms", "priority"];
+pub const TOP_LEVEL: &[&str] = &["id", "model", "kind", "input", "params", "reply_to", "cache", "timeout_ms", "priority", "deadline"];
 
 /// Which map of the job a key is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -227,6 +227,12 @@ impl Output {
             Output::Choices { logprobs, is_greedy, tokens, top } => scoring::choices_to_wire(logprobs, is_greedy, tokens, top, encoding),
         }
     }
+
+    /// Whether this is the job's whole result (what the cache may keep): a generation its
+    /// deadline cut short is not.
+    pub fn complete(&self) -> bool {
+        !matches!(self, Output::Generate { finish_reason: FinishReason::Deadline, .. })
+    }
 }
 
 /// The most likely tokens at one position (`top_logprobs`): ids, their text, their log-probs

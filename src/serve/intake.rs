@@ -1,5 +1,6 @@
-//! The intake stage: parses each delivery into a job; answers invalid jobs, cache hits and jobs
-//! already answered straight away, and passes the rest on to the batcher.
+//! The intake stage: parses each delivery into a job; answers invalid jobs, jobs past their
+//! deadline, cache hits and jobs already answered straight away, and passes the rest on to the
+//! batcher.
 
 use std::sync::Arc;
 
@@ -74,6 +75,12 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
         Ok(parsed) => parsed,
     };
     let header = Header::of_job(&job, cache_key);
+    // Past its deadline (say after hours in the stream): answered now, never batched.
+    if let Some(err) = crate::deadline::late(&job, delivery.age(), std::time::SystemTime::now()) {
+        let mut header = header;
+        header.timing.queued_ms = ms(delivery.age());
+        return Some(Finished { delivery, header, outcome: Outcome::Answer(Err(err)) });
+    }
     if delivery.delivered > 1 && ctx.already_answered(&header, &bus::job_hash(&delivery.payload)).await {
         return Some(Finished { delivery, header, outcome: Outcome::AlreadyAnswered });
     }

@@ -137,7 +137,8 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     if let Err(err) = &answer {
         info!(id = ?header.id, model = ctx.labels(&header)[0], error = %err, "job answered with an error");
     }
-    if let (Ok(output), Some(cache), Some(key), false) = (&answer, &ctx.cache, &header.cache_key, header.cached) {
+    // A generation its deadline cut short is answered but not cached: it is not the job's result.
+    if let (Some(output), Some(cache), Some(key), false) = (answer.as_ref().ok().filter(|o| o.complete()), &ctx.cache, &header.cache_key, header.cached) {
         if let Err(e) = cache.put(key, output) {
             warn!(error = %e, "cache write");
             ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
@@ -151,6 +152,7 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
         ctx.streamer.publish(id, header.encoding, &crate::engine::StreamChunk { done: true, ..chunk }).await;
     }
     let mut status = if answer.is_ok() { "ok" } else { "error" };
+    let mut code = answer.as_ref().err().map(|e| e.code);
     let mut then = then;
     if let Err(e) = publish_result(&ctx, &header, &hash, answer).await {
         ctx.metrics.errors_total.with_label_values(&["bus", e.error_type()]).inc();
@@ -168,10 +170,14 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
             Ok(()) => {}
         }
         status = "error";
+        code = Some(err.code);
         then = Then::DeadLetter(err);
     }
     let [model, kind] = ctx.labels(&header);
     ctx.metrics.jobs_total.with_label_values(&[model, kind, status]).inc();
+    if let Some(code) = code {
+        ctx.metrics.job_errors_total.with_label_values(&[code.as_str()]).inc();
+    }
     ctx.metrics.job_latency_seconds.with_label_values(&[model]).observe(delivery.age().as_secs_f64());
     let level = delivery.subject_job(&ctx.topology.prefix).1;
     ctx.metrics.priority_latency_seconds.with_label_values(&[level.as_str()]).observe(delivery.age().as_secs_f64());

@@ -160,6 +160,34 @@ def test_priority_publishes_on_the_levels_subject(worker, nats_url):
         run(collect(nats_url, [Job.loglikelihood(MODEL, "a", " b")], priority="urgent"))
 
 
+def test_deadlines_take_datetimes_and_epoch_seconds():
+    from datetime import datetime, timedelta, timezone
+
+    noon = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
+    job = lambda d: Job.loglikelihood(MODEL, "a", " b", deadline=d)
+    assert job(noon).body()["deadline"] == "2026-11-26T12:00:00+00:00"
+    assert job(noon.astimezone(timezone(timedelta(hours=1)))).body()["deadline"] == "2026-11-26T13:00:00+01:00"
+    assert job(1795694400).body()["deadline"] == 1795694400000
+    assert job(1795694400.25).body()["deadline"] == 1795694400250
+    assert job("2026-11-26T12:00:00Z").body()["deadline"] == "2026-11-26T12:00:00Z"
+    line = {"model": MODEL, "kind": "embed", "input": {"text": "x"}, "deadline": 1795694400123}
+    assert Job.from_dict(line).body()["deadline"] == 1795694400123, "a JSONL line's milliseconds stay as written"
+    with pytest.raises(ValueError, match="deadline: a datetime needs a timezone"):
+        job(datetime(2026, 11, 26, 12))
+    with pytest.raises(ValueError, match="milliseconds"):
+        job(1795694400000)
+    with pytest.raises(ValueError, match="deadline: expected"):
+        job(True)
+
+
+def test_a_job_past_its_deadline_is_answered_timeout(worker, nats_url):
+    past, ahead = time.time() - 3600, time.time() + 600
+    jobs = [Job.loglikelihood(MODEL, "a", " b", deadline=past), Job.loglikelihood(MODEL, "a", " b", deadline=ahead)]
+    late, on_time = run(collect(nats_url, jobs, ordered=True))
+    assert late.status == "error" and late.error.code == "timeout" and late.error.message.startswith("deadline "), late
+    assert on_time.ok and on_time.output.logprob < 0
+
+
 def test_invalid_jobs_are_refused_before_publishing():
     with pytest.raises(ValueError, match="model"):
         Job.loglikelihood("a.b", "x", "y")

@@ -29,6 +29,8 @@ pub(super) struct Row {
     emitted: usize,
     chunks: usize,
     finish: Option<FinishReason>,
+    /// Its deadline passed: it ends at the next step (after the token already computed).
+    out_of_time: bool,
     /// With `top_logprobs`: the most likely tokens at each generated position.
     top: Vec<TopLogprobs>,
 }
@@ -41,7 +43,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, top: Vec::new(), input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, out_of_time: false, top: Vec::new(), input }
     }
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
@@ -195,6 +197,13 @@ impl GenBatch {
         self.paused.remove(&job);
     }
 
+    /// The running rows of `jobs` end at the next step (their deadline passed).
+    pub fn stop(&mut self, jobs: &[usize]) {
+        for row in self.rows.iter_mut().filter(|r| jobs.contains(&r.job)) {
+            row.out_of_time = true;
+        }
+    }
+
     /// Prefills `rows` into the next free slots of the cache. Out of memory, they are paused and
     /// the running rows go on untouched (the slots and columns written beyond them are unused).
     pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>) -> Result<(), EngineError> {
@@ -274,6 +283,8 @@ impl GenBatch {
                 && (row.generated.len() >= row.input.max_new_tokens || row.input.prompt.len() + row.generated.len() >= hf.max_length)
             {
                 row.finish = Some(FinishReason::Length);
+            } else if row.finish.is_none() && row.out_of_time {
+                row.finish = Some(FinishReason::Deadline);
             }
             // A row finished by a token: its text is the whole decode's, an incomplete tail too.
             if row.track_text && row.finish.is_some() && !cut_at_stop_string {

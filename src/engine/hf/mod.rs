@@ -211,6 +211,10 @@ impl LoadedModel for Hf {
         self.gen.forget(job as usize);
     }
 
+    fn stop(&mut self, jobs: &[u64]) {
+        self.gen.stop(&jobs.iter().map(|&j| j as usize).collect::<Vec<_>>());
+    }
+
     fn kv_bytes_per_token(&self) -> u64 {
         match self.net {
             Net::Decoder(_) => self.kv_token_bytes,

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Optional, Union
 
 # schemas/job.schema.json: `id` and `model`.
@@ -20,6 +21,26 @@ def valid_job_id(job_id: str) -> bool:
     return len(job_id) <= MAX_ID_LEN and JOB_ID.match(job_id) is not None
 
 
+# Epoch seconds outside this range are surely not seconds: before 1973 or after 5138 (milliseconds?).
+_EPOCH_SECONDS = (1e8, 1e11)
+
+
+def wire_deadline(deadline: Union[datetime, int, float, str]) -> Union[str, int]:
+    """`deadline` as the wire takes it: a timezone-aware datetime as RFC 3339, epoch seconds (an int
+    or a float, as `time.time()` gives them) as integer milliseconds, a string as written (RFC 3339)."""
+    if isinstance(deadline, datetime):
+        if deadline.utcoffset() is None:
+            raise ValueError("deadline: a datetime needs a timezone (e.g. datetime.now(timezone.utc))")
+        return deadline.isoformat()
+    if isinstance(deadline, str):
+        return deadline
+    if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+        if not _EPOCH_SECONDS[0] <= deadline < _EPOCH_SECONDS[1]:
+            raise ValueError(f"deadline: {deadline!r} is not epoch seconds (as time.time() gives; milliseconds?)")
+        return round(deadline * 1000)
+    raise ValueError(f"deadline: expected a datetime, epoch seconds or an RFC 3339 string, not {type(deadline).__name__}")
+
+
 @dataclass(frozen=True)
 class Job:
     """One job. Without `id`, the client derives one from its run id and a hash of the job, so
@@ -32,6 +53,9 @@ class Job:
     id: Optional[str] = None
     cache: Optional[bool] = None
     timeout_ms: Optional[int] = None
+    # A datetime with a timezone, epoch seconds, or an RFC 3339 string; past it the job is answered
+    # `timeout` unstarted, and a generation stops with `finish_reason` "deadline".
+    deadline: Optional[Union[datetime, int, float, str]] = None
 
     def __post_init__(self):
         if not MODEL_NAME.match(self.model):
@@ -40,6 +64,8 @@ class Job:
             raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.id is not None and not valid_job_id(self.id):
             raise ValueError(f"id: {self.id!r} is not a job id (schemas/job.schema.json)")
+        if self.deadline is not None:
+            wire_deadline(self.deadline)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
@@ -49,6 +75,9 @@ class Job:
             raise ValueError("reply_to: the client collects results from the results stream; remove reply_to")
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]}: unknown job field")
+        if isinstance(d.get("deadline"), int):
+            # The wire's integer form is milliseconds; the constructor takes seconds.
+            d = {**d, "deadline": d["deadline"] / 1000}
         return cls(**d)
 
     @classmethod
@@ -76,6 +105,8 @@ class Job:
             b["cache"] = self.cache
         if self.timeout_ms is not None:
             b["timeout_ms"] = self.timeout_ms
+        if self.deadline is not None:
+            b["deadline"] = wire_deadline(self.deadline)
         return b
 
 
