@@ -102,7 +102,7 @@ async fn repeated_jobs_are_served_from_a_cache_that_survives_restarts_and_follow
     assert!(second[0].cached, "same input, new id: a cache hit");
     assert_eq!(second[0].output, first[0].output);
     assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 1.0, "the model ran once");
-    assert_eq!(w.metric("jetbatch_cache_hits_total").await, 1.0);
+    assert_eq!(w.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 1.0);
     // `cache: false` bypasses the cache: the model runs again.
     let mut uncached = run("c2-nocache");
     if let rmpv::Value::Map(m) = &mut uncached {
@@ -319,7 +319,7 @@ async fn metrics_endpoint_and_bus_snapshots_report_the_work() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
     assert_eq!(w.metric("jetbatch_jobs_total{kind=\"tensor\",model=\"mlp\",status=\"ok\"}").await, 25.0);
-    assert_eq!(w.metric("jetbatch_cache_hits_total").await, 5.0);
+    assert_eq!(w.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 5.0);
     assert_eq!(w.metric("jetbatch_cache_misses_total").await, 20.0);
     assert_eq!(w.metric("jetbatch_job_latency_seconds_count{model=\"mlp\"}").await, 25.0);
     assert_eq!(w.metric("jetbatch_batch_size_sum{model=\"mlp\"}").await, 20.0, "every computed job in a batch");
@@ -334,7 +334,7 @@ async fn metrics_endpoint_and_bus_snapshots_report_the_work() {
     let snap = tokio::time::timeout(Duration::from_secs(10), snapshots.next()).await.expect("a snapshot within 10 s").unwrap();
     let snap: serde_json::Value = serde_json::from_slice(&snap.payload).unwrap();
     assert_eq!(snap["worker"], "w1");
-    assert!(snap["metrics"]["jetbatch_cache_hits_total"].is_number(), "{snap}");
+    assert!(snap["metrics"]["jetbatch_cache_hits_total{tier=\"local\"}"].is_number(), "{snap}");
 }
 
 #[tokio::test]

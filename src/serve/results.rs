@@ -138,10 +138,7 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
         info!(id = ?header.id, model = ctx.labels(&header)[0], error = %err, "job answered with an error");
     }
     if let (Ok(output), Some(cache), Some(key), false) = (&answer, &ctx.cache, &header.cache_key, header.cached) {
-        if let Err(e) = cache.put(key, output) {
-            warn!(error = %e, "cache write");
-            ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
-        }
+        cache.put(key, output).await;
     }
     if let (true, true, Ok(Output::Generate { text, tokens, .. })) = (header.stream, header.cached, &answer) {
         // A cached generation streams as one chunk with the whole text, then done.
