@@ -25,9 +25,15 @@ use crate::metrics::{now_ms, Metrics};
 /// Longest a cache call may hold up a job: a local server answers in well under a millisecond,
 /// a loaded R3 cluster in tens.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a worker keeps trying to create the bucket at start, before any job waits on it: a
+/// new R3 stream elects its own leader, and workers starting together race to create it, which
+/// has taken over 5 s on a busy 3-node test cluster.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the tier is skipped after a failure, so an outage costs one timeout per period
 /// instead of one per job.
 const RETRY_AFTER: Duration = Duration::from_secs(3);
+/// Pause between attempts to create the bucket at start.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// At most one outage warning this often (the rest are counted in the next one).
 const WARN_EVERY: Duration = Duration::from_secs(30);
 /// Room left under the server's max payload for the put's subject and headers.
@@ -82,16 +88,33 @@ impl Shared {
         &self.bucket.name
     }
 
-    /// Creates (or updates) and opens the bucket now; a failure leaves the tier degraded.
+    /// Creates (or updates) and opens the bucket now, trying for up to [`START_TIMEOUT`]; a
+    /// failure leaves the tier degraded (retried by the next call after [`RETRY_AFTER`]).
     pub async fn connect(&self) -> bool {
-        self.store().await.is_some()
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, bus::setup_cache_bucket(&self.js, &self.bucket)).await {
+                Ok(Ok(store)) => {
+                    self.state.lock().expect("cache state").store = Some(store);
+                    self.succeeded();
+                    return true;
+                }
+                Ok(Err(e)) if left > RETRY_PAUSE => {
+                    debug!(error = %e, "shared cache bucket not ready; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => return self.failed(self.error(format!("open: {e}"), false)),
+                Err(_) => return self.failed(self.error(format!("open: not ready in {START_TIMEOUT:?}"), true)),
+            }
+        }
     }
 
     /// The answer stored under `key` and its store time (ms since the epoch); `None` for a miss,
     /// a stale or incompatible entry, or a failure.
     pub async fn get(&self, key: &[u8; 32]) -> Option<(Output, u64)> {
         let store = self.store().await?;
-        let value = self.call("read", store.get(hex(key))).await?;
+        let value = self.call("read", CALL_TIMEOUT, store.get(hex(key))).await?;
         let ttl = self.bucket.max_age;
         let entry = value.and_then(|v| decode(&v, ttl, now_ms() as u64));
         if entry.is_none() {
@@ -109,7 +132,7 @@ impl Shared {
             return;
         }
         if let Some(store) = self.store().await {
-            self.call("write", store.put(hex(key), value.into())).await;
+            self.call("write", CALL_TIMEOUT, store.put(hex(key), value.into())).await;
         }
     }
 
@@ -126,20 +149,20 @@ impl Shared {
             // Claims this attempt: calls meanwhile skip the tier instead of opening it too.
             s.retry_at = Some(Instant::now() + RETRY_AFTER);
         }
-        let store = self.call("open", bus::setup_cache_bucket(&self.js, &self.bucket)).await?;
+        let store = self.call("open", CALL_TIMEOUT, bus::setup_cache_bucket(&self.js, &self.bucket)).await?;
         self.state.lock().expect("cache state").store = Some(store.clone());
         Some(store)
     }
 
-    /// Runs one call under [`CALL_TIMEOUT`]; on failure degrades the tier and returns `None`.
-    async fn call<T, E: std::fmt::Display>(&self, what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Option<T> {
-        let failure = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+    /// Runs one call under `timeout`; on failure degrades the tier and returns `None`.
+    async fn call<T, E: std::fmt::Display>(&self, what: &str, timeout: Duration, call: impl std::future::Future<Output = Result<T, E>>) -> Option<T> {
+        let failure = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(value)) => {
                 self.succeeded();
                 return Some(value);
             }
             Ok(Err(e)) => self.error(format!("{what}: {e}"), false),
-            Err(_) => self.error(format!("{what}: no answer in {CALL_TIMEOUT:?}"), true),
+            Err(_) => self.error(format!("{what}: no answer in {timeout:?}"), true),
         };
         self.failed(failure);
         None
@@ -158,7 +181,8 @@ impl Shared {
         self.metrics.cache_shared_up.set(1);
     }
 
-    fn failed(&self, e: CacheError) {
+    /// Degrades the tier after `e`; always `false` (what [`Shared::connect`] answers then).
+    fn failed(&self, e: CacheError) -> bool {
         self.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
         self.metrics.cache_shared_up.set(0);
         let mut s = self.state.lock().expect("cache state");
@@ -171,6 +195,7 @@ impl Shared {
             s.last_warning = Some(Instant::now());
             warn!(error = %e, failures, retry_in = ?RETRY_AFTER, "shared cache unavailable: caching locally only");
         }
+        false
     }
 
     /// The bucket's figures, asked of the server now (without creating the bucket).

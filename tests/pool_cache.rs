@@ -1,0 +1,201 @@
+//! The shared cache tier against real nats-servers: a repeat is a hit on another worker of the
+//! pool, a server restart loses nothing and the tier works again after it, the same on a 3-node
+//! cluster (bucket at R3), a deleted bucket degrades to computing, and `jetbatch cache stats|clear`
+//! covers both tiers.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use jetbatch::job::{Encoding, JobResult, Status};
+use serde_json::Value;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const SHARED: [&str; 2] = ["--shared-cache-bucket", "JETBATCH_CACHE"];
+
+/// Publishes an `mlp` job of input `seed` under `id` and waits for its answer.
+async fn answer(h: &Harness, sub: &mut async_nats::Subscriber, id: &str, seed: u64) -> JobResult {
+    h.publish(&tensor_job(id, "mlp", &[mlp_input(seed)], Encoding::MsgPack), Encoding::MsgPack).await;
+    let r = collect(sub, 1, MINUTE).await.remove(id).unwrap_or_else(|| panic!("{id} answered")).remove(0);
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    r
+}
+
+/// `jetbatch cache <args>`: exit success, stdout as JSON (null when it is not), stderr.
+fn cache_cli(args: &[&str]) -> (bool, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_jetbatch")).arg("cache").args(args).output().expect("jetbatch cache");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Two workers on one consumer, each with its own `--cache-dir`: the first one's answer, repeated
+/// under a new id once it has stopped, is a shared-tier hit on the second (then a local one).
+#[tokio::test]
+async fn a_repeat_is_a_hit_on_another_worker_and_cache_stats_clear_cover_both_tiers() {
+    let h = Harness::new().await;
+    let dir = |name: &str| h.dir.path().join(format!("cache-{name}")).to_string_lossy().into_owned();
+    let mut workers: Vec<Worker> = ["w1", "w2"].iter().map(|n| h.worker(n, &[&["--cache-dir", &dir(n)][..], &SHARED].concat())).collect();
+    for w in &workers {
+        w.ready().await;
+    }
+    let mut sub = h.subscribe_results().await;
+    let first = answer(&h, &mut sub, "a1", 7).await;
+    assert!(!first.cached);
+    let i = workers.iter().position(|w| w.name == first.worker).expect("answered by a worker of the pool");
+    let mut computed = workers.remove(i);
+    computed.signal("TERM");
+    assert!(computed.wait(MINUTE).success());
+    let other = &workers[0];
+
+    let again = answer(&h, &mut sub, "a2", 7).await;
+    assert_eq!((again.worker.as_str(), again.cached, &again.output), (other.name.as_str(), true, &first.output));
+    assert_eq!(other.metric("jetbatch_cache_hits_total{tier=\"shared\"}").await, 1.0);
+    assert_eq!(other.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 0.0, "nothing computed");
+    let third = answer(&h, &mut sub, "a3", 7).await;
+    assert!(third.cached);
+    assert_eq!(other.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 1.0, "the shared hit was copied to the local tier");
+    assert_eq!(other.metric("jetbatch_cache_shared_up").await, 1.0);
+
+    // `jetbatch cache`: the stopped worker's folder and the bucket.
+    let url = h.url();
+    let (ok, stats, err) = cache_cli(&["--cache-dir", &dir(&computed.name), "--nats-url", &url, "stats"]);
+    assert!(ok, "{err}");
+    assert_eq!((&stats["local"]["entries"], &stats["shared"]["status"], &stats["shared"]["entries"]), (&1.into(), &"ok".into(), &1.into()), "{stats}");
+    assert_eq!(stats["shared"]["bucket"], "JETBATCH_CACHE");
+    // A folder a running worker holds, a mistyped one, one that is not a cache: errors.
+    let (ok, _, err) = cache_cli(&["--cache-dir", &dir(&other.name), "--nats-url", &url, "stats"]);
+    assert!(!ok && err.contains("locked by a running worker"), "{err}");
+    let (ok, _, err) = cache_cli(&["--cache-dir", &format!("{}-typo", dir("w1")), "--nats-url", &url, "stats"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    assert!(!std::path::Path::new(&format!("{}-typo", dir("w1"))).exists(), "no new empty cache");
+    let (ok, _, err) = cache_cli(&["--cache-dir", h.models.to_str().unwrap(), "--nats-url", &url, "stats"]);
+    assert!(!ok && err.contains("not a jetbatch cache"), "{err}");
+    // No NATS: the local tier is still reported.
+    let nowhere = format!("nats://127.0.0.1:{}", free_port());
+    let (ok, stats, err) = cache_cli(&["--cache-dir", &dir(&computed.name), "--nats-url", &nowhere, "stats"]);
+    assert!(ok, "{err}");
+    assert_eq!((&stats["local"]["entries"], &stats["shared"]["status"]), (&1.into(), &"unreachable".into()), "{stats}");
+    let (ok, stats, err) = cache_cli(&["--cache-dir", &dir(&computed.name), "--nats-url", &url, "clear"]);
+    assert!(ok, "{err}");
+    assert_eq!((&stats["local"]["entries"], &stats["shared"]["entries"]), (&0.into(), &0.into()), "{stats}");
+    let (ok, _, err) = cache_cli(&["--cache-dir", &dir(&computed.name), "--nats-url", &nowhere, "clear"]);
+    assert!(!ok && err.contains("JETBATCH_CACHE"), "clearing an unreachable bucket fails: {err}");
+}
+
+/// A nats-server `kill -9` and restart while two shared-only workers (no `--cache-dir`) run
+/// jobs, half of them repeats: every job answered exactly once; then the tier answers again.
+#[tokio::test]
+async fn a_server_restart_mid_run_loses_nothing_and_the_shared_tier_comes_back() {
+    let mut h = Harness::new().await;
+    write_heavy_model(&h, 40, 512, 8);
+    let args = [&SHARED[..], &["--ack-wait-secs", "3", "--max-inflight", "32", "--pull-batch", "16"]].concat();
+    let workers = [h.worker("w1", &args), h.worker("w2", &args)];
+    for w in &workers {
+        w.ready().await;
+    }
+    // 400 jobs on 200 inputs: the second half repeats the first.
+    let jobs: Vec<_> = (0..400u64).map(|i| tensor_job(&format!("rs-{i}"), "heavy", &[mlp_input(i % 200)], Encoding::MsgPack)).collect();
+    burst(&h, &jobs).await;
+    h.wait_for_stored(100, MINUTE).await;
+    h.nodes[0].kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.nodes[0].start();
+    h.wait_for_stored(400, 2 * MINUTE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = h.stored_results().await;
+    let lost = (0..400).filter(|i| !stored.contains_key(&format!("rs-{i}"))).count();
+    let duplicated = stored.values().filter(|&&c| c > 1).count();
+    assert_eq!((lost, duplicated), (0, 0), "lost, duplicated");
+    assert_eq!(h.stream_messages("JETBATCH_JOBS").await, 0, "jobs stream empty");
+
+    // After the restart: a new input, then repeats until one is a (shared) hit. The tier is
+    // skipped for a few seconds after its last failure, so the first ones may be computed.
+    let mut sub = h.subscribe_results().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while !answer(&h, &mut sub, &format!("after-{n}"), 999).await.cached {
+        assert!(Instant::now() < deadline, "no shared hit after the restart");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut shared_hits = 0.0;
+    for w in &workers {
+        shared_hits += w.metric("jetbatch_cache_hits_total{tier=\"shared\"}").await;
+    }
+    assert!(shared_hits >= 1.0);
+    eprintln!("FIGURES shared cache, nats restart: jobs=400 lost=0 duplicated=0 shared_hits={shared_hits} computed_after_restart_before_a_hit={n}");
+}
+
+/// The cross-worker hit on a 3-node cluster, the bucket at R3 like the streams.
+#[tokio::test]
+async fn a_repeat_is_a_hit_on_another_worker_of_a_three_node_cluster() {
+    let h = Harness::cluster().await;
+    let mut workers: Vec<Worker> = ["w1", "w2"].iter().map(|n| h.worker(n, &SHARED)).collect();
+    for w in &workers {
+        w.ready().await;
+    }
+    let info = h.js.get_stream("KV_JETBATCH_CACHE").await.expect("bucket created by the workers").info().await.unwrap().clone();
+    assert_eq!(info.config.num_replicas, 3);
+    let mut sub = h.subscribe_results().await;
+    let first = answer(&h, &mut sub, "c1", 11).await;
+    assert!(!first.cached);
+    let i = workers.iter().position(|w| w.name == first.worker).unwrap();
+    let mut computed = workers.remove(i);
+    computed.signal("TERM");
+    assert!(computed.wait(MINUTE).success());
+    let again = answer(&h, &mut sub, "c2", 11).await;
+    let logs = format!("{}:\n{}\n{}:\n{}", computed.name, computed.log_text(), workers[0].name, workers[0].log_text());
+    assert_eq!((again.worker.as_str(), again.cached, &again.output), (workers[0].name.as_str(), true, &first.output), "{logs}");
+}
+
+/// The bucket deleted under a running worker: jobs are still answered (computed), the failure
+/// is counted and warned about, and the worker re-creates the bucket and caches again.
+#[tokio::test]
+async fn a_deleted_bucket_degrades_to_computing_and_is_recreated() {
+    let h = Harness::new().await;
+    let w = h.worker("w1", &SHARED);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    assert!(!answer(&h, &mut sub, "d1", 3).await.cached);
+    assert!(answer(&h, &mut sub, "d2", 3).await.cached);
+    h.js.delete_stream("KV_JETBATCH_CACHE").await.unwrap();
+    let started = Instant::now();
+    let r = answer(&h, &mut sub, "d3", 3).await;
+    assert!(!r.cached && started.elapsed() < Duration::from_secs(5), "computed, promptly: {:?}", started.elapsed());
+    assert!(w.metric("jetbatch_errors_total{layer=\"cache\",type=\"shared_unavailable\"}").await >= 1.0);
+    assert_eq!(w.metric("jetbatch_cache_shared_up").await, 0.0);
+    assert!(w.log_text().contains("shared cache unavailable"), "{}", w.log_text());
+    // Once the retry period is over, the next write re-creates the bucket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while !answer(&h, &mut sub, &format!("d-again-{n}"), 4).await.cached {
+        assert!(Instant::now() < deadline, "the bucket never came back");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(h.js.get_stream("KV_JETBATCH_CACHE").await.is_ok());
+    assert_eq!(w.metric("jetbatch_cache_shared_up").await, 1.0);
+}
+
+/// An answer above the server's max payload is not offered to the bucket (it could only fail,
+/// and a failure would have the tier skipped for a while); smaller ones are stored.
+#[tokio::test]
+async fn an_answer_above_the_max_payload_is_not_put_in_the_bucket() {
+    use jetbatch::cache::Shared;
+    use jetbatch::job::Output;
+    let h = Harness::with_conf("max_payload: 4096").await;
+    let metrics = std::sync::Arc::new(jetbatch::metrics::Metrics::new("t"));
+    let bucket = jetbatch::bus::CacheBucket { name: "JETBATCH_CACHE".into(), replicas: 1, max_age: None, max_bytes: 1 << 20 };
+    let shared = Shared::new(h.client.clone(), bucket, metrics.clone());
+    let tensor = |n: usize| Output::Tensor(vec![f32_tensor(vec![0.5; n], vec![n as i64])]);
+    shared.put(&[1; 32], &tensor(2000)).await;
+    shared.put(&[2; 32], &tensor(100)).await;
+    assert_eq!(shared.get(&[1; 32]).await, None);
+    assert_eq!(shared.get(&[2; 32]).await.map(|(o, _)| o), Some(tensor(100)));
+    let kv = h.js.get_key_value("JETBATCH_CACHE").await.unwrap();
+    assert_eq!(kv.keys().await.unwrap().count().await, 1, "only the small answer");
+    assert_eq!(metrics.cache_shared_up.get(), 1, "not a failure");
+}
