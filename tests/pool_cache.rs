@@ -199,3 +199,108 @@ async fn an_answer_above_the_max_payload_is_not_put_in_the_bucket() {
     assert_eq!(kv.keys().await.unwrap().count().await, 1, "only the small answer");
     assert_eq!(metrics.cache_shared_up.get(), 1, "not a failure");
 }
+
+/// The shipped accounts (`deploy/nats`) let the worker user create the bucket (`setup`), read
+/// and write entries, and show and clear it (`jetbatch cache`).
+#[tokio::test]
+async fn the_shipped_accounts_let_workers_use_the_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = shipped_accounts_server(dir.path());
+    let auth = ["--nats-url", &node.url(), "--nats-user", "worker", "--nats-password", "work-pw"];
+    let setup = Command::new(env!("CARGO_BIN_EXE_jetbatch")).arg("setup").args(auth).output().unwrap();
+    let stdout = String::from_utf8_lossy(&setup.stdout);
+    assert!(setup.status.success() && stdout.contains("shared cache bucket JETBATCH_CACHE is ready"), "{stdout}{}", String::from_utf8_lossy(&setup.stderr));
+
+    let client = async_nats::ConnectOptions::with_user_and_password("worker".into(), "work-pw".into()).connect(node.url()).await.unwrap();
+    let metrics = std::sync::Arc::new(jetbatch::metrics::Metrics::new("t"));
+    let bucket = jetbatch::bus::CacheBucket { name: "JETBATCH_CACHE".into(), replicas: 1, max_age: None, max_bytes: 1 << 20 };
+    let shared = jetbatch::cache::Shared::new(client, bucket, metrics.clone());
+    assert!(shared.connect().await);
+    let output = jetbatch::job::Output::Tensor(vec![mlp_input(1)]);
+    shared.put(&[9; 32], &output).await;
+    assert_eq!(shared.get(&[9; 32]).await.map(|(o, _)| o), Some(output));
+    assert_eq!(metrics.cache_shared_up.get(), 1);
+
+    let (ok, stats, err) = cache_cli(&[&auth[..], &["stats"]].concat());
+    assert!(ok && stats["shared"]["entries"] == 1, "{stats} {err}");
+    let (ok, stats, err) = cache_cli(&[&auth[..], &["clear"]].concat());
+    assert!(ok && stats["shared"]["entries"] == 0, "{stats} {err}");
+}
+
+/// FIGURES: the hit ratio of a 3-worker pool on `mlp` jobs of which 30 % repeat an earlier input
+/// under a new id, local tier only (each worker its own `--cache-dir`) against both tiers. Jobs
+/// go out in rounds of 50, a repeat naming an input of an earlier round (so its first answer is
+/// in, and the best a cache can do is every repeat a hit); small pulls spread each round over the
+/// workers, as a loaded pool does. `cargo test --test pool_cache -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "figures for loadtest/README.md"]
+async fn figures_hit_ratio_of_a_three_worker_pool_with_30_percent_repeats() {
+    const ROUNDS: u64 = 12;
+    const ROUND: u64 = 50;
+    // One job list for both runs: (id suffix, input seed, is a repeat).
+    let mut x: u64 = 42;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let mut fresh = 0u64;
+    let mut jobs = Vec::new();
+    for round in 0..ROUNDS {
+        let earlier = fresh;
+        for _ in 0..ROUND {
+            if round > 0 && next() % 100 < 30 {
+                jobs.push((round, next() % earlier, true));
+            } else {
+                jobs.push((round, fresh, false));
+                fresh += 1;
+            }
+        }
+    }
+    let repeats = jobs.iter().filter(|j| j.2).count();
+    for (label, shared) in [("local only", false), ("local + shared", true)] {
+        let h = Harness::new().await;
+        let workers: Vec<Worker> = (1..=3)
+            .map(|i| {
+                let dir = h.dir.path().join(format!("cache-{i}"));
+                let bucket = if shared { "JETBATCH_CACHE" } else { "" };
+                let args = ["--cache-dir", dir.to_str().unwrap(), "--shared-cache-bucket", bucket, "--pull-batch", "2", "--max-inflight", "4"];
+                h.worker(&format!("w{i}"), &args)
+            })
+            .collect();
+        for w in &workers {
+            w.ready().await;
+        }
+        let mut sub = h.subscribe_results().await;
+        let (mut cached, mut by_worker) = (0, std::collections::BTreeMap::<String, usize>::new());
+        for round in 0..ROUNDS {
+            let batch: Vec<_> = jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| j.0 == round)
+                .map(|(i, j)| tensor_job(&format!("f-{i}"), "mlp", &[mlp_input(j.1)], Encoding::MsgPack))
+                .collect();
+            burst(&h, &batch).await;
+            let answers = collect(&mut sub, batch.len(), MINUTE).await;
+            assert_eq!(answers.len(), batch.len());
+            for r in answers.values().map(|rs| &rs[0]) {
+                cached += r.cached as usize;
+                *by_worker.entry(r.worker.clone()).or_default() += 1;
+            }
+        }
+        let total = jobs.len();
+        let mut tiers = String::new();
+        for tier in ["local", "shared"] {
+            let mut n = 0.0;
+            for w in &workers {
+                n += w.metric(&format!("jetbatch_cache_hits_total{{tier=\"{tier}\"}}")).await;
+            }
+            tiers += &format!(" hits_{tier}={n}");
+        }
+        eprintln!(
+            "FIGURES pool cache ({label}): workers=3 jobs={total} repeats={repeats} cached={cached} hit_ratio={:.1}% \
+             of_repeats={:.1}%{tiers} answered_by={by_worker:?}",
+            100.0 * cached as f64 / total as f64,
+            100.0 * cached as f64 / repeats as f64
+        );
+    }
+}
