@@ -437,4 +437,18 @@ mod tests {
         let Command::Serve(s) = cli.command else { panic!("serve") };
         assert_eq!((s.torch.torch_threads, s.torch.torch_interop_threads), (3, 2));
     }
+
+    #[test]
+    fn the_shared_cache_tier_is_on_by_default_and_an_empty_bucket_name_turns_it_off() {
+        let serve = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["jetbatch", "serve", "--models", "m"][..], extra].concat()).unwrap();
+            let Command::Serve(s) = cli.command else { panic!("serve") };
+            s.cache
+        };
+        let on = serve(&[]);
+        assert_eq!((on.shared_bucket(), on.shared_cache_max_mb), (Some("JETBATCH_CACHE"), 256));
+        assert_eq!(serve(&["--shared-cache-bucket", ""]).shared_bucket(), None);
+        assert_eq!(serve(&["--shared-cache-bucket", "B"]).shared_bucket(), Some("B"));
+        assert_eq!(ServeArgs::local("nats://x:1".into(), PathBuf::new(), None).cache.shared_bucket(), None, "local workers: no shared tier");
+    }
 }

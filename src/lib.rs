@@ -29,7 +29,7 @@
 //! - [`serve`]: `jetbatch serve`, the JetStream adapter on the core — the wiring and shutdown
 //!   (`serve/mod.rs`), the types that flow between its stages (`flow.rs`), `intake.rs` and
 //!   `results.rs` (the ack policy as a plain function, `decide`).
-//! - [`cache`], [`metrics`]: beside the pipeline.
+//! - [`cache`] (a worker's sled folder and the pool's key-value bucket), [`metrics`]: beside the pipeline.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 

@@ -24,6 +24,19 @@ async fn answer(h: &Harness, sub: &mut async_nats::Subscriber, id: &str, seed: u
     r
 }
 
+/// Sends input `seed` under new ids `<prefix>-<n>` until an answer is `cached` (the shared tier
+/// is skipped for a few seconds after a failure, so the first may be computed); how many were not.
+async fn computed_until_cached(h: &Harness, sub: &mut async_nats::Subscriber, prefix: &str, seed: u64) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while !answer(h, sub, &format!("{prefix}-{n}"), seed).await.cached {
+        assert!(Instant::now() < deadline, "{prefix}: no cache hit in 30 s");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    n
+}
+
 /// `jetbatch cache <args>`: exit success, stdout as JSON (null when it is not), stderr.
 fn cache_cli(args: &[&str]) -> (bool, Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_jetbatch")).arg("cache").args(args).output().expect("jetbatch cache");
@@ -114,13 +127,7 @@ async fn a_server_restart_mid_run_loses_nothing_and_the_shared_tier_comes_back()
     // After the restart: a new input, then repeats until one is a (shared) hit. The tier is
     // skipped for a few seconds after its last failure, so the first ones may be computed.
     let mut sub = h.subscribe_results().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while !answer(&h, &mut sub, &format!("after-{n}"), 999).await.cached {
-        assert!(Instant::now() < deadline, "no shared hit after the restart");
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let n = computed_until_cached(&h, &mut sub, "after", 999).await;
     let mut shared_hits = 0.0;
     for w in &workers {
         shared_hits += w.metric("jetbatch_cache_hits_total{tier=\"shared\"}").await;
@@ -169,13 +176,7 @@ async fn a_deleted_bucket_degrades_to_computing_and_is_recreated() {
     assert_eq!(w.metric("jetbatch_cache_shared_up").await, 0.0);
     assert!(w.log_text().contains("shared cache unavailable"), "{}", w.log_text());
     // Once the retry period is over, the next write re-creates the bucket.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while !answer(&h, &mut sub, &format!("d-again-{n}"), 4).await.cached {
-        assert!(Instant::now() < deadline, "the bucket never came back");
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    computed_until_cached(&h, &mut sub, "d-again", 4).await;
     assert!(h.js.get_stream("KV_JETBATCH_CACHE").await.is_ok());
     assert_eq!(w.metric("jetbatch_cache_shared_up").await, 1.0);
 }

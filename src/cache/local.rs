@@ -151,11 +151,7 @@ impl Local {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::TensorData;
-
-    fn output(v: f32) -> Output {
-        Output::Tensor(vec![TensorData::from((&[v; 16][..], vec![16]))])
-    }
+    use crate::cache::test_output as output;
 
     #[test]
     fn survives_reopen_and_clears() {

@@ -81,7 +81,8 @@ impl Tier {
 pub enum SharedTier {
     Off,
     Unreachable { bucket: String, error: String },
-    On(Shared),
+    /// Boxed: the open bucket's handle carries its stream's whole info.
+    On(Box<Shared>),
 }
 
 /// Both tiers' figures (`jetbatch cache stats`); `null` for a tier that is not configured.
@@ -112,16 +113,18 @@ impl Cache {
     /// not answer is reported as unreachable.
     pub async fn for_command(opts: &CacheOpts, nats: &NatsOpts) -> Result<Cache, CacheError> {
         let local = opts.cache_dir.as_ref().map(|dir| Local::open_existing(dir, opts.ttl(), opts.cache_max_mb << 20)).transpose()?;
+        // A command's own figures, never shown: the facade counts into one.
+        let metrics = Arc::new(Metrics::new("cache"));
         // Replicas matter only where the bucket is created, which a command does not do.
         let shared = match CacheBucket::of(opts, 1) {
             None => SharedTier::Off,
             Some(bucket) => match tokio::time::timeout(CONNECT_TIMEOUT, bus::connect(nats, "jetbatch-cache")).await {
-                Ok(Ok(client)) => SharedTier::On(Shared::new(client, bucket, Arc::new(Metrics::new("cache")))),
+                Ok(Ok(client)) => SharedTier::On(Box::new(Shared::new(client, bucket, metrics.clone()))),
                 Ok(Err(e)) => SharedTier::Unreachable { bucket: bucket.name, error: e.to_string() },
                 Err(_) => SharedTier::Unreachable { bucket: bucket.name, error: format!("no connection in {CONNECT_TIMEOUT:?}") },
             },
         };
-        Ok(Cache::new(local, shared, Arc::new(Metrics::new("cache"))))
+        Ok(Cache::new(local, shared, metrics))
     }
 
     /// A worker's cache: the local tier at `--cache-dir` (a folder that cannot be opened is
@@ -141,7 +144,7 @@ impl Cache {
                 // Creates the bucket now, so a misconfiguration shows in the log at start; a
                 // failure here only means the tier starts degraded and retries.
                 shared.connect().await;
-                SharedTier::On(shared)
+                SharedTier::On(Box::new(shared))
             }
             None => SharedTier::Off,
         };
@@ -227,4 +230,10 @@ impl Cache {
     pub fn flush(&self) -> Result<(), CacheError> {
         self.local.as_ref().map_or(Ok(()), Local::flush)
     }
+}
+
+/// A small answer for the tiers' tests.
+#[cfg(test)]
+fn test_output(v: f32) -> Output {
+    Output::Tensor(vec![crate::tensor::TensorData::from((&[v; 16][..], vec![16]))])
 }

@@ -255,11 +255,7 @@ fn decode(value: &[u8], ttl: Option<Duration>, now_ms: u64) -> Option<(Output, u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::TensorData;
-
-    fn output(v: f32) -> Output {
-        Output::Tensor(vec![TensorData::from((&[v; 16][..], vec![16]))])
-    }
+    use crate::cache::test_output as output;
 
     #[test]
     fn values_round_trip_and_reject_stale_or_foreign_entries() {
