@@ -419,15 +419,17 @@ async fn setup_models_and_cache_commands() {
     assert!(!ok && out.contains("invalid broken"), "an invalid model fails validation: {out}");
 
     let cache = h.dir.path().join("cache");
-    let c = jetbatch::cache::Cache::open(&cache, None, 0).unwrap();
+    let c = jetbatch::cache::Local::open(&cache, None, 0).unwrap();
     c.put(&[1; 32], &jetbatch::job::Output::Tensor(vec![mlp_input(1)])).unwrap();
     c.flush().unwrap();
     drop(c);
     let cache = cache.to_str().unwrap();
-    let (ok, out) = run(&["cache", "--cache-dir", cache, "stats"]);
-    assert!(ok && out.contains("\"entries\":1"), "{out}");
-    let (ok, out) = run(&["cache", "--cache-dir", cache, "clear"]);
-    assert!(ok && out.contains("\"entries\":0"), "{out}");
+    // `setup` made the (empty) shared bucket too.
+    let url = h.url();
+    let (ok, out) = run(&["cache", "--cache-dir", cache, "--nats-url", &url, "stats"]);
+    assert!(ok && out.contains("\"local\":{\"entries\":1") && out.contains("\"status\":\"ok\""), "{out}");
+    let (ok, out) = run(&["cache", "--cache-dir", cache, "--nats-url", &url, "clear"]);
+    assert!(ok && out.contains("\"local\":{\"entries\":0"), "{out}");
 }
 
 #[tokio::test]
@@ -442,7 +444,7 @@ async fn an_unopenable_cache_is_logged_and_the_worker_runs_without_it() {
     }
     let got = collect(&mut sub, 2, MINUTE).await;
     assert!(got.values().all(|r| r[0].status == Status::Ok && !r[0].cached), "{got:?}");
-    assert!(w.log_text().contains("running without cache"), "{}", w.log_text());
+    assert!(w.log_text().contains("local cache unavailable"), "{}", w.log_text());
     assert_eq!(w.metric("jetbatch_errors_total{layer=\"cache\",type=\"storage\"}").await, 1.0);
 }
 
