@@ -159,7 +159,6 @@ pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<consumer::Pull
     }
 }
 
-
 /// The shared cache's key-value bucket, as `setup` creates it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheBucket {
