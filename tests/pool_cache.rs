@@ -6,6 +6,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,6 +23,13 @@ async fn answer(h: &Harness, sub: &mut async_nats::Subscriber, id: &str, seed: u
     let r = collect(sub, 1, MINUTE).await.remove(id).unwrap_or_else(|| panic!("{id} answered")).remove(0);
     assert_eq!(r.status, Status::Ok, "{r:?}");
     r
+}
+
+/// The shared tier alone on `client`: bucket `JETBATCH_CACHE` (R1, 1 MiB), its own metrics.
+fn shared_tier(client: &async_nats::Client) -> (jetbatch::cache::Shared, Arc<jetbatch::metrics::Metrics>) {
+    let metrics = Arc::new(jetbatch::metrics::Metrics::new("t"));
+    let bucket = jetbatch::bus::CacheBucket { name: "JETBATCH_CACHE".into(), replicas: 1, max_age: None, max_bytes: 1 << 20 };
+    (jetbatch::cache::Shared::new(client.clone(), bucket, metrics.clone()), metrics)
 }
 
 /// Sends input `seed` under new ids `<prefix>-<n>` until an answer is `cached` (the shared tier
@@ -185,12 +193,9 @@ async fn a_deleted_bucket_degrades_to_computing_and_is_recreated() {
 /// and a failure would have the tier skipped for a while); smaller ones are stored.
 #[tokio::test]
 async fn an_answer_above_the_max_payload_is_not_put_in_the_bucket() {
-    use jetbatch::cache::Shared;
     use jetbatch::job::Output;
     let h = Harness::with_conf("max_payload: 4096").await;
-    let metrics = std::sync::Arc::new(jetbatch::metrics::Metrics::new("t"));
-    let bucket = jetbatch::bus::CacheBucket { name: "JETBATCH_CACHE".into(), replicas: 1, max_age: None, max_bytes: 1 << 20 };
-    let shared = Shared::new(h.client.clone(), bucket, metrics.clone());
+    let (shared, metrics) = shared_tier(&h.client);
     let tensor = |n: usize| Output::Tensor(vec![f32_tensor(vec![0.5; n], vec![n as i64])]);
     shared.put(&[1; 32], &tensor(2000)).await;
     shared.put(&[2; 32], &tensor(100)).await;
@@ -213,9 +218,7 @@ async fn the_shipped_accounts_let_workers_use_the_bucket() {
     assert!(setup.status.success() && stdout.contains("shared cache bucket JETBATCH_CACHE is ready"), "{stdout}{}", String::from_utf8_lossy(&setup.stderr));
 
     let client = async_nats::ConnectOptions::with_user_and_password("worker".into(), "work-pw".into()).connect(node.url()).await.unwrap();
-    let metrics = std::sync::Arc::new(jetbatch::metrics::Metrics::new("t"));
-    let bucket = jetbatch::bus::CacheBucket { name: "JETBATCH_CACHE".into(), replicas: 1, max_age: None, max_bytes: 1 << 20 };
-    let shared = jetbatch::cache::Shared::new(client, bucket, metrics.clone());
+    let (shared, metrics) = shared_tier(&client);
     assert!(shared.connect().await);
     let output = jetbatch::job::Output::Tensor(vec![mlp_input(1)]);
     shared.put(&[9; 32], &output).await;
@@ -304,4 +307,27 @@ async fn figures_hit_ratio_of_a_three_worker_pool_with_30_percent_repeats() {
             100.0 * cached as f64 / repeats as f64
         );
     }
+
+    // What the tier adds to a job it misses: a bucket read in the intake stage (one job after
+    // another) and a write in the results stage (jobs side by side).
+    let h = Harness::new().await;
+    let (shared, _) = shared_tier(&h.client);
+    assert!(shared.connect().await);
+    let output = jetbatch::job::Output::Tensor(vec![mlp_input(1)]);
+    let key = |i: u32| {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        k
+    };
+    let started = Instant::now();
+    for i in 0..1000 {
+        assert_eq!(shared.get(&key(i)).await, None);
+    }
+    let read = started.elapsed() / 1000;
+    let started = Instant::now();
+    for i in 0..1000 {
+        shared.put(&key(i), &output).await;
+    }
+    let write = started.elapsed() / 1000;
+    eprintln!("FIGURES shared tier per call (loopback nats-server, debug build, one after another): read_miss_us={} write_us={}", read.as_micros(), write.as_micros());
 }
