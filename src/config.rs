@@ -141,11 +141,24 @@ pub struct CacheOpts {
     /// Size cap; oldest entries are evicted past it (0: no cap).
     #[arg(long, env = "JETBATCH_CACHE_MAX_MB", default_value_t = 0)]
     pub cache_max_mb: u64,
+    /// JetStream key-value bucket shared by the pool: a second tier, read after the local one
+    /// (or alone, without `--cache-dir`) and written after compute; `setup` creates it. Its max
+    /// age is `--cache-ttl-secs`. Empty: no shared tier.
+    #[arg(long, env = "JETBATCH_SHARED_CACHE_BUCKET", default_value = "JETBATCH_CACHE")]
+    pub shared_cache_bucket: String,
+    /// Size cap of the shared bucket; the oldest entries are dropped past it (0: no cap).
+    #[arg(long, env = "JETBATCH_SHARED_CACHE_MAX_MB", default_value_t = 256)]
+    pub shared_cache_max_mb: u64,
 }
 
 impl CacheOpts {
     pub fn ttl(&self) -> Option<Duration> {
         (self.cache_ttl_secs > 0).then(|| Duration::from_secs(self.cache_ttl_secs))
+    }
+
+    /// The shared tier's bucket, `None` when it is off.
+    pub fn shared_bucket(&self) -> Option<&str> {
+        Some(self.shared_cache_bucket.as_str()).filter(|b| !b.is_empty())
     }
 }
 
@@ -206,12 +219,15 @@ fn seconds(s: &str) -> Result<f64, String> {
 
 impl ServeArgs {
     /// `serve`'s defaults for a local worker on `models`, talking to `url` (the demo, tests, the
-    /// loadtest).
+    /// loadtest), with the local cache tier at `cache_dir` and no shared tier (set
+    /// `cache.shared_cache_bucket` for one).
     pub fn local(url: String, models: PathBuf, cache_dir: Option<PathBuf>) -> ServeArgs {
-        let cli = Cli::parse_from(["jetbatch", "serve", "--models", "_", "--nats-url", &url]);
+        let cli = Cli::parse_from(["jetbatch", "serve", "--models", "_", "--nats-url", &url, "--shared-cache-bucket", ""]);
         let Command::Serve(mut args) = cli.command else { unreachable!("parsed serve") };
         args.models = models;
-        args.cache = CacheOpts { cache_dir, cache_ttl_secs: 0, cache_max_mb: 0 };
+        args.cache.cache_dir = cache_dir;
+        args.cache.cache_ttl_secs = 0;
+        args.cache.cache_max_mb = 0;
         args
     }
 }
@@ -237,6 +253,9 @@ pub struct SetupArgs {
     pub nats: NatsOpts,
     #[command(flatten)]
     pub topology: Topology,
+    /// The shared cache bucket's settings (`--cache-dir` is not used here).
+    #[command(flatten)]
+    pub cache: CacheOpts,
 }
 
 #[derive(Debug, Args)]
@@ -252,15 +271,18 @@ pub struct ModelsArgs {
 pub struct CacheArgs {
     #[command(flatten)]
     pub cache: CacheOpts,
+    /// Where the shared tier's bucket is (unreachable: the local tier is still reported).
+    #[command(flatten)]
+    pub nats: NatsOpts,
     #[command(subcommand)]
     pub action: CacheAction,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]
 pub enum CacheAction {
-    /// Entries and bytes.
+    /// Entries and bytes of each tier, as JSON.
     Stats,
-    /// Remove every entry.
+    /// Remove every entry of both tiers.
     Clear,
 }
 
@@ -435,5 +457,19 @@ mod tests {
         let cli = Cli::try_parse_from(["jetbatch", "serve", "--models", "m", "--torch-threads", "3", "--torch-interop-threads", "2"]).unwrap();
         let Command::Serve(s) = cli.command else { panic!("serve") };
         assert_eq!((s.torch.torch_threads, s.torch.torch_interop_threads), (3, 2));
+    }
+
+    #[test]
+    fn the_shared_cache_tier_is_on_by_default_and_an_empty_bucket_name_turns_it_off() {
+        let serve = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["jetbatch", "serve", "--models", "m"][..], extra].concat()).unwrap();
+            let Command::Serve(s) = cli.command else { panic!("serve") };
+            s.cache
+        };
+        let on = serve(&[]);
+        assert_eq!((on.shared_bucket(), on.shared_cache_max_mb), (Some("JETBATCH_CACHE"), 256));
+        assert_eq!(serve(&["--shared-cache-bucket", ""]).shared_bucket(), None);
+        assert_eq!(serve(&["--shared-cache-bucket", "B"]).shared_bucket(), Some("B"));
+        assert_eq!(ServeArgs::local("nats://x:1".into(), PathBuf::new(), None).cache.shared_bucket(), None, "local workers: no shared tier");
     }
 }

@@ -29,7 +29,8 @@
 //! - [`serve`]: `jetbatch serve`, the JetStream adapter on the core — the wiring and shutdown
 //!   (`serve/mod.rs`), the types that flow between its stages (`flow.rs`), `intake.rs` and
 //!   `results.rs` (the ack policy as a plain function, `decide`).
-//! - [`cache`], [`metrics`]: beside the pipeline; [`deadline`]: a job's `deadline` and
+//! - [`cache`] (a worker's sled folder and the pool's key-value bucket), [`metrics`]: beside the
+//!   pipeline; [`deadline`]: a job's `deadline` and
 //!   `timeout_ms`, and the `timeout` answer of a job past them.
 //! - [`priority`]: job levels, their subjects and consumers, the aging rule the pull loop and the
 //!   batcher follow.

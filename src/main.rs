@@ -28,15 +28,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let js = async_nats::jetstream::new(client);
             jetbatch::bus::setup(&js, &args.topology).await?;
             println!("streams {}, {}, {} and consumer {} are ready", args.topology.jobs_stream, args.topology.results_stream, args.topology.dead_stream, args.topology.consumer);
+            if let Some(bucket) = jetbatch::bus::CacheBucket::of(&args.cache, args.topology.replicas) {
+                jetbatch::bus::setup_cache_bucket(&js, &bucket).await?;
+                println!("shared cache bucket {} is ready", bucket.name);
+            }
         }
         Command::Models(args) => models(args).await?,
         Command::Cache(args) => {
-            let dir = args.cache.cache_dir.as_ref().context("--cache-dir (or JETBATCH_CACHE_DIR) is required")?;
-            let cache = jetbatch::cache::Cache::open(dir, args.cache.ttl(), args.cache.cache_max_mb << 20)?;
-            if let CacheAction::Clear = args.action {
-                cache.clear()?;
-            }
-            println!("{}", serde_json::to_string(&cache.stats()?)?);
+            let cache = jetbatch::cache::Cache::for_command(&args.cache, &args.nats).await?;
+            // Clears what it can, shows what is left, then reports what it could not clear.
+            let cleared = match args.action {
+                CacheAction::Clear => cache.clear().await,
+                CacheAction::Stats => Ok(()),
+            };
+            println!("{}", serde_json::to_string(&cache.stats().await?)?);
+            cleared?;
         }
         Command::Submit(args) => {
             // It prints its own summary (answered, ok, cached, errors by code).

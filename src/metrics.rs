@@ -20,8 +20,12 @@ pub struct Metrics {
     pub job_latency_seconds: HistogramVec,
     pub batch_size: HistogramVec,
     pub batch_compute_seconds: HistogramVec,
-    pub cache_hits_total: IntCounter,
+    /// By `tier`: `local` (this worker's folder) or `shared` (the pool's bucket).
+    pub cache_hits_total: IntCounterVec,
+    /// Cacheable jobs found in no tier (one count a job, whatever the tiers).
     pub cache_misses_total: IntCounter,
+    /// 1 while the shared cache tier answers, 0 while it is skipped after a failure (or absent).
+    pub cache_shared_up: IntGauge,
     pub inflight_jobs: IntGauge,
     pub consumer_pending: IntGauge,
     pub consumer_ack_pending: IntGauge,
@@ -70,8 +74,9 @@ impl Metrics {
                 "Engine time per batch.",
                 exponential_buckets(0.0001, 2.0, 18).expect("buckets"),
             ),
-            cache_hits_total: counter("jetbatch_cache_hits_total", "Jobs answered from the result cache."),
-            cache_misses_total: counter("jetbatch_cache_misses_total", "Cacheable jobs not in the cache."),
+            cache_hits_total: counter_vec("jetbatch_cache_hits_total", "Jobs answered from the result cache, by tier.", &["tier"]),
+            cache_misses_total: counter("jetbatch_cache_misses_total", "Cacheable jobs in no cache tier."),
+            cache_shared_up: gauge("jetbatch_cache_shared_up", "1 while the shared cache bucket answers; 0 while skipped after a failure, or absent."),
             inflight_jobs: gauge("jetbatch_inflight_jobs", "Jobs pulled and not yet acked or nak'ed."),
             consumer_pending: gauge("jetbatch_consumer_pending", "Messages in the stream not yet delivered to the consumer."),
             consumer_ack_pending: gauge("jetbatch_consumer_ack_pending", "Messages delivered to the consumer and not yet acked."),

@@ -102,7 +102,7 @@ async fn repeated_jobs_are_served_from_a_cache_that_survives_restarts_and_follow
     assert!(second[0].cached, "same input, new id: a cache hit");
     assert_eq!(second[0].output, first[0].output);
     assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"mlp\"}").await, 1.0, "the model ran once");
-    assert_eq!(w.metric("jetbatch_cache_hits_total").await, 1.0);
+    assert_eq!(w.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 1.0);
     // `cache: false` bypasses the cache: the model runs again.
     let mut uncached = run("c2-nocache");
     if let rmpv::Value::Map(m) = &mut uncached {
@@ -319,7 +319,7 @@ async fn metrics_endpoint_and_bus_snapshots_report_the_work() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
     assert_eq!(w.metric("jetbatch_jobs_total{kind=\"tensor\",model=\"mlp\",status=\"ok\"}").await, 25.0);
-    assert_eq!(w.metric("jetbatch_cache_hits_total").await, 5.0);
+    assert_eq!(w.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 5.0);
     assert_eq!(w.metric("jetbatch_cache_misses_total").await, 20.0);
     assert_eq!(w.metric("jetbatch_job_latency_seconds_count{model=\"mlp\"}").await, 25.0);
     assert_eq!(w.metric("jetbatch_batch_size_sum{model=\"mlp\"}").await, 20.0, "every computed job in a batch");
@@ -345,6 +345,7 @@ async fn metrics_endpoint_and_bus_snapshots_report_the_work() {
     assert_eq!(snap["worker"], "w1");
     let ok = &snap["metrics"]["jetbatch_jobs_total"]["series"][0];
     assert_eq!((&ok["labels"]["model"], &ok["value"]), (&"mlp".into(), &25.0.into()), "{snap}");
+    assert!(snap["metrics"]["jetbatch_cache_hits_total{tier=\"local\"}"].is_number(), "{snap}");
 }
 
 #[tokio::test]
@@ -429,15 +430,17 @@ async fn setup_models_and_cache_commands() {
     assert!(!ok && out.contains("invalid broken"), "an invalid model fails validation: {out}");
 
     let cache = h.dir.path().join("cache");
-    let c = jetbatch::cache::Cache::open(&cache, None, 0).unwrap();
+    let c = jetbatch::cache::Local::open(&cache, None, 0).unwrap();
     c.put(&[1; 32], &jetbatch::job::Output::Tensor(vec![mlp_input(1)])).unwrap();
     c.flush().unwrap();
     drop(c);
     let cache = cache.to_str().unwrap();
-    let (ok, out) = run(&["cache", "--cache-dir", cache, "stats"]);
-    assert!(ok && out.contains("\"entries\":1"), "{out}");
-    let (ok, out) = run(&["cache", "--cache-dir", cache, "clear"]);
-    assert!(ok && out.contains("\"entries\":0"), "{out}");
+    // `setup` made the (empty) shared bucket too.
+    let url = h.url();
+    let (ok, out) = run(&["cache", "--cache-dir", cache, "--nats-url", &url, "stats"]);
+    assert!(ok && out.contains("\"local\":{\"entries\":1") && out.contains("\"status\":\"ok\""), "{out}");
+    let (ok, out) = run(&["cache", "--cache-dir", cache, "--nats-url", &url, "clear"]);
+    assert!(ok && out.contains("\"local\":{\"entries\":0"), "{out}");
 }
 
 #[tokio::test]
@@ -452,7 +455,7 @@ async fn an_unopenable_cache_is_logged_and_the_worker_runs_without_it() {
     }
     let got = collect(&mut sub, 2, MINUTE).await;
     assert!(got.values().all(|r| r[0].status == Status::Ok && !r[0].cached), "{got:?}");
-    assert!(w.log_text().contains("running without cache"), "{}", w.log_text());
+    assert!(w.log_text().contains("local cache unavailable"), "{}", w.log_text());
     assert_eq!(w.metric("jetbatch_errors_total{layer=\"cache\",type=\"storage\"}").await, 1.0);
 }
 

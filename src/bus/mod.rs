@@ -9,11 +9,11 @@ mod pull;
 
 use std::time::Duration;
 
-use async_nats::jetstream::{consumer, stream, Context};
+use async_nats::jetstream::{consumer, kv, stream, Context};
 use async_nats::{Client, ServerAddr};
 use tracing::info;
 
-use crate::config::{NatsOpts, Topology};
+use crate::config::{CacheOpts, NatsOpts, Topology};
 use crate::priority::Priority;
 
 pub use publish::{job_hash, publish_stored, result_msg_id, snapshots, stored_answer, Publisher, Streamer, JOB_HASH_HEADER};
@@ -181,4 +181,52 @@ pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<Consumers, Bus
     consumers.sort_by_key(|(level, _)| *level);
     let consumers: Vec<_> = consumers.into_iter().map(|(_, c)| c).collect();
     Ok(Consumers(consumers.try_into().unwrap_or_else(|_| unreachable!("one consumer per level"))))
+}
+
+/// The shared cache's key-value bucket, as `setup` creates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheBucket {
+    pub name: String,
+    /// As the streams' (`--replicas`).
+    pub replicas: usize,
+    /// The cache TTL (`--cache-ttl-secs`); `None`: entries never expire.
+    pub max_age: Option<Duration>,
+    /// `--shared-cache-max-mb`; 0: no cap.
+    pub max_bytes: u64,
+}
+
+impl CacheBucket {
+    /// The bucket configured by `opts`; `None` where the shared tier is off.
+    pub fn of(opts: &CacheOpts, replicas: usize) -> Option<CacheBucket> {
+        let name = opts.shared_bucket()?.to_string();
+        Some(CacheBucket { name, replicas, max_age: opts.ttl(), max_bytes: opts.shared_cache_max_mb << 20 })
+    }
+
+    pub fn stream_name(&self) -> String {
+        format!("KV_{}", self.name)
+    }
+}
+
+/// Creates or updates the shared cache's bucket and opens it. It is made as the stream a KV
+/// bucket is (`KV_<name>` on `$KV.<name>.>`, one value a key) but with one setting a KV client
+/// does not offer: a full bucket drops its oldest entries (discard old) where a plain KV bucket
+/// refuses new ones, for a cache should evict rather than fail.
+pub async fn setup_cache_bucket(js: &Context, b: &CacheBucket) -> Result<kv::Store, BusError> {
+    let setup_err = |e: &dyn std::fmt::Display| BusError::Setup(format!("cache bucket {}: {e}", b.name));
+    let config = stream::Config {
+        name: b.stream_name(),
+        subjects: vec![format!("$KV.{}.>", b.name)],
+        max_messages_per_subject: 1,
+        max_age: b.max_age.unwrap_or_default(),
+        max_bytes: if b.max_bytes == 0 { -1 } else { b.max_bytes as i64 },
+        storage: stream::StorageType::File,
+        num_replicas: b.replicas,
+        discard: stream::DiscardPolicy::Old,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    };
+    js.create_or_update_stream(config).await.map_err(|e| setup_err(&e))?;
+    js.get_key_value(&b.name).await.map_err(|e| setup_err(&e))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tracing::{error, warn};
+use tracing::error;
 
 use super::flow::{Ctx, Finished, Header, Outcome, Pending};
 use crate::infer::ms;
@@ -84,7 +84,7 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
     if delivery.delivered > 1 && ctx.already_answered(&header, &bus::job_hash(&delivery.payload)).await {
         return Some(Finished { delivery, header, outcome: Outcome::AlreadyAnswered });
     }
-    if let Some(output) = lookup(ctx, cache_key.as_ref()) {
+    if let Some(output) = lookup(ctx, cache_key.as_ref()).await {
         let mut header = header;
         header.cached = true;
         header.timing.queued_ms = ms(delivery.age());
@@ -128,22 +128,8 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -
     Ok((job, spec, cache_key))
 }
 
-fn lookup(ctx: &Ctx, key: Option<&[u8; 32]>) -> Option<Output> {
-    let (cache, key) = (ctx.cache.as_ref()?, key?);
-    match cache.get(key) {
-        Ok(Some(output)) => {
-            ctx.metrics.cache_hits_total.inc();
-            Some(output)
-        }
-        Ok(None) => {
-            ctx.metrics.cache_misses_total.inc();
-            None
-        }
-        Err(e) => {
-            warn!(error = %e, "cache read");
-            ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
-            None
-        }
-    }
+/// The cached answer, from either tier (the cache counts hits, misses and its own failures).
+async fn lookup(ctx: &Ctx, key: Option<&[u8; 32]>) -> Option<Output> {
+    ctx.cache.as_ref()?.get(key?).await
 }
 

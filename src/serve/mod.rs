@@ -68,21 +68,10 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
         info!(entry = %name, why, "not a model folder; skipped");
     }
     info!(models = ?repository.models.keys().collect::<Vec<_>>(), %worker, "starting");
-    let cache = args.cache.cache_dir.as_ref().and_then(|dir| {
-        match Cache::open(dir, args.cache.ttl(), args.cache.cache_max_mb << 20) {
-            Ok(c) => Some(Arc::new(c)),
-            Err(e) => {
-                // A broken cache costs speed, not correctness: run without it.
-                error!(error = %e, dir = %dir.display(), "cache unavailable; running without cache");
-                metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
-                None
-            }
-        }
-    });
-
     let client = bus::connect(&args.nats, &format!("jetbatch-worker {worker}")).await?;
     let js = jetstream::new(client.clone());
     let consumers = bus::setup(&js, &args.topology).await?;
+    let cache = Cache::for_worker(&args.cache, &client, args.topology.replicas, metrics.clone()).await.map(Arc::new);
 
     // libtorch's threads, as configured (the first worker of a process decides: they are per process).
     crate::engine::configure_threads(args.torch);

@@ -139,10 +139,7 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     }
     // A generation its deadline cut short is answered but not cached: it is not the job's result.
     if let (Some(output), Some(cache), Some(key), false) = (answer.as_ref().ok().filter(|o| o.complete()), &ctx.cache, &header.cache_key, header.cached) {
-        if let Err(e) = cache.put(key, output) {
-            warn!(error = %e, "cache write");
-            ctx.metrics.errors_total.with_label_values(&["cache", e.error_type()]).inc();
-        }
+        cache.put(key, output).await;
     }
     if let (true, true, Ok(Output::Generate { text, tokens, .. })) = (header.stream, header.cached, &answer) {
         // A cached generation streams as one chunk with the whole text, then done.

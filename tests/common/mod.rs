@@ -218,6 +218,9 @@ impl Harness {
             .args(extra)
             // Short redelivery for tests; an env default, so `extra` flags can override it.
             .env("JETBATCH_ACK_WAIT_SECS", "5")
+            // No shared cache tier unless a test asks for one (`--shared-cache-bucket`): tests
+            // repeat inputs under new ids and expect them computed.
+            .env("JETBATCH_SHARED_CACHE_BUCKET", "")
             // TEST_WORKER_LOG=jetbatch=debug to see batch spans in a failing test's worker log.
             .env("JETBATCH_LOG", std::env::var("TEST_WORKER_LOG").unwrap_or("info".into()))
             .stdout(Stdio::null())

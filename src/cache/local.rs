@@ -1,27 +1,16 @@
-//! The result cache beside the pipeline: sled at `--cache-dir`, keyed by
-//! [`crate::job::ValidJob::cache_key`]. Values carry their store time (for the TTL) and an insertion
-//! sequence; a second tree orders keys by that sequence so the size cap evicts oldest-first.
+//! The local tier: sled at `--cache-dir`, keyed by [`crate::job::ValidJob::cache_key`]. Values
+//! carry their store time (for the TTL) and an insertion sequence; a second tree orders keys by
+//! that sequence so the size cap evicts oldest-first.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::CacheError;
 use crate::job::Output;
 use crate::metrics::now_ms;
 
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("cache storage: {0}")]
-    Storage(#[from] sled::Error),
-}
-
-impl CacheError {
-    pub fn error_type(&self) -> &'static str {
-        "storage"
-    }
-}
-
-pub struct Cache {
+pub struct Local {
     db: sled::Db,
     results: sled::Tree,
     order: sled::Tree,
@@ -34,22 +23,42 @@ pub struct Cache {
 const HEADER: usize = 16;
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Stats {
+pub struct LocalStats {
     pub entries: usize,
     pub bytes: u64,
     pub size_on_disk: u64,
 }
 
-impl Cache {
+impl Local {
     /// Opens (or creates) the cache. `max_bytes` 0 means no cap.
-    pub fn open(dir: &Path, ttl: Option<Duration>, max_bytes: u64) -> Result<Cache, CacheError> {
+    pub fn open(dir: &Path, ttl: Option<Duration>, max_bytes: u64) -> Result<Local, CacheError> {
         // sled releases its folder lock from a background thread after the last handle is
         // dropped: a reopen right after a close (a restart in the same process) waits for it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        Local::open_waiting(dir, ttl, max_bytes, Duration::from_secs(5))
+    }
+
+    /// Opens a cache that must exist already (`jetbatch cache stats|clear`): a mistyped folder is
+    /// an error, not a new empty cache; a folder a worker holds is [`CacheError::Locked`] at once.
+    pub fn open_existing(dir: &Path, ttl: Option<Duration>, max_bytes: u64) -> Result<Local, CacheError> {
+        if !dir.is_dir() {
+            return Err(CacheError::NotFound(dir.to_path_buf()));
+        }
+        // sled writes both files when it creates a folder; a folder without them is something else.
+        if !dir.join("conf").is_file() || !dir.join("db").is_file() {
+            return Err(CacheError::NotACache(dir.to_path_buf()));
+        }
+        Local::open_waiting(dir, ttl, max_bytes, Duration::ZERO)
+    }
+
+    fn open_waiting(dir: &Path, ttl: Option<Duration>, max_bytes: u64, lock_wait: Duration) -> Result<Local, CacheError> {
+        let deadline = std::time::Instant::now() + lock_wait;
         let db = loop {
             match sled::Config::new().path(dir).open() {
                 Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(CacheError::Locked(dir.to_path_buf()));
                 }
                 other => break other?,
             }
@@ -57,7 +66,7 @@ impl Cache {
         let results = db.open_tree("results")?;
         let order = db.open_tree("order")?;
         let bytes = results.iter().values().map(|v| v.map(|v| v.len() as u64)).sum::<Result<u64, _>>()?;
-        Ok(Cache { db, results, order, ttl, max_bytes, bytes: AtomicU64::new(bytes) })
+        Ok(Local { db, results, order, ttl, max_bytes, bytes: AtomicU64::new(bytes) })
     }
 
     pub fn get(&self, key: &[u8; 32]) -> Result<Option<Output>, CacheError> {
@@ -77,9 +86,15 @@ impl Cache {
     }
 
     pub fn put(&self, key: &[u8; 32], output: &Output) -> Result<(), CacheError> {
+        self.put_at(key, output, now_ms() as u64)
+    }
+
+    /// Stores `output` as if stored at `stored_ms` (a copy of a shared-tier entry keeps its age,
+    /// so the TTL counts from the first computation).
+    pub fn put_at(&self, key: &[u8; 32], output: &Output, stored_ms: u64) -> Result<(), CacheError> {
         let seq = self.db.generate_id()?;
         let mut value = Vec::with_capacity(HEADER + 256);
-        value.extend_from_slice(&(now_ms() as u64).to_be_bytes());
+        value.extend_from_slice(&stored_ms.to_be_bytes());
         value.extend_from_slice(&seq.to_be_bytes());
         rmp_serde::encode::write(&mut value, output).expect("encoding into a Vec");
         let len = value.len() as u64;
@@ -116,8 +131,8 @@ impl Cache {
         Ok(())
     }
 
-    pub fn stats(&self) -> Result<Stats, CacheError> {
-        Ok(Stats { entries: self.results.len(), bytes: self.bytes.load(Ordering::Relaxed), size_on_disk: self.db.size_on_disk()? })
+    pub fn stats(&self) -> Result<LocalStats, CacheError> {
+        Ok(LocalStats { entries: self.results.len(), bytes: self.bytes.load(Ordering::Relaxed), size_on_disk: self.db.size_on_disk()? })
     }
 
     pub fn clear(&self) -> Result<(), CacheError> {
@@ -136,21 +151,17 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::TensorData;
-
-    fn output(v: f32) -> Output {
-        Output::Tensor(vec![TensorData::from((&[v; 16][..], vec![16]))])
-    }
+    use crate::cache::test_output as output;
 
     #[test]
     fn survives_reopen_and_clears() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let c = Cache::open(dir.path(), None, 0).unwrap();
+            let c = Local::open(dir.path(), None, 0).unwrap();
             c.put(&[1; 32], &output(1.0)).unwrap();
             c.flush().unwrap();
         }
-        let c = Cache::open(dir.path(), None, 0).unwrap();
+        let c = Local::open(dir.path(), None, 0).unwrap();
         assert_eq!(c.get(&[1; 32]).unwrap(), Some(output(1.0)));
         assert_eq!(c.get(&[2; 32]).unwrap(), None);
         assert_eq!(c.stats().unwrap().entries, 1);
@@ -159,9 +170,38 @@ mod tests {
     }
 
     #[test]
+    fn open_existing_refuses_a_mistyped_or_foreign_folder_and_a_locked_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        assert!(matches!(Local::open_existing(&missing, None, 0), Err(CacheError::NotFound(p)) if p == missing));
+        assert!(!missing.exists(), "not created");
+        assert!(matches!(Local::open_existing(dir.path(), None, 0), Err(CacheError::NotACache(_))));
+        let held = Local::open(&dir.path().join("c"), None, 0).unwrap();
+        held.put(&[1; 32], &output(1.0)).unwrap();
+        held.flush().unwrap();
+        let started = std::time::Instant::now();
+        let locked = Local::open_existing(&dir.path().join("c"), None, 0).err().expect("locked");
+        assert_eq!((locked.error_type(), started.elapsed() < Duration::from_secs(1)), ("locked", true), "{locked}");
+        drop(held);
+        let c = Local::open(&dir.path().join("c"), None, 0).unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(Local::open_existing(&dir.path().join("c"), None, 0).unwrap().get(&[1; 32]).unwrap(), Some(output(1.0)));
+    }
+
+    #[test]
+    fn a_copy_keeps_its_store_time_for_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Local::open(dir.path(), Some(Duration::from_secs(60)), 0).unwrap();
+        c.put_at(&[1; 32], &output(1.0), now_ms() as u64 - 61_000).unwrap();
+        c.put_at(&[2; 32], &output(2.0), now_ms() as u64 - 59_000).unwrap();
+        assert_eq!((c.get(&[1; 32]).unwrap(), c.get(&[2; 32]).unwrap()), (None, Some(output(2.0))));
+    }
+
+    #[test]
     fn ttl_expires_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Cache::open(dir.path(), Some(Duration::ZERO), 0).unwrap();
+        let c = Local::open(dir.path(), Some(Duration::ZERO), 0).unwrap();
         c.put(&[1; 32], &output(1.0)).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(c.get(&[1; 32]).unwrap(), None);
@@ -171,7 +211,7 @@ mod tests {
     #[test]
     fn size_cap_evicts_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Cache::open(dir.path(), None, 1000).unwrap();
+        let c = Local::open(dir.path(), None, 1000).unwrap();
         for i in 0..20u8 {
             c.put(&[i; 32], &output(i as f32)).unwrap();
         }
