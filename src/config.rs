@@ -46,6 +46,8 @@ pub enum Command {
     },
     /// Everything at once: a local nats-server, the demo models, a worker, and a few demo jobs.
     Demo(DemoArgs),
+    /// The running workers of a pool, through their NATS service endpoints: list, inspect, drain.
+    Pool(PoolArgs),
 }
 
 /// How to reach NATS.
@@ -124,6 +126,14 @@ impl Topology {
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs_f64(self.ack_wait_secs)
     }
+    /// The consumer's filter: the `--serve-models` subjects, or every job.
+    pub fn filter_subjects(&self) -> Vec<String> {
+        if self.serve_models.is_empty() {
+            vec![format!("{}.jobs.>", self.prefix)]
+        } else {
+            self.serve_models.iter().map(|m| self.jobs_subject(m)).collect()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -188,6 +198,10 @@ pub struct ServeArgs {
     /// Seconds between metric snapshots published on `<prefix>.metrics.<worker>` (0: none).
     #[arg(long, env = "JETBATCH_METRICS_INTERVAL_SECS", default_value_t = 10)]
     pub metrics_interval_secs: u64,
+    /// Seconds between looks at which models the other workers of the pool serve (also looked up
+    /// when a job names a model this worker lacks): such jobs are handed back for them.
+    #[arg(long, env = "JETBATCH_POOL_REFRESH_SECS", default_value_t = 10)]
+    pub pool_refresh_secs: u64,
 }
 
 impl ServeArgs {
@@ -337,6 +351,74 @@ pub struct DemoArgs {
     /// nats-server binary (default: `nats-server` next to the venv, then on PATH).
     #[arg(long, env = "JETBATCH_NATS_SERVER")]
     pub nats_server: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    /// The pool's subject prefix (workers of other prefixes are not listed).
+    #[arg(long, env = "JETBATCH_PREFIX", default_value = "jetbatch")]
+    pub prefix: String,
+    /// How long discovery collects the workers' answers.
+    #[arg(long, default_value_t = 500)]
+    pub wait_ms: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: PoolAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PoolAction {
+    /// Every worker: models, jobs in flight, queue, cache hit ratio, uptime.
+    List,
+    /// A worker's models (fingerprints, kinds, device, dtype, batch caps) and consumer.
+    Info {
+        /// Worker id (`--worker-id` of its `serve`; default: this pod's or host's `JETBATCH_WORKER_ID`).
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// A worker's live figures: in flight, queue per model, batch sizes, cache hits, jobs by status.
+    Stats {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Whether a worker consumes, its engine runs, and it is not draining.
+    Health {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Read a model's folder again (new or changed) and serve it.
+    Load {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+        #[arg(long)]
+        model: String,
+    },
+    /// Stop serving a model (its jobs go to the other workers of the pool).
+    Unload {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+        #[arg(long)]
+        model: String,
+    },
+    /// The worker's result cache: entries and bytes.
+    CacheStats {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Empty the worker's result cache.
+    CacheClear {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Stop pulling, finish and ack the batch in flight, hand back the rest, exit 0 (as SIGTERM).
+    Drain {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
 }
 
 /// Reads `--config FILE` (or `JETBATCH_CONFIG`) and exports its keys as `JETBATCH_*` variables that

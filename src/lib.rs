@@ -31,6 +31,9 @@
 //!   `results.rs` (the ack policy as a plain function, `decide`).
 //! - [`cache`], [`metrics`]: beside the pipeline.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
+//! - [`pool`]: the workers' NATS service endpoints as a client sees them (`jetbatch pool`);
+//!   `serve/service.rs` answers them and `serve/peers.rs` learns from them which models the
+//!   other workers of the pool serve.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
 pub(crate) mod batcher;
@@ -47,6 +50,7 @@ pub mod job;
 pub mod kinds;
 pub mod lm;
 pub mod metrics;
+pub mod pool;
 pub mod repository;
 pub mod serve;
 pub mod submit;

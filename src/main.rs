@@ -50,6 +50,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("demo models written to {}", dir.display());
         }
         Command::Demo(args) => jetbatch::demo::run(args).await?,
+        Command::Pool(args) => jetbatch::pool::run(args).await.map_err(anyhow::Error::from_boxed)?,
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! and looking up whether a job was answered already ([`publish`]). The serve stages decide what
 //! becomes of a job; this module carries it out.
 
+mod gate;
 mod publish;
 mod pull;
 
@@ -16,6 +17,7 @@ use tracing::info;
 use crate::config::{NatsOpts, Topology};
 
 pub use publish::{job_hash, publish_stored, result_msg_id, snapshots, stored_answer, Publisher, Streamer, JOB_HASH_HEADER};
+pub use gate::PullGate;
 pub use pull::{keep_alive, pull, watch_consumer, Delivery, Held, PullOpts};
 
 #[derive(Debug, thiserror::Error)]
@@ -137,25 +139,45 @@ pub async fn setup_streams(js: &Context, t: &Topology) -> Result<(), BusError> {
 /// Creates the workers' durable consumer, or updates it when its settings changed.
 pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<consumer::PullConsumer, BusError> {
     let setup_err = |what: &str, e: &dyn std::fmt::Display| BusError::Setup(format!("{what}: {e}"));
-    let filter_subjects = if t.serve_models.is_empty() {
-        vec![format!("{}.jobs.>", t.prefix)]
-    } else {
-        t.serve_models.iter().map(|m| t.jobs_subject(m)).collect()
-    };
     let config = consumer::pull::Config {
         durable_name: Some(t.consumer.clone()),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: t.ack_wait(),
         max_deliver: t.max_deliver,
         max_ack_pending: t.max_ack_pending,
-        filter_subjects,
+        filter_subjects: t.filter_subjects(),
         ..Default::default()
     };
     let jobs = js.get_stream(&t.jobs_stream).await.map_err(|e| setup_err("jobs stream", &e))?;
     // create_consumer is idempotent for an identical config; a changed one (new ack wait, filter) is an update.
-    match jobs.create_consumer(config.clone()).await {
+    let created = match jobs.create_consumer(config.clone()).await {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    match jobs.update_consumer(config).await {
         Ok(c) => Ok(c),
-        Err(_) => jobs.update_consumer(config).await.map_err(|e| setup_err(&format!("consumer {}", t.consumer), &e)),
+        // No such consumer: the update's "does not exist" would hide why the create was refused.
+        Err(_) if jobs.consumer_info(&t.consumer).await.is_err() => {
+            Err(setup_err(&format!("consumer {}", t.consumer), &format!("{created}; {}", overlap_hint(&jobs, t).await)))
+        }
+        Err(e) => Err(setup_err(&format!("consumer {}", t.consumer), &e)),
     }
 }
 
+/// How to fix a consumer the work-queue jobs stream refused: its filter overlaps another's.
+async fn overlap_hint(jobs: &stream::Stream, t: &Topology) -> String {
+    use futures::StreamExt;
+    let mut others = Vec::new();
+    let mut consumers = jobs.consumers();
+    while let Some(Ok(info)) = consumers.next().await {
+        let c = &info.config;
+        let filters = if c.filter_subjects.is_empty() { vec![c.filter_subject.clone()] } else { c.filter_subjects.clone() };
+        others.push(format!("{} [{}]", info.name, filters.join(", ")));
+    }
+    format!(
+        "the jobs stream {} is a work queue, where no two consumers may filter the same subjects; this pool's filter is [{}], the consumers now are {}: give each pool disjoint --serve-models (an empty one takes every model), or join the existing pool with its --consumer",
+        t.jobs_stream,
+        t.filter_subjects().join(", "),
+        if others.is_empty() { "none".to_string() } else { others.join("; ") }
+    )
+}

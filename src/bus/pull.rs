@@ -155,6 +155,8 @@ impl Delivery {
 pub struct PullOpts {
     pub max_inflight: usize,
     pub pull_batch: usize,
+    /// Paused while a job this worker cannot serve waits for another worker of the pool.
+    pub gate: super::PullGate,
 }
 
 /// The pull loop: fetches as many jobs as there are free permits and sends them to `out`. On
@@ -173,6 +175,10 @@ pub async fn pull(
     let mut stopping = false;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     while !stopping {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            _ = opts.gate.wait() => {}
+        }
         let mut slots = tokio::select! {
             _ = shutdown.recv() => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
