@@ -169,7 +169,11 @@ async fn overlap_hint(jobs: &stream::Stream, t: &Topology) -> String {
     use futures::StreamExt;
     let mut others = Vec::new();
     let mut consumers = jobs.consumers();
-    while let Some(Ok(info)) = consumers.next().await {
+    while let Some(listed) = consumers.next().await {
+        let Ok(info) = listed else {
+            others.push("(not listable with these credentials)".to_string());
+            break;
+        };
         let c = &info.config;
         let filters = if c.filter_subjects.is_empty() { vec![c.filter_subject.clone()] } else { c.filter_subjects.clone() };
         others.push(format!("{} [{}]", info.name, filters.join(", ")));
