@@ -327,3 +327,22 @@ async fn a_second_pool_whose_filter_overlaps_the_first_gets_the_servers_reason_a
     let second = setup(&["--consumer", "gpu-pool", "--serve-models", "mlp"]);
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
 }
+
+/// A model whose folder reads well but whose weights do not load: its jobs are retried (another
+/// worker may load it), then answered with the reason.
+#[tokio::test]
+async fn a_model_that_fails_to_load_says_why_in_the_result() {
+    let h = Harness::new().await;
+    let repo = partial_repository(&h, "garbled-models", &["mlp"]);
+    std::fs::create_dir(repo.join("garbled")).unwrap();
+    std::fs::copy(h.models.join("mlp/jetbatch.toml"), repo.join("garbled/jetbatch.toml")).unwrap();
+    std::fs::write(repo.join("garbled/model.pt"), b"not a TorchScript archive").unwrap();
+    let w = h.worker_on("w", &repo, &["--max-deliver", "2"]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    h.publish(&tensor_job("garbled-1", "garbled", &[mlp_input(1)], Encoding::Json), Encoding::Json).await;
+    let r = &collect(&mut sub, 1, MINUTE).await["garbled-1"][0];
+    let err = r.error.as_ref().expect("an error answer");
+    assert_eq!(err.code, ErrorCode::ModelError);
+    assert!(err.message.contains("cannot load model"), "{err:?}");
+}
