@@ -309,15 +309,20 @@ struct Row {
 }
 
 async fn list(client: &Client, prefix: &str, window: Duration, json: bool) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut rows = Vec::new();
     let empty = serde_json::json!({});
-    for instance in discover(client, prefix, None, window).await? {
+    let instances = discover(client, prefix, None, window).await?;
+    let answers = futures::future::join_all(instances.iter().map(|instance| async {
         let info = call::<WorkerInfo>(client, instance.subject(verb::INFO), &empty, CALL_TIMEOUT);
         let stats = call::<WorkerStats>(client, instance.subject(verb::STATS), &empty, CALL_TIMEOUT);
-        match futures::join!(info, stats) {
+        (instance.worker(), futures::join!(info, stats))
+    }))
+    .await;
+    let mut rows = Vec::new();
+    for (worker, answer) in answers {
+        match answer {
             (Ok(info), Ok(stats)) => rows.push(Row { info, stats }),
             // A worker that stopped between discovery and the call: listed on stderr only.
-            (Err(e), _) | (_, Err(e)) => eprintln!("{}: {e}", instance.worker()),
+            (Err(e), _) | (_, Err(e)) => eprintln!("{worker}: {e}"),
         }
     }
     if json {

@@ -76,10 +76,13 @@ async fn discovery_lists_the_workers_with_their_models_stats_and_health() {
     let mut pongs = h.client.subscribe(inbox.clone()).await.unwrap();
     h.client.publish_with_reply("$SRV.PING.jetbatch", inbox, "".into()).await.unwrap();
     let mut pinged = BTreeSet::new();
-    while let Ok(Some(pong)) = tokio::time::timeout(Duration::from_millis(500), pongs.next()).await {
+    while let Ok(Some(pong)) = tokio::time::timeout(Duration::from_secs(5), pongs.next()).await {
         let pong: Value = serde_json::from_slice(&pong.payload).unwrap();
         assert_eq!(pong["version"], env!("CARGO_PKG_VERSION"));
         pinged.insert(pong["metadata"]["worker"].as_str().unwrap().to_string());
+        if pinged.len() == 2 {
+            break;
+        }
     }
     assert_eq!(pinged, BTreeSet::from(["w1".to_string(), "w2".to_string()]));
 
@@ -220,11 +223,7 @@ async fn a_partial_worker_hands_jobs_back_to_the_worker_that_serves_them() {
     let partial = h.worker_on("partial", &partial_repository(&h, "partial-models", &["mlp"]), &["--pool-refresh-secs", "60"]);
     partial.ready().await;
     // The partial worker's first look at the pool found the healthy one.
-    let deadline = Instant::now() + MINUTE;
-    while !partial.log_text().contains("models served by the other workers of the pool") {
-        assert!(Instant::now() < deadline, "{}", partial.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sees_peers(&partial).await;
     healthy.signal("STOP");
     // Its open pull request expires (1 s) so that only the partial worker pulls.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -251,6 +250,38 @@ async fn a_partial_worker_hands_jobs_back_to_the_worker_that_serves_them() {
     let handed_back = partial.metric("jetbatch_naks_total{reason=\"elsewhere\"}").await;
     assert!(handed_back >= 1.0, "the partial worker took seqproj jobs and handed them back: {handed_back}");
     assert!(got.values().any(|rs| rs[0].worker == "partial"), "the partial worker served its own model meanwhile");
+}
+
+/// Waits until `w` has seen another worker of the pool serve a model.
+async fn sees_peers(w: &Worker) {
+    let deadline = Instant::now() + MINUTE;
+    while !w.log_text().contains("models served by the other workers of the pool") {
+        assert!(Instant::now() < deadline, "{}", w.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The worker that serves the model never pulls (it is stopped): the partial worker hands the
+/// job back until its last delivery, then answers it rather than leave it unanswered.
+#[tokio::test]
+async fn a_job_handed_back_until_its_last_delivery_is_answered_with_the_reason() {
+    let h = Harness::new().await;
+    let healthy = h.worker("healthy", &[]);
+    healthy.ready().await;
+    let partial = h.worker_on("partial", &partial_repository(&h, "partial-models", &["mlp"]), &["--pool-refresh-secs", "60", "--max-deliver", "2"]);
+    partial.ready().await;
+    sees_peers(&partial).await;
+    healthy.signal("STOP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut sub = h.subscribe_results().await;
+    h.publish(&tensor_job("lost", "seqproj", &[seq_input(1, 2)], Encoding::Json), Encoding::Json).await;
+    let r = &collect(&mut sub, 1, MINUTE).await["lost"][0];
+    healthy.signal("CONT");
+    assert_eq!(r.worker, "partial");
+    let err = r.error.as_ref().expect("an error answer");
+    assert_eq!(err.code, ErrorCode::ModelError);
+    assert!(err.message.contains("served by other workers of this pool (healthy)") && err.message.contains("max_deliver 2"), "{err:?}");
+    assert_eq!(partial.metric("jetbatch_naks_total{reason=\"elsewhere\"}").await, 1.0, "handed back once, answered on the second delivery");
 }
 
 #[tokio::test]

@@ -136,13 +136,20 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(args.max_inflight);
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(args.max_inflight);
 
+    let mut tasks = tokio::task::JoinSet::new();
+    // Registered before the first pull, so a worker that consumes (`/healthz`) is discoverable.
+    let control = Arc::new(service::Control::new(ctx.clone(), args.models.clone(), args.cache.cache_dir.clone(), args.max_inflight));
+    tasks.spawn(service::serve(client.clone(), control.clone(), notify.subscribe()).await?);
+    let (refresh, gate) = (Duration::from_secs(args.pool_refresh_secs), peers.gate.clone());
+    let peers_shutdown = notify.subscribe();
+    tasks.spawn(async move { peers.watch(refresh, peers_shutdown).await });
+
     let held = bus::Held::default();
     // Runs until every held job is settled, past the shutdown signal: the last batch keeps its lease.
     let keep_alive = tokio::spawn(bus::keep_alive(client.clone(), held.clone(), args.topology.ack_wait(), metrics.clone()));
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(bus::pull(
         consumer.clone(),
-        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight), gate: peers.gate.clone() },
+        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight), gate },
         held,
         deliveries_tx,
         release_tx,
@@ -155,11 +162,6 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     drop(finished_tx);
     tasks.spawn(bus::snapshots(client.clone(), snapshot_subject, metrics.clone(), args.metrics_interval_secs, notify.subscribe()));
     tasks.spawn(throughput(metrics.clone(), THROUGHPUT_EVERY, notify.subscribe()));
-    let control = Arc::new(service::Control::new(ctx.clone(), args.models.clone(), args.cache.cache_dir.clone(), args.max_inflight));
-    tasks.spawn(service::serve(client.clone(), control.clone(), notify.subscribe()).await?);
-    let refresh = Duration::from_secs(args.pool_refresh_secs);
-    let peers_shutdown = notify.subscribe();
-    tasks.spawn(async move { peers.watch(refresh, peers_shutdown).await });
     let results_task = tokio::spawn(results::results(finished_rx, release_rx, ctx.clone()));
 
     let engine_died = async {

@@ -243,7 +243,8 @@ pub(crate) async fn serve(client: Client, control: Arc<Control>, mut shutdown: b
     let group = svc.group(&root);
     let mut endpoints = Vec::new();
     for v in verb::ALL {
-        let endpoint = group.endpoint_builder().name(v).add(v).await.map_err(|e| ServiceError(format!("{root}.{v}: {e}")))?;
+        // Endpoint names are `[A-Za-z0-9_-]` in the services protocol; the subject keeps the dot.
+        let endpoint = group.endpoint_builder().name(v.replace('.', "_")).add(v).await.map_err(|e| ServiceError(format!("{root}.{v}: {e}")))?;
         endpoints.push(endpoint.map(move |request| (v, request)));
     }
     info!(subject = %root, "service endpoints ready");
