@@ -46,6 +46,8 @@ pub enum Command {
     },
     /// Everything at once: a local nats-server, the demo models, a worker, and a few demo jobs.
     Demo(DemoArgs),
+    /// The running workers of a pool, through their NATS service endpoints: list, inspect, drain.
+    Pool(PoolArgs),
 }
 
 /// How to reach NATS.
@@ -128,6 +130,15 @@ impl Topology {
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs_f64(self.ack_wait_secs)
     }
+    /// The filter of a level's consumer: that level's subjects of the `--serve-models`, or of
+    /// every model.
+    pub fn filter_subjects(&self, level: crate::priority::Priority) -> Vec<String> {
+        if self.serve_models.is_empty() {
+            vec![format!("{}.jobs.*{}", self.prefix, level.subject_suffix())]
+        } else {
+            self.serve_models.iter().map(|m| self.priority_subject(m, level)).collect()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -205,6 +216,10 @@ pub struct ServeArgs {
     /// Seconds between metric snapshots published on `<prefix>.metrics.<worker>` (0: none).
     #[arg(long, env = "JETBATCH_METRICS_INTERVAL_SECS", default_value_t = 10)]
     pub metrics_interval_secs: u64,
+    /// Seconds between looks at which models the other workers of the pool serve (also looked up
+    /// when a job names a model this worker lacks): such jobs are handed back for them.
+    #[arg(long, env = "JETBATCH_POOL_REFRESH_SECS", default_value_t = 10)]
+    pub pool_refresh_secs: u64,
     /// The aging period of job priorities: a level not asked for jobs this long is asked first,
     /// and a job waiting in the worker counts one level higher per period waited, so low jobs
     /// are never starved (0: every level is served alike).
@@ -271,9 +286,13 @@ pub struct ModelsArgs {
 pub struct CacheArgs {
     #[command(flatten)]
     pub cache: CacheOpts,
-    /// Where the shared tier's bucket is (unreachable: the local tier is still reported).
+    /// Where the shared tier's bucket is (unreachable: the local tier is still reported), and
+    /// the workers to ask when one holds the `--cache-dir` folder.
     #[command(flatten)]
     pub nats: NatsOpts,
+    /// The pool's subject prefix, to find a worker that holds the folder.
+    #[arg(long, env = "JETBATCH_PREFIX", default_value = "jetbatch")]
+    pub prefix: String,
     #[command(subcommand)]
     pub action: CacheAction,
 }
@@ -380,6 +399,74 @@ pub struct DemoArgs {
     /// nats-server binary (default: `nats-server` next to the venv, then on PATH).
     #[arg(long, env = "JETBATCH_NATS_SERVER")]
     pub nats_server: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    /// The pool's subject prefix (workers of other prefixes are not listed).
+    #[arg(long, env = "JETBATCH_PREFIX", default_value = "jetbatch")]
+    pub prefix: String,
+    /// How long discovery collects the workers' answers.
+    #[arg(long, default_value_t = 500)]
+    pub wait_ms: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: PoolAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PoolAction {
+    /// Every worker: models, jobs in flight, queue, cache hit ratio, uptime.
+    List,
+    /// A worker's models (fingerprints, kinds, device, dtype, batch caps) and consumer.
+    Info {
+        /// Worker id (`--worker-id` of its `serve`; default: this pod's or host's `JETBATCH_WORKER_ID`).
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// A worker's live figures: in flight, queue per model, batch sizes, cache hits, jobs by status.
+    Stats {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Whether a worker consumes, its engine runs, and it is not draining.
+    Health {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Read a model's folder again (new or changed) and serve it.
+    Load {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+        #[arg(long)]
+        model: String,
+    },
+    /// Stop serving a model (its jobs go to the other workers of the pool).
+    Unload {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+        #[arg(long)]
+        model: String,
+    },
+    /// The worker's result cache: entries and bytes.
+    CacheStats {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Empty the worker's result cache.
+    CacheClear {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
+    /// Stop pulling, finish and ack the batch in flight, hand back the rest, exit 0 (as SIGTERM).
+    Drain {
+        #[arg(long, env = "JETBATCH_WORKER_ID")]
+        worker: Option<String>,
+    },
 }
 
 /// Reads `--config FILE` (or `JETBATCH_CONFIG`) and exports its keys as `JETBATCH_*` variables that

@@ -35,6 +35,9 @@
 //! - [`priority`]: job levels, their subjects and consumers, the aging rule the pull loop and the
 //!   batcher follow.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
+//! - [`pool`]: the workers' NATS service endpoints as a client sees them (`jetbatch pool`);
+//!   `serve/service.rs` answers them and `serve/peers.rs` learns from them which models the
+//!   other workers of the pool serve.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
 pub(crate) mod batcher;
@@ -52,6 +55,7 @@ pub mod job;
 pub mod kinds;
 pub mod lm;
 pub mod metrics;
+pub mod pool;
 pub mod priority;
 pub mod repository;
 pub mod serve;

@@ -35,7 +35,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Models(args) => models(args).await?,
         Command::Cache(args) => {
-            let cache = jetbatch::cache::Cache::for_command(&args.cache, &args.nats).await?;
+            let cache = match jetbatch::cache::Cache::for_command(&args.cache, &args.nats).await {
+                // sled locks the folder while a worker runs: that worker answers for its cache.
+                Err(jetbatch::cache::CacheError::Locked(dir)) => return cache_via_worker(&args, &dir).await,
+                other => other?,
+            };
             // Clears what it can, shows what is left, then reports what it could not clear.
             let cleared = match args.action {
                 CacheAction::Clear => cache.clear().await,
@@ -56,7 +60,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("demo models written to {}", dir.display());
         }
         Command::Demo(args) => jetbatch::demo::run(args).await?,
+        Command::Pool(args) => jetbatch::pool::run(args).await.map_err(anyhow::Error::from_boxed)?,
     }
+    Ok(())
+}
+
+/// `jetbatch cache` on a folder a running worker holds: through that worker's cache endpoint.
+async fn cache_via_worker(args: &jetbatch::config::CacheArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let client = jetbatch::bus::connect(&args.nats, "jetbatch-cache").await?;
+    let clear = matches!(args.action, CacheAction::Clear);
+    let answer = jetbatch::pool::cache_via_worker(&client, &args.prefix, dir, clear).await.map_err(anyhow::Error::from)?;
+    let answer = answer.with_context(|| {
+        format!("{} is locked by a process, and no worker of this host on that NATS (prefix {}) says it holds it", dir.display(), args.prefix)
+    })?;
+    println!("{}", serde_json::to_string(&answer)?);
     Ok(())
 }
 

@@ -345,12 +345,12 @@ fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
 /// The `jetbatch.toml` a Hugging Face folder without one is served with.
 const PLAIN_HF_TOML: &str = "backend = \"hf\"\n";
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Repository {
     pub dir: PathBuf,
     pub models: BTreeMap<String, Arc<ModelSpec>>,
     /// Model folders that cannot be served, and why: their jobs are answered with that reason.
-    pub invalid: BTreeMap<String, RepoError>,
+    pub invalid: BTreeMap<String, Arc<RepoError>>,
     /// Entries that are not model folders (no `jetbatch.toml`, no `config.json`), and why.
     pub skipped: BTreeMap<String, String>,
 }
@@ -377,7 +377,7 @@ impl Repository {
                     models.insert(name, Arc::new(spec));
                 }
                 Err(e) => {
-                    invalid.insert(name, e);
+                    invalid.insert(name, Arc::new(e));
                 }
             }
         }
@@ -386,6 +386,44 @@ impl Repository {
 
     pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
         self.models.get(name)
+    }
+
+    /// This repository with `name` read again from its folder (added, replaced, or kept as
+    /// invalid with the reason), the other models untouched; and the outcome for `name`. The
+    /// folder is fingerprinted whole: call it off the async threads.
+    pub fn reload(&self, name: &str) -> (Repository, Result<Arc<ModelSpec>, Arc<RepoError>>) {
+        let mut next = self.clone();
+        next.models.remove(name);
+        next.invalid.remove(name);
+        next.skipped.remove(name);
+        let dir = self.dir.join(name);
+        let outcome = if !valid_model_name(name) {
+            Err(RepoError::Config { path: dir, message: format!("model name '{name}' is not [A-Za-z0-9_-]{{1,64}}") })
+        } else if !dir.is_dir() {
+            Err(RepoError::Io { path: dir, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder") })
+        } else {
+            ModelSpec::load(&dir)
+        };
+        let outcome = match outcome {
+            Ok(spec) => {
+                let spec = Arc::new(spec);
+                next.models.insert(name.to_string(), spec.clone());
+                Ok(spec)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                next.invalid.insert(name.to_string(), e.clone());
+                Err(e)
+            }
+        };
+        (next, outcome)
+    }
+
+    /// This repository without `name` (served or invalid); `None` when it has no such model.
+    pub fn without(&self, name: &str) -> Option<Repository> {
+        let mut next = self.clone();
+        let had = next.models.remove(name).is_some() | next.invalid.remove(name).is_some();
+        had.then_some(next)
     }
 
     /// The model-specific half of parsing for any job: the model it names, and the job
@@ -402,6 +440,25 @@ impl Repository {
             Some(why) => JobError::new(ErrorCode::ModelError, format!("model: '{model}' cannot be served by this worker: {why}")),
             None => JobError::new(ErrorCode::UnknownModel, format!("model: '{model}' is not in this worker's repository")),
         }
+    }
+}
+
+/// The repository a running worker serves, swapped whole when a model is loaded or unloaded (the
+/// `load`/`unload` endpoints); readers take the current one and keep it for the job at hand.
+#[derive(Debug)]
+pub struct LiveRepository(std::sync::RwLock<Arc<Repository>>);
+
+impl LiveRepository {
+    pub fn new(repository: Repository) -> LiveRepository {
+        LiveRepository(std::sync::RwLock::new(Arc::new(repository)))
+    }
+
+    pub fn current(&self) -> Arc<Repository> {
+        self.0.read().expect("repository lock").clone()
+    }
+
+    pub fn replace(&self, repository: Repository) {
+        *self.0.write().expect("repository lock") = Arc::new(repository);
     }
 }
 
@@ -442,6 +499,30 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         assert!(repo.invalid["badtrim"].to_string().contains("not a variable dim"));
         let seq = &repo.models["seq"];
         assert_eq!((seq.config.max_batch_size, seq.config.max_wait_ms), (32, 5));
+    }
+
+    #[test]
+    fn reload_adds_replaces_or_explains_one_model_and_keeps_the_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        model(tmp.path(), "seq", SEQ);
+        let repo = Repository::scan(tmp.path()).unwrap();
+        let seq = repo.models["seq"].clone();
+        model(tmp.path(), "late", SEQ);
+        let (next, added) = repo.reload("late");
+        assert_eq!(added.unwrap().name.as_ref(), "late");
+        assert_eq!(next.models.keys().collect::<Vec<_>>(), vec!["late", "seq"]);
+        assert!(Arc::ptr_eq(&next.models["seq"], &seq), "the other models are not read again");
+        model(tmp.path(), "late", "backend = \"onnx\"");
+        let (broken, why) = next.reload("late");
+        assert!(why.unwrap_err().to_string().contains("onnx"));
+        assert!(broken.get("late").is_none() && broken.invalid.contains_key("late"));
+        assert!(broken.unknown("late").message.contains("onnx"), "its jobs say why");
+        assert!(repo.reload("absent").1.unwrap_err().to_string().contains("no such model folder"));
+        assert!(repo.reload("../seq").1.unwrap_err().to_string().contains("is not [A-Za-z0-9_-]"));
+        let gone = next.without("seq").unwrap();
+        assert_eq!(gone.models.keys().collect::<Vec<_>>(), vec!["late"]);
+        assert_eq!(gone.unknown("seq").code, ErrorCode::UnknownModel);
+        assert!(gone.without("seq").is_none());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! and looking up whether a job was answered already ([`publish`]). The serve stages decide what
 //! becomes of a job; this module carries it out.
 
+mod gate;
 mod publish;
 mod pull;
 
@@ -17,6 +18,7 @@ use crate::config::{CacheOpts, NatsOpts, Topology};
 use crate::priority::Priority;
 
 pub use publish::{job_hash, publish_stored, result_msg_id, snapshots, stored_answer, Publisher, Streamer, JOB_HASH_HEADER};
+pub use gate::PullGate;
 pub use pull::{keep_alive, pull, watch_consumer, Delivery, Held, PullOpts};
 
 #[derive(Debug, thiserror::Error)]
@@ -156,11 +158,7 @@ pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<Consumers, Bus
     // Normal first: a stream set up before levels existed has one consumer on `jobs.>`, which
     // would overlap the other levels' filters until it is narrowed to `jobs.*`.
     for level in [Priority::Normal, Priority::High, Priority::Low] {
-        let filter_subjects = if t.serve_models.is_empty() {
-            vec![format!("{}.jobs.*{}", t.prefix, level.subject_suffix())]
-        } else {
-            t.serve_models.iter().map(|m| t.priority_subject(m, level)).collect()
-        };
+        let filter_subjects = t.filter_subjects(level);
         let name = level.consumer(&t.consumer);
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
@@ -168,19 +166,49 @@ pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<Consumers, Bus
             ack_wait: t.ack_wait(),
             max_deliver: t.max_deliver,
             max_ack_pending: t.max_ack_pending,
-            filter_subjects,
+            filter_subjects: filter_subjects.clone(),
             ..Default::default()
         };
         // create_consumer is idempotent for an identical config; a changed one (new ack wait, filter) is an update.
         let made = match jobs.create_consumer(config.clone()).await {
             Ok(c) => c,
-            Err(_) => jobs.update_consumer(config).await.map_err(|e| setup_err(&format!("consumer {name}"), &e))?,
+            Err(created) => match jobs.update_consumer(config).await {
+                Ok(c) => c,
+                // No such consumer: the update's "does not exist" would hide why the create was refused.
+                Err(_) if jobs.consumer_info(&name).await.is_err() => {
+                    let why = format!("{created}; {}", overlap_hint(&jobs, t, &filter_subjects).await);
+                    return Err(setup_err(&format!("consumer {name}"), &why));
+                }
+                Err(e) => return Err(setup_err(&format!("consumer {name}"), &e)),
+            },
         };
         consumers.push((level, made));
     }
     consumers.sort_by_key(|(level, _)| *level);
     let consumers: Vec<_> = consumers.into_iter().map(|(_, c)| c).collect();
     Ok(Consumers(consumers.try_into().unwrap_or_else(|_| unreachable!("one consumer per level"))))
+}
+
+/// How to fix a consumer the work-queue jobs stream refused: its filter overlaps another's.
+async fn overlap_hint(jobs: &stream::Stream, t: &Topology, filter: &[String]) -> String {
+    use futures::StreamExt;
+    let mut others = Vec::new();
+    let mut consumers = jobs.consumers();
+    while let Some(listed) = consumers.next().await {
+        let Ok(info) = listed else {
+            others.push("(not listable with these credentials)".to_string());
+            break;
+        };
+        let c = &info.config;
+        let filters = if c.filter_subjects.is_empty() { vec![c.filter_subject.clone()] } else { c.filter_subjects.clone() };
+        others.push(format!("{} [{}]", info.name, filters.join(", ")));
+    }
+    format!(
+        "the jobs stream {} is a work queue, where no two consumers may filter the same subjects; this pool's filter is [{}], the consumers now are {}: give each pool disjoint --serve-models (an empty one takes every model), or join the existing pool with its --consumer",
+        t.jobs_stream,
+        filter.join(", "),
+        if others.is_empty() { "none".to_string() } else { others.join("; ") }
+    )
 }
 
 /// The shared cache's key-value bucket, as `setup` creates it.

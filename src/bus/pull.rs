@@ -161,6 +161,8 @@ pub struct PullOpts {
     pub pull_batch: usize,
     /// A level not asked for jobs this long is asked first (see [`crate::priority`]).
     pub aging: Duration,
+    /// Paused while a job this worker cannot serve waits for another worker of the pool.
+    pub gate: super::PullGate,
 }
 
 /// How long a pull request waits for a job on an idle worker before it is renewed; shutdown
@@ -202,10 +204,12 @@ pub async fn pull(
     let mut idle = false;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     loop {
-        if !p.stopping && !idle && permits.available_permits() > 0 {
+        // Paused after handing back a job for another worker of the pool: ask for nothing new.
+        let paused = opts.gate.is_paused();
+        if !p.stopping && !paused && !idle && permits.available_permits() > 0 {
             idle = p.sweep().await;
         }
-        if !p.stopping && idle {
+        if !p.stopping && !paused && idle {
             let now = Instant::now();
             for level in p.order.order(now) {
                 if polling[level as usize] {
@@ -223,6 +227,7 @@ pub async fn pull(
         let lacking_poll = idle && polling.contains(&false);
         tokio::select! {
             _ = shutdown.recv(), if !p.stopping => p.stopping = true,
+            _ = opts.gate.wait(), if paused && !p.stopping => {}
             Some((level, got, permit)) = polls.next(), if !polls.is_empty() => {
                 polling[level as usize] = false;
                 if let Some(msg) = got {
@@ -232,7 +237,7 @@ pub async fn pull(
                 idle = false;
             }
             // A permit came free: sweep, or open the poll a level lacked for want of one.
-            free = permits.acquire(), if !p.stopping && (!idle || lacking_poll) => drop(free),
+            free = permits.acquire(), if !p.stopping && !paused && (!idle || lacking_poll) => drop(free),
         }
     }
     metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);

@@ -3,7 +3,8 @@
 //! [`Delivery`]) on its way to the results stage, and the read-only [`Ctx`] they share. A
 //! [`Pending`] is the JetStream adapter's ticket through the core (`crate::infer`).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::warn;
@@ -15,7 +16,7 @@ use crate::engine::{EngineError, StreamChunk};
 use crate::infer::{ChunkSink, Done, Failure, Ticket};
 use crate::job::{Encoding, JobError, JobKind, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
-use crate::repository::{ModelSpec, Repository};
+use crate::repository::{LiveRepository, ModelSpec};
 
 /// A valid job on its way to the engine.
 pub struct Pending {
@@ -23,6 +24,41 @@ pub struct Pending {
     pub spec: Arc<ModelSpec>,
     pub cache_key: Option<[u8; 32]>,
     pub delivery: Delivery,
+    /// Counts the job in its model's queue until it leaves the core.
+    pub _queued: Queued,
+}
+
+/// Valid jobs per model waiting for or in the engine (the `stats` endpoint's queue).
+#[derive(Default)]
+pub(crate) struct Queues(Mutex<BTreeMap<Arc<str>, u64>>);
+
+impl Queues {
+    pub fn enter(self: &Arc<Self>, model: Arc<str>) -> Queued {
+        *self.0.lock().expect("queues lock").entry(model.clone()).or_default() += 1;
+        Queued { queues: self.clone(), model }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.0.lock().expect("queues lock").iter().map(|(m, n)| (m.to_string(), *n)).collect()
+    }
+}
+
+/// One job in [`Queues`]; leaves when dropped.
+pub(crate) struct Queued {
+    queues: Arc<Queues>,
+    model: Arc<str>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let mut queues = self.queues.0.lock().expect("queues lock");
+        if let Some(n) = queues.get_mut(&self.model) {
+            *n -= 1;
+            if *n == 0 {
+                queues.remove(&self.model);
+            }
+        }
+    }
 }
 
 impl Ticket for Pending {
@@ -50,6 +86,9 @@ pub enum Outcome {
     Release,
     /// Its result is already in the results stream (an earlier delivery was answered): ack only.
     AlreadyAnswered,
+    /// Its model is served by other workers of the pool, not this one: hand it back for them;
+    /// on its last delivery, answer this error instead.
+    Elsewhere(JobError),
 }
 
 /// A job back from the core: failures that are answers (its deadline passed) are answered, the
@@ -127,8 +166,11 @@ pub(crate) struct Ctx {
     pub metrics: Arc<Metrics>,
     pub cache: Option<Arc<Cache>>,
     /// The models served, so metric labels name only these (a producer's made-up model names and
-    /// kinds would otherwise each become a new series).
-    pub repository: Arc<Repository>,
+    /// kinds would otherwise each become a new series); swapped by the `load`/`unload` endpoints.
+    pub repository: Arc<LiveRepository>,
+    /// What the other workers of the pool serve.
+    pub peers: Arc<super::peers::Peers>,
+    pub queues: Arc<Queues>,
     pub publisher: bus::Publisher,
     pub streamer: bus::Streamer,
 }
@@ -151,7 +193,7 @@ impl Ctx {
 
     /// `model` and `kind` labels: a served model and a known kind, else `unknown` / `invalid`.
     pub fn labels<'a>(&self, h: &'a Header) -> [&'a str; 2] {
-        let model = if self.repository.get(&h.model).is_some() { h.model.as_str() } else { "unknown" };
+        let model = if self.repository.current().get(&h.model).is_some() { h.model.as_str() } else { "unknown" };
         let kind = JobKind::parse(&h.kind).map_or("invalid", JobKind::as_str);
         [model, kind]
     }

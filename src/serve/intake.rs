@@ -14,7 +14,8 @@ use crate::infer::ms;
 use crate::bus::{self, Delivery};
 use crate::error::excerpt;
 use crate::job::{self, JobError, Limits, Output, ValidJob};
-use crate::repository::{ModelSpec, Repository};
+use crate::error::ErrorCode;
+use crate::repository::{LiveRepository, ModelSpec, Repository};
 
 /// Payloads at least this large are parsed on the blocking pool: decoding and tokenising them
 /// takes long enough to hold up the jobs behind them on the intake loop.
@@ -29,7 +30,7 @@ pub(crate) async fn intake(
     mut deliveries: mpsc::Receiver<Delivery>,
     pending: mpsc::Sender<Pending>,
     finished: mpsc::Sender<Finished>,
-    repository: Arc<Repository>,
+    repository: Arc<LiveRepository>,
     limits: Limits,
     ctx: Arc<Ctx>,
 ) {
@@ -41,7 +42,7 @@ pub(crate) async fn intake(
             d = deliveries.recv(), if open && heavy.len() < HEAVY_PARSERS => match d {
                 None => { open = false; continue }
                 Some(d) if d.payload.len() >= HEAVY_PAYLOAD => {
-                    let (repository, limits, prefix) = (repository.clone(), limits.clone(), ctx.topology.prefix.clone());
+                    let (repository, limits, prefix) = (repository.current(), limits.clone(), ctx.topology.prefix.clone());
                     heavy.push(tokio::task::spawn_blocking(move || {
                         let parsed = parse(&d, &repository, &limits, &prefix);
                         (d, parsed)
@@ -49,7 +50,7 @@ pub(crate) async fn intake(
                     continue;
                 }
                 Some(d) => {
-                    let parsed = parse(&d, &repository, &limits, &ctx.topology.prefix);
+                    let parsed = parse(&d, &repository.current(), &limits, &ctx.topology.prefix);
                     (d, parsed)
                 }
             },
@@ -71,7 +72,13 @@ pub(crate) async fn intake(
 /// answered, or on to the batcher (`None`).
 async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, pending: &mpsc::Sender<Pending>, ctx: &Ctx) -> Option<Finished> {
     let (job, spec, cache_key) = match parsed {
-        Err((header, error)) => return Some(Finished { delivery, header, outcome: Outcome::Answer(Err(error)) }),
+        Err((header, error)) => {
+            let outcome = match elsewhere(&header, &error, ctx).await {
+                Some(last) => Outcome::Elsewhere(last),
+                None => Outcome::Answer(Err(error)),
+            };
+            return Some(Finished { delivery, header, outcome });
+        }
         Ok(parsed) => parsed,
     };
     let header = Header::of_job(&job, cache_key);
@@ -90,11 +97,25 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
         header.timing.queued_ms = ms(delivery.age());
         return Some(Finished { delivery, header, outcome: Outcome::Answer(Ok(output)) });
     }
-    match pending.send(Pending { job, spec, cache_key, delivery }).await {
+    let queued = ctx.queues.enter(spec.name.clone());
+    match pending.send(Pending { job, spec, cache_key, delivery, _queued: queued }).await {
         Ok(()) => None,
         // The batcher has stopped: this job was never started.
         Err(mpsc::error::SendError(p)) => Some(Finished { header: Header::of(&p), delivery: p.delivery, outcome: Outcome::Release }),
     }
+}
+
+/// For a job refused because this worker lacks its model (absent or unservable here) while other
+/// workers of the pool serve it: the answer for its last delivery (it is handed back before).
+async fn elsewhere(header: &Header, error: &JobError, ctx: &Ctx) -> Option<JobError> {
+    let lacking = matches!(error.code, ErrorCode::UnknownModel | ErrorCode::ModelError)
+        && !header.model.is_empty()
+        && ctx.repository.current().get(&header.model).is_none();
+    if !lacking {
+        return None;
+    }
+    let serving = ctx.peers.serving(&header.model).await;
+    (!serving.is_empty()).then(|| super::peers::elsewhere_error(&header.model, &serving, ctx.topology.max_deliver))
 }
 
 type Parsed = (ValidJob, Arc<ModelSpec>, Option<[u8; 32]>);

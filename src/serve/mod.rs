@@ -14,7 +14,9 @@
 
 mod flow;
 mod intake;
+mod peers;
 mod results;
+mod service;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ use crate::engine::EngineHandle;
 use crate::job::{self, Limits};
 use crate::metrics::Metrics;
 use crate::priority::Aging;
-use crate::repository::{RepoError, Repository};
+use crate::repository::{LiveRepository, RepoError, Repository};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -44,6 +46,11 @@ pub enum ServeError {
     Metrics(std::io::Error),
     #[error("--reply-prefix {pattern}: {message}")]
     ReplyPrefix { pattern: String, message: String },
+    /// Nothing to serve: a worker without models would only take its pool's jobs from it.
+    #[error("no model can be served from {dir}: {why}; serve needs at least one (`jetbatch models --models DIR` checks a repository)")]
+    NoModels { dir: String, why: String },
+    #[error(transparent)]
+    Service(#[from] service::ServiceError),
     /// The engine thread died (a bug, not a job: model failures are caught on it). The worker
     /// hands its jobs back and exits non-zero so that its supervisor starts a fresh one.
     #[error("the engine thread stopped unexpectedly")]
@@ -60,12 +67,20 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     }
     let worker = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let metrics = Arc::new(Metrics::new(&worker));
-    let repository = Arc::new(Repository::scan(&args.models)?);
+    let repository = Repository::scan(&args.models)?;
     for (name, e) in &repository.invalid {
         error!(model = %name, error = %e, "model cannot be served; its jobs are answered with this error");
     }
     for (name, why) in &repository.skipped {
         info!(entry = %name, why, "not a model folder; skipped");
+    }
+    if repository.models.is_empty() {
+        let why = if repository.invalid.is_empty() {
+            "the folder holds no model folder (a jetbatch.toml or a Hugging Face config.json)".to_string()
+        } else {
+            repository.invalid.iter().map(|(name, e)| format!("{name}: {e}")).collect::<Vec<_>>().join("; ")
+        };
+        return Err(ServeError::NoModels { dir: args.models.display().to_string(), why });
     }
     info!(models = ?repository.models.keys().collect::<Vec<_>>(), %worker, "starting");
     let client = bus::connect(&args.nats, &format!("jetbatch-worker {worker}")).await?;
@@ -88,13 +103,17 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
         info!(%bound, "metrics endpoint");
     }
     let streamer = bus::Streamer { client: client.clone(), prefix: args.topology.prefix.clone() };
-    let snapshot_subject = format!("{}.metrics.{}", args.topology.prefix, worker.replace(['.', '*', '>', ' '], "_"));
+    let snapshot_subject = format!("{}.metrics.{}", args.topology.prefix, crate::pool::subject_token(&worker));
+    let live = Arc::new(LiveRepository::new(repository));
+    let peers = Arc::new(peers::Peers::new(client.clone(), args.topology.prefix.clone(), args.topology.consumer.clone(), worker.clone()));
     let ctx = Arc::new(Ctx {
         topology: args.topology.clone(),
         worker,
         metrics: metrics.clone(),
         cache,
-        repository: repository.clone(),
+        repository: live.clone(),
+        peers: peers.clone(),
+        queues: Default::default(),
         publisher: bus::Publisher::new(js, args.topology.clone()).await?,
         streamer: streamer.clone(),
     });
@@ -107,14 +126,21 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(args.max_inflight);
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(args.max_inflight);
 
+    let mut tasks = tokio::task::JoinSet::new();
+    // Registered before the first pull, so a worker that consumes (`/healthz`) is discoverable.
+    let control = Arc::new(service::Control::new(ctx.clone(), args.models.clone(), args.cache.cache_dir.clone(), args.max_inflight));
+    tasks.spawn(service::serve(client.clone(), control.clone(), notify.subscribe()).await?);
+    let (refresh, gate) = (Duration::from_secs(args.pool_refresh_secs), peers.gate.clone());
+    let peers_shutdown = notify.subscribe();
+    tasks.spawn(async move { peers.watch(refresh, peers_shutdown).await });
+
     let held = bus::Held::default();
     // Runs until every held job is settled, past the shutdown signal: the last batch keeps its lease.
     let keep_alive = tokio::spawn(bus::keep_alive(client.clone(), held.clone(), args.topology.ack_wait(), metrics.clone()));
-    let mut tasks = tokio::task::JoinSet::new();
     let aging = Duration::from_secs_f64(args.priority_aging_secs);
     tasks.spawn(bus::pull(
         consumers.clone(),
-        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight), aging },
+        PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight), aging, gate },
         held,
         deliveries_tx,
         release_tx,
@@ -122,7 +148,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
         notify.subscribe(),
     ));
     tasks.spawn(bus::watch_consumer(consumers, metrics.clone(), notify.subscribe()));
-    tasks.spawn(intake::intake(deliveries_rx, pending_tx, finished_tx.clone(), repository, limits, ctx.clone()));
+    tasks.spawn(intake::intake(deliveries_rx, pending_tx, finished_tx.clone(), live, limits, ctx.clone()));
     let outlets = crate::infer::Outlets { done: finished_tx.clone(), chunks: streamer };
     crate::infer::spawn(&mut tasks, engine, pending_rx, outlets, metrics.clone(), Aging(aging), &notify);
     drop(finished_tx);
@@ -137,6 +163,10 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     };
     let died = tokio::select! {
         _ = shutdown => false,
+        _ = control.drain.notified() => {
+            info!("drain requested through the service endpoint");
+            false
+        }
         _ = engine_died => true,
     };
     if died {
@@ -186,7 +216,6 @@ async fn throughput(metrics: Arc<Metrics>, every: Duration, mut shutdown: broadc
 }
 
 fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
-    format!("{host}-{}", std::process::id())
+    format!("{}-{}", crate::pool::host_name(), std::process::id())
 }
 

@@ -52,11 +52,18 @@ pub(crate) fn decide(outcome: Outcome, has_id: bool, delivered: i64, max_deliver
             let err = e.to_job_error();
             Decision::Answer { answer: Err(err.clone()), then: Then::DeadLetter(err) }
         }
+        Outcome::Elsewhere(_) if delivered < max_deliver || max_deliver <= 0 => {
+            Decision::HandBack { delay: Some(super::peers::HANDOFF_DELAY), reason: ELSEWHERE }
+        }
+        Outcome::Elsewhere(last) => decide(Outcome::Answer(Err(last)), has_id, delivered, max_deliver),
         Outcome::Answer(Ok(output)) => Decision::Answer { answer: Ok(output), then: Then::Ack },
         Outcome::Answer(Err(err)) if !has_id => Decision::DeadLetter(err),
         Outcome::Answer(Err(err)) => Decision::Answer { answer: Err(err), then: Then::Term },
     }
 }
+
+/// The hand-back reason of a job whose model other workers of the pool serve.
+const ELSEWHERE: &str = "elsewhere";
 
 /// When an answer's publish failed: a transient failure hands the job back (nothing is acked
 /// without a stored result); one the server will never accept (say over its max payload) is
@@ -112,14 +119,19 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     // A redelivery, or a job held past ack_wait (say the process was paused): another worker may
     // have answered it meanwhile.
     let contested = delivery.delivered > 1 || delivery.received.elapsed() >= ctx.topology.ack_wait();
-    let settling = matches!(outcome, Outcome::Answer(_) | Outcome::Retry(_));
+    let settling = matches!(outcome, Outcome::Answer(_) | Outcome::Retry(_) | Outcome::Elsewhere(_));
     let outcome = if contested && settling && ctx.already_answered(&header, &hash).await { Outcome::AlreadyAnswered } else { outcome };
     if let Outcome::Retry(e) = &outcome {
         warn!(id = ?header.id, error = %e, delivered = delivery.delivered, "job failed");
         ctx.metrics.errors_total.with_label_values(&["engine", e.error_type()]).inc();
     }
     let (answer, then) = match decide(outcome, header.id.is_some(), delivery.delivered, ctx.topology.max_deliver) {
-        Decision::HandBack { delay, reason } => return hand_back(&delivery, delay, reason, &ctx).await,
+        Decision::HandBack { delay, reason } => {
+            if reason == ELSEWHERE {
+                ctx.peers.handed_back();
+            }
+            return hand_back(&delivery, delay, reason, &ctx).await;
+        }
         Decision::AckOnly => {
             debug!(id = ?header.id, "already answered by an earlier delivery; ack without a second answer");
             ctx.metrics.duplicates_suppressed_total.inc();
@@ -286,6 +298,18 @@ mod tests {
         assert_eq!(decide(retry(), true, 30, 0), Decision::HandBack { delay: Some(Duration::from_secs(60)), reason: "model" }, "unlimited deliveries");
         let err = EngineError::Model("boom".into()).to_job_error();
         assert_eq!(decide(retry(), true, 5, 5), Decision::Answer { answer: Err(err.clone()), then: Then::DeadLetter(err) });
+    }
+
+    #[test]
+    fn a_job_for_another_workers_model_goes_back_until_its_last_delivery_which_is_answered() {
+        let last = JobError::new(ErrorCode::ModelError, "model: 'm' is served by other workers");
+        let elsewhere = || Outcome::Elsewhere(last.clone());
+        let back = Decision::HandBack { delay: Some(super::super::peers::HANDOFF_DELAY), reason: ELSEWHERE };
+        assert_eq!(decide(elsewhere(), true, 1, 5), back);
+        assert_eq!(decide(elsewhere(), true, 4, 5), back);
+        assert_eq!(decide(elsewhere(), true, 9, 0), back, "unlimited deliveries");
+        assert_eq!(decide(elsewhere(), true, 5, 5), Decision::Answer { answer: Err(last.clone()), then: Then::Term });
+        assert_eq!(decide(elsewhere(), false, 5, 5), Decision::DeadLetter(last));
     }
 
     #[test]

@@ -206,13 +206,18 @@ impl Harness {
 
     /// Starts a worker process with test-friendly defaults plus `extra` flags.
     pub fn worker(&self, name: &str, extra: &[&str]) -> Worker {
+        self.worker_on(name, &self.models, extra)
+    }
+
+    /// A worker on its own model repository.
+    pub fn worker_on(&self, name: &str, models: &Path, extra: &[&str]) -> Worker {
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = self.dir.path().join(format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
             .arg("serve")
             .args(["--nats-url", &self.url(), "--worker-id", name])
             .arg("--models")
-            .arg(&self.models)
+            .arg(models)
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}"), "--metrics-interval-secs", "1"])
             .args(["--replicas", &self.topology.replicas.to_string()])
             .args(extra)

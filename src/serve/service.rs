@@ -1,0 +1,273 @@
+//! The worker's NATS service: service `jetbatch` (version = the crate's), so
+//! `$SRV.PING|INFO|STATS.jetbatch` find every worker, with its metadata (worker id, host, prefix,
+//! consumer, cache folder, endpoint subject) and endpoints on `<prefix>.svc.<worker>.<verb>`:
+//! `info`, `stats`, `health`, `load`, `unload`, `cache.stats`, `cache.clear`, `drain`. JSON in and
+//! out (`schemas/service.schema.json`; the shapes are in [`crate::pool`]); a refused request is
+//! answered with the services framework's error headers (`Nats-Service-Error`, `-Code`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::service::{self, ServiceExt};
+use async_nats::Client;
+use bytes::Bytes;
+use futures::StreamExt;
+use prometheus::core::Collector;
+use tokio::sync::{broadcast, Notify};
+use tracing::{info, warn};
+
+use super::flow::Ctx;
+use crate::pool::{self, meta, verb, BatchStats, CacheRatio, Draining, Health, InvalidModel, ModelInfo, ModelRequest, Unloaded, WorkerInfo, WorkerStats};
+use crate::repository::{DeviceChoice, ModelSpec};
+
+/// What the endpoints read and change.
+pub(crate) struct Control {
+    pub ctx: Arc<Ctx>,
+    pub host: String,
+    pub models_dir: PathBuf,
+    /// Absolute, so `jetbatch cache` on this host can find the worker that holds it.
+    pub cache_dir: Option<PathBuf>,
+    pub max_inflight: usize,
+    pub started: Instant,
+    pub draining: AtomicBool,
+    /// Notified once by `drain`: `serve` then shuts down as on SIGTERM.
+    pub drain: Notify,
+    /// One load or unload at a time, so none is lost to another's swap.
+    changing: tokio::sync::Mutex<()>,
+}
+
+/// An endpoint's refusal: the services framework's error code (HTTP-like) and text.
+type Refusal = (usize, String);
+
+impl Control {
+    pub fn new(ctx: Arc<Ctx>, models_dir: PathBuf, cache_dir: Option<PathBuf>, max_inflight: usize) -> Control {
+        Control {
+            ctx,
+            host: pool::host_name(),
+            models_dir,
+            cache_dir: cache_dir.map(|d| std::fs::canonicalize(&d).unwrap_or(d)),
+            max_inflight,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            drain: Notify::new(),
+            changing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn info(&self) -> WorkerInfo {
+        let repository = self.ctx.repository.current();
+        let t = &self.ctx.topology;
+        WorkerInfo {
+            worker: self.ctx.worker.clone(),
+            host: self.host.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            prefix: t.prefix.clone(),
+            consumer: t.consumer.clone(),
+            filter: crate::priority::Priority::ALL.iter().flat_map(|l| t.filter_subjects(*l)).collect(),
+            models_dir: self.models_dir.display().to_string(),
+            cache_dir: self.cache_dir.as_ref().map(|d| d.display().to_string()),
+            max_inflight: self.max_inflight,
+            uptime_secs: self.started.elapsed().as_secs(),
+            models: repository.models.values().map(|s| model_info(s)).collect(),
+            invalid: repository.invalid.iter().map(|(name, e)| InvalidModel { name: name.clone(), error: e.to_string() }).collect(),
+        }
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        let m = &self.ctx.metrics;
+        let hits = ["local", "shared"].iter().map(|tier| m.cache_hits_total.with_label_values(&[tier]).get()).sum::<u64>();
+        let misses = m.cache_misses_total.get();
+        let mut batches = std::collections::BTreeMap::new();
+        for family in m.batch_size.collect() {
+            for metric in family.get_metric() {
+                let model = metric.get_label().iter().find(|l| l.name() == "model").map_or("", |l| l.value()).to_string();
+                let h = metric.get_histogram();
+                let n = h.get_sample_count();
+                batches.insert(model, BatchStats { batches: n, mean_size: if n == 0 { 0.0 } else { h.get_sample_sum() / n as f64 } });
+            }
+        }
+        WorkerStats {
+            worker: self.ctx.worker.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            draining: self.draining.load(Ordering::Relaxed),
+            inflight: m.inflight_jobs.get().max(0) as u64,
+            queued: self.ctx.queues.snapshot(),
+            batches,
+            cache: CacheRatio { hits, misses, hit_ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64) },
+            jobs: counts_by(&m.jobs_total, "status"),
+            handed_back: counts_by(&m.naks_total, "reason"),
+            consumer_pending: m.consumer_pending.get().max(0) as u64,
+        }
+    }
+
+    fn health(&self) -> Health {
+        let m = &self.ctx.metrics;
+        let consuming = m.ready.load(Ordering::Relaxed);
+        let engine_alive = m.engine_alive.load(Ordering::Relaxed);
+        let draining = self.draining.load(Ordering::Relaxed);
+        Health {
+            worker: self.ctx.worker.clone(),
+            ok: consuming && engine_alive && !draining,
+            consuming,
+            engine_alive,
+            draining,
+            models: self.ctx.repository.current().models.len(),
+        }
+    }
+
+    async fn load(&self, model: String) -> Result<ModelInfo, Refusal> {
+        let _one = self.changing.lock().await;
+        let current = self.ctx.repository.current();
+        // Fingerprinting reads every file of the folder.
+        let (next, outcome) = tokio::task::spawn_blocking(move || current.reload(&model)).await.map_err(|e| (500, format!("load: {e}")))?;
+        // Swapped either way: a folder that cannot be served answers its jobs with the reason.
+        self.ctx.repository.replace(next);
+        match outcome {
+            Ok(spec) => {
+                info!(model = %spec.name, fingerprint = %spec.fingerprint, "model loaded into the repository");
+                Ok(model_info(&spec))
+            }
+            Err(e) => Err((422, format!("load: {e}"))),
+        }
+    }
+
+    async fn unload(&self, model: String) -> Result<Unloaded, Refusal> {
+        let _one = self.changing.lock().await;
+        let next = self.ctx.repository.current().without(&model).ok_or_else(|| (404, format!("unload: model '{model}' is not in this worker's repository")))?;
+        let models = next.models.keys().cloned().collect();
+        self.ctx.repository.replace(next);
+        info!(%model, "model unloaded from the repository");
+        Ok(Unloaded { model, models })
+    }
+
+    async fn cache(&self, clear: bool) -> Result<serde_json::Value, Refusal> {
+        let cache = self.ctx.cache.clone().ok_or((409, "this worker runs without a cache (no --cache-dir, shared bucket off)".to_string()))?;
+        if clear {
+            cache.clear().await.map_err(|e| (500, e.to_string()))?;
+        }
+        let stats = cache.stats().await.map_err(|e| (500, e.to_string()))?;
+        Ok(serde_json::to_value(stats).expect("json"))
+    }
+
+    /// Answers one request.
+    async fn answer(&self, verb: &str, body: &[u8]) -> Result<serde_json::Value, Refusal> {
+        let model = || {
+            serde_json::from_slice::<ModelRequest>(body).map(|r| r.model).map_err(|e| (400, format!("{verb}: expected {{\"model\": NAME}}: {e}")))
+        };
+        match verb {
+            verb::INFO => json(self.info()),
+            verb::STATS => json(self.stats()),
+            verb::HEALTH => json(self.health()),
+            verb::LOAD => json(self.load(model()?).await?),
+            verb::UNLOAD => json(self.unload(model()?).await?),
+            verb::CACHE_STATS => self.cache(false).await,
+            verb::CACHE_CLEAR => self.cache(true).await,
+            verb::DRAIN => {
+                self.draining.store(true, Ordering::Relaxed);
+                json(Draining { worker: self.ctx.worker.clone(), inflight: self.ctx.metrics.inflight_jobs.get().max(0) as u64 })
+            }
+            other => Err((404, format!("no endpoint '{other}'"))),
+        }
+    }
+}
+
+fn json(answer: impl serde::Serialize) -> Result<serde_json::Value, Refusal> {
+    Ok(serde_json::to_value(answer).expect("json"))
+}
+
+/// A labelled counter summed per value of `label`.
+fn counts_by(counter: &prometheus::IntCounterVec, label: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for family in counter.collect() {
+        for m in family.get_metric() {
+            let key = m.get_label().iter().find(|l| l.name() == label).map_or("", |l| l.value()).to_string();
+            *counts.entry(key).or_default() += m.get_counter().get_value() as u64;
+        }
+    }
+    counts
+}
+
+fn model_info(spec: &ModelSpec) -> ModelInfo {
+    let c = &spec.config;
+    ModelInfo {
+        name: spec.name.to_string(),
+        fingerprint: spec.fingerprint.to_string(),
+        kinds: spec.kinds().iter().map(|k| k.as_str().to_string()).collect(),
+        backend: format!("{:?}", c.backend).to_lowercase(),
+        device: match c.device {
+            DeviceChoice::Auto => "auto".to_string(),
+            DeviceChoice::Cpu => "cpu".to_string(),
+            DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        },
+        dtype: c.dtype.map_or("f32", |d| d.name()).to_string(),
+        max_batch_size: c.max_batch_size,
+        max_batch_tokens: c.max_batch_tokens,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("service registration: {0}")]
+pub struct ServiceError(String);
+
+/// Registers the service and answers its endpoints until shutdown, then deregisters.
+pub(crate) async fn serve(client: Client, control: Arc<Control>, mut shutdown: broadcast::Receiver<()>) -> Result<impl std::future::Future<Output = ()>, ServiceError> {
+    let ctx = &control.ctx;
+    let root = pool::endpoints_subject(&ctx.topology.prefix, &ctx.worker);
+    let mut metadata = std::collections::HashMap::from([
+        (meta::WORKER.to_string(), ctx.worker.clone()),
+        (meta::HOST.to_string(), control.host.clone()),
+        (meta::PREFIX.to_string(), ctx.topology.prefix.clone()),
+        (meta::CONSUMER.to_string(), ctx.topology.consumer.clone()),
+        (meta::ENDPOINTS.to_string(), root.clone()),
+    ]);
+    if let Some(dir) = &control.cache_dir {
+        metadata.insert(meta::CACHE_DIR.to_string(), dir.display().to_string());
+    }
+    let for_stats = control.clone();
+    let svc = client
+        .service_builder()
+        .description("jetbatch worker: batched ML inference from JetStream")
+        .metadata(metadata)
+        // `$SRV.STATS` carries the live figures as the `stats` endpoint's data.
+        .stats_handler(move |endpoint, _| if endpoint == verb::STATS { serde_json::to_value(for_stats.stats()).expect("json") } else { serde_json::Value::Null })
+        .start(pool::SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| ServiceError(e.to_string()))?;
+    let group = svc.group(&root);
+    let mut endpoints = Vec::new();
+    for v in verb::ALL {
+        // Endpoint names are `[A-Za-z0-9_-]` in the services protocol; the subject keeps the dot.
+        let endpoint = group.endpoint_builder().name(v.replace('.', "_")).add(v).await.map_err(|e| ServiceError(format!("{root}.{v}: {e}")))?;
+        endpoints.push(endpoint.map(move |request| (v, request)));
+    }
+    info!(subject = %root, "service endpoints ready");
+    let mut requests = futures::stream::select_all(endpoints);
+    Ok(async move {
+        loop {
+            let (verb, request) = tokio::select! {
+                _ = shutdown.recv() => break,
+                r = requests.next() => match r { Some(r) => r, None => break },
+            };
+            let control = control.clone();
+            tokio::spawn(async move {
+                let answer = control.answer(verb, &request.message.payload).await;
+                let response = match answer {
+                    Ok(v) => Ok(Bytes::from(serde_json::to_vec(&v).expect("json"))),
+                    // A header value is one line; reasons (a TOML parse error) may span several.
+                    Err((code, status)) => Err(service::error::Error { code, status: status.split_whitespace().collect::<Vec<_>>().join(" ") }),
+                };
+                // A request without a reply subject has nobody to answer; the worker goes on.
+                if let Err(e) = request.respond(response).await {
+                    warn!(verb, error = %e, "service answer");
+                }
+                // Answered first, then stopped: the caller learns the drain began.
+                if verb == verb::DRAIN {
+                    control.drain.notify_one();
+                }
+            });
+        }
+        let _ = svc.stop().await;
+    })
+}
