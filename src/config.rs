@@ -29,7 +29,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Consume jobs and publish results until SIGTERM/SIGINT.
     Serve(ServeArgs),
-    /// Create (or update) the streams and the workers' consumer, then exit.
+    /// Create (or update) the streams and the workers' consumers (one per priority level), then exit.
     Setup(SetupArgs),
     /// List and validate a model repository (`--load` also loads and warms each model).
     Models(ModelsArgs),

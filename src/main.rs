@@ -27,7 +27,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let client = jetbatch::bus::connect(&args.nats, "jetbatch-setup").await?;
             let js = async_nats::jetstream::new(client);
             jetbatch::bus::setup(&js, &args.topology).await?;
-            println!("streams {}, {}, {} and consumer {} are ready", args.topology.jobs_stream, args.topology.results_stream, args.topology.dead_stream, args.topology.consumer);
+            let t = &args.topology;
+            let consumers: Vec<String> = jetbatch::priority::Priority::ALL.iter().map(|p| p.consumer(&t.consumer)).collect();
+            println!("streams {}, {}, {} and consumers {} are ready", t.jobs_stream, t.results_stream, t.dead_stream, consumers.join(", "));
             if let Some(bucket) = jetbatch::bus::CacheBucket::of(&args.cache, args.topology.replicas) {
                 jetbatch::bus::setup_cache_bucket(&js, &bucket).await?;
                 println!("shared cache bucket {} is ready", bucket.name);

@@ -416,7 +416,7 @@ async fn setup_models_and_cache_commands() {
     let config = h.dir.path().join("jetbatch.toml");
     std::fs::write(&config, format!("nats-url = [\"{}\"]\nmax-deliver = 7\nack-wait-secs = 9\n", h.url())).unwrap();
     let (ok, out) = run(&["setup", "--config", config.to_str().unwrap(), "--ack-wait-secs", "11"]);
-    assert!(ok && out.contains("consumer jetbatch-workers are ready"), "{out}");
+    assert!(ok && out.contains("consumers jetbatch-workers-high, jetbatch-workers, jetbatch-workers-low are ready"), "{out}");
     let info = h.consumer_info().await;
     assert_eq!((info.config.max_deliver, info.config.ack_wait), (7, std::time::Duration::from_secs(11)));
 

@@ -165,6 +165,9 @@ pub struct PullOpts {
     pub gate: super::PullGate,
 }
 
+/// How long a no-wait pull may take to answer before it is taken for lost (it answers at once).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a pull request waits for a job on an idle worker before it is renewed; shutdown
 /// waits for the open ones, so this also bounds how long it waits for them.
 const LONG_POLL: Duration = Duration::from_secs(1);
@@ -321,7 +324,18 @@ impl Puller {
             }
         };
         let mut got = 0;
-        while let Some(next) = batch.next().await {
+        loop {
+            // A no-wait pull has no expiry, so async-nats sets no timer: a request lost with the
+            // connection (a server restart) would be waited for forever.
+            let next = match tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(%level, "no answer to a pull request; asking again");
+                    self.metrics.errors_total.with_label_values(&["bus", "pull"]).inc();
+                    break;
+                }
+            };
             let msg = match next {
                 Ok(m) => m,
                 Err(e) => {
