@@ -102,7 +102,7 @@ async fn discovery_lists_the_workers_with_their_models_stats_and_health() {
     let mlp = info.models.iter().find(|m| m.name == "mlp").unwrap();
     let spec = jetbatch::repository::ModelSpec::load(&h.models.join("mlp")).unwrap();
     assert_eq!((mlp.fingerprint.as_str(), mlp.kinds.as_slice(), mlp.max_batch_size), (&*spec.fingerprint, &["tensor".to_string()][..], spec.config.max_batch_size));
-    assert_eq!((info.consumer.as_str(), info.filter.as_slice()), ("jetbatch-workers", &["jetbatch.jobs.>".to_string()][..]));
+    assert_eq!((info.consumer.as_str(), info.filter.as_slice()), ("jetbatch-workers", &["jetbatch.jobs.*.high", "jetbatch.jobs.*", "jetbatch.jobs.*.low"].map(String::from)[..]));
     assert_eq!(info.cache_dir.as_deref(), Some(std::fs::canonicalize(&cache).unwrap().to_str().unwrap()));
 
     // Work, then the figures: every job answered ok once, counted by the worker that answered it.
@@ -148,9 +148,18 @@ async fn discovery_lists_the_workers_with_their_models_stats_and_health() {
     // The cache of a running worker, through its endpoint (sled keeps the folder locked).
     let stats = pool::cache_via_worker(&h.client, "jetbatch", &cache, false).await.unwrap().expect("w1 holds the cache");
     assert_valid("cache_stats", &stats);
-    assert_eq!(stats["entries"], by_worker.get("w1").copied().unwrap_or(0));
+    assert_eq!(stats["local"]["entries"], by_worker.get("w1").copied().unwrap_or(0));
+    // `jetbatch cache stats` on that folder goes through the worker too.
+    let command = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+        .args(["cache", "--nats-url", &h.url(), "--shared-cache-bucket", "", "--cache-dir"])
+        .arg(&cache)
+        .arg("stats")
+        .output()
+        .expect("run cache stats");
+    assert!(command.status.success(), "{}", String::from_utf8_lossy(&command.stderr));
+    assert_eq!(stdout_json(&command)["local"]["entries"], stats["local"]["entries"]);
     let cleared = stdout_json(&pool_cli(&h, &["--json", "cache-clear", "--worker", "w1"]));
-    assert_eq!(cleared["entries"], 0);
+    assert_eq!(cleared["local"]["entries"], 0);
     assert!(pool::cache_via_worker(&h.client, "jetbatch", h.dir.path(), false).await.unwrap().is_none(), "no worker holds that folder");
 
     // Refusals come as the services framework's errors, with the reason.
@@ -249,7 +258,6 @@ async fn a_partial_worker_hands_jobs_back_to_the_worker_that_serves_them() {
     assert_close(&got["s7"][0].output_tensors().unwrap()[0].to_f64_vec(), &want[0], 1e-6, "s7");
     let handed_back = partial.metric("jetbatch_naks_total{reason=\"elsewhere\"}").await;
     assert!(handed_back >= 1.0, "the partial worker took seqproj jobs and handed them back: {handed_back}");
-    assert!(got.values().any(|rs| rs[0].worker == "partial"), "the partial worker served its own model meanwhile");
 }
 
 /// Waits until `w` has seen another worker of the pool serve a model.
@@ -287,7 +295,8 @@ async fn a_job_handed_back_until_its_last_delivery_is_answered_with_the_reason()
 #[tokio::test]
 async fn drain_finishes_the_batch_in_flight_and_exits_zero_while_the_other_worker_goes_on() {
     let h = Harness::new().await;
-    write_heavy_model(&h, 40, 512, 4);
+    // About 0.1 s a batch of 4 on one core: the pool is still busy when the drain comes.
+    write_heavy_model(&h, 200, 1024, 4);
     let mut sub = h.subscribe_results().await;
     let n = 600;
     burst(&h, &heavy_jobs("drain", n)).await;
@@ -351,7 +360,7 @@ async fn a_second_pool_whose_filter_overlaps_the_first_gets_the_servers_reason_a
     assert!(!second.status.success());
     assert!(!stderr.contains("does not exist"), "{stderr}");
     assert!(stderr.contains("filtered consumer not unique on workqueue stream"), "the server's reason: {stderr}");
-    assert!(stderr.contains("jetbatch-workers [jetbatch.jobs.>]") && stderr.contains("disjoint --serve-models"), "the fix: {stderr}");
+    assert!(stderr.contains("jetbatch-workers [jetbatch.jobs.*]") && stderr.contains("disjoint --serve-models"), "the fix: {stderr}");
     // Disjoint filters are fine.
     let narrowed = setup(&["--serve-models", "seqproj"]);
     assert!(narrowed.status.success(), "{}", String::from_utf8_lossy(&narrowed.stderr));
