@@ -9,8 +9,10 @@
 //! # Layout
 //! Data flows one way through bounded channels; cache and metrics sit beside the stages.
 //! - [`bus`]: everything JetStream — connection and setup, the pull loop and [`bus::Delivery`]
-//!   (ack/nak/term/progress) in `bus/pull.rs`, publishing results, dead letters, chunks and
-//!   snapshots and the stored-answer lookup in `bus/publish.rs`.
+//!   (ack/nak/term/progress) in `bus/pull.rs` (one consumer per priority level, highest first),
+//!   the pause a worker puts on its pulls after handing a job back for another (`bus/gate.rs`),
+//!   publishing results, dead letters, chunks and snapshots and the stored-answer lookup in
+//!   `bus/publish.rs`.
 //! - [`job`]: the wire contract — decoding jobs into envelopes, results; [`encoding`] and [`error`]
 //!   (the wire [`error::JobError`] and its codes) sit below it.
 //! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
@@ -29,9 +31,9 @@
 //! - [`serve`]: `jetbatch serve`, the JetStream adapter on the core — the wiring and shutdown
 //!   (`serve/mod.rs`), the types that flow between its stages (`flow.rs`), `intake.rs` and
 //!   `results.rs` (the ack policy as a plain function, `decide`).
-//! - [`cache`] (a worker's sled folder and the pool's key-value bucket), [`metrics`]: beside the
-//!   pipeline; [`deadline`]: a job's `deadline` and
-//!   `timeout_ms`, and the `timeout` answer of a job past them.
+//! - [`cache`] (a worker's sled folder, `cache/local.rs`, and the pool's key-value bucket,
+//!   `cache/shared.rs`, behind one two-tier facade), [`metrics`]: beside the pipeline.
+//! - [`deadline`]: a job's `deadline` and `timeout_ms`, and the `timeout` answer of a job past them.
 //! - [`priority`]: job levels, their subjects and consumers, the aging rule the pull loop and the
 //!   batcher follow.
 //! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
