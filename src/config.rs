@@ -104,7 +104,10 @@ pub struct Topology {
     /// long batches, so it bounds how long a dead worker's jobs wait, not how long a batch may run.
     #[arg(long, env = "JETBATCH_ACK_WAIT_SECS", default_value_t = 30.0)]
     pub ack_wait_secs: f64,
-    /// Deliveries before a failing job is dead-lettered.
+    /// Deliveries before a failing job is dead-lettered. Workers count them (the consumer itself
+    /// redelivers without limit, so no job is ever stranded): a job that fails this often, or
+    /// reaches a worker once more after that (its workers died on it), is answered with an error
+    /// and dead-lettered.
     #[arg(long, env = "JETBATCH_MAX_DELIVER", default_value_t = 5)]
     pub max_deliver: i64,
     /// Unacked jobs the server lets the whole pool hold.
@@ -220,6 +223,13 @@ pub struct ServeArgs {
     /// when a job names a model this worker lacks): such jobs are handed back for them.
     #[arg(long, env = "JETBATCH_POOL_REFRESH_SECS", default_value_t = 10)]
     pub pool_refresh_secs: u64,
+    /// Longest a shutdown (SIGTERM, SIGINT, drain) may take: handing back queued jobs, finishing
+    /// the batch in flight, publishing and acking. Past it the worker exits non-zero whatever it
+    /// was waiting for (a NATS server gone, a batch too long); the jobs it did not settle stay
+    /// unacked and are redelivered after ack_wait. Under Kubernetes keep it below the pod's
+    /// terminationGracePeriodSeconds (30 s unless set).
+    #[arg(long, env = "JETBATCH_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25.0, value_parser = seconds)]
+    pub shutdown_timeout_secs: f64,
     /// The aging period of job priorities: a level not asked for jobs this long is asked first,
     /// and a job waiting in the worker counts one level higher per period waited, so low jobs
     /// are never starved (0: every level is served alike).

@@ -17,7 +17,11 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
     }
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
-    runtime.block_on(run(cli.command))
+    let result = runtime.block_on(run(cli.command));
+    // A shutdown that ran out of time may leave blocking work behind (a model load, the engine
+    // thread's join): the process exits without waiting for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -203,3 +203,101 @@ async fn poison_jobs_are_dead_lettered_after_max_deliver_while_good_jobs_flow() 
     assert_eq!(w.metric("jetbatch_dead_letters_total").await, 5.0);
     eprintln!("FIGURES poison: jobs=105 poison=5 dead_lettered=5 good_ok=100 seconds={:.1}", started.elapsed().as_secs_f64());
 }
+
+/// Asks `worker` to drain through its service endpoint (what a Kubernetes preStop hook does).
+async fn drain(h: &Harness, worker: &str) {
+    use jetbatch::pool;
+    let instance = pool::find(&h.client, "jetbatch", worker, pool::DISCOVERY_WINDOW).await.expect("the worker's service");
+    let _: serde_json::Value = pool::call(&h.client, instance.subject(pool::verb::DRAIN), &serde_json::json!({}), pool::CALL_TIMEOUT).await.expect("drain");
+}
+
+/// A drain followed by SIGKILL (a preStop drain, then the grace-period kill) at several offsets,
+/// each round with a new backlog and a new worker after the kill: every job is answered exactly
+/// once, none left in the jobs stream. Before the fix, a drain's pull sweep went on taking the
+/// jobs it had just handed back, spending a delivery each time, until the server stopped
+/// redelivering them: they stayed in the stream for good, unanswered.
+#[tokio::test]
+async fn drain_then_kill_9_at_several_offsets_strands_no_job() {
+    let h = Harness::new().await;
+    write_heavy_model(&h, 40, 512, 8);
+    let flags = ["--ack-wait-secs", "2", "--max-inflight", "32", "--pull-batch", "16"];
+    let n = 300u64;
+    let mut answered = 0;
+    let started = Instant::now();
+    for (round, offset_ms) in [0u64, 300, 1000].into_iter().enumerate() {
+        let prefix = format!("dk{round}");
+        let w = h.worker(&format!("w{round}"), &flags);
+        w.ready().await;
+        burst(&h, &heavy_jobs(&prefix, n)).await;
+        h.wait_for_stored(answered + 20, MINUTE).await;
+        drain(&h, &w.name).await;
+        tokio::time::sleep(Duration::from_millis(offset_ms)).await;
+        w.signal("KILL");
+        drop(w);
+        let fresh = h.worker(&format!("w{round}b"), &flags);
+        answered += n;
+        h.wait_for_stored(answered, MINUTE).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_exactly_once(&h, &prefix, n).await;
+        drop(fresh);
+    }
+    eprintln!("FIGURES drain+kill: rounds=3 jobs={answered} lost=0 duplicated=0 seconds={:.1}", started.elapsed().as_secs_f64());
+}
+
+/// A worker killed on a job's last delivery (here the first: `--max-deliver 1`) does not strand
+/// it: the consumer redelivers it, and the worker that gets it answers it with an error and
+/// dead-letters it instead of starting it again. Before, the server stopped redelivering the jobs
+/// the killed worker held: they stayed in the jobs stream, unanswered.
+#[tokio::test]
+async fn a_job_whose_worker_died_on_its_last_delivery_is_answered_and_dead_lettered() {
+    let h = Harness::new().await;
+    write_heavy_model(&h, 200, 1024, 4);
+    let flags = ["--ack-wait-secs", "2", "--max-inflight", "8", "--pull-batch", "8", "--max-deliver", "1"];
+    let n = 40u64;
+    let w = h.worker("w1", &flags);
+    w.ready().await;
+    burst(&h, &heavy_jobs("last", n)).await;
+    h.wait_for_stored(4, MINUTE).await;
+    w.signal("KILL");
+    drop(w);
+    let fresh = h.worker("w2", &flags);
+    h.wait_for_stored(n, MINUTE).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&h, "last", n).await;
+    let dead = h.stream_messages("JETBATCH_DEAD").await;
+    assert!(dead >= 1, "the jobs the killed worker held were dead-lettered");
+    let stream = h.js.get_stream("JETBATCH_DEAD").await.unwrap();
+    let last = stream.get_last_raw_message_by_subject("jetbatch.dead.heavy").await.unwrap();
+    assert_eq!(last.headers.get("Jetbatch-Deliveries").map(|v| v.as_str().to_string()), Some("2".into()));
+    assert_eq!(fresh.metric("jetbatch_dead_letters_total").await, dead as f64);
+}
+
+/// SIGTERM under load, then the NATS server goes away for good: the worker exits within
+/// `--shutdown-timeout-secs`, non-zero, saying what it left unacked; once a server and a new
+/// worker are back, every job is answered exactly once. Before, it reconnected forever.
+#[tokio::test]
+async fn a_shutdown_whose_nats_server_is_gone_ends_within_its_bound_and_loses_nothing() {
+    let mut h = Harness::new().await;
+    write_heavy_model(&h, 200, 1024, 4);
+    let flags = ["--ack-wait-secs", "2", "--max-inflight", "16", "--shutdown-timeout-secs", "3"];
+    let n = 200u64;
+    let mut w = h.worker("w1", &flags);
+    w.ready().await;
+    burst(&h, &heavy_jobs("gone", n)).await;
+    h.wait_for_stored(8, MINUTE).await;
+    h.nodes[0].kill();
+    w.signal("TERM");
+    let signalled = Instant::now();
+    let status = w.wait(Duration::from_secs(15));
+    let took = signalled.elapsed();
+    assert!(!status.success(), "a shutdown that could not settle its jobs exits non-zero: {status:?}");
+    assert!(took < Duration::from_secs(6), "gone within the 3 s bound (+ exit): {took:?}\n{}", w.log_text());
+    assert!(w.log_text().contains("not done within --shutdown-timeout-secs"), "{}", w.log_text());
+    h.nodes[0].start();
+    let w2 = h.worker("w2", &flags);
+    h.wait_for_stored(n, MINUTE).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&h, "gone", n).await;
+    drop(w2);
+    eprintln!("FIGURES shutdown without nats: bound_s=3 exited_after_s={:.1} jobs={n} lost=0", took.as_secs_f64());
+}

@@ -414,11 +414,13 @@ async fn setup_models_and_cache_commands() {
     };
     // Settings from a config file (flag names as keys); a flag still wins over the file.
     let config = h.dir.path().join("jetbatch.toml");
-    std::fs::write(&config, format!("nats-url = [\"{}\"]\nmax-deliver = 7\nack-wait-secs = 9\n", h.url())).unwrap();
+    std::fs::write(&config, format!("nats-url = [\"{}\"]\nmax-ack-pending = 77\nmax-deliver = 7\nack-wait-secs = 9\n", h.url())).unwrap();
     let (ok, out) = run(&["setup", "--config", config.to_str().unwrap(), "--ack-wait-secs", "11"]);
     assert!(ok && out.contains("consumers jetbatch-workers-high, jetbatch-workers, jetbatch-workers-low are ready"), "{out}");
     let info = h.consumer_info().await;
-    assert_eq!((info.config.max_deliver, info.config.ack_wait), (7, std::time::Duration::from_secs(11)));
+    assert_eq!((info.config.max_ack_pending, info.config.ack_wait), (77, std::time::Duration::from_secs(11)));
+    // Workers count deliveries against max-deliver; the server redelivers without limit, so it strands no job.
+    assert_eq!(info.config.max_deliver, -1);
 
     let models = h.models.to_str().unwrap();
     let (ok, out) = run(&["models", "--models", models, "--load"]);

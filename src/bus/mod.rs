@@ -164,7 +164,11 @@ pub async fn setup_consumer(js: &Context, t: &Topology) -> Result<Consumers, Bus
             durable_name: Some(name.clone()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: t.ack_wait(),
-            max_deliver: t.max_deliver,
+            // Unlimited on the server: a job the server stops redelivering is stranded for good
+            // (never answered, left in the work queue), and a worker killed on a job's last
+            // delivery, or a hand-back on it, would do that. Workers enforce `max_deliver`
+            // themselves: the delivery after the last is answered and dead-lettered.
+            max_deliver: -1,
             max_ack_pending: t.max_ack_pending,
             filter_subjects: filter_subjects.clone(),
             ..Default::default()

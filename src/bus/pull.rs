@@ -36,6 +36,11 @@ impl Held {
         key
     }
 
+    /// How many jobs are held.
+    pub fn len(&self) -> usize {
+        self.jobs.lock().expect("held lock").len()
+    }
+
     fn remove(&self, key: u64) {
         self.jobs.lock().expect("held lock").remove(&key);
     }
@@ -187,7 +192,7 @@ pub async fn pull(
     out: mpsc::Sender<Delivery>,
     release: mpsc::Sender<Vec<Delivery>>,
     metrics: Arc<Metrics>,
-    mut shutdown: broadcast::Receiver<()>,
+    shutdown: broadcast::Receiver<()>,
 ) {
     let permits = Arc::new(Semaphore::new(opts.max_inflight));
     let mut p = Puller {
@@ -199,6 +204,7 @@ pub async fn pull(
         out,
         release,
         metrics: metrics.clone(),
+        shutdown,
         stopping: false,
     };
     let mut polls = FuturesUnordered::new();
@@ -229,7 +235,7 @@ pub async fn pull(
         }
         let lacking_poll = idle && polling.contains(&false);
         tokio::select! {
-            _ = shutdown.recv(), if !p.stopping => p.stopping = true,
+            _ = p.shutdown.recv(), if !p.stopping => p.stopping = true,
             _ = opts.gate.wait(), if paused && !p.stopping => {}
             Some((level, got, permit)) = polls.next(), if !polls.is_empty() => {
                 polling[level as usize] = false;
@@ -289,10 +295,22 @@ struct Puller {
     out: mpsc::Sender<Delivery>,
     release: mpsc::Sender<Vec<Delivery>>,
     metrics: Arc<Metrics>,
+    shutdown: broadcast::Receiver<()>,
     stopping: bool,
 }
 
 impl Puller {
+    /// Whether shutdown has begun. Checked between the pulls of a sweep, not only between sweeps:
+    /// a sweep goes on while its pulls fill, and once shutdown began every job it takes is handed
+    /// back at once and is free again, so a sweep that did not stop would take the same jobs over
+    /// and over, spending a delivery each time, until they ran out of deliveries.
+    fn stop_requested(&mut self) -> bool {
+        if !self.stopping && !matches!(self.shutdown.try_recv(), Err(broadcast::error::TryRecvError::Empty)) {
+            self.stopping = true;
+        }
+        self.stopping
+    }
+
     /// Asks the levels for jobs without waiting, in [`Sweep::order`], until the free permits are
     /// used. True when permits are left: every level was emptied.
     async fn sweep(&mut self) -> bool {
@@ -300,7 +318,7 @@ impl Puller {
         for level in self.order.order(now) {
             loop {
                 let want = self.permits.available_permits().min(self.pull_batch);
-                if want == 0 {
+                if want == 0 || self.stop_requested() {
                     return false;
                 }
                 let slots = self.permits.clone().try_acquire_many_owned(want as u32).expect("only the pull loop takes permits");
@@ -363,7 +381,7 @@ impl Puller {
         if delivery.delivered > 1 {
             self.metrics.redeliveries_total.inc();
         }
-        let sent = if self.stopping { self.release.send(vec![delivery]).await.is_ok() } else { self.out.send(delivery).await.is_ok() };
+        let sent = if self.stop_requested() { self.release.send(vec![delivery]).await.is_ok() } else { self.out.send(delivery).await.is_ok() };
         if !sent {
             self.stopping = true;
         }

@@ -14,7 +14,7 @@ use crate::cache::Cache;
 use crate::config::Topology;
 use crate::engine::{EngineError, StreamChunk};
 use crate::infer::{ChunkSink, Done, Failure, Ticket};
-use crate::job::{Encoding, JobError, JobKind, Output, Timing, ValidJob};
+use crate::job::{Encoding, ErrorCode, JobError, JobKind, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::repository::{LiveRepository, ModelSpec};
 
@@ -89,6 +89,19 @@ pub enum Outcome {
     /// Its model is served by other workers of the pool, not this one: hand it back for them;
     /// on its last delivery, answer this error instead.
     Elsewhere(JobError),
+    /// Delivered more often than `max_deliver` allows, never answered ([`deliveries_used_up`]):
+    /// answer this error and dead-letter it.
+    Exhausted(JobError),
+}
+
+/// The error of a job on a delivery past `max_deliver` (≤ 0: unlimited). The consumer redelivers
+/// without limit, so that no job is stranded unanswered; a job that comes back this often was
+/// taken by workers that died on it (or handed it back) every time, and is not started again.
+pub(crate) fn deliveries_used_up(delivered: i64, max_deliver: i64) -> Option<JobError> {
+    (max_deliver > 0 && delivered > max_deliver).then(|| {
+        let why = "the workers that took it stopped (killed, out of memory, shut down) before answering it each time";
+        JobError::new(ErrorCode::ModelError, format!("delivered {delivered} times without an answer (max_deliver {max_deliver}): {why}; not started again"))
+    })
 }
 
 /// A job back from the core: failures that are answers (its deadline passed) are answered, the

@@ -97,6 +97,9 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
         header.timing.queued_ms = ms(delivery.age());
         return Some(Finished { delivery, header, outcome: Outcome::Answer(Ok(output)) });
     }
+    if let Some(err) = super::flow::deliveries_used_up(delivery.delivered, ctx.topology.max_deliver) {
+        return Some(Finished { delivery, header, outcome: Outcome::Exhausted(err) });
+    }
     let queued = ctx.queues.enter(spec.name.clone());
     match pending.send(Pending { job, spec, cache_key, delivery, _queued: queued }).await {
         Ok(()) => None,

@@ -55,6 +55,9 @@ pub enum ServeError {
     /// hands its jobs back and exits non-zero so that its supervisor starts a fresh one.
     #[error("the engine thread stopped unexpectedly")]
     EngineStopped,
+    /// Shutdown did not finish within its bound; the worker exits anyway (non-zero).
+    #[error("shutdown not done within {secs} s: {unsettled} job(s) left unacked, redelivered after ack_wait")]
+    ShutdownTimedOut { secs: f64, unsettled: usize },
 }
 
 
@@ -141,7 +144,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     tasks.spawn(bus::pull(
         consumers.clone(),
         PullOpts { max_inflight: args.max_inflight, pull_batch: args.pull_batch.clamp(1, args.max_inflight), aging, gate },
-        held,
+        held.clone(),
         deliveries_tx,
         release_tx,
         metrics.clone(),
@@ -172,20 +175,32 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     if died {
         error!("the engine thread stopped: handing jobs back and exiting");
     }
-    info!("shutdown: stop fetching, hand back queued jobs, finish the batch in flight");
+    let bound = Duration::from_secs_f64(args.shutdown_timeout_secs);
+    info!(within_secs = bound.as_secs_f64(), "shutdown: stop fetching, hand back queued jobs, finish the batch in flight");
     let _ = notify.send(());
-    while tasks.join_next().await.is_some() {}
-    let _ = results_task.await;
-    keep_alive.abort();
-    // The engine handle was moved into the runner, which has returned: the thread's queue is closed.
-    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
-    if let Some(cache) = &ctx.cache {
-        if let Err(e) = cache.flush() {
-            error!(error = %e, "cache flush");
+    let graceful = async {
+        while tasks.join_next().await.is_some() {}
+        let _ = results_task.await;
+        // The engine handle was moved into the runner, which has returned: the thread's queue is closed.
+        let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+        if let Some(cache) = &ctx.cache {
+            if let Err(e) = cache.flush() {
+                error!(error = %e, "cache flush");
+            }
         }
-    }
-    let _ = client.flush().await;
+        let _ = client.flush().await;
+    };
+    // Bounded whatever a stage is waiting for (a NATS server gone for good, a batch longer than
+    // the grace period): what is not settled by then stays unacked, and JetStream redelivers it
+    // after ack_wait — nothing is lost, it only waits.
+    let finished = tokio::time::timeout(bound, graceful).await.is_ok();
+    keep_alive.abort();
     let handed_back = metrics.naks_total.with_label_values(&["shutdown"]).get();
+    if !finished {
+        let unsettled = held.len();
+        error!(unsettled, handed_back, "shutdown: not done within --shutdown-timeout-secs; the unsettled jobs stay unacked and are redelivered after ack_wait");
+        return Err(ServeError::ShutdownTimedOut { secs: bound.as_secs_f64(), unsettled });
+    }
     info!(handed_back, "stopped");
     if died {
         return Err(ServeError::EngineStopped);

@@ -56,6 +56,8 @@ pub(crate) fn decide(outcome: Outcome, has_id: bool, delivered: i64, max_deliver
             Decision::HandBack { delay: Some(super::peers::HANDOFF_DELAY), reason: ELSEWHERE }
         }
         Outcome::Elsewhere(last) => decide(Outcome::Answer(Err(last)), has_id, delivered, max_deliver),
+        Outcome::Exhausted(err) if !has_id => Decision::DeadLetter(err),
+        Outcome::Exhausted(err) => Decision::Answer { answer: Err(err.clone()), then: Then::DeadLetter(err) },
         Outcome::Answer(Ok(output)) => Decision::Answer { answer: Ok(output), then: Then::Ack },
         Outcome::Answer(Err(err)) if !has_id => Decision::DeadLetter(err),
         Outcome::Answer(Err(err)) => Decision::Answer { answer: Err(err), then: Then::Term },
@@ -119,7 +121,7 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     // A redelivery, or a job held past ack_wait (say the process was paused): another worker may
     // have answered it meanwhile.
     let contested = delivery.delivered > 1 || delivery.received.elapsed() >= ctx.topology.ack_wait();
-    let settling = matches!(outcome, Outcome::Answer(_) | Outcome::Retry(_) | Outcome::Elsewhere(_));
+    let settling = matches!(outcome, Outcome::Answer(_) | Outcome::Retry(_) | Outcome::Elsewhere(_) | Outcome::Exhausted(_));
     let outcome = if contested && settling && ctx.already_answered(&header, &hash).await { Outcome::AlreadyAnswered } else { outcome };
     if let Outcome::Retry(e) = &outcome {
         warn!(id = ?header.id, error = %e, delivered = delivery.delivered, "job failed");
@@ -310,6 +312,17 @@ mod tests {
         assert_eq!(decide(elsewhere(), true, 9, 0), back, "unlimited deliveries");
         assert_eq!(decide(elsewhere(), true, 5, 5), Decision::Answer { answer: Err(last.clone()), then: Then::Term });
         assert_eq!(decide(elsewhere(), false, 5, 5), Decision::DeadLetter(last));
+    }
+
+    #[test]
+    fn a_job_delivered_past_max_deliver_is_answered_and_dead_lettered_not_started() {
+        use super::super::flow::deliveries_used_up;
+        assert_eq!(deliveries_used_up(5, 5), None, "the last delivery is still worked on");
+        assert_eq!(deliveries_used_up(50, 0), None, "unlimited");
+        let err = deliveries_used_up(6, 5).expect("past the last delivery");
+        assert!(err.message.starts_with("delivered 6 times without an answer (max_deliver 5)"), "{}", err.message);
+        assert_eq!(decide(Outcome::Exhausted(err.clone()), true, 6, 5), Decision::Answer { answer: Err(err.clone()), then: Then::DeadLetter(err.clone()) });
+        assert_eq!(decide(Outcome::Exhausted(err.clone()), false, 6, 5), Decision::DeadLetter(err));
     }
 
     #[test]
