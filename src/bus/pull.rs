@@ -37,7 +37,7 @@ impl Held {
     }
 
     /// How many jobs are held.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.jobs.lock().expect("held lock").len()
     }
 

@@ -197,7 +197,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
     keep_alive.abort();
     let handed_back = metrics.naks_total.with_label_values(&["shutdown"]).get();
     if !finished {
-        let unsettled = held.len();
+        let unsettled = held.count();
         error!(unsettled, handed_back, "shutdown: not done within --shutdown-timeout-secs; the unsettled jobs stay unacked and are redelivered after ack_wait");
         return Err(ServeError::ShutdownTimedOut { secs: bound.as_secs_f64(), unsettled });
     }
