@@ -234,6 +234,40 @@ async fn the_shipped_accounts_let_workers_use_the_bucket() {
     assert!(ok && stats["shared"]["entries"] == 0, "{stats} {err}");
 }
 
+/// Issue #18: a bucket made beforehand with settings a worker cannot update (memory storage)
+/// held every start for 30 s. Now the worker says so once, naming the bucket and the setting, and
+/// starts at once with its local tier.
+#[tokio::test]
+async fn a_bucket_with_other_settings_is_reported_once_and_the_worker_starts_on_its_local_tier() {
+    use async_nats::jetstream::stream;
+    let h = Harness::new().await;
+    h.js.create_stream(stream::Config {
+        name: "KV_JETBATCH_CACHE".into(),
+        subjects: vec!["$KV.JETBATCH_CACHE.>".into()],
+        storage: stream::StorageType::Memory,
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let dir = h.dir.path().join("cache-w1");
+    let w = h.worker("w1", &[&["--cache-dir", dir.to_str().unwrap()][..], &SHARED].concat());
+    w.ready().await;
+    assert!(started.elapsed() < Duration::from_secs(10), "ready in {:?}", started.elapsed());
+    let mut sub = h.subscribe_results().await;
+    assert!(!answer(&h, &mut sub, "c1", 3).await.cached);
+    assert!(answer(&h, &mut sub, "c2", 3).await.cached, "the local tier answers");
+    assert_eq!(w.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 1.0);
+    assert_eq!(w.metric("jetbatch_cache_shared_up").await, 0.0);
+    let log = w.log_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("exists with other settings")).collect();
+    assert_eq!(warnings.len(), 1, "said once: {log}");
+    assert!(warnings[0].contains("JETBATCH_CACHE") && warnings[0].contains("storage: Memory (File)"), "{}", warnings[0]);
+    assert!(!log.contains("shared cache unavailable"), "no outage warnings after it: {log}");
+}
+
 /// The bucket's key (hex) of the one entry not in `known`.
 async fn new_key(kv: &async_nats::jetstream::kv::Store, known: &[String]) -> String {
     let keys: Vec<String> = kv.keys().await.unwrap().map(Result::unwrap).collect().await;

@@ -67,6 +67,8 @@ struct State {
     last_warning: Option<Instant>,
     /// Failures since the last warning.
     unwarned: u64,
+    /// The bucket exists with other settings ([`bus::cache_bucket_conflict`]): the tier is off.
+    conflict: bool,
 }
 
 /// The bucket's figures (`jetbatch cache stats`).
@@ -106,11 +108,23 @@ impl Shared {
                     self.succeeded();
                     return true;
                 }
-                Ok(Err(e)) if left > RETRY_PAUSE => {
+                Ok(Err(e)) => {
+                    // A bucket made with other settings than this worker's is refused at once, and
+                    // for as long as this process runs: retrying cannot change it.
+                    if let Some(difference) = bus::cache_bucket_conflict(&self.js, &self.bucket).await {
+                        warn!(bucket = %self.bucket.name, stream = %self.bucket.stream_name(), difference, error = %e,
+                            "shared cache bucket exists with other settings (theirs (ours)); running without the shared tier: delete the bucket or match its settings, then restart");
+                        self.metrics.errors_total.with_label_values(&["cache", "shared_conflict"]).inc();
+                        self.metrics.cache_shared_up.set(0);
+                        self.state.lock().expect("cache state").conflict = true;
+                        return false;
+                    }
+                    if left <= RETRY_PAUSE {
+                        return self.failed(self.error(format!("open: {e}"), false));
+                    }
                     debug!(error = %e, "shared cache bucket not ready; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Ok(Err(e)) => return self.failed(self.error(format!("open: {e}"), false)),
                 Err(_) => return self.failed(self.error(format!("open: not ready in {START_TIMEOUT:?}"), true)),
             }
         }
@@ -156,7 +170,7 @@ impl Shared {
             if let Some(store) = &s.store {
                 return Some(store.clone());
             }
-            if s.retry_at.is_some_and(|at| Instant::now() < at) {
+            if s.conflict || s.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
             // Claims this attempt: calls meanwhile skip the tier instead of opening it too.
