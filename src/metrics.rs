@@ -24,6 +24,9 @@ pub struct Metrics {
     pub cache_hits_total: IntCounterVec,
     /// Cacheable jobs found in no tier (one count a job, whatever the tiers).
     pub cache_misses_total: IntCounter,
+    /// By `tier`: cached values refused as not the job's answer (see `cache::check`); each is a
+    /// miss, recomputed and overwritten.
+    pub cache_rejected_total: IntCounterVec,
     /// 1 while the shared cache tier answers, 0 while it is skipped after a failure (or absent).
     pub cache_shared_up: IntGauge,
     pub inflight_jobs: IntGauge,
@@ -76,6 +79,11 @@ impl Metrics {
             ),
             cache_hits_total: counter_vec("jetbatch_cache_hits_total", "Jobs answered from the result cache, by tier.", &["tier"]),
             cache_misses_total: counter("jetbatch_cache_misses_total", "Cacheable jobs in no cache tier."),
+            cache_rejected_total: counter_vec(
+                "jetbatch_cache_rejected_total",
+                "Cached answers refused as not the job's (another kind or shape, not finite, stored under another key), by tier.",
+                &["tier"],
+            ),
             cache_shared_up: gauge("jetbatch_cache_shared_up", "1 while the shared cache bucket answers; 0 while skipped after a failure, or absent."),
             inflight_jobs: gauge("jetbatch_inflight_jobs", "Jobs pulled and not yet acked or nak'ed."),
             consumer_pending: gauge("jetbatch_consumer_pending", "Messages in the stream not yet delivered to the consumer."),

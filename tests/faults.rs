@@ -301,3 +301,30 @@ async fn a_shutdown_whose_nats_server_is_gone_ends_within_its_bound_and_loses_no
     drop(w2);
     eprintln!("FIGURES shutdown without nats: bound_s=3 exited_after_s={:.1} jobs={n} lost=0", took.as_secs_f64());
 }
+
+/// Issue #18: while the results stream was gone, every retry of a result's publish reached live
+/// subscribers (the core message goes out whether or not a stream stores it): 11 copies of one
+/// stored answer. A retry now first asks the stream, and sends nothing while it does not answer:
+/// subscribers get the first try's copy and the stored one.
+#[tokio::test]
+async fn a_results_stream_outage_sends_live_subscribers_two_copies_not_one_per_retry() {
+    use futures::StreamExt;
+    let h = Harness::new().await;
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let config = h.js.get_stream("JETBATCH_RESULTS").await.unwrap().info().await.unwrap().config.clone();
+    h.js.delete_stream("JETBATCH_RESULTS").await.unwrap();
+    let mut sub = h.subscribe_results().await;
+    h.publish(&tensor_job("outage-1", "mlp", &[mlp_input(1)], Encoding::MsgPack), Encoding::MsgPack).await;
+    // A try waits 5 s for its ack, then 0.5 s, then 1 s: three tries before the stream is back.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    h.js.create_stream(config).await.unwrap();
+    h.wait_for_stored(1, MINUTE).await;
+    let mut copies = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+        copies += 1;
+    }
+    assert_eq!(copies, 2, "the first try's copy and the stored one");
+    assert_eq!(h.stored_results().await.get("outage-1"), Some(&1));
+    assert!(w.metric("jetbatch_errors_total{layer=\"bus\",type=\"publish\"}").await >= 1.0, "the first try failed");
+}

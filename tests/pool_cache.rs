@@ -1,9 +1,10 @@
 //! The shared cache tier against real nats-servers: a repeat is a hit on another worker of the
 //! pool, a server restart loses nothing and the tier works again after it, the same on a 3-node
 //! cluster (bucket at R3), a deleted bucket degrades to computing, and `jetbatch cache stats|clear`
-//! covers both tiers.
+//! covers both tiers, and forged bucket entries are refused.
 
 mod common;
+mod lm_fixture;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -231,6 +232,104 @@ async fn the_shipped_accounts_let_workers_use_the_bucket() {
     assert!(ok && stats["shared"]["entries"] == 1, "{stats} {err}");
     let (ok, stats, err) = cache_cli(&[&auth[..], &["clear"]].concat());
     assert!(ok && stats["shared"]["entries"] == 0, "{stats} {err}");
+}
+
+/// Issue #18: a bucket made beforehand with settings a worker cannot update (memory storage)
+/// held every start for 30 s. Now the worker says so once, naming the bucket and the setting, and
+/// starts at once with its local tier.
+#[tokio::test]
+async fn a_bucket_with_other_settings_is_reported_once_and_the_worker_starts_on_its_local_tier() {
+    use async_nats::jetstream::stream;
+    let h = Harness::new().await;
+    h.js.create_stream(stream::Config {
+        name: "KV_JETBATCH_CACHE".into(),
+        subjects: vec!["$KV.JETBATCH_CACHE.>".into()],
+        storage: stream::StorageType::Memory,
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let dir = h.dir.path().join("cache-w1");
+    let w = h.worker("w1", &[&["--cache-dir", dir.to_str().unwrap()][..], &SHARED].concat());
+    w.ready().await;
+    assert!(started.elapsed() < Duration::from_secs(10), "ready in {:?}", started.elapsed());
+    let mut sub = h.subscribe_results().await;
+    assert!(!answer(&h, &mut sub, "c1", 3).await.cached);
+    assert!(answer(&h, &mut sub, "c2", 3).await.cached, "the local tier answers");
+    assert_eq!(w.metric("jetbatch_cache_hits_total{tier=\"local\"}").await, 1.0);
+    assert_eq!(w.metric("jetbatch_cache_shared_up").await, 0.0);
+    let log = w.log_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("exists with other settings")).collect();
+    assert_eq!(warnings.len(), 1, "said once: {log}");
+    assert!(warnings[0].contains("JETBATCH_CACHE") && warnings[0].contains("storage: Memory (File)"), "{}", warnings[0]);
+    assert!(!log.contains("shared cache unavailable"), "no outage warnings after it: {log}");
+}
+
+/// The bucket's key (hex) of the one entry not in `known`.
+async fn new_key(kv: &async_nats::jetstream::kv::Store, known: &[String]) -> String {
+    let keys: Vec<String> = kv.keys().await.unwrap().map(Result::unwrap).collect().await;
+    let mut fresh: Vec<String> = keys.into_iter().filter(|k| !known.contains(k)).collect();
+    assert_eq!(fresh.len(), 1, "one new entry: {fresh:?}");
+    fresh.remove(0)
+}
+
+fn key_bytes(hex: &str) -> [u8; 32] {
+    std::array::from_fn(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+}
+
+/// Issue #18: whoever can write the bucket put a `generate` answer under an `embed` job's key, a
+/// 3-value embedding for a 384-dim model, NaNs, or another job's entry under this one's key, and
+/// every repeat was answered `ok, cached: true` with it. Each forgery is now refused: the job is
+/// computed (`cached` false, the true embedding), the metric counts it, and the entry is
+/// overwritten (the next repeat is a hit with the true embedding).
+#[tokio::test]
+async fn forged_bucket_entries_are_refused_recomputed_and_overwritten() {
+    use jetbatch::job::Output;
+    let (models, _) = lm_fixture::fixture();
+    let h = Harness::new().await;
+    std::os::unix::fs::symlink(models.join("models/minilm"), h.models.join("minilm")).unwrap();
+    let w = h.worker("w1", &SHARED);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let mut embed = async |id: &str, text: &str| {
+        let job = serde_json::json!({"id": id, "model": "minilm", "kind": "embed", "input": {"text": text}});
+        h.publish(&rmpv::ext::to_value(job).unwrap(), Encoding::MsgPack).await;
+        let r = collect(&mut sub, 1, MINUTE).await.remove(id).unwrap_or_else(|| panic!("{id} answered")).remove(0);
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        r
+    };
+    let kv = h.js.get_key_value("JETBATCH_CACHE").await.unwrap();
+    let truth = embed("cat-0", "the cat sat").await;
+    let cat = new_key(&kv, &[]).await;
+    let dog = embed("dog-0", "a dog ran").await;
+    let dog_key = new_key(&kv, std::slice::from_ref(&cat)).await;
+    assert_ne!(truth.output, dog.output);
+    let dim = truth.output.as_ref().unwrap().as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("dim")).unwrap().1.as_u64().unwrap();
+    assert_eq!(dim, 384);
+
+    // Forged through the tier's own writer, so each entry is well-formed for this version.
+    let (forger, _) = shared_tier(&h.client);
+    let generated = Output::Generate { text: "pwned".into(), tokens: vec![1], finish_reason: jetbatch::kinds::FinishReason::Eos, prompt_tokens: 1, top: vec![] };
+    let forgeries = [("kind", Some(generated)), ("dim", Some(Output::Embedding(vec![0.5; 3]))), ("nan", Some(Output::Embedding(vec![f32::NAN; 384]))), ("copied", None)];
+    for (n, (what, output)) in forgeries.into_iter().enumerate() {
+        match output {
+            Some(output) => forger.put(&key_bytes(&cat), &output).await,
+            None => {
+                kv.put(&cat, kv.get(&dog_key).await.unwrap().unwrap()).await.unwrap();
+            }
+        }
+        let forged = kv.get(&cat).await.unwrap().unwrap();
+        let r = embed(&format!("cat-{what}"), "the cat sat").await;
+        assert_eq!((r.cached, &r.output), (false, &truth.output), "{what}: computed, not the forged entry");
+        assert_eq!(w.metric("jetbatch_cache_rejected_total{tier=\"shared\"}").await, (n + 1) as f64, "{what}");
+        assert_ne!(kv.get(&cat).await.unwrap().unwrap(), forged, "{what}: overwritten");
+        let again = embed(&format!("cat-{what}-again"), "the cat sat").await;
+        assert_eq!((again.cached, &again.output), (true, &truth.output), "{what}: the computed answer is served again");
+    }
+    assert!(w.log_text().contains("cached value refused"), "logged");
 }
 
 /// FIGURES: the hit ratio of a 3-worker pool on `mlp` jobs of which 30 % repeat an earlier input

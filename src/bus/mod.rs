@@ -245,7 +245,12 @@ impl CacheBucket {
 /// refuses new ones, for a cache should evict rather than fail.
 pub async fn setup_cache_bucket(js: &Context, b: &CacheBucket) -> Result<kv::Store, BusError> {
     let setup_err = |e: &dyn std::fmt::Display| BusError::Setup(format!("cache bucket {}: {e}", b.name));
-    let config = stream::Config {
+    js.create_or_update_stream(cache_bucket_config(b)).await.map_err(|e| setup_err(&e))?;
+    js.get_key_value(&b.name).await.map_err(|e| setup_err(&e))
+}
+
+fn cache_bucket_config(b: &CacheBucket) -> stream::Config {
+    stream::Config {
         name: b.stream_name(),
         subjects: vec![format!("$KV.{}.>", b.name)],
         max_messages_per_subject: 1,
@@ -258,7 +263,28 @@ pub async fn setup_cache_bucket(js: &Context, b: &CacheBucket) -> Result<kv::Sto
         deny_delete: true,
         allow_direct: true,
         ..Default::default()
-    };
-    js.create_or_update_stream(config).await.map_err(|e| setup_err(&e))?;
-    js.get_key_value(&b.name).await.map_err(|e| setup_err(&e))
+    }
+}
+
+/// Where the bucket's stream exists with settings other than `b`'s (made by hand, say, or by
+/// another version): what differs, as `setting: theirs (ours)`. `None` when it does not exist,
+/// does not answer, or has `b`'s settings (then a failed setup is worth retrying).
+pub async fn cache_bucket_conflict(js: &Context, b: &CacheBucket) -> Option<String> {
+    let mut stream = js.get_stream(b.stream_name()).await.ok()?;
+    let (have, want) = (&stream.info().await.ok()?.config, cache_bucket_config(b));
+    let differences: Vec<String> = [
+        ("subjects", format!("{:?}", have.subjects), format!("{:?}", want.subjects)),
+        ("storage", format!("{:?}", have.storage), format!("{:?}", want.storage)),
+        ("replicas", have.num_replicas.to_string(), want.num_replicas.to_string()),
+        ("max_age", format!("{:?}", have.max_age), format!("{:?}", want.max_age)),
+        ("max_bytes", have.max_bytes.to_string(), want.max_bytes.to_string()),
+        ("max_messages_per_subject", have.max_messages_per_subject.to_string(), want.max_messages_per_subject.to_string()),
+        ("discard", format!("{:?}", have.discard), format!("{:?}", want.discard)),
+        ("retention", format!("{:?}", have.retention), format!("{:?}", want.retention)),
+    ]
+    .into_iter()
+    .filter(|(_, theirs, ours)| theirs != ours)
+    .map(|(setting, theirs, ours)| format!("{setting}: {theirs} ({ours})"))
+    .collect();
+    (!differences.is_empty()).then(|| differences.join(", "))
 }

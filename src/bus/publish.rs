@@ -91,14 +91,23 @@ impl Publisher {
     /// Stores `result` on the job's own subject `<prefix>.results.<id>` — whatever the job asked —
     /// and then, if the job named a `reply_to` (which the decoder allowed: only under the
     /// configured reply prefixes, never a system subject or one of ours), sends a copy there.
-    pub async fn result(&self, result: &JobResult, encoding: Encoding, hash: &str, reply_to: Option<&str>) -> Result<(), BusError> {
+    ///
+    /// `retry`: an earlier try failed. Its message may have reached live subscribers anyway (the
+    /// subject's core message goes out whether or not the stream stores it) or been stored with
+    /// its ack lost, so the result is sent again only once the stream answers a lookup and does
+    /// not hold it: an outage then costs subscribers one extra copy, not one per try.
+    pub async fn result(&self, result: &JobResult, encoding: Encoding, hash: &str, reply_to: Option<&str>, retry: bool) -> Result<(), BusError> {
         let payload = Bytes::from(encoding.encode(result));
         let mut headers = content_type(encoding);
         headers.insert("Nats-Msg-Id", result_msg_id(&result.id, hash).as_str());
         headers.insert(JOB_HASH_HEADER, hash);
-        let ack = publish_stored(&self.js, self.topology.result_subject(&result.id), headers.clone(), payload.clone()).await?;
-        if ack.duplicate {
-            tracing::debug!(id = %result.id, "result already published (duplicate delivery)");
+        let stored = retry
+            && self.answered(&result.id, hash).await.map_err(|e| BusError::Publish { message: format!("results stream not answering: {e}"), permanent: false })?;
+        if !stored {
+            let ack = publish_stored(&self.js, self.topology.result_subject(&result.id), headers.clone(), payload.clone()).await?;
+            if ack.duplicate {
+                tracing::debug!(id = %result.id, "result already published (duplicate delivery)");
+            }
         }
         if let Some(reply_to) = reply_to {
             // A copy for the producer's inbox; the stored result is the answer, so a failure here

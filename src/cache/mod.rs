@@ -4,6 +4,11 @@
 //! `--shared-cache-bucket`). A lookup asks the local tier, then the bucket (a hit there is copied
 //! to the local tier); a computed result goes to both. Either tier may be absent.
 //!
+//! A hit is served only after [`check`] found it can be the job's answer (its kind, its shape for
+//! the model, finite numbers; for the bucket also the key digest inside the value): whoever can
+//! write the bucket could otherwise answer every repeat of a job with anything. A refused value is
+//! a miss, counted in `jetbatch_cache_rejected_total{tier}`, and overwritten once computed.
+//!
 //! The cache costs speed, never correctness: a failing tier is a miss, logged and counted, and
 //! the job is computed. The shared tier bounds every call with a short timeout and, after a
 //! failure, is skipped for a few seconds, so an outage of the bucket (server down, bucket
@@ -11,9 +16,11 @@
 //!
 //! # Layout
 //! - `mod.rs`: the two-tier facade [`Cache`], its [`Stats`] and [`CacheError`].
+//! - [`check`]: whether a cached value can be a job's answer ([`check::Mismatch`]).
 //! - [`local`]: the sled tier (TTL, size cap evicting oldest-first).
 //! - [`shared`]: the bucket tier (value format, timeouts, degradation).
 
+pub mod check;
 pub mod local;
 pub mod shared;
 
@@ -104,6 +111,7 @@ impl Cache {
         let tiers = [(local.is_some(), Tier::Local), (matches!(shared, SharedTier::On(_)), Tier::Shared)];
         for (_, tier) in tiers.iter().filter(|(present, _)| *present) {
             metrics.cache_hits_total.with_label_values(&[tier.as_str()]);
+            metrics.cache_rejected_total.with_label_values(&[tier.as_str()]);
         }
         Cache { local, shared, metrics }
     }
@@ -151,11 +159,18 @@ impl Cache {
         (local.is_some() || !matches!(shared, SharedTier::Off)).then(|| Cache::new(local, shared, metrics))
     }
 
-    /// The cached answer for `key`: the local tier's, else the bucket's (then copied to the
-    /// local tier). Counts a hit by tier, or a miss.
-    pub async fn get(&self, key: &[u8; 32]) -> Option<Output> {
+    /// The cached answer for `key` that `fits` the job: the local tier's, else the bucket's (then
+    /// copied to the local tier). Counts a hit by tier, a refused value by tier, or a miss.
+    pub async fn get(&self, key: &[u8; 32], fits: impl Fn(&Output) -> Result<(), check::Mismatch>) -> Option<Output> {
+        let accept = |output: Output, tier: Tier| match fits(&output) {
+            Ok(()) => Some(output),
+            Err(e) => {
+                rejected(&self.metrics, tier, key, &e);
+                None
+            }
+        };
         let found = match self.local.as_ref().map(|l| l.get(key)) {
-            Some(Ok(Some(output))) => Some((output, Tier::Local)),
+            Some(Ok(Some(output))) => accept(output, Tier::Local).map(|output| (output, Tier::Local)),
             Some(Err(e)) => {
                 self.local_failed("cache read", &e);
                 None
@@ -163,11 +178,12 @@ impl Cache {
             _ => None,
         };
         let found = match (found, &self.shared) {
-            (None, SharedTier::On(shared)) => shared.get(key).await.map(|(output, stored_ms)| {
+            (None, SharedTier::On(shared)) => shared.get(key).await.and_then(|(output, stored_ms)| {
+                let output = accept(output, Tier::Shared)?;
                 if let Some(Err(e)) = self.local.as_ref().map(|l| l.put_at(key, &output, stored_ms)) {
                     self.local_failed("cache write", &e);
                 }
-                (output, Tier::Shared)
+                Some((output, Tier::Shared))
             }),
             (found, _) => found,
         };
@@ -230,6 +246,13 @@ impl Cache {
     pub fn flush(&self) -> Result<(), CacheError> {
         self.local.as_ref().map_or(Ok(()), Local::flush)
     }
+}
+
+/// A cached value refused for `key`: counted and logged (it is recomputed and overwritten).
+fn rejected(metrics: &Metrics, tier: Tier, key: &[u8; 32], e: &check::Mismatch) {
+    metrics.cache_rejected_total.with_label_values(&[tier.as_str()]).inc();
+    let key: String = key.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    warn!(tier = tier.as_str(), key, reason = %e, "cached value refused: not this job's answer; recomputing");
 }
 
 /// A small answer for the tiers' tests.

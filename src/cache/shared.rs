@@ -1,7 +1,10 @@
 //! The shared tier: a JetStream key-value bucket the whole pool reads and writes, so a repeat is a
 //! hit whichever worker it lands on. Keys are the 32-byte cache key in hex (content-addressed:
-//! every worker computes the same key for the same job); values are a format byte, the store time
-//! and the answer in MessagePack, as the local tier stores it.
+//! every worker computes the same key for the same job); values are a format byte, the store time,
+//! a digest binding the value to its key, and the answer in MessagePack, as the local tier stores
+//! it. An entry whose digest is not its key's (copied under another key, or cut short) is refused
+//! and counted (`jetbatch_cache_rejected_total{tier="shared"}`); the facade then checks the answer
+//! against the job ([`super::check`]).
 //!
 //! Every call is bounded by [`CALL_TIMEOUT`]. A failed call (server down, bucket deleted, a
 //! timeout) is a miss: it is counted (`jetbatch_errors_total{layer="cache"}`), warned about at
@@ -17,7 +20,8 @@ use async_nats::jetstream::{self, kv};
 use async_nats::Client;
 use tracing::{debug, info, warn};
 
-use super::CacheError;
+use super::check::Mismatch;
+use super::{CacheError, Tier};
 use crate::bus::{self, CacheBucket};
 use crate::job::Output;
 use crate::metrics::{now_ms, Metrics};
@@ -38,9 +42,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 const WARN_EVERY: Duration = Duration::from_secs(30);
 /// Room left under the server's max payload for the put's subject and headers.
 const PUT_OVERHEAD: usize = 512;
-/// First byte of every value; an entry with another (written by an incompatible version) is a miss.
-const FORMAT: u8 = 1;
-const HEADER: usize = 9;
+/// First byte of every value; an entry with another (written by an incompatible version, or
+/// format 1, which had no key digest) is a miss, and overwritten once computed.
+const FORMAT: u8 = 2;
+/// Format byte, store time (ms since the epoch, big-endian), [`digest`].
+const HEADER: usize = 1 + 8 + 32;
 
 pub struct Shared {
     client: Client,
@@ -61,6 +67,8 @@ struct State {
     last_warning: Option<Instant>,
     /// Failures since the last warning.
     unwarned: u64,
+    /// The bucket exists with other settings ([`bus::cache_bucket_conflict`]): the tier is off.
+    conflict: bool,
 }
 
 /// The bucket's figures (`jetbatch cache stats`).
@@ -100,11 +108,23 @@ impl Shared {
                     self.succeeded();
                     return true;
                 }
-                Ok(Err(e)) if left > RETRY_PAUSE => {
+                Ok(Err(e)) => {
+                    // A bucket made with other settings than this worker's is refused at once, and
+                    // for as long as this process runs: retrying cannot change it.
+                    if let Some(difference) = bus::cache_bucket_conflict(&self.js, &self.bucket).await {
+                        warn!(bucket = %self.bucket.name, stream = %self.bucket.stream_name(), difference, error = %e,
+                            "shared cache bucket exists with other settings (theirs (ours)); running without the shared tier: delete the bucket or match its settings, then restart");
+                        self.metrics.errors_total.with_label_values(&["cache", "shared_conflict"]).inc();
+                        self.metrics.cache_shared_up.set(0);
+                        self.state.lock().expect("cache state").conflict = true;
+                        return false;
+                    }
+                    if left <= RETRY_PAUSE {
+                        return self.failed(self.error(format!("open: {e}"), false));
+                    }
                     debug!(error = %e, "shared cache bucket not ready; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Ok(Err(e)) => return self.failed(self.error(format!("open: {e}"), false)),
                 Err(_) => return self.failed(self.error(format!("open: not ready in {START_TIMEOUT:?}"), true)),
             }
         }
@@ -116,7 +136,14 @@ impl Shared {
         let store = self.store().await?;
         let value = self.call("read", CALL_TIMEOUT, store.get(hex(key))).await?;
         let ttl = self.bucket.max_age;
-        let entry = value.and_then(|v| decode(&v, ttl, now_ms() as u64));
+        let entry = match value.map(|v| decode(&v, key, ttl, now_ms() as u64)) {
+            Some(Err(e)) => {
+                super::rejected(&self.metrics, Tier::Shared, key, &e);
+                None
+            }
+            Some(Ok(entry)) => entry,
+            None => None,
+        };
         if entry.is_none() {
             debug!(key = %hex(key), "shared cache miss");
         }
@@ -125,7 +152,7 @@ impl Shared {
 
     /// Stores a computed answer, unless it would not fit in one message.
     pub async fn put(&self, key: &[u8; 32], output: &Output) {
-        let value = encode(output, now_ms() as u64);
+        let value = encode(key, output, now_ms() as u64);
         let max_payload = self.client.server_info().max_payload;
         if value.len() + PUT_OVERHEAD > max_payload {
             debug!(bytes = value.len(), max_payload, "answer larger than the server's max payload: cached locally only");
@@ -143,7 +170,7 @@ impl Shared {
             if let Some(store) = &s.store {
                 return Some(store.clone());
             }
-            if s.retry_at.is_some_and(|at| Instant::now() < at) {
+            if s.conflict || s.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
             // Claims this attempt: calls meanwhile skip the tier instead of opening it too.
@@ -231,25 +258,39 @@ fn hex(key: &[u8; 32]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn encode(output: &Output, stored_ms: u64) -> Vec<u8> {
-    let mut value = Vec::with_capacity(HEADER + 256);
+fn encode(key: &[u8; 32], output: &Output, stored_ms: u64) -> Vec<u8> {
+    let body = rmp_serde::to_vec(output).expect("encoding into a Vec");
+    let mut value = Vec::with_capacity(HEADER + body.len());
     value.push(FORMAT);
     value.extend_from_slice(&stored_ms.to_be_bytes());
-    rmp_serde::encode::write(&mut value, output).expect("encoding into a Vec");
+    value.extend_from_slice(&digest(key, &stored_ms.to_be_bytes(), &body));
+    value.extend_from_slice(&body);
     value
 }
 
-/// The answer and its store time; `None` for another format, an entry older than `ttl` (a
-/// worker with a shorter TTL than the bucket's), or bytes that do not decode.
-fn decode(value: &[u8], ttl: Option<Duration>, now_ms: u64) -> Option<(Output, u64)> {
+/// Binds a value to the key it was stored under: blake3 of the key, the store time and the body.
+/// Not a signature (anyone who can write the bucket can compute it): it refuses an entry copied
+/// under another key, or damaged, and leaves forged answers to the checks against the job.
+fn digest(key: &[u8; 32], stored: &[u8], body: &[u8]) -> [u8; 32] {
+    *blake3::Hasher::new().update(key).update(stored).update(body).finalize().as_bytes()
+}
+
+/// The answer stored under `key` and its store time; `Ok(None)` for another format, an entry
+/// older than `ttl` (a worker with a shorter TTL than the bucket's), or bytes that do not decode;
+/// [`Mismatch::Key`] for an entry whose digest is not `key`'s.
+fn decode(value: &[u8], key: &[u8; 32], ttl: Option<Duration>, now_ms: u64) -> Result<Option<(Output, u64)>, Mismatch> {
     if value.len() < HEADER || value[0] != FORMAT {
-        return None;
+        return Ok(None);
     }
-    let stored = u64::from_be_bytes(value[1..HEADER].try_into().expect("header"));
+    let (stored, body) = (&value[1..9], &value[HEADER..]);
+    if value[9..HEADER] != digest(key, stored, body) {
+        return Err(Mismatch::Key);
+    }
+    let stored = u64::from_be_bytes(stored.try_into().expect("header"));
     if ttl.is_some_and(|ttl| u128::from(now_ms.saturating_sub(stored)) > ttl.as_millis()) {
-        return None;
+        return Ok(None);
     }
-    rmp_serde::from_slice(&value[HEADER..]).ok().map(|output| (output, stored))
+    Ok(rmp_serde::from_slice(body).ok().map(|output| (output, stored)))
 }
 
 #[cfg(test)]
@@ -258,16 +299,23 @@ mod tests {
     use crate::cache::test_output as output;
 
     #[test]
-    fn values_round_trip_and_reject_stale_or_foreign_entries() {
-        let value = encode(&output(2.0), 1_000);
-        assert_eq!(decode(&value, None, 5_000), Some((output(2.0), 1_000)));
-        assert_eq!(decode(&value, Some(Duration::from_secs(4)), 5_000), Some((output(2.0), 1_000)));
-        assert_eq!(decode(&value, Some(Duration::from_secs(3)), 5_000), None, "older than the TTL");
+    fn values_round_trip_and_reject_stale_foreign_or_copied_entries() {
+        let key = [7; 32];
+        let value = encode(&key, &output(2.0), 1_000);
+        assert_eq!(decode(&value, &key, None, 5_000), Ok(Some((output(2.0), 1_000))));
+        assert_eq!(decode(&value, &key, Some(Duration::from_secs(4)), 5_000), Ok(Some((output(2.0), 1_000))));
+        assert_eq!(decode(&value, &key, Some(Duration::from_secs(3)), 5_000), Ok(None), "older than the TTL");
         let mut other = value.clone();
         other[0] = FORMAT + 1;
-        assert_eq!(decode(&other, None, 5_000), None, "another format");
-        assert_eq!(decode(&value[..HEADER + 3], None, 5_000), None, "truncated");
-        assert_eq!(decode(&[FORMAT], None, 5_000), None, "no header");
+        assert_eq!(decode(&other, &key, None, 5_000), Ok(None), "another format");
+        other[0] = 1;
+        assert_eq!(decode(&other, &key, None, 5_000), Ok(None), "format 1, without a key digest");
+        assert_eq!(decode(&[FORMAT], &key, None, 5_000), Ok(None), "no header");
+        assert_eq!(decode(&value, &[8; 32], None, 5_000), Err(Mismatch::Key), "copied under another key");
+        assert_eq!(decode(&value[..value.len() - 3], &key, None, 5_000), Err(Mismatch::Key), "truncated");
+        let mut younger = value.clone();
+        younger[8] ^= 1;
+        assert_eq!(decode(&younger, &key, None, 5_000), Err(Mismatch::Key), "store time changed");
         assert_eq!(hex(&[0xab; 32]), "ab".repeat(32));
     }
 

@@ -91,7 +91,7 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
     if delivery.delivered > 1 && ctx.already_answered(&header, &bus::job_hash(&delivery.payload)).await {
         return Some(Finished { delivery, header, outcome: Outcome::AlreadyAnswered });
     }
-    if let Some(output) = lookup(ctx, cache_key.as_ref()).await {
+    if let Some(output) = lookup(ctx, &job, &spec, cache_key.as_ref()).await {
         let mut header = header;
         header.cached = true;
         header.timing.queued_ms = ms(delivery.age());
@@ -152,8 +152,9 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -
     Ok((job, spec, cache_key))
 }
 
-/// The cached answer, from either tier (the cache counts hits, misses and its own failures).
-async fn lookup(ctx: &Ctx, key: Option<&[u8; 32]>) -> Option<Output> {
-    ctx.cache.as_ref()?.get(key?).await
+/// The cached answer, from either tier, if it can be this job's (the cache counts hits, refused
+/// values, misses and its own failures).
+async fn lookup(ctx: &Ctx, job: &ValidJob, spec: &ModelSpec, key: Option<&[u8; 32]>) -> Option<Output> {
+    ctx.cache.as_ref()?.get(key?, |output| crate::cache::check::check(job, spec, output)).await
 }
 

@@ -218,7 +218,7 @@ async fn publish_result(ctx: &Ctx, h: &Header, hash: &str, answer: Result<Output
         worker: ctx.worker.clone(),
         timing: h.timing.clone(),
     };
-    patiently(ctx, "result", || ctx.publisher.result(&result, h.encoding, hash, h.reply_to.as_deref())).await
+    patiently(ctx, "result", |retry| ctx.publisher.result(&result, h.encoding, hash, h.reply_to.as_deref(), retry)).await
 }
 
 /// How long a publish that fails transiently is retried in place — the job held, its lease kept
@@ -234,16 +234,17 @@ pub(crate) fn publish_retry_pause(attempt: u32, elapsed: Duration) -> Option<Dur
     (elapsed < PUBLISH_PATIENCE).then(|| Duration::from_millis(250 << attempt.clamp(1, 5)).min(Duration::from_secs(5)))
 }
 
-/// Runs `publish` until it succeeds, fails permanently, or [`publish_retry_pause`] gives up.
+/// Runs `publish` until it succeeds, fails permanently, or [`publish_retry_pause`] gives up;
+/// `publish(true)` after a failed try.
 async fn patiently<F, Fut>(ctx: &Ctx, what: &str, mut publish: F) -> Result<(), BusError>
 where
-    F: FnMut() -> Fut,
+    F: FnMut(bool) -> Fut,
     Fut: std::future::Future<Output = Result<(), BusError>>,
 {
     let started = std::time::Instant::now();
     let mut attempt = 0;
     loop {
-        match publish().await {
+        match publish(attempt > 0).await {
             Err(e) if !e.is_permanent() => {
                 attempt += 1;
                 let Some(pause) = publish_retry_pause(attempt, started.elapsed()) else { return Err(e) };
@@ -257,7 +258,7 @@ where
 }
 
 async fn dead_letter_then_term(d: &Delivery, h: &Header, err: &JobError, ctx: &Ctx) {
-    match patiently(ctx, "dead letter", || ctx.publisher.dead_letter(d, &h.model, h.id.as_deref(), err)).await {
+    match patiently(ctx, "dead letter", |_| ctx.publisher.dead_letter(d, &h.model, h.id.as_deref(), err)).await {
         Ok(()) => {
             ctx.metrics.dead_letters_total.inc();
             if let Err(e) = d.term().await {

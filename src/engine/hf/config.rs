@@ -79,6 +79,14 @@ impl HfConfig {
         self.max_position_embeddings.saturating_sub(self.position_offset())
     }
 
+    /// A classifier's labels by id (`id2label`, its keys read as numbers); empty without one.
+    pub fn labels(&self) -> Vec<String> {
+        let mut pairs: Vec<(usize, String)> =
+            self.id2label.iter().flatten().filter_map(|(k, v)| k.parse().ok().map(|k| (k, v.clone()))).collect();
+        pairs.sort();
+        pairs.into_iter().map(|(_, v)| v).collect()
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

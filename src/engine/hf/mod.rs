@@ -121,14 +121,7 @@ impl Hf {
         let entry = lm.arch.0;
         let weights = weights::Weights { map: weights::load_weights(&spec.dir, device, kind)?, prefixes: entry.prefixes, device };
         let net = (entry.load)(c, &weights.root())?;
-        let labels = match &c.id2label {
-            Some(m) => {
-                let mut pairs: Vec<(usize, String)> = m.iter().filter_map(|(k, v)| k.parse().ok().map(|k| (k, v.clone()))).collect();
-                pairs.sort();
-                pairs.into_iter().map(|(_, v)| v).collect()
-            }
-            None => Vec::new(),
-        };
+        let labels = c.labels();
         // sentence-transformers folders say how to pool in 1_Pooling/config.json.
         let pooling = std::fs::read_to_string(spec.dir.join("1_Pooling/config.json"))
             .ok()
