@@ -276,12 +276,24 @@ fn read_messages(input: &Input) -> Result<Vec<Message>, ValidationError> {
                 };
                 *slot = Some(v.as_str().map(String::from).ok_or_else(|| ValidationError::Expected { field: at(k.as_str().unwrap_or_default()), expected: "a string" })?);
             }
+            let role = role.ok_or_else(|| ValidationError::Missing { field: at("role"), or: None })?;
+            // Templates write the role into the prompt as is (`<|im_start|>{{ role }}`): free text
+            // there could forge a turn or a special token.
+            if !valid_role(&role) {
+                return Err(ValidationError::Expected { field: at("role"), expected: ROLE });
+            }
             Ok(Message {
-                role: role.ok_or_else(|| ValidationError::Missing { field: at("role"), or: None })?,
+                role,
                 content: content.ok_or_else(|| ValidationError::Missing { field: at("content"), or: None })?,
             })
         })
         .collect()
+}
+
+const ROLE: &str = "a role of 1 to 32 ASCII letters, digits, '_' or '-' (system, user, assistant, tool, …)";
+
+fn valid_role(role: &str) -> bool {
+    (1..=32).contains(&role.len()) && role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The `Generate` output on the wire.
