@@ -30,9 +30,9 @@ pub struct Message {
 /// messages; running it out takes about a second in a debug build, a fraction in release.
 pub const FUEL: u64 = 10_000_000;
 
-/// How deep a render may recurse (macros and nested blocks count several levels each). minijinja's
-/// own limit (500) was validated on an 8 MiB main-thread stack; renders run on tokio's blocking
-/// threads (2 MiB), and chat templates nest a few levels (a `tojson` of tool schemas at most).
+/// How deep a render may recurse (a macro call counts several levels). Chat templates nest a few
+/// levels; a fifth of minijinja's default (500) leaves them room and keeps a recursing template
+/// far from the end of the 2 MiB stacks of tokio's blocking threads, where renders run.
 pub const RECURSION_LIMIT: usize = 100;
 
 /// Bytes a render may write besides its conversation's: the template's own text (default system
