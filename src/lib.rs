@@ -19,7 +19,7 @@
 //!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
-//!   chat template, rendered as transformers renders it.
+//!   chat template, rendered as transformers renders it, within bounds (fuel, output, recursion).
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
 //! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`]:
 //!   TorchScript, and `engine/hf/` — shared layers (`layers.rs`), one file per architecture family

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatError, ChatTemplate};
 
 /// `config.json` and the architecture table live with the engine's model code; the edge reads
 /// limits, special tokens and kinds from them.
@@ -30,8 +30,8 @@ pub struct LmSpec {
     /// The tokenizer's BOS token text, where it has one: a prompt that starts with it is encoded
     /// without special tokens.
     pub bos_text: Option<String>,
-    /// The chat template `generate` renders `messages` with, or why the model has none.
-    pub chat: Result<ChatTemplate, String>,
+    /// The chat template `generate` renders `messages` with, or why the model has none usable.
+    pub chat: Result<ChatTemplate, ChatError>,
     pub max_new_tokens_limit: usize,
     /// Largest `loglikelihood_rolling` text, in bytes: that kind tokenises and scores the whole
     /// text, so this bounds its cost (`max_input_bytes` in jetbatch.toml; see
@@ -51,6 +51,15 @@ impl std::fmt::Debug for LmSpec {
 }
 
 impl LmSpec {
+    /// What the operator should hear of the model at load: a chat template past its bounds (a
+    /// missing one is normal for base models).
+    pub fn warnings(&self) -> Vec<String> {
+        match &self.chat {
+            Err(e @ ChatError::Bound { .. }) => vec![format!("generate jobs with messages fail: {e}")],
+            _ => Vec::new(),
+        }
+    }
+
     pub fn load(dir: &Path, max_length: Option<usize>, max_new_tokens_limit: usize) -> Result<LmSpec, String> {
         let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("config.json: {e}"))?;
         let config: HfConfig = serde_json::from_str(&text).map_err(|e| format!("config.json: {e}"))?;
@@ -86,14 +95,20 @@ impl LmSpec {
         }
         let prefix_text = tokenizer.decode(&[prefix_token], false).map_err(|e| format!("tokenizer.json: decoding the prefix token: {e}"))?;
         let bos_text = special.text.get("bos_token").cloned();
-        // A template that cannot be read or compiled fails only the jobs that need it.
+        // A template that cannot be read or compiled, or that runs past its bounds on a probe
+        // conversation, fails only the jobs that need it.
         let no_template = || "the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)".to_string();
         let chat = match arch.is_decoder() {
             true => ChatTemplate::source(dir, special.tokenizer_config.as_ref())
                 .and_then(|source| source.ok_or_else(no_template))
-                .and_then(|source| ChatTemplate::new(source, special.text)),
-            false => Err(no_template()),
+                .map_err(ChatError::Unavailable)
+                .and_then(|(origin, source)| ChatTemplate::new(origin, source, special.text))
+                .and_then(|template| template.probe().map(|()| template)),
+            false => Err(ChatError::Unavailable(no_template())),
         };
+        if let Err(e @ ChatError::Bound { .. }) = &chat {
+            tracing::warn!(model = %dir.display(), error = %e, "jobs with messages will be answered model_error");
+        }
         Ok(LmSpec { config, arch, tokenizer, max_length, prefix_token, add_bos: None, prefix_text, bos_text, chat, max_new_tokens_limit, max_input_bytes: DEFAULT_MAX_INPUT_BYTES })
     }
 }

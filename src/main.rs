@@ -98,6 +98,9 @@ async fn models(args: jetbatch::config::ModelsArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!("ok      {name}  kinds={} fingerprint={} size={}B{loaded}", kinds.join(","), spec.fingerprint, spec.size_bytes);
+        for warning in spec.lm.iter().flat_map(|lm| lm.warnings()) {
+            println!("warning {name}  {warning}");
+        }
     }
     for (name, e) in &repo.invalid {
         println!("invalid {name}  {e}");

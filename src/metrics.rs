@@ -3,7 +3,8 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::proto::MetricType;
 use prometheus::{
@@ -52,6 +53,60 @@ pub struct Metrics {
     /// True while the engine thread runs: set by `EngineHandle::start`, cleared when the thread
     /// exits (a drop guard, so a panic clears it too). `/healthz` answers 503 when it is false.
     pub engine_alive: AtomicBool,
+    /// Stamped by the intake stage; `/healthz` answers 503 while it is stalled.
+    pub intake: IntakeProgress,
+}
+
+/// How long intake may hold deliveries without finishing any before it counts as stalled. A parse
+/// is bounded (a chat template by its fuel, about a second; tokenising a payload at the 8 MiB
+/// limit, a few seconds), and so are the lookups that follow it.
+pub const INTAKE_STALL: Duration = Duration::from_secs(30);
+
+/// Whether the intake stage keeps up: it says when it takes a delivery and when it is done with
+/// one; it is stalled while it holds deliveries and has finished none for [`INTAKE_STALL`] (a
+/// worker whose intake hangs would otherwise report healthy while answering nothing).
+#[derive(Debug, Default)]
+pub struct IntakeProgress(Mutex<Progress>);
+
+#[derive(Debug, Default)]
+struct Progress {
+    held: usize,
+    /// Since when, while it holds any, it has finished none.
+    since: Option<Instant>,
+}
+
+impl IntakeProgress {
+    pub fn took(&self) {
+        self.took_at(Instant::now());
+    }
+
+    pub fn done(&self) {
+        self.done_at(Instant::now());
+    }
+
+    /// How long intake has held deliveries without progress, once that is over [`INTAKE_STALL`].
+    pub fn stalled(&self) -> Option<Duration> {
+        self.stalled_at(Instant::now())
+    }
+
+    fn took_at(&self, now: Instant) {
+        let mut p = self.0.lock().expect("intake progress");
+        if p.held == 0 {
+            p.since = Some(now);
+        }
+        p.held += 1;
+    }
+
+    fn done_at(&self, now: Instant) {
+        let mut p = self.0.lock().expect("intake progress");
+        p.held = p.held.saturating_sub(1);
+        p.since = (p.held > 0).then_some(now);
+    }
+
+    fn stalled_at(&self, now: Instant) -> Option<Duration> {
+        let since = self.0.lock().expect("intake progress").since?;
+        Some(now.saturating_duration_since(since)).filter(|d| *d > INTAKE_STALL)
+    }
 }
 
 impl Metrics {
@@ -115,6 +170,7 @@ impl Metrics {
             ),
             ready: AtomicBool::new(false),
             engine_alive: AtomicBool::new(false),
+            intake: IntakeProgress::default(),
             registry: b.registry.clone(),
             names: b.names.take(),
         }
@@ -208,7 +264,8 @@ impl Builder {
 }
 
 /// Serves `/metrics` (Prometheus text) and `/healthz` (200 when consuming with the engine thread
-/// alive; 503 "engine stopped" once that thread has exited, 503 "not consuming" otherwise).
+/// alive; 503 "engine stopped" once that thread has exited, "intake stalled" while intake is (see
+/// [`IntakeProgress`]), "not consuming" otherwise).
 pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadcast::Receiver<()>) -> std::io::Result<SocketAddr> {
     use axum::{http::StatusCode, routing::get, Router};
     let m = metrics.clone();
@@ -219,6 +276,8 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr, mut shutdown: broadc
             get(move || async move {
                 if !metrics.engine_alive.load(Ordering::SeqCst) {
                     (StatusCode::SERVICE_UNAVAILABLE, "engine stopped")
+                } else if metrics.intake.stalled().is_some() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "intake stalled")
                 } else if metrics.ready.load(Ordering::Relaxed) {
                     (StatusCode::OK, "ok")
                 } else {
@@ -261,6 +320,34 @@ mod tests {
         assert_eq!(get().await, ("503".into(), "engine stopped".into()));
         case(false, true);
         assert_eq!(get().await, ("503".into(), "not consuming".into()));
+        case(true, true);
+        let long_ago = Instant::now() - INTAKE_STALL * 2;
+        metrics.intake.took_at(long_ago);
+        assert_eq!(get().await, ("503".into(), "intake stalled".into()));
+        metrics.intake.done();
+        assert_eq!(get().await, ("200".into(), "ok".into()));
+    }
+
+    #[test]
+    fn intake_is_stalled_only_while_it_holds_deliveries_without_progress() {
+        let p = IntakeProgress::default();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert_eq!(p.stalled_at(at(1000)), None, "idle is not stalled");
+        p.took_at(at(0));
+        assert_eq!(p.stalled_at(at(30)), None);
+        assert_eq!(p.stalled_at(at(31)), Some(Duration::from_secs(31)));
+        // A second delivery taken is no progress on the first.
+        p.took_at(at(10));
+        assert_eq!(p.stalled_at(at(31)), Some(Duration::from_secs(31)));
+        // One finished is: the clock restarts for the one still held.
+        p.done_at(at(40));
+        assert_eq!(p.stalled_at(at(70)), None);
+        assert_eq!(p.stalled_at(at(71)), Some(Duration::from_secs(31)));
+        p.done_at(at(80));
+        assert_eq!(p.stalled_at(at(500)), None, "all finished");
+        p.took_at(at(500));
+        assert_eq!(p.stalled_at(at(520)), None, "the clock starts when it takes one after being idle");
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct ModelInfo {
     pub max_batch_size: usize,
     /// 0: no budget besides `max_batch_size`.
     pub max_batch_tokens: usize,
+    /// What the operator should hear of the model (a chat template past its bounds on the load
+    /// probe); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A model folder the worker cannot serve, and why.
@@ -138,12 +142,15 @@ pub struct WorkerStats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     pub worker: String,
-    /// Consuming, engine alive, not draining.
+    /// Consuming, engine alive, intake not stalled, not draining.
     pub ok: bool,
     pub consuming: bool,
     pub engine_alive: bool,
     pub draining: bool,
     pub models: usize,
+    /// How long intake has held jobs without finishing any, once over
+    /// [`crate::metrics::INTAKE_STALL`]; `None` while it keeps up.
+    pub intake_stalled_secs: Option<u64>,
 }
 
 /// The request of `load` and `unload`.

@@ -68,7 +68,7 @@ fn chat_templates_render_as_transformers_renders_them() {
         if let Some(b) = bos {
             special.insert("bos_token", b.to_string());
         }
-        let template = ChatTemplate::new(source.clone(), special).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let template = ChatTemplate::new(jetbatch::chat::FROM_FILE, source.clone(), special).unwrap_or_else(|e| panic!("{name}: {e}"));
         for (what, messages) in conversations() {
             for add_generation_prompt in [true, false] {
                 cases.push(json!({"template": source, "bos": bos, "eos": eos, "messages": serde_json::to_value(&messages).unwrap(), "add_generation_prompt": add_generation_prompt}));

@@ -1,8 +1,8 @@
 //! A hostile or careless producer against a real worker on real nats-servers: `reply_to` cannot
 //! make the worker act with its permissions (the shipped accounts), a result stored under a job's
 //! id counts only if it answers that very job, dead letters and results the server refuses still
-//! settle the job, made-up names do not become metric series, and one huge job does not hold up
-//! the rest.
+//! settle the job, made-up names do not become metric series, and neither one huge job nor a model
+//! whose chat template loops holds up the rest.
 
 mod common;
 
@@ -285,4 +285,78 @@ async fn a_huge_job_does_not_hold_up_the_jobs_behind_it() {
     let waited = start.elapsed();
     eprintln!("FIGURES small jobs behind 3 huge ones answered in {waited:?}");
     assert!(waited < Duration::from_secs(3), "small jobs waited {waited:?} behind the huge ones");
+}
+
+/// A chat template is code from a model folder, run for each `generate` job with `messages`. One
+/// that loops or floods is stopped at its bounds and answers that job `model_error` naming it, off
+/// the intake loop, while the other jobs of the burst are answered; one that loops on every
+/// conversation is found when the model is loaded (`jetbatch models`, the `load` endpoint).
+#[tokio::test]
+async fn a_chat_template_that_loops_or_floods_answers_its_job_and_holds_up_no_other() {
+    let h = Harness::new().await;
+    let spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let chat_lm = |dir: &Path, template: &str| {
+        jetbatch_testkit::write_tiny_lm(dir, 1, 32, 1).unwrap();
+        std::fs::write(dir.join("chat_template.jinja"), template).unwrap();
+    };
+    // Loops or floods only on some conversations, so the load probe passes it.
+    let trap = format!(
+        "{{% if messages[-1].content == 'spin' %}}{spin}{{% elif messages[-1].content == 'flood' %}}{{{{ 'x' * 100000000 }}}}{{% endif %}}\
+         {{% for m in messages %}}<{{{{ m.role }}}}>{{{{ m.content }}}}{{% endfor %}}"
+    );
+    chat_lm(&h.models.join("trap-lm"), &trap);
+    chat_lm(&h.models.join("loop-lm"), spin);
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let chat = |id: &str, model: &str, content: &str| {
+        json!({"id": id, "model": model, "kind": "generate", "input": {"messages": [{"role": "user", "content": content}]}, "params": {"max_new_tokens": 2}})
+    };
+    let start = Instant::now();
+    // The looping one first: rendered in line, it held every job behind it for good.
+    for job in [chat("spin", "trap-lm", "spin"), mlp_job("other"), chat("fine", "trap-lm", "hi"), chat("flood", "trap-lm", "flood"), chat("loop", "loop-lm", "hi")] {
+        publish_json(&h.js, &job).await;
+    }
+    let got = collect(&mut sub, 5, Duration::from_secs(30)).await;
+    let took = start.elapsed();
+    assert_eq!(got.len(), 5, "answered in {took:?}: {:?}; log:\n{}", got.keys().collect::<Vec<_>>(), w.log_text());
+    eprintln!("FIGURES 5 jobs, 3 past their template's bounds, answered in {took:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    for id in ["other", "fine"] {
+        assert_eq!(got[id][0].status, Status::Ok, "{:?}", got[id]);
+    }
+    let err = |id: &str| got[id][0].error.clone().unwrap_or_else(|| panic!("{id} should fail: {:?}", got[id]));
+    let fuel = "input.messages: the model's chat template (chat_template.jinja) ran more than 10000000 instructions (does it loop without end?)";
+    for id in ["spin", "loop"] {
+        assert_eq!((err(id).code, err(id).message.as_str()), (ErrorCode::ModelError, fuel), "{id}");
+    }
+    let cap = (1 << 20) + 256 + 4 * "userflood".len();
+    assert_eq!(err("flood").code, ErrorCode::ModelError);
+    assert_eq!(
+        err("flood").message,
+        format!("input.messages: the model's chat template (chat_template.jinja) wrote more than {cap} bytes (1 MiB, 256 a message and 4 times the conversation's text)")
+    );
+
+    // The worker stays healthy, and names the template that failed its probe at load.
+    let instance = jetbatch::pool::find(&h.client, "jetbatch", "w1", jetbatch::pool::DISCOVERY_WINDOW).await.unwrap();
+    let call = |verb: &str, body: serde_json::Value| {
+        let (client, subject) = (h.client.clone(), instance.subject(verb));
+        async move { jetbatch::pool::call::<serde_json::Value>(&client, subject, &body, jetbatch::pool::CALL_TIMEOUT).await.unwrap() }
+    };
+    let health = call(jetbatch::pool::verb::HEALTH, json!({})).await;
+    assert_eq!((&health["ok"], &health["intake_stalled_secs"]), (&json!(true), &json!(null)), "{health}");
+    let warning = format!("generate jobs with messages fail: {}", &fuel["input.messages: ".len()..]);
+    let loaded = call(jetbatch::pool::verb::LOAD, json!({"model": "loop-lm"})).await;
+    assert_eq!(loaded["warnings"], json!([warning]), "{loaded}");
+    let loaded = call(jetbatch::pool::verb::LOAD, json!({"model": "trap-lm"})).await;
+    assert_eq!(loaded.get("warnings"), None, "{loaded}");
+
+    let only = h.dir.path().join("only-loop");
+    std::fs::create_dir_all(&only).unwrap();
+    std::os::unix::fs::symlink(h.models.join("loop-lm"), only.join("loop-lm")).unwrap();
+    let out = Command::new(BIN).args(["models", "--load", "--models"]).arg(&only).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" loaded+warm\n"), "{stdout}");
+    assert!(stdout.contains(&format!("\nwarning loop-lm  {warning}\n")), "{stdout}");
 }

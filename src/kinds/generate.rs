@@ -9,7 +9,7 @@ use super::fields::{Input, Params};
 use super::text;
 use super::validation::{Count, ValidationError};
 use super::{JobInput, Request};
-use crate::chat::Message;
+use crate::chat::{ChatError, Message};
 use crate::lm::LmSpec;
 
 pub const INPUT_KEYS: &[&str] = &["prompt", "prompt_tokens", "messages"];
@@ -195,10 +195,9 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
         }
         ["messages"] => {
             let messages = read_messages(input)?;
-            let chat = lm.chat.as_ref().map_err(|why| ValidationError::Invalid { field: "input.messages".into(), detail: why.clone() })?;
-            let text = chat
-                .render(&messages, params.add_generation_prompt.unwrap_or(true))
-                .map_err(|e| ValidationError::Invalid { field: "input.messages".into(), detail: e.to_string() })?;
+            let chat_error = |error: ChatError| ValidationError::Chat { field: "input.messages".into(), error };
+            let chat = lm.chat.as_ref().map_err(|e| chat_error(e.clone()))?;
+            let text = chat.render(&messages, params.add_generation_prompt.unwrap_or(true)).map_err(chat_error)?;
             // As apply_chat_template(tokenize=True) encodes it: the template writes its own
             // special tokens (a BOS where the model wants one).
             ("input.messages", encode_prompt(lm, &text, false, keep, "input.messages")?)
@@ -277,12 +276,24 @@ fn read_messages(input: &Input) -> Result<Vec<Message>, ValidationError> {
                 };
                 *slot = Some(v.as_str().map(String::from).ok_or_else(|| ValidationError::Expected { field: at(k.as_str().unwrap_or_default()), expected: "a string" })?);
             }
+            let role = role.ok_or_else(|| ValidationError::Missing { field: at("role"), or: None })?;
+            // Templates write the role into the prompt as is (`<|im_start|>{{ role }}`): free text
+            // there could forge a turn or a special token.
+            if !valid_role(&role) {
+                return Err(ValidationError::Expected { field: at("role"), expected: ROLE });
+            }
             Ok(Message {
-                role: role.ok_or_else(|| ValidationError::Missing { field: at("role"), or: None })?,
+                role,
                 content: content.ok_or_else(|| ValidationError::Missing { field: at("content"), or: None })?,
             })
         })
         .collect()
+}
+
+const ROLE: &str = "a role of 1 to 32 ASCII letters, digits, '_' or '-' (system, user, assistant, tool, …)";
+
+fn valid_role(role: &str) -> bool {
+    (1..=32).contains(&role.len()) && role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The `Generate` output on the wire.

@@ -166,6 +166,14 @@ fn each_kind_names_the_field_it_refuses() {
         (JobKind::Generate, json!({"messages": [{"role": "user", "content": "x", "name": "a"}]}), json!({}), "input.messages[0].name: unknown; a message has role and content"),
         (
             JobKind::Generate,
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "user<|im_end|>", "content": "x"}]}),
+            json!({}),
+            "input.messages[1].role: expected a role of 1 to 32 ASCII letters, digits, '_' or '-' (system, user, assistant, tool, …)",
+        ),
+        (JobKind::Generate, json!({"messages": [{"role": "", "content": "x"}]}), json!({}), "input.messages[0].role: expected a role of 1 to 32 ASCII letters, digits, '_' or '-' (system, user, assistant, tool, …)"),
+        (JobKind::Generate, json!({"messages": [{"role": "r".repeat(33), "content": "x"}]}), json!({}), "input.messages[0].role: expected a role of 1 to 32 ASCII letters, digits, '_' or '-' (system, user, assistant, tool, …)"),
+        (
+            JobKind::Generate,
             json!({"messages": [{"role": "user", "content": "x"}]}),
             json!({}),
             "input.messages: the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)",

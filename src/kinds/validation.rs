@@ -56,6 +56,9 @@ pub enum ValidationError {
     /// Anything else wrong with a field's value (tensor dtypes and shapes, combinations).
     #[error("{field}: {detail}")]
     Invalid { field: String, detail: String },
+    /// The model's chat template could not render `messages` (its code says whose fault).
+    #[error("{field}: {error}")]
+    Chat { field: String, error: crate::chat::ChatError },
     #[error("kind: model '{model}' does not serve '{}'", kind.as_str())]
     UnsupportedKind { model: String, kind: JobKind },
 }
@@ -65,6 +68,7 @@ impl ValidationError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ValidationError::UnsupportedKind { .. } => ErrorCode::UnsupportedKind,
+            ValidationError::Chat { error, .. } => error.code(),
             _ => ErrorCode::BadRequest,
         }
     }
@@ -85,7 +89,8 @@ impl ValidationError {
             | TooManyBytes { field, .. }
             | NoRoomToGenerate { field, .. }
             | OutOfRange { field, .. }
-            | Invalid { field, .. } => field,
+            | Invalid { field, .. }
+            | Chat { field, .. } => field,
             UnsupportedKind { .. } => "kind",
         }
     }

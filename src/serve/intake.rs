@@ -24,8 +24,9 @@ const HEAVY_PAYLOAD: usize = 16 << 10;
 const HEAVY_PARSERS: usize = 4;
 
 /// Parses each delivery into a job; answers invalid jobs and cache hits straight away. Small
-/// payloads are parsed in line; large ones on the blocking pool, so one huge job cannot stall
-/// the jobs behind it.
+/// payloads are parsed in line; large ones, and those that may run a chat template, on the
+/// blocking pool, so one huge or slow job cannot stall the jobs behind it. Each delivery taken and
+/// done is stamped on `Metrics::intake`, which `health` reads.
 pub(crate) async fn intake(
     mut deliveries: mpsc::Receiver<Delivery>,
     pending: mpsc::Sender<Pending>,
@@ -41,16 +42,18 @@ pub(crate) async fn intake(
         let (delivery, parsed) = tokio::select! {
             d = deliveries.recv(), if open && heavy.len() < HEAVY_PARSERS => match d {
                 None => { open = false; continue }
-                Some(d) if d.payload.len() >= HEAVY_PAYLOAD => {
-                    let (repository, limits, prefix) = (repository.current(), limits.clone(), ctx.topology.prefix.clone());
-                    heavy.push(tokio::task::spawn_blocking(move || {
-                        let parsed = parse(&d, &repository, &limits, &prefix);
-                        (d, parsed)
-                    }));
-                    continue;
-                }
                 Some(d) => {
-                    let parsed = parse(&d, &repository.current(), &limits, &ctx.topology.prefix);
+                    ctx.metrics.intake.took();
+                    let (repository, prefix) = (repository.current(), ctx.topology.prefix.clone());
+                    if is_heavy(&d, &repository, &prefix) {
+                        let limits = limits.clone();
+                        heavy.push(tokio::task::spawn_blocking(move || {
+                            let parsed = parse(&d, &repository, &limits, &prefix);
+                            (d, parsed)
+                        }));
+                        continue;
+                    }
+                    let parsed = parse(&d, &repository, &limits, &prefix);
                     (d, parsed)
                 }
             },
@@ -58,14 +61,32 @@ pub(crate) async fn intake(
                 Ok(pair) => pair,
                 // The parse panicked: the job is dropped with its permit and redelivered after
                 // ack_wait; the decoder's fuzz tests exist so that this does not happen.
-                Err(e) => { error!(error = %e, "job parsing failed"); continue }
+                Err(e) => { error!(error = %e, "job parsing failed"); ctx.metrics.intake.done(); continue }
             },
         };
-        let Some(item) = admit(delivery, parsed, &pending, &ctx).await else { continue };
-        if finished.send(item).await.is_err() {
+        let sent = match admit(delivery, parsed, &pending, &ctx).await {
+            Some(item) => finished.send(item).await.is_ok(),
+            None => true,
+        };
+        ctx.metrics.intake.done();
+        if !sent {
             return;
         }
     }
+}
+
+/// Whether a delivery is parsed on the blocking pool: a large payload, or one that may render the
+/// chat template of its subject's model (up to its bounds, about a second). The key `messages`
+/// is in the bytes of any job that sends it, unless a JSON key spells it with `\u` escapes, which
+/// count too.
+fn is_heavy(d: &Delivery, repository: &Repository, prefix: &str) -> bool {
+    let renders = || repository.get(d.subject_job(prefix).0).and_then(|spec| spec.lm.as_ref()).is_some_and(|lm| lm.chat.is_ok());
+    d.payload.len() >= HEAVY_PAYLOAD || (may_send_messages(&d.payload) && renders())
+}
+
+fn may_send_messages(payload: &[u8]) -> bool {
+    let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+    has(b"messages") || has(b"\\u")
 }
 
 /// Routes a parsed delivery: an error answer, an answer from the cache, an ack of a job already
@@ -158,3 +179,17 @@ async fn lookup(ctx: &Ctx, job: &ValidJob, spec: &ModelSpec, key: Option<&[u8; 3
     ctx.cache.as_ref()?.get(key?, |output| crate::cache::check::check(job, spec, output)).await
 }
 
+#[cfg(test)]
+mod tests {
+    use super::may_send_messages;
+
+    #[test]
+    fn jobs_that_may_send_messages_are_told_by_their_bytes() {
+        let msgpack = rmp_serde::to_vec_named(&serde_json::json!({"input": {"messages": []}})).unwrap();
+        assert!(may_send_messages(&msgpack));
+        assert!(may_send_messages(br#"{"input": {"messages": []}}"#));
+        // serde_json reads this key as `messages`.
+        assert!(may_send_messages(br#"{"input": {"\u006dessages": []}}"#));
+        assert!(!may_send_messages(br#"{"input": {"context": "a", "continuation": "b"}}"#));
+    }
+}

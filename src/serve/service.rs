@@ -107,13 +107,15 @@ impl Control {
         let consuming = m.ready.load(Ordering::Relaxed);
         let engine_alive = m.engine_alive.load(Ordering::Relaxed);
         let draining = self.draining.load(Ordering::Relaxed);
+        let stalled = m.intake.stalled();
         Health {
             worker: self.ctx.worker.clone(),
-            ok: consuming && engine_alive && !draining,
+            ok: consuming && engine_alive && stalled.is_none() && !draining,
             consuming,
             engine_alive,
             draining,
             models: self.ctx.repository.current().models.len(),
+            intake_stalled_secs: stalled.map(|d| d.as_secs()),
         }
     }
 
@@ -204,6 +206,7 @@ fn model_info(spec: &ModelSpec) -> ModelInfo {
         dtype: c.dtype.map_or("f32", |d| d.name()).to_string(),
         max_batch_size: c.max_batch_size,
         max_batch_tokens: c.max_batch_tokens,
+        warnings: spec.lm.as_ref().map(|lm| lm.warnings()).unwrap_or_default(),
     }
 }
 
