@@ -295,7 +295,14 @@ async fn a_shutdown_whose_nats_server_is_gone_ends_within_its_bound_and_loses_no
     assert!(w.log_text().contains("not done within --shutdown-timeout-secs"), "{}", w.log_text());
     h.nodes[0].start();
     let w2 = h.worker("w2", &flags);
-    h.wait_for_stored(n, MINUTE).await;
+    let deadline = Instant::now() + MINUTE;
+    while h.stream_messages("JETBATCH_RESULTS").await < n {
+        if Instant::now() > deadline {
+            let tail: Vec<_> = w2.log_text().lines().rev().take(40).map(str::to_string).collect();
+            panic!("not every job answered; consumer {:?}\nw2's log, newest first:\n{}", h.consumer_info().await, tail.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once(&h, "gone", n).await;
     drop(w2);
