@@ -350,3 +350,23 @@ pub(crate) async fn serve(client: Client, control: Arc<Control>, mut shutdown: b
         let _ = svc.stop().await;
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_cut_to_their_budget_with_the_count_left_out() {
+        // Each name is 12 bytes of JSON plus its separator.
+        let names: Vec<String> = (0..10).map(|i| format!("model-{i:04}")).collect();
+        assert_eq!(fit(&names, 1000), (names.iter().collect::<Vec<_>>(), 0));
+        let (kept, left) = fit(&names, 40);
+        assert_eq!((kept, left), (vec![&names[0], &names[1], &names[2]], 7));
+        assert_eq!(fit(&names, 0).1, 10);
+        // Later items never fill the room an earlier one did not fit in: the list stays a prefix.
+        let mixed = ["a".repeat(30), "b".to_string()];
+        assert_eq!(fit(&mixed, 10), (vec![], 2));
+        assert_eq!(clip(&"é".repeat(600)).chars().count(), MAX_REASON + 1);
+        assert_eq!(clip("short"), "short");
+    }
+}
