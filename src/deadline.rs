@@ -32,9 +32,9 @@ impl Deadline {
             Value::String(s) => {
                 let s = s.as_str().ok_or("deadline: not valid UTF-8")?;
                 let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("deadline: '{}' is not an RFC 3339 timestamp ({e})", excerpt(s)))?;
-                let nanos = t.unix_timestamp_nanos();
-                let since_epoch = u64::try_from(nanos).map_err(|_| format!("deadline: '{}' is before 1970", excerpt(s)))?;
-                UNIX_EPOCH + Duration::from_nanos(since_epoch)
+                // Whole seconds, not nanoseconds: u64 nanoseconds end in 2554, RFC 3339 in 9999.
+                let secs = u64::try_from(t.unix_timestamp()).map_err(|_| format!("deadline: '{}' is before 1970", excerpt(s)))?;
+                UNIX_EPOCH + Duration::new(secs, t.nanosecond())
             }
             Value::Integer(i) => {
                 let ms = i.as_u64().ok_or(EXPECTED)?;
@@ -68,9 +68,12 @@ impl Deadline {
 /// RFC 3339 in UTC, to the millisecond.
 impl fmt::Display for Deadline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nanos = self.0.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128;
-        let t = OffsetDateTime::from_unix_timestamp_nanos(nanos / 1_000_000 * 1_000_000).map_err(|_| fmt::Error)?;
-        f.write_str(&t.format(&Rfc3339).map_err(|_| fmt::Error)?)
+        let ms = self.0.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        match OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok().and_then(|t| t.format(&Rfc3339).ok()) {
+            Some(text) => f.write_str(&text),
+            // Past year 9999 (the integer form reaches further): said as it was given.
+            None => write!(f, "{ms} ms since the epoch"),
+        }
     }
 }
 
@@ -120,6 +123,20 @@ mod tests {
         assert!(err(Value::from(1.5e12)).starts_with("deadline: expected"), "a float is not milliseconds");
         assert!(err(Value::Boolean(true)).starts_with("deadline: expected"));
         assert_eq!(err(Value::from(1_795_694_400u64)), "deadline: 1795694400 ms since the epoch is before 1973; seconds? (the integer form is milliseconds)");
+    }
+
+    #[test]
+    fn far_future_deadlines_are_far_not_before_1970() {
+        // 2600-01-01T00:00:00Z is 19_880_899_200 s after the epoch: past u64 nanoseconds (2554).
+        let far = parse(Value::from("2600-01-01T00:00:00.5Z")).unwrap();
+        assert_eq!(far, Deadline::from_unix_ms(19_880_899_200_500).unwrap());
+        assert_eq!(far.to_string(), "2600-01-01T00:00:00.5Z");
+        assert_eq!(far.passed(SystemTime::now()), None);
+        assert!(far.instant() > Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        assert_eq!(parse(Value::from("9999-12-31T23:59:59Z")).unwrap().to_string(), "9999-12-31T23:59:59Z");
+        let furthest = parse(Value::from(u64::MAX)).unwrap();
+        assert_eq!(furthest.to_string(), format!("{} ms since the epoch", u64::MAX));
+        assert_eq!(furthest.passed(SystemTime::now()), None);
     }
 
     #[test]

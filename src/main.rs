@@ -3,7 +3,19 @@ use clap::Parser;
 use jetbatch::config::{CacheAction, Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+/// An error ends the command with one line on stderr (its causes joined with `: `) and exit
+/// status 1: never a backtrace, which `main` returning the error would print under RUST_BACKTRACE.
+fn main() -> std::process::ExitCode {
+    match try_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     jetbatch::config::apply_config_file(&args).map_err(anyhow::Error::msg)?;
     let cli = Cli::parse();

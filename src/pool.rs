@@ -100,6 +100,16 @@ pub struct WorkerInfo {
     pub uptime_secs: u64,
     pub models: Vec<ModelInfo>,
     pub invalid: Vec<InvalidModel>,
+    /// Served models left out of `models` to keep the answer within the connection's max_payload.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub models_omitted: usize,
+    /// Entries left out of `invalid`, likewise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub invalid_omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Jobs and mean size of a model's engine batches so far.
@@ -136,6 +146,9 @@ pub struct WorkerStats {
     pub handed_back: BTreeMap<String, u64>,
     /// The consumer's messages not yet delivered, as last seen.
     pub consumer_pending: u64,
+    /// Entries left out of `queued` and `batches` to keep the answer within max_payload.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: usize,
 }
 
 /// The `health` endpoint's answer.

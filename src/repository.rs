@@ -19,6 +19,15 @@ pub enum RepoError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
+    /// A folder past a bound of the fingerprint walk.
+    #[error("{path}: {message}")]
+    Walk { path: PathBuf, message: String },
+    /// A `load` of a name that cannot be a model folder (quoted as an excerpt).
+    #[error("model name '{name}' is not [A-Za-z0-9_-]{{1,64}}")]
+    BadName { name: String },
+    /// A `load` of a name the repository has no folder for.
+    #[error("{path}: no such model folder")]
+    NoFolder { path: PathBuf },
 }
 
 impl RepoError {
@@ -26,6 +35,9 @@ impl RepoError {
         match self {
             RepoError::Io { .. } => "io",
             RepoError::Config { .. } => "config",
+            RepoError::Walk { .. } => "walk",
+            RepoError::BadName { .. } => "name",
+            RepoError::NoFolder { .. } => "missing",
         }
     }
 }
@@ -314,12 +326,33 @@ fn check_config(c: &ModelConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// blake3 over the relative path and bytes of every file under `dir`, in sorted order.
+/// How deep the fingerprint walk goes below a model folder, and how many files it reads: a model
+/// folder is a handful of files, so a folder past these is a mistake (a whole tree mounted or
+/// linked inside), named in the error rather than read for minutes.
+const MAX_DEPTH: usize = 8;
+const MAX_FILES: usize = 4096;
+
+/// blake3 over the relative path and bytes of every file under `dir`, in sorted order. A link is
+/// followed to a file (Hugging Face caches link every file to a blob) but never to a folder: `a
+/// -> .` would walk the folder again and again.
 fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() { walk(&path, out)? } else { out.push(path) }
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), RepoError> {
+        let walk_err = |message: String| RepoError::Walk { path: dir.to_path_buf(), message };
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(io(&path))?;
+            if kind.is_dir() {
+                if depth == MAX_DEPTH {
+                    return Err(walk_err(format!("folders nested deeper than {MAX_DEPTH} in a model folder (every file of it is fingerprinted)")));
+                }
+                walk(&path, depth + 1, out)?;
+            } else if !(kind.is_symlink() && path.is_dir()) {
+                if out.len() == MAX_FILES {
+                    return Err(walk_err(format!("more than {MAX_FILES} files in a model folder (every file of it is fingerprinted)")));
+                }
+                out.push(path);
+            }
         }
         Ok(())
     }
@@ -327,7 +360,7 @@ fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
         move |source| RepoError::Io { path: path.to_path_buf(), source }
     }
     let mut files = Vec::new();
-    walk(dir, &mut files).map_err(io(dir))?;
+    walk(dir, 0, &mut files)?;
     files.sort();
     let mut hasher = blake3::Hasher::new();
     let mut size = 0;
@@ -388,31 +421,36 @@ impl Repository {
         self.models.get(name)
     }
 
-    /// This repository with `name` read again from its folder (added, replaced, or kept as
-    /// invalid with the reason), the other models untouched; and the outcome for `name`. The
-    /// folder is fingerprinted whole: call it off the async threads.
+    /// This repository with `name` read again from its folder, the other models untouched; and
+    /// the outcome for `name`. A folder that reads is swapped in, added or in place of the version
+    /// served, so its jobs never find the model missing. One that does not is kept as invalid
+    /// with the reason, unless a version of it is served: that one stays (a reload swaps, it never
+    /// drops). A name that is no folder of the repository is answered, not recorded: every
+    /// made-up name would grow the repository and `info` with it. The folder is fingerprinted
+    /// whole: call it off the async threads.
     pub fn reload(&self, name: &str) -> (Repository, Result<Arc<ModelSpec>, Arc<RepoError>>) {
-        let mut next = self.clone();
-        next.models.remove(name);
-        next.invalid.remove(name);
-        next.skipped.remove(name);
         let dir = self.dir.join(name);
-        let outcome = if !valid_model_name(name) {
-            Err(RepoError::Config { path: dir, message: format!("model name '{name}' is not [A-Za-z0-9_-]{{1,64}}") })
-        } else if !dir.is_dir() {
-            Err(RepoError::Io { path: dir, source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder") })
-        } else {
-            ModelSpec::load(&dir)
-        };
-        let outcome = match outcome {
+        if !valid_model_name(name) {
+            return (self.clone(), Err(Arc::new(RepoError::BadName { name: crate::error::excerpt(name) })));
+        }
+        if !dir.is_dir() {
+            return (self.clone(), Err(Arc::new(RepoError::NoFolder { path: dir })));
+        }
+        let mut next = self.clone();
+        let outcome = match ModelSpec::load(&dir) {
             Ok(spec) => {
                 let spec = Arc::new(spec);
+                next.invalid.remove(name);
+                next.skipped.remove(name);
                 next.models.insert(name.to_string(), spec.clone());
                 Ok(spec)
             }
             Err(e) => {
                 let e = Arc::new(e);
-                next.invalid.insert(name.to_string(), e.clone());
+                if !next.models.contains_key(name) {
+                    next.skipped.remove(name);
+                    next.invalid.insert(name.to_string(), e.clone());
+                }
                 Err(e)
             }
         };
@@ -512,17 +550,72 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         assert_eq!(added.unwrap().name.as_ref(), "late");
         assert_eq!(next.models.keys().collect::<Vec<_>>(), vec!["late", "seq"]);
         assert!(Arc::ptr_eq(&next.models["seq"], &seq), "the other models are not read again");
-        model(tmp.path(), "late", "backend = \"onnx\"");
-        let (broken, why) = next.reload("late");
+        model(tmp.path(), "never", "backend = \"onnx\"");
+        let (broken, why) = next.reload("never");
         assert!(why.unwrap_err().to_string().contains("onnx"));
-        assert!(broken.get("late").is_none() && broken.invalid.contains_key("late"));
-        assert!(broken.unknown("late").message.contains("onnx"), "its jobs say why");
+        assert!(broken.get("never").is_none() && broken.invalid.contains_key("never"));
+        assert!(broken.unknown("never").message.contains("onnx"), "its jobs say why");
         assert!(repo.reload("absent").1.unwrap_err().to_string().contains("no such model folder"));
         assert!(repo.reload("../seq").1.unwrap_err().to_string().contains("is not [A-Za-z0-9_-]"));
         let gone = next.without("seq").unwrap();
         assert_eq!(gone.models.keys().collect::<Vec<_>>(), vec!["late"]);
         assert_eq!(gone.unknown("seq").code, ErrorCode::UnknownModel);
         assert!(gone.without("seq").is_none());
+    }
+
+    #[test]
+    fn a_reload_that_fails_keeps_the_served_version_and_names_without_a_folder_are_not_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = model(tmp.path(), "seq", SEQ);
+        let repo = Repository::scan(tmp.path()).unwrap();
+        let served = repo.models["seq"].clone();
+        // Mid-edit: the folder does not read, the version already served goes on serving.
+        std::fs::write(dir.join("jetbatch.toml"), "backend = \"onnx\"").unwrap();
+        let (next, why) = repo.reload("seq");
+        assert!(why.unwrap_err().to_string().contains("onnx"));
+        assert!(Arc::ptr_eq(next.get("seq").expect("still served"), &served));
+        assert!(next.invalid.is_empty(), "{:?}", next.invalid);
+        // Names that are no folder of the repository are answered, never kept.
+        let long = "x".repeat(100_000);
+        for name in ["absent", long.as_str(), "../seq"] {
+            let (next, why) = repo.reload(name);
+            assert!(why.unwrap_err().to_string().len() < 400, "the error quotes an excerpt of the name");
+            assert!(next.invalid.is_empty() && next.models.len() == 1, "{:?}", next.invalid.keys());
+        }
+    }
+
+    #[test]
+    fn a_symlink_loop_in_a_model_folder_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = model(tmp.path(), "seq", SEQ);
+        let plain = ModelSpec::load(&d).unwrap();
+        std::os::unix::fs::symlink(".", d.join("a")).unwrap();
+        std::os::unix::fs::symlink("..", d.join("up")).unwrap();
+        // A file reached through a link is read (Hugging Face caches link every file to a blob).
+        std::fs::write(tmp.path().join("blob"), b"shared").unwrap();
+        let looped = ModelSpec::load(&d).unwrap();
+        assert_eq!((&looped.fingerprint, looped.size_bytes), (&plain.fingerprint, plain.size_bytes), "linked folders are left out");
+        std::os::unix::fs::symlink(tmp.path().join("blob"), d.join("vocab.txt")).unwrap();
+        let linked = ModelSpec::load(&d).unwrap();
+        assert_eq!(linked.size_bytes, plain.size_bytes + 6);
+        assert_ne!(linked.fingerprint, plain.fingerprint);
+    }
+
+    #[test]
+    fn the_fingerprint_walk_is_bounded_and_says_which_folder_hit_the_bound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = model(tmp.path(), "deep", SEQ);
+        let bottom = (0..20).fold(d.clone(), |p, i| p.join(format!("d{i}")));
+        std::fs::create_dir_all(&bottom).unwrap();
+        let err = ModelSpec::load(&d).unwrap_err().to_string();
+        assert!(err.contains("folders nested deeper than 8") && err.contains("deep/d0/d1/d2/d3/d4/d5/d6/d7"), "{err}");
+        let d = model(tmp.path(), "many", SEQ);
+        std::fs::create_dir(d.join("shards")).unwrap();
+        for i in 0..4096 {
+            std::fs::write(d.join("shards").join(i.to_string()), b"").unwrap();
+        }
+        let err = ModelSpec::load(&d).unwrap_err().to_string();
+        assert!(err.contains("more than 4096 files") && err.contains("many"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `deadline` over a real nats-server: a job whose deadline passed while it waited in the stream
 //! is answered `timeout` and termed without compute; a generation that runs past its deadline
 //! ends with the text so far and `finish_reason: "deadline"` (never cached); a job with a future
-//! deadline is answered as usual.
+//! deadline is answered as usual, however far (past 2554 too).
 
 mod common;
 
@@ -81,6 +81,9 @@ async fn a_job_whose_deadline_passed_in_the_stream_is_answered_timeout_without_c
     let out = output(&r);
     assert_eq!((out["finish_reason"].as_str(), out["tokens"].as_array().unwrap().len()), (Some("length"), 4), "{out}");
     assert_eq!(w.metric("jetbatch_engine_jobs_total{model=\"tiny-lm\"}").await, 1.0);
+    // One past 2554 (u64 nanoseconds since the epoch) is simply far: answered as usual.
+    let far = job("gen-far", "tiny-lm", "generate", json!({"prompt": "far"}), json!({"max_new_tokens": 2}), json!({"deadline": "2600-01-01T00:00:00Z"}));
+    assert_eq!(output(&answer(&h, &mut sub, "gen-far", far).await)["tokens"].as_array().unwrap().len(), 2);
 
     // `jetbatch submit` passes the field through as written.
     let input = h.dir.path().join("jobs.jsonl");

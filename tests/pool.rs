@@ -386,3 +386,124 @@ async fn a_model_that_fails_to_load_says_why_in_the_result() {
     assert_eq!(err.code, ErrorCode::ModelError);
     assert!(err.message.contains("cannot load model"), "{err:?}");
 }
+
+/// The case: every `load` of a name without a folder was kept in the invalid list, so
+/// thirteen 100 KB names pushed `info` over max_payload and the worker vanished from `pool
+/// list`. Loads of such names are answered and not recorded, and `info` stays within the
+/// server's max_payload however many folders cannot be served: the lists are cut, with a count
+/// of what was left out.
+#[tokio::test]
+async fn info_stays_within_max_payload_and_loads_of_names_without_a_folder_are_not_recorded() {
+    let max_payload = 65_536;
+    let h = Harness::with_conf(&format!("max_payload: {max_payload}")).await;
+    let repo = partial_repository(&h, "many-models", &["mlp"]);
+    let folders = 300;
+    for i in 0..folders {
+        let dir = repo.join(format!("{i:03}-{}", "b".repeat(56)));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("jetbatch.toml"), "backend = \"onnx\"\n").unwrap();
+    }
+    let w = h.worker_on("w", &repo, &[]);
+    w.ready().await;
+    for i in 0..13 {
+        let name = format!("{i}{}", "n".repeat(30_000));
+        match call::<Value>(&h, "w", verb::LOAD, json!({ "model": name })).await {
+            Err(pool::PoolError::Service { code: 400, status, .. }) => assert!(status.len() < 1_100 && status.contains("is not [A-Za-z0-9_-]"), "{}", &status[..200.min(status.len())]),
+            other => panic!("{}", format!("{other:?}").chars().take(300).collect::<String>()),
+        }
+    }
+    match call::<Value>(&h, "w", verb::LOAD, json!({"model": "absent"})).await {
+        Err(pool::PoolError::Service { code: 404, status, .. }) => assert!(status.contains("no such model folder"), "{status}"),
+        other => panic!("{other:?}"),
+    }
+    let info: Value = call(&h, "w", verb::INFO, json!({})).await.unwrap();
+    assert_valid("info", &info);
+    assert!(serde_json::to_vec(&info).unwrap().len() < max_payload);
+    let info: WorkerInfo = serde_json::from_value(info).unwrap();
+    assert_eq!(info.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["mlp"]);
+    assert!(info.invalid_omitted > 0 && !info.invalid.is_empty(), "cut, with the count: {} listed, {} left out", info.invalid.len(), info.invalid_omitted);
+    assert_eq!(info.invalid.len() + info.invalid_omitted, folders, "only the folders, none of the loaded names");
+    assert!(info.invalid.iter().all(|m| m.name.len() == 60 && m.error.contains("onnx")));
+    let list = stdout_json(&pool_cli(&h, &["--json", "list"]));
+    assert_eq!(list[0]["worker"], "w", "{list}");
+}
+
+/// `load` of a served model reads its folder again and swaps the new version in; the version
+/// served goes on serving until then, and when the folder does not read (mid-edit) it stays,
+/// and the load says so. Jobs that arrive meanwhile are all answered by the model.
+#[tokio::test]
+async fn a_reload_swaps_in_place_and_jobs_meanwhile_are_answered_by_the_model() {
+    let h = Harness::new().await;
+    let repo = partial_repository(&h, "w-models", &["mlp"]);
+    // A copy, not a link: the test edits it.
+    let folder = repo.join("seqproj");
+    std::fs::create_dir(&folder).unwrap();
+    for f in std::fs::read_dir(h.models.join("seqproj")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, folder.join(f.file_name().unwrap())).unwrap();
+    }
+    let spec = jetbatch::repository::ModelSpec::load(&h.models.join("seqproj")).unwrap();
+    let w = h.worker_on("w", &repo, &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let input = seq_input(3, 4);
+    let n = 40;
+    let jobs = async {
+        for i in 0..n {
+            h.publish(&tensor_job(&format!("r{i}"), "seqproj", std::slice::from_ref(&input), Encoding::Json), Encoding::Json).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let operator = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reloaded: pool::ModelInfo = call(&h, "w", verb::LOAD, json!({"model": "seqproj"})).await.unwrap();
+        assert_eq!(reloaded.fingerprint, &*spec.fingerprint);
+        let good = std::fs::read(folder.join("jetbatch.toml")).unwrap();
+        std::fs::write(folder.join("jetbatch.toml"), "backend = \"onnx\"\n").unwrap();
+        match call::<Value>(&h, "w", verb::LOAD, json!({"model": "seqproj"})).await {
+            Err(pool::PoolError::Service { code: 422, status, .. }) => {
+                assert!(status.contains("onnx") && status.contains(&format!("still serving seqproj {}", spec.fingerprint)), "{status}")
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        std::fs::write(folder.join("jetbatch.toml"), good).unwrap();
+        let back: pool::ModelInfo = call(&h, "w", verb::LOAD, json!({"model": "seqproj"})).await.unwrap();
+        assert_eq!(back.fingerprint, &*spec.fingerprint);
+    };
+    futures::join!(jobs, operator);
+    let got = collect(&mut sub, n, MINUTE).await;
+    assert_eq!(got.len(), n);
+    let want = direct_forward(&h.models.join("seqproj/model.pt"), std::slice::from_ref(&input));
+    for (id, rs) in &got {
+        assert_eq!(rs[0].status, Status::Ok, "{id}: {:?}", rs[0].error);
+        assert_close(&rs[0].output_tensors().unwrap()[0].to_f64_vec(), &want[0], 1e-6, id);
+    }
+}
+
+/// A worker that answers discovery but never its endpoint: `jetbatch pool info` says so in one
+/// line and exits non-zero, with no backtrace even under RUST_BACKTRACE=1.
+#[tokio::test]
+async fn pool_info_without_an_answer_is_one_line_and_exits_non_zero() {
+    let h = Harness::new().await;
+    let mut discovery = h.client.subscribe("$SRV.INFO.jetbatch").await.unwrap();
+    let _mute = h.client.subscribe("jetbatch.svc.mute.info").await.unwrap();
+    h.client.flush().await.unwrap();
+    let client = h.client.clone();
+    tokio::spawn(async move {
+        let instance = json!({"id": "x", "version": "0", "metadata": {"worker": "mute", "prefix": "jetbatch", "endpoints": "jetbatch.svc.mute"}});
+        while let Some(m) = discovery.next().await {
+            client.publish(m.reply.unwrap(), instance.to_string().into()).await.unwrap();
+        }
+    });
+    let url = h.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_jetbatch")).env("RUST_BACKTRACE", "1").env("JETBATCH_LOG", "error").args(["pool", "--nats-url", &url, "info", "--worker", "mute"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: jetbatch.svc.mute.info: "), "{stderr}");
+}

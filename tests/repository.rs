@@ -42,3 +42,19 @@ async fn plain_hf_folders_are_served_and_unservable_ones_say_why() {
     let log = w.log_text();
     assert!(log.contains("model cannot be served") && log.contains("falcon"), "the worker says what it could not serve:\n{log}");
 }
+
+/// The case: `a -> .` in a model folder hung the fingerprint walk, and start-up with it.
+/// Links to folders are not followed, so the model is served from the files beside them.
+#[tokio::test]
+async fn a_symlink_loop_in_a_model_folder_starts_in_seconds_and_the_model_is_served() {
+    let h = Harness::new().await;
+    std::os::unix::fs::symlink(".", h.models.join("mlp/a")).unwrap();
+    let started = std::time::Instant::now();
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    assert!(started.elapsed() < Duration::from_secs(20), "started in {:?}", started.elapsed());
+    let mut sub = h.subscribe_results().await;
+    h.publish(&tensor_job("looped", "mlp", &[mlp_input(1)], Encoding::MsgPack), Encoding::MsgPack).await;
+    let r = &collect(&mut sub, 1, Duration::from_secs(60)).await["looped"][0];
+    assert_eq!(r.status, Status::Ok, "{:?}", r.error);
+}

@@ -133,16 +133,19 @@ impl GenerateParams {
                 .ok_or_else(|| bad("stop", STOP))?,
             Some(_) => return Err(bad("stop", STOP)),
         };
+        // Every decode step checks each row's stop ids: a bounded list keeps that cheap.
+        const STOP_IDS: &str = "up to 256 token ids (integers below the vocabulary size)";
         let stop_token_ids = match params.get("stop_token_ids") {
             None | Some(Value::Nil) => None,
             // Ids past u32 are refused here (not wrapped); `parse` checks the vocabulary.
-            Some(Value::Array(items)) => Some(
+            Some(Value::Array(items)) if items.len() <= 256 => Some(
                 items
                     .iter()
                     .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| bad("stop_token_ids", "a list of token ids (integers below the vocabulary size)"))?,
+                    .ok_or_else(|| bad("stop_token_ids", STOP_IDS))?,
             ),
+            Some(Value::Array(_)) => return Err(bad("stop_token_ids", STOP_IDS)),
             Some(_) => return Err(bad("stop_token_ids", "a list of token ids")),
         };
         let truncate = match params.get("truncate") {

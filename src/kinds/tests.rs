@@ -104,6 +104,15 @@ fn stop_token_ids_past_u32_are_refused_not_wrapped() {
 }
 
 #[test]
+fn stop_token_ids_are_capped() {
+    let (_d, spec) = tiny(48);
+    let ids = |n: usize| json!({"stop_token_ids": vec![258; n]});
+    let err = parse(&spec, JobKind::Generate, json!({"prompt": "hi"}), ids(257)).unwrap_err();
+    assert_eq!(err.message, "params.stop_token_ids: expected up to 256 token ids (integers below the vocabulary size)");
+    assert!(parse(&spec, JobKind::Generate, json!({"prompt": "hi"}), ids(256)).is_ok());
+}
+
+#[test]
 fn long_texts_are_bounded_before_tokenising_with_the_whole_text_result() {
     let (_d, spec) = tiny(48);
     let words = "the quick brown fox jumps over the lazy dog, Ünïcödé 東京 ";

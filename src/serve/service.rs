@@ -4,6 +4,11 @@
 //! `info`, `stats`, `health`, `load`, `unload`, `cache.stats`, `cache.clear`, `drain`. JSON in and
 //! out (`schemas/service.schema.json`; the shapes are in [`crate::pool`]); a refused request is
 //! answered with the services framework's error headers (`Nats-Service-Error`, `-Code`).
+//!
+//! Every answer fits the connection's max_payload: one that does not is never delivered, and a
+//! worker whose `info` is lost drops out of `jetbatch pool list` and of its peers' view. So the
+//! lists that grow with the repository are cut to fit, with a count of what was left out, and
+//! quoted reasons are cut to [`MAX_REASON`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +25,7 @@ use tracing::{info, warn};
 
 use super::flow::Ctx;
 use crate::pool::{self, meta, verb, BatchStats, CacheRatio, Draining, Health, InvalidModel, ModelInfo, ModelRequest, Unloaded, WorkerInfo, WorkerStats};
-use crate::repository::{DeviceChoice, ModelSpec};
+use crate::repository::{DeviceChoice, ModelSpec, RepoError};
 
 /// What the endpoints read and change.
 pub(crate) struct Control {
@@ -41,6 +46,35 @@ pub(crate) struct Control {
 /// An endpoint's refusal: the services framework's error code (HTTP-like) and text.
 type Refusal = (usize, String);
 
+/// Room left under max_payload for an answer's fields besides its lists, and the message headers.
+const HEADROOM: usize = 4096;
+/// The most characters of a reason an answer quotes: an invalid folder's error, a refusal.
+const MAX_REASON: usize = 512;
+
+/// The leading items whose JSON fits in `budget` bytes, and how many were left out.
+fn fit<T: serde::Serialize>(items: impl IntoIterator<Item = T>, budget: usize) -> (Vec<T>, usize) {
+    let (mut kept, mut used, mut left) = (Vec::new(), 0, 0);
+    for item in items {
+        // The separator is the byte counted past the item's own JSON.
+        let size = serde_json::to_vec(&item).map_or(0, |v| v.len()) + 1;
+        if left == 0 && used + size <= budget {
+            used += size;
+            kept.push(item);
+        } else {
+            left += 1;
+        }
+    }
+    (kept, left)
+}
+
+/// The first [`MAX_REASON`] characters of `text`.
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_REASON) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
 impl Control {
     pub fn new(ctx: Arc<Ctx>, models_dir: PathBuf, cache_dir: Option<PathBuf>, max_inflight: usize) -> Control {
         Control {
@@ -56,9 +90,13 @@ impl Control {
         }
     }
 
-    fn info(&self) -> WorkerInfo {
+    /// `info`, its lists cut to fit `budget` bytes (half each).
+    fn info(&self, budget: usize) -> WorkerInfo {
         let repository = self.ctx.repository.current();
         let t = &self.ctx.topology;
+        let (models, models_omitted) = fit(repository.models.values().map(|s| model_info(s)), budget / 2);
+        let invalid = repository.invalid.iter().map(|(name, e)| InvalidModel { name: name.clone(), error: clip(&e.to_string()) });
+        let (invalid, invalid_omitted) = fit(invalid, budget / 2);
         WorkerInfo {
             worker: self.ctx.worker.clone(),
             host: self.host.clone(),
@@ -70,12 +108,15 @@ impl Control {
             cache_dir: self.cache_dir.as_ref().map(|d| d.display().to_string()),
             max_inflight: self.max_inflight,
             uptime_secs: self.started.elapsed().as_secs(),
-            models: repository.models.values().map(|s| model_info(s)).collect(),
-            invalid: repository.invalid.iter().map(|(name, e)| InvalidModel { name: name.clone(), error: e.to_string() }).collect(),
+            models,
+            invalid,
+            models_omitted,
+            invalid_omitted,
         }
     }
 
-    pub fn stats(&self) -> WorkerStats {
+    /// `stats`, its per-model maps cut to fit `budget` bytes (half each).
+    pub fn stats(&self, budget: usize) -> WorkerStats {
         let m = &self.ctx.metrics;
         let hits = ["local", "shared"].iter().map(|tier| m.cache_hits_total.with_label_values(&[tier]).get()).sum::<u64>();
         let misses = m.cache_misses_total.get();
@@ -88,17 +129,20 @@ impl Control {
                 batches.insert(model, BatchStats { batches: n, mean_size: if n == 0 { 0.0 } else { h.get_sample_sum() / n as f64 } });
             }
         }
+        let (queued, queued_left) = fit(self.ctx.queues.snapshot(), budget / 2);
+        let (batches, batches_left) = fit(batches, budget / 2);
         WorkerStats {
             worker: self.ctx.worker.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
             draining: self.draining.load(Ordering::Relaxed),
             inflight: m.inflight_jobs.get().max(0) as u64,
-            queued: self.ctx.queues.snapshot(),
-            batches,
+            queued: queued.into_iter().collect(),
+            batches: batches.into_iter().collect(),
             cache: CacheRatio { hits, misses, hit_ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64) },
             jobs: counts_by(&m.jobs_total, "status"),
             handed_back: counts_by(&m.naks_total, "reason"),
             consumer_pending: m.consumer_pending.get().max(0) as u64,
+            omitted: queued_left + batches_left,
         }
     }
 
@@ -119,19 +163,32 @@ impl Control {
         }
     }
 
+    /// Reads the folder `model` again and swaps the result in: a model already served is reloaded
+    /// in place (the version served answers its jobs until then, and stays when the folder does
+    /// not read), so a reload never leaves its jobs without the model.
     async fn load(&self, model: String) -> Result<ModelInfo, Refusal> {
         let _one = self.changing.lock().await;
         let current = self.ctx.repository.current();
+        let name = model.clone();
         // Fingerprinting reads every file of the folder.
         let (next, outcome) = tokio::task::spawn_blocking(move || current.reload(&model)).await.map_err(|e| (500, format!("load: {e}")))?;
-        // Swapped either way: a folder that cannot be served answers its jobs with the reason.
-        self.ctx.repository.replace(next);
-        match outcome {
+        let e = match outcome {
             Ok(spec) => {
+                self.ctx.repository.replace(next);
                 info!(model = %spec.name, fingerprint = %spec.fingerprint, "model loaded into the repository");
-                Ok(model_info(&spec))
+                return Ok(model_info(&spec));
             }
-            Err(e) => Err((422, format!("load: {e}"))),
+            Err(e) => e,
+        };
+        match &*e {
+            RepoError::BadName { .. } => Err((400, format!("load: {e}"))),
+            RepoError::NoFolder { .. } => Err((404, format!("load: {e}"))),
+            _ => {
+                let kept = next.get(&name).map(|s| format!("; still serving {} {}", s.name, s.fingerprint)).unwrap_or_default();
+                // Recorded unless a version is served: its jobs are answered with the reason.
+                self.ctx.repository.replace(next);
+                Err((422, format!("load: {e}{kept}")))
+            }
         }
     }
 
@@ -153,14 +210,14 @@ impl Control {
         Ok(serde_json::to_value(stats).expect("json"))
     }
 
-    /// Answers one request.
-    async fn answer(&self, verb: &str, body: &[u8]) -> Result<serde_json::Value, Refusal> {
+    /// Answers one request; `budget`: the bytes its lists may take.
+    async fn answer(&self, verb: &str, body: &[u8], budget: usize) -> Result<serde_json::Value, Refusal> {
         let model = || {
             serde_json::from_slice::<ModelRequest>(body).map(|r| r.model).map_err(|e| (400, format!("{verb}: expected {{\"model\": NAME}}: {e}")))
         };
         match verb {
-            verb::INFO => json(self.info()),
-            verb::STATS => json(self.stats()),
+            verb::INFO => json(self.info(budget)),
+            verb::STATS => json(self.stats(budget)),
             verb::HEALTH => json(self.health()),
             verb::LOAD => json(self.load(model()?).await?),
             verb::UNLOAD => json(self.unload(model()?).await?),
@@ -210,6 +267,11 @@ fn model_info(spec: &ModelSpec) -> ModelInfo {
     }
 }
 
+/// The bytes an answer's lists may take on `client`'s connection.
+fn answer_budget(client: &Client) -> usize {
+    client.server_info().max_payload.saturating_sub(HEADROOM)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("service registration: {0}")]
 pub struct ServiceError(String);
@@ -228,13 +290,20 @@ pub(crate) async fn serve(client: Client, control: Arc<Control>, mut shutdown: b
     if let Some(dir) = &control.cache_dir {
         metadata.insert(meta::CACHE_DIR.to_string(), dir.display().to_string());
     }
-    let for_stats = control.clone();
+    let (for_stats, stats_client) = (control.clone(), client.clone());
     let svc = client
         .service_builder()
         .description("jetbatch worker: batched ML inference from JetStream")
         .metadata(metadata)
         // `$SRV.STATS` carries the live figures as the `stats` endpoint's data.
-        .stats_handler(move |endpoint, _| if endpoint == verb::STATS { serde_json::to_value(for_stats.stats()).expect("json") } else { serde_json::Value::Null })
+        // A quarter of the budget: `$SRV.STATS` carries every endpoint's figures beside it.
+        .stats_handler(move |endpoint, _| {
+            if endpoint == verb::STATS {
+                serde_json::to_value(for_stats.stats(answer_budget(&stats_client) / 4)).expect("json")
+            } else {
+                serde_json::Value::Null
+            }
+        })
         .start(pool::SERVICE, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| ServiceError(e.to_string()))?;
@@ -253,13 +322,23 @@ pub(crate) async fn serve(client: Client, control: Arc<Control>, mut shutdown: b
                 _ = shutdown.recv() => break,
                 r = requests.next() => match r { Some(r) => r, None => break },
             };
-            let control = control.clone();
+            let (control, client) = (control.clone(), client.clone());
             tokio::spawn(async move {
-                let answer = control.answer(verb, &request.message.payload).await;
+                let max_payload = client.server_info().max_payload;
+                let answer = control.answer(verb, &request.message.payload, answer_budget(&client)).await;
+                let answer = answer.and_then(|v| {
+                    let bytes = serde_json::to_vec(&v).expect("json");
+                    // Cut lists keep answers well under; this bounds what they do not cover
+                    // (a quarter of the headroom is left for the headers).
+                    if bytes.len() > max_payload.saturating_sub(HEADROOM / 4) {
+                        return Err((500, format!("{verb}: the answer of {} bytes is over the connection's max_payload ({max_payload})", bytes.len())));
+                    }
+                    Ok(bytes)
+                });
                 let response = match answer {
-                    Ok(v) => Ok(Bytes::from(serde_json::to_vec(&v).expect("json"))),
+                    Ok(bytes) => Ok(Bytes::from(bytes)),
                     // A header value is one line; reasons (a TOML parse error) may span several.
-                    Err((code, status)) => Err(service::error::Error { code, status: status.split_whitespace().collect::<Vec<_>>().join(" ") }),
+                    Err((code, status)) => Err(service::error::Error { code, status: clip(&status.split_whitespace().collect::<Vec<_>>().join(" ")) }),
                 };
                 // A request without a reply subject has nobody to answer; the worker goes on.
                 if let Err(e) = request.respond(response).await {
@@ -273,4 +352,24 @@ pub(crate) async fn serve(client: Client, control: Arc<Control>, mut shutdown: b
         }
         let _ = svc.stop().await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_cut_to_their_budget_with_the_count_left_out() {
+        // Each name is 12 bytes of JSON plus its separator.
+        let names: Vec<String> = (0..10).map(|i| format!("model-{i:04}")).collect();
+        assert_eq!(fit(&names, 1000), (names.iter().collect::<Vec<_>>(), 0));
+        let (kept, left) = fit(&names, 40);
+        assert_eq!((kept, left), (vec![&names[0], &names[1], &names[2]], 7));
+        assert_eq!(fit(&names, 0).1, 10);
+        // Later items never fill the room an earlier one did not fit in: the list stays a prefix.
+        let mixed = ["a".repeat(30), "b".to_string()];
+        assert_eq!(fit(&mixed, 10), (vec![], 2));
+        assert_eq!(clip(&"é".repeat(600)).chars().count(), MAX_REASON + 1);
+        assert_eq!(clip("short"), "short");
+    }
 }
