@@ -1,8 +1,10 @@
 """jetbatch.Client against a real nats-server and worker: round trips, order, duplicates, resume,
-results that answer another job, error results, timeouts, the sync wrapper."""
+results that answer another job, ids the jobs stream drops as duplicates, error results, timeouts,
+the sync wrapper."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 
@@ -127,6 +129,64 @@ def test_a_stored_result_of_another_job_under_our_id_is_not_taken(worker, nats_u
     run(plant())
     [r] = run(collect(nats_url, [job], run_id=run_id))
     assert r.worker == "py-tests" and not r.resumed and r.output.logprob < 0
+
+
+def test_a_duplicate_of_the_same_answered_job_is_collected_at_once(worker, nats_url, caplog):
+    job = Job.loglikelihood(MODEL, "the quick brown", " fox", id=f"dup-{time.time_ns()}")
+    [first] = run(collect(nats_url, [job]))
+    # No run id: nothing is looked up first, the job is published again and dropped as a duplicate.
+    with caplog.at_level(logging.WARNING, logger="jetbatch"):
+        [again] = run(collect(nats_url, [job]))
+    assert again.resumed and again.output == first.output and again.worker == first.worker
+    assert f"id {job.id!r}: published before and answered; its stored answer is collected" in caplog.text
+
+
+def test_a_duplicate_of_another_job_is_named_at_once_and_not_waited_for(worker, nats_url):
+    taken = Job.loglikelihood(MODEL, "a", " b", id=f"taken-{time.time_ns()}")
+    run(collect(nats_url, [taken]))
+    mine = Job.loglikelihood(MODEL, "a", " c", id=taken.id)
+    ok = Job.loglikelihood(MODEL, "a", " d")
+    t0 = time.monotonic()
+    results = []
+
+    async def go():
+        async with Client(nats_url, idle_timeout=20) as c:
+            async for r in c.submit([mine, ok]):
+                results.append(r)
+
+    with pytest.raises(Exception) as e:
+        run(go())
+    assert time.monotonic() - t0 < 10, "not waited for"
+    assert isinstance(e.value, jetbatch.JetbatchDuplicateIds), e.value
+    assert e.value.dropped == {taken.id: "a different job under this id is answered already; give this job a new id"}
+    assert [(r.index, r.ok) for r in results] == [(1, True)], "the other job is answered before the error"
+
+
+def test_a_squatted_run_id_is_named_at_once(tmp_path):
+    """Another producer publishes a different job under our predictable `<run_id>.<hash>` first."""
+    server, url = start_nats(tmp_path)
+    try:
+        run_id = "squatted"
+        job = Job.loglikelihood(MODEL, "a", " b")
+        job_id = jetbatch.derive_id(job, run_id)
+
+        async def squat():
+            async with Client(url) as c:
+                await c.connect()
+                await c.ensure_streams()
+            nc = await nats.connect(url)
+            await nc.jetstream().publish(f"jetbatch.jobs.{MODEL}", b'{"squat": 1}', headers={"Nats-Msg-Id": job_id})
+            await nc.close()
+
+        run(squat())
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as e:
+            run(collect(url, [job], run_id=run_id, idle_timeout=8))
+        assert time.monotonic() - t0 < 5, "not waited for"
+        assert isinstance(e.value, jetbatch.JetbatchDuplicateIds), e.value
+        assert e.value.dropped == {job_id: "a different job under this id is queued; use a new run_id"}
+    finally:
+        server.stop()
 
 
 def test_error_results_are_typed(worker, nats_url):
