@@ -238,6 +238,7 @@ async fn resolve_duplicates(js: &Context, t: &Topology, hashes: &HashMap<String,
 /// as duplicates of another job under their id. Those are returned: they will never be answered.
 pub async fn run_jobs(
     client: &async_nats::Client,
+    js: &Context,
     topology: &Topology,
     jobs: Vec<JobLine>,
     look_up_stored: bool,
@@ -245,7 +246,7 @@ pub async fn run_jobs(
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
     mut on_notice: impl FnMut(Notice),
 ) -> Result<Vec<String>, SubmitError> {
-    let js = jetstream::new(client.clone());
+    let js = js.clone();
     ensure_streams(&js, topology).await?;
     // Each job's fingerprint, to tell its result from anything else published under its id.
     let hashes: HashMap<String, String> = jobs.iter().map(|j| (j.id.clone(), crate::bus::job_hash(&j.body))).collect();
@@ -463,7 +464,8 @@ async fn warn_changed(js: &Context, t: &Topology, done: &[(usize, JobLine)], say
         .map(|(n, job)| {
             let stream = &stream;
             async move {
-                let stored = stream.get_last_raw_message_by_subject(&t.result_subject(&job.id)).await.ok()?;
+                // A direct get names the subject, so an account may be allowed it for its own ids only.
+                let stored = stream.direct_get_last_for_subject(t.result_subject(&job.id)).await.ok()?;
                 let hash = stored.headers.get(crate::bus::JOB_HASH_HEADER)?.as_str().to_string();
                 (hash != crate::bus::job_hash(&job.body)).then(|| format!("line {n}: id '{}' was answered for a different job than this line (the output holds that answer); give the changed job a new id", job.id))
             }
@@ -486,6 +488,7 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     let to_stdout = args.output.as_os_str() == "-";
     let previous = if to_stdout { Previous::default() } else { Previous::read(&args.output) };
     let client = crate::bus::connect(&args.nats, "jetbatch-submit").await?;
+    let js = args.subjects.jetstream(&client);
     let max_payload = client.server_info().max_payload;
     if max_payload < crate::config::DEFAULT_MAX_PAYLOAD_BYTES {
         eprintln!(
@@ -522,7 +525,7 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     if !previous.last_ok.is_empty() {
         let retried = if args.retry_errors { format!(" ({} errored, submitted again)", jobs.iter().filter(|j| j.id.contains(":retry-")).count()) } else { String::new() };
         say(format!("{} job(s) already answered in {}{retried}; submitting {todo}", previous.last_ok.len(), args.output.display()));
-        warn_changed(&jetstream::new(client.clone()), &topology, &done, &say).await;
+        warn_changed(&js, &topology, &done, &say).await;
     }
     let mut out: Box<dyn Write> = if to_stdout {
         Box::new(std::io::stdout().lock())
@@ -535,7 +538,7 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     // that may be (unverified) until their answer comes.
     let not_queued = std::cell::Cell::new(0);
     let unverified = std::cell::RefCell::new(HashSet::new());
-    let run = run_jobs(&client, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
+    let run = run_jobs(&client, &js, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
         unverified.borrow_mut().remove(id);
         // Jobs go out as JSON, so their results come back as JSON: one line each.
         match serde_json::from_slice::<Value>(payload) {
@@ -644,7 +647,7 @@ pub async fn cancel(args: CancelArgs) -> Result<usize, SubmitError> {
     // Retries of a job (`<id>:retry-<n>`) are its own too.
     let ids: HashSet<String> = jobs.into_iter().map(|j| j.id).collect();
     let client = crate::bus::connect(&args.nats, "jetbatch-cancel").await?;
-    let js = jetstream::new(client);
+    let js = args.subjects.jetstream(&client);
     let queued = queued_jobs(&js, &topology, |id| ids.contains(id) || ids.contains(original_id(id).0)).await?;
     let stream = js.get_stream_no_info(&topology.jobs_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
     let deleted: Vec<bool> = futures::stream::iter(queued)
