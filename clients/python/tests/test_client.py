@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 
 import msgpack
@@ -16,7 +17,7 @@ import jetbatch
 from jetbatch import Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, RollingOutput
 
 from conftest import MODEL
-from harness import start_nats
+from harness import ROOT, Proc, free_port, nats_server_bin, start_nats, start_worker
 
 PAIRS = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "the lazy dog"),
          ("numbers like 12", " 345 and 6789")]
@@ -281,3 +282,45 @@ def test_sync_wrapper_and_server_lists(worker, nats_url):
     assert r.ok and r.index == 0
     with jetbatch.SyncClient(nats_url) as c:
         assert c.run([Job.loglikelihood(MODEL, "a", " b")])[0].output == r.output
+
+
+def test_tenant_accounts_answer_each_tenant_and_hide_the_others_results(tmp_path, models, monkeypatch):
+    """deploy/nats/accounts-tenants.conf: two tenants share the pool, each sees its own results only."""
+    port = free_port()
+    conf = (ROOT / "deploy/nats/nats-server.conf").read_text()
+    conf = conf.replace("/data/jetstream", str(tmp_path / "store")).replace("include ./accounts.conf", "include ./accounts-tenants.conf")
+    (tmp_path / "nats-server.conf").write_text(conf)
+    (tmp_path / "accounts-tenants.conf").write_text((ROOT / "deploy/nats/accounts-tenants.conf").read_text())
+    env = dict(os.environ, WORKER_PASSWORD="work-pw", TEAM_A_PASSWORD="a-pw", TEAM_B_PASSWORD="b-pw")
+    server = Proc([nats_server_bin(), "-c", str(tmp_path / "nats-server.conf"), "-p", str(port), "-m", str(free_port())],
+                  tmp_path / "nats.log", port, "nats-server", env=env)
+    monkeypatch.setenv("JETBATCH_NATS_USER", "worker")
+    monkeypatch.setenv("JETBATCH_NATS_PASSWORD", "work-pw")
+    worker = start_worker(f"nats://127.0.0.1:{port}", models, tmp_path / "worker", worker_id="tenants")
+    tenant = jetbatch.Topology(js_api_prefix="JS.jetbatch.API")
+    job = Job.loglikelihood(MODEL, "the quick brown", " fox")
+    try:
+        async def go():
+            answers = {}
+            for user in ("team-a", "team-b"):
+                url = f"nats://{user}:{user[-1]}-pw@127.0.0.1:{port}"
+                async with Client(url, run_id=f"{user}.run-1", topology=tenant, idle_timeout=60) as c:
+                    [answers[user]] = [r async for r in c.submit([job])]
+            b = await nats.connect(f"nats://team-b:b-pw@127.0.0.1:{port}")
+            try:
+                js = b.jetstream(prefix="JS.jetbatch.API")
+                own = await js.get_last_msg("JETBATCH_RESULTS", f"jetbatch.results.{answers['team-b'].id}", direct=True)
+                with pytest.raises(Exception):
+                    await js.get_last_msg("JETBATCH_RESULTS", f"jetbatch.results.{answers['team-a'].id}", direct=True)
+                with pytest.raises(Exception):
+                    await js.get_msg("JETBATCH_RESULTS", seq=1)
+            finally:
+                await b.close()
+            return answers, own
+
+        answers, own = run(go())
+        assert all(r.ok for r in answers.values()) and answers["team-a"].output == answers["team-b"].output
+        assert answers["team-a"].id.startswith("team-a.run-1.") and own.data
+    finally:
+        worker.stop()
+        server.stop()

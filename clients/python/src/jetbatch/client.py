@@ -93,6 +93,10 @@ class Topology:
     dead_stream: str = "JETBATCH_DEAD"
     consumer: str = "jetbatch-workers"
     duplicate_window_s: float = 120.0
+    # The JetStream API's subject prefix: another one where the streams live in the workers'
+    # account and this one imports their API under it (`JS.jetbatch.API` under
+    # deploy/nats/accounts-tenants.conf), as `jetbatch submit --js-api-prefix`.
+    js_api_prefix: str = "$JS.API"
     results_max_age_s: float = 24 * 3600.0
 
     def jobs_subject(self, model: str, priority: str = "normal") -> str:
@@ -197,6 +201,9 @@ class Client:
         self._nc = None
         self._streams_checked = False
 
+    def _js(self):
+        return self._nc.jetstream(prefix=self.topology.js_api_prefix)
+
     async def connect(self) -> "Client":
         if self._nc is None:
             opts = {"max_reconnect_attempts": -1, "error_cb": _log_error, **self._connect_options}
@@ -219,7 +226,7 @@ class Client:
         missing, and says what to run when that is refused."""
         if self._streams_checked:
             return
-        js = self._nc.jetstream()
+        js = self._js()
         t = self.topology
         try:
             await js.stream_info(t.jobs_stream)
@@ -262,7 +269,7 @@ class Client:
 
     async def _stored(self, pending: list[_Pending]) -> list[tuple[_Pending, dict]]:
         """Results already in the results stream that answer these jobs (direct gets, 64 at a time)."""
-        js = self._nc.jetstream()
+        js = self._js()
         sem = asyncio.Semaphore(64)
 
         async def one(p: _Pending):
@@ -280,7 +287,7 @@ class Client:
     async def _stored_under(self, p: _Pending) -> Optional[_Duplicate]:
         """What the results stream holds under the job's id: its answer, another job's, or nothing."""
         try:
-            m = await self._nc.jetstream().get_last_msg(self.topology.results_stream, self.topology.result_subject(p.id), direct=True)
+            m = await self._js().get_last_msg(self.topology.results_stream, self.topology.result_subject(p.id), direct=True)
         except NotFoundError:
             return None
         d = _answer(p, m.headers, m.data or b"")
@@ -291,7 +298,7 @@ class Client:
     async def _queued_hashes(self, ids: set[str]) -> dict[str, str]:
         """Id -> job hash of the jobs in the jobs stream (queued or being worked on) under `ids`, read
         one by one: the stream's subjects name models, not ids. Needs `$JS.API.STREAM.MSG.GET` on it."""
-        js = self._nc.jetstream()
+        js = self._js()
         state = (await js.stream_info(self.topology.jobs_stream)).state
         sem = asyncio.Semaphore(64)
         found: dict[str, str] = {}
@@ -346,7 +353,7 @@ class Client:
         for p in PRIORITIES:
             name = t.consumer_of(p)
             try:
-                infos.append((name, await self._nc.jetstream().consumer_info(t.jobs_stream, name)))
+                infos.append((name, await self._js().consumer_info(t.jobs_stream, name)))
             except Exception:
                 return f"consumer {name} cannot be looked up (not created yet: no worker has started?)"
         # An idle worker keeps a pull request open on every level; a busy one holds jobs of some.
@@ -494,7 +501,7 @@ class Client:
         """Publishes each job still missing once a slot is free (its result frees it), with
         pipelined acks. A job answered meanwhile (found in the results stream) is not sent. Jobs
         the stream dropped as duplicates are sorted out as their acks come and put on `queue`."""
-        js = self._nc.jetstream()
+        js = self._js()
         ct = "application/msgpack" if self.encoding == "msgpack" else "application/json"
         acks: list[tuple[_Pending, asyncio.Future]] = []
 
