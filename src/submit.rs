@@ -237,7 +237,6 @@ async fn resolve_duplicates(js: &Context, t: &Topology, hashes: &HashMap<String,
 /// `on_notice` hears what the consumer says when results stop coming, and at once of jobs dropped
 /// as duplicates of another job under their id. Those are returned: they will never be answered.
 pub async fn run_jobs(
-    client: &async_nats::Client,
     js: &Context,
     topology: &Topology,
     jobs: Vec<JobLine>,
@@ -246,7 +245,7 @@ pub async fn run_jobs(
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
     mut on_notice: impl FnMut(Notice),
 ) -> Result<Vec<String>, SubmitError> {
-    let js = js.clone();
+    let (js, client) = (js.clone(), js.client());
     ensure_streams(&js, topology).await?;
     // Each job's fingerprint, to tell its result from anything else published under its id.
     let hashes: HashMap<String, String> = jobs.iter().map(|j| (j.id.clone(), crate::bus::job_hash(&j.body))).collect();
@@ -538,7 +537,7 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     // that may be (unverified) until their answer comes.
     let not_queued = std::cell::Cell::new(0);
     let unverified = std::cell::RefCell::new(HashSet::new());
-    let run = run_jobs(&client, &js, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
+    let run = run_jobs(&js, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
         unverified.borrow_mut().remove(id);
         // Jobs go out as JSON, so their results come back as JSON: one line each.
         match serde_json::from_slice::<Value>(payload) {
