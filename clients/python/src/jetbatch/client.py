@@ -300,20 +300,20 @@ class Client:
         one by one: the stream's subjects name models, not ids. Needs `$JS.API.STREAM.MSG.GET` on it."""
         js = self._js()
         state = (await js.stream_info(self.topology.jobs_stream)).state
-        sem = asyncio.Semaphore(64)
         found: dict[str, str] = {}
 
         async def one(seq: int):
-            async with sem:
-                try:
-                    m = await js.get_msg(self.topology.jobs_stream, seq=seq)
-                except NotFoundError:
-                    return  # acked (a work queue removes it) or cancelled
-                job_id = (m.headers or {}).get("Nats-Msg-Id")
-                if job_id in ids:
-                    found[job_id] = job_hash(m.data or b"")
+            try:
+                m = await js.get_msg(self.topology.jobs_stream, seq=seq)
+            except NotFoundError:
+                return  # acked (a work queue removes it) or cancelled
+            job_id = (m.headers or {}).get("Nats-Msg-Id")
+            if job_id in ids:
+                found[job_id] = job_hash(m.data or b"")
 
-        await asyncio.gather(*(one(seq) for seq in range(state.first_seq, state.last_seq + 1)))
+        # 64 gets at a time: a deep queue is not turned into one task per message at once.
+        for start in range(state.first_seq, state.last_seq + 1, 64):
+            await asyncio.gather(*(one(seq) for seq in range(start, min(start + 64, state.last_seq + 1))))
         return found
 
     async def _resolve_duplicates(self, dups: list[_Pending]) -> list[_Duplicate]:
