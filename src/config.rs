@@ -381,9 +381,19 @@ pub struct ProducerTopology {
     /// The workers' durable consumer (its state is shown when results stop coming).
     #[arg(long, env = "JETBATCH_CONSUMER", default_value = "jetbatch-workers")]
     pub consumer: String,
+    /// Subject prefix of the JetStream API. Another one where the streams live in the workers'
+    /// account and this account imports their API under it (`JS.jetbatch.API` under
+    /// deploy/nats/accounts-tenants.conf): an account's own `$JS.API` cannot be imported over.
+    #[arg(long, env = "JETBATCH_JS_API_PREFIX", default_value = "$JS.API")]
+    pub js_api_prefix: String,
 }
 
 impl ProducerTopology {
+    /// The JetStream context of this producer, under its API prefix.
+    pub fn jetstream(&self, client: &async_nats::Client) -> async_nats::jetstream::Context {
+        async_nats::jetstream::with_prefix(client.clone(), &self.js_api_prefix)
+    }
+
     /// The whole topology: these names, the pool's settings at their defaults (used only when
     /// the streams are missing and this producer may create them).
     pub fn topology(&self) -> Topology {

@@ -151,7 +151,7 @@ async fn demo_jobs(url: &str, models: PathBuf, cache: PathBuf) -> anyhow::Result
             results.insert(r.id.trim_end_matches(suffix).to_string(), r);
             Ok(())
         };
-        run_jobs(&client, &topology, lines, false, Duration::from_secs(120), &mut keep, |stall| eprintln!("{stall}")).await?;
+        run_jobs(&async_nats::jetstream::new(client.clone()), &topology, lines, false, Duration::from_secs(120), &mut keep, |stall| eprintln!("{stall}")).await?;
         print_round(&results);
     }
     let _ = stop_tx.send(());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, Context};
 use async_nats::HeaderMap;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use tracing::warn;
 
@@ -31,10 +31,20 @@ pub enum SubmitError {
     Nats(String),
     #[error("no result for {missing} job(s) after waiting {secs} s without progress")]
     Incomplete { missing: usize, secs: u64 },
+    #[error("{n} job(s) not queued and not answered: their ids were used by other jobs within the jobs stream's duplicate window ({ids}); give them new ids")]
+    Duplicates { n: usize, ids: String },
     #[error("{0}; pass --allow-errors to exit 0 anyway")]
     JobsFailed(String),
-    #[error("interrupted: {written} result(s) written; {queued} job(s) stay queued and are still computed — run the same command again to collect their results, or `jetbatch cancel` with the same input to drop them")]
-    Interrupted { written: usize, queued: usize },
+    #[error("interrupted: {written} result(s) written; {queued} job(s) stay queued and are still computed — run the same command again to collect their results, or `jetbatch cancel` with the same input to drop them{}", unsure_note(*.unsure))]
+    Interrupted { written: usize, queued: usize, unsure: usize },
+}
+
+/// The Ctrl-C message's word on duplicates that this account could not look up in the queue.
+fn unsure_note(unsure: usize) -> String {
+    if unsure == 0 {
+        return String::new();
+    }
+    format!("; {unsure} more were dropped as duplicates of jobs published earlier under their ids, which this account cannot look up in the queue")
 }
 
 /// What the answered jobs came to: ok (of which cached) and errors by code.
@@ -137,19 +147,105 @@ impl JobLine {
 /// Quiet time after which `run_jobs` reports the consumer's state.
 const STALL_REPORT: Duration = Duration::from_secs(4);
 
+/// What `run_jobs` has to say while it runs (each is one line for the producer).
+pub enum Notice {
+    /// Results stopped coming: what the consumers say.
+    Stall(String),
+    /// The jobs stream dropped a job as a duplicate of an earlier job under its id, and that
+    /// earlier job is not this one (or is gone): it is not queued and will never be answered.
+    Dropped { id: String, why: String },
+    /// The jobs stream dropped a job as a duplicate and this account cannot look into the queue
+    /// to tell whether the earlier job is this very one: it is waited for, and a result for a
+    /// different job under its id ends the wait (as [`Notice::Dropped`]).
+    Unverified { id: String, why: String },
+    /// A duplicate that is this very job, published earlier: collected or waited for.
+    Duplicate(String),
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::Stall(line) | Notice::Duplicate(line) => f.write_str(line),
+            Notice::Dropped { id, why } => write!(f, "id '{id}': not queued, dropped as a duplicate: {why}"),
+            Notice::Unverified { id, why } => write!(f, "id '{id}': dropped as a duplicate of a job published earlier under this id; {why}"),
+        }
+    }
+}
+
+/// What a job that the jobs stream dropped as a duplicate (`PubAck.duplicate`: a job under its
+/// id was published within the stream's duplicate window) comes to.
+enum Duplicate {
+    /// The results stream holds this very job's answer: it is collected.
+    Answered(Vec<u8>),
+    /// This very job is queued (an earlier run published it): its answer is waited for.
+    Queued,
+    /// The queue cannot be read with this account (why) and nothing is stored under the id yet.
+    Unverified(String),
+    /// It will never be answered (why, and what to do).
+    Dropped(String),
+}
+
+/// What the results stream holds under `id`: this job's answer, another job's, or nothing.
+async fn stored_under<I>(results: &jetstream::stream::Stream<I>, t: &Topology, id: &str, hash: &str) -> Result<Option<Duplicate>, SubmitError> {
+    match results.direct_get_last_for_subject(t.result_subject(id)).await {
+        Ok(m) if answers(id, hash, Some(&m.headers), &m.payload) => Ok(Some(Duplicate::Answered(m.payload.to_vec()))),
+        Ok(_) => Ok(Some(Duplicate::Dropped("a different job under this id is answered already; give this job a new id".into()))),
+        Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(SubmitError::Nats(format!("results lookup: {e}"))),
+    }
+}
+
+/// Sorts out the jobs dropped as duplicates (`ids`, with their hashes in `hashes`): answered,
+/// queued, or never to be answered. The queue is read before the results are looked up again: a
+/// job that leaves the queue was answered first, so none is missed between the two.
+async fn resolve_duplicates(js: &Context, t: &Topology, hashes: &HashMap<String, String>, ids: Vec<String>) -> Result<Vec<(String, Duplicate)>, SubmitError> {
+    let results = js.get_stream_no_info(&t.results_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
+    let mut resolved = Vec::new();
+    let mut unanswered = Vec::new();
+    for id in ids {
+        match stored_under(&results, t, &id, &hashes[&id]).await? {
+            Some(d) => resolved.push((id, d)),
+            None => unanswered.push(id),
+        }
+    }
+    if unanswered.is_empty() {
+        return Ok(resolved);
+    }
+    let wanted: HashSet<&str> = unanswered.iter().map(String::as_str).collect();
+    let queued = match queued_jobs(js, t, |id| wanted.contains(id)).await {
+        Ok(queued) => queued.into_iter().map(|q| (q.id, crate::bus::job_hash(&q.payload))).collect::<HashMap<_, _>>(),
+        Err(e) => {
+            let why = format!("this account cannot look into the jobs queue ({e}) to tell whether it is this very job; waiting for it — a result for a different job under this id ends the wait");
+            resolved.extend(unanswered.into_iter().map(|id| (id, Duplicate::Unverified(why.clone()))));
+            return Ok(resolved);
+        }
+    };
+    for id in unanswered {
+        let d = match queued.get(&id) {
+            Some(h) if *h == hashes[&id] => Duplicate::Queued,
+            Some(_) => Duplicate::Dropped("a different job under this id is queued; give this job a new id".into()),
+            None => stored_under(&results, t, &id, &hashes[&id]).await?.unwrap_or_else(|| {
+                Duplicate::Dropped("the earlier job under this id is neither queued nor answered (cancelled?); give this job a new id, or submit it again once the duplicate window has passed".into())
+            }),
+        };
+        resolved.push((id, d));
+    }
+    Ok(resolved)
+}
+
 /// Publishes `jobs` and calls `on_result` with each result's JSON as it arrives, until all are in;
-/// `on_stall` hears what the consumer says when results stop coming, and of jobs dropped as
-/// duplicates of another job under their id, which are returned (they will never be answered).
+/// `on_notice` hears what the consumer says when results stop coming, and at once of jobs dropped
+/// as duplicates of another job under their id. Those are returned: they will never be answered.
 pub async fn run_jobs(
-    client: &async_nats::Client,
+    js: &Context,
     topology: &Topology,
     jobs: Vec<JobLine>,
     look_up_stored: bool,
     idle_timeout: Duration,
     mut on_result: impl FnMut(&str, &[u8]) -> Result<(), SubmitError>,
-    mut on_stall: impl FnMut(String),
+    mut on_notice: impl FnMut(Notice),
 ) -> Result<Vec<String>, SubmitError> {
-    let js = jetstream::new(client.clone());
+    let (js, client) = (js.clone(), js.client());
     ensure_streams(&js, topology).await?;
     // Each job's fingerprint, to tell its result from anything else published under its id.
     let hashes: HashMap<String, String> = jobs.iter().map(|j| (j.id.clone(), crate::bus::job_hash(&j.body))).collect();
@@ -167,13 +263,13 @@ pub async fn run_jobs(
         }
     }
     // Publish with pipelined acks; the server's ack means the job is stored. An ack that says
-    // duplicate means the stream already held a job under this id (inside its duplicate window).
+    // duplicate means the stream dropped it: it already held a job under this id (inside its
+    // duplicate window), which may or may not be this one.
     let mut acks = futures::stream::FuturesUnordered::new();
-    let mut duplicates = HashSet::new();
-    let mut dropped = Vec::new();
+    let mut duplicates = Vec::new();
     let mut note = |(id, ack): (String, Result<jetstream::publish::PublishAck, _>)| -> Result<(), SubmitError> {
         if ack.map_err(|e: jetstream::context::PublishError| nats(&e))?.duplicate {
-            duplicates.insert(id);
+            duplicates.push(id);
         }
         Ok(())
     };
@@ -191,6 +287,28 @@ pub async fn run_jobs(
     while let Some(ack) = acks.next().await {
         note(ack)?;
     }
+    // Said before any waiting: a dropped job is never waited for.
+    let mut dropped = Vec::new();
+    let mut unverified = HashSet::new();
+    for (id, d) in resolve_duplicates(&js, topology, &hashes, duplicates).await? {
+        match d {
+            Duplicate::Answered(payload) => {
+                on_notice(Notice::Duplicate(format!("id '{id}': published before and answered; its stored answer is collected")));
+                missing.remove(&id);
+                on_result(&id, &payload)?;
+            }
+            Duplicate::Queued => on_notice(Notice::Duplicate(format!("id '{id}': this very job is queued already (published before); waiting for its answer"))),
+            Duplicate::Unverified(why) => {
+                on_notice(Notice::Unverified { id: id.clone(), why });
+                unverified.insert(id);
+            }
+            Duplicate::Dropped(why) => {
+                missing.remove(&id);
+                on_notice(Notice::Dropped { id: id.clone(), why });
+                dropped.push(id);
+            }
+        }
+    }
     let prefix_len = topology.prefix.len() + ".results.".len();
     let mut idle = Duration::ZERO;
     let poll = Duration::from_secs(2);
@@ -199,9 +317,9 @@ pub async fn run_jobs(
             Ok(Some(msg)) => {
                 let id = msg.subject.get(prefix_len..).unwrap_or_default();
                 let ours = hashes.get(id).is_some_and(|hash| answers(id, hash, msg.headers.as_ref(), &msg.payload));
-                if missing.contains(id) && !ours && duplicates.contains(id) {
-                    // Ours was dropped as a duplicate of that other job: it will never be answered.
-                    on_stall(format!("id '{id}': the stream already held a different job under this id (published within its duplicate window), so this one was dropped; give it a new id"));
+                if missing.contains(id) && !ours && unverified.contains(id) {
+                    // The job the unverified duplicate stood behind was another one.
+                    on_notice(Notice::Dropped { id: id.to_string(), why: "the job queued under this id was a different one (it is answered now); give this job a new id".into() });
                     missing.remove(id);
                     dropped.push(id.to_string());
                 } else if missing.contains(id) && !ours {
@@ -223,7 +341,7 @@ pub async fn run_jobs(
                 }
                 // After a few quiet seconds, and every ten after that, say what the consumer says.
                 if !missing.is_empty() && idle >= STALL_REPORT && (idle - STALL_REPORT).as_secs() % 10 < poll.as_secs() {
-                    on_stall(format!("no result for {} s: {}", idle.as_secs(), consumer_status(&js, topology).await));
+                    on_notice(Notice::Stall(format!("no result for {} s: {}", idle.as_secs(), consumer_status(&js, topology).await)));
                 }
                 if idle >= idle_timeout && !missing.is_empty() {
                     return Err(SubmitError::Incomplete { missing: missing.len(), secs: idle_timeout.as_secs() });
@@ -345,7 +463,8 @@ async fn warn_changed(js: &Context, t: &Topology, done: &[(usize, JobLine)], say
         .map(|(n, job)| {
             let stream = &stream;
             async move {
-                let stored = stream.get_last_raw_message_by_subject(&t.result_subject(&job.id)).await.ok()?;
+                // A direct get names the subject, so an account may be allowed it for its own ids only.
+                let stored = stream.direct_get_last_for_subject(t.result_subject(&job.id)).await.ok()?;
                 let hash = stored.headers.get(crate::bus::JOB_HASH_HEADER)?.as_str().to_string();
                 (hash != crate::bus::job_hash(&job.body)).then(|| format!("line {n}: id '{}' was answered for a different job than this line (the output holds that answer); give the changed job a new id", job.id))
             }
@@ -368,6 +487,7 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     let to_stdout = args.output.as_os_str() == "-";
     let previous = if to_stdout { Previous::default() } else { Previous::read(&args.output) };
     let client = crate::bus::connect(&args.nats, "jetbatch-submit").await?;
+    let js = args.subjects.jetstream(&client);
     let max_payload = client.server_info().max_payload;
     if max_payload < crate::config::DEFAULT_MAX_PAYLOAD_BYTES {
         eprintln!(
@@ -404,7 +524,7 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     if !previous.last_ok.is_empty() {
         let retried = if args.retry_errors { format!(" ({} errored, submitted again)", jobs.iter().filter(|j| j.id.contains(":retry-")).count()) } else { String::new() };
         say(format!("{} job(s) already answered in {}{retried}; submitting {todo}", previous.last_ok.len(), args.output.display()));
-        warn_changed(&jetstream::new(client.clone()), &topology, &done, &say).await;
+        warn_changed(&js, &topology, &done, &say).await;
     }
     let mut out: Box<dyn Write> = if to_stdout {
         Box::new(std::io::stdout().lock())
@@ -413,7 +533,12 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     };
     let mut summary = Summary::default();
     let resumed = !previous.last_ok.is_empty();
-    let run = run_jobs(&client, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
+    // What the Ctrl-C message must not count as queued: jobs dropped as duplicates, and those
+    // that may be (unverified) until their answer comes.
+    let not_queued = std::cell::Cell::new(0);
+    let unverified = std::cell::RefCell::new(HashSet::new());
+    let run = run_jobs(&js, &topology, jobs, resumed, Duration::from_secs(args.idle_timeout_secs), |id, payload| {
+        unverified.borrow_mut().remove(id);
         // Jobs go out as JSON, so their results come back as JSON: one line each.
         match serde_json::from_slice::<Value>(payload) {
             Ok(v) if !payload.contains(&b'\n') => {
@@ -431,22 +556,77 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
         out.write_all(b"\n")?;
         bar.inc(1);
         Ok(())
-    }, |stall| say(stall));
+    }, |notice| {
+        match &notice {
+            Notice::Dropped { id, .. } => {
+                not_queued.set(not_queued.get() + 1);
+                unverified.borrow_mut().remove(id);
+            }
+            Notice::Unverified { id, .. } => {
+                unverified.borrow_mut().insert(id.clone());
+            }
+            Notice::Stall(_) | Notice::Duplicate(_) => {}
+        }
+        say(notice.to_string())
+    });
     let outcome = tokio::select! {
         r = run => r,
-        _ = tokio::signal::ctrl_c() => Err(SubmitError::Interrupted { written: bar.position() as usize, queued: todo - bar.position() as usize }),
+        _ = tokio::signal::ctrl_c() => {
+            let (written, unsure) = (bar.position() as usize, unverified.borrow().len());
+            Err(SubmitError::Interrupted { written, queued: todo - written - not_queued.get() - unsure, unsure })
+        }
     };
     out.flush()?;
     bar.finish_and_clear();
     eprintln!("{summary}");
     let dropped = outcome?;
     if !dropped.is_empty() {
-        return Err(SubmitError::Input(format!("{} job(s) not answered: their ids belong to other jobs ({})", dropped.len(), dropped.join(", "))));
+        // Each was named as it was found; the last line only recalls the first few.
+        let mut ids = dropped.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+        if dropped.len() > 10 {
+            ids.push_str(", …");
+        }
+        return Err(SubmitError::Duplicates { ids, n: dropped.len() });
     }
     if summary.failed() > 0 && !args.allow_errors {
         return Err(SubmitError::JobsFailed(summary.to_string()));
     }
     Ok(todo)
+}
+
+/// A job in the jobs stream: its sequence, `Nats-Msg-Id` and payload.
+struct QueuedJob {
+    seq: u64,
+    id: String,
+    payload: bytes::Bytes,
+}
+
+/// The jobs in the jobs stream (queued or being worked on) whose `Nats-Msg-Id` `wanted` picks,
+/// read one by one: the stream's subjects name models, not ids. Needs
+/// `$JS.API.STREAM.MSG.GET` on the jobs stream, which shows every producer's jobs.
+async fn queued_jobs(js: &Context, t: &Topology, wanted: impl Fn(&str) -> bool) -> Result<Vec<QueuedJob>, SubmitError> {
+    let nats = |e: &dyn std::fmt::Display| SubmitError::Nats(e.to_string());
+    let stream = js.get_stream(&t.jobs_stream).await.map_err(|e| nats(&e))?;
+    let state = &stream.cached_info().state;
+    futures::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(|seq| {
+            let (stream, wanted) = (&stream, &wanted);
+            async move {
+                match stream.get_raw_message(seq).await {
+                    // Gaps are jobs already acked (a work queue removes them) or cancelled.
+                    Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+                    Err(e) => Err(nats(&e)),
+                    Ok(m) => {
+                        let id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()).filter(|id| wanted(id));
+                        Ok(id.map(|id| QueuedJob { seq, id, payload: m.payload }))
+                    }
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .try_filter_map(|x| async move { Ok(x) })
+        .try_collect()
+        .await
 }
 
 /// The `cancel` command: deletes the queued jobs of the input file from the jobs stream. Jobs a
@@ -466,30 +646,15 @@ pub async fn cancel(args: CancelArgs) -> Result<usize, SubmitError> {
     // Retries of a job (`<id>:retry-<n>`) are its own too.
     let ids: HashSet<String> = jobs.into_iter().map(|j| j.id).collect();
     let client = crate::bus::connect(&args.nats, "jetbatch-cancel").await?;
-    let js = jetstream::new(client);
-    let nats = |e: &dyn std::fmt::Display| SubmitError::Nats(e.to_string());
-    let stream = js.get_stream(&topology.jobs_stream).await.map_err(|e| nats(&e))?;
-    let state = stream.get_info().await.map_err(|e| nats(&e))?.state;
-    let deleted = futures::stream::iter(state.first_sequence..=state.last_sequence)
-        .map(|seq| {
-            let (stream, ids) = (&stream, &ids);
-            async move {
-                // Gaps are jobs already acked (a work queue removes them): nothing to do.
-                let msg = stream.get_raw_message(seq).await.ok()?;
-                let id = msg.headers.get("Nats-Msg-Id")?.as_str();
-                if !ids.contains(id) && !ids.contains(original_id(id).0) {
-                    return None;
-                }
-                Some(stream.delete_message(seq).await)
-            }
-        })
+    let js = args.subjects.jetstream(&client);
+    let queued = queued_jobs(&js, &topology, |id| ids.contains(id) || ids.contains(original_id(id).0)).await?;
+    let stream = js.get_stream_no_info(&topology.jobs_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
+    let deleted: Vec<bool> = futures::stream::iter(queued)
+        .map(|q| stream.delete_message(q.seq))
         .buffer_unordered(64)
-        .filter_map(|x| async move { x })
-        .collect::<Vec<_>>()
+        .try_collect()
         .await
-        .into_iter()
-        .collect::<Result<Vec<bool>, _>>()
-        .map_err(|e| nats(&e))?;
+        .map_err(|e| SubmitError::Nats(e.to_string()))?;
     let n = deleted.into_iter().filter(|d| *d).count();
     eprintln!("cancelled {n} queued job(s) of {} in {}", ids.len(), args.input.display());
     Ok(n)

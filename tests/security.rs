@@ -245,3 +245,112 @@ async fn the_shipped_accounts_separate_producers_from_workers() {
     };
     assert!(!pulled, "a producer cannot pull jobs");
 }
+
+/// Where a tenant reaches the pool's JetStream API under `accounts-tenants.conf`.
+const TENANT_API: &str = "JS.jetbatch.API";
+
+/// A nats-server from the shipped `deploy/nats` files with `accounts-tenants.conf` included instead
+/// of `accounts.conf`; users `worker` / `work-pw`, `team-a` / `a-pw`, `team-b` / `b-pw`.
+fn tenants_server(dir: &Path) -> Node {
+    let (port, monitor) = (free_port(), free_port());
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/nats");
+    let conf = dir.join("nats-server.conf");
+    let text = std::fs::read_to_string(shipped.join("nats-server.conf")).unwrap();
+    assert!(text.contains("include ./accounts.conf"));
+    let text = text.replace("/data/jetstream", dir.join("store").to_str().unwrap()).replace("include ./accounts.conf", "include ./accounts-tenants.conf");
+    std::fs::write(&conf, text).unwrap();
+    std::fs::copy(shipped.join("accounts-tenants.conf"), dir.join("accounts-tenants.conf")).unwrap();
+    let args = ["-c", conf.to_str().unwrap(), "-p", &port.to_string(), "-m", &monitor.to_string()];
+    let env = [("WORKER_PASSWORD", "work-pw"), ("TEAM_A_PASSWORD", "a-pw"), ("TEAM_B_PASSWORD", "b-pw")];
+    Node::spawn_env(args.map(String::from).to_vec(), port, env.map(|(k, v)| (k.to_string(), v.to_string())).to_vec())
+}
+
+/// `jetbatch submit` of one `mlp` job `id` as `user`; the output (results on standard output).
+fn submit_as(dir: &Path, url: &str, user: &str, password: &str, id: &str) -> Output {
+    let jobs = dir.join(format!("{id}.jsonl"));
+    let job = json!({"id": id, "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(3, 16)}]}});
+    std::fs::write(&jobs, job.to_string()).unwrap();
+    run(&["submit", "--quiet", "--nats-url", url, "--nats-user", user, "--nats-password", password, "--js-api-prefix", TENANT_API, "--idle-timeout-secs", "30", "-i", jobs.to_str().unwrap(), "-o", "-"])
+}
+
+/// Whether a JetStream API request as `client` gets an answer that is not an error.
+async fn api_answers(client: &async_nats::Client, subject: &str, body: &str) -> bool {
+    match tokio::time::timeout(Duration::from_secs(5), client.request(subject.to_string(), body.to_string().into())).await {
+        Ok(Ok(reply)) => !String::from_utf8_lossy(&reply.payload).contains("\"error\""),
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn the_tenant_accounts_share_the_pool_but_not_results_or_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tenants_server(dir.path());
+    let url = node.url();
+    let worker = ["--nats-user", "worker", "--nats-password", "work-pw"];
+    let out = run(&[&["setup", "--nats-url", &url][..], &worker].concat());
+    assert!(out.status.success(), "setup: {}", String::from_utf8_lossy(&out.stderr));
+    let models = dir.path().join("models");
+    jetbatch_testkit::write_fixture_models(&models).unwrap();
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+    let serve = Command::new(BIN).args([&["serve", "--nats-url", &url, "--models", models.to_str().unwrap()][..], &worker].concat()).stderr(log).spawn().unwrap();
+    // Killed when it goes out of scope, a failed assertion included.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let serve = Killed(serve);
+
+    // team-b listens to every result it may see while team-a's job is answered.
+    let b = async_nats::ConnectOptions::with_user_and_password("team-b".into(), "b-pw".into()).connect(&url).await.unwrap();
+    let mut b_results = b.subscribe("jetbatch.results.>").await.unwrap();
+    b.flush().await.unwrap();
+    // Both tenants get their answers from the one pool.
+    for (user, password, id) in [("team-a", "a-pw", "team-a.job-1"), ("team-b", "b-pw", "team-b.job-1")] {
+        let out = submit_as(dir.path(), &url, user, password, id);
+        let worker_log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
+        assert!(out.status.success(), "{user}: {}\nworker: {worker_log}", String::from_utf8_lossy(&out.stderr));
+        let r = JobResult::decode(String::from_utf8_lossy(&out.stdout).trim().as_bytes()).unwrap();
+        assert_eq!((r.id.as_str(), r.status), (id, Status::Ok));
+    }
+    drop(serve);
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut b_results)).await {
+        seen.push(m.subject.to_string());
+    }
+    assert_eq!(seen, ["jetbatch.results.team-b.job-1"], "team-b hears only its own results");
+
+    // team-b cannot look team-a's result up, nor read results by sequence.
+    let results = async_nats::jetstream::with_prefix(b.clone(), TENANT_API).get_stream_no_info("JETBATCH_RESULTS").await.unwrap();
+    assert!(results.direct_get_last_for_subject("jetbatch.results.team-b.job-1").await.is_ok(), "its own result is looked up");
+    assert!(results.direct_get_last_for_subject("jetbatch.results.team-a.job-1").await.is_err(), "team-a's result is not");
+    for api in ["$JS.API", TENANT_API] {
+        assert!(!api_answers(&b, &format!("{api}.STREAM.MSG.GET.JETBATCH_RESULTS"), r#"{"seq": 1}"#).await, "no reading of results by sequence");
+    }
+
+    // With no worker, team-a's next job stays queued: team-b can neither read nor delete it.
+    let a = async_nats::ConnectOptions::with_user_and_password("team-a".into(), "a-pw".into()).connect(&url).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "team-a.queued");
+    let job = json!({"id": "team-a.queued", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(4, 16)}]}});
+    let ack = async_nats::jetstream::with_prefix(a.clone(), TENANT_API).publish_with_headers("jetbatch.jobs.mlp", headers, job.to_string().into()).await.unwrap().await.unwrap();
+    for api in ["$JS.API", TENANT_API] {
+        for (what, body) in [
+            ("STREAM.MSG.GET.JETBATCH_JOBS", format!(r#"{{"seq": {}}}"#, ack.sequence)),
+            ("STREAM.MSG.DELETE.JETBATCH_JOBS", format!(r#"{{"seq": {}}}"#, ack.sequence)),
+            ("STREAM.PURGE.JETBATCH_JOBS", "{}".to_string()),
+            ("CONSUMER.MSG.NEXT.JETBATCH_JOBS.jetbatch-workers", r#"{"batch": 1, "expires": 500000000}"#.to_string()),
+        ] {
+            assert!(!api_answers(&b, &format!("{api}.{what}"), &body).await, "team-b: {api}.{what}");
+        }
+    }
+    let input = dir.path().join("cancel.jsonl");
+    std::fs::write(&input, job.to_string()).unwrap();
+    let cancel = run(&["cancel", "--nats-url", &url, "--nats-user", "team-b", "--nats-password", "b-pw", "--js-api-prefix", TENANT_API, "-i", input.to_str().unwrap()]);
+    assert!(!cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
+    let w = async_nats::ConnectOptions::with_user_and_password("worker".into(), "work-pw".into()).connect(&url).await.unwrap();
+    let mut jobs = async_nats::jetstream::new(w).get_stream("JETBATCH_JOBS").await.unwrap();
+    assert_eq!(jobs.info().await.unwrap().state.messages, 1, "team-a's job stays queued");
+}

@@ -1,12 +1,14 @@
 //! `jetbatch submit` and `cancel` as a producer meets them: every bad line named in one pass,
 //! results on standard output, `NATS_URL`, retrying errors under new ids, a changed line on resume,
-//! Ctrl-C, and dropping a run's queued jobs.
+//! Ctrl-C, dropping a run's queued jobs, and ids that JetStream drops as duplicates.
 
 mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::io::BufRead;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -132,4 +134,110 @@ async fn ctrl_c_says_what_stays_queued_and_cancel_drops_it() {
     let cancel = jetbatch(&["cancel", "--nats-url", &h.url(), "-i", input.to_str().unwrap()], &[]);
     assert!(cancel.status.success() && text(&cancel.stderr).contains("cancelled 5 queued job(s) of 5"), "{}", text(&cancel.stderr));
     assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 1, "another run's job stays");
+}
+
+/// A `submit` run in the background whose standard error is read as it comes.
+struct Running {
+    child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(h: &Harness, input: &Path, output: &Path) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+            .args(["submit", "--quiet", "--nats-url", &h.url(), "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Running { child, stderr, reader }
+    }
+
+    /// Waits (at most 15 s) until standard error holds `needle`.
+    async fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.stderr.lock().unwrap().contains(needle) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ctrl-C, then everything it wrote to standard error.
+    fn interrupt(mut self) -> String {
+        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        assert!(!self.child.wait().unwrap().success());
+        self.reader.join().unwrap();
+        let err = self.stderr.lock().unwrap().clone();
+        err
+    }
+}
+
+#[tokio::test]
+async fn duplicate_ids_are_sorted_out_at_once_and_never_counted_as_queued() {
+    let h = Harness::new().await;
+    jetbatch::bus::setup(&h.js, &h.topology).await.unwrap();
+    // Earlier jobs under the ids (no worker: they stay queued): another job under q-1, this very
+    // job under q-4, and q-3, cancelled since.
+    for line in [job("q-1", "mlp", 1), job("q-3", "mlp", 3), job("q-4", "mlp", 4)] {
+        let id = serde_json::from_str::<serde_json::Value>(&line).unwrap()["id"].as_str().unwrap().to_string();
+        h.publish_raw("mlp", Some(&id), line.into_bytes(), true).await;
+    }
+    assert!(h.js.get_stream(&h.topology.jobs_stream).await.unwrap().delete_message(2).await.unwrap());
+    let input = h.dir.path().join("jobs.jsonl");
+    std::fs::write(&input, [job("q-1", "mlp", 11), job("q-2", "mlp", 2), job("q-3", "mlp", 3), job("q-4", "mlp", 4)].join("\n")).unwrap();
+    let run = Running::start(&h, &input, &h.dir.path().join("out"));
+    run.wait_for("id 'q-4'").await;
+    let err = run.interrupt();
+    for expect in [
+        "id 'q-1': not queued, dropped as a duplicate: a different job under this id is queued; give this job a new id",
+        "id 'q-3': not queued, dropped as a duplicate: the earlier job under this id is neither queued nor answered",
+        "id 'q-4': this very job is queued already (published before); waiting for its answer",
+        // q-2 (published now) and q-4 are queued; q-1 and q-3 are not.
+        "interrupted: 0 result(s) written; 2 job(s) stay queued",
+    ] {
+        assert!(err.contains(expect), "stderr lacks {expect:?}:\n{err}");
+    }
+    assert!(!err.contains("id 'q-2'"), "{err}");
+}
+
+#[tokio::test]
+async fn a_duplicate_of_an_answered_job_is_collected_or_named_without_waiting() {
+    let h = Harness::new().await;
+    let _w = h.worker("w1", &[]);
+    let dir = h.dir.path();
+    std::fs::write(dir.join("first.jsonl"), job("d-1", "mlp", 1)).unwrap();
+    let first = submit(&h, &dir.join("first.jsonl"), dir.join("first.out").to_str().unwrap(), &[]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let answer = std::fs::read_to_string(dir.join("first.out")).unwrap();
+
+    // The same job again into a fresh output (no resume): its stored answer is collected.
+    std::fs::write(dir.join("again.jsonl"), [job("d-1", "mlp", 1), job("d-2", "mlp", 2)].join("\n")).unwrap();
+    let again = submit(&h, &dir.join("again.jsonl"), dir.join("again.out").to_str().unwrap(), &[]);
+    let err = text(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("id 'd-1': published before and answered; its stored answer is collected") && err.contains("2 answered: 2 ok"), "{err}");
+    let out = std::fs::read_to_string(dir.join("again.out")).unwrap();
+    assert!(out.lines().any(|l| l == answer.trim()), "the stored answer is written as it was:\n{out}");
+
+    // A different job under the answered id: named at once, not waited for (idle timeout 60 s).
+    std::fs::write(dir.join("other.jsonl"), job("d-1", "mlp", 9)).unwrap();
+    let started = Instant::now();
+    let other = submit(&h, &dir.join("other.jsonl"), dir.join("other.out").to_str().unwrap(), &[]);
+    let err = text(&other.stderr);
+    assert!(!other.status.success(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}: {err}", started.elapsed());
+    for expect in [
+        "id 'd-1': not queued, dropped as a duplicate: a different job under this id is answered already; give this job a new id",
+        "1 job(s) not queued and not answered: their ids were used by other jobs within the jobs stream's duplicate window (d-1); give them new ids",
+    ] {
+        assert!(err.contains(expect), "stderr lacks {expect:?}:\n{err}");
+    }
+    assert!(!err.contains("no result for"), "no stall report: {err}");
+    assert_eq!(std::fs::read_to_string(dir.join("other.out")).unwrap_or_default(), "", "another job's answer is not ours");
 }

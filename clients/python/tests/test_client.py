@@ -1,9 +1,12 @@
 """jetbatch.Client against a real nats-server and worker: round trips, order, duplicates, resume,
-results that answer another job, error results, timeouts, the sync wrapper."""
+results that answer another job, ids the jobs stream drops as duplicates, error results, timeouts,
+the sync wrapper."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import os
 import time
 
 import msgpack
@@ -14,7 +17,7 @@ import jetbatch
 from jetbatch import Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, RollingOutput
 
 from conftest import MODEL
-from harness import start_nats
+from harness import ROOT, Proc, free_port, nats_server_bin, start_nats, start_worker
 
 PAIRS = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "the lazy dog"),
          ("numbers like 12", " 345 and 6789")]
@@ -129,6 +132,64 @@ def test_a_stored_result_of_another_job_under_our_id_is_not_taken(worker, nats_u
     assert r.worker == "py-tests" and not r.resumed and r.output.logprob < 0
 
 
+def test_a_duplicate_of_the_same_answered_job_is_collected_at_once(worker, nats_url, caplog):
+    job = Job.loglikelihood(MODEL, "the quick brown", " fox", id=f"dup-{time.time_ns()}")
+    [first] = run(collect(nats_url, [job]))
+    # No run id: nothing is looked up first, the job is published again and dropped as a duplicate.
+    with caplog.at_level(logging.WARNING, logger="jetbatch"):
+        [again] = run(collect(nats_url, [job]))
+    assert again.resumed and again.output == first.output and again.worker == first.worker
+    assert f"id {job.id!r}: published before and answered; its stored answer is collected" in caplog.text
+
+
+def test_a_duplicate_of_another_job_is_named_at_once_and_not_waited_for(worker, nats_url):
+    taken = Job.loglikelihood(MODEL, "a", " b", id=f"taken-{time.time_ns()}")
+    run(collect(nats_url, [taken]))
+    mine = Job.loglikelihood(MODEL, "a", " c", id=taken.id)
+    ok = Job.loglikelihood(MODEL, "a", " d")
+    t0 = time.monotonic()
+    results = []
+
+    async def go():
+        async with Client(nats_url, idle_timeout=20) as c:
+            async for r in c.submit([mine, ok]):
+                results.append(r)
+
+    with pytest.raises(Exception) as e:
+        run(go())
+    assert time.monotonic() - t0 < 10, "not waited for"
+    assert isinstance(e.value, jetbatch.JetbatchDuplicateIds), e.value
+    assert e.value.dropped == {taken.id: "a different job under this id is answered already; give this job a new id"}
+    assert [(r.index, r.ok) for r in results] == [(1, True)], "the other job is answered before the error"
+
+
+def test_a_squatted_run_id_is_named_at_once(tmp_path):
+    """Another producer publishes a different job under our predictable `<run_id>.<hash>` first."""
+    server, url = start_nats(tmp_path)
+    try:
+        run_id = "squatted"
+        job = Job.loglikelihood(MODEL, "a", " b")
+        job_id = jetbatch.derive_id(job, run_id)
+
+        async def squat():
+            async with Client(url) as c:
+                await c.connect()
+                await c.ensure_streams()
+            nc = await nats.connect(url)
+            await nc.jetstream().publish(f"jetbatch.jobs.{MODEL}", b'{"squat": 1}', headers={"Nats-Msg-Id": job_id})
+            await nc.close()
+
+        run(squat())
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as e:
+            run(collect(url, [job], run_id=run_id, idle_timeout=8))
+        assert time.monotonic() - t0 < 5, "not waited for"
+        assert isinstance(e.value, jetbatch.JetbatchDuplicateIds), e.value
+        assert e.value.dropped == {job_id: "a different job under this id is queued; use a new run_id"}
+    finally:
+        server.stop()
+
+
 def test_error_results_are_typed(worker, nats_url):
     jobs = [Job.loglikelihood("no-such-model", "a", " b"),
             Job(MODEL, "loglikelihood", {"context": "a", "continuation": " b", "extra": 1}),
@@ -221,3 +282,45 @@ def test_sync_wrapper_and_server_lists(worker, nats_url):
     assert r.ok and r.index == 0
     with jetbatch.SyncClient(nats_url) as c:
         assert c.run([Job.loglikelihood(MODEL, "a", " b")])[0].output == r.output
+
+
+def test_tenant_accounts_answer_each_tenant_and_hide_the_others_results(tmp_path, models, monkeypatch):
+    """deploy/nats/accounts-tenants.conf: two tenants share the pool, each sees its own results only."""
+    port = free_port()
+    conf = (ROOT / "deploy/nats/nats-server.conf").read_text()
+    conf = conf.replace("/data/jetstream", str(tmp_path / "store")).replace("include ./accounts.conf", "include ./accounts-tenants.conf")
+    (tmp_path / "nats-server.conf").write_text(conf)
+    (tmp_path / "accounts-tenants.conf").write_text((ROOT / "deploy/nats/accounts-tenants.conf").read_text())
+    env = dict(os.environ, WORKER_PASSWORD="work-pw", TEAM_A_PASSWORD="a-pw", TEAM_B_PASSWORD="b-pw")
+    server = Proc([nats_server_bin(), "-c", str(tmp_path / "nats-server.conf"), "-p", str(port), "-m", str(free_port())],
+                  tmp_path / "nats.log", port, "nats-server", env=env)
+    monkeypatch.setenv("JETBATCH_NATS_USER", "worker")
+    monkeypatch.setenv("JETBATCH_NATS_PASSWORD", "work-pw")
+    worker = start_worker(f"nats://127.0.0.1:{port}", models, tmp_path / "worker", worker_id="tenants")
+    tenant = jetbatch.Topology(js_api_prefix="JS.jetbatch.API")
+    job = Job.loglikelihood(MODEL, "the quick brown", " fox")
+    try:
+        async def go():
+            answers = {}
+            for user in ("team-a", "team-b"):
+                url = f"nats://{user}:{user[-1]}-pw@127.0.0.1:{port}"
+                async with Client(url, run_id=f"{user}.run-1", topology=tenant, idle_timeout=60) as c:
+                    [answers[user]] = [r async for r in c.submit([job])]
+            b = await nats.connect(f"nats://team-b:b-pw@127.0.0.1:{port}")
+            try:
+                js = b.jetstream(prefix="JS.jetbatch.API")
+                own = await js.get_last_msg("JETBATCH_RESULTS", f"jetbatch.results.{answers['team-b'].id}", direct=True)
+                with pytest.raises(Exception):
+                    await js.get_last_msg("JETBATCH_RESULTS", f"jetbatch.results.{answers['team-a'].id}", direct=True)
+                with pytest.raises(Exception):
+                    await js.get_msg("JETBATCH_RESULTS", seq=1)
+            finally:
+                await b.close()
+            return answers, own
+
+        answers, own = run(go())
+        assert all(r.ok for r in answers.values()) and answers["team-a"].output == answers["team-b"].output
+        assert answers["team-a"].id.startswith("team-a.run-1.") and own.data
+    finally:
+        worker.stop()
+        server.stop()

@@ -2,7 +2,7 @@
 
 `jetbatch.lm_eval` is the lm-evaluation-harness backend (imported on its own: it needs lm-eval).
 """
-from .client import Client, JetbatchError, SyncClient, Topology, derive_id, job_hash, run, split_servers
+from .client import Client, JetbatchDuplicateIds, JetbatchError, SyncClient, Topology, derive_id, job_hash, run, split_servers
 from .types import (
     ClassifyOutput,
     EmbedOutput,
@@ -19,7 +19,7 @@ from .types import (
 )
 
 __all__ = [
-    "Client", "SyncClient", "run", "Topology", "JetbatchError", "JetbatchTimeout", "Job", "JobError", "Result",
+    "Client", "SyncClient", "run", "Topology", "JetbatchError", "JetbatchDuplicateIds", "JetbatchTimeout", "Job", "JobError", "Result",
     "Timing", "LoglikelihoodOutput", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
     "TensorOutput", "derive_id", "job_hash", "split_servers",
 ]

@@ -4,7 +4,10 @@ It follows `jetbatch submit` (src/submit.rs): streams are only looked up (a prod
 not create them) and created only when missing; jobs go out with `Nats-Msg-Id: <id>` so JetStream
 drops a re-published id; a result counts as a job's answer only when its body's id and its
 `Jetbatch-Job-Hash` header (BLAKE3 of the job's payload, 32 hex digits) both match; results that
-the live subscription missed are read from the results stream when it goes quiet.
+the live subscription missed are read from the results stream when it goes quiet. A job the jobs
+stream drops as a duplicate (another job under its id within the duplicate window) is sorted out at
+once: its stored answer collected, this very job queued waited for, anything else named and never
+waited for (`JetbatchDuplicateIds` once the other jobs are in).
 """
 from __future__ import annotations
 
@@ -39,6 +42,18 @@ POLL_S = 2.0
 
 class JetbatchError(Exception):
     """The bus refused something (streams missing and not creatable, a publish not acknowledged)."""
+
+
+class JetbatchDuplicateIds(JetbatchError):
+    """Jobs the jobs stream dropped as duplicates of other jobs under their ids (published within its
+    duplicate window): they are not queued and will never be answered. `dropped` maps each id to
+    why and what to do. Raised once every other job of the call is answered (and yielded)."""
+
+    def __init__(self, dropped: dict[str, str]):
+        shown = "; ".join(f"{i}: {why}" for i, why in list(dropped.items())[:10])
+        more = f" (and {len(dropped) - 10} more)" if len(dropped) > 10 else ""
+        super().__init__(f"{len(dropped)} job(s) not queued and not answered, their ids being used by other jobs: {shown}{more}")
+        self.dropped = dropped
 
 
 def job_hash(payload: bytes) -> str:
@@ -78,6 +93,10 @@ class Topology:
     dead_stream: str = "JETBATCH_DEAD"
     consumer: str = "jetbatch-workers"
     duplicate_window_s: float = 120.0
+    # The JetStream API's subject prefix: another one where the streams live in the workers'
+    # account and this one imports their API under it (`JS.jetbatch.API` under
+    # deploy/nats/accounts-tenants.conf), as `jetbatch submit --js-api-prefix`.
+    js_api_prefix: str = "$JS.API"
     results_max_age_s: float = 24 * 3600.0
 
     def jobs_subject(self, model: str, priority: str = "normal") -> str:
@@ -96,12 +115,28 @@ class _Pending:
     """One distinct job of a submit call: its id, payload, hash and where it sits in the input
     (identical jobs share an id, are computed once and answer every position)."""
 
-    __slots__ = ("id", "model", "payload", "hash", "indices", "priority")
+    __slots__ = ("id", "model", "payload", "hash", "indices", "priority", "derived")
 
-    def __init__(self, job_id: str, model: str, payload: bytes, priority: str):
+    def __init__(self, job_id: str, model: str, payload: bytes, priority: str, derived: bool):
         self.id, self.model, self.payload, self.priority = job_id, model, payload, priority
         self.hash = job_hash(payload)
         self.indices: list[int] = []
+        # Whether the id is `<run_id>.<hash>`: a squatted one calls for a new run id, not a new id.
+        self.derived = derived
+
+    def new_id_advice(self) -> str:
+        return "use a new run_id" if self.derived else "give this job a new id"
+
+
+class _Duplicate:
+    """What a job the jobs stream dropped as a duplicate comes to: `answered` (`detail` is the
+    stored answer), `queued` (this very job, published before), `unverified` (the queue cannot be
+    read with this account; `detail` says why) or `dropped` (never answered; `detail` says why)."""
+
+    __slots__ = ("p", "kind", "detail")
+
+    def __init__(self, p: _Pending, kind: str, detail):
+        self.p, self.kind, self.detail = p, kind, detail
 
 
 def _decode(payload: bytes) -> dict:
@@ -166,6 +201,9 @@ class Client:
         self._nc = None
         self._streams_checked = False
 
+    def _js(self):
+        return self._nc.jetstream(prefix=self.topology.js_api_prefix)
+
     async def connect(self) -> "Client":
         if self._nc is None:
             opts = {"max_reconnect_attempts": -1, "error_cb": _log_error, **self._connect_options}
@@ -188,7 +226,7 @@ class Client:
         missing, and says what to run when that is refused."""
         if self._streams_checked:
             return
-        js = self._nc.jetstream()
+        js = self._js()
         t = self.topology
         try:
             await js.stream_info(t.jobs_stream)
@@ -223,7 +261,7 @@ class Client:
             if p is None:
                 wire = {"id": job_id, **body}
                 payload = msgpack.packb(wire, use_bin_type=True) if self.encoding == "msgpack" else json.dumps(wire).encode()
-                p = by_id[job_id] = _Pending(job_id, job.model, payload, priority)
+                p = by_id[job_id] = _Pending(job_id, job.model, payload, priority, derived=job.id is None)
             elif job.id is not None and {"id": job_id, **body} != _decode(p.payload):
                 raise ValueError(f"id: {job_id!r} is given to two different jobs (positions {p.indices[0]} and {n - 1})")
             p.indices.append(n - 1)
@@ -231,7 +269,7 @@ class Client:
 
     async def _stored(self, pending: list[_Pending]) -> list[tuple[_Pending, dict]]:
         """Results already in the results stream that answer these jobs (direct gets, 64 at a time)."""
-        js = self._nc.jetstream()
+        js = self._js()
         sem = asyncio.Semaphore(64)
 
         async def one(p: _Pending):
@@ -246,6 +284,67 @@ class Client:
         found = await asyncio.gather(*(one(p) for p in pending))
         return [f for f in found if f is not None]
 
+    async def _stored_under(self, p: _Pending) -> Optional[_Duplicate]:
+        """What the results stream holds under the job's id: its answer, another job's, or nothing."""
+        try:
+            m = await self._js().get_last_msg(self.topology.results_stream, self.topology.result_subject(p.id), direct=True)
+        except NotFoundError:
+            return None
+        d = _answer(p, m.headers, m.data or b"")
+        if d is not None:
+            return _Duplicate(p, "answered", d)
+        return _Duplicate(p, "dropped", f"a different job under this id is answered already; {p.new_id_advice()}")
+
+    async def _queued_hashes(self, ids: set[str]) -> dict[str, str]:
+        """Id -> job hash of the jobs in the jobs stream (queued or being worked on) under `ids`, read
+        one by one: the stream's subjects name models, not ids. Needs `$JS.API.STREAM.MSG.GET` on it."""
+        js = self._js()
+        state = (await js.stream_info(self.topology.jobs_stream)).state
+        found: dict[str, str] = {}
+
+        async def one(seq: int):
+            try:
+                m = await js.get_msg(self.topology.jobs_stream, seq=seq)
+            except NotFoundError:
+                return  # acked (a work queue removes it) or cancelled
+            job_id = (m.headers or {}).get("Nats-Msg-Id")
+            if job_id in ids:
+                found[job_id] = job_hash(m.data or b"")
+
+        # 64 gets at a time: a deep queue is not turned into one task per message at once.
+        for start in range(state.first_seq, state.last_seq + 1, 64):
+            await asyncio.gather(*(one(seq) for seq in range(start, min(start + 64, state.last_seq + 1))))
+        return found
+
+    async def _resolve_duplicates(self, dups: list[_Pending]) -> list[_Duplicate]:
+        """Sorts out jobs dropped as duplicates. The queue is read before the results are looked up
+        again: a job that leaves the queue was answered first, so none is missed between the two."""
+        resolved, unanswered = [], []
+        for p in dups:
+            d = await self._stored_under(p)
+            if d is not None:
+                resolved.append(d)
+            else:
+                unanswered.append(p)
+        if not unanswered:
+            return resolved
+        try:
+            queued = await self._queued_hashes({p.id for p in unanswered})
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            why = (f"this account cannot look into the jobs queue ({e!r}) to tell whether it is this very job; "
+                   "waiting for it — a result for a different job under this id ends the wait")
+            return resolved + [_Duplicate(p, "unverified", why) for p in unanswered]
+        for p in unanswered:
+            h = queued.get(p.id)
+            if h == p.hash:
+                resolved.append(_Duplicate(p, "queued", None))
+            elif h is not None:
+                resolved.append(_Duplicate(p, "dropped", f"a different job under this id is queued; {p.new_id_advice()}"))
+            else:
+                resolved.append(await self._stored_under(p) or _Duplicate(
+                    p, "dropped", f"the earlier job under this id is neither queued nor answered (cancelled?); {p.new_id_advice()}"))
+        return resolved
+
     async def consumer_status(self) -> str:
         """What the workers' consumers (one per priority level) say: are workers pulling, how many
         jobs wait or are worked on."""
@@ -254,7 +353,7 @@ class Client:
         for p in PRIORITIES:
             name = t.consumer_of(p)
             try:
-                infos.append((name, await self._nc.jetstream().consumer_info(t.jobs_stream, name)))
+                infos.append((name, await self._js().consumer_info(t.jobs_stream, name)))
             except Exception:
                 return f"consumer {name} cannot be looked up (not created yet: no worker has started?)"
         # An idle worker keeps a pull request open on every level; a busy one holds jobs of some.
@@ -310,6 +409,9 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         emitter = _Emitter(ordered)
         publisher = None
+        say = bar.write if bar is not None else log.warning
+        dropped: dict[str, str] = {}
+        unverified: set[str] = set()
         try:
             missing = dict(by_id)
             if resumable:
@@ -319,7 +421,7 @@ class Client:
                             yield r
             slots = asyncio.Semaphore(self.max_inflight)
             published: set[str] = set()
-            publisher = asyncio.create_task(self._publish(missing, published, slots))
+            publisher = asyncio.create_task(self._publish(missing, published, slots, queue))
             idle = 0.0
             while missing:
                 wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
@@ -329,11 +431,37 @@ class Client:
                     msg = None
                 if publisher.done() and publisher.exception() is not None:
                     raise publisher.exception()
+                if isinstance(msg, _Duplicate):
+                    p = msg.p
+                    if msg.kind == "answered":
+                        say(f"id {p.id!r}: published before and answered; its stored answer is collected")
+                        del missing[p.id]
+                        _free(p.id, published, slots)
+                        for r in emitter.add(p, msg.detail, resumed=True, bar=bar):
+                            yield r
+                    elif msg.kind == "queued":
+                        say(f"id {p.id!r}: this very job is queued already (published before); waiting for its answer")
+                    elif msg.kind == "unverified":
+                        say(f"id {p.id!r}: dropped as a duplicate of a job published earlier under this id; {msg.detail}")
+                        unverified.add(p.id)
+                    else:
+                        say(f"id {p.id!r}: not queued, dropped as a duplicate: {msg.detail}")
+                        dropped[p.id] = msg.detail
+                        del missing[p.id]
+                        _free(p.id, published, slots)
+                    continue
                 if msg is not None:
                     job_id = msg.subject[len(t.prefix) + len(".results."):]
                     p = missing.get(job_id)
                     d = _answer(p, msg.headers, msg.data) if p is not None else None
-                    if p is not None and d is None:
+                    if p is not None and d is None and job_id in unverified:
+                        # The job the unverified duplicate stood behind was another one.
+                        why = f"the job queued under this id was a different one (it is answered now); {p.new_id_advice()}"
+                        say(f"id {job_id!r}: not queued, dropped as a duplicate: {why}")
+                        dropped[job_id] = why
+                        del missing[job_id]
+                        _free(job_id, published, slots)
+                    elif p is not None and d is None:
                         log.warning("a result under id %s answers another job; still waiting for ours", job_id)
                     if d is not None:
                         del missing[job_id]
@@ -359,6 +487,8 @@ class Client:
                     raise JetbatchTimeout(
                         f"no result for {len(missing)} job(s) after waiting {self.idle_timeout:.0f} s without progress; "
                         f"{await self.consumer_status()}", sorted(missing))
+            if dropped:
+                raise JetbatchDuplicateIds(dropped)
         finally:
             if publisher is not None and not publisher.done():
                 publisher.cancel()
@@ -366,12 +496,23 @@ class Client:
             if bar is not None:
                 bar.close()
 
-    async def _publish(self, missing: dict[str, _Pending], published: set[str], slots: asyncio.Semaphore) -> None:
+    async def _publish(self, missing: dict[str, _Pending], published: set[str], slots: asyncio.Semaphore,
+                       queue: asyncio.Queue) -> None:
         """Publishes each job still missing once a slot is free (its result frees it), with
-        pipelined acks. A job answered meanwhile (found in the results stream) is not sent."""
-        js = self._nc.jetstream()
+        pipelined acks. A job answered meanwhile (found in the results stream) is not sent. Jobs
+        the stream dropped as duplicates are sorted out as their acks come and put on `queue`."""
+        js = self._js()
         ct = "application/msgpack" if self.encoding == "msgpack" else "application/json"
-        acks = []
+        acks: list[tuple[_Pending, asyncio.Future]] = []
+
+        async def settle():
+            pubacks = await self._await_acks([ack for _, ack in acks])
+            dups = [p for (p, _), ack in zip(acks, pubacks) if ack.duplicate]
+            if dups:
+                for d in await self._resolve_duplicates(dups):
+                    queue.put_nowait(d)
+            acks.clear()
+
         for p in list(missing.values()):
             await slots.acquire()
             if p.id not in missing:
@@ -379,16 +520,15 @@ class Client:
                 continue
             published.add(p.id)
             headers = {"Nats-Msg-Id": p.id, "Content-Type": ct}
-            acks.append(await js.publish_async(self.topology.jobs_subject(p.model, p.priority), p.payload, headers=headers))
+            acks.append((p, await js.publish_async(self.topology.jobs_subject(p.model, p.priority), p.payload, headers=headers)))
             if len(acks) >= 256:
-                await self._await_acks(acks)
-                acks = []
-        await self._await_acks(acks)
+                await settle()
+        await settle()
 
     @staticmethod
-    async def _await_acks(acks: list) -> None:
+    async def _await_acks(acks: list) -> list[api.PubAck]:
         try:
-            await asyncio.wait_for(asyncio.gather(*acks), 30)
+            return await asyncio.wait_for(asyncio.gather(*acks), 30)
         except asyncio.TimeoutError as e:
             raise JetbatchError("the jobs stream did not acknowledge published jobs within 30 s") from e
 
