@@ -13,7 +13,6 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::{excerpt, ErrorCode, JobError};
-use crate::job::ValidJob;
 
 /// Milliseconds below this (1973-03-03) are almost surely seconds sent as milliseconds: such a
 /// deadline would have passed for decades, so every job carrying it would time out.
@@ -77,16 +76,17 @@ impl fmt::Display for Deadline {
     }
 }
 
-/// Why `job` may no longer start, `age` after its publish, at `now`: its `timeout_ms` or its
-/// `deadline` passed. The answer is a `timeout` error (final, never retried).
-pub fn late(job: &ValidJob, age: Duration, now: SystemTime) -> Option<JobError> {
+/// Why a job with this `deadline` and `timeout` (its `timeout_ms`) may no longer start, `age`
+/// after its publish, at `now`: either passed. The answer is a `timeout` error (final, never
+/// retried). Plain values, not the job: the job's types sit above this file.
+pub fn late(deadline: Option<Deadline>, timeout: Option<Duration>, age: Duration, now: SystemTime) -> Option<JobError> {
     let waited = age.as_secs_f64() * 1e3;
-    if let Some(passed) = job.deadline.and_then(|d| d.passed(now).map(|p| (d, p))) {
+    if let Some(passed) = deadline.and_then(|d| d.passed(now).map(|p| (d, p))) {
         let (deadline, by) = passed;
         let msg = format!("deadline {deadline} passed {:.0} ms before the job could start (it waited {waited:.0} ms)", by.as_secs_f64() * 1e3);
         return Some(JobError::new(ErrorCode::Timeout, msg));
     }
-    job.timeout
+    timeout
         .filter(|limit| age > *limit)
         .map(|_| JobError::new(ErrorCode::Timeout, format!("waited {waited:.0} ms, over the job's timeout_ms")))
 }
@@ -149,5 +149,20 @@ mod tests {
         assert!(past.instant() <= Instant::now());
         let future = Deadline(SystemTime::now() + Duration::from_secs(60));
         assert!(future.instant() > Instant::now() + Duration::from_secs(59));
+    }
+
+    #[test]
+    fn a_job_is_late_past_its_deadline_or_its_timeout() {
+        let noon = Deadline::from_unix_ms(1_795_694_400_000);
+        let at = UNIX_EPOCH + Duration::from_millis(1_795_694_400_000);
+        let (age, limit) = (Duration::from_millis(300), Some(Duration::from_millis(200)));
+        assert_eq!(late(noon, None, age, at - Duration::from_millis(1)), None);
+        assert_eq!(late(None, None, age, at), None);
+        assert_eq!(late(None, Some(age), age, at), None, "at the limit is not over it");
+        let by_deadline = late(noon, limit, age, at + Duration::from_millis(1500)).unwrap();
+        assert_eq!(by_deadline.code, ErrorCode::Timeout);
+        assert_eq!(by_deadline.message, "deadline 2026-11-26T12:00:00Z passed 1500 ms before the job could start (it waited 300 ms)");
+        let by_timeout = late(noon, limit, age, at - Duration::from_millis(1)).unwrap();
+        assert_eq!((by_timeout.code, by_timeout.message.as_str()), (ErrorCode::Timeout, "waited 300 ms, over the job's timeout_ms"));
     }
 }

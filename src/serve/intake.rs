@@ -104,7 +104,7 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
     };
     let header = Header::of_job(&job, cache_key);
     // Past its deadline (say after hours in the stream): answered now, never batched.
-    if let Some(err) = crate::deadline::late(&job, delivery.age(), std::time::SystemTime::now()) {
+    if let Some(err) = crate::deadline::late(job.deadline, job.timeout, delivery.age(), std::time::SystemTime::now()) {
         let mut header = header;
         header.timing.queued_ms = ms(delivery.age());
         return Some(Finished { delivery, header, outcome: Outcome::Answer(Err(err)) });
