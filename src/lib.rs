@@ -13,8 +13,9 @@
 //!   the pause a worker puts on its pulls after handing a job back for another (`bus/gate.rs`),
 //!   publishing results, dead letters, chunks and snapshots and the stored-answer lookup in
 //!   `bus/publish.rs`.
-//! - [`job`]: the wire contract — decoding jobs into envelopes, results; [`encoding`] and [`error`]
-//!   (the wire [`error::JobError`] and its codes) sit below it.
+//! - [`job`]: the wire contract — decoding jobs into envelopes, results (`job/mod.rs`); the subject
+//!   grammar of names and `reply_to` (`job/subject.rs`); the lenient id scanner of refused payloads
+//!   (`job/scan.rs`). [`encoding`] and [`error`] (the wire [`error::JobError`] and its codes) sit below it.
 //! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
 //!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].

@@ -4,6 +4,15 @@
 //! Parsing is split in two: [`decode`] checks what every job shares (id, model, kind, size), and the
 //! model's [`crate::repository::ModelSpec::validate`] turns the kind-specific `input` into a
 //! [`ValidJob`]. Nothing past the edge re-checks input, and every error names the offending field.
+//!
+//! Here: the envelope, its strict decoder, [`ValidJob`] and the result message. Beside it:
+//! `subject` (names that become subject tokens, the `reply_to` policy) and `scan` (the lenient
+//! reading of a refused payload's id, model and kind).
+
+mod scan;
+mod subject;
+#[cfg(test)]
+mod testdocs;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,15 +30,9 @@ pub use crate::kinds::{FinishReason, JobInput, JobKind, Output, ValidationError}
 use crate::kinds::fields::{self, Place};
 use crate::priority::Priority;
 use crate::tensor::TensorData;
-
-/// Where results may be core-published at a producer's request (`reply_to`) by default.
-pub const DEFAULT_REPLY_PREFIXES: &[&str] = &["_INBOX.>", "jetbatch.reply.>"];
-
-/// The areas of our subject prefix that only the worker and the streams use.
-const RESERVED_AREAS: [&str; 5] = ["jobs", "results", "dead", "metrics", "stream"];
-
-/// Longest `reply_to` accepted, in bytes.
-pub const MAX_REPLY_TO_BYTES: usize = 256;
+use scan::{be, scan_fields};
+use subject::check_reply_to;
+pub use subject::{check_reply_prefix, valid_job_id, valid_model_name, DEFAULT_REPLY_PREFIXES, MAX_REPLY_TO_BYTES};
 
 /// Nesting levels a job document may have (the top-level map is the first), like serde_json's
 /// own limit. Deeper documents are rejected before anything recurses further.
@@ -56,88 +59,6 @@ impl Limits {
             prefix: "jetbatch".to_string(),
         }
     }
-}
-
-/// Checks the syntax shared by subjects and reply patterns: 1-256 printable ASCII bytes without
-/// spaces, dot-separated non-empty tokens. Returns the tokens.
-fn subject_tokens(s: &str) -> Result<Vec<&str>, String> {
-    if s.is_empty() || s.len() > MAX_REPLY_TO_BYTES {
-        return Err(format!("must be 1-{MAX_REPLY_TO_BYTES} bytes, not {}", s.len()));
-    }
-    if let Some((i, b)) = s.bytes().enumerate().find(|(_, b)| !(0x21..=0x7e).contains(b)) {
-        return Err(format!("byte 0x{b:02x} at {i}: only printable ASCII without spaces is allowed"));
-    }
-    let tokens: Vec<&str> = s.split('.').collect();
-    if tokens.iter().any(|t| t.is_empty()) {
-        return Err("has an empty dot-separated token".into());
-    }
-    Ok(tokens)
-}
-
-/// Whether some subject is both matched by `tokens` (a pattern, maybe ending in `>`) and inside
-/// `<prefix>.<area>` (that subject or below it).
-fn overlaps_area(tokens: &[&str], prefix: &str, area: &str) -> bool {
-    let reserved: Vec<&str> = prefix.split('.').chain([area]).collect();
-    for (i, r) in reserved.iter().enumerate() {
-        match tokens.get(i) {
-            Some(&">") => return true,
-            Some(t) if t == r => {}
-            _ => return false,
-        }
-    }
-    true
-}
-
-fn reserved_area<'a>(tokens: &[&str], prefix: &str) -> Option<&'a str> {
-    RESERVED_AREAS.into_iter().find(|area| overlaps_area(tokens, prefix, area))
-}
-
-/// Refuses a configured reply prefix that is malformed, a system subject (`$JS.`, `$SYS.`, `$KV.`,
-/// `$SRV.`, …) or overlaps one of our own areas `<prefix>.jobs|results|dead|metrics|stream`. A
-/// pattern is an exact subject, or ends in `.>` to allow everything below it.
-pub fn check_reply_prefix(pattern: &str, prefix: &str) -> Result<(), String> {
-    let tokens = subject_tokens(pattern).map_err(|e| format!("reply prefix '{}': {e}", excerpt(pattern)))?;
-    let body = if tokens.last() == Some(&">") { &tokens[..tokens.len() - 1] } else { &tokens[..] };
-    if body.is_empty() {
-        return Err(format!("reply prefix '{pattern}': matches every subject"));
-    }
-    if body.iter().any(|t| t.contains(['*', '>'])) {
-        return Err(format!("reply prefix '{pattern}': wildcards are only allowed as a final '.>'"));
-    }
-    if pattern.starts_with('$') {
-        return Err(format!("reply prefix '{pattern}': subjects starting with '$' belong to the server"));
-    }
-    if let Some(area) = reserved_area(&tokens, prefix) {
-        return Err(format!("reply prefix '{pattern}': overlaps {prefix}.{area}, which is the worker's own"));
-    }
-    Ok(())
-}
-
-fn pattern_matches(pattern: &str, subject: &[&str]) -> bool {
-    let pattern: Vec<&str> = pattern.split('.').collect();
-    match pattern.split_last() {
-        Some((&">", head)) => subject.len() > head.len() && head.iter().zip(subject).all(|(p, s)| p == s),
-        _ => pattern == subject,
-    }
-}
-
-/// The `reply_to` policy: a plain subject (no wildcards, printable ASCII, no empty token), not a
-/// system subject, not in one of our own areas, and under one of `limits.reply_prefixes`.
-fn check_reply_to(reply_to: &str, limits: &Limits) -> Result<(), String> {
-    let tokens = subject_tokens(reply_to)?;
-    if reply_to.contains(['*', '>']) {
-        return Err("wildcards ('*', '>') are not allowed".into());
-    }
-    if reply_to.starts_with('$') {
-        return Err("subjects starting with '$' belong to the server (JetStream and system API)".into());
-    }
-    if let Some(area) = reserved_area(&tokens, &limits.prefix) {
-        return Err(format!("{}.{area} is the worker's own", limits.prefix));
-    }
-    if !limits.reply_prefixes.iter().any(|p| pattern_matches(p, &tokens)) {
-        return Err(format!("'{}' is not under an allowed prefix ({})", excerpt(reply_to), limits.reply_prefixes.join(", ")));
-    }
-    Ok(())
 }
 
 /// A job whose shared fields are valid; `input` is still the raw map for the model to parse.
@@ -168,320 +89,6 @@ pub struct Rejection {
     pub kind: Option<String>,
     pub encoding: Encoding,
     pub error: JobError,
-}
-
-/// Names: `[A-Za-z0-9_-]{1,64}` — they become subject tokens and folder names, so no dots,
-/// wildcards or path separators.
-pub fn valid_model_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// Job ids become the last tokens of result subjects: `[A-Za-z0-9_:.-]{1,256}` without empty tokens.
-pub fn valid_job_id(id: &str) -> bool {
-    (1..=256).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:-.".contains(&b))
-        && !id.starts_with('.')
-        && !id.ends_with('.')
-        && !id.contains("..")
-}
-
-/// What the lenient scanner read of `id`, `model` and `kind`.
-#[derive(Debug, Default, Clone, PartialEq)]
-enum Seen {
-    #[default]
-    Absent,
-    /// Present once (or repeated with the same value); `None` when not a readable string.
-    Value(Option<String>),
-    /// Present with different values: ambiguous.
-    Conflict,
-}
-
-impl Seen {
-    fn record(&mut self, value: Option<String>) {
-        *self = match std::mem::take(self) {
-            Seen::Absent => Seen::Value(value),
-            Seen::Value(old) if old == value => Seen::Value(old),
-            _ => Seen::Conflict,
-        };
-    }
-
-    fn get(self) -> Option<String> {
-        match self {
-            Seen::Value(v) => v,
-            _ => None,
-        }
-    }
-}
-
-/// The top-level `id`, `model` and `kind` of a payload, read leniently.
-#[derive(Debug, Default)]
-struct Scanned {
-    id: Seen,
-    model: Seen,
-    kind: Seen,
-}
-
-impl Scanned {
-    fn slot(&mut self, key: &[u8]) -> Option<&mut Seen> {
-        match key {
-            b"id" => Some(&mut self.id),
-            b"model" => Some(&mut self.model),
-            b"kind" => Some(&mut self.kind),
-            _ => None,
-        }
-    }
-}
-
-/// Reads only the top-level `id`, `model` and `kind` of a JSON object or MessagePack map,
-/// skipping every other value without recursion (bounded work, linear in the payload) and
-/// tolerating whatever is wrong elsewhere: wrong types, invalid UTF-8, any nesting, trailing
-/// bytes, a byte-order mark. An `id` present twice with different values is not readable, nor is
-/// one in a map cut off before its end (a second, different `id` may have followed).
-/// The values returned are bounded: a valid job id, a valid model name, a known kind.
-fn scan_fields(payload: &[u8], encoding: Encoding) -> (Option<String>, Option<String>, Option<String>) {
-    let scanned = match encoding {
-        Encoding::Json => scan_json(payload),
-        Encoding::MsgPack => scan_msgpack(payload),
-    };
-    (
-        scanned.id.get().filter(|id| valid_job_id(id)),
-        scanned.model.get().filter(|m| valid_model_name(m)),
-        scanned.kind.get().and_then(|k| JobKind::parse(&k)).map(|k| k.as_str().to_string()),
-    )
-}
-
-/// Longest string token decoded for `id`/`model`/`kind`: a 256-byte id with every byte escaped.
-const MAX_SCANNED_TOKEN: usize = 2 + 6 * 256;
-
-fn scan_json(p: &[u8]) -> Scanned {
-    scan_json_map(p).unwrap_or_default()
-}
-
-/// `None` unless the top-level object is complete: a cut-off document may have hidden a second,
-/// different `id`.
-fn scan_json_map(p: &[u8]) -> Option<Scanned> {
-    let mut out = Scanned::default();
-    let ws = |p: &[u8], mut i: usize| {
-        while p.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
-            i += 1;
-        }
-        i
-    };
-    let mut i = ws(p, if p.starts_with(BOM) { BOM.len() } else { 0 });
-    if p.get(i) != Some(&b'{') {
-        return None;
-    }
-    i += 1;
-    loop {
-        i = ws(p, i);
-        match p.get(i) {
-            Some(b'}') => return Some(out),
-            Some(b'"') => {}
-            _ => return None,
-        }
-        let end = json_string_end(p, i)?;
-        // Keys we look for are short even when escaped; others are not decoded.
-        let key = if end - i <= 40 { serde_json::from_slice::<String>(&p[i..end]).ok() } else { None };
-        i = ws(p, end);
-        if p.get(i) != Some(&b':') {
-            return None;
-        }
-        i = ws(p, i + 1);
-        let slot = key.as_deref().and_then(|k| out.slot(k.as_bytes()));
-        if p.get(i) == Some(&b'"') {
-            let end = json_string_end(p, i)?;
-            if let Some(slot) = slot {
-                let token = &p[i..end];
-                slot.record((token.len() <= MAX_SCANNED_TOKEN).then(|| serde_json::from_slice::<String>(token).ok()).flatten());
-            }
-            i = end;
-        } else {
-            let end = json_skip_value(p, i)?;
-            if end == i {
-                return None;
-            }
-            if let Some(slot) = slot {
-                slot.record(None);
-            }
-            i = end;
-        }
-        i = ws(p, i);
-        match p.get(i) {
-            Some(b',') => i += 1,
-            Some(b'}') => return Some(out),
-            _ => return None,
-        }
-    }
-}
-
-/// `p[start]` is `"`: the index after the closing quote.
-fn json_string_end(p: &[u8], start: usize) -> Option<usize> {
-    let mut i = start + 1;
-    while i < p.len() {
-        match p[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-/// Skips one JSON value (leniently) starting at `i`: the index after it.
-fn json_skip_value(p: &[u8], mut i: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    loop {
-        match *p.get(i)? {
-            b'"' => {
-                i = json_string_end(p, i)?;
-                if depth == 0 {
-                    return Some(i);
-                }
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                i += 1;
-            }
-            b'}' | b']' => {
-                if depth == 0 {
-                    return Some(i);
-                }
-                depth -= 1;
-                i += 1;
-                if depth == 0 {
-                    return Some(i);
-                }
-            }
-            _ if depth == 0 => {
-                while p.get(i).is_some_and(|b| !matches!(b, b',' | b'}' | b']' | b'"' | b'{' | b'[') && !b.is_ascii_whitespace()) {
-                    i += 1;
-                }
-                return Some(i);
-            }
-            _ => i += 1,
-        }
-    }
-}
-
-fn be(p: &[u8], i: usize, n: usize) -> Option<usize> {
-    Some(p.get(i..i.checked_add(n)?)?.iter().fold(0usize, |acc, &b| (acc << 8) | b as usize))
-}
-
-/// A MessagePack string at `i`: its bytes' range.
-fn msgpack_str(p: &[u8], i: usize) -> Option<(usize, usize)> {
-    let (len, start) = match *p.get(i)? {
-        m @ 0xa0..=0xbf => ((m & 0x1f) as usize, i + 1),
-        0xd9 => (be(p, i + 1, 1)?, i + 2),
-        0xda => (be(p, i + 1, 2)?, i + 3),
-        0xdb => (be(p, i + 1, 4)?, i + 5),
-        _ => return None,
-    };
-    let end = start.checked_add(len)?;
-    (end <= p.len()).then_some((start, end))
-}
-
-/// Skips one MessagePack value at `i` without recursion: the index after it.
-fn msgpack_skip(p: &[u8], mut i: usize) -> Option<usize> {
-    let mut remaining: u64 = 1;
-    while remaining > 0 {
-        let m = *p.get(i)?;
-        i += 1;
-        remaining -= 1;
-        let skip = match m {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => 0,
-            0x80..=0x8f => {
-                remaining = remaining.saturating_add(2 * (m & 0x0f) as u64);
-                0
-            }
-            0x90..=0x9f => {
-                remaining = remaining.saturating_add((m & 0x0f) as u64);
-                0
-            }
-            0xa0..=0xbf => (m & 0x1f) as usize,
-            0xc4 | 0xd9 => 1 + be(p, i, 1)?,
-            0xc5 | 0xda => 2 + be(p, i, 2)?,
-            0xc6 | 0xdb => 4 + be(p, i, 4)?,
-            0xc7 => 2 + be(p, i, 1)?,
-            0xc8 => 3 + be(p, i, 2)?,
-            0xc9 => 5 + be(p, i, 4)?,
-            0xcc | 0xd0 => 1,
-            0xcd | 0xd1 => 2,
-            0xca | 0xce | 0xd2 => 4,
-            0xcb | 0xcf | 0xd3 => 8,
-            0xd4 => 2,
-            0xd5 => 3,
-            0xd6 => 5,
-            0xd7 => 9,
-            0xd8 => 17,
-            0xdc => {
-                remaining = remaining.saturating_add(be(p, i, 2)? as u64);
-                2
-            }
-            0xdd => {
-                remaining = remaining.saturating_add(be(p, i, 4)? as u64);
-                4
-            }
-            0xde => {
-                remaining = remaining.saturating_add(2 * be(p, i, 2)? as u64);
-                2
-            }
-            0xdf => {
-                remaining = remaining.saturating_add(2 * be(p, i, 4)? as u64);
-                4
-            }
-            0xc1 => return None,
-        };
-        i = i.checked_add(skip)?;
-        if i > p.len() {
-            return None;
-        }
-    }
-    Some(i)
-}
-
-fn scan_msgpack(p: &[u8]) -> Scanned {
-    scan_msgpack_map(p).unwrap_or_default()
-}
-
-/// `None` unless every entry of the top-level map is there (see [`scan_json_map`]).
-fn scan_msgpack_map(p: &[u8]) -> Option<Scanned> {
-    let mut out = Scanned::default();
-    let (pairs, mut i) = match *p.first()? {
-        m @ 0x80..=0x8f => ((m & 0x0f) as usize, 1),
-        0xde => (be(p, 1, 2)?, 3),
-        0xdf => (be(p, 1, 4)?, 5),
-        _ => return None,
-    };
-    for _ in 0..pairs {
-        let key = match msgpack_str(p, i) {
-            Some((start, end)) => {
-                i = end;
-                Some(&p[start..end])
-            }
-            None => {
-                i = msgpack_skip(p, i)?;
-                None
-            }
-        };
-        let slot = key.and_then(|k| out.slot(k));
-        match msgpack_str(p, i) {
-            Some((start, end)) => {
-                if let Some(slot) = slot {
-                    let bytes = &p[start..end];
-                    slot.record((bytes.len() <= MAX_SCANNED_TOKEN).then(|| std::str::from_utf8(bytes).ok().map(String::from)).flatten());
-                }
-                i = end;
-            }
-            None => {
-                i = msgpack_skip(p, i)?;
-                if let Some(slot) = slot {
-                    slot.record(None);
-                }
-            }
-        }
-    }
-    Some(out)
 }
 
 /// The top-level entries of a job, in order, duplicates kept; an error names the field.
@@ -647,7 +254,7 @@ pub fn decode(
         None => None,
         Some(v) => {
             let r = expect_str("reply_to", v).map_err(bad)?;
-            check_reply_to(&r, limits).map_err(|e| bad(format!("reply_to: {e}")))?;
+            check_reply_to(&r, &limits.reply_prefixes, &limits.prefix).map_err(|e| bad(format!("reply_to: {e}")))?;
             Some(r)
         }
     };
@@ -774,6 +381,7 @@ impl JobResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testdocs::{deep_json, deep_msgpack, mp_str, msgpack, raw_map};
 
     fn limits() -> Limits {
         Limits::new(1 << 20, 1 << 20)
@@ -823,96 +431,6 @@ mod tests {
     }
 
     #[test]
-    fn names_and_ids() {
-        assert!(valid_model_name("demo-mlp_2"));
-        for bad in ["", "a.b", "../x", "a*", "a>", "a b", &"x".repeat(65)] {
-            assert!(!valid_model_name(bad), "{bad}");
-        }
-        assert!(valid_job_id("run-1:task.7"));
-        for bad in ["", ".a", "a.", "a..b", "a*", "a b"] {
-            assert!(!valid_job_id(bad), "{bad}");
-        }
-    }
-
-    fn msgpack(v: &serde_json::Value) -> Vec<u8> {
-        rmp_serde::to_vec_named(v).unwrap()
-    }
-
-    /// A MessagePack map of raw (key, encoded value) pairs, for documents serde cannot express.
-    fn raw_map(pairs: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        let mut out = vec![0x80 | pairs.len() as u8];
-        for (k, v) in pairs {
-            out.push(0xa0 | k.len() as u8);
-            out.extend_from_slice(k.as_bytes());
-            out.extend_from_slice(v);
-        }
-        out
-    }
-
-    fn mp_str(s: &[u8]) -> Vec<u8> {
-        let mut out = vec![0xd9, s.len() as u8];
-        out.extend_from_slice(s);
-        out
-    }
-
-    fn deep_json(levels: usize) -> String {
-        format!(r#"{{"id":"deep","model":"m","kind":"tensor","input":{{"x":{}{}}}}}"#, "[".repeat(levels), "]".repeat(levels))
-    }
-
-    fn deep_msgpack(levels: usize) -> Vec<u8> {
-        let mut input = vec![0x81, 0xa1, b'x'];
-        input.extend(std::iter::repeat(0x91).take(levels));
-        input.push(0xc0);
-        raw_map(&[("id", mp_str(b"deep")), ("model", mp_str(b"m")), ("kind", mp_str(b"tensor")), ("input", input)])
-    }
-
-    #[test]
-    fn the_id_is_read_on_its_own() {
-        let id = |r: Result<Envelope, Rejection>| r.unwrap_err().id;
-        // A wrong type elsewhere, a duplicate key, invalid UTF-8, deep nesting: the id survives.
-        assert_eq!(id(json(r#"{"id":"x","model":7,"kind":"tensor","input":{}}"#)).as_deref(), Some("x"));
-        assert_eq!(id(json(r#"{"id":"x","model":"m","model":"m","kind":"tensor","input":{}}"#)).as_deref(), Some("x"));
-        let utf8 = raw_map(&[("id", mp_str(b"u8")), ("model", mp_str(b"m\xff")), ("kind", mp_str(b"tensor")), ("input", vec![0x80])]);
-        assert_eq!(id(decode(&utf8, None, "m", &limits())).as_deref(), Some("u8"));
-        assert_eq!(id(json(&deep_json(5000))).as_deref(), Some("deep"));
-        assert_eq!(id(decode(&deep_msgpack(100_000), None, "m", &limits())).as_deref(), Some("deep"));
-        // The id is read after junk values and with escapes; an invalid id is not read.
-        let r = json(r#"{"junk":[{"a":"}\"]"},1e5,null],"model":7,"\u0069d":"a\u002d1","kind":"tensor"}"#);
-        assert_eq!(id(r).as_deref(), Some("a-1"));
-        assert_eq!(id(json(r#"{"id":"a b","model":7}"#)), None);
-        // Twice with different values: ambiguous, no id. Twice alike: that id.
-        assert_eq!(id(json(r#"{"id":"a","id":"b","model":"m","kind":"tensor","input":{}}"#)), None);
-        assert_eq!(id(json(r#"{"id":"a","model":"m","kind":"tensor","input":{},"id":7}"#)), None);
-        assert_eq!(id(json(r#"{"id":"a","id":"a","model":"m","kind":"tensor","input":{}}"#)).as_deref(), Some("a"));
-        // A cut-off map may have hidden a second id: none.
-        assert_eq!(id(json(r#"{"id":"cut-off","model":"#)), None);
-        let cut = msgpack(&serde_json::json!({"id": "cut", "model": "m", "kind": "tensor", "input": {}}));
-        assert_eq!(id(decode(&cut[..cut.len() - 1], None, "m", &limits())), None);
-        assert_eq!(id(decode(&[cut.as_slice(), &[0xc1]].concat(), None, "m", &limits())).as_deref(), Some("cut"));
-        // Nested ids, and ids in a top-level array, are not the job's.
-        assert_eq!(id(json(r#"{"input":{"id":"n"},"model":7}"#)), None);
-        let array = msgpack(&serde_json::json!(["arr", "m", "tensor", {}]));
-        assert_eq!(id(decode(&array, None, "m", &limits())), None);
-        // Over the size limit, and behind a byte-order mark.
-        let big = format!(r#"{{"model":7,"pad":"{}","id":"big"}}"#, "x".repeat(200));
-        assert_eq!(id(decode(big.as_bytes(), None, "m", &Limits::new(100, 1))).as_deref(), Some("big"));
-        let bom = [b"\xEF\xBB\xBF".as_slice(), br#"{"id":"bom","model":"m","kind":"tensor","input":{}}"#].concat();
-        let r = decode(&bom, None, "m", &limits()).unwrap_err();
-        assert_eq!((r.id.as_deref(), r.encoding), (Some("bom"), Encoding::Json));
-        assert!(r.error.message.starts_with("payload: starts with a byte-order mark"), "{}", r.error.message);
-    }
-
-    #[test]
-    fn model_and_kind_of_a_rejection_are_bounded() {
-        let r = json(r#"{"id":"a","model":"../x","kind":"dance","input":7}"#).unwrap_err();
-        assert_eq!((r.model, r.kind), (None, None));
-        let r = json(r#"{"id":"a","model":"m","kind":"embed","input":7}"#).unwrap_err();
-        assert_eq!((r.model.as_deref(), r.kind.as_deref()), (Some("m"), Some("embed")));
-        let r = json(&format!(r#"{{"id":"a","model":"{}","kind":7,"input":{{}}}}"#, "m".repeat(70_000))).unwrap_err();
-        assert_eq!((r.model, r.kind), (None, None));
-    }
-
-    #[test]
     fn a_deadline_is_read_as_a_timestamp_or_epoch_milliseconds() {
         let job = |extra: &str| format!(r#"{{"id":"s","model":"m","kind":"tensor","input":{{}}{extra}}}"#);
         let noon = Deadline::from_unix_ms(1_795_694_400_000);
@@ -957,6 +475,10 @@ mod tests {
         assert_eq!(mp(&utf8), "model: not valid UTF-8");
         assert_eq!(mp(&deep_msgpack(2000)), "input: nested deeper than 128 levels");
         assert!(decode(&deep_msgpack(100), None, "m", &limits()).is_ok());
+        let bom = [b"\xEF\xBB\xBF".as_slice(), br#"{"id":"bom","model":"m","kind":"tensor","input":{}}"#].concat();
+        let r = decode(&bom, None, "m", &limits()).unwrap_err();
+        assert_eq!((r.id.as_deref(), r.encoding), (Some("bom"), Encoding::Json));
+        assert!(r.error.message.starts_with("payload: starts with a byte-order mark"), "{}", r.error.message);
         let dup = raw_map(&[("id", mp_str(b"s")), ("id", mp_str(b"s")), ("model", mp_str(b"m")), ("kind", mp_str(b"tensor")), ("input", vec![0x80])]);
         assert_eq!(mp(&dup), "id: appears more than once");
     }
@@ -1023,21 +545,6 @@ mod tests {
         assert!(with("svc.answer.x", &custom).is_err() && with("_INBOX.x", &custom).is_err());
         assert!(with("acme.jb.jobs.m", &custom).unwrap_err().1.contains("acme.jb.jobs is the worker's own"));
         assert!(with("jetbatch.jobs.m", &custom).unwrap_err().1.contains("not under an allowed prefix"));
-    }
-
-    #[test]
-    fn configured_reply_prefixes_are_checked() {
-        for ok in DEFAULT_REPLY_PREFIXES.iter().copied().chain(["jetbatch.other.>", "svc.answer", "jetbatch"]) {
-            assert_eq!(check_reply_prefix(ok, "jetbatch"), Ok(()), "{ok}");
-        }
-        for bad in [
-            ">", "$JS.>", "$SYS.x", "$KV.b.>", "$SRV.>", "jetbatch.>", "jetbatch.jobs.>", "jetbatch.jobs", "jetbatch.results.x",
-            "jetbatch.dead.>", "jetbatch.metrics.>", "jetbatch.stream.>", "a.*", "a.*.>", "a.>.b", "a b.>", "", "a..b",
-        ] {
-            assert!(check_reply_prefix(bad, "jetbatch").is_err(), "{bad}");
-        }
-        assert!(check_reply_prefix("acme.jobs.>", "jetbatch").is_ok());
-        assert!(check_reply_prefix("acme.>", "acme").is_err());
     }
 
     #[test]
