@@ -37,7 +37,8 @@
 //! - [`deadline`]: a job's `deadline` and `timeout_ms`, and the `timeout` answer of a job past them.
 //! - [`priority`]: job levels, their subjects and consumers, the aging rule the pull loop and the
 //!   batcher follow.
-//! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands.
+//! - [`config`]: the clap CLI; [`submit`] and [`demo`]: client-side commands (`submit/mod.rs`:
+//!   `submit`, `cancel` and `run_jobs`; `submit/lookup.rs`: what the streams hold under a job's id).
 //! - [`pool`]: the workers' NATS service endpoints as a client sees them (`jetbatch pool`);
 //!   `serve/service.rs` answers them and `serve/peers.rs` learns from them which models the
 //!   other workers of the pool serve.

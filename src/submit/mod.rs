@@ -2,7 +2,15 @@
 //!
 //! Resumable: ids already in the output file are skipped, jobs are published with `Nats-Msg-Id`
 //! (JetStream drops a re-published id inside the duplicate window), and results that reached the
-//! results stream while this process was down are fetched from it by subject.
+//! results stream while this process was down are fetched from it by subject. `jetbatch cancel`
+//! drops the queued jobs of an input file.
+//!
+//! Here: the two commands, reading the input and the output file, and `run_jobs` (publish, then
+//! collect). Beside it: `lookup` (what the streams hold under a job's id: stored answers, queued
+//! jobs, duplicates sorted out) and `error`.
+
+mod error;
+mod lookup;
 
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
@@ -18,34 +26,8 @@ use tracing::warn;
 use crate::config::{CancelArgs, SubmitArgs, Topology};
 use crate::job::{valid_job_id, valid_model_name};
 use crate::priority::Priority;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("{0}")]
-    Input(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Bus(#[from] crate::bus::BusError),
-    #[error("nats: {0}")]
-    Nats(String),
-    #[error("no result for {missing} job(s) after waiting {secs} s without progress")]
-    Incomplete { missing: usize, secs: u64 },
-    #[error("{n} job(s) not queued and not answered: their ids were used by other jobs within the jobs stream's duplicate window ({ids}); give them new ids")]
-    Duplicates { n: usize, ids: String },
-    #[error("{0}; pass --allow-errors to exit 0 anyway")]
-    JobsFailed(String),
-    #[error("interrupted: {written} result(s) written; {queued} job(s) stay queued and are still computed — run the same command again to collect their results, or `jetbatch cancel` with the same input to drop them{}", unsure_note(*.unsure))]
-    Interrupted { written: usize, queued: usize, unsure: usize },
-}
-
-/// The Ctrl-C message's word on duplicates that this account could not look up in the queue.
-fn unsure_note(unsure: usize) -> String {
-    if unsure == 0 {
-        return String::new();
-    }
-    format!("; {unsure} more were dropped as duplicates of jobs published earlier under their ids, which this account cannot look up in the queue")
-}
+pub use error::SubmitError;
+use lookup::{answers, queued_jobs, resolve_duplicates, stored_results, Duplicate};
 
 /// What the answered jobs came to: ok (of which cached) and errors by code.
 #[derive(Debug, Default, PartialEq)]
@@ -119,14 +101,6 @@ pub struct JobLine {
     pub priority: Option<Priority>,
 }
 
-/// Whether a result message answers the job whose payload hashes to `hash`: its body's id and its
-/// [`crate::bus::JOB_HASH_HEADER`] must both match. A result that another producer's job with the
-/// same id got (or anything else published on the subject) is not ours.
-fn answers(id: &str, hash: &str, headers: Option<&HeaderMap>, payload: &[u8]) -> bool {
-    headers.and_then(|h| h.get(crate::bus::JOB_HASH_HEADER)).map(|v| v.as_str()) == Some(hash)
-        && crate::job::JobResult::decode(payload).is_ok_and(|r| r.id == id)
-}
-
 impl JobLine {
     pub fn parse(line: &str, n: usize) -> Result<JobLine, SubmitError> {
         let bad = |m: &str| SubmitError::Input(format!("line {n}: {m}"));
@@ -170,67 +144,6 @@ impl std::fmt::Display for Notice {
             Notice::Unverified { id, why } => write!(f, "id '{id}': dropped as a duplicate of a job published earlier under this id; {why}"),
         }
     }
-}
-
-/// What a job that the jobs stream dropped as a duplicate (`PubAck.duplicate`: a job under its
-/// id was published within the stream's duplicate window) comes to.
-enum Duplicate {
-    /// The results stream holds this very job's answer: it is collected.
-    Answered(Vec<u8>),
-    /// This very job is queued (an earlier run published it): its answer is waited for.
-    Queued,
-    /// The queue cannot be read with this account (why) and nothing is stored under the id yet.
-    Unverified(String),
-    /// It will never be answered (why, and what to do).
-    Dropped(String),
-}
-
-/// What the results stream holds under `id`: this job's answer, another job's, or nothing.
-async fn stored_under<I>(results: &jetstream::stream::Stream<I>, t: &Topology, id: &str, hash: &str) -> Result<Option<Duplicate>, SubmitError> {
-    match results.direct_get_last_for_subject(t.result_subject(id)).await {
-        Ok(m) if answers(id, hash, Some(&m.headers), &m.payload) => Ok(Some(Duplicate::Answered(m.payload.to_vec()))),
-        Ok(_) => Ok(Some(Duplicate::Dropped("a different job under this id is answered already; give this job a new id".into()))),
-        Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => Ok(None),
-        Err(e) => Err(SubmitError::Nats(format!("results lookup: {e}"))),
-    }
-}
-
-/// Sorts out the jobs dropped as duplicates (`ids`, with their hashes in `hashes`): answered,
-/// queued, or never to be answered. The queue is read before the results are looked up again: a
-/// job that leaves the queue was answered first, so none is missed between the two.
-async fn resolve_duplicates(js: &Context, t: &Topology, hashes: &HashMap<String, String>, ids: Vec<String>) -> Result<Vec<(String, Duplicate)>, SubmitError> {
-    let results = js.get_stream_no_info(&t.results_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
-    let mut resolved = Vec::new();
-    let mut unanswered = Vec::new();
-    for id in ids {
-        match stored_under(&results, t, &id, &hashes[&id]).await? {
-            Some(d) => resolved.push((id, d)),
-            None => unanswered.push(id),
-        }
-    }
-    if unanswered.is_empty() {
-        return Ok(resolved);
-    }
-    let wanted: HashSet<&str> = unanswered.iter().map(String::as_str).collect();
-    let queued = match queued_jobs(js, t, |id| wanted.contains(id)).await {
-        Ok(queued) => queued.into_iter().map(|q| (q.id, crate::bus::job_hash(&q.payload))).collect::<HashMap<_, _>>(),
-        Err(e) => {
-            let why = format!("this account cannot look into the jobs queue ({e}) to tell whether it is this very job; waiting for it — a result for a different job under this id ends the wait");
-            resolved.extend(unanswered.into_iter().map(|id| (id, Duplicate::Unverified(why.clone()))));
-            return Ok(resolved);
-        }
-    };
-    for id in unanswered {
-        let d = match queued.get(&id) {
-            Some(h) if *h == hashes[&id] => Duplicate::Queued,
-            Some(_) => Duplicate::Dropped("a different job under this id is queued; give this job a new id".into()),
-            None => stored_under(&results, t, &id, &hashes[&id]).await?.unwrap_or_else(|| {
-                Duplicate::Dropped("the earlier job under this id is neither queued nor answered (cancelled?); give this job a new id, or submit it again once the duplicate window has passed".into())
-            }),
-        };
-        resolved.push((id, d));
-    }
-    Ok(resolved)
 }
 
 /// Publishes `jobs` and calls `on_result` with each result's JSON as it arrives, until all are in;
@@ -363,25 +276,6 @@ async fn ensure_streams(js: &Context, t: &Topology) -> Result<(), SubmitError> {
             .map_err(|e| SubmitError::Nats(format!("streams missing and cannot be created ({e}); run `jetbatch setup` with a worker's credentials")))?;
     }
     Ok(())
-}
-
-/// Results already in the results stream that answer our jobs, by id (direct gets, 64 at a time).
-async fn stored_results(js: &Context, t: &Topology, hashes: &HashMap<String, String>, ids: Vec<String>) -> Result<Vec<(String, Vec<u8>)>, SubmitError> {
-    let stream = js.get_stream_no_info(&t.results_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
-    let found = futures::stream::iter(ids)
-        .map(|id| {
-            let stream = &stream;
-            async move {
-                let hash = hashes.get(&id)?;
-                let answer = crate::bus::stored_answer(stream, t.result_subject(&id), &id, hash).await.ok()??;
-                Some((id, answer.to_vec()))
-            }
-        })
-        .buffer_unordered(64)
-        .filter_map(|x| async move { x })
-        .collect()
-        .await;
-    Ok(found)
 }
 
 /// What the output file already holds: per job (by the id of its input line), its last result's
@@ -592,41 +486,6 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
         return Err(SubmitError::JobsFailed(summary.to_string()));
     }
     Ok(todo)
-}
-
-/// A job in the jobs stream: its sequence, `Nats-Msg-Id` and payload.
-struct QueuedJob {
-    seq: u64,
-    id: String,
-    payload: bytes::Bytes,
-}
-
-/// The jobs in the jobs stream (queued or being worked on) whose `Nats-Msg-Id` `wanted` picks,
-/// read one by one: the stream's subjects name models, not ids. Needs
-/// `$JS.API.STREAM.MSG.GET` on the jobs stream, which shows every producer's jobs.
-async fn queued_jobs(js: &Context, t: &Topology, wanted: impl Fn(&str) -> bool) -> Result<Vec<QueuedJob>, SubmitError> {
-    let nats = |e: &dyn std::fmt::Display| SubmitError::Nats(e.to_string());
-    let stream = js.get_stream(&t.jobs_stream).await.map_err(|e| nats(&e))?;
-    let state = &stream.cached_info().state;
-    futures::stream::iter(state.first_sequence..=state.last_sequence)
-        .map(|seq| {
-            let (stream, wanted) = (&stream, &wanted);
-            async move {
-                match stream.get_raw_message(seq).await {
-                    // Gaps are jobs already acked (a work queue removes them) or cancelled.
-                    Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
-                    Err(e) => Err(nats(&e)),
-                    Ok(m) => {
-                        let id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()).filter(|id| wanted(id));
-                        Ok(id.map(|id| QueuedJob { seq, id, payload: m.payload }))
-                    }
-                }
-            }
-        })
-        .buffer_unordered(64)
-        .try_filter_map(|x| async move { Ok(x) })
-        .try_collect()
-        .await
 }
 
 /// The `cancel` command: deletes the queued jobs of the input file from the jobs stream. Jobs a
