@@ -27,11 +27,14 @@
 //!   and one table from `config.json`'s `architectures` (`archs.rs`), scoring heads, generation;
 //!   the generation scheduler (`scheduler.rs`) as a plain state machine.
 //! - [`infer`]: the transport-neutral core — the batcher and the runner (`infer/runner.rs`) in
-//!   front of the engine, for any adapter's tickets ([`infer::spawn`]), and [`infer::Infer`], the
-//!   in-process adapter the benchmarks, loadtest and tests use.
+//!   front of the engine, for any adapter's tickets ([`infer::spawn`]); what every adapter does
+//!   around it (`infer/admission.rs`: validation, the deadline at intake, the cache before and
+//!   after, the job metrics); and [`infer::Infer`], the in-process adapter the benchmarks,
+//!   loadtest and tests use.
 //! - [`serve`]: `jetbatch serve`, the JetStream adapter on the core — the wiring and shutdown
 //!   (`serve/mod.rs`), the types that flow between its stages (`flow.rs`), `intake.rs` and
-//!   `results.rs` (the ack policy as a plain function, `decide`).
+//!   `results.rs` with only what is JetStream's (deliveries, acks, redeliveries, dead letters;
+//!   the ack policy as a plain function, `decide`).
 //! - [`cache`] (a worker's sled folder, `cache/local.rs`, and the pool's key-value bucket,
 //!   `cache/shared.rs`, behind one two-tier facade), [`metrics`]: beside the pipeline.
 //! - [`deadline`]: a job's `deadline` and `timeout_ms`, and the `timeout` answer of a job past them.

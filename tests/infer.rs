@@ -58,3 +58,24 @@ async fn jobs_in_process_answer_as_on_the_bus() {
     assert_eq!(unknown.code, ErrorCode::UnknownModel);
     infer.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_repeated_job_is_answered_from_the_cache_without_the_engine() {
+    use jetbatch::cache::{Cache, Local, SharedTier};
+    let (dir, cache_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
+    let metrics = Arc::new(Metrics::new("test"));
+    let cache = Cache::new(Some(Local::open(cache_dir.path(), None, 0).unwrap()), SharedTier::Off, metrics.clone());
+    let infer = Infer::start(dir.path(), 0, metrics.clone()).unwrap().with_cache(cache);
+    let job = payload(json!({"id": "r", "model": "tiny-lm", "kind": "loglikelihood", "input": {"context": "jetbatch says ", "continuation": "hello"}}));
+
+    let first = infer.run("tiny-lm", &job).await.unwrap();
+    let second = infer.run("tiny-lm", &job).await.unwrap();
+    assert!(!first.cached && second.cached);
+    assert_eq!(first.output, second.output);
+    assert_eq!(second.timing.batch_size, 0, "not batched: not computed");
+    assert_eq!(metrics.engine_jobs_total.with_label_values(&["tiny-lm"]).get(), 1, "the engine ran the job once");
+    assert_eq!(metrics.cache_hits_total.with_label_values(&["local"]).get(), 1);
+    assert_eq!(metrics.jobs_answered(), (2, 0), "both answers are counted");
+    infer.shutdown().await;
+}

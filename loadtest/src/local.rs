@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::Args;
 use jetbatch::config::Topology;
 use jetbatch_testkit::NatsServer;
 use tch::{CModule, Kind, Tensor};
@@ -15,6 +16,17 @@ use tch::{CModule, Kind, Tensor};
 pub struct WideModel {
     pub width: i64,
     pub depth: i64,
+}
+
+/// Size of the built-in compute-bound model `wide` (and `wide-b1`).
+#[derive(Debug, Clone, Args)]
+pub struct WideOpts {
+    /// Width of `wide`'s hidden layers (jobs are f32[256] in and out).
+    #[arg(long, default_value_t = 2048)]
+    pub wide_width: i64,
+    /// Number of `wide`'s hidden layers.
+    #[arg(long, default_value_t = 8)]
+    pub wide_depth: i64,
 }
 
 /// Elements per job in and out of `wide`.

@@ -7,8 +7,12 @@
 //!   [`Done`] on its own channel, with the job's output or why there is none. Streamed chunks go
 //!   to the adapter's [`ChunkSink`].
 //! - [`Infer`] is the in-process adapter (TEI's `Infer` is the model): `infer.run(payload)`
-//!   decodes and validates a job as the worker does and returns its output. Benchmarks, the
-//!   loadtest and tests use it instead of reaching into the engine or the repository.
+//!   decodes and validates a job as the worker does, answers it from the cache when it has one,
+//!   and returns its output. Benchmarks, the loadtest and tests use it instead of reaching into
+//!   the engine or the repository.
+//!
+//! What every adapter does around the pipeline — validation, the deadline at intake, the cache
+//! before and after, the job metrics — is in [`admission`].
 //!
 //! ```text
 //! ticket ──▶ batcher ──Batch(1 prefetched)──▶ runner ──▶ engine thread
@@ -16,6 +20,7 @@
 //!               └───────────────Done─────────────┴──▶ the adapter's channel
 //! ```
 
+pub mod admission;
 mod runner;
 
 pub(crate) use runner::ms;
@@ -23,12 +28,14 @@ pub(crate) use runner::ms;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use self::admission::Admitted;
 use crate::batcher::{self, Batchable};
+use crate::cache::Cache;
 use crate::engine::{EngineError, EngineHandle, StreamChunk};
 use crate::job::{self, ErrorCode, JobError, JobKind, Limits, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
@@ -150,10 +157,13 @@ pub fn spawn<T, O, S>(
 }
 
 /// The in-process core: a repository of models, an engine thread and the batcher, answering
-/// jobs given as payloads (JSON or MessagePack, as on the wire) without any broker.
+/// jobs given as payloads (JSON or MessagePack, as on the wire) without any broker; with a cache
+/// ([`Infer::with_cache`]), a repeated job is answered from it.
 pub struct Infer {
     repository: Arc<Repository>,
     engine: EngineHandle,
+    cache: Option<Cache>,
+    metrics: Arc<Metrics>,
     jobs: mpsc::Sender<Local>,
     limits: Limits,
     shutdown: broadcast::Sender<()>,
@@ -161,11 +171,13 @@ pub struct Infer {
     engine_thread: std::thread::JoinHandle<()>,
 }
 
-/// What [`Infer::run`] answers: the job's output and how long it queued and computed.
+/// What [`Infer::run`] answers: the job's output, how long it queued and computed, and whether
+/// it came from the cache (then it was not computed: no compute time, no batch).
 #[derive(Debug)]
 pub struct Answer {
     pub output: Output,
     pub timing: Timing,
+    pub cached: bool,
 }
 
 /// The in-process adapter's ticket.
@@ -202,14 +214,20 @@ impl Infer {
         let (out, mut out_rx) = mpsc::channel::<Done<Local>>(1024);
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
-        spawn(&mut tasks, engine.clone(), jobs_rx, Outlets { done: out, chunks: NoStreaming }, metrics, Aging(DEFAULT_AGING), &shutdown);
+        spawn(&mut tasks, engine.clone(), jobs_rx, Outlets { done: out, chunks: NoStreaming }, metrics.clone(), Aging(DEFAULT_AGING), &shutdown);
         tasks.spawn(async move {
             while let Some(Done { ticket, timing, result }) = out_rx.recv().await {
-                let answer = result.map(|output| Answer { output, timing }).map_err(|f| f.to_job_error());
+                let answer = result.map(|output| Answer { output, timing, cached: false }).map_err(|f| f.to_job_error());
                 let _ = ticket.reply.send(answer);
             }
         });
-        Ok(Infer { repository, engine, jobs, limits: Limits::new(usize::MAX, usize::MAX), shutdown, tasks, engine_thread })
+        let limits = Limits::new(usize::MAX, usize::MAX);
+        Ok(Infer { repository, engine, cache: None, metrics, jobs, limits, shutdown, tasks, engine_thread })
+    }
+
+    /// Answers repeated jobs from `cache` and stores computed answers in it, as the worker does.
+    pub fn with_cache(self, cache: Cache) -> Infer {
+        Infer { cache: Some(cache), ..self }
     }
 
     pub fn repository(&self) -> &Repository {
@@ -223,28 +241,53 @@ impl Infer {
     }
 
     /// Decodes and validates `payload` as the worker does for a job published to `model`, and
-    /// runs it.
+    /// answers it: past its deadline, from the cache, or run. Counted in the job metrics.
     pub async fn run(&self, model: &str, payload: &[u8]) -> Result<Answer, JobError> {
-        let envelope = job::decode(payload, None, model, &self.limits).map_err(|r| r.error)?;
-        let (job, spec) = self.repository.admit(envelope, self.limits.max_tensor_elements)?;
-        self.run_valid(job, spec).await
+        let since = Instant::now();
+        let (kind, level, answer) = match job::decode(payload, None, model, &self.limits) {
+            Err(rejection) => (rejection.kind.unwrap_or_default(), Priority::default(), Err(rejection.error)),
+            Ok(envelope) => {
+                let (kind, level) = (envelope.kind.as_str().to_string(), envelope.priority.unwrap_or_default());
+                let answer = match admission::admit(&self.repository, envelope, &self.limits) {
+                    Ok(admitted) => self.answer(admitted, since).await,
+                    Err(e) => Err(e),
+                };
+                (kind, level, answer)
+            }
+        };
+        let labels = admission::labels(&self.repository, model, &kind);
+        admission::count(&self.metrics, labels, level, answer.as_ref().err().map(|e| e.code), since.elapsed());
+        answer
     }
 
-    /// Runs a job validated by [`Repository::admit`].
-    pub async fn run_valid(&self, job: ValidJob, spec: Arc<ModelSpec>) -> Result<Answer, JobError> {
+    /// Answers an admitted job that arrived at `since`, in the worker's order: past its deadline,
+    /// from the cache, else run (and the answer stored).
+    async fn answer(&self, Admitted { job, spec, cache_key }: Admitted, since: Instant) -> Result<Answer, JobError> {
+        if let Some(err) = admission::late(&job, since.elapsed(), SystemTime::now()) {
+            return Err(err);
+        }
+        if let Some(output) = admission::lookup(self.cache.as_ref(), &job, &spec, cache_key.as_ref()).await {
+            let timing = Timing { queued_ms: ms(since.elapsed()), ..Timing::default() };
+            return Ok(Answer { output, timing, cached: true });
+        }
         let (reply, answer) = oneshot::channel();
         let stopped = || JobError::new(ErrorCode::ModelError, "the core has stopped");
-        self.jobs.send(Local { job, spec, since: Instant::now(), reply }).await.map_err(|_| stopped())?;
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        self.jobs.send(Local { job, spec, since, reply }).await.map_err(|_| stopped())?;
+        let answer = answer.await.unwrap_or_else(|_| Err(stopped()))?;
+        admission::store(self.cache.as_ref(), cache_key.as_ref(), &answer.output).await;
+        Ok(answer)
     }
 
     /// Hands back queued jobs, finishes the batch in flight and stops the engine thread.
     pub async fn shutdown(self) {
-        let Infer { jobs, engine, shutdown, mut tasks, engine_thread, .. } = self;
+        let Infer { jobs, engine, cache, shutdown, mut tasks, engine_thread, .. } = self;
         let _ = shutdown.send(());
         drop(jobs);
         drop(engine);
         while tasks.join_next().await.is_some() {}
         let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+        if let Some(Err(e)) = cache.as_ref().map(Cache::flush) {
+            tracing::error!(error = %e, "cache flush");
+        }
     }
 }

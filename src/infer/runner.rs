@@ -10,7 +10,7 @@ use tracing::{debug, debug_span, Instrument};
 use super::{ChunkSink, Done, Failure, Ticket};
 use crate::batcher::Batch;
 use crate::engine::{EngineHandle, Event};
-use crate::deadline::{self, Deadline};
+use crate::deadline::Deadline;
 use crate::job::{self, JobKind, Timing};
 use crate::metrics::Metrics;
 
@@ -76,7 +76,7 @@ async fn submit<T: Ticket, O: From<Done<T>>>(batch: Batch<T>, engine: &EngineHan
     let now = SystemTime::now();
     let mut items = Vec::with_capacity(batch_len);
     for ticket in all {
-        match deadline::late(ticket.job().deadline, ticket.job().timeout, ticket.age(), now) {
+        match super::admission::late(ticket.job(), ticket.age(), now) {
             None => items.push(ticket),
             Some(err) => {
                 let timing = Timing { queued_ms: ms(ticket.age()), ..Timing::default() };

@@ -14,7 +14,7 @@ use crate::cache::Cache;
 use crate::config::Topology;
 use crate::engine::{EngineError, StreamChunk};
 use crate::infer::{ChunkSink, Done, Failure, Ticket};
-use crate::job::{Encoding, ErrorCode, JobError, JobKind, Output, Timing, ValidJob};
+use crate::job::{Encoding, ErrorCode, JobError, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::repository::{LiveRepository, ModelSpec};
 
@@ -206,9 +206,7 @@ impl Ctx {
 
     /// `model` and `kind` labels: a served model and a known kind, else `unknown` / `invalid`.
     pub fn labels<'a>(&self, h: &'a Header) -> [&'a str; 2] {
-        let model = if self.repository.current().get(&h.model).is_some() { h.model.as_str() } else { "unknown" };
-        let kind = JobKind::parse(&h.kind).map_or("invalid", JobKind::as_str);
-        [model, kind]
+        crate::infer::admission::labels(&self.repository.current(), &h.model, &h.kind)
     }
 }
 

@@ -1,6 +1,8 @@
 //! The intake stage: parses each delivery into a job; answers invalid jobs, jobs past their
 //! deadline, cache hits and jobs already answered straight away, and passes the rest on to the
-//! batcher.
+//! batcher. Validation, the deadline and the cache are the core's (`crate::infer::admission`);
+//! what is here is JetStream's: deliveries, `Nats-Msg-Id` against the id, the level of the
+//! subject, redeliveries already answered and deliveries used up.
 
 use std::sync::Arc;
 
@@ -10,12 +12,13 @@ use tokio::sync::mpsc;
 use tracing::error;
 
 use super::flow::{Ctx, Finished, Header, Outcome, Pending};
+use crate::infer::admission::{self, Admitted};
 use crate::infer::ms;
 use crate::bus::{self, Delivery};
 use crate::error::excerpt;
-use crate::job::{self, JobError, Limits, Output, ValidJob};
+use crate::job::{self, JobError, Limits};
 use crate::error::ErrorCode;
-use crate::repository::{LiveRepository, ModelSpec, Repository};
+use crate::repository::{LiveRepository, Repository};
 
 /// Payloads at least this large are parsed on the blocking pool: decoding and tokenising them
 /// takes long enough to hold up the jobs behind them on the intake loop.
@@ -91,8 +94,8 @@ fn may_send_messages(payload: &[u8]) -> bool {
 
 /// Routes a parsed delivery: an error answer, an answer from the cache, an ack of a job already
 /// answered, or on to the batcher (`None`).
-async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, pending: &mpsc::Sender<Pending>, ctx: &Ctx) -> Option<Finished> {
-    let (job, spec, cache_key) = match parsed {
+async fn admit(delivery: Delivery, parsed: Result<Admitted, (Header, JobError)>, pending: &mpsc::Sender<Pending>, ctx: &Ctx) -> Option<Finished> {
+    let Admitted { job, spec, cache_key } = match parsed {
         Err((header, error)) => {
             let outcome = match elsewhere(&header, &error, ctx).await {
                 Some(last) => Outcome::Elsewhere(last),
@@ -104,7 +107,7 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
     };
     let header = Header::of_job(&job, cache_key);
     // Past its deadline (say after hours in the stream): answered now, never batched.
-    if let Some(err) = crate::deadline::late(job.deadline, job.timeout, delivery.age(), std::time::SystemTime::now()) {
+    if let Some(err) = admission::late(&job, delivery.age(), std::time::SystemTime::now()) {
         let mut header = header;
         header.timing.queued_ms = ms(delivery.age());
         return Some(Finished { delivery, header, outcome: Outcome::Answer(Err(err)) });
@@ -112,7 +115,7 @@ async fn admit(delivery: Delivery, parsed: Result<Parsed, (Header, JobError)>, p
     if delivery.delivered > 1 && ctx.already_answered(&header, &bus::job_hash(&delivery.payload)).await {
         return Some(Finished { delivery, header, outcome: Outcome::AlreadyAnswered });
     }
-    if let Some(output) = lookup(ctx, &job, &spec, cache_key.as_ref()).await {
+    if let Some(output) = admission::lookup(ctx.cache.as_deref(), &job, &spec, cache_key.as_ref()).await {
         let mut header = header;
         header.cached = true;
         header.timing.queued_ms = ms(delivery.age());
@@ -142,10 +145,8 @@ async fn elsewhere(header: &Header, error: &JobError, ctx: &Ctx) -> Option<JobEr
     (!serving.is_empty()).then(|| super::peers::elsewhere_error(&header.model, &serving, ctx.topology.max_deliver))
 }
 
-type Parsed = (ValidJob, Arc<ModelSpec>, Option<[u8; 32]>);
-
 /// Decodes and validates a delivery; on failure, the header of the error result.
-fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -> Result<Parsed, (Header, JobError)> {
+fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -> Result<Admitted, (Header, JobError)> {
     let (model, level) = d.subject_job(prefix);
     let mut env = job::decode(&d.payload, d.header("Content-Type"), model, limits).map_err(|r| {
         let header = Header::of_parts(r.id, r.model.unwrap_or_default(), r.kind.unwrap_or_default(), r.encoding, None);
@@ -168,15 +169,7 @@ fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -
         _ => env.priority = Some(level),
     }
     let h = header(&env);
-    let (job, spec) = repository.admit(env, limits.max_tensor_elements).map_err(|e| (h, e))?;
-    let cache_key = job.use_cache.then(|| job.cache_key());
-    Ok((job, spec, cache_key))
-}
-
-/// The cached answer, from either tier, if it can be this job's (the cache counts hits, refused
-/// values, misses and its own failures).
-async fn lookup(ctx: &Ctx, job: &ValidJob, spec: &ModelSpec, key: Option<&[u8; 32]>) -> Option<Output> {
-    ctx.cache.as_ref()?.get(key?, |output| crate::cache::check::check(job, spec, output)).await
+    admission::admit(repository, env, limits).map_err(|e| (h, e))
 }
 
 #[cfg(test)]

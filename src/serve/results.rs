@@ -12,6 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::flow::{Ctx, Finished, Header, Outcome};
 use crate::bus::{self, BusError, Delivery};
+use crate::infer::admission;
 use crate::job::{ErrorCode, JobError, JobResult, Output, Status};
 
 /// Most result publishes awaiting their stream ack at once.
@@ -151,9 +152,8 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     if let Err(err) = &answer {
         info!(id = ?header.id, model = ctx.labels(&header)[0], error = %err, "job answered with an error");
     }
-    // A generation its deadline cut short is answered but not cached: it is not the job's result.
-    if let (Some(output), Some(cache), Some(key), false) = (answer.as_ref().ok().filter(|o| o.complete()), &ctx.cache, &header.cache_key, header.cached) {
-        cache.put(key, output).await;
+    if let (Ok(output), false) = (&answer, header.cached) {
+        admission::store(ctx.cache.as_deref(), header.cache_key.as_ref(), output).await;
     }
     if let (true, true, Ok(Output::Generate { text, tokens, .. })) = (header.stream, header.cached, &answer) {
         // A cached generation streams as one chunk with the whole text, then done.
@@ -162,7 +162,6 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
         ctx.streamer.publish(id, header.encoding, &chunk).await;
         ctx.streamer.publish(id, header.encoding, &crate::engine::StreamChunk { done: true, ..chunk }).await;
     }
-    let mut status = if answer.is_ok() { "ok" } else { "error" };
     let mut code = answer.as_ref().err().map(|e| e.code);
     let mut then = then;
     if let Err(e) = publish_result(&ctx, &header, &hash, answer).await {
@@ -180,18 +179,11 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
             },
             Ok(()) => {}
         }
-        status = "error";
         code = Some(err.code);
         then = Then::DeadLetter(err);
     }
-    let [model, kind] = ctx.labels(&header);
-    ctx.metrics.jobs_total.with_label_values(&[model, kind, status]).inc();
-    if let Some(code) = code {
-        ctx.metrics.job_errors_total.with_label_values(&[code.as_str()]).inc();
-    }
-    ctx.metrics.job_latency_seconds.with_label_values(&[model]).observe(delivery.age().as_secs_f64());
     let level = delivery.subject_job(&ctx.topology.prefix).1;
-    ctx.metrics.priority_latency_seconds.with_label_values(&[level.as_str()]).observe(delivery.age().as_secs_f64());
+    admission::count(&ctx.metrics, ctx.labels(&header), level, code, delivery.age());
     let done = match then {
         Then::DeadLetter(err) => return dead_letter_then_term(&delivery, &header, &err, &ctx).await,
         Then::Ack => delivery.ack().await,

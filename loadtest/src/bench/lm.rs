@@ -12,12 +12,12 @@ use jetbatch::infer::Infer;
 use jetbatch::job::Output;
 use jetbatch::metrics::Metrics;
 
-use super::{baselines, engine_alone, interpreter, side_topology, Bench, Which};
+use super::{baselines, engine_alone, interpreter, side_topology, Bench, BenchArgs, Which};
 use crate::driver::{self, Mode, Plan, Recording};
+use crate::load::{run_id, LoadOpts};
 use crate::local::WideModel;
 use crate::report::{Ratio, Report, RunReport};
 use crate::workload::{Dist, Generator, Template, Workload};
-use crate::{run_id, BenchArgs, LoadOpts};
 
 /// The model's name in the benchmarks' repository.
 const MODEL: &str = "lm";

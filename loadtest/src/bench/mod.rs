@@ -9,16 +9,65 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::ValueEnum;
+use clap::{Args, ValueEnum};
 use jetbatch::config::Topology;
 use jetbatch::infer::Infer;
 use jetbatch::metrics::Metrics;
 
 use crate::driver::{self, Mode, Plan, Recording};
-use crate::local::{Local, WideModel};
+use crate::load::{run_id, warm_then_drive, LoadOpts};
+use crate::local::{Local, WideModel, WideOpts};
 use crate::report::{Ratio, Report, RunReport};
 use crate::workload::{Dist, Generator, Template, Workload};
-use crate::{run_id, BenchArgs, LoadOpts};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub which: Which,
+    /// Folder for the reports (one sub-folder per benchmark, plus summary.md).
+    #[arg(long, default_value = "loadtest-report")]
+    pub out: PathBuf,
+    /// Seconds each measured run lasts (saturation runs; the generation benchmark is a job count).
+    #[arg(long, default_value_t = 10.0)]
+    pub secs: f64,
+    /// Run each benchmark this many times and report each ratio as the median of the rounds, with
+    /// every round's value beside it (runs on 2 shared cores vary by 5–20 %; 3 is a good choice
+    /// before trusting a ratio near its target). Runs, tables and plots are the last round's.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Closed-loop concurrency of the saturation runs.
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: usize,
+    #[command(flatten)]
+    pub wide: WideOpts,
+    /// `engine`: the widths of `wide` to compare at (comma-separated). Compute per job grows with
+    /// the square of the width while the bus's cost per job stays the same, so the sweep shows
+    /// from what model size on the bus stops mattering.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024i64, 2048, 4096])]
+    pub engine_widths: Vec<i64>,
+    /// `lm-score`: `loglikelihood` jobs in the backlog each side drains.
+    #[arg(long, default_value_t = 5000)]
+    pub lm_jobs: u64,
+    /// `mc`: multiple-choice questions (4 jobs each) in the backlog each side drains.
+    #[arg(long, default_value_t = 1250)]
+    pub mc_questions: u64,
+    /// `lm-generate`: `generate` jobs, all published at once.
+    #[arg(long, default_value_t = 384)]
+    pub gen_jobs: u64,
+    /// The LM benchmarks on a tiny model (vocabulary 259, hidden 64, 1 layer) instead of the
+    /// 32k-vocabulary one: seconds instead of minutes, for checking that they run, not for ratios.
+    #[arg(long)]
+    pub lm_tiny: bool,
+    /// The nats-server binary (default: the project venv's, then PATH).
+    #[arg(long)]
+    pub nats_server: Option<PathBuf>,
+    /// Python for the baseline worker and the LM benchmarks' transformers side (default: the project venv's).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Which {
@@ -113,7 +162,7 @@ impl Bench<'_> {
         println!("  {label} …");
         let mut others = vec![self.local.server_process()];
         others.extend(process);
-        let r = crate::warm_then_drive(&self.client, topology, &mut generator, load, label, !self.args.quiet, &others).await?;
+        let r = warm_then_drive(&self.client, topology, &mut generator, load, label, !self.args.quiet, &others).await?;
         println!("  {label}: {:.0} jobs/s, p99 {:.1} ms, lost {}", r.throughput(), r.latency_us.value_at_quantile(0.99) as f64 / 1e3, r.lost());
         Ok(r)
     }
@@ -338,7 +387,7 @@ async fn bus(args: &BenchArgs) -> anyhow::Result<Report> {
     driver::drive(&b.client, &topology, &mut generator, &fill).await?;
     generator.set_duplicate_ratio(1.0);
     println!("  jetbatch cache hits …");
-    let hits = crate::warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet, &[b.local.server_process()]).await?;
+    let hits = warm_then_drive(&b.client, &topology, &mut generator, &load, "cache-hits", !args.quiet, &[b.local.server_process()]).await?;
     b.local.stop_workers().await?;
     report.ratios.push(Ratio::new("jetbatch cache hits ÷ raw JetStream", hits.throughput() / raw_rec.throughput(), Some(0.7)));
     report.notes.push(format!("cache-hit share of the measured jobs: {:.1}%", hits.cached as f64 / hits.received.max(1) as f64 * 100.0));
