@@ -18,6 +18,8 @@
 //! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
 //!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
+//! - [`hf_config`]: a Hugging Face model's `config.json` and its RoPE settings, below both readers
+//!   (the edge's [`lm`] and the engine's `engine/hf/`).
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
 //!   chat template, rendered as transformers renders it, within bounds (fuel, output, recursion).
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
@@ -52,6 +54,7 @@ pub mod demo;
 pub mod encoding;
 pub mod engine;
 pub mod error;
+pub mod hf_config;
 pub mod infer;
 pub mod job;
 pub mod kinds;

@@ -2,7 +2,7 @@
 //! kinds an architecture serves from here; the engine reads its constructor. Adding an
 //! architecture is a file beside this one (its `check` and `load`) and one line in [`ARCHS`].
 
-use super::config::HfConfig;
+use crate::hf_config::HfConfig;
 use super::weights::Scope;
 use super::{bert, gemma, gpt2, llama, phi3, qwen3, xlm_roberta, EngineError, Net};
 use crate::job::JobKind;
