@@ -42,6 +42,7 @@
 //! - [`pool`]: the workers' NATS service endpoints as a client sees them (`jetbatch pool`);
 //!   `serve/service.rs` answers them and `serve/peers.rs` learns from them which models the
 //!   other workers of the pool serve.
+//! - [`stream`]: a streamed `generate` result's chunks and their wire form.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
 pub(crate) mod batcher;
@@ -64,5 +65,6 @@ pub mod pool;
 pub mod priority;
 pub mod repository;
 pub mod serve;
+pub mod stream;
 pub mod submit;
 pub mod tensor;

@@ -31,6 +31,7 @@ use crate::job::{ErrorCode, JobError, JobInput, JobKind, Output};
 use self::scheduler::GenQueue;
 use crate::metrics::Metrics;
 use crate::repository::{Backend, DeviceChoice, ModelSpec};
+use crate::stream::StreamChunk;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -145,17 +146,6 @@ impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.engine_alive.store(false, Ordering::SeqCst);
     }
-}
-
-/// A piece of a streamed `generate` result; `job` is the job's index in its batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StreamChunk {
-    pub job: usize,
-    pub index: usize,
-    pub text: String,
-    pub token: u32,
-    /// The last chunk of a job (no text).
-    pub done: bool,
 }
 
 /// Where streamed chunks go, and which jobs want them.
