@@ -186,19 +186,26 @@ pub enum RopeScaling {
     LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: f64, attention_factor: f64 },
 }
 
+/// A config of `arch` with `extra` fields on top of a small valid base, for tests.
+#[cfg(test)]
+pub(crate) fn sample(arch: &str, extra: Value) -> HfConfig {
+    let mut v = serde_json::json!({
+        "architectures": [arch], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64,
+        "bos_token_id": 1, "eos_token_id": 2
+    });
+    for (k, val) in extra.as_object().expect("an object") {
+        v[k] = val.clone();
+    }
+    serde_json::from_value(v).expect("a valid config")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn config(extra: serde_json::Value) -> HfConfig {
-        let mut v = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "vocab_size": 100, "max_position_embeddings": 64
-        });
-        for (k, val) in extra.as_object().unwrap() {
-            v[k] = val.clone();
-        }
-        serde_json::from_value(v).unwrap()
+        sample("LlamaForCausalLM", extra)
     }
 
     #[test]
