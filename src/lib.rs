@@ -23,8 +23,9 @@
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
 //!   chat template, rendered as transformers renders it, within bounds (fuel, output, recursion).
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
-//! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`]:
-//!   TorchScript, and `engine/hf/` — shared layers (`layers.rs`), one file per architecture family
+//! - [`engine`]: the OS thread that owns every tensor, one file per concern (its `# Layout`: the
+//!   handle, errors, model slots, batch splitting, generation, device memory); backends behind
+//!   [`engine::LoadedModel`]: TorchScript, and `engine/hf/` — shared layers (`layers.rs`), one file per architecture family
 //!   and one table from `config.json`'s `architectures` (`archs.rs`), scoring heads, generation;
 //!   the generation scheduler (`scheduler.rs`) as a plain state machine.
 //! - [`infer`]: the transport-neutral core — the batcher and the runner (`infer/runner.rs`) in
