@@ -19,11 +19,14 @@
 //! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
 //!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
 //! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
+//! - [`hf_config`]: a Hugging Face model's `config.json` and its RoPE settings, below both readers
+//!   (the edge's [`lm`] and the engine's `engine/hf/`).
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
 //!   chat template, rendered as transformers renders it, within bounds (fuel, output, recursion).
 //! - [`batcher`]: per-(model, kind) [`batcher::State`] and the task that closes batches.
-//! - [`engine`]: the OS thread that owns every tensor; backends behind [`engine::LoadedModel`]:
-//!   TorchScript, and `engine/hf/` — shared layers (`layers.rs`), one file per architecture family
+//! - [`engine`]: the OS thread that owns every tensor, one file per concern (its `# Layout`: the
+//!   handle, errors, model slots, batch splitting, generation, device memory); backends behind
+//!   [`engine::LoadedModel`]: TorchScript, and `engine/hf/` — shared layers (`layers.rs`), one file per architecture family
 //!   and one table from `config.json`'s `architectures` (`archs.rs`), scoring heads, generation;
 //!   the generation scheduler (`scheduler.rs`) as a plain state machine.
 //! - [`infer`]: the transport-neutral core — the batcher and the runner (`infer/runner.rs`) in
@@ -45,6 +48,7 @@
 //! - [`pool`]: the workers' NATS service endpoints as a client sees them (`jetbatch pool`);
 //!   `serve/service.rs` answers them and `serve/peers.rs` learns from them which models the
 //!   other workers of the pool serve.
+//! - [`stream`]: a streamed `generate` result's chunks and their wire form.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
 pub(crate) mod batcher;
@@ -57,6 +61,7 @@ pub mod demo;
 pub mod encoding;
 pub mod engine;
 pub mod error;
+pub mod hf_config;
 pub mod infer;
 pub mod job;
 pub mod kinds;
@@ -66,5 +71,6 @@ pub mod pool;
 pub mod priority;
 pub mod repository;
 pub mod serve;
+pub mod stream;
 pub mod submit;
 pub mod tensor;

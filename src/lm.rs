@@ -6,11 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::chat::{ChatError, ChatTemplate};
-
-/// `config.json` and the architecture table live with the engine's model code; the edge reads
-/// limits, special tokens and kinds from them.
-pub use crate::engine::hf::archs::Arch;
-pub use crate::engine::hf::config::HfConfig;
+use crate::engine::hf::archs::Arch;
+use crate::hf_config::HfConfig;
 
 /// What the edge knows of an `hf` model: its config and tokenizer, and the request limits.
 pub struct LmSpec {

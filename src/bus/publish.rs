@@ -14,6 +14,7 @@ use super::{BusError, Delivery};
 use crate::config::Topology;
 use crate::job::{Encoding, JobError, JobResult};
 use crate::metrics::Metrics;
+use crate::stream::StreamChunk;
 
 /// Header of every result: [`job_hash`] of the job it answers. A result is trusted as a job's
 /// answer only when its body's id and this header both match the job (see [`stored_answer`]).
@@ -193,27 +194,9 @@ pub struct Streamer {
     pub prefix: String,
 }
 
-#[derive(serde::Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<u32>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    done: bool,
-}
-
 impl Streamer {
-    pub async fn publish(&self, id: &str, encoding: crate::job::Encoding, c: &crate::engine::StreamChunk) {
-        let chunk = if c.done {
-            Chunk { id, index: None, text: None, token: None, done: true }
-        } else {
-            Chunk { id, index: Some(c.index), text: Some(&c.text), token: Some(c.token), done: false }
-        };
-        let payload = Bytes::from(encoding.encode(&chunk));
+    pub async fn publish(&self, id: &str, encoding: crate::job::Encoding, c: &StreamChunk) {
+        let payload = Bytes::from(encoding.encode(&c.wire(id)));
         if let Err(e) = self.client.publish(format!("{}.stream.{id}", self.prefix), payload).await {
             warn!(%id, error = %e, "stream chunk publish");
         }

@@ -54,7 +54,7 @@ impl TorchScript {
     pub fn load(spec: &ModelSpec, device: Device) -> Result<TorchScript, EngineError> {
         let path = spec.dir.join("model.pt");
         let mut module = CModule::load_on_device(&path, device)
-            .map_err(|e| EngineError::Load(format!("{}: {}", path.display(), super::summary(&e.to_string()))))?;
+            .map_err(|e| EngineError::Load(format!("{}: {}", path.display(), super::error::summary(&e.to_string()))))?;
         module.set_eval();
         // Reduced precision only where it is fast; CPU runs the weights as saved.
         let float_kind = match spec.config.dtype.map(kind_of) {

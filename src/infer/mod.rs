@@ -36,11 +36,12 @@ use tokio::task::JoinSet;
 use self::admission::Admitted;
 use crate::batcher::{self, Batchable};
 use crate::cache::Cache;
-use crate::engine::{EngineError, EngineHandle, StreamChunk};
+use crate::engine::{EngineError, EngineHandle};
 use crate::job::{self, ErrorCode, JobError, JobKind, Limits, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::priority::{Aging, Priority, DEFAULT_AGING};
 use crate::repository::{ModelSpec, RepoError, Repository};
+use crate::stream::StreamChunk;
 
 /// A job on its way through the core, with whatever its adapter needs to answer it.
 pub trait Ticket: Send + 'static {

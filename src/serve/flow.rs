@@ -12,11 +12,12 @@ use tracing::warn;
 use crate::bus::{self, Delivery};
 use crate::cache::Cache;
 use crate::config::Topology;
-use crate::engine::{EngineError, StreamChunk};
+use crate::engine::EngineError;
 use crate::infer::{ChunkSink, Done, Failure, Ticket};
 use crate::job::{Encoding, ErrorCode, JobError, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::repository::{LiveRepository, ModelSpec};
+use crate::stream::StreamChunk;
 
 /// A valid job on its way to the engine.
 pub struct Pending {

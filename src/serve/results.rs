@@ -158,9 +158,9 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     if let (true, true, Ok(Output::Generate { text, tokens, .. })) = (header.stream, header.cached, &answer) {
         // A cached generation streams as one chunk with the whole text, then done.
         let id = header.id.as_deref().expect("valid jobs have ids");
-        let chunk = crate::engine::StreamChunk { job: 0, index: 0, text: text.clone(), token: tokens.last().copied().unwrap_or(0), done: false };
+        let chunk = crate::stream::StreamChunk { job: 0, index: 0, text: text.clone(), token: tokens.last().copied().unwrap_or(0), done: false };
         ctx.streamer.publish(id, header.encoding, &chunk).await;
-        ctx.streamer.publish(id, header.encoding, &crate::engine::StreamChunk { done: true, ..chunk }).await;
+        ctx.streamer.publish(id, header.encoding, &crate::stream::StreamChunk { done: true, ..chunk }).await;
     }
     let mut code = answer.as_ref().err().map(|e| e.code);
     let mut then = then;

@@ -2,7 +2,7 @@
 //! kinds an architecture serves from here; the engine reads its constructor. Adding an
 //! architecture is a file beside this one (its `check` and `load`) and one line in [`ARCHS`].
 
-use super::config::HfConfig;
+use crate::hf_config::HfConfig;
 use super::weights::Scope;
 use super::{bert, gemma, gpt2, llama, phi3, qwen3, xlm_roberta, EngineError, Net};
 use crate::job::JobKind;
@@ -86,19 +86,7 @@ impl HfConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A config of `arch` with `extra` fields on top of a small valid base.
-    fn config(arch: &str, extra: serde_json::Value) -> HfConfig {
-        let mut v = serde_json::json!({
-            "architectures": [arch], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64,
-            "bos_token_id": 1, "eos_token_id": 2
-        });
-        for (k, val) in extra.as_object().unwrap() {
-            v[k] = val.clone();
-        }
-        serde_json::from_value(v).unwrap()
-    }
+    use crate::hf_config::sample as config;
 
     #[test]
     fn every_architecture_has_one_line_and_refuses_what_it_does_not_implement_by_name() {

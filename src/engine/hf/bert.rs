@@ -4,7 +4,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::config::HfConfig;
+use crate::hf_config::HfConfig;
 use super::layers::{Act, ClassifierHead, Linear, Norm, embed, key_mask};
 use super::weights::Scope;
 use super::{EngineError, Net};

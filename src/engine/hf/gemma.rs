@@ -6,7 +6,7 @@
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-use super::config::{HfConfig, Rope};
+use crate::hf_config::{HfConfig, Rope};
 use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};

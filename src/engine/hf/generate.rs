@@ -8,9 +8,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::layers::{KvCache, Layout, Write};
 use super::{tch_err, CausalLm, EngineError, Hf};
-use crate::engine::{catch_oom, Sink, StreamChunk};
+use crate::engine::{catch_oom, Sink};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
+use crate::stream::StreamChunk;
 
 /// One generation in a [`GenBatch`].
 pub(super) struct Row {

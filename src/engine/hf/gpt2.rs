@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::config::HfConfig;
+use crate::hf_config::HfConfig;
 use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};

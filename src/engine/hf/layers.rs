@@ -4,7 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::{Rope, RopeScaling};
+use crate::hf_config::{Rope, RopeScaling};
 use super::weights::Scope;
 use super::EngineError;
 

@@ -5,7 +5,8 @@
 //! beside it. Generation keeps a KV cache. Encoders batch with right padding and a key mask.
 //!
 //! # Layout
-//! - [`config`]: `config.json` ([`config::HfConfig`]) and RoPE settings.
+//! - `config.json` is read into [`crate::hf_config::HfConfig`], below the engine: the request edge
+//!   reads it too.
 //! - [`archs`]: the architecture table ([`archs::ARCHS`]), the only place an architecture is
 //!   named; the request edge reads it too.
 //! - `weights`: safetensors loading and scoped look-up.
@@ -18,7 +19,6 @@
 pub mod archs;
 mod bert;
 mod gemma;
-pub mod config;
 mod generate;
 mod gpt2;
 mod heads;

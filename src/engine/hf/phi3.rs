@@ -1,7 +1,7 @@
 //! Phi-3: the Llama layout with fused `qkv_proj` and `gate_up_proj` (split once at load), a
 //! sliding window on every layer when configured, and LongRoPE where `rope_scaling` says so.
 
-use super::config::HfConfig;
+use crate::hf_config::HfConfig;
 use super::layers::{Act, Attention, Mlp, Norm, Rotary};
 use super::llama::{lm_head, Block, Llama};
 use super::weights::Scope;

@@ -3,7 +3,7 @@
 //! tokenizers never emit inside a text) and the classification head `out_proj(tanh(dense(<s>)))`.
 
 use super::bert::Bert;
-use super::config::HfConfig;
+use crate::hf_config::HfConfig;
 use super::layers::ClassifierHead;
 use super::weights::Scope;
 use super::{EngineError, Net};

@@ -1,12 +1,12 @@
-//! `config.json`: the fields every architecture reads, and RoPE settings. The request edge
-//! (`lm.rs`) reads max positions, vocabulary and BOS/EOS from here; the architecture table is in
-//! `archs.rs`.
+//! A Hugging Face model's `config.json`: the fields every architecture reads, and RoPE settings.
+//! It sits below both of its readers: the request edge (`lm.rs`) reads max positions, vocabulary
+//! and BOS/EOS from here, the engine's model code (`engine/hf/`) the rest; the architecture table
+//! is the engine's (`engine/hf/archs.rs`).
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-
 
 /// `config.json`, the fields every architecture reads. Names follow transformers (GPT-2's own
 /// too); an architecture's own fields are read from `extra` by its module.
@@ -184,4 +184,51 @@ pub enum RopeScaling {
     /// Phi-3's LongRoPE: per-frequency factors, short or long by sequence length, and a
     /// cos/sin scale.
     LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: f64, attention_factor: f64 },
+}
+
+/// A config of `arch` with `extra` fields on top of a small valid base, for tests.
+#[cfg(test)]
+pub(crate) fn sample(arch: &str, extra: Value) -> HfConfig {
+    let mut v = serde_json::json!({
+        "architectures": [arch], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64,
+        "bos_token_id": 1, "eos_token_id": 2
+    });
+    for (k, val) in extra.as_object().expect("an object") {
+        v[k] = val.clone();
+    }
+    serde_json::from_value(v).expect("a valid config")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> HfConfig {
+        sample("LlamaForCausalLM", extra)
+    }
+
+    #[test]
+    fn gpt2_names_eos_lists_and_roberta_positions_read_as_transformers_reads_them() {
+        let gpt2: HfConfig = serde_json::from_value(serde_json::json!({"n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10, "n_positions": 16})).unwrap();
+        assert_eq!((gpt2.hidden_size, gpt2.head_dim(), gpt2.kv_heads(), gpt2.max_positions()), (8, 4, 2, 16));
+        assert_eq!(config(serde_json::json!({"eos_token_id": [2, 7]})).eos_ids(), vec![2, 7]);
+        assert_eq!(config(serde_json::json!({"eos_token_id": 2})).eos_ids(), vec![2]);
+        let roberta = config(serde_json::json!({"model_type": "xlm-roberta", "pad_token_id": 1}));
+        assert_eq!((roberta.position_offset(), roberta.max_positions()), (2, 62));
+        assert_eq!(config(serde_json::json!({"id2label": {"1": "pos", "0": "neg"}})).labels(), vec!["neg", "pos"]);
+    }
+
+    #[test]
+    fn rope_reads_both_spellings_and_refuses_what_it_does_not_implement_by_name() {
+        assert_eq!(config(serde_json::json!({})).rope().unwrap(), Rope { theta: 10_000.0, scaling: RopeScaling::None });
+        let linear = config(serde_json::json!({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}));
+        assert_eq!(linear.rope().unwrap(), Rope { theta: 5e5, scaling: RopeScaling::Linear { factor: 2.0 } });
+        let v5 = config(serde_json::json!({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}));
+        assert_eq!(v5.rope().unwrap().theta, 1e6);
+        let err = config(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})).rope().unwrap_err();
+        assert!(err.contains("rope_type 'yarn'"), "{err}");
+        let err = config(serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})).rope().unwrap_err();
+        assert!(err.contains("llama3 RoPE needs low_freq_factor"), "{err}");
+    }
 }
