@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::job::JobKind;
 use crate::kinds::Batching;
 use crate::priority::{Aging, Priority, DEFAULT_AGING};
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy)]
@@ -134,7 +134,7 @@ impl<T> State<T> {
 
 /// What the batcher needs to know of a queued item.
 pub trait Batchable {
-    fn model(&self) -> &Arc<ModelSpec>;
+    fn model(&self) -> &Arc<ModelPlan>;
     fn kind(&self) -> JobKind;
     fn cost(&self) -> usize;
     fn priority(&self) -> Priority;
@@ -142,7 +142,7 @@ pub trait Batchable {
 
 /// A closed batch: jobs of one model and kind.
 pub struct Batch<T> {
-    pub model: Arc<ModelSpec>,
+    pub model: Arc<ModelPlan>,
     pub kind: JobKind,
     pub items: Vec<T>,
 }
@@ -158,9 +158,9 @@ pub async fn run<T: Batchable + Send + 'static>(
     aging: Aging,
     mut shutdown: broadcast::Receiver<()>,
 ) {
-    let mut queues: HashMap<Key, (Arc<ModelSpec>, State<T>)> = HashMap::new();
+    let mut queues: HashMap<Key, (Arc<ModelPlan>, State<T>)> = HashMap::new();
     // `Continuous` kinds pass straight through (see [`Batching::Continuous`]).
-    let budget = |m: &ModelSpec, kind: JobKind| match kind.batching() {
+    let budget = |m: &ModelPlan, kind: JobKind| match kind.batching() {
         Batching::Continuous => Budget { max_size: m.config.max_batch_size, max_tokens: 0 },
         _ => Budget { max_size: m.config.max_batch_size, max_tokens: m.config.max_batch_tokens },
     };

@@ -18,7 +18,10 @@
 //!   (`job/scan.rs`). [`encoding`] and [`error`] (the wire [`error::JobError`] and its codes) sit below it.
 //! - [`kinds`]: one module per job kind — its typed input and params, cost, batching and output
 //!   wire form; typed [`kinds::ValidationError`]s; unknown keys refused.
-//! - [`repository`]: model folders (`jetbatch.toml`), fingerprints, model-specific validation into [`job::ValidJob`].
+//! - [`plan`]: one model as the repository resolved it ([`plan::ModelPlan`]: what to load, where,
+//!   dtype, device, budgets, its kinds), which the engine and every stage read; it reads no file
+//!   and no CLI option. [`repository`]: model folders (`jetbatch.toml`), fingerprints, building
+//!   plans, and the model-specific validation into [`job::ValidJob`].
 //! - [`hf_config`]: a Hugging Face model's `config.json` and its RoPE settings, below both readers
 //!   (the edge's [`lm`] and the engine's `engine/hf/`).
 //! - [`lm`]: what the edge knows of an HF model — config, tokenizer, request limits; [`chat`]: its
@@ -67,6 +70,7 @@ pub mod job;
 pub mod kinds;
 pub mod lm;
 pub mod metrics;
+pub mod plan;
 pub mod pool;
 pub mod priority;
 pub mod repository;

@@ -1,16 +1,16 @@
 //! The model repository: `DIR/<name>/jetbatch.toml` plus the model's files. Scanning reads every
 //! config, checks it, and fingerprints the folder (config + every file) so cached results are never
-//! served for other weights. [`ModelSpec::validate`] is the model-specific half of job parsing.
+//! served for other weights. [`ModelPlan::validate`] is the model-specific half of job parsing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
 
-use crate::job::{valid_model_name, Envelope, ErrorCode, JobError, JobKind, ValidJob};
+use crate::job::{valid_model_name, Envelope, ErrorCode, JobError, ValidJob};
 use crate::kinds::tensor::Slot;
 use crate::kinds::{Model, ValidationError};
+use crate::plan::{Backend, ModelConfig, ModelPlan};
 use crate::tensor::DType;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,179 +42,8 @@ impl RepoError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// `model.pt`: a TorchScript module whose `forward` takes the job's tensors, stacked.
-    Torchscript,
-    /// A Hugging Face model folder (`config.json`, `*.safetensors`, `tokenizer.json`) run natively.
-    Hf,
-}
-
-/// Where a model runs. `auto` means CUDA device 0 when present, else CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl<'de> Deserialize<'de> for DeviceChoice {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.as_str() {
-            "auto" => Ok(DeviceChoice::Auto),
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" => Ok(DeviceChoice::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| serde::de::Error::custom(format!("device: '{s}' is not auto, cpu, cuda or cuda:N"))),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Generation {
-    #[default]
-    Continuous,
-    Static,
-}
-
-/// One input of a TorchScript model, without the batch dimension.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputSpec {
-    pub name: String,
-    pub dtype: DType,
-    /// Sizes without the batch dimension; `-1` marks a variable dim that is padded in a batch.
-    pub shape: Vec<i64>,
-    /// Value written into the padding of variable dims.
-    #[serde(default)]
-    pub pad_value: f64,
-    /// Largest size accepted for a variable dim.
-    #[serde(default = "default_max_len")]
-    pub max_len: i64,
-}
-
-fn default_max_len() -> i64 {
-    4096
-}
-
-/// An output dim whose length follows a variable input dim, so padding is cut off per job.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Trim {
-    /// The output's dim (without batch dimension).
-    pub dim: usize,
-    /// Index of the input whose length this dim has.
-    pub input: usize,
-    /// That input's dim (without batch dimension).
-    pub input_dim: usize,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputSpec {
-    pub name: String,
-    #[serde(default)]
-    pub trim: Vec<Trim>,
-}
-
-/// `jetbatch.toml`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub backend: Backend,
-    /// Most jobs in one forward pass.
-    #[serde(default = "default_max_batch_size")]
-    pub max_batch_size: usize,
-    /// How long the first job of a batch waits for company.
-    #[serde(default = "default_max_wait_ms")]
-    pub max_wait_ms: u64,
-    /// Budget of a batch in elements of its inputs (0: no limit besides `max_batch_size`); for
-    /// `hf` generation, the tokens (prompt + `max_new_tokens`) its running batch may hold. Unset
-    /// (0) on CUDA, the generation budget is derived from free device memory at load (logged).
-    #[serde(default)]
-    pub max_batch_tokens: usize,
-    #[serde(default = "default_device")]
-    pub device: DeviceChoice,
-    /// Floating-point dtype of the weights and activations (`f16`, `bf16`; default `f32`), on
-    /// any device: `hf` keeps norms, softmax and log-probs in f32 and answers in f32.
-    #[serde(default)]
-    pub dtype: Option<DType>,
-    /// Run a dummy batch right after loading.
-    #[serde(default = "default_true")]
-    pub warmup: bool,
-    /// Load when the worker starts rather than on the first job.
-    #[serde(default)]
-    pub preload: bool,
-    /// Append an `i64` tensor of each job's length of input 0's first variable dim.
-    #[serde(default)]
-    pub lengths_input: bool,
-    /// `hf`: longest sequence read (default and upper bound: the model's max positions).
-    #[serde(default)]
-    pub max_length: Option<usize>,
-    /// `hf` generate: `continuous` (jobs join the running batch at step boundaries, finished ones
-    /// leave at once) or `static` (a batch runs until its last job is done; for comparison).
-    #[serde(default)]
-    pub generation: Generation,
-    /// `hf`: the largest `max_new_tokens` a `generate` job may ask for.
-    #[serde(default = "default_max_new_tokens_limit")]
-    pub max_new_tokens_limit: usize,
-    /// `hf` `loglikelihood_rolling`: the largest text in bytes (it is tokenised and scored whole;
-    /// default [`crate::lm::DEFAULT_MAX_INPUT_BYTES`]). Other kinds read bounded windows of text.
-    #[serde(default)]
-    pub max_input_bytes: Option<usize>,
-    /// `hf` decoders: the token an empty context and the first rolling window are conditioned on
-    /// (lm-evaluation-harness's `prefix_token_id`); default: the tokenizer's BOS, else its EOS.
-    #[serde(default)]
-    pub prefix_token: Option<u32>,
-    /// `hf` decoders: whether producer text is encoded with the tokenizer's special tokens
-    /// (lm-evaluation-harness's `add_bos_token`); default: the tokenizer's own default, as the
-    /// harness does when not told.
-    #[serde(default)]
-    pub add_bos_token: Option<bool>,
-    #[serde(default)]
-    pub inputs: Vec<InputSpec>,
-    #[serde(default)]
-    pub outputs: Vec<OutputSpec>,
-}
-
-fn default_max_batch_size() -> usize {
-    32
-}
-fn default_max_wait_ms() -> u64 {
-    5
-}
-fn default_max_new_tokens_limit() -> usize {
-    2048
-}
-fn default_device() -> DeviceChoice {
-    DeviceChoice::Auto
-}
-fn default_true() -> bool {
-    true
-}
-
-/// A model as the repository describes it; shared by every stage (read-only).
-#[derive(Debug)]
-pub struct ModelSpec {
-    pub name: Arc<str>,
-    pub dir: PathBuf,
-    pub config: ModelConfig,
-    /// blake3 of the config and every file in the folder.
-    pub fingerprint: Arc<str>,
-    /// Bytes of the model's files: the estimate of its memory when loaded.
-    pub size_bytes: u64,
-    /// `hf` models: config and tokenizer, for parsing LM jobs at the edge.
-    pub lm: Option<crate::lm::LmSpec>,
-}
-
-impl ModelSpec {
-    pub fn load(dir: &Path) -> Result<ModelSpec, RepoError> {
+impl ModelPlan {
+    pub fn load(dir: &Path) -> Result<ModelPlan, RepoError> {
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let config_path = dir.join("jetbatch.toml");
         let cfg_err = |message: String| RepoError::Config { path: config_path.clone(), message };
@@ -248,15 +77,7 @@ impl ModelSpec {
             Backend::Torchscript => None,
         };
         let (fingerprint, size_bytes) = fingerprint(dir)?;
-        Ok(ModelSpec { name: name.into(), dir: dir.to_path_buf(), config, fingerprint: fingerprint.into(), size_bytes, lm })
-    }
-
-    /// The job kinds this model serves.
-    pub fn kinds(&self) -> &'static [JobKind] {
-        match &self.lm {
-            Some(lm) => lm.arch.kinds(),
-            None => &[JobKind::Tensor],
-        }
+        Ok(ModelPlan { name: name.into(), dir: dir.to_path_buf(), config, fingerprint: fingerprint.into(), size_bytes, lm })
     }
 
     /// The model-specific half of parsing: turns an envelope into a [`ValidJob`]. The job's kind
@@ -381,7 +202,7 @@ const PLAIN_HF_TOML: &str = "backend = \"hf\"\n";
 #[derive(Debug, Clone)]
 pub struct Repository {
     pub dir: PathBuf,
-    pub models: BTreeMap<String, Arc<ModelSpec>>,
+    pub models: BTreeMap<String, Arc<ModelPlan>>,
     /// Model folders that cannot be served, and why: their jobs are answered with that reason.
     pub invalid: BTreeMap<String, Arc<RepoError>>,
     /// Entries that are not model folders (no `jetbatch.toml`, no `config.json`), and why.
@@ -405,7 +226,7 @@ impl Repository {
                 skipped.insert(name, "neither jetbatch.toml nor a Hugging Face config.json".to_string());
                 continue;
             }
-            match ModelSpec::load(&path) {
+            match ModelPlan::load(&path) {
                 Ok(spec) => {
                     models.insert(name, Arc::new(spec));
                 }
@@ -417,7 +238,7 @@ impl Repository {
         Ok(Repository { dir: dir.to_path_buf(), models, invalid, skipped })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<ModelSpec>> {
+    pub fn get(&self, name: &str) -> Option<&Arc<ModelPlan>> {
         self.models.get(name)
     }
 
@@ -428,7 +249,7 @@ impl Repository {
     /// drops). A name that is no folder of the repository is answered, not recorded: every
     /// made-up name would grow the repository and `info` with it. The folder is fingerprinted
     /// whole: call it off the async threads.
-    pub fn reload(&self, name: &str) -> (Repository, Result<Arc<ModelSpec>, Arc<RepoError>>) {
+    pub fn reload(&self, name: &str) -> (Repository, Result<Arc<ModelPlan>, Arc<RepoError>>) {
         let dir = self.dir.join(name);
         if !valid_model_name(name) {
             return (self.clone(), Err(Arc::new(RepoError::BadName { name: crate::error::excerpt(name) })));
@@ -437,7 +258,7 @@ impl Repository {
             return (self.clone(), Err(Arc::new(RepoError::NoFolder { path: dir })));
         }
         let mut next = self.clone();
-        let outcome = match ModelSpec::load(&dir) {
+        let outcome = match ModelPlan::load(&dir) {
             Ok(spec) => {
                 let spec = Arc::new(spec);
                 next.invalid.remove(name);
@@ -466,7 +287,7 @@ impl Repository {
 
     /// The model-specific half of parsing for any job: the model it names, and the job
     /// validated against it.
-    pub fn admit(&self, env: Envelope, max_tensor_elements: usize) -> Result<(ValidJob, Arc<ModelSpec>), JobError> {
+    pub fn admit(&self, env: Envelope, max_tensor_elements: usize) -> Result<(ValidJob, Arc<ModelPlan>), JobError> {
         let spec = self.get(&env.model).ok_or_else(|| self.unknown(&env.model))?;
         Ok((spec.validate(env, max_tensor_elements)?, spec.clone()))
     }
@@ -503,7 +324,7 @@ impl LiveRepository {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{decode, ErrorCode, Limits};
+    use crate::job::{decode, ErrorCode, JobKind, Limits};
 
     fn model(dir: &Path, name: &str, toml: &str) -> PathBuf {
         let d = dir.join(name);
@@ -588,15 +409,15 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
     fn a_symlink_loop_in_a_model_folder_is_not_followed() {
         let tmp = tempfile::tempdir().unwrap();
         let d = model(tmp.path(), "seq", SEQ);
-        let plain = ModelSpec::load(&d).unwrap();
+        let plain = ModelPlan::load(&d).unwrap();
         std::os::unix::fs::symlink(".", d.join("a")).unwrap();
         std::os::unix::fs::symlink("..", d.join("up")).unwrap();
         // A file reached through a link is read (Hugging Face caches link every file to a blob).
         std::fs::write(tmp.path().join("blob"), b"shared").unwrap();
-        let looped = ModelSpec::load(&d).unwrap();
+        let looped = ModelPlan::load(&d).unwrap();
         assert_eq!((&looped.fingerprint, looped.size_bytes), (&plain.fingerprint, plain.size_bytes), "linked folders are left out");
         std::os::unix::fs::symlink(tmp.path().join("blob"), d.join("vocab.txt")).unwrap();
-        let linked = ModelSpec::load(&d).unwrap();
+        let linked = ModelPlan::load(&d).unwrap();
         assert_eq!(linked.size_bytes, plain.size_bytes + 6);
         assert_ne!(linked.fingerprint, plain.fingerprint);
     }
@@ -607,14 +428,14 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         let d = model(tmp.path(), "deep", SEQ);
         let bottom = (0..20).fold(d.clone(), |p, i| p.join(format!("d{i}")));
         std::fs::create_dir_all(&bottom).unwrap();
-        let err = ModelSpec::load(&d).unwrap_err().to_string();
+        let err = ModelPlan::load(&d).unwrap_err().to_string();
         assert!(err.contains("folders nested deeper than 8") && err.contains("deep/d0/d1/d2/d3/d4/d5/d6/d7"), "{err}");
         let d = model(tmp.path(), "many", SEQ);
         std::fs::create_dir(d.join("shards")).unwrap();
         for i in 0..4096 {
             std::fs::write(d.join("shards").join(i.to_string()), b"").unwrap();
         }
-        let err = ModelSpec::load(&d).unwrap_err().to_string();
+        let err = ModelPlan::load(&d).unwrap_err().to_string();
         assert!(err.contains("more than 4096 files") && err.contains("many"), "{err}");
     }
 
@@ -622,10 +443,10 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
     fn fingerprint_changes_with_weights() {
         let tmp = tempfile::tempdir().unwrap();
         let d = model(tmp.path(), "seq", SEQ);
-        let before = ModelSpec::load(&d).unwrap().fingerprint;
-        assert_eq!(ModelSpec::load(&d).unwrap().fingerprint, before);
+        let before = ModelPlan::load(&d).unwrap().fingerprint;
+        assert_eq!(ModelPlan::load(&d).unwrap().fingerprint, before);
         std::fs::write(d.join("model.pt"), b"other weights").unwrap();
-        let changed = ModelSpec::load(&d).unwrap();
+        let changed = ModelPlan::load(&d).unwrap();
         assert_ne!(changed.fingerprint, before);
         let toml_len = std::fs::metadata(d.join("jetbatch.toml")).unwrap().len();
         assert_eq!(changed.size_bytes, toml_len + b"other weights".len() as u64, "size is the files' bytes");
@@ -634,7 +455,7 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
     #[test]
     fn validate_checks_shapes_against_the_spec() {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = ModelSpec::load(&model(tmp.path(), "seq", SEQ)).unwrap();
+        let spec = ModelPlan::load(&model(tmp.path(), "seq", SEQ)).unwrap();
         let limits = Limits::new(1 << 20, 100);
         let job = |shape: &str, n: usize| {
             let data = vec!["0.5"; n].join(",");
@@ -669,8 +490,8 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         assert_eq!(repo.skipped.keys().map(String::as_str).collect::<Vec<_>>(), vec!["README.txt", "notes"]);
         // jetbatch.toml may name the prefix token; it must be in the vocabulary.
         std::fs::write(plain.join("jetbatch.toml"), "backend = \"hf\"\nprefix_token = 2\n").unwrap();
-        assert_eq!(ModelSpec::load(&plain).unwrap().lm.unwrap().prefix_token, 2);
+        assert_eq!(ModelPlan::load(&plain).unwrap().lm.unwrap().prefix_token, 2);
         std::fs::write(plain.join("jetbatch.toml"), "backend = \"hf\"\nprefix_token = 100000\n").unwrap();
-        assert!(ModelSpec::load(&plain).unwrap_err().to_string().contains("prefix_token"));
+        assert!(ModelPlan::load(&plain).unwrap_err().to_string().contains("prefix_token"));
     }
 }

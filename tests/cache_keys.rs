@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use jetbatch::job::{decode, Encoding, JobInput, JobKind, Limits, ValidJob};
-use jetbatch::repository::ModelSpec;
+use jetbatch::plan::ModelPlan;
 use jetbatch::tensor::TensorData;
 use serde_json::json;
 
@@ -74,7 +74,7 @@ fn cache_keys_of_parsed_jobs_are_unchanged() {
     jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
     let limits = Limits::new(1 << 20, 1 << 20);
     let key = |model: &str, doc: serde_json::Value| {
-        let spec = ModelSpec::load(&dir.path().join(model)).unwrap();
+        let spec = ModelPlan::load(&dir.path().join(model)).unwrap();
         let env = decode(doc.to_string().as_bytes(), None, model, &limits).unwrap();
         let mut job = spec.validate(env, 1 << 20).unwrap();
         job.fingerprint = Arc::from("fp-0123456789abc");

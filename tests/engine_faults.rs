@@ -30,7 +30,7 @@ async fn poison_inputs_are_refused_and_the_engine_keeps_serving() {
     let mut sub = h.subscribe_results().await;
 
     // The demo `tiny-lm` reads 256 positions; its byte-level tokenizer makes one token per byte.
-    let spec = jetbatch::repository::ModelSpec::load(&h.models.join("tiny-lm")).unwrap();
+    let spec = jetbatch::plan::ModelPlan::load(&h.models.join("tiny-lm")).unwrap();
     let lm = spec.lm.as_ref().unwrap();
     let positions = lm.max_length;
     let pair_text = lm.tokenizer.decode(&[5, 6], false).unwrap();

@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use jetbatch::job::{decode, Encoding, JobError, Limits};
-use jetbatch::repository::ModelSpec;
+use jetbatch::plan::ModelPlan;
 use proptest::prelude::*;
 use rmpv::Value;
 
@@ -20,13 +20,13 @@ fn assert_bounded(error: &JobError) {
 }
 
 /// The demo models' specs (fixed and variable shapes), loaded once.
-fn specs() -> &'static (ModelSpec, ModelSpec, tempfile::TempDir) {
-    static SPECS: OnceLock<(ModelSpec, ModelSpec, tempfile::TempDir)> = OnceLock::new();
+fn specs() -> &'static (ModelPlan, ModelPlan, tempfile::TempDir) {
+    static SPECS: OnceLock<(ModelPlan, ModelPlan, tempfile::TempDir)> = OnceLock::new();
     SPECS.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
-        let mlp = ModelSpec::load(&dir.path().join("mlp")).unwrap();
-        let seq = ModelSpec::load(&dir.path().join("seqproj")).unwrap();
+        let mlp = ModelPlan::load(&dir.path().join("mlp")).unwrap();
+        let seq = ModelPlan::load(&dir.path().join("seqproj")).unwrap();
         (mlp, seq, dir)
     })
 }

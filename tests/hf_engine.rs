@@ -12,7 +12,7 @@ use jetbatch::engine::{EngineHandle, Event};
 use jetbatch::job::{JobInput, JobKind, Output};
 use jetbatch::kinds::{GenerateInput, Sampling, Window};
 use jetbatch::metrics::Metrics;
-use jetbatch::repository::ModelSpec;
+use jetbatch::plan::ModelPlan;
 use lm_fixture::fixture;
 use serde_json::Value;
 
@@ -21,7 +21,7 @@ fn engine() -> EngineHandle {
 }
 
 /// Runs `inputs` as one engine call (one batch); the outputs in order.
-fn run(engine: &EngineHandle, spec: &Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> Vec<Output> {
+fn run(engine: &EngineHandle, spec: &Arc<ModelPlan>, kind: JobKind, inputs: Vec<JobInput>) -> Vec<Output> {
     let n = inputs.len();
     let mut events = engine.run(spec.clone(), kind, inputs, vec![false; n], Vec::new());
     let mut out: Vec<Option<Output>> = (0..n).map(|_| None).collect();
@@ -36,7 +36,7 @@ fn run(engine: &EngineHandle, spec: &Arc<ModelSpec>, kind: JobKind, inputs: Vec<
 }
 
 /// Each input alone, then all in one batch.
-fn alone_and_batched(engine: &EngineHandle, spec: &Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>) -> (Vec<Output>, Vec<Output>) {
+fn alone_and_batched(engine: &EngineHandle, spec: &Arc<ModelPlan>, kind: JobKind, inputs: Vec<JobInput>) -> (Vec<Output>, Vec<Output>) {
     let alone = inputs.iter().map(|i| run(engine, spec, kind, vec![i.clone()]).remove(0)).collect();
     (alone, run(engine, spec, kind, inputs))
 }
@@ -49,9 +49,9 @@ fn windows(r: &Value) -> JobInput {
     JobInput::Score(r["scored"].as_array().unwrap().iter().map(|w| Window { context: ids(&w[0]), continuation: ids(&w[1]), top_logprobs: 0 }).collect())
 }
 
-fn load(name: &str) -> Arc<ModelSpec> {
+fn load(name: &str) -> Arc<ModelPlan> {
     let (dir, _) = fixture();
-    Arc::new(ModelSpec::load(&dir.join("models").join(name)).unwrap())
+    Arc::new(ModelPlan::load(&dir.join("models").join(name)).unwrap())
 }
 
 /// The fixture's greedy generation cases, stopping at `eos`.
@@ -72,7 +72,7 @@ fn greedy_cases(cases: &[Value], eos: &[u32]) -> Vec<JobInput> {
 }
 
 /// An encoder case (text, maybe a pair) encoded by the model's tokenizer.
-fn encode_case(spec: &ModelSpec, r: &Value) -> JobInput {
+fn encode_case(spec: &ModelPlan, r: &Value) -> JobInput {
     let tok = &spec.lm.as_ref().unwrap().tokenizer;
     let e = match r["text_pair"].as_str() {
         Some(pair) => tok.encode((r["text"].as_str().unwrap(), pair), true),
@@ -327,7 +327,7 @@ const EMBED_COSINE: f64 = 0.9995;
 const CLASSIFY_TOL: f64 = 0.06;
 
 /// The fixture's model `name` copied into `tmp`, its `jetbatch.toml` asking for `dtype`.
-fn in_dtype(tmp: &Path, name: &str, dtype: &str) -> Arc<ModelSpec> {
+fn in_dtype(tmp: &Path, name: &str, dtype: &str) -> Arc<ModelPlan> {
     let (dir, _) = fixture();
     let src = dir.join("models").join(name);
     let dst = tmp.join(format!("{name}-{dtype}"));
@@ -335,7 +335,7 @@ fn in_dtype(tmp: &Path, name: &str, dtype: &str) -> Arc<ModelSpec> {
     let toml = std::fs::read_to_string(dst.join("jetbatch.toml")).unwrap();
     assert!(!toml.contains("dtype"), "{name}: the fixture sets no dtype");
     std::fs::write(dst.join("jetbatch.toml"), format!("{toml}\ndtype = \"{dtype}\"\n")).unwrap();
-    Arc::new(ModelSpec::load(&dst).unwrap())
+    Arc::new(ModelPlan::load(&dst).unwrap())
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -367,7 +367,7 @@ fn bounded_tokenisation_equals_whole_text_tokenisation() {
                   numbers like 12 345 and symbols ! ? , . are tokens too, as are Ünïcödé and 東京 and tabs\tand\nnewlines. ";
     let text = |len: usize, skip: usize| -> String { corpus.chars().cycle().skip(skip).take(len).collect() };
     for model in ["minilm", "tiny-bert-cls", "tiny-llama", "tiny-gpt2"] {
-        let spec = jetbatch::repository::ModelSpec::load(&dir.join("models").join(model)).unwrap();
+        let spec = jetbatch::plan::ModelPlan::load(&dir.join("models").join(model)).unwrap();
         let lm = spec.lm.as_ref().unwrap();
         let max = lm.max_length;
         let window = max * 16;
@@ -415,7 +415,7 @@ fn bounded_tokenisation_equals_whole_text_tokenisation() {
         }
     }
     // Time: a 4 MiB embed text, a 4 MiB context, a 1,000,000-character prompt.
-    let load = |m: &str| jetbatch::repository::ModelSpec::load(&dir.join("models").join(m)).unwrap();
+    let load = |m: &str| jetbatch::plan::ModelPlan::load(&dir.join("models").join(m)).unwrap();
     let (minilm, llama) = (load("minilm"), load("tiny-llama"));
     let big = text(4 << 20, 0);
     let start = Instant::now();
@@ -558,7 +558,7 @@ fn text_is_encoded_as_the_harness_encodes_it() {
                 f
             }
         };
-        let spec = jetbatch::repository::ModelSpec::load(&folder).unwrap();
+        let spec = jetbatch::plan::ModelPlan::load(&folder).unwrap();
         let lm = spec.lm.as_ref().unwrap();
         let override_arg = add_bos.map(|b| b.to_string()).unwrap_or_else(|| "auto".into());
         let want = python(HARNESS_ENCODING, &[folder.to_str().unwrap(), &override_arg, &pairs_json]);

@@ -100,7 +100,7 @@ async fn discovery_lists_the_workers_with_their_models_stats_and_health() {
     assert_valid("info", &info);
     let info: WorkerInfo = serde_json::from_value(info).unwrap();
     let mlp = info.models.iter().find(|m| m.name == "mlp").unwrap();
-    let spec = jetbatch::repository::ModelSpec::load(&h.models.join("mlp")).unwrap();
+    let spec = jetbatch::plan::ModelPlan::load(&h.models.join("mlp")).unwrap();
     assert_eq!((mlp.fingerprint.as_str(), mlp.kinds.as_slice(), mlp.max_batch_size), (&*spec.fingerprint, &["tensor".to_string()][..], spec.config.max_batch_size));
     assert_eq!((info.consumer.as_str(), info.filter.as_slice()), ("jetbatch-workers", &["jetbatch.jobs.*.high", "jetbatch.jobs.*", "jetbatch.jobs.*.low"].map(String::from)[..]));
     assert_eq!(info.cache_dir.as_deref(), Some(std::fs::canonicalize(&cache).unwrap().to_str().unwrap()));
@@ -195,7 +195,7 @@ async fn load_serves_a_model_added_after_start_and_unload_stops_it() {
     std::os::unix::fs::symlink(h.models.join("seqproj"), repo.join("seqproj")).unwrap();
     let loaded = stdout_json(&pool_cli(&h, &["--json", "load", "--worker", "w", "--model", "seqproj"]));
     assert_valid("model", &loaded);
-    let spec = jetbatch::repository::ModelSpec::load(&h.models.join("seqproj")).unwrap();
+    let spec = jetbatch::plan::ModelPlan::load(&h.models.join("seqproj")).unwrap();
     assert_eq!((loaded["name"].as_str(), loaded["fingerprint"].as_str()), (Some("seqproj"), Some(&*spec.fingerprint)));
     h.publish(&tensor_job("after", "seqproj", std::slice::from_ref(&seq), Encoding::Json), Encoding::Json).await;
     let after = &collect(&mut sub, 1, MINUTE).await["after"][0];
@@ -442,7 +442,7 @@ async fn a_reload_swaps_in_place_and_jobs_meanwhile_are_answered_by_the_model() 
         let f = f.unwrap().path();
         std::fs::copy(&f, folder.join(f.file_name().unwrap())).unwrap();
     }
-    let spec = jetbatch::repository::ModelSpec::load(&h.models.join("seqproj")).unwrap();
+    let spec = jetbatch::plan::ModelPlan::load(&h.models.join("seqproj")).unwrap();
     let w = h.worker_on("w", &repo, &[]);
     w.ready().await;
     let mut sub = h.subscribe_results().await;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use jetbatch::job::{decode, Encoding, ErrorCode, JobError, JobResult, Limits, Output, Status, Timing};
-use jetbatch::repository::ModelSpec;
+use jetbatch::plan::ModelPlan;
 use jetbatch::tensor::TensorData;
 use serde_json::{json, Value};
 
@@ -166,7 +166,7 @@ fn emitted_results_validate() {
 fn the_example_job_runs_through_the_decoder_and_the_demo_spec() {
     let dir = tempfile::tempdir().unwrap();
     jetbatch_testkit::write_fixture_models(dir.path()).unwrap();
-    let spec = ModelSpec::load(&dir.path().join("mlp")).unwrap();
+    let spec = ModelPlan::load(&dir.path().join("mlp")).unwrap();
     let payload = std::fs::read(schemas_dir().join("examples/tensor-job.json")).unwrap();
     let limits = Limits::new(1 << 20, 1 << 20);
     let env = decode(&payload, None, "mlp", &limits).unwrap();
@@ -184,7 +184,7 @@ fn unknown_keys_are_refused_by_the_schema_and_the_worker() {
     let limits = Limits::new(1 << 20, 1 << 20);
     let worker = |doc: &Value| {
         let model = doc["model"].as_str().unwrap();
-        let spec = ModelSpec::load(&dir.path().join(model)).unwrap();
+        let spec = ModelPlan::load(&dir.path().join(model)).unwrap();
         let env = decode(doc.to_string().as_bytes(), None, model, &limits).map_err(|r| r.error)?;
         spec.validate(env, 1 << 20).map(|_| ())
     };

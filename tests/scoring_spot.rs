@@ -14,7 +14,7 @@ use jetbatch::engine::{EngineHandle, Event};
 use jetbatch::job::{JobInput, JobKind};
 use jetbatch::kinds::Window;
 use jetbatch::metrics::Metrics;
-use jetbatch::repository::ModelSpec;
+use jetbatch::plan::ModelPlan;
 
 #[tokio::test]
 #[ignore = "a timing spot check: needs JETBATCH_SPOT_MODELS (see the module doc)"]
@@ -26,7 +26,7 @@ async fn loglikelihood_batches_on_a_32k_vocabulary() {
         jetbatch_testkit::write_tiny_lm(&dir.join("tok"), 1, 32, 1).unwrap();
         std::fs::copy(dir.join("tok/tokenizer.json"), model.join("tokenizer.json")).unwrap();
     }
-    let spec = Arc::new(ModelSpec::load(&model).unwrap());
+    let spec = Arc::new(ModelPlan::load(&model).unwrap());
     let (engine, _thread) = EngineHandle::start(Arc::new(Metrics::new("spot")), 0);
     engine.load(spec.clone()).await.unwrap();
     let inputs: Vec<JobInput> = (0..64u32)

@@ -9,7 +9,7 @@
 
 use crate::job::{JobInput, JobKind, Output, ValidJob};
 use crate::kinds::FinishReason;
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 use crate::tensor::TensorData;
 
 /// Why a cached value is not the job's answer (the field it fails on, as the wire names it).
@@ -36,7 +36,7 @@ pub enum Mismatch {
 }
 
 /// Checks `output` against `job` (validated for `spec`).
-pub fn check(job: &ValidJob, spec: &ModelSpec, output: &Output) -> Result<(), Mismatch> {
+pub fn check(job: &ValidJob, spec: &ModelPlan, output: &Output) -> Result<(), Mismatch> {
     let wrong_kind = || Mismatch::Kind { kind: job.kind.as_str(), found: name(output) };
     let lm = spec.lm.as_ref();
     match (job.kind, &job.input, output) {
@@ -93,7 +93,7 @@ pub fn check(job: &ValidJob, spec: &ModelSpec, output: &Output) -> Result<(), Mi
 
 /// TorchScript outputs: each one's bytes match its dtype and shape, and a dim the model's
 /// `trim` rules cut to an input's length has that length.
-fn tensors(spec: &ModelSpec, inputs: &[TensorData], outputs: &[TensorData]) -> Result<(), Mismatch> {
+fn tensors(spec: &ModelPlan, inputs: &[TensorData], outputs: &[TensorData]) -> Result<(), Mismatch> {
     if outputs.is_empty() || outputs.len() < spec.config.outputs.len() {
         return Err(Mismatch::Count { field: "tensors", expected: spec.config.outputs.len().max(1), found: outputs.len() });
     }
@@ -174,12 +174,12 @@ mod tests {
     }
 
     /// The demo decoder's spec, with three labels (an encoder's config says as much).
-    fn lm_spec() -> (tempfile::TempDir, ModelSpec) {
+    fn lm_spec() -> (tempfile::TempDir, ModelPlan) {
         let dir = tempfile::tempdir().unwrap();
         let folder = dir.path().join("tiny");
         std::fs::create_dir(&folder).unwrap();
         jetbatch_testkit::write_tiny_lm(&folder, 1, 8, 1).unwrap();
-        let mut spec = ModelSpec::load(&folder).unwrap();
+        let mut spec = ModelPlan::load(&folder).unwrap();
         let labels = [("0", "neg"), ("1", "neutral"), ("2", "pos")].map(|(k, v)| (k.to_string(), v.to_string()));
         spec.lm.as_mut().unwrap().config.id2label = Some(labels.into_iter().collect());
         (dir, spec)
@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn tensors_have_bytes_for_their_shape_and_trimmed_dims_of_the_jobs_length() {
         let toml = "backend = \"torchscript\"\n[[inputs]]\nname=\"x\"\ndtype=\"f32\"\nshape=[-1]\n[[outputs]]\nname=\"y\"\ntrim=[{dim=0, input=0, input_dim=0}]";
-        let spec = ModelSpec { name: "t".into(), dir: ".".into(), config: toml::from_str(toml).unwrap(), fingerprint: "f".into(), size_bytes: 1, lm: None };
+        let spec = ModelPlan { name: "t".into(), dir: ".".into(), config: toml::from_str(toml).unwrap(), fingerprint: "f".into(), size_bytes: 1, lm: None };
         let t = |shape: Vec<i64>, bytes: usize| TensorData { dtype: crate::tensor::DType::F32, shape, data: vec![0; bytes] };
         let tensor = job(JobKind::Tensor, JobInput::Tensor(vec![t(vec![3], 12)]));
         assert_eq!(check(&tensor, &spec, &Output::Tensor(vec![t(vec![3], 12)])), Ok(()));

@@ -9,13 +9,13 @@ use super::slots::Slot;
 use super::EngineError;
 use crate::job::{JobInput, JobKind, Output};
 use crate::metrics::Metrics;
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 
 /// Runs `inputs` in chunks of the slot's cap. A failing chunk is split in halves and retried, so
 /// out-of-memory shrinks the batch (and the cap) and a job that breaks the model fails alone.
 pub(super) fn run_adaptive(
     slot: &mut Slot,
-    spec: &ModelSpec,
+    spec: &ModelPlan,
     kind: JobKind,
     inputs: &[JobInput],
     metrics: &Metrics,
@@ -31,7 +31,7 @@ pub(super) fn run_adaptive(
 
 fn run_split(
     slot: &mut Slot,
-    spec: &ModelSpec,
+    spec: &ModelPlan,
     kind: JobKind,
     chunk: &[&JobInput],
     metrics: &Metrics,

@@ -4,7 +4,7 @@
 use tracing::{info, warn};
 
 use super::{scheduler, EngineError, LoadedModel};
-use crate::repository::{DeviceChoice, ModelSpec};
+use crate::plan::{DeviceChoice, ModelPlan};
 
 /// Tokens of the probe batch that measures activation memory (TGI's default prefill is 4096).
 const PROBE_TOKENS: usize = 2048;
@@ -14,7 +14,7 @@ const MEMORY_MARGIN: f64 = 0.1;
 /// The generation token budget of a model just loaded: `max_batch_tokens` when set; unset, on
 /// CUDA, derived from free device memory as TGI does at warmup (free memory, a probe batch's peak,
 /// the KV cache a token takes; see [`scheduler::token_budget`]) and logged; on CPU, none.
-pub(super) fn generation_token_budget(spec: &ModelSpec, model: &mut dyn LoadedModel) -> Result<usize, EngineError> {
+pub(super) fn generation_token_budget(spec: &ModelPlan, model: &mut dyn LoadedModel) -> Result<usize, EngineError> {
     let configured = spec.config.max_batch_tokens;
     let kv = model.kv_bytes_per_token();
     let index = match resolve_device(spec.config.device)? {

@@ -9,7 +9,7 @@ use super::slots::Slot;
 use super::{Engine, EngineError, Event, LoadedModel, Sink};
 use crate::job::{JobInput, JobKind, Output};
 use crate::metrics::Metrics;
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 use crate::tensor::TensorData;
 
 /// Fails batches containing a poison value, or larger than `fits` with out-of-memory.
@@ -134,7 +134,7 @@ pub(super) fn slot(model: Box<dyn LoadedModel>) -> Slot {
     Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0 }
 }
 
-pub(super) fn engine_with(model: Box<dyn LoadedModel>) -> (Engine, Arc<ModelSpec>) {
+pub(super) fn engine_with(model: Box<dyn LoadedModel>) -> (Engine, Arc<ModelPlan>) {
     let metrics = Arc::new(Metrics::new("t"));
     metrics.models_loaded.inc();
     let mut engine = Engine::new(0, metrics);
@@ -158,7 +158,7 @@ pub(super) fn input(v: u8) -> JobInput {
     JobInput::Tensor(vec![TensorData { dtype: crate::tensor::DType::U8, shape: vec![1], data: vec![v] }])
 }
 
-pub(super) fn spec() -> ModelSpec {
+pub(super) fn spec() -> ModelPlan {
     let config = toml::from_str("backend = \"torchscript\"\nmax_batch_size = 8\n[[inputs]]\nname=\"x\"\ndtype=\"u8\"\nshape=[1]").unwrap();
-    ModelSpec { name: "fake".into(), dir: ".".into(), config, fingerprint: "f".into(), size_bytes: 1, lm: None }
+    ModelPlan { name: "fake".into(), dir: ".".into(), config, fingerprint: "f".into(), size_bytes: 1, lm: None }
 }

@@ -13,7 +13,7 @@ use super::scheduler::GenQueue;
 use super::slots::Slot;
 use super::{Engine, EngineError, Event, Sink};
 use crate::job::{JobInput, Output};
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 use crate::stream::StreamChunk;
 
 /// Where a running generation's job reports to.
@@ -30,7 +30,7 @@ pub(super) struct Route {
 
 /// A model's generate jobs: waiting to join, and running (engine job numbers).
 pub(super) struct Waiting {
-    pub(super) spec: Arc<ModelSpec>,
+    pub(super) spec: Arc<ModelPlan>,
     pub(super) queue: GenQueue<JobInput>,
 }
 
@@ -74,7 +74,7 @@ impl Engine {
             if !expired.running.is_empty() {
                 slot.model.stop(&expired.running);
             }
-            let static_batches = matches!(spec.config.generation, crate::repository::Generation::Static);
+            let static_batches = matches!(spec.config.generation, crate::plan::Generation::Static);
             let cap = slot.cap.min(spec.config.max_batch_size);
             let joining: Vec<(u64, JobInput, bool)> = queue
                 .admit(cap, slot.token_budget, static_batches)
@@ -206,7 +206,7 @@ mod tests {
         assert!(matches!(&done[..], [(0, Ok(_))]), "{done:?}");
     }
 
-    fn generate(spec: &Arc<ModelSpec>, inputs: Vec<JobInput>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Command {
+    fn generate(spec: &Arc<ModelPlan>, inputs: Vec<JobInput>, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Command {
         Command::Run { model: spec.clone(), kind: JobKind::Generate, streaming: vec![false; inputs.len()], deadlines: Vec::new(), inputs, events, span: Span::none() }
     }
 

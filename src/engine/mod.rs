@@ -54,10 +54,10 @@ use self::error::panic_message;
 use self::generation::{Route, Waiting};
 pub use self::model::{LoadedModel, Sink};
 use self::slots::Slot;
-pub use self::threads::configure_threads;
+pub use self::threads::{configure_threads, Threads};
 use crate::job::{JobInput, JobKind, Output};
 use crate::metrics::Metrics;
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 use crate::stream::StreamChunk;
 
 /// Clears `Metrics::engine_alive` when the engine thread exits, by return or by panic.
@@ -81,7 +81,7 @@ pub enum Event {
 
 pub enum Command {
     Run {
-        model: Arc<ModelSpec>,
+        model: Arc<ModelPlan>,
         kind: JobKind,
         inputs: Vec<JobInput>,
         /// Per job: whether its text is streamed.
@@ -92,7 +92,7 @@ pub enum Command {
         span: Span,
     },
     Load {
-        model: Arc<ModelSpec>,
+        model: Arc<ModelPlan>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// Shutdown: generate jobs not yet in a running batch are answered `Released`; the running
@@ -136,7 +136,7 @@ impl EngineHandle {
     /// Submits a batch; its jobs report on the returned channel (chunks, then one `Done` each).
     /// `generate` jobs join the model's running generation and finish one by one.
     /// `deadlines` (one per job, or empty: none) apply to `generate` jobs.
-    pub fn run(&self, model: Arc<ModelSpec>, kind: JobKind, inputs: Vec<JobInput>, streaming: Vec<bool>, deadlines: Vec<Option<Instant>>) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    pub fn run(&self, model: Arc<ModelPlan>, kind: JobKind, inputs: Vec<JobInput>, streaming: Vec<bool>, deadlines: Vec<Option<Instant>>) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let n = inputs.len();
         if let Err(std::sync::mpsc::SendError(Command::Run { events, .. })) =
@@ -154,7 +154,7 @@ impl EngineHandle {
         let _ = self.tx.send(Command::ReleaseWaiting);
     }
 
-    pub async fn load(&self, model: Arc<ModelSpec>) -> Result<(), EngineError> {
+    pub async fn load(&self, model: Arc<ModelPlan>) -> Result<(), EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Load { model, reply }).map_err(|_| EngineError::Stopped)?;
         rx.await.unwrap_or(Err(EngineError::Stopped))

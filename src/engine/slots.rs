@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use super::device::{generation_token_budget, resolve_device};
 use super::error::guarded;
 use super::{hf, torchscript, Engine, EngineError, LoadedModel};
-use crate::repository::{Backend, ModelSpec};
+use crate::plan::{Backend, ModelPlan};
 
 /// A loaded model and what the engine learnt of it.
 pub(super) struct Slot {
@@ -42,7 +42,7 @@ impl Slot {
     }
 }
 
-fn load(spec: &ModelSpec) -> Result<Box<dyn LoadedModel>, EngineError> {
+fn load(spec: &ModelPlan) -> Result<Box<dyn LoadedModel>, EngineError> {
     let device = resolve_device(spec.config.device)?;
     // `dtype` applies on every device (libtorch runs bf16/f16 on CPU too, which is how the
     // reduced-precision paths are tested without a GPU).
@@ -78,7 +78,7 @@ impl Engine {
     }
 
     /// The loaded model for `spec`, loading (and evicting least-recently-used models) as needed.
-    pub(super) fn slot(&mut self, spec: &ModelSpec) -> Result<&mut Slot, EngineError> {
+    pub(super) fn slot(&mut self, spec: &ModelPlan) -> Result<&mut Slot, EngineError> {
         self.clock += 1;
         let stale = self.models.get(&spec.name).is_some_and(|s| s.fingerprint != spec.fingerprint);
         if stale {

@@ -8,7 +8,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::{EngineError, LoadedModel};
 use crate::job::{JobInput, JobKind, Output};
-use crate::repository::{InputSpec, ModelConfig, ModelSpec};
+use crate::plan::{InputSpec, ModelConfig, ModelPlan};
 use crate::tensor::{DType, TensorData};
 
 pub struct TorchScript {
@@ -51,7 +51,7 @@ fn tch_err(e: tch::TchError) -> EngineError {
 }
 
 impl TorchScript {
-    pub fn load(spec: &ModelSpec, device: Device) -> Result<TorchScript, EngineError> {
+    pub fn load(spec: &ModelPlan, device: Device) -> Result<TorchScript, EngineError> {
         let path = spec.dir.join("model.pt");
         let mut module = CModule::load_on_device(&path, device)
             .map_err(|e| EngineError::Load(format!("{}: {}", path.display(), super::error::summary(&e.to_string()))))?;

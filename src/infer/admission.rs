@@ -17,12 +17,13 @@ use crate::cache::{check, Cache};
 use crate::job::{Envelope, ErrorCode, JobError, JobKind, Limits, Output, ValidJob};
 use crate::metrics::Metrics;
 use crate::priority::Priority;
-use crate::repository::{ModelSpec, Repository};
+use crate::plan::ModelPlan;
+use crate::repository::Repository;
 
 /// A valid job for a served model: what the core runs.
 pub struct Admitted {
     pub job: ValidJob,
-    pub spec: Arc<ModelSpec>,
+    pub spec: Arc<ModelPlan>,
     /// `None` when the job opted out of the cache (`use_cache: false`).
     pub cache_key: Option<[u8; 32]>,
 }
@@ -43,7 +44,7 @@ pub fn late(job: &ValidJob, age: Duration, now: SystemTime) -> Option<JobError> 
 
 /// The cached answer, from either tier, if [`check::check`] finds it can be this job's (the cache
 /// counts hits, refused values, misses and its own failures).
-pub async fn lookup(cache: Option<&Cache>, job: &ValidJob, spec: &ModelSpec, key: Option<&[u8; 32]>) -> Option<Output> {
+pub async fn lookup(cache: Option<&Cache>, job: &ValidJob, spec: &ModelPlan, key: Option<&[u8; 32]>) -> Option<Output> {
     cache?.get(key?, |output| check::check(job, spec, output)).await
 }
 

@@ -40,13 +40,14 @@ use crate::engine::{EngineError, EngineHandle};
 use crate::job::{self, ErrorCode, JobError, JobKind, Limits, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::priority::{Aging, Priority, DEFAULT_AGING};
-use crate::repository::{ModelSpec, RepoError, Repository};
+use crate::plan::ModelPlan;
+use crate::repository::{RepoError, Repository};
 use crate::stream::StreamChunk;
 
 /// A job on its way through the core, with whatever its adapter needs to answer it.
 pub trait Ticket: Send + 'static {
     /// The model the job runs on.
-    fn spec(&self) -> &Arc<ModelSpec>;
+    fn spec(&self) -> &Arc<ModelPlan>;
     fn job(&self) -> &ValidJob;
     fn job_mut(&mut self) -> &mut ValidJob;
     /// Time since the job arrived: its queue time, against which its `timeout_ms` counts.
@@ -55,7 +56,7 @@ pub trait Ticket: Send + 'static {
 
 /// The batcher groups tickets by model and kind, under the model's budgets.
 impl<T: Ticket> Batchable for T {
-    fn model(&self) -> &Arc<ModelSpec> {
+    fn model(&self) -> &Arc<ModelPlan> {
         self.spec()
     }
     fn kind(&self) -> JobKind {
@@ -184,13 +185,13 @@ pub struct Answer {
 /// The in-process adapter's ticket.
 struct Local {
     job: ValidJob,
-    spec: Arc<ModelSpec>,
+    spec: Arc<ModelPlan>,
     since: Instant,
     reply: oneshot::Sender<Result<Answer, JobError>>,
 }
 
 impl Ticket for Local {
-    fn spec(&self) -> &Arc<ModelSpec> {
+    fn spec(&self) -> &Arc<ModelPlan> {
         &self.spec
     }
     fn job(&self) -> &ValidJob {

@@ -2,7 +2,7 @@
 //! and encoding results. `schemas/` holds the same contract as JSON Schema for producers.
 //!
 //! Parsing is split in two: [`decode`] checks what every job shares (id, model, kind, size), and the
-//! model's [`crate::repository::ModelSpec::validate`] turns the kind-specific `input` into a
+//! model's [`crate::plan::ModelPlan::validate`] turns the kind-specific `input` into a
 //! [`ValidJob`]. Nothing past the edge re-checks input, and every error names the offending field.
 //!
 //! Here: the envelope, its strict decoder, [`ValidJob`] and the result message. Beside it:

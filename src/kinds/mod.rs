@@ -29,6 +29,7 @@ pub mod embed;
 pub mod encoder;
 pub mod fields;
 pub mod generate;
+pub mod kind;
 pub mod loglikelihood;
 pub mod loglikelihood_rolling;
 pub mod scoring;
@@ -41,17 +42,7 @@ pub use generate::{FinishReason, GenerateInput, Sampling};
 pub use scoring::Window;
 pub use validation::ValidationError;
 
-/// Job kinds of the contract. The engine's backends say which they serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Tensor,
-    Generate,
-    Loglikelihood,
-    LoglikelihoodRolling,
-    Embed,
-    Classify,
-}
+pub use kind::JobKind;
 
 /// How the batcher groups a kind's jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,13 +16,14 @@ use crate::engine::EngineError;
 use crate::infer::{ChunkSink, Done, Failure, Ticket};
 use crate::job::{Encoding, ErrorCode, JobError, Output, Timing, ValidJob};
 use crate::metrics::Metrics;
-use crate::repository::{LiveRepository, ModelSpec};
+use crate::plan::ModelPlan;
+use crate::repository::LiveRepository;
 use crate::stream::StreamChunk;
 
 /// A valid job on its way to the engine.
 pub struct Pending {
     pub job: ValidJob,
-    pub spec: Arc<ModelSpec>,
+    pub spec: Arc<ModelPlan>,
     pub cache_key: Option<[u8; 32]>,
     pub delivery: Delivery,
     /// Counts the job in its model's queue until it leaves the core.
@@ -63,7 +64,7 @@ impl Drop for Queued {
 }
 
 impl Ticket for Pending {
-    fn spec(&self) -> &Arc<ModelSpec> {
+    fn spec(&self) -> &Arc<ModelPlan> {
         &self.spec
     }
     fn job(&self) -> &ValidJob {

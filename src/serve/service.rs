@@ -25,7 +25,8 @@ use tracing::{info, warn};
 
 use super::flow::Ctx;
 use crate::pool::{self, meta, verb, BatchStats, CacheRatio, Draining, Health, InvalidModel, ModelInfo, ModelRequest, Unloaded, WorkerInfo, WorkerStats};
-use crate::repository::{DeviceChoice, ModelSpec, RepoError};
+use crate::plan::{DeviceChoice, ModelPlan};
+use crate::repository::RepoError;
 
 /// What the endpoints read and change.
 pub(crate) struct Control {
@@ -248,7 +249,7 @@ fn counts_by(counter: &prometheus::IntCounterVec, label: &str) -> std::collectio
     counts
 }
 
-fn model_info(spec: &ModelSpec) -> ModelInfo {
+fn model_info(spec: &ModelPlan) -> ModelInfo {
     let c = &spec.config;
     ModelInfo {
         name: spec.name.to_string(),

@@ -5,7 +5,7 @@
 use crate::hf_config::HfConfig;
 use super::weights::Scope;
 use super::{bert, gemma, gpt2, llama, phi3, qwen3, xlm_roberta, EngineError, Net};
-use crate::job::JobKind;
+use crate::kinds::kind::JobKind;
 
 /// The kinds a causal LM serves.
 pub const DECODER: &[JobKind] = &[JobKind::Generate, JobKind::Loglikelihood, JobKind::LoglikelihoodRolling];

@@ -377,7 +377,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path().join("lm");
         jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
-        let spec = crate::repository::ModelSpec::load(&dir).unwrap();
+        let spec = crate::plan::ModelPlan::load(&dir).unwrap();
         let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
         // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
         // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.

@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 use super::{EngineError, LoadedModel, Sink};
 use crate::job::{JobInput, JobKind, Output};
 use crate::kinds::{scoring, Window};
-use crate::repository::ModelSpec;
+use crate::plan::ModelPlan;
 use generate::{GenBatch, Row};
 use layers::{KvCache, Layout};
 
@@ -110,7 +110,7 @@ pub struct Hf {
 }
 
 impl Hf {
-    pub fn load(spec: &ModelSpec, device: Device) -> Result<Hf, EngineError> {
+    pub fn load(spec: &ModelPlan, device: Device) -> Result<Hf, EngineError> {
         let lm = spec.lm.as_ref().ok_or_else(|| load_err("an hf model without its LM spec"))?;
         let kind = match spec.config.dtype {
             Some(crate::tensor::DType::F16) => Kind::Half,
