@@ -279,7 +279,6 @@ impl Template {
 
 /// A job ready to publish.
 pub struct Job {
-    pub id: String,
     pub model: String,
     pub body: bytes::Bytes,
 }
@@ -355,7 +354,7 @@ impl Generator {
             fields.push(("timeout_ms", ms.into()));
         }
         let body = encode(&map(fields), encoding);
-        Job { id, model: t.model.clone(), body: body.into() }
+        Job { model: t.model.clone(), body: body.into() }
     }
 }
 
