@@ -213,6 +213,11 @@ pub struct ServeArgs {
     /// Summed size of loaded models before the least recently used is unloaded (0: no limit).
     #[arg(long, env = "JETBATCH_MODEL_MEMORY_MB", default_value_t = 0)]
     pub model_memory_mb: u64,
+    /// Keys and values of scored prefixes (few-shot examples, a question shared by its options)
+    /// each `hf` decoder keeps for later jobs, in MiB on its device (0: none); a model's own
+    /// `prefix_cache_mb` overrides it.
+    #[arg(long, env = "JETBATCH_PREFIX_CACHE_MB", default_value_t = crate::engine::prefix::DEFAULT_PREFIX_CACHE_MB)]
+    pub prefix_cache_mb: u64,
     /// Prometheus endpoint (`/metrics`, `/healthz`); unset: none.
     #[arg(long, env = "JETBATCH_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

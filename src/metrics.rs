@@ -44,6 +44,12 @@ pub struct Metrics {
     pub model_forward_total: IntCounterVec,
     pub engine_jobs_total: IntCounterVec,
     pub models_loaded: IntGauge,
+    /// The prefix cache, by model: tokens scored rows asked of it and got from it (not
+    /// recomputed), tokens evicted, and bytes held.
+    pub prefix_lookup_tokens_total: IntCounterVec,
+    pub prefix_hit_tokens_total: IntCounterVec,
+    pub prefix_evicted_tokens_total: IntCounterVec,
+    pub prefix_cache_bytes: IntGaugeVec,
     /// Job latency (publish to result) by priority level.
     pub priority_latency_seconds: HistogramVec,
     /// Jobs waiting in the stream by priority level (the level's consumer's pending count).
@@ -156,6 +162,10 @@ impl Metrics {
             model_forward_total: counter_vec("jetbatch_model_forward_total", "Forward passes run, by model.", &["model"]),
             engine_jobs_total: counter_vec("jetbatch_engine_jobs_total", "Jobs computed by a model, by model.", &["model"]),
             models_loaded: gauge("jetbatch_models_loaded", "Models loaded on the engine."),
+            prefix_lookup_tokens_total: counter_vec("jetbatch_prefix_lookup_tokens_total", "Prefix tokens looked up in the prefix cache, by model.", &["model"]),
+            prefix_hit_tokens_total: counter_vec("jetbatch_prefix_hit_tokens_total", "Prefix tokens found in the prefix cache (not recomputed), by model.", &["model"]),
+            prefix_evicted_tokens_total: counter_vec("jetbatch_prefix_evicted_tokens_total", "Tokens evicted from the prefix cache, by model.", &["model"]),
+            prefix_cache_bytes: b.add(IntGaugeVec::new(Opts::new("jetbatch_prefix_cache_bytes", "Bytes held by the prefix cache, by model."), &["model"]).expect("valid metric")),
             priority_latency_seconds: b.add(
                 HistogramVec::new(
                     HistogramOpts::new("jetbatch_priority_latency_seconds", "JetStream publish time of the job to its result published, by priority level.")

@@ -134,6 +134,10 @@ pub struct ModelConfig {
     /// `hf`: the largest `max_new_tokens` a `generate` job may ask for.
     #[serde(default = "default_max_new_tokens_limit")]
     pub max_new_tokens_limit: usize,
+    /// `hf` decoders: MiB of keys and values of scored prefixes kept for later jobs (0: none;
+    /// unset: the worker's `--prefix-cache-mb`).
+    #[serde(default)]
+    pub prefix_cache_mb: Option<u64>,
     /// `hf` `loglikelihood_rolling`: the largest text in bytes (it is tokenised and scored whole;
     /// default [`crate::lm::DEFAULT_MAX_INPUT_BYTES`]). Other kinds read bounded windows of text.
     #[serde(default)]

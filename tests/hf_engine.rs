@@ -328,13 +328,20 @@ const CLASSIFY_TOL: f64 = 0.06;
 
 /// The fixture's model `name` copied into `tmp`, its `jetbatch.toml` asking for `dtype`.
 fn in_dtype(tmp: &Path, name: &str, dtype: &str) -> Arc<ModelPlan> {
+    configured(tmp, name, dtype, &format!("dtype = \"{dtype}\""))
+}
+
+/// The fixture's model `name` copied into `tmp` (as `name-tag`), with `line` added to its
+/// `jetbatch.toml`.
+fn configured(tmp: &Path, name: &str, tag: &str, line: &str) -> Arc<ModelPlan> {
     let (dir, _) = fixture();
     let src = dir.join("models").join(name);
-    let dst = tmp.join(format!("{name}-{dtype}"));
+    let dst = tmp.join(format!("{name}-{tag}"));
     copy_dir(&src, &dst);
     let toml = std::fs::read_to_string(dst.join("jetbatch.toml")).unwrap();
-    assert!(!toml.contains("dtype"), "{name}: the fixture sets no dtype");
-    std::fs::write(dst.join("jetbatch.toml"), format!("{toml}\ndtype = \"{dtype}\"\n")).unwrap();
+    let key = line.split('=').next().unwrap().trim();
+    assert!(!toml.contains(key), "{name}: the fixture sets no {key}");
+    std::fs::write(dst.join("jetbatch.toml"), format!("{toml}\n{line}\n")).unwrap();
     Arc::new(ModelPlan::load(&dst).unwrap())
 }
 
@@ -434,4 +441,102 @@ fn bf16_encoders_embed_and_classify_close_to_f32() {
         }
     }
     assert!(checked > 0, "the fixture has encoders");
+}
+
+/// Few-shot-shaped windows: a shared prefix of `prefix` tokens, then per question its own tokens,
+/// and options of 1-3 tokens; ids from a fixed LCG below `vocab`.
+fn few_shot(vocab: u32, prefix: usize, questions: usize, options: usize) -> (Vec<u32>, Vec<Vec<Window>>) {
+    let mut seed = 11u64;
+    let mut next = move |n: u32| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) % u64::from(n)) as u32
+    };
+    let shared: Vec<u32> = (0..prefix).map(|_| 3 + next(vocab - 3)).collect();
+    let qs = (0..questions)
+        .map(|_| {
+            let mut context = shared.clone();
+            let len = 4 + next(7) as usize;
+            context.extend((0..len).map(|_| 3 + next(vocab - 3)));
+            (0..options).map(|_| Window { context: context.clone(), continuation: (0..1 + next(3)).map(|_| 3 + next(vocab - 3)).collect(), top_logprobs: 0 }).collect()
+        })
+        .collect();
+    (shared, qs)
+}
+
+/// The prefix cache changes no answer. On every decoder of the fixture (sliding windows shorter
+/// than the shared prefix, soft-capping, GQA, LongRoPE, which does not use it), few-shot-shaped
+/// jobs scored with the cache on equal the same jobs with it off (`prefix_cache_mb = 0`) within
+/// 1e-4, greedy flags and token counts equal: cold (the batch's shared prefix computed once, then
+/// its rows over it), each alone afterwards (warm), in a batch that mixes new questions over the
+/// cached prefix with left-truncated contexts (which must not share it), unshared windows and
+/// choices jobs, and rolling windows. The cache was used: its hit counter moved.
+#[test]
+fn the_prefix_cache_changes_no_score_on_any_decoder() {
+    let metrics = Arc::new(Metrics::new("prefix-test"));
+    let engine = EngineHandle::start(metrics.clone(), 0).0;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, refs) = fixture();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    let mut checked = Vec::new();
+    for (name, r) in refs["models"].as_object().unwrap() {
+        if r.get("generate").is_none() {
+            continue;
+        }
+        let on = load(name);
+        let off = configured(tmp.path(), name, "no-prefix", "prefix_cache_mb = 0");
+        let (shared, qs) = few_shot(300, 24, 12, 3);
+        let score = |w: &Window| JobInput::Score(vec![w.clone()]);
+        let cold: Vec<JobInput> = qs[..6].iter().flatten().map(score).collect();
+        let mut mixed: Vec<JobInput> = Vec::new();
+        for (i, q) in qs[6..].iter().enumerate() {
+            match i % 2 {
+                0 => mixed.extend(q.iter().map(score)),
+                _ => mixed.push(JobInput::Choices(q.clone())),
+            }
+            let mut truncated = q[0].clone();
+            truncated.context.drain(..1 + i);
+            mixed.push(score(&truncated));
+            mixed.push(score(&Window { context: vec![5 + i as u32; 3], continuation: vec![7, 8], top_logprobs: 0 }));
+        }
+        let rolling = vec![JobInput::Score(vec![
+            Window { context: vec![0], continuation: shared[..20].to_vec(), top_logprobs: 0 },
+            Window { context: shared[..20].to_vec(), continuation: shared[20..].to_vec(), top_logprobs: 0 },
+        ])];
+        let warm: Vec<Vec<JobInput>> = cold.iter().map(|j| vec![j.clone()]).collect();
+        let hits_before = metrics.prefix_hit_tokens_total.with_label_values(&[&on.name]).get();
+        for (what, kind, batches) in [
+            ("cold", JobKind::Loglikelihood, vec![cold.clone()]),
+            ("warm", JobKind::Loglikelihood, warm),
+            ("mixed", JobKind::Loglikelihood, vec![mixed]),
+            ("rolling", JobKind::LoglikelihoodRolling, vec![rolling]),
+        ] {
+            for batch in batches {
+                let (a, b) = (run(&engine, &on, kind, batch.clone()), run(&engine, &off, kind, batch));
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    match (x, y) {
+                        (Output::Score { logprob: p, is_greedy: g, tokens: t, .. }, Output::Score { logprob: q, is_greedy: h, tokens: u, .. }) => {
+                            assert!(close(*p, *q), "{name} {what} {i}: {p} with the cache vs {q} without");
+                            assert_eq!((g, t), (h, u), "{name} {what} {i}");
+                        }
+                        (Output::Choices { logprobs: p, is_greedy: g, .. }, Output::Choices { logprobs: q, is_greedy: h, .. }) => {
+                            p.iter().zip(q).for_each(|(p, q)| assert!(close(*p, *q), "{name} {what} {i}: {p} with the cache vs {q} without"));
+                            assert_eq!(g, h, "{name} {what} {i}");
+                        }
+                        other => panic!("{name} {what} {i}: {other:?}"),
+                    }
+                }
+            }
+        }
+        let hits = metrics.prefix_hit_tokens_total.with_label_values(&[&on.name]).get() - hits_before;
+        let uses = on.lm.as_ref().unwrap().config.rope().map(|r| !matches!(r.scaling, jetbatch::hf_config::RopeScaling::LongRope { .. })).unwrap_or(true);
+        match uses {
+            // At least the shared prefix for every question but the first.
+            true => assert!(hits >= 24 * 11, "{name}: {hits} prefix tokens from the cache"),
+            false => assert_eq!(hits, 0, "{name}: LongRoPE keys depend on the row's length"),
+        }
+        assert_eq!(metrics.prefix_hit_tokens_total.with_label_values(&[&off.name]).get(), 0, "{name}: off is off");
+        checked.push((name.clone(), hits));
+    }
+    assert!(checked.len() >= 8, "{checked:?}");
+    eprintln!("FIGURES prefix tokens served from the cache per decoder: {checked:?}");
 }

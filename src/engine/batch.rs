@@ -38,7 +38,9 @@ fn run_split(
 ) -> Vec<Result<Output, EngineError>> {
     metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
     let result = guarded(&spec.name, "run", || {
-        let outputs = slot.model.run(kind, chunk)?;
+        let outputs = slot.model.run(kind, chunk);
+        slot.report_prefix(&spec.name, metrics);
+        let outputs = outputs?;
         if outputs.len() != chunk.len() {
             return Err(EngineError::Model(format!("{} outputs for {} inputs", outputs.len(), chunk.len())));
         }

@@ -24,6 +24,8 @@
 //!   `scheduler.rs` decides who joins, as a plain state machine.
 //! - `device.rs`: which device a model runs on, and its generation token budget from free memory.
 //! - `threads.rs`: libtorch's thread counts from the CLI.
+//! - `prefix.rs`: the prefix cache, a radix tree of token sequences whose computed state (keys
+//!   and values) later jobs reuse; plain Rust, its payload is the backend's.
 //! - Backends: `torchscript.rs`, and `hf/` (see its own layout).
 
 mod batch;
@@ -34,6 +36,7 @@ mod fakes;
 mod generation;
 pub mod hf;
 mod model;
+pub mod prefix;
 mod scheduler;
 mod slots;
 mod threads;

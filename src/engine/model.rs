@@ -2,6 +2,7 @@
 //! its streamed chunks go ([`Sink`]). The engine drives it; backends (`torchscript.rs`, `hf/`)
 //! implement it.
 
+use super::prefix::PrefixStats;
 use super::EngineError;
 use crate::job::{JobInput, JobKind, Output};
 use crate::stream::StreamChunk;
@@ -59,6 +60,11 @@ pub trait LoadedModel {
     /// finish reason `deadline`.
     fn stop(&mut self, jobs: &[u64]) {
         let _ = jobs;
+    }
+
+    /// What the model's prefix cache did so far (none: it has none).
+    fn prefix_stats(&self) -> Option<PrefixStats> {
+        None
     }
 
     /// Rows in the running generation.

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::device::{generation_token_budget, resolve_device};
 use super::error::guarded;
+use super::prefix::PrefixStats;
 use super::{hf, torchscript, Engine, EngineError, LoadedModel};
 use crate::plan::{Backend, ModelPlan};
 
@@ -26,9 +27,21 @@ pub(super) struct Slot {
     /// Tokens a generation batch may hold (0: no limit): `max_batch_tokens`, or derived from
     /// free device memory at load when that is unset (see [`generation_token_budget`]).
     pub(super) token_budget: usize,
+    /// The model's prefix cache counters already added to the metrics.
+    pub(super) prefix_seen: PrefixStats,
 }
 
 impl Slot {
+    /// Adds what the model's prefix cache did since last time to `metrics`.
+    pub(super) fn report_prefix(&mut self, model: &str, metrics: &crate::metrics::Metrics) {
+        let Some(now) = self.model.prefix_stats() else { return };
+        let seen = std::mem::replace(&mut self.prefix_seen, now);
+        metrics.prefix_lookup_tokens_total.with_label_values(&[model]).inc_by(now.looked_up.saturating_sub(seen.looked_up));
+        metrics.prefix_hit_tokens_total.with_label_values(&[model]).inc_by(now.hit.saturating_sub(seen.hit));
+        metrics.prefix_evicted_tokens_total.with_label_values(&[model]).inc_by(now.evicted.saturating_sub(seen.evicted));
+        metrics.prefix_cache_bytes.with_label_values(&[model]).set(now.bytes as i64);
+    }
+
     /// Frees cached device memory after out-of-memory; a panic in it marks the slot for reload.
     pub(super) fn release_cache(&mut self, model: &str) {
         if guarded(model, "release_cache", || {
@@ -98,7 +111,7 @@ impl Engine {
             info!(model = %spec.name, secs = start.elapsed().as_secs_f64(), "model loaded");
             self.metrics.models_loaded.inc();
             let cap = spec.config.max_batch_size;
-            self.models.insert(spec.name.clone(), Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap, poisoned: false, token_budget });
+            self.models.insert(spec.name.clone(), Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap, poisoned: false, token_budget, prefix_seen: PrefixStats::default() });
         }
         let slot = self.models.get_mut(&spec.name).expect("just inserted");
         slot.last_used = self.clock;
@@ -133,7 +146,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new("t"));
         let mut engine = Engine::new(250, metrics);
         for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
-            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false, token_budget: 0 };
+            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false, token_budget: 0, prefix_seen: PrefixStats::default() };
             engine.models.insert(name.into(), slot);
         }
         engine.evict_for(100);

@@ -5,6 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::bert::Bert;
 use super::layers::Layout;
+use super::prefix::PrefixedRow;
 use super::{left_pad, pad_left, tch_err, CausalLm, EngineError, Hf, Pooling};
 use crate::job::{JobKind, Output};
 use crate::kinds::{TopLogprobs, Window};
@@ -61,12 +62,32 @@ impl Hf {
             self.check_window(d, w)?;
         }
         let packed = pack(windows, d.packs());
-        let (ids, keep, layout) = left_pad(&packed.rows, self.device);
-        let layout = match &packed.segments {
-            Some(segments) => Layout::packed(pad_left(&packed.pos, self.device), pad_left(segments, self.device), &keep),
-            None => layout,
+        let (hidden, skip) = match self.prefix_on(d) {
+            true => {
+                let contexts: Vec<&[u32]> = packed.first.iter().map(|&i| windows[i].context.as_slice()).collect();
+                self.prefill_shared(d, &contexts.iter().map(|c| &c[..c.len() - 1]).collect::<Vec<_>>())?;
+                let rows: Vec<PrefixedRow> = contexts
+                    .iter()
+                    .enumerate()
+                    .map(|(r, c)| PrefixedRow {
+                        cacheable: &c[..c.len() - 1],
+                        store: c,
+                        ids: packed.rows[r].clone(),
+                        pos: packed.pos[r].clone(),
+                        seg: packed.segments.as_ref().map_or_else(|| vec![0; packed.rows[r].len()], |s| s[r].clone()),
+                    })
+                    .collect();
+                self.forward_prefixed(d, &rows, packed.segments.is_some())?
+            }
+            false => {
+                let (ids, keep, layout) = left_pad(&packed.rows, self.device);
+                let layout = match &packed.segments {
+                    Some(segments) => Layout::packed(pad_left(&packed.pos, self.device), pad_left(segments, self.device), &keep),
+                    None => layout,
+                };
+                (d.forward(&ids, &layout, None), vec![0; packed.rows.len()])
+            }
         };
-        let hidden = d.forward(&ids, &layout, None);
         let t = hidden.size()[1];
         // Exactly the positions whose next token is scored, gathered into one contiguous
         // `[n, hidden]` block, so the LM head (vocab × hidden: most of the work at real
@@ -77,8 +98,9 @@ impl Hf {
         let mut at = Vec::new();
         let mut targets = Vec::new();
         for (w, (r, scored)) in windows.iter().zip(&packed.scored) {
-            let start = *r as i64 * t + t - packed.rows[*r].len() as i64;
-            at.extend(scored.iter().map(|&p| start + p as i64));
+            // Row r's computed tokens are its last `len - skip` ones, at the end of its T columns.
+            let start = *r as i64 * t + t - (packed.rows[*r].len() - skip[*r]) as i64;
+            at.extend(scored.iter().map(|&p| start + (p - skip[*r]) as i64));
             targets.extend(w.continuation.iter().map(|&t| i64::from(t)));
         }
         let at = Tensor::from_slice(&at).to_device(self.device);
@@ -172,6 +194,8 @@ struct Packed {
     segments: Option<Vec<Vec<i64>>>,
     /// Per window: its row and the indices (in the row) whose next token it scores.
     scored: Vec<(usize, Vec<usize>)>,
+    /// Per row: a window whose context the row starts with.
+    first: Vec<usize>,
 }
 
 /// One row per distinct context: the context once, then each window's continuation but its last
@@ -191,7 +215,7 @@ fn pack(windows: &[&Window], share: bool) -> Packed {
             }
         }
     }
-    let mut p = Packed { rows: Vec::new(), pos: Vec::new(), segments: None, scored: vec![(0, Vec::new()); windows.len()] };
+    let mut p = Packed { rows: Vec::new(), pos: Vec::new(), segments: None, scored: vec![(0, Vec::new()); windows.len()], first: groups.iter().map(|g| g[0]).collect() };
     let mut segments = Vec::new();
     for (r, group) in groups.iter().enumerate() {
         let context = &windows[group[0]].context;

@@ -230,6 +230,13 @@ impl Layout {
         Layout { pos, key_pos, segments: Some((segments.shallow_clone(), segments)), dense: false }
     }
 
+    /// Queries at `pos [B, T]` over keys at `key_pos [B, S]` (-1: padding), with the segments of
+    /// queries `[B, T]` and keys `[B, S]` where rows pack several sequences: the general form,
+    /// for keys that are not all new (cached prefixes before the new tokens).
+    pub fn general(pos: Tensor, key_pos: Tensor, segments: Option<(Tensor, Tensor)>) -> Layout {
+        Layout { pos, key_pos, segments, dense: false }
+    }
+
     /// The mask of attention within `window` (positions) if given, for scores in `kind`.
     pub fn mask(&self, window: Option<i64>, kind: Kind) -> AttnMask {
         let t = self.pos.size()[1];
@@ -291,11 +298,21 @@ pub(crate) enum Write {
     Prefill { first: i64 },
     /// One new key per running row (slot b) at column `cols[b]`; rows attend to columns 0..`len`.
     Decode { cols: Tensor, len: i64 },
+    /// Rows over cached prefixes: each layer's new keys and values follow `past` (that layer's
+    /// cached ones, `[B, kv_heads, P, D]`; none: nothing cached), and the columns `keep` names
+    /// (row, first column, count) of the new ones are copied out into `kept` (per layer, per
+    /// entry of `keep`) for the prefix cache.
+    Extend { past: Vec<(Tensor, Tensor)>, keep: Vec<(i64, i64, i64)>, kept: Vec<Vec<(Tensor, Tensor)>> },
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> KvCache {
         KvCache { layers: (0..layers).map(|_| None).collect(), rows: 0, cols: 0, write: Write::Prefill { first: 0 } }
+    }
+
+    /// A forward over cached prefixes (see [`Write::Extend`]); nothing is allocated.
+    pub fn extend(past: Vec<(Tensor, Tensor)>, keep: Vec<(i64, i64, i64)>) -> KvCache {
+        KvCache { layers: Vec::new(), rows: 0, cols: 0, write: Write::Extend { past, keep, kept: Vec::new() } }
     }
 
     /// Room for `rows` slots of `cols` keys, rounded up to whole blocks; growing copies the cache
@@ -336,6 +353,14 @@ impl KvCache {
 
     /// Writes layer `i`'s new keys and values `[B, kv_heads, T, D]`; returns those to attend over.
     fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        if let Write::Extend { past, keep, kept } = &mut self.write {
+            let columns = |t: &Tensor, &(r, c, n): &(i64, i64, i64)| t.get(r).narrow(1, c, n).copy();
+            kept.push(keep.iter().map(|at| (columns(&k, at), columns(&v, at))).collect());
+            return match past.get(i) {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
+                None => (k, v),
+            };
+        }
         let (rows, cols) = (self.rows, self.cols);
         let (ck, cv) = self.layers[i].get_or_insert_with(|| {
             let s = k.size();
@@ -357,6 +382,7 @@ impl KvCache {
                 let _ = cv.index_put_(&at, &v.squeeze_dim(2), false);
                 (ck.narrow(0, 0, b).narrow(2, 0, *len), cv.narrow(0, 0, b).narrow(2, 0, *len))
             }
+            Write::Extend { .. } => unreachable!("handled above"),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - One file per architecture family: `llama` (Llama, Mistral, Qwen2), `qwen3`, `gemma` (2 and 3),
 //!   `phi3`, `gpt2`, `bert`, `xlm_roberta`.
 //! - `heads`: scoring windows, pooling and classifying; `generate`: the generation batch.
+//! - `prefix`: forwards over the prefix cache (keys and values of prefixes already computed).
 
 pub mod archs;
 mod bert;
@@ -25,6 +26,7 @@ mod heads;
 mod layers;
 mod llama;
 mod phi3;
+mod prefix;
 mod qwen3;
 mod weights;
 mod xlm_roberta;
@@ -107,6 +109,9 @@ pub struct Hf {
     pooling: Pooling,
     /// KV cache bytes of one token in every layer, in the weights' dtype.
     kv_token_bytes: u64,
+    /// Keys and values of prefixes already scored (a `RefCell`: scoring borrows the network too;
+    /// only the engine thread touches it).
+    prefix: std::cell::RefCell<prefix::KvTree>,
 }
 
 impl Hf {
@@ -129,7 +134,9 @@ impl Hf {
             .map(|v| if v["pooling_mode_cls_token"].as_bool() == Some(true) { Pooling::Cls } else { Pooling::Mean })
             .unwrap_or(Pooling::Mean);
         let kv_token_bytes = (2 * c.num_hidden_layers * c.kv_heads() * c.head_dim() * kind.elt_size_in_bytes()) as u64;
-        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling, kv_token_bytes })
+        let prefix_budget = spec.config.prefix_cache_mb.map_or_else(crate::engine::prefix::default_budget, |mb| mb << 20);
+        let prefix = std::cell::RefCell::new(prefix::KvTree::new(prefix_budget, kv_token_bytes));
+        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling, kv_token_bytes, prefix })
     }
 }
 
@@ -206,6 +213,13 @@ impl LoadedModel for Hf {
 
     fn stop(&mut self, jobs: &[u64]) {
         self.gen.stop(&jobs.iter().map(|&j| j as usize).collect::<Vec<_>>());
+    }
+
+    fn prefix_stats(&self) -> Option<crate::engine::prefix::PrefixStats> {
+        match self.net {
+            Net::Decoder(_) => Some(self.prefix.borrow().stats()),
+            Net::Encoder(_) => None,
+        }
     }
 
     fn kv_bytes_per_token(&self) -> u64 {
