@@ -19,10 +19,17 @@ test: bootstrap
 ## The benchmarks of loadtest/README.md: `make bench` (all) or `make bench WHICH=engine` (engine,
 ## batching, bus, python, generation, scaling, and the LM ones: lm-score, mc, lm-generate, lm-e2e);
 ## `REPEAT=3` reports each ratio as the median of 3 rounds; reports in loadtest-report/.
+## `make bench WHICH=fewshot`: 5-shot multiple choice through lm-eval, jetbatch vs lm-eval's HF
+## backend, prefix cache on vs off (loadtest/lm_eval_bench.py --fewshot; not part of `all`).
 WHICH ?= all
 REPEAT ?= 1
 bench: bootstrap
+ifeq ($(WHICH),fewshot)
+	$(ENV) cargo build --release --locked --bin jetbatch
+	$(ENV) .venv/bin/python loadtest/lm_eval_bench.py --fewshot
+else
 	$(ENV) cargo run --release --locked -p jetbatch-loadtest -- bench $(WHICH) --repeat $(REPEAT) --out loadtest-report
+endif
 
 build: bootstrap
 	$(ENV) cargo build --release --locked

@@ -2,7 +2,7 @@
 from a fixed seed, GQA, and a byte-level BPE tokenizer with a real-sized vocabulary (trained here on
 pseudo-words from the same seed), which both transformers and the Rust `tokenizers` crate load.
 
-    python lm_model.py OUT_DIR [--vocab 32000 --hidden 256 --layers 4 --seed 0]
+    python lm_model.py OUT_DIR [--vocab 32000 --hidden 256 --layers 4 --seed 0 --max-positions 512]
 
 The folder gets config.json, model.safetensors, tokenizer.json, tokenizer_config.json and a
 jetbatch.toml (batches of 64, continuous generation), so jetbatch serves it as it is.
@@ -33,6 +33,7 @@ def parse_args():
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-positions", type=int, default=512)
     return p.parse_args()
 
 
@@ -59,7 +60,7 @@ def main():
     heads = max(4, args.hidden // 64)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-        num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+        num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=args.max_positions, bos_token_id=0, eos_token_id=1,
         pad_token_id=2, tie_word_embeddings=False,
         # Wider than the default 0.02, so logits are far apart and greedy tokens do not hinge on rounding.
         initializer_range=0.1,

@@ -25,12 +25,18 @@ pub fn write_fixture_models(dir: &Path) -> Result<(), String> {
 /// A Hugging Face folder for a tiny `LlamaForCausalLM` (GQA: 4 heads over 2 KV heads) with a
 /// byte-level BPE tokenizer of 3 special and 256 byte tokens.
 pub fn write_tiny_lm(dir: &Path, seed: i64, hidden: i64, layers: i64) -> Result<(), String> {
+    write_lm(dir, seed, hidden, layers, 259, 256)
+}
+
+/// [`write_tiny_lm`] with `vocab` (at least 259) embedding and LM-head rows — a real vocabulary's
+/// cost, where text reaches only the byte tokens (as padded vocabularies have) — and `positions`.
+pub fn write_lm(dir: &Path, seed: i64, hidden: i64, layers: i64, vocab: i64, positions: i64) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (inter, vocab) = (2 * hidden, 259i64);
+    let inter = 2 * hidden;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 1,
+        "max_position_embeddings": positions, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 1,
         "pad_token_id": 2, "tie_word_embeddings": false, "hidden_act": "silu"
     });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json")).map_err(|e| e.to_string())?;

@@ -117,18 +117,23 @@ impl Hf {
                 })
                 .collect(),
         };
-        let key_past: Vec<i64> = skip.iter().flat_map(|&s| std::iter::repeat_n(-1, past_len as usize - s).chain(0..s as i64)).collect();
-        let key_past = Tensor::from_slice(&key_past).view([b, past_len]).to_device(device);
-        let tail = |v: &[Vec<i64>]| -> Vec<Vec<i64>> { v.iter().zip(&skip).map(|(x, &s)| x[s..].to_vec()).collect() };
-        let pos_new: Vec<Vec<i64>> = tail(&rows.iter().map(|r| r.pos.clone()).collect::<Vec<_>>());
         let keep = pad_left(&new.iter().map(|n| vec![1i64; n.len()]).collect::<Vec<_>>(), device);
-        let pos = pad_left(&pos_new, device);
-        let key_pos = Tensor::cat(&[key_past, pos.where_scalarother(&keep.ne(0), -1)], 1);
-        let segs = segments.then(|| {
-            let q = pad_left(&tail(&rows.iter().map(|r| r.seg.clone()).collect::<Vec<_>>()), device);
-            (q.shallow_clone(), Tensor::cat(&[Tensor::zeros([b, past_len], (Kind::Int64, device)), q], 1))
-        });
-        let layout = Layout::general(pos, key_pos, segs);
+        let tail = |v: &[Vec<i64>]| -> Vec<Vec<i64>> { v.iter().zip(&skip).map(|(x, &s)| x[s..].to_vec()).collect() };
+        let pos = pad_left(&tail(&rows.iter().map(|r| r.pos.clone()).collect::<Vec<_>>()), device);
+        let segs = segments.then(|| pad_left(&tail(&rows.iter().map(|r| r.seg.clone()).collect::<Vec<_>>()), device));
+        let layout = match (past_len, segs) {
+            // Nothing cached: the layout of a forward without the cache (dense rows attend causally
+            // with no mask).
+            (0, None) => Layout::new(pos, &keep, new.iter().all(|n| n.len() as i64 == t)),
+            (0, Some(q)) => Layout::packed(pos, q, &keep),
+            (_, segs) => {
+                let key_past: Vec<i64> = skip.iter().flat_map(|&s| std::iter::repeat_n(-1, past_len as usize - s).chain(0..s as i64)).collect();
+                let key_past = Tensor::from_slice(&key_past).view([b, past_len]).to_device(device);
+                let key_pos = Tensor::cat(&[key_past, pos.where_scalarother(&keep.ne(0), -1)], 1);
+                let segs = segs.map(|q| (q.shallow_clone(), Tensor::cat(&[Tensor::zeros([b, past_len], (Kind::Int64, device)), q], 1)));
+                Layout::general(pos, key_pos, segs)
+            }
+        };
         let ids = pad_left(&new.iter().map(|n| n.to_vec()).collect::<Vec<_>>(), device);
         // Copy out what is new of each row's `store` tokens (the new tokens sit at the end of T).
         let stored: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].store.len() > skip[r]).collect();
