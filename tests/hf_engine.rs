@@ -469,7 +469,8 @@ fn few_shot(vocab: u32, prefix: usize, questions: usize, options: usize) -> (Vec
 /// 1e-4, greedy flags and token counts equal: cold (the batch's shared prefix computed once, then
 /// its rows over it), each alone afterwards (warm), in a batch that mixes new questions over the
 /// cached prefix with left-truncated contexts (which must not share it), unshared windows and
-/// choices jobs, and rolling windows. The cache was used: its hit counter moved.
+/// choices jobs, and rolling windows; greedy generations over the prefix give the same tokens,
+/// in a batch and alone over cached prompts. The cache was used: its hit counter moved.
 #[test]
 fn the_prefix_cache_changes_no_score_on_any_decoder() {
     let metrics = Arc::new(Metrics::new("prefix-test"));
@@ -503,7 +504,8 @@ fn the_prefix_cache_changes_no_score_on_any_decoder() {
             Window { context: shared[..20].to_vec(), continuation: shared[20..].to_vec(), top_logprobs: 0 },
         ])];
         let warm: Vec<Vec<JobInput>> = cold.iter().map(|j| vec![j.clone()]).collect();
-        let hits_before = metrics.prefix_hit_tokens_total.with_label_values(&[&on.name]).get();
+        let counter = |spec: &ModelPlan| metrics.prefix_hit_tokens_total.with_label_values(&[&spec.name]).get();
+        let hits_before = counter(&on);
         for (what, kind, batches) in [
             ("cold", JobKind::Loglikelihood, vec![cold.clone()]),
             ("warm", JobKind::Loglikelihood, warm),
@@ -527,15 +529,33 @@ fn the_prefix_cache_changes_no_score_on_any_decoder() {
                 }
             }
         }
-        let hits = metrics.prefix_hit_tokens_total.with_label_values(&[&on.name]).get() - hits_before;
+        let scoring_hits = counter(&on) - hits_before;
+        // Generation: prompts over the shared prefix, in one batch (cold), then each alone over
+        // the cached prompts: the same greedy tokens as with the cache off.
+        let eos = on.lm.as_ref().unwrap().config.eos_ids();
+        let prompts: Vec<JobInput> = qs.iter().take(6).map(|q| greedy_cases(&[serde_json::json!({"prompt_ids": q[0].context, "max_new_tokens": 6})], &eos).remove(0)).collect();
+        let mut batches = vec![prompts.clone()];
+        batches.extend(prompts.iter().map(|p| vec![p.clone()]));
+        for (b, batch) in batches.into_iter().enumerate() {
+            let (a, x) = (run(&engine, &on, JobKind::Generate, batch.clone()), run(&engine, &off, JobKind::Generate, batch));
+            for (i, (p, q)) in a.iter().zip(&x).enumerate() {
+                let (Output::Generate { tokens: p, .. }, Output::Generate { tokens: q, .. }) = (p, q) else { panic!("{name}: not a generation") };
+                assert_eq!(p, q, "{name} generate batch {b} row {i}: with the cache vs without");
+            }
+        }
+        let generation_hits = counter(&on) - hits_before - scoring_hits;
         let uses = on.lm.as_ref().unwrap().config.rope().map(|r| !matches!(r.scaling, jetbatch::hf_config::RopeScaling::LongRope { .. })).unwrap_or(true);
         match uses {
-            // At least the shared prefix for every question but the first.
-            true => assert!(hits >= 24 * 11, "{name}: {hits} prefix tokens from the cache"),
-            false => assert_eq!(hits, 0, "{name}: LongRoPE keys depend on the row's length"),
+            // At least the shared prefix for every question but the first; every prompt but its
+            // last token when it runs alone after the batch.
+            true => {
+                assert!(scoring_hits >= 24 * 11, "{name}: {scoring_hits} prefix tokens from the cache");
+                assert!(generation_hits >= 6 * 27, "{name}: {generation_hits} prompt tokens from the cache");
+            }
+            false => assert_eq!(scoring_hits + generation_hits, 0, "{name}: LongRoPE keys depend on the row's length"),
         }
-        assert_eq!(metrics.prefix_hit_tokens_total.with_label_values(&[&off.name]).get(), 0, "{name}: off is off");
-        checked.push((name.clone(), hits));
+        assert_eq!(counter(&off), 0, "{name}: off is off");
+        checked.push((name.clone(), scoring_hits, generation_hits));
     }
     assert!(checked.len() >= 8, "{checked:?}");
     eprintln!("FIGURES prefix tokens served from the cache per decoder: {checked:?}");

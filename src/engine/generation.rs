@@ -91,7 +91,9 @@ impl Engine {
             let mut panicked = None;
             if !joining.is_empty() {
                 let jobs: Vec<u64> = joining.iter().map(|(j, _, _)| *j).collect();
-                match guarded(&spec.name, "join", || slot.model.join(joining)) {
+                let joined = guarded(&spec.name, "join", || slot.model.join(joining));
+                slot.report_prefix(&spec.name, &self.metrics);
+                match joined {
                     Ok(()) => {}
                     // The running rows fit: the joiners wait (paused) for a smaller batch.
                     Err(e @ EngineError::OutOfMemory(_)) => failed.extend(shrink(&mut slot, &spec.name, &mut queue, rows - jobs.len(), jobs, &e)),

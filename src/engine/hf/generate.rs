@@ -6,7 +6,10 @@
 
 use tch::{Device, Kind, Tensor};
 
+use std::cell::RefCell;
+
 use super::layers::{KvCache, Layout, Write};
+use super::prefix::{gather, store_slot, KvTree};
 use super::{tch_err, CausalLm, EngineError, Hf};
 use crate::engine::{catch_oom, Sink};
 use crate::job::{FinishReason, Output};
@@ -49,8 +52,8 @@ impl Row {
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
     /// row feeds its last token again, so its next logits are those a decode step gives).
-    fn tokens(&self) -> Vec<i64> {
-        self.input.prompt.iter().chain(&self.generated).map(|&t| i64::from(t)).collect()
+    fn tokens(&self) -> Vec<u32> {
+        self.input.prompt.iter().chain(&self.generated).copied().collect()
     }
 
     /// Text that may be streamed now: not what could still become a stop string, nor an
@@ -178,6 +181,28 @@ fn right_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Layout) {
     (tensor(&ids), Layout::new(tensor(&pos), &tensor(&keep), dense))
 }
 
+/// Prepares a prefill over cached prefixes: each row's hit copied into its slot (`first + r`),
+/// its new token j written at column `skip[r] + j` (the padding past its length, masked, is
+/// overwritten by its decode steps); returns the layout of the new tokens over their slots.
+fn over_prefixes(cache: &mut KvCache, first: i64, hits: &[Vec<(Tensor, Tensor)>], skip: &[usize], new: &[Vec<i64>], device: Device) -> Layout {
+    let n = new.len() as i64;
+    let t = new.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let len = skip.iter().max().copied().unwrap_or(0) as i64 + t;
+    cache.reserve(first + n, len);
+    for (r, hit) in hits.iter().enumerate().filter(|&(r, _)| skip[r] > 0) {
+        cache.copy_in(first + r as i64, hit);
+    }
+    let grid = |width: i64, f: &dyn Fn(i64, i64) -> i64| -> Tensor {
+        let v: Vec<i64> = (0..n).flat_map(|r| (0..width).map(move |j| (r, j))).map(|(r, j)| f(r, j)).collect();
+        Tensor::from_slice(&v).view([n, width]).to_device(device)
+    };
+    let (s, l) = (|r: i64| skip[r as usize] as i64, |r: i64| new[r as usize].len() as i64);
+    // A padding query repeats its row's last position, as in `right_pad`.
+    let pos = grid(t, &|r, j| s(r) + j.min(l(r) - 1));
+    cache.write = Write::PrefillOver { first, cols: grid(t, &|r, j| s(r) + j), len };
+    Layout::general(pos, grid(len, &|r, c| if c < s(r) + l(r) { c } else { -1 }), None)
+}
+
 impl GenBatch {
     /// The paused row of `job`, if it was paused (see [`GenBatch::admit`]).
     pub fn resume(&mut self, job: usize) -> Option<Row> {
@@ -207,20 +232,38 @@ impl GenBatch {
 
     /// Prefills `rows` into the next free slots of the cache. Out of memory, they are paused and
     /// the running rows go on untouched (the slots and columns written beyond them are unused).
-    pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>) -> Result<(), EngineError> {
+    /// With `prefix`, each row's longest cached prefix is copied into its slot and only the rest
+    /// is prefilled; the prompts are cached afterwards.
+    pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>, prefix: Option<&RefCell<KvTree>>) -> Result<(), EngineError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let prompts: Vec<Vec<i64>> = rows.iter().map(Row::tokens).collect();
-        let (ids, layout) = right_pad(&prompts, device);
+        let prompts: Vec<Vec<u32>> = rows.iter().map(Row::tokens).collect();
+        let mut tree = prefix.map(RefCell::borrow_mut);
+        let hits: Vec<Vec<(Tensor, Tensor)>> = match tree.as_deref_mut() {
+            Some(tree) => prompts.iter().map(|p| gather(&tree.lookup(&p[..p.len() - 1]), d.num_layers())).collect(),
+            None => Vec::new(),
+        };
+        let skip: Vec<usize> = prompts.iter().enumerate().map(|(r, _)| hits.get(r).and_then(|h| h.first()).map_or(0, |(k, _)| k.size()[1] as usize)).collect();
+        let new: Vec<Vec<i64>> = prompts.iter().zip(&skip).map(|(p, &s)| p[s..].iter().map(|&t| i64::from(t)).collect()).collect();
         let state = self.state.get_or_insert_with(|| GenState { cache: KvCache::new(d.num_layers()), lens: Vec::new(), logits: Tensor::new() });
         let first = self.rows.len() as i64;
         let prefilled = catch_oom(|| {
-            state.cache.reserve(first + rows.len() as i64, ids.size()[1]);
-            state.cache.write = Write::Prefill { first };
-            let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
-            let (t, h) = (hidden.size()[1], hidden.size()[2]);
-            let last: Vec<i64> = prompts.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
+            let (ids, layout) = right_pad(&new, device);
+            let t = ids.size()[1];
+            let hidden = match tree.is_some() {
+                true => {
+                    let layout = over_prefixes(&mut state.cache, first, &hits, &skip, &new, device);
+                    d.forward(&ids, &layout, Some(&mut state.cache))
+                }
+                false => {
+                    state.cache.reserve(first + rows.len() as i64, t);
+                    state.cache.write = Write::Prefill { first };
+                    d.forward(&ids, &layout, Some(&mut state.cache))
+                }
+            };
+            let h = hidden.size()[2];
+            let last: Vec<i64> = new.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
             let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
             let logits = d.logits(&last);
             if first == 0 { Ok(logits) } else { Tensor::f_cat(&[&state.logits, &logits], 0).map_err(tch_err) }
@@ -241,6 +284,11 @@ impl GenBatch {
         let state = self.state.as_mut().expect("kept");
         state.logits = logits;
         state.lens.extend(prompts.iter().map(|p| p.len() as i64));
+        if let Some(tree) = tree.as_deref_mut() {
+            for (r, row) in rows.iter().enumerate() {
+                store_slot(tree, &row.input.prompt, &state.cache, first + r as i64);
+            }
+        }
         tracing::debug!(rows = first + rows.len() as i64, kv_cache_bytes = state.cache.bytes(), "generation batch");
         self.rows.extend(rows);
         Ok(())

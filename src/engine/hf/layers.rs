@@ -298,6 +298,9 @@ pub(crate) enum Write {
     Prefill { first: i64 },
     /// One new key per running row (slot b) at column `cols[b]`; rows attend to columns 0..`len`.
     Decode { cols: Tensor, len: i64 },
+    /// `n` joining rows whose slots `first..first + n` already hold a cached prefix: new key j of
+    /// row r goes to column `cols[r][j]`; the rows attend to columns 0..`len` of their slots.
+    PrefillOver { first: i64, cols: Tensor, len: i64 },
     /// Rows over cached prefixes: each layer's new keys and values follow `past` (that layer's
     /// cached ones, `[B, kv_heads, P, D]`; none: nothing cached), and the columns `keep` names
     /// (row, first column, count) of the new ones are copied out into `kept` (per layer, per
@@ -346,6 +349,26 @@ impl KvCache {
         }
     }
 
+    /// Writes a cached prefix (per layer `[kv_heads, n, D]`) into columns 0..n of `slot`.
+    pub fn copy_in(&mut self, slot: i64, prefix: &[(Tensor, Tensor)]) {
+        let (rows, cols) = (self.rows, self.cols);
+        for (layer, (k, v)) in self.layers.iter_mut().zip(prefix) {
+            let (ck, cv) = layer.get_or_insert_with(|| {
+                let s = k.size();
+                let alloc = || Tensor::zeros([rows, s[0], cols, s[2]], (k.kind(), k.device()));
+                (alloc(), alloc())
+            });
+            let n = k.size()[1];
+            ck.get(slot).narrow(1, 0, n).copy_(k);
+            cv.get(slot).narrow(1, 0, n).copy_(v);
+        }
+    }
+
+    /// Copies columns `from..to` of `slot` out of every layer (`[kv_heads, to - from, D]`).
+    pub fn copy_out(&self, slot: i64, from: i64, to: i64) -> Vec<(Tensor, Tensor)> {
+        self.layers.iter().flatten().map(|(k, v)| (k.get(slot).narrow(1, from, to - from).copy(), v.get(slot).narrow(1, from, to - from).copy())).collect()
+    }
+
     /// Bytes allocated.
     pub fn bytes(&self) -> u64 {
         self.layers.iter().flatten().map(|(k, v)| (k.numel() * k.kind().elt_size_in_bytes() + v.numel() * v.kind().elt_size_in_bytes()) as u64).sum()
@@ -381,6 +404,15 @@ impl KvCache {
                 let _ = ck.index_put_(&at, &k.squeeze_dim(2), false);
                 let _ = cv.index_put_(&at, &v.squeeze_dim(2), false);
                 (ck.narrow(0, 0, b).narrow(2, 0, *len), cv.narrow(0, 0, b).narrow(2, 0, *len))
+            }
+            Write::PrefillOver { first, cols, len } => {
+                let n = k.size()[0];
+                let slots = Tensor::arange_start(*first, *first + n, (Kind::Int64, k.device())).unsqueeze(1);
+                // Advanced indices apart: the values' dims are [n, T, kv_heads, D].
+                let at = [Some(slots), None, Some(cols.shallow_clone())];
+                let _ = ck.index_put_(&at, &k.permute([0, 2, 1, 3]), false);
+                let _ = cv.index_put_(&at, &v.permute([0, 2, 1, 3]), false);
+                (ck.narrow(0, *first, n).narrow(2, 0, *len), cv.narrow(0, *first, n).narrow(2, 0, *len))
             }
             Write::Extend { .. } => unreachable!("handled above"),
         }

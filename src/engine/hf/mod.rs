@@ -183,7 +183,8 @@ impl LoadedModel for Hf {
                 other => Err(EngineError::Model(format!("not a generate job: {other:?}"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.gen.admit(d.as_ref(), self.device, rows)
+        let prefix = self.prefix_on(d.as_ref()).then_some(&self.prefix);
+        self.gen.admit(d.as_ref(), self.device, rows, prefix)
     }
 
     fn step(&mut self, sink: &mut dyn Sink) -> Vec<(u64, Result<Output, EngineError>)> {

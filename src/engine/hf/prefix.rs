@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::layers::{KvCache, Layout};
 use super::{pad_left, CausalLm, EngineError, Hf};
-use crate::engine::prefix::{PrefixTree, Segment};
+use crate::engine::prefix::{Hit, PrefixTree, Segment};
 
 /// The keys and values of `n` tokens, per layer `[kv_heads, n, D]`.
 pub(super) struct Kv(Vec<(Tensor, Tensor)>);
@@ -34,6 +34,27 @@ impl Segment for Kv {
 }
 
 pub(super) type KvTree = PrefixTree<Kv>;
+
+/// A hit's keys and values joined, per layer `[kv_heads, hit.len, D]` (none for an empty hit).
+pub(super) fn gather(hit: &Hit<'_, Kv>, layers: usize) -> Vec<(Tensor, Tensor)> {
+    if hit.len == 0 {
+        return Vec::new();
+    }
+    (0..layers)
+        .map(|l| {
+            let part = |pick: fn(&(Tensor, Tensor)) -> &Tensor| {
+                let parts: Vec<Tensor> = hit.parts.iter().map(|(kv, n)| pick(&kv.0[l]).narrow(1, 0, *n as i64)).collect();
+                Tensor::cat(&parts, 1)
+            };
+            (part(|kv| &kv.0), part(|kv| &kv.1))
+        })
+        .collect()
+}
+
+/// Caches `tokens`, whose keys and values slot `slot` of a generation's cache holds.
+pub(super) fn store_slot(tree: &mut KvTree, tokens: &[u32], cache: &KvCache, slot: i64) {
+    tree.insert(tokens, |from| Some(Kv(cache.copy_out(slot, from as i64, tokens.len() as i64))));
+}
 
 /// Shortest prefix shared by rows of a batch worth a forward of its own.
 const MIN_SHARED: usize = 16;
@@ -79,15 +100,7 @@ impl Hf {
                 row_hit.push(Some(i));
                 continue;
             }
-            let layers = (0..d.num_layers())
-                .map(|l| {
-                    let part = |pick: fn(&(Tensor, Tensor)) -> &Tensor| {
-                        let parts: Vec<Tensor> = hit.parts.iter().map(|(kv, n)| pick(&kv.0[l]).narrow(1, 0, *n as i64)).collect();
-                        Tensor::cat(&parts, 1)
-                    };
-                    (part(|kv| &kv.0), part(|kv| &kv.1))
-                })
-                .collect();
+            let layers = gather(&hit, d.num_layers());
             seen.push(key);
             row_hit.push(Some(hits.len()));
             hits.push((hit.len, layers));
