@@ -2,7 +2,8 @@
 # The CUDA check of issue 11, for a machine with an NVIDIA GPU, python3 with torch + transformers,
 # and no Rust: it runs the release binary built elsewhere. Prints one Markdown table (correctness
 # on CUDA in fp32, bf16, f16; the SDPA kernels chosen; scoring jobs/s and generation tokens/s
-# against transformers on the same GPU) and exits non-zero when a check fails.
+# against transformers on the same GPU; few-shot scoring with the prefix cache against without it:
+# equal within the dtype's tolerance, and the ratio) and exits non-zero when a check fails.
 #
 #   scripts/gpu-check.sh --prepare                   # here: copy the release binary and nats-server into .gpu/
 #   scripts/gpu-check.sh [--device cuda|cpu] [--quick] [--bin PATH] [--nats-server PATH] [--work DIR]
@@ -74,7 +75,10 @@ echo "checks done at ${SECONDS}s" >&2
 # Timed runs: the same model warm (the check jobs loaded it), its own backlog at once.
 t=$(date +%s%N); submit "$WORK/bench-score.jsonl" "$WORK/bench-score-results.jsonl"; score_ns=$(( $(date +%s%N) - t ))
 t=$(date +%s%N); submit "$WORK/bench-gen.jsonl" "$WORK/bench-gen-results.jsonl"; gen_ns=$(( $(date +%s%N) - t ))
-echo "{\"score_s\": $score_ns.0e-9, \"gen_s\": $gen_ns.0e-9}" >"$WORK/bench-timing.json"
+# The prefix cache: the same few-shot backlog with it and without (each model loaded by the checks).
+t=$(date +%s%N); submit "$WORK/bench-fewshot-on.jsonl" "$WORK/bench-fewshot-on-results.jsonl"; fs_on_ns=$(( $(date +%s%N) - t ))
+t=$(date +%s%N); submit "$WORK/bench-fewshot-off.jsonl" "$WORK/bench-fewshot-off-results.jsonl"; fs_off_ns=$(( $(date +%s%N) - t ))
+echo "{\"score_s\": $score_ns.0e-9, \"gen_s\": $gen_ns.0e-9, \"fewshot_on_s\": $fs_on_ns.0e-9, \"fewshot_off_s\": $fs_off_ns.0e-9}" >"$WORK/bench-timing.json"
 grep -E "max_batch_tokens derived|out of memory|loading model" "$WORK/worker.log" | sed 's/^/worker: /' >&2 || true
 echo "all done at ${SECONDS}s" >&2
 LD_PRELOAD= "$PY" "$ROOT/scripts/gpu_check.py" report "$WORK"

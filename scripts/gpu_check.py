@@ -71,22 +71,31 @@ def build_model(folder, config, seed, std, save_dtype):
     return model
 
 
-def write_toml(folder, dtype, max_length):
-    lines = ['backend = "hf"', "max_batch_size = 64", "max_wait_ms = 5", "preload = true", f"max_length = {max_length}"]
+def write_toml(folder, dtype, max_length, extra=()):
+    lines = ['backend = "hf"', "max_batch_size = 64", "max_wait_ms = 5", "preload = true", f"max_length = {max_length}", *extra]
     if dtype != "f32":
         lines.append(f'dtype = "{dtype}"')
     (folder / "jetbatch.toml").write_text("\n".join(lines) + "\n")
 
 
-def variant(models, base, dtype, max_length):
+def variant(models, base, dtype, max_length, tag="", extra=()):
     """`base` in `dtype`: a folder of links to its files with its own jetbatch.toml."""
-    folder = models / f"{base}-{dtype}"
+    folder = models / f"{base}-{dtype}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     for f in (models / base).iterdir():
         if f.name != "jetbatch.toml" and not (folder / f.name).exists():
             (folder / f.name).symlink_to(f.resolve())
-    write_toml(folder, dtype, max_length)
+    write_toml(folder, dtype, max_length, extra)
     return folder.name
+
+
+def fewshot_jobs(rng, vocab, n, shared, own, cont):
+    """Few-shot-shaped scoring jobs: one shared prefix of `shared` tokens, then each job's own."""
+    prefix = [rng.randrange(2, vocab) for _ in range(shared)]
+    return [{"id": f"fs{i}", "kind": "loglikelihood",
+             "input": {"context_tokens": prefix + [rng.randrange(2, vocab) for _ in range(rng.randint(*own))],
+                       "continuation_tokens": [rng.randrange(2, vocab) for _ in range(rng.randint(*cont))]}}
+            for i in range(n)]
 
 
 def make_jobs(rng, vocab, n_score, n_gen, ctx, cont, prompt, new, tag):
@@ -186,13 +195,25 @@ def cmd_build(a):
             del model
             if a.device == "cuda":
                 torch.cuda.empty_cache()
-    with open(work / "check-jobs.jsonl", "w") as f:
-        for j in all_jobs:
-            f.write(json.dumps(j) + "\n")
     # The benchmark: the largest model in its serving dtype, a scoring backlog and a generation mix.
     base, config, max_len, dtypes, _ = sets[-1]
     bench_dtype = "bf16" if a.device == "cuda" else "f32"
     name = base if bench_dtype == "f32" else f"{base}-{bench_dtype}"
+    # The prefix cache: few-shot jobs on the bench model with it (`name`) and without (`off`); a
+    # few of each among the checks, so both models are loaded before the timed runs.
+    off = variant(models, base, bench_dtype, max_len, "-noprefix", ["prefix_cache_mb = 0"])
+    n_fs, shared = (1024, 768) if a.big else (256, 192)
+    fewshot = fewshot_jobs(random.Random(13), config["vocab_size"], n_fs, shared, (16, 64), (1, 4))
+    for model, file in ((name, "bench-fewshot-on.jsonl"), (off, "bench-fewshot-off.jsonl")):
+        tagged = [dict(j, id=f"{model}-{j['id']}", model=model, cache=False) for j in fewshot]
+        all_jobs += [dict(j, id=f"warm-{j['id']}") for j in tagged[:4]]
+        with open(work / file, "w") as f:
+            for j in tagged:
+                f.write(json.dumps(j) + "\n")
+    plan["fewshot"] = {"on": name, "off": off, "jobs": n_fs, "shared": shared, "dtype": bench_dtype}
+    with open(work / "check-jobs.jsonl", "w") as f:
+        for j in all_jobs:
+            f.write(json.dumps(j) + "\n")
     n_score, n_gen = (2000, 256) if a.big else (400, 48)
     bench = make_jobs(random.Random(11), config["vocab_size"], n_score, n_gen, (16, 120), (1, 6), (4, 40), (8, 64), "bench")
     for kind, file in (("loglikelihood", "bench-score.jsonl"), ("generate", "bench-gen.jsonl")):
@@ -315,7 +336,26 @@ def cmd_report(a):
         print(f"\n| benchmark ({b['model']}) | jetbatch (submit → results, e2e) | transformers (same device) | ratio |\n| --- | --- | --- | --- |")
         print(f"| loglikelihood backlog, {b['score_jobs']} jobs | {jb_score:.0f} jobs/s | {b['hf_score_jobs_s']:.0f} jobs/s (batches of 64) | {jb_score / b['hf_score_jobs_s']:.2f}x |")
         print(f"| greedy generate, {b['gen_jobs']} jobs | {jb_gen:.0f} tokens/s | {b['hf_gen_tokens_s']:.0f} tokens/s (generate, batches of 64) | {jb_gen / b['hf_gen_tokens_s']:.2f}x |")
+    fs = plan.get("fewshot")
+    if fs and timing and "fewshot_on_s" in timing:
+        ok &= fewshot_report(work, fs, timing)
     sys.exit(0 if ok else 1)
+
+
+def fewshot_report(work, fs, timing):
+    """The prefix cache on the device: every few-shot job's log-prob with the cache as without it
+    (within the dtype's tolerance), and the backlog's rate with against without."""
+    def scores(file):
+        with open(work / file) as f:
+            rows = [json.loads(line) for line in f]
+        return {r["id"].split("-fs", 1)[1]: r["output"]["logprob"] for r in rows if r.get("status") == "ok"}
+    on, off = scores("bench-fewshot-on-results.jsonl"), scores("bench-fewshot-off-results.jsonl")
+    worst = max((abs(on[k] - off[k]) / max(1.0, abs(off[k])) for k in on.keys() & off.keys()), default=float("inf"))
+    passed = len(on) == len(off) == fs["jobs"] and worst <= TOL[fs["dtype"]]
+    rate_on, rate_off = fs["jobs"] / timing["fewshot_on_s"], fs["jobs"] / timing["fewshot_off_s"]
+    print(f"\n| prefix cache ({fs['on']}, {fs['jobs']} jobs over a {fs['shared']}-token prefix) | with | without | ratio | worst rel. difference | pass |\n| --- | --- | --- | --- | --- | --- |")
+    print(f"| loglikelihood backlog (submit → results) | {rate_on:.0f} jobs/s | {rate_off:.0f} jobs/s | {rate_on / rate_off:.2f}x | {worst:.2e} (tolerance {TOL[fs['dtype']]:g}) | {'yes' if passed else 'NO'} |")
+    return passed
 
 
 def main():
