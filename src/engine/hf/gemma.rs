@@ -121,9 +121,7 @@ fn load(c: &HfConfig, w: &Scope, gemma3: bool) -> Result<Net, EngineError> {
             Ok(Block {
                 input_norm: norm(&l, "input_layernorm")?,
                 attn: Attention {
-                    q: a.linear("q_proj", bias)?,
-                    k: a.linear("k_proj", bias)?,
-                    v: a.linear("v_proj", bias)?,
+                    qkv: a.fused(&["q_proj", "k_proj", "v_proj"], bias)?,
                     o: a.linear("o_proj", bias)?,
                     heads: c.num_attention_heads as i64,
                     kv_heads: c.kv_heads() as i64,
@@ -134,7 +132,7 @@ fn load(c: &HfConfig, w: &Scope, gemma3: bool) -> Result<Net, EngineError> {
                 qk_norm: if gemma3 { Some((norm(&a, "q_norm")?, norm(&a, "k_norm")?)) } else { None },
                 post_attn_norm: norm(&l, "post_attention_layernorm")?,
                 pre_ff_norm: norm(&l, "pre_feedforward_layernorm")?,
-                mlp: Mlp::Gated { gate: p.linear("gate_proj", false)?, up: p.linear("up_proj", false)?, down: p.linear("down_proj", false)?, act },
+                mlp: Mlp::Gated { gate_up: p.fused(&["gate_proj", "up_proj"], false)?, down: p.linear("down_proj", false)?, act },
                 post_ff_norm: norm(&l, "post_feedforward_layernorm")?,
                 sliding: sliding[i],
             })

@@ -38,14 +38,10 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
     let layers = (0..c.num_hidden_layers)
         .map(|i| {
             let l = w.pp("h").pp(i);
-            let mut qkv = l.conv1d("attn.c_attn")?.split(&[hidden, hidden, hidden]).into_iter();
-            let mut next = || qkv.next().expect("three parts");
             Ok(Block {
                 ln1: Norm::layer(&l, "ln_1", eps)?,
                 attn: Attention {
-                    q: next(),
-                    k: next(),
-                    v: next(),
+                    qkv: l.conv1d("attn.c_attn")?.expect_rows(3 * hidden, "attn.c_attn")?,
                     o: l.conv1d("attn.c_proj")?,
                     heads,
                     kv_heads: heads,

@@ -18,11 +18,24 @@ impl Linear {
         x.linear(&self.w, self.b.as_ref())
     }
 
-    /// Splits a fused projection (`[a + b + …, in]`) into its parts by output rows.
-    pub fn split(&self, sizes: &[i64]) -> Vec<Linear> {
-        let ws = self.w.split_with_sizes(sizes, 0);
-        let bs = self.b.as_ref().map(|b| b.split_with_sizes(sizes, 0));
-        ws.into_iter().enumerate().map(|(i, w)| Linear { w, b: bs.as_ref().map(|b| b[i].shallow_clone()) }).collect()
+    /// Its weight has `rows` output rows (a fused checkpoint's parts add up), else a load error.
+    pub fn expect_rows(self, rows: i64, name: &str) -> Result<Linear, EngineError> {
+        match self.w.size()[0] == rows {
+            true => Ok(self),
+            false => Err(EngineError::Load(format!("{name}: {} output rows, the config implies {rows}", self.w.size()[0]))),
+        }
+    }
+
+    /// One projection of several over the same input (`[a + b + …, in]`): one GEMM instead of
+    /// several smaller ones, which matters most to decode steps of small models (each op is a
+    /// parallel region). A part without a bias gets zeros where another has one.
+    pub fn fuse(parts: Vec<Linear>) -> Linear {
+        let w = Tensor::cat(&parts.iter().map(|p| &p.w).collect::<Vec<_>>(), 0);
+        let b = parts.iter().any(|p| p.b.is_some()).then(|| {
+            let each: Vec<Tensor> = parts.iter().map(|p| p.b.as_ref().map_or_else(|| Tensor::zeros([p.w.size()[0]], (p.w.kind(), p.w.device())), Tensor::shallow_clone)).collect();
+            Tensor::cat(&each, 0)
+        });
+        Linear { w, b }
     }
 }
 
@@ -91,8 +104,8 @@ impl Act {
 }
 
 pub(crate) enum Mlp {
-    /// `down(act(gate(x)) * up(x))` (SwiGLU, GeGLU).
-    Gated { gate: Linear, up: Linear, down: Linear, act: Act },
+    /// `down(act(gate(x)) * up(x))` (SwiGLU, GeGLU), gate and up fused (see [`Linear::fuse`]).
+    Gated { gate_up: Linear, down: Linear, act: Act },
     /// `proj(act(fc(x)))`.
     Plain { fc: Linear, proj: Linear, act: Act },
 }
@@ -100,7 +113,11 @@ pub(crate) enum Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
-            Mlp::Gated { gate, up, down, act } => down.forward(&(act.forward(&gate.forward(x)) * up.forward(x))),
+            Mlp::Gated { gate_up, down, act } => {
+                let y = gate_up.forward(x);
+                let half = y.size().last().copied().expect("features") / 2;
+                down.forward(&(act.forward(&y.narrow(-1, 0, half)) * y.narrow(-1, half, half)))
+            }
             Mlp::Plain { fc, proj, act } => proj.forward(&act.forward(&fc.forward(x))),
         }
     }
@@ -423,9 +440,8 @@ impl KvCache {
 /// as q/k norms) `attend` with rotary positions, the cache, soft-capping and the output
 /// projection.
 pub(crate) struct Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// q, k and v fused (see [`Linear::fuse`]): `[(heads + 2 kv_heads) × head_dim, hidden]`.
+    pub qkv: Linear,
     pub o: Linear,
     pub heads: i64,
     pub kv_heads: i64,
@@ -440,8 +456,10 @@ impl Attention {
     /// `q, k, v` `[B, heads, T, D]` of `h [B, T, H]`.
     pub fn qkv(&self, h: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (h.size()[0], h.size()[1]);
-        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
-        (split(self.q.forward(h), self.heads), split(self.k.forward(h), self.kv_heads), split(self.v.forward(h), self.kv_heads))
+        let y = self.qkv.forward(h);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let split = |from: i64, n: i64| y.narrow(-1, from, n * self.head_dim).view([b, t, n, self.head_dim]).transpose(1, 2);
+        (split(0, self.heads), split(q, self.kv_heads), split(q + kv, self.kv_heads))
     }
 
     /// Attention of `q` over `k, v` (written to layer `i` of the cache, and then over the keys it
@@ -508,6 +526,11 @@ impl Scope<'_> {
     pub fn linear(&self, name: &str, bias: bool) -> Result<Linear, EngineError> {
         let s = self.pp(name);
         Ok(Linear { w: s.get("weight")?, b: if bias { Some(s.get("bias")?) } else { None } })
+    }
+
+    /// `names` (projections of one input) read and fused into one (see [`Linear::fuse`]).
+    pub fn fused(&self, names: &[&str], bias: bool) -> Result<Linear, EngineError> {
+        Ok(Linear::fuse(names.iter().map(|n| self.linear(n, bias)).collect::<Result<_, _>>()?))
     }
 
     /// GPT-2's Conv1D stores `[in, out]`; transposed once here to a linear `[out, in]`.

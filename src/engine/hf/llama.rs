@@ -78,9 +78,7 @@ impl Llama {
                     norm1: Norm::rms(&l, "input_layernorm", eps)?,
                     norm2: Norm::rms(&l, "post_attention_layernorm", eps)?,
                     attn: Attention {
-                        q: a.linear("q_proj", bias || flags.qkv_bias)?,
-                        k: a.linear("k_proj", bias || flags.qkv_bias)?,
-                        v: a.linear("v_proj", bias || flags.qkv_bias)?,
+                        qkv: a.fused(&["q_proj", "k_proj", "v_proj"], bias || flags.qkv_bias)?,
                         o: a.linear("o_proj", bias)?,
                         heads: c.num_attention_heads as i64,
                         kv_heads: c.kv_heads() as i64,
@@ -88,7 +86,7 @@ impl Llama {
                         scale: 1.0 / (head_dim as f64).sqrt(),
                         softcap: None,
                     },
-                    mlp: Mlp::Gated { gate: p.linear("gate_proj", false)?, up: p.linear("up_proj", false)?, down: p.linear("down_proj", false)?, act },
+                    mlp: Mlp::Gated { gate_up: p.fused(&["gate_proj", "up_proj"], false)?, down: p.linear("down_proj", false)?, act },
                 })
             })
             .collect::<Result<_, EngineError>>()?;

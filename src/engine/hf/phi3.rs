@@ -1,5 +1,6 @@
-//! Phi-3: the Llama layout with fused `qkv_proj` and `gate_up_proj` (split once at load), a
-//! sliding window on every layer when configured, and LongRoPE where `rope_scaling` says so.
+//! Phi-3: the Llama layout with fused `qkv_proj` and `gate_up_proj` (run fused, as every
+//! architecture's projections are), a sliding window on every layer when configured, and
+//! LongRoPE where `rope_scaling` says so.
 
 use crate::hf_config::HfConfig;
 use super::layers::{Act, Attention, Mlp, Norm, Rotary};
@@ -25,15 +26,10 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
     let layers = (0..c.num_hidden_layers)
         .map(|i| {
             let l = w.pp("layers").pp(i);
-            let mut qkv = l.pp("self_attn").linear("qkv_proj", false)?.split(&[heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]).into_iter();
-            let mut gate_up = l.pp("mlp").linear("gate_up_proj", false)?.split(&[inter, inter]).into_iter();
-            let next = |it: &mut std::vec::IntoIter<_>| it.next().expect("split parts");
             Ok(Block {
                 norm1: Norm::rms(&l, "input_layernorm", eps)?,
                 attn: Attention {
-                    q: next(&mut qkv),
-                    k: next(&mut qkv),
-                    v: next(&mut qkv),
+                    qkv: l.pp("self_attn").linear("qkv_proj", false)?.expect_rows((heads + 2 * kv_heads) * head_dim, "qkv_proj")?,
                     o: l.pp("self_attn").linear("o_proj", false)?,
                     heads,
                     kv_heads,
@@ -42,7 +38,7 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
                     softcap: None,
                 },
                 norm2: Norm::rms(&l, "post_attention_layernorm", eps)?,
-                mlp: Mlp::Gated { gate: next(&mut gate_up), up: next(&mut gate_up), down: l.pp("mlp").linear("down_proj", false)?, act },
+                mlp: Mlp::Gated { gate_up: l.pp("mlp").linear("gate_up_proj", false)?.expect_rows(2 * inter, "gate_up_proj")?, down: l.pp("mlp").linear("down_proj", false)?, act },
             })
         })
         .collect::<Result<_, EngineError>>()?;

@@ -65,9 +65,7 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
             Ok(Block {
                 norm1: Norm::rms(&l, "input_layernorm", eps)?,
                 attn: Attention {
-                    q: a.linear("q_proj", bias)?,
-                    k: a.linear("k_proj", bias)?,
-                    v: a.linear("v_proj", bias)?,
+                    qkv: a.fused(&["q_proj", "k_proj", "v_proj"], bias)?,
                     o: a.linear("o_proj", bias)?,
                     heads: c.num_attention_heads as i64,
                     kv_heads: c.kv_heads() as i64,
@@ -79,7 +77,7 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
                 k_norm: Norm::rms(&a, "k_norm", eps)?,
                 sliding: sliding[i],
                 norm2: Norm::rms(&l, "post_attention_layernorm", eps)?,
-                mlp: Mlp::Gated { gate: p.linear("gate_proj", false)?, up: p.linear("up_proj", false)?, down: p.linear("down_proj", false)?, act },
+                mlp: Mlp::Gated { gate_up: p.fused(&["gate_proj", "up_proj"], false)?, down: p.linear("down_proj", false)?, act },
             })
         })
         .collect::<Result<_, EngineError>>()?;
