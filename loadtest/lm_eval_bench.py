@@ -100,6 +100,25 @@ def write_task(dir: pathlib.Path, questions: int, seed: int = 5) -> None:
     (dir / "bench_mc.yaml").write_text(TASK.format(data=dir / "mc.jsonl"))
 
 
+def worker_stats(port: int) -> str:
+    """What the worker's /metrics say of the run: batches, compute time, the prefix cache."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            name = name.split("{", 1)[0]
+            total[name] = total.get(name, 0.0) + float(value)
+    get = lambda k: total.get(k, 0.0)  # noqa: E731
+    batches = get("jetbatch_batch_size_count")
+    looked, hit = get("jetbatch_prefix_lookup_tokens_total"), get("jetbatch_prefix_hit_tokens_total")
+    return (f"{batches:.0f} batches (mean {get('jetbatch_batch_size_sum') / max(batches, 1):.1f} jobs), "
+            f"engine {get('jetbatch_batch_compute_seconds_sum'):.1f} s; prefix cache: {hit:.0f} of {looked:.0f} "
+            f"context tokens from the cache ({100 * hit / max(looked, 1):.0f} %)")
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
@@ -154,6 +173,7 @@ def main() -> None:
                 lm = JetbatchLM(model="bench-llama", nats_url=url, progress=False)
                 out = timed(lm)
                 lm.close()
+                stats[name] = worker_stats(worker.port)
                 return out
             finally:
                 for key in env:
@@ -161,6 +181,7 @@ def main() -> None:
                 worker.stop()
                 nats.stop()
 
+        stats = {}
         hf_s, hf = timed("hf", model_args=f"pretrained={model_dir},dtype=float32", device="cpu", batch_size=args.batch_size)
         jb_s, jb = jetbatch_run("bench", {})
         off = jetbatch_run("bench-no-prefix", {"JETBATCH_PREFIX_CACHE_MB": "0"}) if args.fewshot else None
@@ -186,6 +207,8 @@ def main() -> None:
 
 ratio (hf / jetbatch): **{hf_s / jb_s:.2f}x**""" + (f"; prefix cache on / off: **{off[0] / jb_s:.2f}x**" if off else "")
           + f"; largest loglikelihood difference {diff:.2e}")
+    for name, line in stats.items():
+        print(f"- worker `{name}`: {line}")
     if len(set(accs)) != 1 or not math.isclose(diff, 0.0, abs_tol=1e-3):
         sys.exit("the backends disagree (see above)")
 

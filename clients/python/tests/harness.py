@@ -53,6 +53,7 @@ def jetbatch_bin() -> str:
 class Proc:
     def __init__(self, args: list[str], log: pathlib.Path, port: int, what: str, env=None):
         self.log = log
+        self.port = port
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
         wait_port(port, self.proc, what, log)
 
