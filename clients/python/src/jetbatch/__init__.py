@@ -4,6 +4,7 @@
 """
 from .client import Client, JetbatchDuplicateIds, JetbatchError, SyncClient, Topology, derive_id, job_hash, run, split_servers
 from .types import (
+    ChoicesOutput,
     ClassifyOutput,
     EmbedOutput,
     GenerateOutput,
@@ -12,14 +13,16 @@ from .types import (
     JobError,
     LoglikelihoodOutput,
     Result,
+    StreamChunk,
     RollingOutput,
     Tensor,
     TensorOutput,
     Timing,
+    TopLogprobs,
 )
 
 __all__ = [
     "Client", "SyncClient", "run", "Topology", "JetbatchError", "JetbatchDuplicateIds", "JetbatchTimeout", "Job", "JobError", "Result",
-    "Timing", "LoglikelihoodOutput", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
+    "Timing", "LoglikelihoodOutput", "ChoicesOutput", "TopLogprobs", "StreamChunk", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
     "TensorOutput", "derive_id", "job_hash", "split_servers",
 ]

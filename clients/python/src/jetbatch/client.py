@@ -12,6 +12,7 @@ waited for (`JetbatchDuplicateIds` once the other jobs are in).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import nats
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .types import JetbatchTimeout, Job, Result, valid_job_id
+from .types import JetbatchTimeout, Job, Result, StreamChunk, valid_job_id
 
 log = logging.getLogger("jetbatch")
 
@@ -38,6 +39,8 @@ PRIORITIES = ("high", "normal", "low")
 # Quiet time after which the consumer's state is reported, as `jetbatch submit` does.
 STALL_REPORT_S = 4.0
 POLL_S = 2.0
+# How long a streamed job's last chunks are waited for once its result is in.
+CHUNK_GRACE_S = 2.0
 
 
 class JetbatchError(Exception):
@@ -531,6 +534,58 @@ class Client:
             return await asyncio.wait_for(asyncio.gather(*acks), 30)
         except asyncio.TimeoutError as e:
             raise JetbatchError("the jobs stream did not acknowledge published jobs within 30 s") from e
+
+    async def stream(self, job: Union[Job, dict], **kw) -> AsyncIterator[Union[StreamChunk, Result]]:
+        """One `generate` job, streamed (`params.stream` is set): yields its `StreamChunk`s as the
+        worker sends them, then its `Result` (an answer from the worker's cache streams as one chunk;
+        one read back from the results stream, or an error, comes alone). `kw` as for `submit`."""
+        if isinstance(job, dict):
+            job = Job.from_dict(job)
+        if job.kind != "generate":
+            raise ValueError(f"kind: only generate jobs stream, not {job.kind}")
+        job = dataclasses.replace(job, params={**(job.params or {}), "stream": True})
+        run_id = kw.get("run_id") or self.run_id
+        if run_id is None:
+            kw["run_id"] = run_id = uuid.uuid4().hex
+        job_id = derive_id(job, run_id)
+        await self.connect()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def on_chunk(msg):
+            queue.put_nowait(_decode(msg.data))
+
+        async def collect():
+            async for r in self.submit([job], **kw):
+                queue.put_nowait(r)
+
+        sub = await self._nc.subscribe(f"{self.topology.prefix}.stream.{job_id}", cb=on_chunk)
+        await self._nc.flush()
+        task = asyncio.create_task(collect())
+        result: Optional[Result] = None
+        done = False
+        try:
+            # Chunks come before the result, but on another subscription, whose order nats-py does
+            # not keep: the result may overtake the last chunks by a little.
+            while result is None or not (done or result.resumed or not result.ok):
+                try:
+                    item = await asyncio.wait_for(queue.get(), POLL_S if result is None else CHUNK_GRACE_S)
+                except asyncio.TimeoutError:
+                    if result is not None:
+                        break
+                    if task.done():
+                        task.result()  # submit's error, if it failed
+                        raise JetbatchError(f"job {job_id}: the call ended without its result")
+                    continue
+                if isinstance(item, Result):
+                    result = item
+                elif item.get("done"):
+                    done = True
+                else:
+                    yield StreamChunk(item["id"], item["index"], item["text"], item["token"])
+            yield result
+        finally:
+            task.cancel()
+            await sub.unsubscribe()
 
     async def run(self, jobs: Iterable[Union[Job, dict]], **kw) -> list[Result]:
         """All results, in input order (see `submit` for the options)."""

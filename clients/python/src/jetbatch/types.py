@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 # schemas/job.schema.json: `id` and `model`.
 JOB_ID = re.compile(r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
@@ -85,6 +85,12 @@ class Job:
         return cls(model, "loglikelihood", {"context": context, "continuation": continuation}, **kw)
 
     @classmethod
+    def choices(cls, model: str, context: str, continuations: Sequence[str], **kw) -> "Job":
+        """A multiple-choice question in one job: each continuation is scored as
+        `Job.loglikelihood(model, context, continuation)` would be; the output is a `ChoicesOutput`."""
+        return cls(model, "loglikelihood", {"context": context, "continuations": list(continuations)}, **kw)
+
+    @classmethod
     def loglikelihood_rolling(cls, model: str, text: str, **kw) -> "Job":
         return cls(model, "loglikelihood_rolling", {"text": text}, **kw)
 
@@ -152,10 +158,52 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class TopLogprobs:
+    """The k most likely tokens at one position, most likely first (`params.top_logprobs`)."""
+
+    ids: list
+    tokens: list
+    logprobs: list
+
+
+def _top(entries: list) -> list:
+    return [TopLogprobs(e["ids"], e["tokens"], [_float(x) for x in e["logprobs"]]) for e in entries]
+
+
+@dataclass(frozen=True)
 class LoglikelihoodOutput:
     logprob: float
     is_greedy: bool
     tokens: int
+    # With params.top_logprobs: one entry per continuation token.
+    top_logprobs: Optional[list] = None
+
+
+@dataclass(frozen=True)
+class ChoicesOutput:
+    """A `loglikelihood` job with `continuations`: one value per choice, in the job's order."""
+
+    logprobs: list
+    tokens: list
+    is_greedy: list
+    # With params.top_logprobs: per choice, one `TopLogprobs` per continuation token.
+    top_logprobs: Optional[list] = None
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def __getitem__(self, i: int) -> LoglikelihoodOutput:
+        """Choice `i` as the job with that one continuation would have answered it."""
+        top = None if self.top_logprobs is None else self.top_logprobs[i]
+        return LoglikelihoodOutput(self.logprobs[i], self.is_greedy[i], self.tokens[i], top)
+
+    def __iter__(self) -> Iterator[LoglikelihoodOutput]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def best(self) -> int:
+        """The index of the most likely choice (the first of equals), as lm-eval's `acc` picks it."""
+        return max(range(len(self.logprobs)), key=lambda i: (self.logprobs[i], -i))
 
 
 @dataclass(frozen=True)
@@ -170,6 +218,8 @@ class GenerateOutput:
     tokens: list
     finish_reason: str
     prompt_tokens: int
+    # With params.top_logprobs: one entry per generated token.
+    top_logprobs: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -200,17 +250,31 @@ class TensorOutput:
     outputs: list
 
 
-Output = Union[LoglikelihoodOutput, RollingOutput, GenerateOutput, EmbedOutput, ClassifyOutput, TensorOutput]
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of a streamed `generate` result (schemas/stream-chunk.schema.json): the chunks'
+    texts, in `index` order, concatenate to the result's text. A chunk is sent when the text
+    grows (a token may add no whole character), and `token` is the newest token it covers."""
+
+    id: str
+    index: int
+    text: str
+    token: int
+
+
+Output = Union[LoglikelihoodOutput, ChoicesOutput, RollingOutput, GenerateOutput, EmbedOutput, ClassifyOutput, TensorOutput]
 
 
 def _output(kind: str, d: dict) -> Output:
     floats = lambda xs: [_float(x) for x in xs]  # noqa: E731
+    if kind == "loglikelihood" and "logprobs" in d:
+        return _pick(ChoicesOutput, d, logprobs=floats, top_logprobs=lambda per: [_top(e) for e in per])
     if kind == "loglikelihood":
-        return _pick(LoglikelihoodOutput, d, logprob=_float)
+        return _pick(LoglikelihoodOutput, d, logprob=_float, top_logprobs=_top)
     if kind == "loglikelihood_rolling":
         return _pick(RollingOutput, d, logprob=_float)
     if kind == "generate":
-        return _pick(GenerateOutput, d)
+        return _pick(GenerateOutput, d, top_logprobs=_top)
     if kind == "embed":
         return _pick(EmbedOutput, d, embedding=floats)
     if kind == "classify":
