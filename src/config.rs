@@ -120,8 +120,9 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// `<prefix>.jobs.<model token>`: a dot in the model's name is written `%2E` there.
     pub fn jobs_subject(&self, model: &str) -> String {
-        format!("{}.jobs.{model}", self.prefix)
+        format!("{}.jobs.{}", self.prefix, crate::job::model_token(model))
     }
     /// The subject of `model`'s jobs of `level` (see [`crate::priority`]).
     pub fn priority_subject(&self, model: &str, level: crate::priority::Priority) -> String {

@@ -98,6 +98,10 @@ pub struct OutputSpec {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub backend: Backend,
+    /// The name jobs use for this model, where the folder's name is not the one producers know
+    /// (default: the folder's name).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Most jobs in one forward pass.
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,

@@ -32,7 +32,7 @@ use crate::priority::Priority;
 use crate::tensor::TensorData;
 use scan::{be, scan_fields};
 use subject::check_reply_to;
-pub use subject::{check_reply_prefix, valid_job_id, valid_model_name, DEFAULT_REPLY_PREFIXES, MAX_REPLY_TO_BYTES};
+pub use subject::{check_reply_prefix, model_token, token_model, valid_job_id, valid_model_name, DEFAULT_REPLY_PREFIXES, MAX_REPLY_TO_BYTES, MODEL_NAME_RULE};
 
 /// Nesting levels a job document may have (the top-level map is the first), like serde_json's
 /// own limit. Deeper documents are rejected before anything recurses further.
@@ -222,7 +222,7 @@ pub fn decode(
     }
     let model = expect_str("model", take("model").ok_or("model: missing field `model`").map_err(|e| bad(e.into()))?).map_err(bad)?;
     if !valid_model_name(&model) {
-        return Err(bad("model: must match [A-Za-z0-9_-]{1,64}".into()));
+        return Err(bad(format!("model: '{}' is not a model name ({})", excerpt(&model), subject::MODEL_NAME_RULE)));
     }
     if model != subject_model {
         return Err(bad(format!("model: '{model}' differs from the subject's model token '{}'", excerpt(subject_model))));

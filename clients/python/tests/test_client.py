@@ -17,7 +17,7 @@ import jetbatch
 from jetbatch import (ChoicesOutput, Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, Result,
                       RollingOutput, StreamChunk, TopLogprobs)
 
-from conftest import MODEL
+from conftest import DOTTED_MODEL, MODEL, NAMED_MODEL
 from harness import ROOT, Proc, free_port, nats_server_bin, start_nats, start_worker
 
 PAIRS = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "the lazy dog"),
@@ -133,6 +133,17 @@ def test_a_streamed_generation_yields_typed_chunks_then_its_result(worker, nats_
 
 async def anext_of(it):
     return await it.__anext__()
+
+
+def test_model_names_with_dots_and_a_name_key_are_served(worker, nats_url):
+    context, continuation = "the quick brown", " fox"
+    jobs = [Job.loglikelihood(m, context, continuation) for m in (MODEL, DOTTED_MODEL, NAMED_MODEL, "Absent2.5-1B")]
+    plain, dotted, named, absent = run(collect(nats_url, jobs, ordered=True))
+    assert dotted.ok and dotted.model == DOTTED_MODEL and dotted.output == plain.output
+    assert named.ok and named.model == NAMED_MODEL and named.output == plain.output
+    # Not served: answered unknown_model, not refused for its subject.
+    assert absent.error.code == "unknown_model" and "Absent2.5-1B" in absent.error.message
+    assert jetbatch.Topology().jobs_subject(DOTTED_MODEL, "low") == "jetbatch.jobs.Tiny2%2E5-0%2E5B-Instruct.low"
 
 
 def test_unordered_yields_each_position_once_and_json_equals_msgpack(worker, nats_url):
@@ -310,7 +321,9 @@ def test_a_job_past_its_deadline_is_answered_timeout(worker, nats_url):
 
 def test_invalid_jobs_are_refused_before_publishing():
     with pytest.raises(ValueError, match="model"):
-        Job.loglikelihood("a.b", "x", "y")
+        Job.loglikelihood(".hidden", "x", "y")
+    with pytest.raises(ValueError, match="model"):
+        Job.loglikelihood("a/b", "x", "y")
     with pytest.raises(ValueError, match="reply_to"):
         Job.from_dict({"model": MODEL, "kind": "embed", "input": {"text": "x"}, "reply_to": "_INBOX.x"})
     with pytest.raises(ValueError, match="run_id"):

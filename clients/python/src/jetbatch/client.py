@@ -28,7 +28,7 @@ import nats
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .types import JetbatchTimeout, Job, Result, StreamChunk, valid_job_id
+from .types import JetbatchTimeout, Job, Result, StreamChunk, model_token, valid_job_id
 
 log = logging.getLogger("jetbatch")
 
@@ -103,8 +103,9 @@ class Topology:
     results_max_age_s: float = 24 * 3600.0
 
     def jobs_subject(self, model: str, priority: str = "normal") -> str:
-        """`<prefix>.jobs.<model>` for normal jobs, with `.high` or `.low` after it for the others."""
-        return f"{self.prefix}.jobs.{model}" + ("" if priority == "normal" else f".{priority}")
+        """`<prefix>.jobs.<model token>` for normal jobs, with `.high` or `.low` after it for the
+        others; a dot in the model's name is written `%2E` there."""
+        return f"{self.prefix}.jobs.{model_token(model)}" + ("" if priority == "normal" else f".{priority}")
 
     def consumer_of(self, priority: str) -> str:
         """The workers' durable consumer of a priority level."""

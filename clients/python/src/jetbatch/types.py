@@ -10,11 +10,17 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 # schemas/job.schema.json: `id` and `model`.
 JOB_ID = re.compile(r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+MODEL_NAME_RULE = "1-64 of [A-Za-z0-9_.-], not starting with '.'"
 MAX_ID_LEN = 256
 
 KINDS = ("tensor", "generate", "loglikelihood", "loglikelihood_rolling", "embed", "classify")
 ERROR_CODES = ("bad_request", "unknown_model", "unsupported_kind", "model_error", "out_of_memory", "timeout")
+
+
+def model_token(model: str) -> str:
+    """The model's subject token: a dot is written `%2E` (dots separate subject tokens)."""
+    return model.replace(".", "%2E")
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -59,7 +65,7 @@ class Job:
 
     def __post_init__(self):
         if not MODEL_NAME.match(self.model):
-            raise ValueError(f"model: {self.model!r} is not a model name ([A-Za-z0-9_-]{{1,64}})")
+            raise ValueError(f"model: {self.model!r} is not a model name ({MODEL_NAME_RULE})")
         if self.kind not in KINDS:
             raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.id is not None and not valid_job_id(self.id):
