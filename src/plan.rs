@@ -29,6 +29,18 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
+impl DeviceChoice {
+    /// The device this choice comes to on a machine with `cuda_devices` CUDA devices, as results
+    /// name it: `cpu` or `cuda:N` (`auto` is cuda:0 where there is one, as the engine loads it).
+    pub fn resolved(self, cuda_devices: usize) -> String {
+        match self {
+            DeviceChoice::Auto if cuda_devices > 0 => "cuda:0".into(),
+            DeviceChoice::Auto | DeviceChoice::Cpu => "cpu".into(),
+            DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for DeviceChoice {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

@@ -117,6 +117,7 @@ impl ModelPlan {
             deadline: env.deadline,
             encoding: env.encoding,
             priority: env.priority.unwrap_or_default(),
+            chat: request.chat,
         })
     }
 

@@ -105,7 +105,7 @@ async fn admit(delivery: Delivery, parsed: Result<Admitted, (Header, JobError)>,
         }
         Ok(parsed) => parsed,
     };
-    let header = Header::of_job(&job, cache_key);
+    let header = Header::of_job(&job, &spec, cache_key);
     // Past its deadline (say after hours in the stream): answered now, never batched.
     if let Some(err) = admission::late(&job, delivery.age(), std::time::SystemTime::now()) {
         let mut header = header;
