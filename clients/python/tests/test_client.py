@@ -146,6 +146,30 @@ def test_model_names_with_dots_and_a_name_key_are_served(worker, nats_url):
     assert jetbatch.Topology().jobs_subject(DOTTED_MODEL, "low") == "jetbatch.jobs.Tiny2%2E5-0%2E5B-Instruct.low"
 
 
+def test_results_carry_their_provenance_and_the_prompt_a_chat_template_rendered(worker, nats_url):
+    import tomllib
+
+    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["package"]["version"]
+    chat = [{"role": "user", "content": "the quick brown"}]
+    jobs = [Job.loglikelihood(MODEL, "the quick brown", " fox"), Job(MODEL, "loglikelihood", {"messages": chat, "continuation": " fox"}),
+            Job(MODEL, "generate", {"messages": chat}, {"max_new_tokens": 2}), Job.loglikelihood(DOTTED_MODEL, "a", " b"),
+            Job.loglikelihood("absent-model", "a", " b")]
+    plain, scored, generated, dotted, absent = run(collect(nats_url, jobs, ordered=True, encoding="json"))
+    p = plain.provenance
+    assert (p.dtype, p.device, p.jetbatch, p.chat_template) == ("f32", "cpu", version, None)
+    assert len(p.model_fingerprint) == 16 and int(p.model_fingerprint, 16) >= 0
+    # The worker rendered the conversation (conftest's CHAT_TEMPLATE) and says what it scored.
+    rendered = "<|user|>the quick brown\n<|assistant|>"
+    assert scored.provenance.chat_template.prompt == generated.provenance.chat_template.prompt == rendered
+    assert scored.provenance.chat_template.template_hash == generated.provenance.chat_template.template_hash
+    # Scoring the messages is scoring the text they render to.
+    [as_text] = run(collect(nats_url, [Job.loglikelihood(MODEL, rendered, " fox")]))
+    assert scored.output == as_text.output
+    # A copy of the folder under another name is the same weights: the same fingerprint.
+    assert dotted.provenance.model_fingerprint == p.model_fingerprint
+    assert absent.error.code == "unknown_model" and absent.provenance is None
+
+
 def test_unordered_yields_each_position_once_and_json_equals_msgpack(worker, nats_url):
     jobs = [Job.loglikelihood(MODEL, c, x) for c, x in PAIRS]
     unordered = run(collect(nats_url, jobs))

@@ -4,6 +4,7 @@
 """
 from .client import Client, JetbatchDuplicateIds, JetbatchError, SyncClient, Topology, derive_id, job_hash, run, split_servers
 from .types import (
+    ChatPrompt,
     ChoicesOutput,
     ClassifyOutput,
     EmbedOutput,
@@ -12,6 +13,7 @@ from .types import (
     Job,
     JobError,
     LoglikelihoodOutput,
+    Provenance,
     Result,
     StreamChunk,
     RollingOutput,
@@ -23,6 +25,6 @@ from .types import (
 
 __all__ = [
     "Client", "SyncClient", "run", "Topology", "JetbatchError", "JetbatchDuplicateIds", "JetbatchTimeout", "Job", "JobError", "Result",
-    "Timing", "LoglikelihoodOutput", "ChoicesOutput", "TopLogprobs", "StreamChunk", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
+    "Timing", "LoglikelihoodOutput", "ChoicesOutput", "TopLogprobs", "StreamChunk", "Provenance", "ChatPrompt", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
     "TensorOutput", "derive_id", "job_hash", "split_servers",
 ]

@@ -10,6 +10,7 @@ harness's context/continuation split, truncation and rolling windows (README "La
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Optional
@@ -40,7 +41,8 @@ class JetbatchLM(LM):
     `|` (or `,` when given in Python). `run_id`: makes the evaluation resumable (a re-run reads the
     answers already in the results stream). `tokenizer`: a Hugging Face tokenizer (path or name)
     to render chat templates locally, exactly as the HF backend does; without it, `generate_until`
-    sends the chat messages for the worker to render. `truncate="left"`: prompts longer than
+    and `loglikelihood` send the chat messages for the worker to render with the model's own
+    template (the logged samples then show the prompt it rendered). `truncate="left"`: prompts longer than
     `max_length - max_gen_toks` are cut from the left by the worker (as the HF backend does)
     instead of answered with `bad_request`. `batch_size`, `max_batch_size` and `device` are
     accepted for lm-eval's sake: the worker batches and picks its device itself."""
@@ -72,6 +74,7 @@ class JetbatchLM(LM):
         self.progress = progress
         self._tokenizer_name = tokenizer
         self._tokenizer = None
+        self._provenance = _Provenance()
         self._client = SyncClient(
             nats_url, topology=Topology(prefix=prefix), encoding=encoding, max_inflight=max_inflight,
             idle_timeout=idle_timeout,
@@ -83,6 +86,8 @@ class JetbatchLM(LM):
 
     def _run(self, jobs: list[Job]) -> list[Result]:
         results = self._client.run(jobs, run_id=self.run_id, progress=self.progress)
+        for r in results:
+            self._provenance.add(r)
         failed = [r for r in results if r.error is not None]
         if failed:
             codes = sorted({r.error.code for r in failed})
@@ -92,17 +97,18 @@ class JetbatchLM(LM):
         return results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        jobs = [Job.loglikelihood(self.model, *self._plain(req.args[0], "loglikelihood"), req.args[1]) for req in requests]
+        jobs = [Job(self.model, "loglikelihood", {**self._context(req.args[0]), "continuation": req.args[1]}) for req in requests]
         out = []
         for req, r in zip(requests, self._run(jobs)):
             o = r.output
             answer = (o.logprob, o.is_greedy)
             self.cache_hook.add_partial("loglikelihood", req.args, answer)
+            _show_prompt(req, r)
             out.append(answer)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        jobs = [Job.loglikelihood_rolling(self.model, self._plain(req.args[0], "loglikelihood_rolling")[0]) for req in requests]
+        jobs = [Job.loglikelihood_rolling(self.model, self._plain(req.args[0], "loglikelihood_rolling")) for req in requests]
         out = []
         for req, r in zip(requests, self._run(jobs)):
             lp = r.output.logprob
@@ -122,6 +128,7 @@ class JetbatchLM(LM):
             # The harness's own cut at the first stop string, so the text is the HF backend's.
             text = postprocess_generated_text(r.output.text, until, None)
             self.cache_hook.add_partial("generate_until", req.args, text)
+            _show_prompt(req, r)
             out.append(text)
         return out
 
@@ -149,18 +156,22 @@ class JetbatchLM(LM):
         return params, until
 
     def _prompt(self, context: str) -> dict:
-        if context.startswith(MESSAGES_MARK):
-            messages, rest = _split_messages(context)
-            if rest:
-                raise ValueError("text after a chat-templated prompt (a gen_prefix?) needs tokenizer=… to render it locally")
-            return {"messages": messages}
-        return {"prompt": context}
+        messages = _messages(context)
+        return {"prompt": context} if messages is None else {"messages": messages}
 
-    def _plain(self, text: str, kind: str) -> tuple[str]:
+    def _context(self, context: str) -> dict:
+        messages = _messages(context)
+        return {"context": context} if messages is None else {"messages": messages}
+
+    def _plain(self, text: str, kind: str) -> str:
         if text.startswith(MESSAGES_MARK):
             raise ValueError(f"{kind} with --apply_chat_template needs tokenizer=… in model_args: "
-                             "the worker renders chat templates for generate only")
-        return (text,)
+                             "the worker renders chat templates for generate and loglikelihood only")
+        return text
+
+    def get_model_info(self) -> dict:
+        """What produced the results, as lm-eval's results `config` records it (under `jetbatch`)."""
+        return {"jetbatch": self._provenance.info(self.model)}
 
     # Chat templates: `--apply_chat_template` calls these.
     @property
@@ -192,14 +203,75 @@ class JetbatchLM(LM):
         )
 
 
-def _split_messages(context: str) -> tuple[list, str]:
+def _messages(context: str) -> Optional[list]:
+    """The chat messages a context made by `apply_chat_template` stands for; None for plain text."""
+    if not context.startswith(MESSAGES_MARK):
+        return None
     messages, end = json.JSONDecoder().raw_decode(context, len(MESSAGES_MARK))
-    return messages, context[end:]
+    if context[end:]:
+        raise ValueError("text after a chat-templated prompt (a gen_prefix?) needs tokenizer=… to render it locally")
+    return messages
+
+
+def _show_prompt(req, r: Result) -> None:
+    """Puts the prompt the worker rendered in place of the messages' marker in the request, so the
+    logged samples show what the model was given (as the HF backend's do). After the cache hook:
+    lm-eval's cache is keyed by the request as it was made."""
+    chat = r.provenance.chat_template if r.provenance is not None else None
+    if chat is not None and req.args[0].startswith(MESSAGES_MARK):
+        req.arguments = (chat.prompt, *req.args[1:])
+
+
+class _Provenance:
+    """What produced an evaluation's results, gathered from each result's provenance: the model's
+    fingerprints (two mean the pool served different weights under one name), dtypes, devices,
+    worker versions, chat template hashes and workers."""
+
+    FIELDS = ("model_fingerprint", "dtype", "device", "jetbatch")
+
+    def __init__(self):
+        self.seen: dict[str, set] = {f: set() for f in (*self.FIELDS, "chat_template_hash", "worker")}
+
+    def add(self, r: Result) -> None:
+        p = r.provenance
+        if p is None:
+            return
+        fingerprints = len(self.seen["model_fingerprint"])
+        for f in self.FIELDS:
+            self.seen[f].add(getattr(p, f))
+        if p.chat_template is not None:
+            self.seen["chat_template_hash"].add(p.chat_template.template_hash)
+        self.seen["worker"].add(r.worker)
+        if len(self.seen["model_fingerprint"]) > fingerprints > 0:
+            log.warning("model %s: results from different weights (fingerprints %s): the pool serves two models "
+                        "under one name", r.model, ", ".join(sorted(self.seen["model_fingerprint"])))
+
+    def info(self, model: str) -> dict:
+        """Each field's values, sorted (one each, for a consistent pool), and whether the weights agreed."""
+        out = {"model": model, **{f: sorted(v) for f, v in self.seen.items()}}
+        out["one_model"] = len(self.seen["model_fingerprint"]) <= 1
+        return out
 
 
 def main() -> None:
     """`lm-eval-jetbatch`: lm-eval's own command line, with the `jetbatch` backend registered
     (importing this module did that)."""
+    import lm_eval
     from lm_eval.__main__ import cli_evaluate
 
+    lm_eval.simple_evaluate = _reporting_the_pool_device(lm_eval.simple_evaluate)
     cli_evaluate()
+
+
+def _reporting_the_pool_device(simple_evaluate):
+    """lm-eval's command line records its `--device` (default cuda:0) as the results' device; the
+    pool's models ran where their workers put them, which their results say."""
+    @functools.wraps(simple_evaluate)
+    def evaluate(*args, **kw):
+        results = simple_evaluate(*args, **kw)
+        pool = (results or {}).get("config", {}).get("jetbatch")
+        if pool and pool["device"]:
+            results["config"]["device"] = ",".join(pool["device"])
+        return results
+
+    return evaluate

@@ -291,6 +291,31 @@ def _output(kind: str, d: dict) -> Output:
 
 
 @dataclass(frozen=True)
+class ChatPrompt:
+    """A job's `messages` as the model's chat template rendered them."""
+
+    template_hash: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a result: the model folder's fingerprint (other weights, another value), its
+    dtype and device, the worker's version, and where the job sent `messages`, the chat template's
+    hash and the prompt it rendered."""
+
+    model_fingerprint: str
+    dtype: str
+    device: str
+    jetbatch: str
+    chat_template: Optional[ChatPrompt] = None
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Provenance":
+        return _pick(cls, d, chat_template=lambda c: _pick(ChatPrompt, c))
+
+
+@dataclass(frozen=True)
 class Result:
     """A job's answer. `index` is the job's position in what was submitted; `resumed` says it was
     read back from the results stream (a run before this one computed it)."""
@@ -306,6 +331,8 @@ class Result:
     resumed: bool = False
     error: Optional[JobError] = None
     raw_output: Optional[dict] = field(default=None, repr=False)
+    # Absent where the job named no model the worker serves (and from workers before provenance).
+    provenance: Optional[Provenance] = None
 
     @property
     def ok(self) -> bool:
@@ -326,4 +353,5 @@ class Result:
             id=d["id"], model=d["model"], kind=d["kind"], status=d["status"], cached=bool(d["cached"]),
             worker=d["worker"], timing=_pick(Timing, d["timing"]), index=index, resumed=resumed,
             error=error, raw_output=d.get("output"),
+            provenance=Provenance.from_wire(d["provenance"]) if d.get("provenance") else None,
         )
