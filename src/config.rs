@@ -363,8 +363,12 @@ pub struct CancelArgs {
     #[command(flatten)]
     pub subjects: ProducerTopology,
     /// The jobs to drop, as given to `submit` (one JSON object a line; `-`: standard input).
-    #[arg(long, short)]
-    pub input: PathBuf,
+    #[arg(long, short, required_unless_present = "run_id", conflicts_with = "run_id")]
+    pub input: Option<PathBuf>,
+    /// Drop the queued jobs of a run instead: those whose id is under `<RUN_ID>.` (the Python
+    /// client's and the lm-eval backend's ids, `<run_id>.<hash>`).
+    #[arg(long)]
+    pub run_id: Option<String>,
 }
 
 /// What a producer needs of the topology: where jobs go, where results come from, and the
