@@ -159,6 +159,42 @@ def test_two_weights_under_one_name_are_visible_in_the_results_config(caplog):
     assert "different weights" in caplog.text and caplog.text.count("different weights") == 1
 
 
+def test_a_model_the_pool_does_not_serve_is_refused_at_start_with_a_suggestion(worker, nats_url):
+    with pytest.raises(ValueError, match="'tiny-lama' is not served by the pool .*did you mean 'tiny-llama'"):
+        JetbatchLM(model="tiny-lama", nats_url=nats_url, progress=False)
+
+
+def test_an_interrupted_call_cancels_its_queued_jobs(tmp_path, caplog):
+    import asyncio
+
+    import nats
+    from lm_eval.api.instance import Instance
+
+    from harness import start_nats
+    from jetbatch import JetbatchTimeout
+
+    server, url = start_nats(tmp_path / "nats")  # and no worker
+    try:
+        lm = JetbatchLM(model=MODEL, nats_url=url, progress=False, idle_timeout=1)
+        assert "no worker answered" in caplog.text
+        requests = [Instance("loglikelihood", {}, ("the quick brown", f" fox {i}"), i) for i in range(5)]
+        with pytest.raises(JetbatchTimeout):
+            lm.loglikelihood(requests)
+        lm.close()
+        assert "cancelled 5 queued job(s)" in caplog.text
+
+        async def queued():
+            nc = await nats.connect(url)
+            try:
+                return (await nc.jetstream().stream_info("JETBATCH_JOBS")).state.messages
+            finally:
+                await nc.close()
+
+        assert asyncio.run(queued()) == 0
+    finally:
+        server.stop()
+
+
 def test_generation_kwargs_map_onto_generate_params(nats_url, jetbatch_lm):
     lm = jetbatch_lm(nats_url, truncate="left")
     params, until = lm._generate_params({"until": ["\n", "", "x" * 300], "max_gen_toks": 5, "do_sample": False, "temperature": 0.7})

@@ -41,6 +41,11 @@ STALL_REPORT_S = 4.0
 POLL_S = 2.0
 # How long a streamed job's last chunks are waited for once its result is in.
 CHUNK_GRACE_S = 2.0
+# Seconds without any result before `JetbatchTimeout` (the lm-eval backend's default too).
+IDLE_TIMEOUT_S = 300.0
+# The workers' service name (`$SRV.INFO.jetbatch` finds them) and how long discovery listens.
+SERVICE = "jetbatch"
+DISCOVERY_S = 0.5
 
 
 class JetbatchError(Exception):
@@ -184,7 +189,7 @@ class Client:
         topology: Topology = Topology(),
         encoding: str = "msgpack",
         max_inflight: int = 1024,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
         progress: bool = False,
         connect_options: Optional[dict] = None,
     ):
@@ -367,6 +372,57 @@ class Client:
         return "consumers " + "; ".join(
             f"{name}: {i.num_waiting} pull request(s) waiting, {i.num_pending} job(s) pending, {i.num_ack_pending} being worked on"
             for name, i in infos)
+
+    async def served_models(self, window: float = DISCOVERY_S) -> dict[str, list[str]]:
+        """Model name -> the workers serving it, as the workers of this prefix answer `info`
+        (`jetbatch pool list`) within `window` seconds. Empty when no worker answered."""
+        await self.connect()
+        inbox = self._nc.new_inbox()
+        found: list[dict] = []
+
+        async def on_instance(msg):
+            try:
+                found.append(json.loads(msg.data))
+            except ValueError:
+                pass  # another service framework's reply
+
+        sub = await self._nc.subscribe(inbox, cb=on_instance)
+        try:
+            await self._nc.publish(f"$SRV.INFO.{SERVICE}", b"", reply=inbox)
+            await asyncio.sleep(window)
+        finally:
+            await sub.unsubscribe()
+        served: dict[str, list[str]] = {}
+        for instance in found:
+            meta = instance.get("metadata") or {}
+            if meta.get("prefix") != self.topology.prefix or not meta.get("endpoints"):
+                continue
+            try:
+                info = json.loads((await self._nc.request(f"{meta['endpoints']}.info", b"{}", timeout=10)).data)
+            except Exception as e:  # a worker that went away meanwhile
+                log.warning("worker %s: info not answered (%s)", meta.get("worker"), e)
+                continue
+            for m in info.get("models", []):
+                served.setdefault(m["name"], []).append(info.get("worker", ""))
+        return served
+
+    async def cancel(self, job_ids: Iterable[str]) -> int:
+        """Deletes the jobs under these ids still queued in the jobs stream (not those a worker
+        has taken: they finish); returns how many. Needs `$JS.API.STREAM.MSG.GET` and `DELETE` on
+        the jobs stream (`jetbatch cancel` does the same)."""
+        await self.connect()
+        ids = set(job_ids)
+        js = self._js()
+        state = (await js.stream_info(self.topology.jobs_stream)).state
+        deleted = 0
+        for seq in range(state.first_seq, state.last_seq + 1):
+            try:
+                m = await js.get_msg(self.topology.jobs_stream, seq=seq)
+                if (m.headers or {}).get("Nats-Msg-Id") in ids and await js.delete_msg(self.topology.jobs_stream, seq):
+                    deleted += 1
+            except NotFoundError:
+                continue  # taken and acked meanwhile, or deleted
+        return deleted
 
     async def submit(
         self,
@@ -643,10 +699,23 @@ class SyncClient:
         self.client = Client(*args, **kw)
 
     def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted here (Ctrl-C): the call stops in the loop's thread too.
+            future.cancel()
+            raise
 
     def run(self, jobs: Iterable[Union[Job, dict]], **kw) -> list[Result]:
         return self._call(self.client.run(jobs, **kw))
+
+    def served_models(self, timeout: float = 10.0, **kw) -> dict[str, list[str]]:
+        """`Client.served_models`, connecting included, within `timeout` seconds."""
+        return self._call(asyncio.wait_for(self.client.served_models(**kw), timeout))
+
+    def cancel(self, job_ids: Iterable[str]) -> int:
+        return self._call(self.client.cancel(job_ids))
 
     def close(self) -> None:
         if self._loop.is_running():

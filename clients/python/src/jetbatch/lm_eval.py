@@ -10,16 +10,19 @@ harness's context/continuation split, truncation and rolling windows (README "La
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import json
 import logging
+import uuid
 from typing import Optional
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from .client import SyncClient, Topology
+from .client import IDLE_TIMEOUT_S, SyncClient, Topology, derive_id
 from .types import Job, JobError, Result
 
 log = logging.getLogger("jetbatch.lm_eval")
@@ -33,6 +36,8 @@ PASSTHROUGH = ("top_p", "top_k", "seed")
 # apply_chat_template without a local tokenizer hands the messages to the worker, which renders
 # the model's own template: the rendered "prompt" is this marker followed by the messages as JSON.
 MESSAGES_MARK = "\x00jetbatch-messages\x00"
+# How long the check that the pool serves the model may take at start.
+MODEL_CHECK_S = 5.0
 
 
 @register_model("jetbatch")
@@ -56,7 +61,7 @@ class JetbatchLM(LM):
         truncate: Optional[str] = None,
         max_gen_toks: int = 256,
         max_inflight: int = 4096,
-        idle_timeout: float = 600.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
         prefix: str = "jetbatch",
         encoding: str = "msgpack",
         progress: bool = True,
@@ -79,13 +84,41 @@ class JetbatchLM(LM):
             nats_url, topology=Topology(prefix=prefix), encoding=encoding, max_inflight=max_inflight,
             idle_timeout=idle_timeout,
         )
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Refuses a model the pool's workers do not serve at once (naming the closest they do),
+        rather than after sending every request. No worker answering is only a warning: workers
+        may start later, and lm-eval's --use_cache may need no pool at all."""
+        try:
+            served = self._client.served_models(timeout=MODEL_CHECK_S)
+        except Exception as e:  # noqa: BLE001 — no NATS (yet): the requests will say
+            log.warning("model %s: not checked, the pool could not be asked (%s)", self.model, e or type(e).__name__)
+            return
+        if not served:
+            log.warning("model %s: not checked, no worker answered (is the pool up?)", self.model)
+        elif self.model not in served:
+            close = difflib.get_close_matches(self.model, served, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"model: {self.model!r} is not served by the pool (it serves {', '.join(sorted(served))}){hint}")
 
     def close(self) -> None:
         """Closes the connection (lm-eval never does; the process's end does it otherwise)."""
         self._client.close()
 
     def _run(self, jobs: list[Job]) -> list[Result]:
-        results = self._client.run(jobs, run_id=self.run_id, progress=self.progress)
+        if self.run_id is None:
+            # Ids of our own (not resumable), so that an interrupted call can cancel its jobs.
+            run_id = uuid.uuid4().hex
+            jobs = [dataclasses.replace(j, id=derive_id(j, run_id)) for j in jobs]
+        try:
+            results = self._client.run(jobs, run_id=self.run_id, progress=self.progress)
+        except BaseException:
+            # Interrupted, or results stopped coming: the jobs still queued would be computed for
+            # no one (a re-run with the same run_id would collect them, so those stay).
+            if self.run_id is None:
+                self._cancel({j.id for j in jobs})
+            raise
         for r in results:
             self._provenance.add(r)
         failed = [r for r in results if r.error is not None]
@@ -95,6 +128,13 @@ class JetbatchLM(LM):
             raise JobError(first.code, f"{len(failed)} of {len(results)} request(s) failed ({', '.join(codes)}); "
                                        f"first: {first.message}", first.job_id)
         return results
+
+    def _cancel(self, ids: set[str]) -> None:
+        try:
+            n = self._client.cancel(ids)
+            log.warning("cancelled %d queued job(s) of the interrupted call", n)
+        except Exception as e:  # noqa: BLE001 — the original error is the one to raise
+            log.warning("the interrupted call's queued jobs could not be cancelled: %s", e)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         jobs = [Job(self.model, "loglikelihood", {**self._context(req.args[0]), "continuation": req.args[1]}) for req in requests]
