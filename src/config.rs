@@ -436,6 +436,13 @@ pub struct PoolArgs {
     /// How long discovery collects the workers' answers.
     #[arg(long, default_value_t = 500)]
     pub wait_ms: u64,
+    /// The jobs stream, whose backlog `list` shows.
+    #[arg(long, env = "JETBATCH_JOBS_STREAM", default_value = "JETBATCH_JOBS")]
+    pub jobs_stream: String,
+    /// The workers' durable consumer (one per priority level: `<consumer>-high`, `<consumer>`,
+    /// `<consumer>-low`), whose backlog `list` shows.
+    #[arg(long, env = "JETBATCH_CONSUMER", default_value = "jetbatch-workers")]
+    pub consumer: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
