@@ -109,15 +109,20 @@ pub struct WorkerInfo {
     pub invalid_omitted: usize,
 }
 
-fn is_zero(n: &usize) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// Jobs and mean size of a model's engine batches so far.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchStats {
+    /// Engine batches; for `generate`, jobs (each joins the running generation).
     pub batches: u64,
+    /// Jobs per batch; for `generate`, the most rows the running generation held beside each job.
     pub mean_size: f64,
+    /// Tokens its `generate` jobs generated.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generated_tokens: u64,
 }
 
 /// Cache lookups of this worker since it started.

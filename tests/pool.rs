@@ -425,7 +425,7 @@ async fn info_stays_within_max_payload_and_loads_of_names_without_a_folder_are_n
     for i in 0..13 {
         let name = format!("{i}{}", "n".repeat(30_000));
         match call::<Value>(&h, "w", verb::LOAD, json!({ "model": name })).await {
-            Err(pool::PoolError::Service { code: 400, status, .. }) => assert!(status.len() < 1_100 && status.contains("is not [A-Za-z0-9_-]"), "{}", &status[..200.min(status.len())]),
+            Err(pool::PoolError::Service { code: 400, status, .. }) => assert!(status.len() < 1_100 && status.contains("is not 1-64 of [A-Za-z0-9_.-]"), "{}", &status[..200.min(status.len())]),
             other => panic!("{}", format!("{other:?}").chars().take(300).collect::<String>()),
         }
     }
