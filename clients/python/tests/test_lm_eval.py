@@ -164,6 +164,17 @@ def test_a_model_the_pool_does_not_serve_is_refused_at_start_with_a_suggestion(w
         JetbatchLM(model="tiny-lama", nats_url=nats_url, progress=False)
 
 
+def test_the_command_names_a_model_the_pool_does_not_serve_in_one_line(worker, nats_url, tmp_path):
+    command = pathlib.Path(sys.executable).parent / "lm-eval-jetbatch"
+    out = subprocess.run(
+        [str(command), "run", "--model", "jetbatch", "--model_args", f"model=tiny-lama,nats_url={nats_url}",
+         "--tasks", "jb_mc", "--include_path", str(TASKS_DIR), "--output_path", str(tmp_path)],
+        cwd=TASKS_DIR, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: model: 'tiny-lama' is not served by the pool" in out.stderr and "did you mean 'tiny-llama'" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
 def test_an_interrupted_call_cancels_its_queued_jobs(tmp_path, caplog):
     import asyncio
 

@@ -15,6 +15,7 @@ import difflib
 import functools
 import json
 import logging
+import sys
 import uuid
 from typing import Optional
 
@@ -22,8 +23,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from .client import IDLE_TIMEOUT_S, SyncClient, Topology, derive_id
-from .types import Job, JobError, Result
+from .client import IDLE_TIMEOUT_S, JetbatchError, SyncClient, Topology, derive_id
+from .types import JetbatchTimeout, Job, JobError, Result
 
 log = logging.getLogger("jetbatch.lm_eval")
 
@@ -38,6 +39,10 @@ PASSTHROUGH = ("top_p", "top_k", "seed")
 MESSAGES_MARK = "\x00jetbatch-messages\x00"
 # How long the check that the pool serves the model may take at start.
 MODEL_CHECK_S = 5.0
+
+
+class ModelNotServed(ValueError):
+    """The pool's workers do not serve the model asked for."""
 
 
 @register_model("jetbatch")
@@ -100,7 +105,7 @@ class JetbatchLM(LM):
         elif self.model not in served:
             close = difflib.get_close_matches(self.model, served, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"model: {self.model!r} is not served by the pool (it serves {', '.join(sorted(served))}){hint}")
+            raise ModelNotServed(f"model: {self.model!r} is not served by the pool (it serves {', '.join(sorted(served))}){hint}")
 
     def close(self) -> None:
         """Closes the connection (lm-eval never does; the process's end does it otherwise)."""
@@ -300,7 +305,16 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     lm_eval.simple_evaluate = _reporting_the_pool_device(lm_eval.simple_evaluate)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except KeyboardInterrupt:
+        # The call's queued jobs were cancelled on the way out (JetbatchLM._run).
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (JobError, JetbatchError, JetbatchTimeout, ModelNotServed) as e:
+        # A user's error, said in one line: no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _reporting_the_pool_device(simple_evaluate):
