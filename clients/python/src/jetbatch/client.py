@@ -454,15 +454,17 @@ class Client:
         await self.ensure_streams()
         by_id = {p.id: p for p in pending}
         t = self.topology
-        # Derived ids all live under the run id: listen there only, not to every producer's results.
-        own_subtree = all(p.id.startswith(run_id + ".") for p in pending)
+        # Derived ids all live under the run id (and given ids often under one prefix): listen
+        # there only, not to every producer's results.
+        parents = {p.id.rpartition(".")[0] for p in pending}
+        parent = parents.pop() if len(parents) == 1 else ""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def on_msg(msg):
             queue.put_nowait(msg)
 
         sub = await self._nc.subscribe(
-            f"{t.prefix}.results.{run_id}.>" if own_subtree else f"{t.prefix}.results.>",
+            f"{t.prefix}.results.{parent}.>" if parent else f"{t.prefix}.results.>",
             cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         await self._nc.flush()
         bar = _progress_bar(total) if (self.progress if progress is None else progress) else None
