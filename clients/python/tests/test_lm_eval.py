@@ -206,6 +206,44 @@ def test_an_interrupted_call_cancels_its_queued_jobs(tmp_path, caplog):
         server.stop()
 
 
+def test_a_ctrl_c_during_a_call_cancels_its_queued_jobs(tmp_path, caplog, monkeypatch):
+    import asyncio
+    import concurrent.futures
+
+    from lm_eval.api.instance import Instance
+
+    from harness import start_nats
+    from jetbatch import SyncClient
+
+    server, url = start_nats(tmp_path / "nats")  # and no worker: the jobs stay queued
+    try:
+        lm = JetbatchLM(model=MODEL, nats_url=url, progress=False)
+        real_call = SyncClient._call
+
+        def ctrl_c_after_2s(self, coro):
+            # The call's coroutine runs on; Ctrl-C reaches the thread waiting for it.
+            monkeypatch.setattr(SyncClient, "_call", real_call)
+            original = concurrent.futures.Future.result
+            monkeypatch.setattr(concurrent.futures.Future, "result",
+                                lambda f, timeout=None: original(f, 2) if timeout is None else original(f, timeout))
+            try:
+                return real_call(self, coro)
+            except concurrent.futures.TimeoutError:
+                raise KeyboardInterrupt
+            finally:
+                monkeypatch.setattr(concurrent.futures.Future, "result", original)
+
+        monkeypatch.setattr(SyncClient, "_call", ctrl_c_after_2s)
+        requests = [Instance("loglikelihood", {}, ("the quick brown", f" fox {i}"), i) for i in range(4)]
+        with pytest.raises(KeyboardInterrupt):
+            lm.loglikelihood(requests)
+        assert "cancelled 4 queued job(s)" in caplog.text
+        assert lm._client.served_models() == {}  # the client still answers after the interrupt
+        lm.close()
+    finally:
+        server.stop()
+
+
 def test_generation_kwargs_map_onto_generate_params(nats_url, jetbatch_lm):
     lm = jetbatch_lm(nats_url, truncate="left")
     params, until = lm._generate_params({"until": ["\n", "", "x" * 300], "max_gen_toks": 5, "do_sample": False, "temperature": 0.7})
