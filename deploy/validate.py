@@ -3,6 +3,8 @@
 - Kubernetes core resources: kubernetes-validate (bundled schemas), strict (no unknown fields).
 - Custom resources (KEDA ScaledObject, ServiceMonitor): JSON Schemas of the CRD fields in deploy/schemas.
 - docker-compose.yml: the compose-spec JSON Schema (deploy/schemas/compose-spec.json).
+- nats/helm-values.yaml: the keys it sets of the official NATS chart, closed (a misspelt key fails).
+- The ConfigMap's model configs: printed as `model-config <key> <JSON text>` for tests/deploy.rs.
 - Prometheus and Grafana provisioning: YAML structure; the dashboard: JSON with a query per panel.
 Prints the jetbatch_* metric names the dashboard queries, one per line after "metrics:".
 """
@@ -45,6 +47,15 @@ for path in sorted((deploy / "k8s").glob("*.yaml")):
         else:
             check(f"{path.name} {kind}", lambda d=doc: kubernetes_validate.validate(d, "1.37.0", strict=True))
 
+helm_values = yaml.safe_load((deploy / "nats" / "helm-values.yaml").read_text())
+check("nats/helm-values.yaml", lambda: jsonschema.validate(helm_values, load_schema("nats-helm-values.schema.json")))
+
+# The model configs the ConfigMap carries (`<name>.jetbatch.toml` keys): tests/deploy.rs parses each
+# as the worker does.
+model_configs = {}
+for doc in yaml.safe_load_all((deploy / "k8s" / "configmap.yaml").read_text()):
+    model_configs.update({k: v for k, v in doc.get("data", {}).items() if k.endswith(".jetbatch.toml")})
+
 compose = yaml.safe_load((deploy / "compose" / "docker-compose.yml").read_text())
 check("docker-compose.yml", lambda: jsonschema.validate(compose, load_schema("compose-spec.json")))
 
@@ -66,6 +77,8 @@ def queries_present():
 check("dashboard queries", queries_present)
 names = sorted({re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bjetbatch_[a-z_]+", e)})
 
+for key, text in sorted(model_configs.items()):
+    print(f"model-config {key} {json.dumps(text)}")
 print("metrics:")
 for n in names:
     print(n)

@@ -108,6 +108,9 @@ pub struct ChatTemplate {
     /// Where the template came from, to name it in errors.
     origin: &'static str,
     special_tokens: BTreeMap<&'static str, String>,
+    /// BLAKE3 of the template's source (16 hex digits): results name the template they were
+    /// rendered with.
+    hash: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -136,8 +139,14 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(RECURSION_LIMIT);
+        let hash = blake3::hash(source.as_bytes()).to_hex()[..16].to_string();
         env.add_template_owned(NAME, source).map_err(|e| ChatError::Unavailable(format!("chat template ({origin}): {e:#}")))?;
-        Ok(ChatTemplate { env, origin, special_tokens })
+        Ok(ChatTemplate { env, origin, special_tokens, hash })
+    }
+
+    /// The BLAKE3 of the template's source, 16 hex digits.
+    pub fn hash(&self) -> &str {
+        &self.hash
     }
 
     /// The template of a model folder, as transformers loads it: `chat_template.jinja`, else

@@ -120,8 +120,9 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// `<prefix>.jobs.<model token>`: a dot in the model's name is written `%2E` there.
     pub fn jobs_subject(&self, model: &str) -> String {
-        format!("{}.jobs.{model}", self.prefix)
+        format!("{}.jobs.{}", self.prefix, crate::job::model_token(model))
     }
     /// The subject of `model`'s jobs of `level` (see [`crate::priority`]).
     pub fn priority_subject(&self, model: &str, level: crate::priority::Priority) -> String {
@@ -367,8 +368,12 @@ pub struct CancelArgs {
     #[command(flatten)]
     pub subjects: ProducerTopology,
     /// The jobs to drop, as given to `submit` (one JSON object a line; `-`: standard input).
-    #[arg(long, short)]
-    pub input: PathBuf,
+    #[arg(long, short, required_unless_present = "run_id", conflicts_with = "run_id")]
+    pub input: Option<PathBuf>,
+    /// Drop the queued jobs of a run instead: those whose id is under `<RUN_ID>.` (the Python
+    /// client's and the lm-eval backend's ids, `<run_id>.<hash>`).
+    #[arg(long)]
+    pub run_id: Option<String>,
 }
 
 /// What a producer needs of the topology: where jobs go, where results come from, and the
@@ -436,6 +441,13 @@ pub struct PoolArgs {
     /// How long discovery collects the workers' answers.
     #[arg(long, default_value_t = 500)]
     pub wait_ms: u64,
+    /// The jobs stream, whose backlog `list` shows.
+    #[arg(long, env = "JETBATCH_JOBS_STREAM", default_value = "JETBATCH_JOBS")]
+    pub jobs_stream: String,
+    /// The workers' durable consumer (one per priority level: `<consumer>-high`, `<consumer>`,
+    /// `<consumer>-low`), whose backlog `list` shows.
+    #[arg(long, env = "JETBATCH_CONSUMER", default_value = "jetbatch-workers")]
+    pub consumer: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

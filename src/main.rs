@@ -10,7 +10,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // 130 for Ctrl-C, as shells report it.
+            std::process::ExitCode::from(e.downcast_ref::<jetbatch::submit::SubmitError>().map_or(1, |e| e.exit_code()))
         }
     }
 }
@@ -19,7 +20,10 @@ fn try_main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     jetbatch::config::apply_config_file(&args).map_err(anyhow::Error::msg)?;
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("JETBATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The worker logs what it does; a command run by hand says only what went wrong (no lines on
+    // its connection).
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Demo(_)) { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("JETBATCH_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)

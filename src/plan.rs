@@ -29,6 +29,18 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
+impl DeviceChoice {
+    /// The device this choice comes to on a machine with `cuda_devices` CUDA devices, as results
+    /// name it: `cpu` or `cuda:N` (`auto` is cuda:0 where there is one, as the engine loads it).
+    pub fn resolved(self, cuda_devices: usize) -> String {
+        match self {
+            DeviceChoice::Auto if cuda_devices > 0 => "cuda:0".into(),
+            DeviceChoice::Auto | DeviceChoice::Cpu => "cpu".into(),
+            DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for DeviceChoice {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -98,6 +110,10 @@ pub struct OutputSpec {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub backend: Backend,
+    /// The name jobs use for this model, where the folder's name is not the one producers know
+    /// (default: the folder's name).
+    #[serde(default)]
+    pub name: Option<String>,
     /// Most jobs in one forward pass.
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{PoolAction, PoolArgs};
+use crate::priority::Priority;
 
 /// The service name every worker registers.
 pub const SERVICE: &str = "jetbatch";
@@ -108,15 +109,20 @@ pub struct WorkerInfo {
     pub invalid_omitted: usize,
 }
 
-fn is_zero(n: &usize) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// Jobs and mean size of a model's engine batches so far.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchStats {
+    /// Engine batches; for `generate`, jobs (each joins the running generation).
     pub batches: u64,
+    /// Jobs per batch; for `generate`, the most rows the running generation held beside each job.
     pub mean_size: f64,
+    /// Tokens its `generate` jobs generated.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generated_tokens: u64,
 }
 
 /// Cache lookups of this worker since it started.
@@ -303,7 +309,7 @@ pub async fn run(args: PoolArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let prefix = args.prefix.as_str();
     let single = |worker: &Option<String>| worker.clone().ok_or("--worker is required (jetbatch pool list shows the workers)");
     let (worker, verb, body) = match &args.action {
-        PoolAction::List => return list(&client, prefix, window, args.json).await,
+        PoolAction::List => return list(&client, &args, window).await,
         PoolAction::Info { worker } => (single(worker)?, verb::INFO, serde_json::json!({})),
         PoolAction::Stats { worker } => (single(worker)?, verb::STATS, serde_json::json!({})),
         PoolAction::Health { worker } => (single(worker)?, verb::HEALTH, serde_json::json!({})),
@@ -328,9 +334,9 @@ struct Row {
     stats: WorkerStats,
 }
 
-async fn list(client: &Client, prefix: &str, window: Duration, json: bool) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn list(client: &Client, args: &PoolArgs, window: Duration) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let empty = serde_json::json!({});
-    let instances = discover(client, prefix, None, window).await?;
+    let instances = discover(client, &args.prefix, None, window).await?;
     let answers = futures::future::join_all(instances.iter().map(|instance| async {
         let info = call::<WorkerInfo>(client, instance.subject(verb::INFO), &empty, CALL_TIMEOUT);
         let stats = call::<WorkerStats>(client, instance.subject(verb::STATS), &empty, CALL_TIMEOUT);
@@ -345,7 +351,7 @@ async fn list(client: &Client, prefix: &str, window: Duration, json: bool) -> Re
             (Err(e), _) | (_, Err(e)) => eprintln!("{worker}: {e}"),
         }
     }
-    if json {
+    if args.json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
@@ -361,5 +367,39 @@ async fn list(client: &Client, prefix: &str, window: Duration, json: bool) -> Re
         );
     }
     println!("{} worker(s)", rows.len());
+    // What waits for the pool, workers or not (with none, this is the line that matters).
+    let js = async_nats::jetstream::new(client.clone());
+    println!("{}", backlog_line(&backlog(&js, &args.jobs_stream, &args.consumer).await));
     Ok(())
+}
+
+/// A priority level's consumer as `pool list` reports it: jobs not yet delivered, and delivered
+/// but not yet acked (being worked on); `None` where the consumer does not exist (yet).
+pub type LevelBacklog = (Priority, Option<(u64, usize)>);
+
+/// The backlog of each priority level's consumer, highest level first.
+pub async fn backlog(js: &async_nats::jetstream::Context, jobs_stream: &str, consumer: &str) -> Vec<LevelBacklog> {
+    let stream = js.get_stream(jobs_stream).await.ok();
+    let mut levels = Vec::new();
+    for level in Priority::ALL {
+        let info = match &stream {
+            Some(stream) => match stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>(&level.consumer(consumer)).await {
+                Ok(mut c) => c.info().await.ok().map(|i| (i.num_pending, i.num_ack_pending)),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        levels.push((level, info));
+    }
+    levels
+}
+
+/// `backlog: high 0, normal 41, low 3 job(s) waiting; 2 being worked on`.
+pub fn backlog_line(levels: &[LevelBacklog]) -> String {
+    if levels.iter().all(|(_, b)| b.is_none()) {
+        return "backlog: no jobs stream or consumers yet (jetbatch setup, or a worker's start, creates them)".into();
+    }
+    let waiting: Vec<String> = levels.iter().map(|(level, b)| format!("{level} {}", b.map_or("-".to_string(), |(p, _)| p.to_string()))).collect();
+    let working: usize = levels.iter().filter_map(|(_, b)| b.map(|(_, a)| a)).sum();
+    format!("backlog: {} job(s) waiting; {working} being worked on", waiting.join(", "))
 }

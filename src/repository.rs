@@ -23,7 +23,7 @@ pub enum RepoError {
     #[error("{path}: {message}")]
     Walk { path: PathBuf, message: String },
     /// A `load` of a name that cannot be a model folder (quoted as an excerpt).
-    #[error("model name '{name}' is not [A-Za-z0-9_-]{{1,64}}")]
+    #[error("model name '{name}' is not {rule}", rule = crate::job::MODEL_NAME_RULE)]
     BadName { name: String },
     /// A `load` of a name the repository has no folder for.
     #[error("{path}: no such model folder")]
@@ -46,12 +46,15 @@ impl ModelPlan {
     pub fn load(dir: &Path) -> Result<ModelPlan, RepoError> {
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let config_path = dir.join("jetbatch.toml");
-        let cfg_err = |message: String| RepoError::Config { path: config_path.clone(), message };
+        // A plain Hugging Face folder (config.json, no jetbatch.toml) is served with the defaults;
+        // its errors name the folder, not a jetbatch.toml its owner never made.
+        let plain_hf = !config_path.is_file() && dir.join("config.json").is_file();
+        let err_path = if plain_hf { dir.to_path_buf() } else { config_path.clone() };
+        let cfg_err = |message: String| RepoError::Config { path: err_path.clone(), message };
         if !valid_model_name(&name) {
-            return Err(cfg_err(format!("model folder name '{name}' is not [A-Za-z0-9_-]{{1,64}}")));
+            return Err(cfg_err(format!("model folder name '{name}' is not a model name ({})", crate::job::MODEL_NAME_RULE)));
         }
-        // A plain Hugging Face folder (config.json, no jetbatch.toml) is served with the defaults.
-        let text = if !config_path.is_file() && dir.join("config.json").is_file() {
+        let text = if plain_hf {
             PLAIN_HF_TOML.to_string()
         } else {
             std::fs::read_to_string(&config_path).map_err(|source| RepoError::Io { path: config_path.clone(), source })?
@@ -75,6 +78,13 @@ impl ModelPlan {
                 Some(lm)
             }
             Backend::Torchscript => None,
+        };
+        let name = match &config.name {
+            Some(n) if !valid_model_name(n) => {
+                return Err(cfg_err(format!("name: '{}' is not a model name ({})", crate::error::excerpt(n), crate::job::MODEL_NAME_RULE)))
+            }
+            Some(n) => n.clone(),
+            None => name,
         };
         let (fingerprint, size_bytes) = fingerprint(dir)?;
         Ok(ModelPlan { name: name.into(), dir: dir.to_path_buf(), config, fingerprint: fingerprint.into(), size_bytes, lm })
@@ -107,6 +117,7 @@ impl ModelPlan {
             deadline: env.deadline,
             encoding: env.encoding,
             priority: env.priority.unwrap_or_default(),
+            chat: request.chat,
         })
     }
 
@@ -195,10 +206,16 @@ fn fingerprint(dir: &Path) -> Result<(String, u64), RepoError> {
     Ok((hasher.finalize().to_hex()[..16].to_string(), size))
 }
 
-/// All models of a repository folder; folders that fail to load are kept with their error.
 /// The `jetbatch.toml` a Hugging Face folder without one is served with.
 const PLAIN_HF_TOML: &str = "backend = \"hf\"\n";
 
+/// "folder 'x'": where a model was read from, for messages.
+fn folder_of(model: &ModelPlan) -> String {
+    format!("folder '{}'", model.dir.file_name().unwrap_or_default().to_string_lossy())
+}
+
+/// All models of a repository folder, by the name jobs use (the folder's, or its `name`);
+/// folders that fail to load are kept with their error, by folder name.
 #[derive(Debug, Clone)]
 pub struct Repository {
     pub dir: PathBuf,
@@ -212,11 +229,13 @@ pub struct Repository {
 impl Repository {
     pub fn scan(dir: &Path) -> Result<Repository, RepoError> {
         let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
-        let mut models = BTreeMap::new();
+        let mut models: BTreeMap<String, Arc<ModelPlan>> = BTreeMap::new();
         let mut invalid = BTreeMap::new();
         let mut skipped = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(io)? {
-            let path = entry.map_err(io)?.path();
+        let mut paths = std::fs::read_dir(dir).map_err(io)?.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>().map_err(io)?;
+        // In name order, so that of two folders claiming one `name` the same one always wins.
+        paths.sort();
+        for path in paths {
             let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
             if !path.is_dir() {
                 skipped.insert(name, "not a folder".to_string());
@@ -227,9 +246,15 @@ impl Repository {
                 continue;
             }
             match ModelPlan::load(&path) {
-                Ok(spec) => {
-                    models.insert(name, Arc::new(spec));
-                }
+                Ok(spec) => match models.get(spec.name.as_ref()) {
+                    Some(taken) => {
+                        let message = format!("name: '{}' is the name of {} too", spec.name, folder_of(taken));
+                        invalid.insert(name, Arc::new(RepoError::Config { path: path.join("jetbatch.toml"), message }));
+                    }
+                    None => {
+                        models.insert(spec.name.to_string(), Arc::new(spec));
+                    }
+                },
                 Err(e) => {
                     invalid.insert(name, Arc::new(e));
                 }
@@ -250,7 +275,8 @@ impl Repository {
     /// made-up name would grow the repository and `info` with it. The folder is fingerprinted
     /// whole: call it off the async threads.
     pub fn reload(&self, name: &str) -> (Repository, Result<Arc<ModelPlan>, Arc<RepoError>>) {
-        let dir = self.dir.join(name);
+        // A model served under a `name` of its own is read from its folder.
+        let dir = self.models.get(name).map_or_else(|| self.dir.join(name), |m| m.dir.clone());
         if !valid_model_name(name) {
             return (self.clone(), Err(Arc::new(RepoError::BadName { name: crate::error::excerpt(name) })));
         }
@@ -259,11 +285,18 @@ impl Repository {
         }
         let mut next = self.clone();
         let outcome = match ModelPlan::load(&dir) {
+            Ok(spec) if self.models.get(spec.name.as_ref()).is_some_and(|m| m.dir != spec.dir) => {
+                let message = format!("name: '{}' is the name of {} too", spec.name, folder_of(&self.models[spec.name.as_ref()]));
+                Err(Arc::new(RepoError::Config { path: dir.join("jetbatch.toml"), message }))
+            }
             Ok(spec) => {
                 let spec = Arc::new(spec);
                 next.invalid.remove(name);
                 next.skipped.remove(name);
-                next.models.insert(name.to_string(), spec.clone());
+                if next.models.get(name).is_some_and(|m| m.dir == spec.dir) {
+                    next.models.remove(name); // its `name` may have changed
+                }
+                next.models.insert(spec.name.to_string(), spec.clone());
                 Ok(spec)
             }
             Err(e) => {
@@ -377,11 +410,36 @@ trim = [{ dim = 0, input = 0, input_dim = 0 }]
         assert!(broken.get("never").is_none() && broken.invalid.contains_key("never"));
         assert!(broken.unknown("never").message.contains("onnx"), "its jobs say why");
         assert!(repo.reload("absent").1.unwrap_err().to_string().contains("no such model folder"));
-        assert!(repo.reload("../seq").1.unwrap_err().to_string().contains("is not [A-Za-z0-9_-]"));
+        assert!(repo.reload("../seq").1.unwrap_err().to_string().contains("is not 1-64 of [A-Za-z0-9_.-]"));
         let gone = next.without("seq").unwrap();
         assert_eq!(gone.models.keys().collect::<Vec<_>>(), vec!["late"]);
         assert_eq!(gone.unknown("seq").code, ErrorCode::UnknownModel);
         assert!(gone.without("seq").is_none());
+    }
+
+    #[test]
+    fn dotted_folder_names_and_a_name_key_are_served_and_errors_name_no_jetbatch_toml_never_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        model(tmp.path(), "Qwen2.5-0.5B-Instruct", SEQ);
+        model(tmp.path(), "qwen-folder", &format!("name = \"Qwen2.5-1.5B\"\n{SEQ}"));
+        model(tmp.path(), "copy", &format!("name = \"Qwen2.5-1.5B\"\n{SEQ}"));
+        model(tmp.path(), "bad-name", &format!("name = \"../x\"\n{SEQ}"));
+        // A plain Hugging Face folder whose config.json does not read.
+        let hf = tmp.path().join("Llama-3.2-1B");
+        std::fs::create_dir_all(&hf).unwrap();
+        std::fs::write(hf.join("config.json"), "{").unwrap();
+        let repo = Repository::scan(tmp.path()).unwrap();
+        assert_eq!(repo.models.keys().collect::<Vec<_>>(), vec!["Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B"]);
+        assert_eq!(repo.models["Qwen2.5-1.5B"].dir.file_name().unwrap(), "copy", "the first folder in name order wins");
+        let taken = repo.invalid["qwen-folder"].to_string();
+        assert!(taken.contains("name: 'Qwen2.5-1.5B' is the name of folder 'copy' too"), "{taken}");
+        assert!(repo.invalid["bad-name"].to_string().contains("name: '../x' is not a model name"));
+        let hf_err = repo.invalid["Llama-3.2-1B"].to_string();
+        assert!(!hf_err.contains("jetbatch.toml") && hf_err.contains("Llama-3.2-1B"), "{hf_err}");
+        // A reload by the served name reads its folder.
+        let (next, again) = repo.reload("Qwen2.5-1.5B");
+        assert_eq!(again.unwrap().dir, repo.models["Qwen2.5-1.5B"].dir);
+        assert_eq!(next.models.len(), 2);
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn key_of(kind: JobKind, input: JobInput) -> String {
         encoding: Encoding::MsgPack,
         // Not the default level: a job's priority does not change its result, nor its key.
         priority: jetbatch::priority::Priority::Low,
+        chat: None,
     };
     hex(&job.cache_key())
 }

@@ -203,6 +203,32 @@ async fn answer(h: &Harness, sub: &mut async_nats::Subscriber, id: &str, input: 
 }
 
 #[tokio::test]
+async fn generation_stats_count_the_rows_jobs_ran_beside_and_the_tokens() {
+    let h = harness().await;
+    let w = h.worker("w1", &[]);
+    w.ready().await;
+    let mut sub = h.subscribe_results().await;
+    let jobs: Vec<_> = (0..4)
+        .map(|i| job(&format!("g-{i}"), "tiny-llama", "generate", json!({"prompt": "the quick"}), json!({"max_new_tokens": 6 + 4 * i, "stop_token_ids": []})))
+        .collect();
+    burst(&h, &jobs).await;
+    let results = collect(&mut sub, jobs.len(), MINUTE).await;
+    let tokens: usize = results.values().map(|r| output(&r[0])["tokens"].as_array().unwrap().len()).sum();
+    let rows: Vec<usize> = results.values().map(|r| r[0].timing.batch_size).collect();
+    assert_eq!(tokens, 6 + 10 + 14 + 18);
+    assert!(rows.iter().any(|&r| r > 1), "the jobs shared the running batch: {rows:?}");
+    let instance = jetbatch::pool::find(&h.client, "jetbatch", "w1", jetbatch::pool::DISCOVERY_WINDOW).await.unwrap();
+    let stats: jetbatch::pool::WorkerStats =
+        jetbatch::pool::call(&h.client, instance.subject(jetbatch::pool::verb::STATS), &json!({}), jetbatch::pool::CALL_TIMEOUT).await.unwrap();
+    let gen = &stats.batches["tiny-llama"];
+    // One entry per job, the rows its result reports (not 1 per job, as each comes alone).
+    assert_eq!(gen.batches, 4);
+    assert!((gen.mean_size - rows.iter().sum::<usize>() as f64 / 4.0).abs() < 1e-9, "{gen:?} vs {rows:?}");
+    assert_eq!(gen.generated_tokens, tokens as u64);
+    assert_eq!(w.metric("jetbatch_generated_tokens_total{model=\"tiny-llama\"}").await, tokens as f64);
+}
+
+#[tokio::test]
 async fn seeded_sampling_is_reproducible_across_batches_and_workers_and_cached() {
     let h = harness().await;
     let w1 = h.worker("w1", &["--cache-dir", h.dir.path().join("c1").to_str().unwrap()]);

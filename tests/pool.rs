@@ -62,6 +62,23 @@ async fn publish_mlp(h: &Harness, ids: impl IntoIterator<Item = String>) {
 }
 
 #[tokio::test]
+async fn list_without_workers_shows_the_backlog_per_level() {
+    let h = Harness::new().await;
+    let before = String::from_utf8_lossy(&pool_cli(&h, &["list"]).stdout).into_owned();
+    assert!(before.contains("0 worker(s)") && before.contains("backlog: no jobs stream or consumers yet"), "{before}");
+    jetbatch::bus::setup(&h.js, &h.topology).await.unwrap();
+    publish_mlp(&h, (0..3).map(|i| format!("backlog-{i}"))).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "backlog-high");
+    let job = rmp_serde::to_vec_named(&tensor_job("backlog-high", "mlp", &[mlp_input(9)], Encoding::MsgPack)).unwrap();
+    h.js.publish_with_headers("jetbatch.jobs.mlp.high", headers, job.into()).await.unwrap().await.unwrap();
+    let out = pool_cli(&h, &["list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("0 worker(s)\nbacklog: high 1, normal 3, low 0 job(s) waiting; 0 being worked on"), "{table}");
+}
+
+#[tokio::test]
 async fn discovery_lists_the_workers_with_their_models_stats_and_health() {
     let h = Harness::new().await;
     let cache = h.dir.path().join("cache-w1");
@@ -408,7 +425,7 @@ async fn info_stays_within_max_payload_and_loads_of_names_without_a_folder_are_n
     for i in 0..13 {
         let name = format!("{i}{}", "n".repeat(30_000));
         match call::<Value>(&h, "w", verb::LOAD, json!({ "model": name })).await {
-            Err(pool::PoolError::Service { code: 400, status, .. }) => assert!(status.len() < 1_100 && status.contains("is not [A-Za-z0-9_-]"), "{}", &status[..200.min(status.len())]),
+            Err(pool::PoolError::Service { code: 400, status, .. }) => assert!(status.len() < 1_100 && status.contains("is not 1-64 of [A-Za-z0-9_.-]"), "{}", &status[..200.min(status.len())]),
             other => panic!("{}", format!("{other:?}").chars().take(300).collect::<String>()),
         }
     }

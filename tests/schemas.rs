@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use jetbatch::job::{decode, Encoding, ErrorCode, JobError, JobResult, Limits, Output, Status, Timing};
+use jetbatch::job::{decode, ChatPrompt, Encoding, ErrorCode, JobError, JobResult, Limits, Output, Provenance, Status, Timing};
 use jetbatch::plan::ModelPlan;
 use jetbatch::tensor::TensorData;
 use serde_json::{json, Value};
@@ -125,7 +125,20 @@ fn emitted_results_validate() {
         cached: true,
         worker: "w".into(),
         timing: Timing { queued_ms: 1.5, compute_ms: 0.0, batch_size: 0 },
+        provenance: None,
     };
+    let provenance = Provenance {
+        model_fingerprint: "0123456789abcdef".into(),
+        dtype: "bf16".into(),
+        device: "cuda:0".into(),
+        jetbatch: env!("CARGO_PKG_VERSION").into(),
+        chat_template: None,
+    };
+    let chat = ChatPrompt { template_hash: "fedcba9876543210".into(), prompt: "<|user|>hi\n<|assistant|>".into() };
+    let with_provenance = [
+        JobResult { provenance: Some(provenance.clone()), ..ok.clone() },
+        JobResult { provenance: Some(Provenance { chat_template: Some(chat), ..provenance.clone() }), ..ok.clone() },
+    ];
     let err = JobResult {
         status: Status::Error,
         output: None,
@@ -151,7 +164,8 @@ fn emitted_results_validate() {
         Output::Tensor(vec![TensorData::from((&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY][..], vec![3]))]),
     ];
     let lm_results: Vec<JobResult> = lm_outputs.iter().map(|o| JobResult { output: Some(o.to_wire(Encoding::Json)), ..ok.clone() }).collect();
-    for r in [ok, err].into_iter().chain(lm_results) {
+    let mut partial: Value = serde_json::from_slice(&Encoding::Json.encode(&with_provenance[0])).unwrap();
+    for r in [ok, err].into_iter().chain(with_provenance).chain(lm_results) {
         let doc: Value = serde_json::from_slice(&Encoding::Json.encode(&r)).unwrap();
         assert_valid(&result, &doc, &r.id);
         assert!(!doc.to_string().contains("null"), "{doc}");
@@ -160,6 +174,9 @@ fn emitted_results_validate() {
     let bad = json!({"id": "x", "model": "m", "kind": "embed", "status": "ok", "output": {"embedding": ["nan"], "dim": 1},
         "cached": false, "worker": "w", "timing": {"queued_ms": 0, "compute_ms": 0, "batch_size": 0}});
     assert!(!result.is_valid(&bad));
+    // Provenance names every part: a result without its model's fingerprint does not validate.
+    partial["provenance"].as_object_mut().unwrap().remove("model_fingerprint");
+    assert!(!result.is_valid(&partial));
 }
 
 #[test]

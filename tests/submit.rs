@@ -45,7 +45,7 @@ async fn bad_lines_are_all_named_and_nothing_is_published() {
     for expect in ["line 2:", "line 4: id: missing or invalid", "line 5: id 'a' repeats line 1", "line 6: 2097", "over the server's max_payload", "4 bad line(s)", "nothing was submitted"] {
         assert!(err.contains(expect), "stderr lacks {expect:?}:\n{err}");
     }
-    assert!(err.contains("max_payload is 1048576 bytes, below the 8388608 bytes"), "the server's smaller limit is said at start:\n{err}");
+    assert_eq!(err.matches("max_payload is 1048576 bytes, below the 8388608 bytes").count(), 1, "the server's smaller limit is said once, as a line is over it:\n{err}");
     assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 0, "nothing published");
 }
 
@@ -64,6 +64,25 @@ async fn results_on_stdout_with_nats_url_and_a_producer_sized_help() {
     assert!(help.contains("--retry-errors") && help.contains("--consumer") && help.contains("NATS_URL"), "{help}");
     for pool in ["--ack-wait-secs", "--replicas", "--max-deliver", "--duplicate-window-secs", "--serve-models"] {
         assert!(!help.contains(pool), "submit --help lists the pool setting {pool}");
+    }
+}
+
+#[tokio::test]
+async fn off_a_terminal_progress_is_plain_lines_the_summary_is_said_once_and_nothing_of_the_connection() {
+    let h = Harness::new().await;
+    let _w = h.worker("w1", &[]);
+    let input = h.dir.path().join("jobs.jsonl");
+    std::fs::write(&input, [job("p-1", "mlp", 1), job("p-2", "mlp", 2), job("p-3", "absent", 3)].join("\n")).unwrap();
+    let url = h.url();
+    // Standard error is a pipe here, as in CI.
+    let out = jetbatch(&["submit", "--nats-url", &url, "--idle-timeout-secs", "60", "-i", input.to_str().unwrap(), "-o", "-"], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("submitting 3 job(s) from") && err.contains("3/3 results (100%)"), "{err}");
+    assert_eq!(err.matches("3 answered: 2 ok").count(), 1, "the summary once:\n{err}");
+    assert!(err.contains("error: 1 job(s) answered with an error; pass --allow-errors"), "{err}");
+    for quiet in ["nats connection event", "connected", "max_payload", "INFO"] {
+        assert!(!err.contains(quiet), "{quiet:?} in:\n{err}");
     }
 }
 
@@ -121,7 +140,7 @@ async fn ctrl_c_says_what_stays_queued_and_cancel_drops_it() {
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(130), "Ctrl-C exits 130:\n{err}");
     assert!(err.contains("interrupted: 0 result(s) written; 5 job(s) stay queued") && err.contains("jetbatch cancel"), "{err}");
     assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 6);
     let stream = h.js.get_stream(&h.topology.jobs_stream).await.unwrap();
@@ -134,6 +153,16 @@ async fn ctrl_c_says_what_stays_queued_and_cancel_drops_it() {
     let cancel = jetbatch(&["cancel", "--nats-url", &h.url(), "-i", input.to_str().unwrap()], &[]);
     assert!(cancel.status.success() && text(&cancel.stderr).contains("cancelled 5 queued job(s) of 5"), "{}", text(&cancel.stderr));
     assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 1, "another run's job stays");
+    // A run's jobs by their run id, as the Python client and the lm-eval backend name them.
+    let run = h.dir.path().join("run.jsonl");
+    std::fs::write(&run, [job("run-7.a", "mlp", 1), job("run-7.b", "mlp", 2), job("run-70.c", "mlp", 3)].join("\n")).unwrap();
+    let queued = jetbatch(&["submit", "--quiet", "--nats-url", &url, "--idle-timeout-secs", "1", "-i", run.to_str().unwrap(), "-o", "-"], &[]);
+    assert!(text(&queued.stderr).contains("no result for 3 job(s)"), "{}", text(&queued.stderr));
+    let cancel = jetbatch(&["cancel", "--nats-url", &h.url(), "--run-id", "run-7"], &[]);
+    assert!(cancel.status.success() && text(&cancel.stderr).contains("cancelled 2 queued job(s) of run run-7"), "{}", text(&cancel.stderr));
+    assert_eq!(h.stream_messages(&h.topology.jobs_stream).await, 2, "run-70's job and the other run's stay");
+    let neither = jetbatch(&["cancel", "--nats-url", &h.url()], &[]);
+    assert!(!neither.status.success() && text(&neither.stderr).contains("--input"), "{}", text(&neither.stderr));
 }
 
 /// A `submit` run in the background whose standard error is read as it comes.

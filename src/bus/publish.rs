@@ -126,7 +126,7 @@ impl Publisher {
     /// dropped, and the dead letter says so. `model` names the subject token only when the job
     /// had an id and a valid model name.
     pub async fn dead_letter(&self, d: &Delivery, model: &str, id: Option<&str>, err: &JobError) -> Result<(), BusError> {
-        let token = if crate::job::valid_model_name(model) && id.is_some() { model } else { "invalid" };
+        let token = if crate::job::valid_model_name(model) && id.is_some() { crate::job::model_token(model) } else { "invalid".into() };
         let mut headers = HeaderMap::new();
         headers.insert("Jetbatch-Error-Code", err.code.as_str());
         headers.insert("Jetbatch-Error", header_text(&err.message, 512).as_str());

@@ -128,12 +128,14 @@ impl Delivery {
         self.headers.as_ref()?.get(name).map(|v| v.as_str())
     }
 
-    /// The model token and the priority level of the job's subject `<prefix>.jobs.<model>[.high|.low]`.
-    /// The jobs stream takes no other subjects; were one to come, its extra tokens stay in the
-    /// model token, so the job is refused for not naming its model.
-    pub fn subject_job(&self, prefix: &str) -> (&str, Priority) {
+    /// The model (its token decoded, see [`crate::job::model_token`]) and the priority level of the
+    /// job's subject `<prefix>.jobs.<model token>[.high|.low]`. The jobs stream takes no other
+    /// subjects; were one to come, its extra tokens stay in the model, so the job is refused for
+    /// not naming its model.
+    pub fn subject_job(&self, prefix: &str) -> (std::borrow::Cow<'_, str>, Priority) {
         let rest = self.subject.strip_prefix(prefix).and_then(|s| s.strip_prefix(".jobs.")).unwrap_or(&self.subject);
-        Priority::split_subject(rest)
+        let (token, level) = Priority::split_subject(rest);
+        (crate::job::token_model(token), level)
     }
 
     /// Time since the producer published the job.

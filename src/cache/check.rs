@@ -170,6 +170,7 @@ mod tests {
             deadline: None,
             encoding: crate::encoding::Encoding::MsgPack,
             priority: crate::priority::Priority::Normal,
+            chat: None,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::batcher::Batch;
 use crate::engine::{EngineHandle, Event};
 use crate::deadline::Deadline;
 use crate::job::{self, JobKind, Timing};
+use crate::kinds::Batching;
 use crate::metrics::Metrics;
 
 /// Runs batches on the engine. Scoring batches are awaited here, so exactly one more waits in
@@ -66,6 +67,8 @@ struct Submitted<T> {
     model: Arc<str>,
     items: Vec<Option<(T, f64)>>,
     events: mpsc::UnboundedReceiver<Event>,
+    /// Jobs that join a running generation: their batch is the rows they ran beside, known when done.
+    continuous: bool,
 }
 
 /// Answers jobs past their deadline or `timeout_ms` (they waited in the batcher meanwhile), and
@@ -87,7 +90,11 @@ async fn submit<T: Ticket, O: From<Done<T>>>(batch: Batch<T>, engine: &EngineHan
     if items.is_empty() {
         return None;
     }
-    metrics.batch_size.with_label_values(&[&model.name]).observe(items.len() as f64);
+    // A generate job comes alone and joins the running batch: its size is counted when it is done.
+    let continuous = kind.batching() == Batching::Continuous;
+    if !continuous {
+        metrics.batch_size.with_label_values(&[&model.name]).observe(items.len() as f64);
+    }
     let inputs = items.iter_mut().map(|t| std::mem::replace(&mut t.job_mut().input, job::JobInput::Tensor(Vec::new()))).collect();
     let streaming = items.iter().map(|t| t.job().stream).collect();
     let deadlines = items.iter().map(|t| t.job().deadline.map(Deadline::instant)).collect();
@@ -99,7 +106,7 @@ async fn submit<T: Ticket, O: From<Done<T>>>(batch: Batch<T>, engine: &EngineHan
             Some((t, queued_ms))
         })
         .collect();
-    Some(Submitted { model: model.name.clone(), items, events })
+    Some(Submitted { model: model.name.clone(), items, events, continuous })
 }
 
 /// Publishes streamed chunks as they come and passes each ticket on as soon as it is done.
@@ -117,6 +124,13 @@ async fn collect<T: Ticket, O: From<Done<T>>, S: ChunkSink>(mut run: Submitted<T
                 let Some((ticket, queued_ms)) = run.items[index].take() else { continue };
                 left -= 1;
                 slowest = slowest.max(compute);
+                if run.continuous {
+                    // The most rows the running generation held while this job was in it, as its result says.
+                    metrics.batch_size.with_label_values(&[&run.model]).observe(batch as f64);
+                }
+                if let Ok(job::Output::Generate { tokens, .. }) = &result {
+                    metrics.generated_tokens_total.with_label_values(&[&run.model]).inc_by(tokens.len() as u64);
+                }
                 let timing = Timing { queued_ms, compute_ms: ms(compute), batch_size: batch };
                 let _ = out.send(Done { ticket, timing, result: result.map_err(Failure::from_engine) }.into()).await;
             }

@@ -26,13 +26,13 @@ pub use crate::encoding::Encoding;
 use crate::encoding::BOM;
 pub use crate::error::{ErrorCode, JobError, MAX_ERROR_MESSAGE_BYTES};
 use crate::error::excerpt;
-pub use crate::kinds::{FinishReason, JobInput, JobKind, Output, ValidationError};
+pub use crate::kinds::{ChatPrompt, FinishReason, JobInput, JobKind, Output, ValidationError};
 use crate::kinds::fields::{self, Place};
 use crate::priority::Priority;
 use crate::tensor::TensorData;
 use scan::{be, scan_fields};
 use subject::check_reply_to;
-pub use subject::{check_reply_prefix, valid_job_id, valid_model_name, DEFAULT_REPLY_PREFIXES, MAX_REPLY_TO_BYTES};
+pub use subject::{check_reply_prefix, model_token, token_model, valid_job_id, valid_model_name, DEFAULT_REPLY_PREFIXES, MAX_REPLY_TO_BYTES, MODEL_NAME_RULE};
 
 /// Nesting levels a job document may have (the top-level map is the first), like serde_json's
 /// own limit. Deeper documents are rejected before anything recurses further.
@@ -222,7 +222,7 @@ pub fn decode(
     }
     let model = expect_str("model", take("model").ok_or("model: missing field `model`").map_err(|e| bad(e.into()))?).map_err(bad)?;
     if !valid_model_name(&model) {
-        return Err(bad("model: must match [A-Za-z0-9_-]{1,64}".into()));
+        return Err(bad(format!("model: '{}' is not a model name ({})", excerpt(&model), subject::MODEL_NAME_RULE)));
     }
     if model != subject_model {
         return Err(bad(format!("model: '{model}' differs from the subject's model token '{}'", excerpt(subject_model))));
@@ -308,6 +308,8 @@ pub struct ValidJob {
     pub encoding: Encoding,
     /// Its level: the batcher picks jobs highest level first.
     pub priority: Priority,
+    /// Its `messages` as the chat template rendered them (not part of the cache key: the tokens are).
+    pub chat: Option<ChatPrompt>,
 }
 
 impl ValidJob {
@@ -353,6 +355,24 @@ pub struct JobResult {
     pub cached: bool,
     pub worker: String,
     pub timing: Timing,
+    /// What produced the result; absent where the job named no model the worker serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// What produced a result (`provenance` in `schemas/result.schema.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The model folder's fingerprint (its config and every file): other weights, another value.
+    pub model_fingerprint: String,
+    pub dtype: String,
+    /// `cpu` or `cuda:N`, as the answering worker resolved the model's device.
+    pub device: String,
+    /// The answering worker's version.
+    pub jetbatch: String,
+    /// Where the job sent `messages`: the chat template's hash and the prompt it rendered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<ChatPrompt>,
 }
 
 impl JobResult {
@@ -572,6 +592,7 @@ mod tests {
             cached: false,
             worker: "w".into(),
             timing: Timing::default(),
+            provenance: None,
         };
         let bytes = Encoding::Json.encode(&result);
         assert!(!String::from_utf8_lossy(&bytes).contains("null"));
@@ -590,6 +611,13 @@ mod tests {
             cached: false,
             worker: "w".into(),
             timing: Timing { queued_ms: 1.0, compute_ms: 2.0, batch_size: 3 },
+            provenance: Some(Provenance {
+                model_fingerprint: "0123456789abcdef".into(),
+                dtype: "f32".into(),
+                device: "cpu".into(),
+                jetbatch: "0.1.0".into(),
+                chat_template: Some(ChatPrompt { template_hash: "fedcba9876543210".into(), prompt: "<|user|>hi\n".into() }),
+            }),
         };
         for enc in [Encoding::MsgPack, Encoding::Json] {
             assert_eq!(JobResult::decode(&enc.encode(&r)).unwrap(), r);

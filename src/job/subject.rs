@@ -3,6 +3,8 @@
 //! subject (`$JS.`, `$SYS.`, …) nor one of the worker's own areas
 //! (`<prefix>.jobs|results|dead|metrics|stream`).
 
+use std::borrow::Cow;
+
 use crate::error::excerpt;
 
 /// Where results may be core-published at a producer's request (`reply_to`) by default.
@@ -14,11 +16,30 @@ const RESERVED_AREAS: [&str; 5] = ["jobs", "results", "dead", "metrics", "stream
 /// Longest `reply_to` accepted, in bytes.
 pub const MAX_REPLY_TO_BYTES: usize = 256;
 
-/// Names: `[A-Za-z0-9_-]{1,64}` — they become subject tokens and folder names, so no dots,
-/// wildcards or path separators.
+/// The model names accepted, as error messages quote them.
+pub const MODEL_NAME_RULE: &str = "1-64 of [A-Za-z0-9_.-], not starting with '.'";
+
+/// Names: `[A-Za-z0-9_.-]{1,64}`, not starting with a dot — the names Hugging Face models have
+/// (`Qwen2.5-0.5B-Instruct`). They become folder names, so no path separators and no `.`/`..`;
+/// in subjects a dot is written `%2E` ([`model_token`]).
 pub fn valid_model_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// A dot in a model name as a subject token writes it (dots separate subject tokens).
+const DOT_IN_TOKEN: &str = "%2E";
+
+/// The subject token of a model name: each dot written `%2E`. `%` is in no model name, so a token
+/// stands for one name only, and a name without dots is its own token (as before dots were allowed).
+pub fn model_token(name: &str) -> Cow<'_, str> {
+    if name.contains('.') { Cow::Owned(name.replace('.', DOT_IN_TOKEN)) } else { Cow::Borrowed(name) }
+}
+
+/// The model name a subject token stands for ([`model_token`] undone).
+pub fn token_model(token: &str) -> Cow<'_, str> {
+    if token.contains(DOT_IN_TOKEN) { Cow::Owned(token.replace(DOT_IN_TOKEN, ".")) } else { Cow::Borrowed(token) }
 }
 
 /// Job ids become the last tokens of result subjects: `[A-Za-z0-9_:.-]{1,256}` without empty tokens.
@@ -119,14 +140,29 @@ mod tests {
 
     #[test]
     fn names_and_ids() {
-        assert!(valid_model_name("demo-mlp_2"));
-        for bad in ["", "a.b", "../x", "a*", "a>", "a b", &"x".repeat(65)] {
+        for ok in ["demo-mlp_2", "Qwen2.5-0.5B-Instruct", "phi-1_5", "a.b"] {
+            assert!(valid_model_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "../x", "a/b", "a*", "a>", "a%2Eb", "a b", &"x".repeat(65)] {
             assert!(!valid_model_name(bad), "{bad}");
         }
         assert!(valid_job_id("run-1:task.7"));
         for bad in ["", ".a", "a.", "a..b", "a*", "a b"] {
             assert!(!valid_job_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_dotted_name_is_one_subject_token_that_decodes_back() {
+        assert_eq!(model_token("Qwen2.5-0.5B-Instruct"), "Qwen2%2E5-0%2E5B-Instruct");
+        assert_eq!(token_model("Qwen2%2E5-0%2E5B-Instruct"), "Qwen2.5-0.5B-Instruct");
+        // Names without dots keep their subjects.
+        assert!(matches!(model_token("tiny-llama"), Cow::Borrowed("tiny-llama")));
+        assert!(matches!(token_model("tiny-llama"), Cow::Borrowed("tiny-llama")));
+        // A name ending like a level stays one token, apart from that level's subject.
+        assert_eq!(model_token("m.high"), "m%2Ehigh");
+        // Other spellings decode to no valid name.
+        assert!(!valid_model_name(&token_model("a%2eb")));
     }
 
     #[test]

@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(msg(Place::Input, "prompt", JobKind::Embed.keys(Place::Input), JobKind::Embed), "input.prompt: unknown; did you mean text?");
         assert_eq!(
             msg(Place::Input, "zzz", JobKind::Loglikelihood.keys(Place::Input), JobKind::Loglikelihood),
-            "input.zzz: unknown; the input keys of loglikelihood jobs are context, continuation, continuations, context_tokens, continuation_tokens, continuations_tokens"
+            "input.zzz: unknown; the input keys of loglikelihood jobs are context, messages, continuation, continuations, context_tokens, continuation_tokens, continuations_tokens"
         );
         assert_eq!(unknown_key(Place::Top, "timeout", TOP_LEVEL, None).to_string(), "timeout: unknown; did you mean timeout_ms?");
         assert_eq!(unknown_key(Place::Top, "cahce", TOP_LEVEL, None).to_string(), "cahce: unknown; did you mean cache?");

@@ -6,10 +6,10 @@ use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
 use super::fields::{Input, Params};
+use super::messages;
 use super::text;
 use super::validation::{Count, ValidationError};
 use super::{JobInput, Request};
-use crate::chat::{ChatError, Message};
 use crate::lm::LmSpec;
 
 pub const INPUT_KEYS: &[&str] = &["prompt", "prompt_tokens", "messages"];
@@ -188,6 +188,7 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
         })?),
     };
     let given: Vec<&str> = INPUT_KEYS.iter().copied().filter(|k| input.get(k).is_some()).collect();
+    let mut chat = None;
     let (field, prompt) = match given.as_slice() {
         ["prompt_tokens"] => ("input.prompt_tokens", input.tokens("prompt_tokens", lm.config.vocab_size)?.unwrap_or_default()),
         ["prompt"] => {
@@ -197,13 +198,12 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
             ("input.prompt", encode_prompt(lm, prompt, special, keep, "input.prompt")?)
         }
         ["messages"] => {
-            let messages = read_messages(input)?;
-            let chat_error = |error: ChatError| ValidationError::Chat { field: "input.messages".into(), error };
-            let chat = lm.chat.as_ref().map_err(|e| chat_error(e.clone()))?;
-            let text = chat.render(&messages, params.add_generation_prompt.unwrap_or(true)).map_err(chat_error)?;
+            let rendered = messages::render(lm, input, params.add_generation_prompt.unwrap_or(true))?;
             // As apply_chat_template(tokenize=True) encodes it: the template writes its own
             // special tokens (a BOS where the model wants one).
-            ("input.messages", encode_prompt(lm, &text, false, keep, "input.messages")?)
+            let tokens = encode_prompt(lm, &rendered.prompt, false, keep, "input.messages")?;
+            chat = Some(rendered);
+            ("input.messages", tokens)
         }
         [] => return Err(ValidationError::Missing { field: "input.prompt".into(), or: Some("prompt_tokens or messages") }),
         _ => {
@@ -238,7 +238,7 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     }
     let top_logprobs = params.top_logprobs.unwrap_or(0);
     let input = GenerateInput { prompt, max_new_tokens: max_new, sampling, stop: params.stop, stop_token_ids, top_logprobs };
-    Ok(Request { cost: input.cost(), cacheable: input.reproducible(), stream: params.stream, input: JobInput::Generate(input) })
+    Ok(Request { cost: input.cost(), cacheable: input.reproducible(), stream: params.stream, input: JobInput::Generate(input), chat })
 }
 
 /// The token ids of a prompt's text (with the tokenizer's special tokens when `special`), bounded
@@ -253,50 +253,6 @@ fn encode_prompt(lm: &LmSpec, prompt: &str, special: bool, keep: Option<usize>, 
         }
         None => text::encode(lm, prompt, special),
     }
-}
-
-/// `input.messages`: a list of `{role, content}` maps, strings both.
-fn read_messages(input: &Input) -> Result<Vec<Message>, ValidationError> {
-    const EXPECTED: &str = "a non-empty list of {role, content} maps with string values";
-    let expected = |field: String| ValidationError::Expected { field, expected: EXPECTED };
-    let items = match input.get("messages") {
-        Some(Value::Array(items)) if !items.is_empty() => items,
-        _ => return Err(expected("input.messages".into())),
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let at = |key: &str| format!("input.messages[{i}].{key}");
-            let pairs = m.as_map().ok_or_else(|| expected(format!("input.messages[{i}]")))?;
-            let (mut role, mut content) = (None, None);
-            for (k, v) in pairs {
-                let slot = match k.as_str() {
-                    Some("role") => &mut role,
-                    Some("content") => &mut content,
-                    Some(other) => return Err(ValidationError::UnknownKey { field: at(other), hint: "a message has role and content".into() }),
-                    None => return Err(ValidationError::KeyNotString { field: format!("input.messages[{i}]") }),
-                };
-                *slot = Some(v.as_str().map(String::from).ok_or_else(|| ValidationError::Expected { field: at(k.as_str().unwrap_or_default()), expected: "a string" })?);
-            }
-            let role = role.ok_or_else(|| ValidationError::Missing { field: at("role"), or: None })?;
-            // Templates write the role into the prompt as is (`<|im_start|>{{ role }}`): free text
-            // there could forge a turn or a special token.
-            if !valid_role(&role) {
-                return Err(ValidationError::Expected { field: at("role"), expected: ROLE });
-            }
-            Ok(Message {
-                role,
-                content: content.ok_or_else(|| ValidationError::Missing { field: at("content"), or: None })?,
-            })
-        })
-        .collect()
-}
-
-const ROLE: &str = "a role of 1 to 32 ASCII letters, digits, '_' or '-' (system, user, assistant, tool, …)";
-
-fn valid_role(role: &str) -> bool {
-    (1..=32).contains(&role.len()) && role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The `Generate` output on the wire.

@@ -9,17 +9,22 @@
 //! truncated on its own), and the job answers `Choices`: one log-prob and greedy flag per choice.
 //! Choices whose context tokens come out equal share one row in the engine (the context is run
 //! once), and the job's cost counts each distinct context once.
+//!
+//! The context may be `messages` instead: rendered with the model's chat template and the
+//! assistant's turn opened (as lm-eval's `--apply_chat_template` renders it), then scored as that
+//! text would be.
 
 use rmpv::Value;
 
 use super::fields::{self, Input, Params};
+use super::messages;
 use super::scoring::{self, Window};
 use super::text;
 use super::validation::{Count, ValidationError};
 use super::{JobInput, Request};
 use crate::lm::LmSpec;
 
-pub const INPUT_KEYS: &[&str] = &["context", "continuation", "continuations", "context_tokens", "continuation_tokens", "continuations_tokens"];
+pub const INPUT_KEYS: &[&str] = &["context", "messages", "continuation", "continuations", "context_tokens", "continuation_tokens", "continuations_tokens"];
 pub const PARAM_KEYS: &[&str] = &["top_logprobs"];
 
 /// The most choices one job may have: more than any multiple-choice task asks, few enough that a
@@ -34,6 +39,7 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     if choices && (given("continuation") || given("continuation_tokens")) {
         return Err(ValidationError::Invalid { field: "input".into(), detail: "give continuation (one) or continuations (choices), not both".into() });
     }
+    let mut chat = None;
     let together = || ValidationError::Invalid { field: "input".into(), detail: "give context_tokens and continuation_tokens (or continuations_tokens) together".into() };
     // Each continuation with the field it came from and its context's tokens.
     let pairs: Vec<(String, Vec<u32>, Vec<u32>)> = match input.tokens("context_tokens", vocab)? {
@@ -47,7 +53,13 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
         }
         None if given("continuation_tokens") || given("continuations_tokens") => return Err(together()),
         None => {
-            let context = input.text("context")?.ok_or(ValidationError::Missing { field: "input.context".into(), or: Some("context_tokens") })?;
+            let context = match (input.text("context")?, input.get("messages").is_some()) {
+                (Some(_), true) => return Err(ValidationError::Invalid { field: "input".into(), detail: "give context or messages, not both".into() }),
+                (Some(context), false) => context,
+                // As lm-eval's apply_chat_template makes the context: with the assistant's turn opened.
+                (None, true) => &chat.insert(messages::render(lm, input, true)?).prompt,
+                (None, false) => return Err(ValidationError::Missing { field: "input.context".into(), or: Some("context_tokens or messages") }),
+            };
             let continuations: Vec<(String, &str)> = match (input.text("continuation")?, input.list("continuations", MAX_CHOICES, "choices")?) {
                 (Some(k), None) => vec![("input.continuation".to_string(), k)],
                 (None, Some(items)) => each(items, "continuations", |v, field| v.as_str().ok_or(ValidationError::Expected { field: field.into(), expected: "a string" }))?,
@@ -70,7 +82,7 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
     };
     let windows = pairs.into_iter().map(|(field, c, k)| window(lm, &field, c, k, top_logprobs)).collect::<Result<Vec<_>, _>>()?;
     let cost = scoring::cost(&windows);
-    Ok(Request::new(cost, if choices { JobInput::Choices(windows) } else { JobInput::Score(windows) }))
+    Ok(Request { chat, ..Request::new(cost, if choices { JobInput::Choices(windows) } else { JobInput::Score(windows) }) })
 }
 
 /// Each choice of the list `input.{name}` read by `read` (given its field's path), with that path.

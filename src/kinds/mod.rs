@@ -9,6 +9,8 @@
 //! - [`scoring`]: what the two scoring kinds share (the [`scoring::Window`], truncation, the
 //!   `Score` and `Choices` outputs).
 //! - [`encoder`]: what `embed` and `classify` share (the truncated encoder input).
+//! - [`messages`]: `input.messages`, rendered with the model's chat template (`generate`'s
+//!   prompt, `loglikelihood`'s context).
 //! - [`text`]: bounded tokenisation of producer text; [`fields`]: strict reading of the job's
 //!   maps and the hints for unknown keys; [`validation`]: the typed [`ValidationError`].
 //!
@@ -32,6 +34,7 @@ pub mod generate;
 pub mod kind;
 pub mod loglikelihood;
 pub mod loglikelihood_rolling;
+pub mod messages;
 pub mod scoring;
 pub mod tensor;
 pub mod text;
@@ -143,13 +146,23 @@ pub struct Request {
     pub cacheable: bool,
     /// `generate` with `stream: true`.
     pub stream: bool,
+    /// The prompt the model's chat template made of the job's `messages`, if it sent them.
+    pub chat: Option<ChatPrompt>,
 }
 
 impl Request {
     /// A cacheable, non-streaming request.
     pub fn new(cost: usize, input: JobInput) -> Request {
-        Request { input, cost, cacheable: true, stream: false }
+        Request { input, cost, cacheable: true, stream: false, chat: None }
     }
+}
+
+/// A job's `messages` as the model's chat template rendered them: the template's hash and the
+/// text it wrote (results carry it, so that what was scored can be read back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatPrompt {
+    pub template_hash: String,
+    pub prompt: String,
 }
 
 /// Kind-specific, validated input: everything that determines the result (it is the cache key,

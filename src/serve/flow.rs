@@ -14,7 +14,7 @@ use crate::cache::Cache;
 use crate::config::Topology;
 use crate::engine::EngineError;
 use crate::infer::{ChunkSink, Done, Failure, Ticket};
-use crate::job::{Encoding, ErrorCode, JobError, Output, Timing, ValidJob};
+use crate::job::{Encoding, ErrorCode, JobError, Output, Provenance, Timing, ValidJob};
 use crate::metrics::Metrics;
 use crate::plan::ModelPlan;
 use crate::repository::LiveRepository;
@@ -147,15 +147,28 @@ pub struct Header {
     pub cached: bool,
     pub stream: bool,
     pub timing: Timing,
+    /// What produced the answer; for valid jobs only (the model is known).
+    pub provenance: Option<Provenance>,
 }
 
 impl Header {
     pub(crate) fn of(p: &Pending) -> Header {
-        Header::of_job(&p.job, p.cache_key)
+        Header::of_job(&p.job, &p.spec, p.cache_key)
     }
 
-    pub(crate) fn of_job(job: &ValidJob, cache_key: Option<[u8; 32]>) -> Header {
+    pub(crate) fn of_job(job: &ValidJob, spec: &ModelPlan, cache_key: Option<[u8; 32]>) -> Header {
+        // Asked of libtorch once: the count does not change while the worker runs.
+        static CUDA_DEVICES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cuda_devices = *CUDA_DEVICES.get_or_init(|| tch::Cuda::device_count().max(0) as usize);
+        let provenance = Provenance {
+            model_fingerprint: job.fingerprint.to_string(),
+            dtype: spec.config.dtype.map_or("f32", |d| d.name()).to_string(),
+            device: spec.config.device.resolved(cuda_devices),
+            jetbatch: env!("CARGO_PKG_VERSION").to_string(),
+            chat_template: job.chat.clone(),
+        };
         Header {
+            provenance: Some(provenance),
             id: Some(job.id.clone()),
             model: job.model.to_string(),
             kind: job.kind.as_str().to_string(),
@@ -170,7 +183,7 @@ impl Header {
 
     /// A job that did not get as far as a [`ValidJob`]: what of it could be read.
     pub(crate) fn of_parts(id: Option<String>, model: String, kind: String, encoding: Encoding, reply_to: Option<String>) -> Header {
-        Header { id, model, kind, encoding, reply_to, cache_key: None, cached: false, stream: false, timing: Timing::default() }
+        Header { id, model, kind, encoding, reply_to, cache_key: None, cached: false, stream: false, timing: Timing::default(), provenance: None }
     }
 }
 

@@ -83,7 +83,7 @@ pub(crate) async fn intake(
 /// is in the bytes of any job that sends it, unless a JSON key spells it with `\u` escapes, which
 /// count too.
 fn is_heavy(d: &Delivery, repository: &Repository, prefix: &str) -> bool {
-    let renders = || repository.get(d.subject_job(prefix).0).and_then(|spec| spec.lm.as_ref()).is_some_and(|lm| lm.chat.is_ok());
+    let renders = || repository.get(&d.subject_job(prefix).0).and_then(|spec| spec.lm.as_ref()).is_some_and(|lm| lm.chat.is_ok());
     d.payload.len() >= HEAVY_PAYLOAD || (may_send_messages(&d.payload) && renders())
 }
 
@@ -105,7 +105,7 @@ async fn admit(delivery: Delivery, parsed: Result<Admitted, (Header, JobError)>,
         }
         Ok(parsed) => parsed,
     };
-    let header = Header::of_job(&job, cache_key);
+    let header = Header::of_job(&job, &spec, cache_key);
     // Past its deadline (say after hours in the stream): answered now, never batched.
     if let Some(err) = admission::late(&job, delivery.age(), std::time::SystemTime::now()) {
         let mut header = header;
@@ -148,7 +148,7 @@ async fn elsewhere(header: &Header, error: &JobError, ctx: &Ctx) -> Option<JobEr
 /// Decodes and validates a delivery; on failure, the header of the error result.
 fn parse(d: &Delivery, repository: &Repository, limits: &Limits, prefix: &str) -> Result<Admitted, (Header, JobError)> {
     let (model, level) = d.subject_job(prefix);
-    let mut env = job::decode(&d.payload, d.header("Content-Type"), model, limits).map_err(|r| {
+    let mut env = job::decode(&d.payload, d.header("Content-Type"), &model, limits).map_err(|r| {
         let header = Header::of_parts(r.id, r.model.unwrap_or_default(), r.kind.unwrap_or_default(), r.encoding, None);
         (header, r.error)
     })?;

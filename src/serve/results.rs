@@ -209,6 +209,7 @@ async fn publish_result(ctx: &Ctx, h: &Header, hash: &str, answer: Result<Output
         cached: h.cached,
         worker: ctx.worker.clone(),
         timing: h.timing.clone(),
+        provenance: h.provenance.clone(),
     };
     patiently(ctx, "result", |retry| ctx.publisher.result(&result, h.encoding, hash, h.reply_to.as_deref(), retry)).await
 }

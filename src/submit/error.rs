@@ -14,10 +14,17 @@ pub enum SubmitError {
     Incomplete { missing: usize, secs: u64 },
     #[error("{n} job(s) not queued and not answered: their ids were used by other jobs within the jobs stream's duplicate window ({ids}); give them new ids")]
     Duplicates { n: usize, ids: String },
-    #[error("{0}; pass --allow-errors to exit 0 anyway")]
-    JobsFailed(String),
+    #[error("{0} job(s) answered with an error; pass --allow-errors to exit 0 anyway")]
+    JobsFailed(usize),
     #[error("interrupted: {written} result(s) written; {queued} job(s) stay queued and are still computed — run the same command again to collect their results, or `jetbatch cancel` with the same input to drop them{}", unsure_note(*.unsure))]
     Interrupted { written: usize, queued: usize, unsure: usize },
+}
+
+impl SubmitError {
+    /// The exit status: 130 for an interrupt (as shells report Ctrl-C), else 1.
+    pub fn exit_code(&self) -> u8 {
+        if matches!(self, SubmitError::Interrupted { .. }) { 130 } else { 1 }
+    }
 }
 
 /// The Ctrl-C message's word on duplicates that this account could not look up in the queue.

@@ -142,7 +142,7 @@ mod tests {
     #[test]
     fn a_result_answers_our_job_only_under_its_id_and_its_job_hash() {
         let result = |id: &str| {
-            let r = JobResult { id: id.into(), model: "m".into(), kind: "tensor".into(), status: Status::Ok, output: None, error: None, cached: false, worker: "w".into(), timing: Timing::default() };
+            let r = JobResult { id: id.into(), model: "m".into(), kind: "tensor".into(), status: Status::Ok, output: None, error: None, cached: false, worker: "w".into(), timing: Timing::default(), provenance: None };
             Encoding::Json.encode(&r)
         };
         let mut headers = HeaderMap::new();

@@ -3,14 +3,16 @@
 //! Resumable: ids already in the output file are skipped, jobs are published with `Nats-Msg-Id`
 //! (JetStream drops a re-published id inside the duplicate window), and results that reached the
 //! results stream while this process was down are fetched from it by subject. `jetbatch cancel`
-//! drops the queued jobs of an input file.
+//! drops the queued jobs of an input file, or of a run id (`<run id>.…`, as the Python client and
+//! the lm-eval backend name their jobs).
 //!
 //! Here: the two commands, reading the input and the output file, and `run_jobs` (publish, then
 //! collect). Beside it: `lookup` (what the streams hold under a job's id: stored answers, queued
-//! jobs, duplicates sorted out) and `error`.
+//! jobs, duplicates sorted out), `progress` (plain progress lines off a terminal) and `error`.
 
 mod error;
 mod lookup;
+mod progress;
 
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
@@ -383,12 +385,6 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
     let client = crate::bus::connect(&args.nats, "jetbatch-submit").await?;
     let js = args.subjects.jetstream(&client);
     let max_payload = client.server_info().max_payload;
-    if max_payload < crate::config::DEFAULT_MAX_PAYLOAD_BYTES {
-        eprintln!(
-            "warning: the server's max_payload is {max_payload} bytes, below the {} bytes a worker accepts by default: larger jobs are refused by the server",
-            crate::config::DEFAULT_MAX_PAYLOAD_BYTES
-        );
-    }
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -405,16 +401,28 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
         if bad.len() > BAD_LINES_SHOWN {
             eprintln!("… and {} more", bad.len() - BAD_LINES_SHOWN);
         }
+        // Said where it matters (a line over it), not on every run.
+        if max_payload < crate::config::DEFAULT_MAX_PAYLOAD_BYTES && bad.iter().any(|b| b.contains("max_payload")) {
+            eprintln!(
+                "note: the server's max_payload is {max_payload} bytes, below the {} bytes a worker accepts by default (nats-server's max_payload setting)",
+                crate::config::DEFAULT_MAX_PAYLOAD_BYTES
+            );
+        }
         return Err(SubmitError::Input(format!("{} bad line(s) in {}; nothing was submitted", bad.len(), args.input.display())));
     }
     let todo = jobs.len();
-    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(todo as u64) };
+    // Not a terminal (CI, a log): plain lines instead of the bar, which would draw nothing there.
+    let plain = (!args.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        eprintln!("submitting {todo} job(s) from {}", args.input.display());
+        std::cell::RefCell::new(progress::PlainProgress::new(todo, std::time::Instant::now()))
+    });
+    let bar = if args.quiet || plain.is_some() { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(todo as u64) };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} results  {per_sec}  eta {eta}").expect("valid template"),
     );
     // Drawn at once (0/N) and kept alive while nothing arrives.
     bar.enable_steady_tick(Duration::from_millis(250));
-    let say = |line: String| if args.quiet { eprintln!("{line}") } else { bar.println(line) };
+    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     if !previous.last_ok.is_empty() {
         let retried = if args.retry_errors { format!(" ({} errored, submitted again)", jobs.iter().filter(|j| j.id.contains(":retry-")).count()) } else { String::new() };
         say(format!("{} job(s) already answered in {}{retried}; submitting {todo}", previous.last_ok.len(), args.output.display()));
@@ -449,6 +457,9 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
         }
         out.write_all(b"\n")?;
         bar.inc(1);
+        if let Some(line) = plain.as_ref().and_then(|p| p.borrow_mut().on_result(bar.position() as usize, std::time::Instant::now())) {
+            eprintln!("{line}");
+        }
         Ok(())
     }, |notice| {
         match &notice {
@@ -483,30 +494,47 @@ pub async fn submit(args: SubmitArgs) -> Result<usize, SubmitError> {
         return Err(SubmitError::Duplicates { ids, n: dropped.len() });
     }
     if summary.failed() > 0 && !args.allow_errors {
-        return Err(SubmitError::JobsFailed(summary.to_string()));
+        // The summary line above says which.
+        return Err(SubmitError::JobsFailed(summary.failed()));
     }
     Ok(todo)
 }
 
-/// The `cancel` command: deletes the queued jobs of the input file from the jobs stream. Jobs a
-/// worker has taken finish and are answered. Needs the right to read and delete messages of the
-/// jobs stream (`$JS.API.STREAM.MSG.GET`/`DELETE`).
+/// The `cancel` command: deletes the queued jobs of the input file (or, with `--run-id`, those
+/// whose id is under `<run id>.`) from the jobs stream. Jobs a worker has taken finish and are
+/// answered. Needs the right to read and delete messages of the jobs stream
+/// (`$JS.API.STREAM.MSG.GET`/`DELETE`).
 pub async fn cancel(args: CancelArgs) -> Result<usize, SubmitError> {
     let topology = args.subjects.topology();
-    let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
-    } else {
-        Box::new(std::io::BufReader::new(std::fs::File::open(&args.input)?))
+    let (ids, what) = match (&args.input, &args.run_id) {
+        (Some(input), None) => {
+            let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin()))
+            } else {
+                Box::new(std::io::BufReader::new(std::fs::File::open(input)?))
+            };
+            let (jobs, bad, _) = read_jobs(reader, usize::MAX, &Previous::default(), false)?;
+            if let Some(first) = bad.first() {
+                return Err(SubmitError::Input(format!("{first} ({} bad line(s))", bad.len())));
+            }
+            let ids: HashSet<String> = jobs.into_iter().map(|j| j.id).collect();
+            let what = format!("of {} in {}", ids.len(), input.display());
+            (Some(ids), what)
+        }
+        (None, Some(run_id)) if valid_job_id(run_id) => (None, format!("of run {run_id}")),
+        (None, Some(run_id)) => return Err(SubmitError::Input(format!("--run-id: '{}' is not a job id prefix", crate::error::excerpt(run_id)))),
+        _ => return Err(SubmitError::Input("give --input or --run-id".into())),
     };
-    let (jobs, bad, _) = read_jobs(reader, usize::MAX, &Previous::default(), false)?;
-    if let Some(first) = bad.first() {
-        return Err(SubmitError::Input(format!("{first} ({} bad line(s))", bad.len())));
-    }
+    let under = args.run_id.as_ref().map(|r| format!("{r}."));
     // Retries of a job (`<id>:retry-<n>`) are its own too.
-    let ids: HashSet<String> = jobs.into_iter().map(|j| j.id).collect();
+    let ours = |id: &str| match (&ids, &under) {
+        (Some(ids), _) => ids.contains(id) || ids.contains(original_id(id).0),
+        (None, Some(under)) => id.starts_with(under.as_str()),
+        (None, None) => false,
+    };
     let client = crate::bus::connect(&args.nats, "jetbatch-cancel").await?;
     let js = args.subjects.jetstream(&client);
-    let queued = queued_jobs(&js, &topology, |id| ids.contains(id) || ids.contains(original_id(id).0)).await?;
+    let queued = queued_jobs(&js, &topology, ours).await?;
     let stream = js.get_stream_no_info(&topology.jobs_stream).await.map_err(|e| SubmitError::Nats(e.to_string()))?;
     let deleted: Vec<bool> = futures::stream::iter(queued)
         .map(|q| stream.delete_message(q.seq))
@@ -515,6 +543,6 @@ pub async fn cancel(args: CancelArgs) -> Result<usize, SubmitError> {
         .await
         .map_err(|e| SubmitError::Nats(e.to_string()))?;
     let n = deleted.into_iter().filter(|d| *d).count();
-    eprintln!("cancelled {n} queued job(s) of {} in {}", ids.len(), args.input.display());
+    eprintln!("cancelled {n} queued job(s) {what}");
     Ok(n)
 }

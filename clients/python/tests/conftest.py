@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -19,6 +20,9 @@ from tiny_lm import write_tiny_llama  # noqa: E402
 MODEL = "tiny-llama"
 # The same weights with a tokenizer that puts <s> in front of every text.
 BOS_MODEL = "tiny-llama-bos"
+# tiny-llama's folder copied under a name with dots, and under a folder whose jetbatch.toml names it.
+DOTTED_MODEL = "Tiny2.5-0.5B-Instruct"
+NAMED_MODEL = "tiny.named-1.0"
 # Small, so truncation and several rolling windows are exercised by short texts.
 MAX_POSITIONS = 64
 CHAT_TEMPLATE = (
@@ -32,6 +36,9 @@ def models(tmp_path_factory) -> pathlib.Path:
     d = tmp_path_factory.mktemp("models")
     write_tiny_llama(d / MODEL, max_positions=MAX_POSITIONS, chat_template=CHAT_TEMPLATE)
     write_tiny_llama(d / BOS_MODEL, max_positions=MAX_POSITIONS, bos_in_template=True)
+    shutil.copytree(d / MODEL, d / DOTTED_MODEL)
+    shutil.copytree(d / MODEL, d / "named-folder")
+    (d / "named-folder" / "jetbatch.toml").write_text(f'backend = "hf"\nname = "{NAMED_MODEL}"\n')
     return d
 
 

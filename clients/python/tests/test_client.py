@@ -14,9 +14,10 @@ import nats
 import pytest
 
 import jetbatch
-from jetbatch import Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, RollingOutput
+from jetbatch import (ChoicesOutput, Client, GenerateOutput, JetbatchTimeout, Job, JobError, LoglikelihoodOutput, Result,
+                      RollingOutput, StreamChunk, TopLogprobs)
 
-from conftest import MODEL
+from conftest import DOTTED_MODEL, MODEL, NAMED_MODEL
 from harness import ROOT, Proc, free_port, nats_server_bin, start_nats, start_worker
 
 PAIRS = [("the quick brown", " fox jumps"), ("a batch of jobs waits ", "on the bus"), ("", "the lazy dog"),
@@ -74,6 +75,99 @@ def test_round_trip_typed_results_in_order(worker, nats_url, models):
     assert isinstance(gen, GenerateOutput) and gen.prompt_tokens == len(tok.encode("the quick")) and len(gen.tokens) <= 8
     assert gen.text == tok.decode(gen.tokens, skip_special_tokens=True)
     assert gen.finish_reason in ("length", "eos", "stop")
+
+
+def test_choices_are_typed_and_each_equals_its_one_continuation_job(worker, nats_url, models):
+    context, choices = "the quick brown", [" fox", " dog jumps", " cat"]
+    jobs = [Job.choices(MODEL, context, choices, params={"top_logprobs": 3})]
+    jobs += [Job.loglikelihood(MODEL, context, x, params={"top_logprobs": 3}) for x in choices]
+    results = run(collect(nats_url, jobs, ordered=True))
+    out = results[0].output
+    assert isinstance(out, ChoicesOutput) and len(out) == 3
+    singles = [r.output for r in results[1:]]
+    assert all(isinstance(s, LoglikelihoodOutput) for s in singles)
+    for i, (choice, single) in enumerate(zip(out, singles)):
+        assert choice.tokens == single.tokens and choice.is_greedy == single.is_greedy
+        assert math.isclose(choice.logprob, single.logprob, rel_tol=1e-5, abs_tol=1e-5)
+        want, n = reference_logprob(models, context, choices[i])
+        assert n == choice.tokens and math.isclose(choice.logprob, want, rel_tol=1e-4, abs_tol=1e-4)
+        assert len(choice.top_logprobs) == choice.tokens == len(single.top_logprobs)
+        assert [t.ids for t in choice.top_logprobs] == [t.ids for t in single.top_logprobs]
+    assert out.best == max(range(3), key=lambda i: out.logprobs[i])
+    tok = tokenizer(models)
+    for top in out[1].top_logprobs:
+        assert isinstance(top, TopLogprobs) and len(top.ids) == len(top.tokens) == len(top.logprobs) == 3
+        assert top.logprobs == sorted(top.logprobs, reverse=True) and all(lp <= 0 for lp in top.logprobs)
+        assert top.tokens == [tok.decode([i]) for i in top.ids]
+
+
+def test_generate_top_logprobs_are_typed_and_the_greedy_token_leads(worker, nats_url):
+    [r] = run(collect(nats_url, [Job.generate(MODEL, "the quick", {"max_new_tokens": 6, "top_logprobs": 2})]))
+    out = r.output
+    assert isinstance(out, GenerateOutput) and len(out.top_logprobs) == len(out.tokens) > 0
+    assert all(isinstance(t, TopLogprobs) and len(t.ids) == 2 for t in out.top_logprobs)
+    assert [t.ids[0] for t in out.top_logprobs] == out.tokens  # greedy: each token is the most likely
+
+
+def test_a_streamed_generation_yields_typed_chunks_then_its_result(worker, nats_url):
+    job = Job.generate(MODEL, "a batch of jobs", {"max_new_tokens": 8, "stop_token_ids": []})
+
+    async def go():
+        async with Client(nats_url) as c:
+            return [x async for x in c.stream(job)]
+
+    *chunks, result = run(go())
+    assert isinstance(result, Result) and result.ok and not result.cached and len(result.output.tokens) == 8
+    assert len(chunks) > 1 and all(isinstance(c, StreamChunk) and c.id == result.id for c in chunks)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    rest = iter(result.output.tokens)
+    assert all(c.token in rest for c in chunks)  # each chunk's newest token, in the result's order
+    assert "".join(c.text for c in chunks) == result.output.text
+    # Again under a fresh run id: the worker's cache answers, as one chunk with the whole text.
+    *chunks, again = run(go())
+    assert again.cached and again.output == result.output
+    assert [(c.index, c.text) for c in chunks] == [(0, result.output.text)]
+    with pytest.raises(ValueError, match="kind"):
+        run(anext_of(Client(nats_url).stream(Job.loglikelihood(MODEL, "a", " b"))))
+
+
+async def anext_of(it):
+    return await it.__anext__()
+
+
+def test_model_names_with_dots_and_a_name_key_are_served(worker, nats_url):
+    context, continuation = "the quick brown", " fox"
+    jobs = [Job.loglikelihood(m, context, continuation) for m in (MODEL, DOTTED_MODEL, NAMED_MODEL, "Absent2.5-1B")]
+    plain, dotted, named, absent = run(collect(nats_url, jobs, ordered=True))
+    assert dotted.ok and dotted.model == DOTTED_MODEL and dotted.output == plain.output
+    assert named.ok and named.model == NAMED_MODEL and named.output == plain.output
+    # Not served: answered unknown_model, not refused for its subject.
+    assert absent.error.code == "unknown_model" and "Absent2.5-1B" in absent.error.message
+    assert jetbatch.Topology().jobs_subject(DOTTED_MODEL, "low") == "jetbatch.jobs.Tiny2%2E5-0%2E5B-Instruct.low"
+
+
+def test_results_carry_their_provenance_and_the_prompt_a_chat_template_rendered(worker, nats_url):
+    import tomllib
+
+    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["package"]["version"]
+    chat = [{"role": "user", "content": "the quick brown"}]
+    jobs = [Job.loglikelihood(MODEL, "the quick brown", " fox"), Job(MODEL, "loglikelihood", {"messages": chat, "continuation": " fox"}),
+            Job(MODEL, "generate", {"messages": chat}, {"max_new_tokens": 2}), Job.loglikelihood(DOTTED_MODEL, "a", " b"),
+            Job.loglikelihood("absent-model", "a", " b")]
+    plain, scored, generated, dotted, absent = run(collect(nats_url, jobs, ordered=True, encoding="json"))
+    p = plain.provenance
+    assert (p.dtype, p.device, p.jetbatch, p.chat_template) == ("f32", "cpu", version, None)
+    assert len(p.model_fingerprint) == 16 and int(p.model_fingerprint, 16) >= 0
+    # The worker rendered the conversation (conftest's CHAT_TEMPLATE) and says what it scored.
+    rendered = "<|user|>the quick brown\n<|assistant|>"
+    assert scored.provenance.chat_template.prompt == generated.provenance.chat_template.prompt == rendered
+    assert scored.provenance.chat_template.template_hash == generated.provenance.chat_template.template_hash
+    # Scoring the messages is scoring the text they render to.
+    [as_text] = run(collect(nats_url, [Job.loglikelihood(MODEL, rendered, " fox")]))
+    assert scored.output == as_text.output
+    # A copy of the folder under another name is the same weights: the same fingerprint.
+    assert dotted.provenance.model_fingerprint == p.model_fingerprint
+    assert absent.error.code == "unknown_model" and absent.provenance is None
 
 
 def test_unordered_yields_each_position_once_and_json_equals_msgpack(worker, nats_url):
@@ -251,7 +345,9 @@ def test_a_job_past_its_deadline_is_answered_timeout(worker, nats_url):
 
 def test_invalid_jobs_are_refused_before_publishing():
     with pytest.raises(ValueError, match="model"):
-        Job.loglikelihood("a.b", "x", "y")
+        Job.loglikelihood(".hidden", "x", "y")
+    with pytest.raises(ValueError, match="model"):
+        Job.loglikelihood("a/b", "x", "y")
     with pytest.raises(ValueError, match="reply_to"):
         Job.from_dict({"model": MODEL, "kind": "embed", "input": {"text": "x"}, "reply_to": "_INBOX.x"})
     with pytest.raises(ValueError, match="run_id"):

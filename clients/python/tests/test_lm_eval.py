@@ -122,12 +122,126 @@ def test_chat_template_rendered_from_the_tokenizer_equals_hf(worker, nats_url, m
     assert "<|assistant|>" in want["samples"]["jb_gen"][0]["arguments"][0][0]
 
 
+def test_chat_template_rendered_by_the_worker_equals_hf_without_a_local_tokenizer(worker, nats_url, models, jetbatch_lm):
+    tasks = ["jb_mc", "jb_gen"]
+    want = evaluate("hf", tasks, model_args=f"pretrained={models / MODEL},dtype=float32", device="cpu", batch_size=4,
+                    apply_chat_template=True, limit=4)
+    lm = jetbatch_lm(nats_url)
+    got = evaluate(lm, tasks, apply_chat_template=True, limit=4)
+    # The samples too: the prompts the worker rendered are in them, as the HF backend's are.
+    assert_same_evaluation(got, want, tasks)
+    assert "<|assistant|>" in got["samples"]["jb_mc"][0]["arguments"][0][0]
+    pool = got["config"]["jetbatch"]
+    assert pool["one_model"] and len(pool["model_fingerprint"]) == 1 and pool["dtype"] == ["f32"]
+    assert pool["device"] == ["cpu"] and pool["worker"] == ["py-tests"] and len(pool["chat_template_hash"]) == 1
+
+
 def test_without_a_tokenizer_chat_messages_go_to_the_worker(nats_url, jetbatch_lm):
     lm = jetbatch_lm(nats_url)
     history = [{"role": "user", "content": "the quick, brown fox"}]
     assert lm._prompt(lm.apply_chat_template(history)) == {"messages": history}
+    assert lm._context(lm.apply_chat_template(history)) == {"messages": history}
     with pytest.raises(ValueError, match="tokenizer"):
-        lm._plain(lm.apply_chat_template(history), "loglikelihood")
+        lm._plain(lm.apply_chat_template(history), "loglikelihood_rolling")
+
+
+def test_two_weights_under_one_name_are_visible_in_the_results_config(caplog):
+    from jetbatch import Provenance, Result, Timing
+    from jetbatch.lm_eval import _Provenance
+
+    seen = _Provenance()
+    for i, fingerprint in enumerate(["aaaa", "aaaa", "bbbb"]):
+        p = Provenance(fingerprint, "f32", "cpu" if i else "cuda:0", "0.1.0")
+        seen.add(Result(f"j{i}", MODEL, "loglikelihood", "ok", False, f"w{i}", Timing(0, 0, 1), provenance=p))
+    info = seen.info(MODEL)
+    assert not info["one_model"] and info["model_fingerprint"] == ["aaaa", "bbbb"]
+    assert info["device"] == ["cpu", "cuda:0"] and info["worker"] == ["w0", "w1", "w2"]
+    assert "different weights" in caplog.text and caplog.text.count("different weights") == 1
+
+
+def test_a_model_the_pool_does_not_serve_is_refused_at_start_with_a_suggestion(worker, nats_url):
+    with pytest.raises(ValueError, match="'tiny-lama' is not served by the pool .*did you mean 'tiny-llama'"):
+        JetbatchLM(model="tiny-lama", nats_url=nats_url, progress=False)
+
+
+def test_the_command_names_a_model_the_pool_does_not_serve_in_one_line(worker, nats_url, tmp_path):
+    command = pathlib.Path(sys.executable).parent / "lm-eval-jetbatch"
+    out = subprocess.run(
+        [str(command), "run", "--model", "jetbatch", "--model_args", f"model=tiny-lama,nats_url={nats_url}",
+         "--tasks", "jb_mc", "--include_path", str(TASKS_DIR), "--output_path", str(tmp_path)],
+        cwd=TASKS_DIR, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: model: 'tiny-lama' is not served by the pool" in out.stderr and "did you mean 'tiny-llama'" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_an_interrupted_call_cancels_its_queued_jobs(tmp_path, caplog):
+    import asyncio
+
+    import nats
+    from lm_eval.api.instance import Instance
+
+    from harness import start_nats
+    from jetbatch import JetbatchTimeout
+
+    server, url = start_nats(tmp_path / "nats")  # and no worker
+    try:
+        lm = JetbatchLM(model=MODEL, nats_url=url, progress=False, idle_timeout=1)
+        assert "no worker answered" in caplog.text
+        requests = [Instance("loglikelihood", {}, ("the quick brown", f" fox {i}"), i) for i in range(5)]
+        with pytest.raises(JetbatchTimeout):
+            lm.loglikelihood(requests)
+        lm.close()
+        assert "cancelled 5 queued job(s)" in caplog.text
+
+        async def queued():
+            nc = await nats.connect(url)
+            try:
+                return (await nc.jetstream().stream_info("JETBATCH_JOBS")).state.messages
+            finally:
+                await nc.close()
+
+        assert asyncio.run(queued()) == 0
+    finally:
+        server.stop()
+
+
+def test_a_ctrl_c_during_a_call_cancels_its_queued_jobs(tmp_path, caplog, monkeypatch):
+    import asyncio
+    import concurrent.futures
+
+    from lm_eval.api.instance import Instance
+
+    from harness import start_nats
+    from jetbatch import SyncClient
+
+    server, url = start_nats(tmp_path / "nats")  # and no worker: the jobs stay queued
+    try:
+        lm = JetbatchLM(model=MODEL, nats_url=url, progress=False)
+        real_call = SyncClient._call
+
+        def ctrl_c_after_2s(self, coro):
+            # The call's coroutine runs on; Ctrl-C reaches the thread waiting for it.
+            monkeypatch.setattr(SyncClient, "_call", real_call)
+            original = concurrent.futures.Future.result
+            monkeypatch.setattr(concurrent.futures.Future, "result",
+                                lambda f, timeout=None: original(f, 2) if timeout is None else original(f, timeout))
+            try:
+                return real_call(self, coro)
+            except concurrent.futures.TimeoutError:
+                raise KeyboardInterrupt
+            finally:
+                monkeypatch.setattr(concurrent.futures.Future, "result", original)
+
+        monkeypatch.setattr(SyncClient, "_call", ctrl_c_after_2s)
+        requests = [Instance("loglikelihood", {}, ("the quick brown", f" fox {i}"), i) for i in range(4)]
+        with pytest.raises(KeyboardInterrupt):
+            lm.loglikelihood(requests)
+        assert "cancelled 4 queued job(s)" in caplog.text
+        assert lm._client.served_models() == {}  # the client still answers after the interrupt
+        lm.close()
+    finally:
+        server.stop()
 
 
 def test_generation_kwargs_map_onto_generate_params(nats_url, jetbatch_lm):
@@ -156,7 +270,11 @@ def test_the_lm_eval_jetbatch_command(worker, nats_url, hf_reference, tmp_path):
         cwd=TASKS_DIR, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     [path] = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
-    assert_same(json.loads(pathlib.Path(path).read_text())["results"]["jb_mc"], hf_reference["results"]["jb_mc"])
+    saved = json.loads(pathlib.Path(path).read_text())
+    assert_same(saved["results"]["jb_mc"], hf_reference["results"]["jb_mc"])
+    # The device the pool ran on, not lm-eval's default cuda:0; and what produced the results.
+    assert saved["config"]["device"] == "cpu"
+    assert saved["config"]["jetbatch"]["dtype"] == ["f32"] and len(saved["config"]["jetbatch"]["model_fingerprint"]) == 1
 
 
 # lm-eval 0.4.13 encodes loglikelihood contexts, rolling texts and generate_until contexts with

@@ -4,6 +4,8 @@
 """
 from .client import Client, JetbatchDuplicateIds, JetbatchError, SyncClient, Topology, derive_id, job_hash, run, split_servers
 from .types import (
+    ChatPrompt,
+    ChoicesOutput,
     ClassifyOutput,
     EmbedOutput,
     GenerateOutput,
@@ -11,15 +13,18 @@ from .types import (
     Job,
     JobError,
     LoglikelihoodOutput,
+    Provenance,
     Result,
+    StreamChunk,
     RollingOutput,
     Tensor,
     TensorOutput,
     Timing,
+    TopLogprobs,
 )
 
 __all__ = [
     "Client", "SyncClient", "run", "Topology", "JetbatchError", "JetbatchDuplicateIds", "JetbatchTimeout", "Job", "JobError", "Result",
-    "Timing", "LoglikelihoodOutput", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
+    "Timing", "LoglikelihoodOutput", "ChoicesOutput", "TopLogprobs", "StreamChunk", "Provenance", "ChatPrompt", "RollingOutput", "GenerateOutput", "EmbedOutput", "ClassifyOutput", "Tensor",
     "TensorOutput", "derive_id", "job_hash", "split_servers",
 ]

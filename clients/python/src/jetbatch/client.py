@@ -12,6 +12,7 @@ waited for (`JetbatchDuplicateIds` once the other jobs are in).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import nats
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .types import JetbatchTimeout, Job, Result, valid_job_id
+from .types import JetbatchTimeout, Job, Result, StreamChunk, model_token, valid_job_id
 
 log = logging.getLogger("jetbatch")
 
@@ -38,6 +39,13 @@ PRIORITIES = ("high", "normal", "low")
 # Quiet time after which the consumer's state is reported, as `jetbatch submit` does.
 STALL_REPORT_S = 4.0
 POLL_S = 2.0
+# How long a streamed job's last chunks are waited for once its result is in.
+CHUNK_GRACE_S = 2.0
+# Seconds without any result before `JetbatchTimeout` (the lm-eval backend's default too).
+IDLE_TIMEOUT_S = 300.0
+# The workers' service name (`$SRV.INFO.jetbatch` finds them) and how long discovery listens.
+SERVICE = "jetbatch"
+DISCOVERY_S = 0.5
 
 
 class JetbatchError(Exception):
@@ -100,8 +108,9 @@ class Topology:
     results_max_age_s: float = 24 * 3600.0
 
     def jobs_subject(self, model: str, priority: str = "normal") -> str:
-        """`<prefix>.jobs.<model>` for normal jobs, with `.high` or `.low` after it for the others."""
-        return f"{self.prefix}.jobs.{model}" + ("" if priority == "normal" else f".{priority}")
+        """`<prefix>.jobs.<model token>` for normal jobs, with `.high` or `.low` after it for the
+        others; a dot in the model's name is written `%2E` there."""
+        return f"{self.prefix}.jobs.{model_token(model)}" + ("" if priority == "normal" else f".{priority}")
 
     def consumer_of(self, priority: str) -> str:
         """The workers' durable consumer of a priority level."""
@@ -180,7 +189,7 @@ class Client:
         topology: Topology = Topology(),
         encoding: str = "msgpack",
         max_inflight: int = 1024,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = IDLE_TIMEOUT_S,
         progress: bool = False,
         connect_options: Optional[dict] = None,
     ):
@@ -364,6 +373,57 @@ class Client:
             f"{name}: {i.num_waiting} pull request(s) waiting, {i.num_pending} job(s) pending, {i.num_ack_pending} being worked on"
             for name, i in infos)
 
+    async def served_models(self, window: float = DISCOVERY_S) -> dict[str, list[str]]:
+        """Model name -> the workers serving it, as the workers of this prefix answer `info`
+        (`jetbatch pool list`) within `window` seconds. Empty when no worker answered."""
+        await self.connect()
+        inbox = self._nc.new_inbox()
+        found: list[dict] = []
+
+        async def on_instance(msg):
+            try:
+                found.append(json.loads(msg.data))
+            except ValueError:
+                pass  # another service framework's reply
+
+        sub = await self._nc.subscribe(inbox, cb=on_instance)
+        try:
+            await self._nc.publish(f"$SRV.INFO.{SERVICE}", b"", reply=inbox)
+            await asyncio.sleep(window)
+        finally:
+            await sub.unsubscribe()
+        served: dict[str, list[str]] = {}
+        for instance in found:
+            meta = instance.get("metadata") or {}
+            if meta.get("prefix") != self.topology.prefix or not meta.get("endpoints"):
+                continue
+            try:
+                info = json.loads((await self._nc.request(f"{meta['endpoints']}.info", b"{}", timeout=10)).data)
+            except Exception as e:  # a worker that went away meanwhile
+                log.warning("worker %s: info not answered (%s)", meta.get("worker"), e)
+                continue
+            for m in info.get("models", []):
+                served.setdefault(m["name"], []).append(info.get("worker", ""))
+        return served
+
+    async def cancel(self, job_ids: Iterable[str]) -> int:
+        """Deletes the jobs under these ids still queued in the jobs stream (not those a worker
+        has taken: they finish); returns how many. Needs `$JS.API.STREAM.MSG.GET` and `DELETE` on
+        the jobs stream (`jetbatch cancel` does the same)."""
+        await self.connect()
+        ids = set(job_ids)
+        js = self._js()
+        state = (await js.stream_info(self.topology.jobs_stream)).state
+        deleted = 0
+        for seq in range(state.first_seq, state.last_seq + 1):
+            try:
+                m = await js.get_msg(self.topology.jobs_stream, seq=seq)
+                if (m.headers or {}).get("Nats-Msg-Id") in ids and await js.delete_msg(self.topology.jobs_stream, seq):
+                    deleted += 1
+            except NotFoundError:
+                continue  # taken and acked meanwhile, or deleted
+        return deleted
+
     async def submit(
         self,
         jobs: Iterable[Union[Job, dict]],
@@ -394,15 +454,17 @@ class Client:
         await self.ensure_streams()
         by_id = {p.id: p for p in pending}
         t = self.topology
-        # Derived ids all live under the run id: listen there only, not to every producer's results.
-        own_subtree = all(p.id.startswith(run_id + ".") for p in pending)
+        # Derived ids all live under the run id (and given ids often under one prefix): listen
+        # there only, not to every producer's results.
+        parents = {p.id.rpartition(".")[0] for p in pending}
+        parent = parents.pop() if len(parents) == 1 else ""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def on_msg(msg):
             queue.put_nowait(msg)
 
         sub = await self._nc.subscribe(
-            f"{t.prefix}.results.{run_id}.>" if own_subtree else f"{t.prefix}.results.>",
+            f"{t.prefix}.results.{parent}.>" if parent else f"{t.prefix}.results.>",
             cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         await self._nc.flush()
         bar = _progress_bar(total) if (self.progress if progress is None else progress) else None
@@ -532,6 +594,58 @@ class Client:
         except asyncio.TimeoutError as e:
             raise JetbatchError("the jobs stream did not acknowledge published jobs within 30 s") from e
 
+    async def stream(self, job: Union[Job, dict], **kw) -> AsyncIterator[Union[StreamChunk, Result]]:
+        """One `generate` job, streamed (`params.stream` is set): yields its `StreamChunk`s as the
+        worker sends them, then its `Result` (an answer from the worker's cache streams as one chunk;
+        one read back from the results stream, or an error, comes alone). `kw` as for `submit`."""
+        if isinstance(job, dict):
+            job = Job.from_dict(job)
+        if job.kind != "generate":
+            raise ValueError(f"kind: only generate jobs stream, not {job.kind}")
+        job = dataclasses.replace(job, params={**(job.params or {}), "stream": True})
+        run_id = kw.get("run_id") or self.run_id
+        if run_id is None:
+            kw["run_id"] = run_id = uuid.uuid4().hex
+        job_id = derive_id(job, run_id)
+        await self.connect()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def on_chunk(msg):
+            queue.put_nowait(_decode(msg.data))
+
+        async def collect():
+            async for r in self.submit([job], **kw):
+                queue.put_nowait(r)
+
+        sub = await self._nc.subscribe(f"{self.topology.prefix}.stream.{job_id}", cb=on_chunk)
+        await self._nc.flush()
+        task = asyncio.create_task(collect())
+        result: Optional[Result] = None
+        done = False
+        try:
+            # Chunks come before the result, but on another subscription, whose order nats-py does
+            # not keep: the result may overtake the last chunks by a little.
+            while result is None or not (done or result.resumed or not result.ok):
+                try:
+                    item = await asyncio.wait_for(queue.get(), POLL_S if result is None else CHUNK_GRACE_S)
+                except asyncio.TimeoutError:
+                    if result is not None:
+                        break
+                    if task.done():
+                        task.result()  # submit's error, if it failed
+                        raise JetbatchError(f"job {job_id}: the call ended without its result")
+                    continue
+                if isinstance(item, Result):
+                    result = item
+                elif item.get("done"):
+                    done = True
+                else:
+                    yield StreamChunk(item["id"], item["index"], item["text"], item["token"])
+            yield result
+        finally:
+            task.cancel()
+            await sub.unsubscribe()
+
     async def run(self, jobs: Iterable[Union[Job, dict]], **kw) -> list[Result]:
         """All results, in input order (see `submit` for the options)."""
         kw["ordered"] = True
@@ -587,10 +701,23 @@ class SyncClient:
         self.client = Client(*args, **kw)
 
     def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted here (Ctrl-C): the call stops in the loop's thread too.
+            future.cancel()
+            raise
 
     def run(self, jobs: Iterable[Union[Job, dict]], **kw) -> list[Result]:
         return self._call(self.client.run(jobs, **kw))
+
+    def served_models(self, timeout: float = 10.0, **kw) -> dict[str, list[str]]:
+        """`Client.served_models`, connecting included, within `timeout` seconds."""
+        return self._call(asyncio.wait_for(self.client.served_models(**kw), timeout))
+
+    def cancel(self, job_ids: Iterable[str]) -> int:
+        return self._call(self.client.cancel(job_ids))
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -6,15 +6,21 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 # schemas/job.schema.json: `id` and `model`.
 JOB_ID = re.compile(r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+MODEL_NAME_RULE = "1-64 of [A-Za-z0-9_.-], not starting with '.'"
 MAX_ID_LEN = 256
 
 KINDS = ("tensor", "generate", "loglikelihood", "loglikelihood_rolling", "embed", "classify")
 ERROR_CODES = ("bad_request", "unknown_model", "unsupported_kind", "model_error", "out_of_memory", "timeout")
+
+
+def model_token(model: str) -> str:
+    """The model's subject token: a dot is written `%2E` (dots separate subject tokens)."""
+    return model.replace(".", "%2E")
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -59,7 +65,7 @@ class Job:
 
     def __post_init__(self):
         if not MODEL_NAME.match(self.model):
-            raise ValueError(f"model: {self.model!r} is not a model name ([A-Za-z0-9_-]{{1,64}})")
+            raise ValueError(f"model: {self.model!r} is not a model name ({MODEL_NAME_RULE})")
         if self.kind not in KINDS:
             raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.id is not None and not valid_job_id(self.id):
@@ -83,6 +89,12 @@ class Job:
     @classmethod
     def loglikelihood(cls, model: str, context: str, continuation: str, **kw) -> "Job":
         return cls(model, "loglikelihood", {"context": context, "continuation": continuation}, **kw)
+
+    @classmethod
+    def choices(cls, model: str, context: str, continuations: Sequence[str], **kw) -> "Job":
+        """A multiple-choice question in one job: each continuation is scored as
+        `Job.loglikelihood(model, context, continuation)` would be; the output is a `ChoicesOutput`."""
+        return cls(model, "loglikelihood", {"context": context, "continuations": list(continuations)}, **kw)
 
     @classmethod
     def loglikelihood_rolling(cls, model: str, text: str, **kw) -> "Job":
@@ -152,10 +164,52 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class TopLogprobs:
+    """The k most likely tokens at one position, most likely first (`params.top_logprobs`)."""
+
+    ids: list
+    tokens: list
+    logprobs: list
+
+
+def _top(entries: list) -> list:
+    return [TopLogprobs(e["ids"], e["tokens"], [_float(x) for x in e["logprobs"]]) for e in entries]
+
+
+@dataclass(frozen=True)
 class LoglikelihoodOutput:
     logprob: float
     is_greedy: bool
     tokens: int
+    # With params.top_logprobs: one entry per continuation token.
+    top_logprobs: Optional[list] = None
+
+
+@dataclass(frozen=True)
+class ChoicesOutput:
+    """A `loglikelihood` job with `continuations`: one value per choice, in the job's order."""
+
+    logprobs: list
+    tokens: list
+    is_greedy: list
+    # With params.top_logprobs: per choice, one `TopLogprobs` per continuation token.
+    top_logprobs: Optional[list] = None
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def __getitem__(self, i: int) -> LoglikelihoodOutput:
+        """Choice `i` as the job with that one continuation would have answered it."""
+        top = None if self.top_logprobs is None else self.top_logprobs[i]
+        return LoglikelihoodOutput(self.logprobs[i], self.is_greedy[i], self.tokens[i], top)
+
+    def __iter__(self) -> Iterator[LoglikelihoodOutput]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def best(self) -> int:
+        """The index of the most likely choice (the first of equals), as lm-eval's `acc` picks it."""
+        return max(range(len(self.logprobs)), key=lambda i: (self.logprobs[i], -i))
 
 
 @dataclass(frozen=True)
@@ -170,6 +224,8 @@ class GenerateOutput:
     tokens: list
     finish_reason: str
     prompt_tokens: int
+    # With params.top_logprobs: one entry per generated token.
+    top_logprobs: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -200,17 +256,31 @@ class TensorOutput:
     outputs: list
 
 
-Output = Union[LoglikelihoodOutput, RollingOutput, GenerateOutput, EmbedOutput, ClassifyOutput, TensorOutput]
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of a streamed `generate` result (schemas/stream-chunk.schema.json): the chunks'
+    texts, in `index` order, concatenate to the result's text. A chunk is sent when the text
+    grows (a token may add no whole character), and `token` is the newest token it covers."""
+
+    id: str
+    index: int
+    text: str
+    token: int
+
+
+Output = Union[LoglikelihoodOutput, ChoicesOutput, RollingOutput, GenerateOutput, EmbedOutput, ClassifyOutput, TensorOutput]
 
 
 def _output(kind: str, d: dict) -> Output:
     floats = lambda xs: [_float(x) for x in xs]  # noqa: E731
+    if kind == "loglikelihood" and "logprobs" in d:
+        return _pick(ChoicesOutput, d, logprobs=floats, top_logprobs=lambda per: [_top(e) for e in per])
     if kind == "loglikelihood":
-        return _pick(LoglikelihoodOutput, d, logprob=_float)
+        return _pick(LoglikelihoodOutput, d, logprob=_float, top_logprobs=_top)
     if kind == "loglikelihood_rolling":
         return _pick(RollingOutput, d, logprob=_float)
     if kind == "generate":
-        return _pick(GenerateOutput, d)
+        return _pick(GenerateOutput, d, top_logprobs=_top)
     if kind == "embed":
         return _pick(EmbedOutput, d, embedding=floats)
     if kind == "classify":
@@ -218,6 +288,31 @@ def _output(kind: str, d: dict) -> Output:
     if kind == "tensor":
         return TensorOutput([_pick(Tensor, t) for t in d["outputs"]])
     raise ValueError(f"kind: {kind!r} is not a known job kind")
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A job's `messages` as the model's chat template rendered them."""
+
+    template_hash: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a result: the model folder's fingerprint (other weights, another value), its
+    dtype and device, the worker's version, and where the job sent `messages`, the chat template's
+    hash and the prompt it rendered."""
+
+    model_fingerprint: str
+    dtype: str
+    device: str
+    jetbatch: str
+    chat_template: Optional[ChatPrompt] = None
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Provenance":
+        return _pick(cls, d, chat_template=lambda c: _pick(ChatPrompt, c))
 
 
 @dataclass(frozen=True)
@@ -236,6 +331,8 @@ class Result:
     resumed: bool = False
     error: Optional[JobError] = None
     raw_output: Optional[dict] = field(default=None, repr=False)
+    # Absent where the job named no model the worker serves (and from workers before provenance).
+    provenance: Optional[Provenance] = None
 
     @property
     def ok(self) -> bool:
@@ -256,4 +353,5 @@ class Result:
             id=d["id"], model=d["model"], kind=d["kind"], status=d["status"], cached=bool(d["cached"]),
             worker=d["worker"], timing=_pick(Timing, d["timing"]), index=index, resumed=resumed,
             error=error, raw_output=d.get("output"),
+            provenance=Provenance.from_wire(d["provenance"]) if d.get("provenance") else None,
         )
