@@ -123,6 +123,12 @@ pub struct BatchStats {
     /// Tokens its `generate` jobs generated.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generated_tokens: u64,
+    /// Prefix tokens (contexts, prompts) looked up in its prefix cache, and found there (not
+    /// recomputed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefix_lookup_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefix_hit_tokens: u64,
 }
 
 /// Cache lookups of this worker since it started.

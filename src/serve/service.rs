@@ -127,8 +127,15 @@ impl Control {
                 let model = metric.get_label().iter().find(|l| l.name() == "model").map_or("", |l| l.value()).to_string();
                 let h = metric.get_histogram();
                 let n = h.get_sample_count();
-                let generated_tokens = m.generated_tokens_total.with_label_values(&[&model]).get();
-                batches.insert(model, BatchStats { batches: n, mean_size: if n == 0 { 0.0 } else { h.get_sample_sum() / n as f64 }, generated_tokens });
+                let get = |c: &prometheus::IntCounterVec| c.with_label_values(&[&model]).get();
+                let stats = BatchStats {
+                    batches: n,
+                    mean_size: if n == 0 { 0.0 } else { h.get_sample_sum() / n as f64 },
+                    generated_tokens: get(&m.generated_tokens_total),
+                    prefix_lookup_tokens: get(&m.prefix_lookup_tokens_total),
+                    prefix_hit_tokens: get(&m.prefix_hit_tokens_total),
+                };
+                batches.insert(model, stats);
             }
         }
         let (queued, queued_left) = fit(self.ctx.queues.snapshot(), budget / 2);
