@@ -49,10 +49,14 @@ impl Answer {
 
 impl Gateway {
     async fn start(h: &Harness, extra: &[&str]) -> Gateway {
+        Gateway::start_on(&h.url(), h.dir.path(), extra).await
+    }
+
+    async fn start_on(url: &str, dir: &std::path::Path, extra: &[&str]) -> Gateway {
         let port = free_port();
-        let log = h.dir.path().join(format!("gateway-{port}.log"));
+        let log = dir.join(format!("gateway-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
-            .args(["gateway", "--nats-url", &h.url(), "--addr", &format!("127.0.0.1:{port}"), "--api-keys", KEY, "--models-ttl-secs", "1"])
+            .args(["gateway", "--nats-url", url, "--addr", &format!("127.0.0.1:{port}"), "--api-keys", KEY, "--models-ttl-secs", "1"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -222,15 +226,17 @@ async fn completions_chat_and_embeddings_equal_the_native_path() {
     assert_eq!(a.status, 200, "{}", a.body);
     let body = a.json();
     let want = output(&native(&h, "n-emb", "minilm", "embed", json!({"text": "a dog"}), json!({})).await);
-    assert_eq!(body["data"][1]["embedding"], want["embedding"]);
+    // Batched with another text (padded) or alone: equal within float noise.
+    let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>();
+    assert_close(&floats(&body["data"][1]["embedding"]), &floats(&want["embedding"]), 1e-5, "embedding");
     assert_eq!(body["data"][1]["index"], 1);
     let a = g.post("/v1/embeddings", json!({"model": "minilm", "input": "a dog", "encoding_format": "base64"})).await;
     let encoded = a.json()["data"][0]["embedding"].as_str().unwrap().to_string();
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
     let decoded: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    let want: Vec<f32> = want["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-    assert_eq!(decoded, want);
+    let decoded: Vec<f64> = decoded.into_iter().map(f64::from).collect();
+    assert_close(&decoded, &floats(&want["embedding"]), 1e-5, "base64 embedding");
 
     // The metrics counted them by route and status.
     let m = g.raw("GET", "/metrics", None, &[]).await.unwrap().body;
@@ -331,4 +337,28 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_event() {
 
 fn testkit_lm(dir: &std::path::Path) {
     jetbatch_testkit::write_tiny_lm(dir, 7, 512, 8).unwrap();
+}
+
+/// The shipped accounts (deploy/nats): the gateway runs as the `producer` user — it publishes
+/// jobs, gets results and chunks back, and lists the pool's models through discovery.
+#[tokio::test]
+async fn the_shipped_accounts_let_the_gateway_run_as_the_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = shipped_accounts_server(dir.path());
+    let models = dir.path().join("models");
+    jetbatch_testkit::write_tiny_lm(&models.join("tiny-lm"), jetbatch_testkit::SEED, 64, 2).unwrap();
+    let worker = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+        .args(["serve", "--nats-url", &node.url(), "--nats-user", "worker", "--nats-password", "work-pw", "--worker-id", "w1", "--metrics-addr", "127.0.0.1:0", "--models"])
+        .arg(&models)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("worker.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _worker = Gateway { child: worker, port: 0, log: dir.path().join("worker.log") };
+    let g = Gateway::start_on(&node.url(), dir.path(), &["--nats-user", "producer", "--nats-password", "prod-pw"]).await;
+    g.wait_for_model("tiny-lm").await;
+    let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": "the", "max_tokens": 3})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": "the", "max_tokens": 3, "stream": true})).await;
+    assert_eq!(events(&a.body).last().map(String::as_str), Some("[DONE]"), "{}", a.body);
 }

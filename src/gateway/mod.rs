@@ -159,8 +159,9 @@ pub async fn run(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 
     let client = crate::bus::connect(&args.nats, "jetbatch-gateway").await?;
     let js = args.subjects.jetstream(&client);
     let topology = args.subjects.topology();
+    // Not fatal: a gateway may start before the pool; until the streams exist its jobs are 503s.
     if !jobs::streams_exist(&js, &topology).await {
-        return Err(GatewayError::Start(format!("stream {} not found: start a worker or run `jetbatch setup` first", topology.jobs_stream)));
+        tracing::warn!(stream = %topology.jobs_stream, "the jobs stream is not there (yet): requests are answered 503 until a worker or `jetbatch setup` makes it");
     }
     let bus = Bus::start(client.clone(), js, topology.clone()).await.map_err(|e| GatewayError::Start(e.message))?;
     let app = Arc::new(App {
