@@ -297,6 +297,11 @@ async fn no_worker_is_a_503_with_retry_after() {
     let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": "x"})).await;
     assert_eq!((a.status, a.header("retry-after")), (503, Some("5")), "{}", a.body);
     assert_eq!(a.json()["error"]["code"], "no_worker");
+    // Past --max-concurrent requests in flight (none here): 429 with Retry-After.
+    let full = Gateway::start(&h, &["--max-concurrent", "0"]).await;
+    let a = full.post("/v1/completions", json!({"model": "tiny-lm", "prompt": "x"})).await;
+    assert_eq!((a.status, a.header("retry-after")), (429, Some("1")), "{}", a.body);
+    assert_eq!(a.json()["error"]["type"], "rate_limit_error");
 }
 
 /// A worker killed mid-stream: the client gets what was generated, then an error event within
@@ -361,4 +366,66 @@ async fn the_shipped_accounts_let_the_gateway_run_as_the_producer() {
     assert_eq!(a.status, 200, "{}", a.body);
     let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": "the", "max_tokens": 3, "stream": true})).await;
     assert_eq!(events(&a.body).last().map(String::as_str), Some("[DONE]"), "{}", a.body);
+}
+
+/// The same `generate` jobs through the gateway (HTTP, one connection a request) and published
+/// natively (the gateway's own producer path in process: publish with `reply_to`, wait for the
+/// result), closed loop at the same concurrency, alternating sides: requests/s and p50/p99.
+/// Numbers are in loadtest/README.md; run with
+/// `cargo test --release --test gateway -- --ignored --nocapture gateway_overhead`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark (about a minute); see loadtest/README.md"]
+async fn gateway_overhead() {
+    use jetbatch::gateway::jobs::{Bus, JobOptions, JobSpec};
+    let h = harness().await;
+    let _w = h.worker("w1", &[]);
+    let g = Gateway::start(&h, &["--max-concurrent", "4096"]).await;
+    g.wait_for_model("tiny-lm").await;
+    let bus = Bus::start(h.client.clone(), h.js.clone(), h.topology.clone()).await.unwrap();
+    let (n, concurrency, rounds) = (1500usize, 64usize, 3usize);
+    let options = JobOptions { priority: Default::default(), deadline_ms: u64::MAX / 2, cache: Some(false) };
+    let prompt = |round: usize, i: usize| -> Vec<u64> { vec![3 + (round * 7 + i % 200) as u64 % 250, 3 + (i / 200) as u64, 40, 41] };
+    let summarize = |side: &str, round: usize, took: Duration, mut lat: Vec<Duration>| {
+        lat.sort();
+        let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+        let rps = lat.len() as f64 / took.as_secs_f64();
+        eprintln!("FIGURES gateway-bench round {round} {side}: {} requests, concurrency {concurrency}: {rps:.0} req/s, p50 {:.1} ms, p99 {:.1} ms", lat.len(), q(0.5), q(0.99));
+        rps
+    };
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let start = Instant::now();
+        let native: Vec<Duration> = futures::stream::iter(0..n)
+            .map(|i| {
+                let (bus, options) = (&bus, &options);
+                async move {
+                    let t = Instant::now();
+                    let params = json!({"max_new_tokens": 4, "temperature": 0}).as_object().unwrap().clone();
+                    bus.run(JobSpec { model: "tiny-lm", kind: "generate", input: json!({"prompt_tokens": prompt(2 * round, i)}), params, options }).await.unwrap();
+                    t.elapsed()
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let native_rps = summarize("native", round, start.elapsed(), native);
+        let start = Instant::now();
+        let gateway: Vec<Duration> = futures::stream::iter(0..n)
+            .map(|i| {
+                let g = &g;
+                async move {
+                    let t = Instant::now();
+                    let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": prompt(2 * round + 1, i), "max_tokens": 4, "temperature": 0, "cache": false})).await;
+                    assert_eq!(a.status, 200, "{}", a.body);
+                    t.elapsed()
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let gateway_rps = summarize("gateway", round, start.elapsed(), gateway);
+        ratios.push(gateway_rps / native_rps);
+    }
+    ratios.sort_by(f64::total_cmp);
+    eprintln!("FIGURES gateway-bench: gateway/native requests/s per round {ratios:?}, median {:.3}", ratios[ratios.len() / 2]);
 }

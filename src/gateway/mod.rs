@@ -85,7 +85,7 @@ impl App {
     {
         let metrics = self.metrics.start(route);
         let response = match self.clone().admit(&headers, body).await {
-            Ok((body, options, _permit)) => handle(self.clone(), body, options).await.unwrap_or_else(IntoResponse::into_response),
+            Ok((body, options, permit)) => hold_while_streaming(handle(self.clone(), body, options).await.unwrap_or_else(IntoResponse::into_response), permit),
             Err(e) => e.into_response(),
         };
         metrics.done(response.status().as_u16());
@@ -115,6 +115,22 @@ impl App {
             _ => Err(ApiError::unauthorized()),
         }
     }
+}
+
+/// A streamed response keeps its request's permit until its last event: streams count against
+/// `--max-concurrent` for as long as they run.
+fn hold_while_streaming(response: Response, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
+    use futures::StreamExt;
+    let streaming = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let events = body.into_data_stream().map(move |event| {
+        let _held = &permit;
+        event
+    });
+    Response::from_parts(parts, Body::from_stream(events))
 }
 
 /// The routes.
