@@ -66,7 +66,7 @@ pub enum GatewayError {
 /// What every request shares.
 pub struct App {
     pub bus: Arc<Bus>,
-    models: Models,
+    models: Arc<Models>,
     metrics: GatewayMetrics,
     api_keys: Vec<String>,
     permits: Arc<Semaphore>,
