@@ -383,13 +383,16 @@ async fn gateway_overhead() {
     g.wait_for_model("tiny-lm").await;
     let bus = Bus::start(h.client.clone(), h.js.clone(), h.topology.clone()).await.unwrap();
     let (n, concurrency, rounds) = (1500usize, 64usize, 3usize);
+    // Tokens generated per request (GATEWAY_BENCH_MAX_TOKENS, default 4): more is more compute
+    // per request against the same bus and HTTP cost.
+    let max_tokens: u64 = std::env::var("GATEWAY_BENCH_MAX_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let options = JobOptions { priority: Default::default(), deadline_ms: u64::MAX / 2, cache: Some(false) };
     let prompt = |round: usize, i: usize| -> Vec<u64> { vec![3 + (round * 7 + i % 200) as u64 % 250, 3 + (i / 200) as u64, 40, 41] };
     let summarize = |side: &str, round: usize, took: Duration, mut lat: Vec<Duration>| {
         lat.sort();
         let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
         let rps = lat.len() as f64 / took.as_secs_f64();
-        eprintln!("FIGURES gateway-bench round {round} {side}: {} requests, concurrency {concurrency}: {rps:.0} req/s, p50 {:.1} ms, p99 {:.1} ms", lat.len(), q(0.5), q(0.99));
+        eprintln!("FIGURES gateway-bench round {round} {side}: {} requests of {max_tokens} tokens, concurrency {concurrency}: {rps:.0} req/s, p50 {:.1} ms, p99 {:.1} ms", lat.len(), q(0.5), q(0.99));
         rps
     };
     let mut ratios = Vec::new();
@@ -400,7 +403,7 @@ async fn gateway_overhead() {
                 let (bus, options) = (&bus, &options);
                 async move {
                     let t = Instant::now();
-                    let params = json!({"max_new_tokens": 4, "temperature": 0}).as_object().unwrap().clone();
+                    let params = json!({"max_new_tokens": max_tokens, "temperature": 0}).as_object().unwrap().clone();
                     bus.run(JobSpec { model: "tiny-lm", kind: "generate", input: json!({"prompt_tokens": prompt(2 * round, i)}), params, options }).await.unwrap();
                     t.elapsed()
                 }
@@ -415,7 +418,7 @@ async fn gateway_overhead() {
                 let g = &g;
                 async move {
                     let t = Instant::now();
-                    let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": prompt(2 * round + 1, i), "max_tokens": 4, "temperature": 0, "cache": false})).await;
+                    let a = g.post("/v1/completions", json!({"model": "tiny-lm", "prompt": prompt(2 * round + 1, i), "max_tokens": max_tokens, "temperature": 0, "cache": false})).await;
                     assert_eq!(a.status, 200, "{}", a.body);
                     t.elapsed()
                 }
