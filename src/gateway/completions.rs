@@ -104,7 +104,8 @@ pub async fn handle(app: Arc<App>, mut body: Map<String, Value>, options: JobOpt
         });
         return sse::respond(&app.bus, spec, app.stream_idle, render).await;
     }
-    let answers = futures::future::try_join_all(prompts.iter().enumerate().map(|(i, p)| choice(&app.bus, &model, i, p, echo, logprobs, params.clone(), &options))).await?;
+    let asked = Asked { model: &model, echo, logprobs, params, options: &options };
+    let answers = futures::future::try_join_all(prompts.iter().enumerate().map(|(i, p)| choice(&app.bus, &asked, i, p))).await?;
     let (prompt_tokens, completion_tokens) = answers.iter().fold((0, 0), |(p, c), a| (p + a.prompt_tokens, c + a.completion_tokens));
     let choices: Vec<Value> = answers.into_iter().map(|a| a.choice).collect();
     Ok(openai::json_response(json!({
@@ -119,16 +120,25 @@ struct Answer {
     completion_tokens: u64,
 }
 
+/// What a request asks of each of its prompts.
+struct Asked<'a> {
+    model: &'a str,
+    echo: bool,
+    logprobs: Option<usize>,
+    /// The `generate` jobs' params.
+    params: Map<String, Value>,
+    options: &'a JobOptions,
+}
+
 /// One prompt's choice: its generation (unless `max_tokens` is 0) and, with echo and logprobs,
 /// its scored prompt tokens.
-#[allow(clippy::too_many_arguments)]
-async fn choice(bus: &Arc<Bus>, model: &str, index: usize, prompt: &Prompt, echo: bool, logprobs: Option<usize>, params: Map<String, Value>, options: &JobOptions) -> Result<Answer, ApiError> {
-    let generates = params.get("max_new_tokens").and_then(Value::as_u64) != Some(0);
+async fn choice(bus: &Arc<Bus>, asked: &Asked<'_>, index: usize, prompt: &Prompt) -> Result<Answer, ApiError> {
+    let Asked { model, echo, logprobs, ref params, options } = *asked;
     let generated = async {
-        if !generates {
+        if params.get("max_new_tokens").and_then(Value::as_u64) == Some(0) {
             return Ok(None);
         }
-        bus.run(JobSpec { model, kind: "generate", input: prompt.input(), params, options }).await.map(Some)
+        bus.run(JobSpec { model, kind: "generate", input: prompt.input(), params: params.clone(), options }).await.map(Some)
     };
     let scored = async {
         match (echo, logprobs, prompt) {
@@ -181,7 +191,7 @@ async fn score_prompt(bus: &Arc<Bus>, model: &str, tokens: &[u64], k: usize, opt
     });
     let outputs = futures::future::try_join_all(jobs).await?;
     let first = tokens.first().map(|t| TokenLogprob { text: format!("token_id:{t}"), logprob: None, top: Vec::new() });
-    let rest = outputs.iter().zip(&tokens[1.min(tokens.len())..]).map(|(out, &t)| TokenLogprob {
+    let rest = outputs.iter().zip(tokens.get(1..).unwrap_or_default()).map(|(out, &t)| TokenLogprob {
         logprob: float(&out["logprob"]),
         ..openai::token_logprob(t, &out["top_logprobs"][0], k)
     });
