@@ -124,3 +124,20 @@ def test_lm_eval_local_completions_scores_as_the_jetbatch_backend(gateway, nats_
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     got = evaluate("local-completions", ["jb_mc"], model_args=args)
     assert_same_evaluation(got, want, ["jb_mc"])
+
+
+def test_lm_eval_local_chat_completions_generates_as_the_jetbatch_backend(gateway, nats_url, monkeypatch):
+    # Both send the chat as messages for the worker to render with the model's template.
+    monkeypatch.chdir(TASKS_DIR)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    want_lm = JetbatchLM(model=MODEL, nats_url=nats_url, progress=False)
+    try:
+        want = evaluate(want_lm, ["jb_gen"], apply_chat_template=True)
+    finally:
+        want_lm.close()
+    got = evaluate("local-chat-completions", ["jb_gen"], apply_chat_template=True,
+                   model_args=f"model={MODEL},base_url={gateway}/chat/completions,num_concurrent=4,max_retries=1")
+    responses = lambda r: [s["filtered_resps"] for s in sorted(r["samples"]["jb_gen"], key=lambda s: s["doc_id"])]  # noqa: E731
+    assert responses(got) == responses(want)
+    assert any(r[0] for r in responses(want)), "the generations are not all empty"
+    assert got["results"]["jb_gen"]["exact_match,none"] == want["results"]["jb_gen"]["exact_match,none"]
