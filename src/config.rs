@@ -48,6 +48,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// The running workers of a pool, through their NATS service endpoints: list, inspect, drain.
     Pool(PoolArgs),
+    /// An OpenAI-compatible HTTP endpoint in front of the pool (`/v1/completions`,
+    /// `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`): requests become jobs on the bus.
+    Gateway(GatewayArgs),
 }
 
 /// How to reach NATS.
@@ -596,4 +599,36 @@ mod tests {
         assert_eq!(serve(&["--shared-cache-bucket", "B"]).shared_bucket(), Some("B"));
         assert_eq!(ServeArgs::local("nats://x:1".into(), PathBuf::new(), None).cache.shared_bucket(), None, "local workers: no shared tier");
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub nats: NatsOpts,
+    #[command(flatten)]
+    pub subjects: ProducerTopology,
+    /// Address the HTTP endpoint listens on (plain HTTP: put a TLS proxy in front of it).
+    #[arg(long, env = "JETBATCH_GATEWAY_ADDR", default_value = "127.0.0.1:8000")]
+    pub addr: std::net::SocketAddr,
+    /// API keys a request must bring as `Authorization: Bearer <key>`, comma-separated; none:
+    /// no key asked (trust the network, or the proxy in front).
+    #[arg(long = "api-keys", env = "JETBATCH_GATEWAY_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Requests handled at once; one more is answered 429 with `Retry-After`.
+    #[arg(long, env = "JETBATCH_GATEWAY_MAX_CONCURRENT", default_value_t = 256)]
+    pub max_concurrent: usize,
+    /// Largest request body, in bytes (413 past it).
+    #[arg(long, env = "JETBATCH_GATEWAY_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// How long a request waits for its result unless it sets its own deadline; also the
+    /// deadline of its jobs, so a job whose client left stops being worth computing by then.
+    #[arg(long, env = "JETBATCH_GATEWAY_TIMEOUT_SECS", default_value_t = 300)]
+    pub timeout_secs: u64,
+    /// A stream that has sent chunks and then sends nothing for this long ends with an error
+    /// event (its worker died; the job is redelivered to another and its deadline still holds).
+    #[arg(long, env = "JETBATCH_GATEWAY_STREAM_IDLE_SECS", default_value_t = 30)]
+    pub stream_idle_secs: u64,
+    /// How long the models the pool serves (service discovery) are remembered.
+    #[arg(long, env = "JETBATCH_GATEWAY_MODELS_TTL_SECS", default_value_t = 10)]
+    pub models_ttl_secs: u64,
 }

@@ -47,6 +47,11 @@ impl Deadline {
         Ok(Deadline(at))
     }
 
+    /// Milliseconds since the Unix epoch (its integer wire form).
+    pub fn unix_ms(self) -> u64 {
+        self.0.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    }
+
     /// The deadline `ms` milliseconds after the Unix epoch (`None` if out of range).
     pub fn from_unix_ms(ms: u64) -> Option<Deadline> {
         UNIX_EPOCH.checked_add(Duration::from_millis(ms)).map(Deadline)

@@ -51,6 +51,8 @@
 //! - [`pool`]: the workers' NATS service endpoints as a client sees them (`jetbatch pool`);
 //!   `serve/service.rs` answers them and `serve/peers.rs` learns from them which models the
 //!   other workers of the pool serve.
+//! - [`gateway`]: `jetbatch gateway`, the OpenAI-compatible HTTP producer (its `# Layout`: the
+//!   door every request passes, one file per route, jobs on the bus, errors in OpenAI's shape).
 //! - [`stream`]: a streamed `generate` result's chunks and their wire form.
 //! - [`tensor`]: plain tensors (dtype, shape, bytes) as they cross the wire and the engine boundary.
 
@@ -64,6 +66,7 @@ pub mod demo;
 pub mod encoding;
 pub mod engine;
 pub mod error;
+pub mod gateway;
 pub mod hf_config;
 pub mod infer;
 pub mod job;

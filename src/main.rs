@@ -83,6 +83,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => jetbatch::demo::run(args).await?,
         Command::Pool(args) => jetbatch::pool::run(args).await.map_err(anyhow::Error::from_boxed)?,
+        Command::Gateway(args) => jetbatch::gateway::run(args, shutdown_signal()).await?,
     }
     Ok(())
 }

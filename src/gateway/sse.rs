@@ -1,0 +1,154 @@
+//! `stream: true`: a `generate` job's chunks (core NATS `<prefix>.stream.<id>`) as server-sent
+//! events, in the route's chunk shape, then `data: [DONE]`.
+//!
+//! The response starts only once the job's first chunk or its result is in, so a job the worker
+//! refuses is still an HTTP error with its status. From then on a failure is an error event
+//! (`data: {"error": …}`) that ends the stream: the job's error result, its deadline, or no chunk
+//! for `--stream-idle-secs` after the first (its worker died mid-stream; the job goes to another
+//! worker on redelivery, but this response has told its client part of a text already). Chunks are
+//! core NATS and may be lost: the result's text is the truth, and what the chunks did not carry
+//! of it goes out in the last text event. A chunk whose index was sent already (a redelivered
+//! job's generation starting over) is skipped.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Future, StreamExt};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::jobs::{Bus, JobSpec};
+
+/// What the route renders into one event's `data`.
+pub enum Piece<'a> {
+    /// Text to add.
+    Text(&'a str),
+    /// The end: the job's output (`finish_reason`, token counts).
+    Finish(&'a Value),
+}
+
+/// The route's chunk shape.
+pub type Render = Box<dyn Fn(Piece) -> Value + Send + Sync>;
+
+enum Event {
+    Chunk(Bytes),
+    Result(Result<Value, ApiError>),
+    Idle,
+}
+
+type Output = Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send>>;
+
+/// Publishes `spec` (a `generate` job; `stream: true` is set here) and answers with its events.
+pub async fn respond(bus: &Arc<Bus>, mut spec: JobSpec<'_>, idle: Duration, render: Render) -> Result<Response, ApiError> {
+    spec.params.insert("stream".into(), true.into());
+    let id = bus.next_id();
+    let mut chunks = bus.chunks(&id).await?;
+    let mut result: Output = Box::pin(bus.publish(id, spec).await?.output());
+    let first = tokio::select! {
+        biased;
+        chunk = chunks.next() => chunk.map_or(Event::Result(Err(ApiError::bus("the chunk subscription closed"))), |m| Event::Chunk(m.payload)),
+        r = &mut result => match r {
+            Err(e) => return Err(e),
+            ok => Event::Result(ok),
+        },
+    };
+    let (tx, mut rx) = mpsc::channel::<Bytes>(32);
+    tokio::spawn(async move {
+        let mut relay = Relay { tx, render, sent: String::new(), next: 0 };
+        let mut event = Some(first);
+        let mut started = false;
+        loop {
+            let e = match event.take() {
+                Some(e) => e,
+                None => {
+                    // Before the first chunk the job's deadline bounds the wait (in `result`).
+                    let quiet = if started { idle } else { Duration::MAX };
+                    tokio::select! {
+                        biased;
+                        chunk = tokio::time::timeout(quiet, chunks.next()) => match chunk {
+                            Ok(Some(m)) => Event::Chunk(m.payload),
+                            Ok(None) => Event::Result(Err(ApiError::bus("the chunk subscription closed"))),
+                            Err(_) => Event::Idle,
+                        },
+                        r = &mut result => Event::Result(r),
+                    }
+                }
+            };
+            let go_on = match e {
+                Event::Chunk(payload) => {
+                    started = true;
+                    relay.chunk(&payload).await
+                }
+                Event::Result(Ok(output)) => {
+                    relay.finish(&output).await;
+                    false
+                }
+                Event::Result(Err(e)) => {
+                    relay.error(&e).await;
+                    false
+                }
+                Event::Idle => {
+                    let e = ApiError::deadline(format!("the stream stopped: no chunk for {} s (its worker stopped?); the job is retried by another worker but this stream ends", idle.as_secs()));
+                    relay.error(&e).await;
+                    false
+                }
+            };
+            if !go_on {
+                break;
+            }
+        }
+    });
+    let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|b| b.map(Ok::<_, Infallible>))));
+    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response())
+}
+
+/// Sends the events of one stream; every send reports whether the client is still there.
+struct Relay {
+    tx: mpsc::Sender<Bytes>,
+    render: Render,
+    /// The text sent so far.
+    sent: String,
+    /// The index of the next chunk to send.
+    next: usize,
+}
+
+impl Relay {
+    async fn send(&self, data: &Value) -> bool {
+        self.tx.send(Bytes::from(format!("data: {data}\n\n"))).await.is_ok()
+    }
+
+    async fn chunk(&mut self, payload: &[u8]) -> bool {
+        let Ok(chunk) = serde_json::from_slice::<Value>(payload) else { return true };
+        let (Some(index), Some(text)) = (chunk["index"].as_u64(), chunk["text"].as_str()) else { return true };
+        if (index as usize) < self.next || text.is_empty() {
+            self.next = self.next.max(index as usize + 1);
+            return true;
+        }
+        self.next = index as usize + 1;
+        self.sent.push_str(text);
+        self.send(&(self.render)(Piece::Text(text))).await
+    }
+
+    async fn finish(&mut self, output: &Value) {
+        let text = output["text"].as_str().unwrap_or_default();
+        if let Some(rest) = text.strip_prefix(self.sent.as_str()).filter(|r| !r.is_empty()) {
+            if !self.send(&(self.render)(Piece::Text(rest))).await {
+                return;
+            }
+        }
+        if self.send(&(self.render)(Piece::Finish(output))).await {
+            let _ = self.tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        }
+    }
+
+    async fn error(&self, e: &ApiError) {
+        let _ = self.send(&e.body()).await;
+    }
+}
