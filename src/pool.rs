@@ -129,6 +129,9 @@ pub struct BatchStats {
     pub prefix_lookup_tokens: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub prefix_hit_tokens: u64,
+    /// Mean time from a `generate` job reaching the engine to its first token, in ms.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub time_to_first_token_ms: f64,
 }
 
 /// Cache lookups of this worker since it started.

@@ -203,7 +203,7 @@ async fn answer(h: &Harness, sub: &mut async_nats::Subscriber, id: &str, input: 
 }
 
 #[tokio::test]
-async fn generation_stats_count_the_rows_jobs_ran_beside_and_the_tokens() {
+async fn generation_stats_count_the_rows_jobs_ran_beside_the_tokens_and_the_first_token() {
     let h = harness().await;
     let w = h.worker("w1", &[]);
     w.ready().await;
@@ -226,6 +226,12 @@ async fn generation_stats_count_the_rows_jobs_ran_beside_and_the_tokens() {
     assert!((gen.mean_size - rows.iter().sum::<usize>() as f64 / 4.0).abs() < 1e-9, "{gen:?} vs {rows:?}");
     assert_eq!(gen.generated_tokens, tokens as u64);
     assert_eq!(w.metric("jetbatch_generated_tokens_total{model=\"tiny-llama\"}").await, tokens as f64);
+    // Time to first token: one observation a job, no longer than the job's own compute.
+    assert_eq!(w.metric("jetbatch_time_to_first_token_seconds_count{model=\"tiny-llama\"}").await, 4.0);
+    let longest = results.values().map(|r| r[0].timing.compute_ms).fold(0.0, f64::max);
+    assert!(gen.time_to_first_token_ms > 0.0 && gen.time_to_first_token_ms <= longest + 1.0, "{gen:?}, compute up to {longest} ms");
+    // Every prompt was looked up in the prefix cache (hits depend on who joined together).
+    assert!(gen.prefix_lookup_tokens > 0 && gen.prefix_hit_tokens <= gen.prefix_lookup_tokens, "{gen:?}");
 }
 
 #[tokio::test]

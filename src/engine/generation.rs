@@ -89,12 +89,14 @@ impl Engine {
             }
             let mut failed = Vec::new();
             let mut panicked = None;
+            // Joined this step: their first token is chosen by this step.
+            let mut joined_now = Vec::new();
             if !joining.is_empty() {
                 let jobs: Vec<u64> = joining.iter().map(|(j, _, _)| *j).collect();
                 let joined = guarded(&spec.name, "join", || slot.model.join(joining));
                 slot.report_prefix(&spec.name, &self.metrics);
                 match joined {
-                    Ok(()) => {}
+                    Ok(()) => joined_now = jobs,
                     // The running rows fit: the joiners wait (paused) for a smaller batch.
                     Err(e @ EngineError::OutOfMemory(_)) => failed.extend(shrink(&mut slot, &spec.name, &mut queue, rows - jobs.len(), jobs, &e)),
                     Err(e) => {
@@ -109,7 +111,11 @@ impl Engine {
             if panicked.is_none() {
                 let mut sink = RouteSink { routes: &self.routes };
                 match guarded(&spec.name, "step", || Ok(slot.model.step(&mut sink))) {
-                    Ok(done) => stepped = done,
+                    Ok(done) => {
+                        stepped = done;
+                        let ttft = self.metrics.time_to_first_token_seconds.with_label_values(&[&spec.name]);
+                        joined_now.iter().filter_map(|j| self.routes.get(j)).for_each(|r| ttft.observe(r.started.elapsed().as_secs_f64()));
+                    }
                     // An allocation failed outside the rows' own handling: the batch is gone.
                     Err(e @ EngineError::OutOfMemory(_)) => stepped = queue.running_jobs().map(|j| (j, Err(e.clone()))).collect(),
                     Err(e) => panicked = Some(e),

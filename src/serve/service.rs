@@ -134,6 +134,10 @@ impl Control {
                     generated_tokens: get(&m.generated_tokens_total),
                     prefix_lookup_tokens: get(&m.prefix_lookup_tokens_total),
                     prefix_hit_tokens: get(&m.prefix_hit_tokens_total),
+                    time_to_first_token_ms: {
+                        let t = m.time_to_first_token_seconds.with_label_values(&[&model]);
+                        if t.get_sample_count() == 0 { 0.0 } else { 1e3 * t.get_sample_sum() / t.get_sample_count() as f64 }
+                    },
                 };
                 batches.insert(model, stats);
             }

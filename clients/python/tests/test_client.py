@@ -139,8 +139,11 @@ def test_model_names_with_dots_and_a_name_key_are_served(worker, nats_url):
     context, continuation = "the quick brown", " fox"
     jobs = [Job.loglikelihood(m, context, continuation) for m in (MODEL, DOTTED_MODEL, NAMED_MODEL, "Absent2.5-1B")]
     plain, dotted, named, absent = run(collect(nats_url, jobs, ordered=True))
-    assert dotted.ok and dotted.model == DOTTED_MODEL and dotted.output == plain.output
-    assert named.ok and named.model == NAMED_MODEL and named.output == plain.output
+    # The same weights under three names: the same numbers, within float rounding (one model's
+    # prefix cache may hold this context from earlier tests, another's not).
+    for r, name in ((dotted, DOTTED_MODEL), (named, NAMED_MODEL)):
+        assert r.ok and r.model == name and r.output.is_greedy == plain.output.is_greedy
+        assert abs(r.output.logprob - plain.output.logprob) <= 1e-5 * max(1.0, abs(plain.output.logprob))
     # Not served: answered unknown_model, not refused for its subject.
     assert absent.error.code == "unknown_model" and "Absent2.5-1B" in absent.error.message
     assert jetbatch.Topology().jobs_subject(DOTTED_MODEL, "low") == "jetbatch.jobs.Tiny2%2E5-0%2E5B-Instruct.low"
