@@ -158,17 +158,7 @@ impl<V: Segment> PrefixTree<V> {
             return;
         }
         let Some(value) = value(done) else { return };
-        let leaf = Node { tokens: tokens[done..].to_vec(), value: Some(value), children: HashMap::new(), parent, last_used: clock };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.nodes[id] = Some(leaf);
-                id
-            }
-            None => {
-                self.nodes.push(Some(leaf));
-                self.nodes.len() - 1
-            }
-        };
+        let id = self.alloc(Node { tokens: tokens[done..].to_vec(), value: Some(value), children: HashMap::new(), parent, last_used: clock });
         self.node_mut(parent).children.insert(tokens[done], id);
         let added = (tokens.len() - done) as u64;
         self.stats.inserted += added;
@@ -188,21 +178,26 @@ impl<V: Segment> PrefixTree<V> {
         node.value = Some(tail_value);
         let parent = node.parent;
         let first_of_tail = node.tokens[0];
-        let head_id = match self.free.pop() {
-            Some(h) => {
-                self.nodes[h] = Some(head);
-                h
-            }
-            None => {
-                self.nodes.push(Some(head));
-                self.nodes.len() - 1
-            }
-        };
+        let head_id = self.alloc(head);
         self.node_mut(head_id).children.insert(first_of_tail, id);
         self.node_mut(id).parent = head_id;
         let first = self.node(head_id).tokens[0];
         self.node_mut(parent).children.insert(first, head_id);
         head_id
+    }
+
+    /// Stores `node` in a free slot (or a new one); its id.
+    fn alloc(&mut self, node: Node<V>) -> usize {
+        match self.free.pop() {
+            Some(id) => {
+                self.nodes[id] = Some(node);
+                id
+            }
+            None => {
+                self.nodes.push(Some(node));
+                self.nodes.len() - 1
+            }
+        }
     }
 
     /// Drops the least recently used leaf.
