@@ -52,7 +52,7 @@ impl Row {
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
     /// row feeds its last token again, so its next logits are those a decode step gives).
-    fn tokens(&self) -> Vec<u32> {
+    pub fn tokens(&self) -> Vec<u32> {
         self.input.prompt.iter().chain(&self.generated).copied().collect()
     }
 

@@ -184,6 +184,12 @@ impl LoadedModel for Hf {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let prefix = self.prefix_on(d.as_ref()).then_some(&self.prefix);
+        if prefix.is_some() {
+            // Prompts joining together that share a prefix (a generate_until task's shots) have
+            // it computed once; their prefills below then find it cached.
+            let tokens: Vec<Vec<u32>> = rows.iter().map(Row::tokens).collect();
+            self.prefill_shared(d.as_ref(), &tokens.iter().map(|t| &t[..t.len() - 1]).collect::<Vec<_>>())?;
+        }
         self.gen.admit(d.as_ref(), self.device, rows, prefix)
     }
 
