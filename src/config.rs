@@ -631,4 +631,10 @@ pub struct GatewayArgs {
     /// How long the models the pool serves (service discovery) are remembered.
     #[arg(long, env = "JETBATCH_GATEWAY_MODELS_TTL_SECS", default_value_t = 10)]
     pub models_ttl_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM; with `--tls-key`). Unset: plain HTTP.
+    #[arg(long, env = "JETBATCH_GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "JETBATCH_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }

@@ -432,3 +432,56 @@ async fn gateway_overhead() {
     ratios.sort_by(f64::total_cmp);
     eprintln!("FIGURES gateway-bench: gateway/native requests/s per round {ratios:?}, median {:.3}", ratios[ratios.len() / 2]);
 }
+
+/// `--tls-cert`/`--tls-key`: HTTPS with that certificate (curl checks it), no plain HTTP on the
+/// port, and a key file that holds no key stops the gateway at
+/// start with an error naming the flag.
+#[tokio::test]
+async fn https_with_a_certificate_and_key() {
+    let h = harness().await;
+    let dir = h.dir.path();
+    // A self-signed certificate for 127.0.0.1: curl trusts it as its own CA.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.self_signed(&key).unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (cert_pem, key_pem) = (write("gw.pem", cert.pem()), write("gw-key.pem", key.serialize_pem()));
+    let ca_pem = cert_pem.clone();
+    let port = free_port();
+    let log = dir.join("gateway-tls.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+        .args(["gateway", "--nats-url", &h.url(), "--addr", &format!("127.0.0.1:{port}"), "--api-keys", KEY, "--tls-cert", &cert_pem, "--tls-key", &key_pem])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _g = Gateway { child, port, log: log.clone() };
+    // (body, status) of a GET through curl.
+    let curl = |url: String| {
+        let out = Command::new("curl").args(["-sS", "--max-time", "10", "--cacert", &ca_pem, "-H", &format!("Authorization: Bearer {KEY}"), "-w", "\n%{http_code}", &url]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (body.to_string(), status.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while curl(format!("https://127.0.0.1:{port}/healthz")) != ("ok".to_string(), "200".to_string()) {
+        assert!(Instant::now() < deadline, "no HTTPS: {:?}; {}", curl(format!("https://127.0.0.1:{port}/healthz")), std::fs::read_to_string(&log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (body, status) = curl(format!("https://127.0.0.1:{port}/v1/models"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["object"], "list");
+    assert_eq!(curl(format!("http://127.0.0.1:{port}/healthz")).1, "000", "no plain HTTP on a TLS port");
+    // A key file without a key: refused at start, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_jetbatch"))
+        .args(["gateway", "--nats-url", &h.url(), "--addr", "127.0.0.1:0", "--tls-cert", &cert_pem, "--tls-key", &ca_pem])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--tls-key"), "{stderr}");
+}

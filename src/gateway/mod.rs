@@ -7,7 +7,8 @@
 //! Every request passes the same door ([`App::serve`]): the API key (`Authorization: Bearer`,
 //! when `--api-keys` is set), a bound on requests in flight (429 past it), a bounded body (413),
 //! a JSON object, its level/deadline/cache (extra fields or `X-Jetbatch-*` headers), then the
-//! route; the metrics count it by route and status. Plain HTTP: TLS is a proxy's job in front.
+//! route; the metrics count it by route and status. HTTPS with `--tls-cert`/`--tls-key`
+//! (`tls.rs`), else plain HTTP.
 //!
 //! A client that disconnects drops its wait, never a job it was promised: every job carries a
 //! deadline (the request's, else now + `--timeout-secs`), which takes it — a worker answers it
@@ -23,6 +24,7 @@
 //!   jobs), `chat.rs`, `embeddings.rs`, `models.rs` (service discovery, also the 404/503 check);
 //!   `sse.rs`: `stream: true` from the bus's chunks.
 //! - `metrics.rs`: requests, latency, in flight by route and status.
+//! - `tls.rs`: the HTTPS listener (handshakes off the accept loop, bounded in time).
 
 mod chat;
 mod completions;
@@ -33,6 +35,7 @@ mod metrics;
 mod models;
 mod openai;
 mod sse;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -172,6 +175,11 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Runs the gateway until `shutdown` completes; in-flight requests are finished first.
 pub async fn run(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), GatewayError> {
+    // A bad certificate or key stops the gateway before it touches the bus.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(GatewayError::Start)?),
+        _ => None,
+    };
     let client = crate::bus::connect(&args.nats, "jetbatch-gateway").await?;
     let js = args.subjects.jetstream(&client);
     let topology = args.subjects.topology();
@@ -193,6 +201,10 @@ pub async fn run(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 
     });
     let listener = tokio::net::TcpListener::bind(args.addr).await.map_err(|e| GatewayError::Listen { addr: args.addr, e })?;
     let bound = listener.local_addr().map_err(|e| GatewayError::Listen { addr: args.addr, e })?;
-    tracing::info!(addr = %bound, prefix = %topology.prefix, keys = app.api_keys.len(), "gateway listening");
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await.map_err(|e| GatewayError::Listen { addr: bound, e })
+    tracing::info!(addr = %bound, prefix = %topology.prefix, keys = app.api_keys.len(), tls = tls.is_some(), "gateway listening");
+    let served = match tls {
+        Some(acceptor) => axum::serve(tls::Listener::start(listener, acceptor), router(app)).with_graceful_shutdown(shutdown).await,
+        None => axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await,
+    };
+    served.map_err(|e| GatewayError::Listen { addr: bound, e })
 }
