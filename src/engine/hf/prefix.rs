@@ -131,9 +131,10 @@ impl Hf {
                 .collect(),
         };
         let keep = pad_left(&new.iter().map(|n| vec![1i64; n.len()]).collect::<Vec<_>>(), device);
-        let tail = |v: &[Vec<i64>]| -> Vec<Vec<i64>> { v.iter().zip(&skip).map(|(x, &s)| x[s..].to_vec()).collect() };
-        let pos = pad_left(&tail(&rows.iter().map(|r| r.pos.clone()).collect::<Vec<_>>()), device);
-        let segs = segments.then(|| pad_left(&tail(&rows.iter().map(|r| r.seg.clone()).collect::<Vec<_>>()), device));
+        // Each row's positions (or segments) past its cached prefix.
+        let tail = |of: for<'r> fn(&'r PrefixedRow<'_>) -> &'r [i64]| -> Vec<Vec<i64>> { rows.iter().zip(&skip).map(|(r, &s)| of(r)[s..].to_vec()).collect() };
+        let pos = pad_left(&tail(|r| &r.pos), device);
+        let segs = segments.then(|| pad_left(&tail(|r| &r.seg), device));
         let layout = match (past_len, segs) {
             // Nothing cached: the layout of a forward without the cache (dense rows attend causally
             // with no mask).
