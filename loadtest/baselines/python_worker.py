@@ -12,16 +12,20 @@ What a competent team writes with nats-py and torch, and nothing naive:
   so a slow batch is not redelivered and computed twice.
 
 Same wire format as jetbatch (MessagePack jobs and results, schemas/), so the same load generator
-drives both. Serves one model, of one of two kinds:
+drives both. Serves one model, of one of three kinds:
 - `tensor`: a TorchScript file with a fixed per-job shape (the `mlp` demo model);
 - `loglikelihood`: a Hugging Face causal LM folder with transformers, as lm-evaluation-harness
   scores: each pair encoded whole and split after the context's own encoding, the batch sorted by
   length and right-padded, one forward, log-softmax on each row's continuation positions only,
-  the continuation's log-probs gathered and compared with the argmax (`is_greedy`).
+  the continuation's log-probs gathered and compared with the argmax (`is_greedy`);
+- `embed`: a sentence-transformers folder (all-MiniLM-L6-v2) with `SentenceTransformer.encode`,
+  the batch's texts in one call (its own length sorting, padding and pooling), L2-normalised as
+  jetbatch's default `normalize: true`.
 
     python python_worker.py --nats-url nats://127.0.0.1:4222 --stream PYBASE_JOBS \
         --consumer pybase-workers --results-prefix pybase.results --model models/mlp/model.pt
     python python_worker.py ... --kind loglikelihood --model models/lm
+    python python_worker.py ... --kind embed --model path/to/all-MiniLM-L6-v2
 """
 
 import argparse
@@ -42,8 +46,8 @@ def parse_args():
     p.add_argument("--stream", required=True, help="jobs stream")
     p.add_argument("--consumer", required=True, help="durable pull consumer (created by the caller)")
     p.add_argument("--results-prefix", required=True, help="results go to <prefix>.<job id>")
-    p.add_argument("--model", required=True, help="TorchScript file (tensor) or HF folder (loglikelihood)")
-    p.add_argument("--kind", choices=["tensor", "loglikelihood"], default="tensor")
+    p.add_argument("--model", required=True, help="TorchScript file (tensor), HF folder (loglikelihood) or sentence-transformers folder (embed)")
+    p.add_argument("--kind", choices=["tensor", "loglikelihood", "embed"], default="tensor")
     p.add_argument("--features", type=int, default=16, help="per-job input: f32[features]")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -147,6 +151,29 @@ class LmScorer:
         return out
 
 
+class SentenceEmbedder:
+    """embed with sentence-transformers, as a team serving embeddings from Python does."""
+
+    kind = "embed"
+
+    def __init__(self, args):
+        from sentence_transformers import SentenceTransformer
+        self.model = SentenceTransformer(args.model, device="cpu")
+        self.name = os.path.basename(os.path.abspath(args.model))
+
+    def parse(self, job):
+        text = job["input"]["text"]
+        if not isinstance(text, str):
+            raise ValueError("input.text: expected a string")
+        if job.get("params", {}).get("normalize", True) is not True:
+            raise ValueError("params.normalize: only the default (true) is served")
+        return text
+
+    def forward(self, texts):
+        rows = self.model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+        return [{"embedding": row.tolist(), "dim": len(row)} for row in rows]
+
+
 def error_result(job_id, kind, code, message):
     return msgpack.packb({
         "id": job_id, "model": "", "kind": kind, "status": "error",
@@ -159,7 +186,7 @@ async def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = (LmScorer if args.kind == "loglikelihood" else TensorModel)(args)
+    model = {"loglikelihood": LmScorer, "embed": SentenceEmbedder, "tensor": TensorModel}[args.kind](args)
     nc = await nats.connect(args.nats_url, name=WORKER, pending_size=64 * 1024 * 1024)
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(durable=args.consumer, stream=args.stream)

@@ -69,6 +69,11 @@ impl LmModel {
         self.repository.path().join(MODEL)
     }
 
+    /// The Python worker's side: this model, scored as lm-evaluation-harness scores.
+    fn scorer(&self) -> PythonSide<'static> {
+        PythonSide { kind: "loglikelihood", model: self.dir() }
+    }
+
     fn describe(&self) -> &'static str {
         if self.tiny {
             "tiny Llama, vocabulary 259, hidden 64, 1 layer"
@@ -113,9 +118,15 @@ enum Side {
     Python,
 }
 
+/// What the Python worker serves in a drain: its `--kind` and `--model`.
+pub struct PythonSide<'a> {
+    pub kind: &'a str,
+    pub model: PathBuf,
+}
+
 /// Publishes `jobs` jobs of `workload` with no worker running, then starts `side`'s worker and
 /// records the drain (the rate from its first result to its last, see [`driver::Backlog`]).
-async fn drain(b: &mut Bench<'_>, m: &LmModel, side: Side, workload: Workload, jobs: u64) -> anyhow::Result<Recording> {
+async fn drain(b: &mut Bench<'_>, python: &PythonSide<'_>, side: Side, workload: Workload, jobs: u64) -> anyhow::Result<Recording> {
     let (label, topology) = match side {
         Side::Jetbatch => ("jetbatch", b.local.topology()),
         Side::Python => ("python worker", side_topology(&b.local.topology(), "pybase")),
@@ -130,7 +141,7 @@ async fn drain(b: &mut Bench<'_>, m: &LmModel, side: Side, workload: Workload, j
         Side::Jetbatch => b.local.start_worker("jetbatch", false)?,
         Side::Python => {
             jetbatch::bus::setup_consumer(&js, &topology).await?;
-            let c = b.python_worker(&topology, &m.dir(), &[&["--kind", "loglikelihood"][..], &PYTHON_BATCHING].concat())?;
+            let c = b.python_worker(&topology, &python.model, &[&["--kind", python.kind][..], &PYTHON_BATCHING].concat())?;
             others.push(("python worker", c.id().unwrap_or(0)));
             child = Some(c);
         }
@@ -155,9 +166,9 @@ fn worker_us(r: &Recording, side: Side) -> f64 {
 }
 
 /// Both drains, Python first, and their runs in `report`; returns (jetbatch, python).
-async fn drains(b: &mut Bench<'_>, m: &LmModel, workload: &Workload, jobs: u64, report: &mut Report) -> anyhow::Result<(Recording, Recording)> {
-    let py = drain(b, m, Side::Python, workload.clone(), jobs).await?;
-    let jb = drain(b, m, Side::Jetbatch, workload.clone(), jobs).await?;
+pub async fn drains(b: &mut Bench<'_>, python: &PythonSide<'_>, workload: &Workload, jobs: u64, report: &mut Report) -> anyhow::Result<(Recording, Recording)> {
+    let py = drain(b, python, Side::Python, workload.clone(), jobs).await?;
+    let jb = drain(b, python, Side::Jetbatch, workload.clone(), jobs).await?;
     report.notes.push(format!(
         "drain rates: jetbatch {:.0} jobs/s, Python worker {:.0} jobs/s; worker CPU per job: jetbatch {:.0} µs, Python {:.0} µs",
         jb.throughput(),
@@ -175,7 +186,7 @@ async fn drains(b: &mut Bench<'_>, m: &LmModel, workload: &Workload, jobs: u64, 
 pub async fn score(args: &BenchArgs, m: &LmModel) -> anyhow::Result<Report> {
     let mut b = m.bench(args).await?;
     let mut report = Report::new(&format!("LM scoring: a backlog of {} `loglikelihood` jobs drained, jetbatch vs the Python worker ({})", args.lm_jobs, m.describe()));
-    let (jb, py) = drains(&mut b, m, &scoring_jobs(None), args.lm_jobs, &mut report).await?;
+    let (jb, py) = drains(&mut b, &m.scorer(), &scoring_jobs(None), args.lm_jobs, &mut report).await?;
     report.ratios.push(Ratio::new("jetbatch ÷ Python worker jobs/s (loglikelihood backlog)", jb.throughput() / py.throughput(), Some(3.0)));
     Ok(report)
 }
@@ -216,7 +227,7 @@ pub async fn multiple_choice(args: &BenchArgs, m: &LmModel) -> anyhow::Result<Re
         m.describe()
     ));
     let workload = scoring_jobs(Some(4));
-    let (jb, py) = drains(&mut b, m, &workload, jobs, &mut report).await?;
+    let (jb, py) = drains(&mut b, &m.scorer(), &workload, jobs, &mut report).await?;
     let tf = transformers(args, m, "score", workload, jobs).await?;
     let tf_rate = number(&tf, "jobs_per_s")?;
     report.ratios.push(Ratio::new("jetbatch ÷ Python worker jobs/s (multiple choice)", jb.throughput() / py.throughput(), Some(5.0)));

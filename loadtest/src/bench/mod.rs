@@ -1,7 +1,8 @@
 //! The benchmarks of `loadtest/README.md`. Each starts its own nats-server and workers, runs the
 //! two sides of its comparison one after the other in the same process, and reports the ratio.
-//! The language-model ones (#11) are in `lm`.
+//! The language-model ones (#11) are in `lm`, the embeddings one in `embed`.
 
+mod embed;
 mod lm;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,9 @@ pub struct BenchArgs {
     /// `lm-generate`: `generate` jobs, all published at once.
     #[arg(long, default_value_t = 384)]
     pub gen_jobs: u64,
+    /// `embed`: `embed` jobs in the backlog each side drains.
+    #[arg(long, default_value_t = 3000)]
+    pub embed_jobs: u64,
     /// The LM benchmarks on a tiny model (vocabulary 259, hidden 64, 1 layer) instead of the
     /// 32k-vocabulary one: seconds instead of minutes, for checking that they run, not for ratios.
     #[arg(long)]
@@ -94,6 +98,8 @@ pub enum Which {
     LmGenerate,
     /// 10. LM scoring end to end vs the engine alone (in process).
     LmE2e,
+    /// 11. An `embed` backlog drained: jetbatch vs a sentence-transformers worker (all-MiniLM-L6-v2).
+    Embed,
     /// All of the above, one after the other.
     All,
 }
@@ -111,6 +117,7 @@ impl Which {
             Which::Mc => "mc",
             Which::LmGenerate => "lm-generate",
             Which::LmE2e => "lm-e2e",
+            Which::Embed => "embed",
             Which::All => "all",
         }
     }
@@ -202,6 +209,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Which::Mc,
             Which::LmGenerate,
             Which::LmE2e,
+            Which::Embed,
         ],
         w => vec![w],
     };
@@ -226,6 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Which::Mc => lm::multiple_choice(&args, lm_model()).await?,
                 Which::LmGenerate => lm::generate(&args, lm_model()).await?,
                 Which::LmE2e => lm::e2e(&args, lm_model()).await?,
+                Which::Embed => embed::embed(&args).await?,
                 Which::All => unreachable!("expanded above"),
             });
         }

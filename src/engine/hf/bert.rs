@@ -1,6 +1,11 @@
 //! BERT-style encoders: post-norm layers over word + position + token-type embeddings, with
 //! right padding and a key mask. XLM-RoBERTa loads into the same [`Bert`] with its position
 //! offset and classifier head.
+//!
+//! A batch's rows come right-padded to its longest, but padding is only needed where tokens meet:
+//! in attention. The projections, the MLP and the norms (nearly all of the arithmetic) run on the
+//! real tokens alone, packed one after another; a batch of sentences of mixed lengths does about
+//! half the work a padded forward does (what sentence-transformers and transformers do).
 
 use tch::{Kind, Tensor};
 
@@ -24,9 +29,8 @@ pub(crate) struct Bert {
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Query, key and value projections fused (one GEMM).
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: Norm,
     inter: Linear,
@@ -57,10 +61,9 @@ impl Bert {
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = w.pp("encoder.layer").pp(i);
+                let part = |name: &str| l.linear(&format!("attention.self.{name}"), true);
                 Ok(Layer {
-                    q: l.linear("attention.self.query", true)?,
-                    k: l.linear("attention.self.key", true)?,
-                    v: l.linear("attention.self.value", true)?,
+                    qkv: Linear::fuse(vec![part("query")?, part("key")?, part("value")?]),
                     attn_out: l.linear("attention.output.dense", true)?,
                     attn_norm: Norm::layer(&l, "attention.output.LayerNorm", eps)?,
                     inter: l.linear("intermediate.dense", true)?,
@@ -89,23 +92,61 @@ impl Bert {
         self.position.size()[0] - self.position_offset
     }
 
-    /// Hidden states `[B, T, H]` of right-padded rows.
+    /// Hidden states `[B, T, H]` of right-padded rows (`keep` marks the real tokens; the padded
+    /// positions of the result hold zeros).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, keep: &Tensor) -> Tensor {
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let pos = Tensor::arange_start(self.position_offset, self.position_offset + t, (Kind::Int64, ids.device())).unsqueeze(0);
         let x = embed(&self.word, ids) + embed(&self.position, &pos) + embed(&self.token_type, type_ids);
-        let mut x = self.emb_norm.forward(&x);
         let kind = x.kind();
+        let width = self.heads * self.head_dim;
         let mask = key_mask(keep, kind);
-        let split = |y: Tensor| y.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        let tokens = Tokens::of(keep);
+        let mut x = tokens.pack(&self.emb_norm.forward(&x).view([b * t, width]));
         for l in &self.layers {
-            let (q, k, v) = (split(l.q.forward(&x)), split(l.k.forward(&x)), split(l.v.forward(&x)));
+            let qkv = tokens.unpack(&l.qkv.forward(&x)).view([b, t, 3, self.heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
+            let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
             let scores = q.matmul(&k.transpose(-2, -1)) * (1.0 / (self.head_dim as f64).sqrt()) + &mask;
-            let ctx = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v).transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]);
-            x = l.attn_norm.forward(&(l.attn_out.forward(&ctx) + &x));
+            let ctx = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v).transpose(1, 2).contiguous().view([b * t, width]);
+            x = l.attn_norm.forward(&(l.attn_out.forward(&tokens.pack(&ctx)) + &x));
             let h = self.act.forward(&l.inter.forward(&x));
             x = l.out_norm.forward(&(l.out.forward(&h) + &x));
         }
-        x
+        tokens.unpack(&x).view([b, t, width])
+    }
+}
+
+/// Where a padded batch's real tokens are: `[B·T, C]` rows packed to `[N, C]` and back.
+enum Tokens {
+    /// No padding: packed is padded.
+    Dense,
+    /// The flat indices of the real tokens, and `B·T`.
+    Some(Tensor, i64),
+}
+
+impl Tokens {
+    fn of(keep: &Tensor) -> Tokens {
+        let all = keep.numel() as i64;
+        let at = keep.reshape([-1]).nonzero().squeeze_dim(1);
+        match at.size()[0] == all {
+            true => Tokens::Dense,
+            false => Tokens::Some(at, all),
+        }
+    }
+
+    /// `[B·T, C]` → the real tokens' rows `[N, C]`.
+    fn pack(&self, padded: &Tensor) -> Tensor {
+        match self {
+            Tokens::Dense => padded.shallow_clone(),
+            Tokens::Some(at, _) => padded.index_select(0, at),
+        }
+    }
+
+    /// `[N, C]` → `[B·T, C]`, zeros at the padding.
+    fn unpack(&self, packed: &Tensor) -> Tensor {
+        match self {
+            Tokens::Dense => packed.shallow_clone(),
+            Tokens::Some(at, all) => Tensor::zeros([*all, packed.size()[1]], (packed.kind(), packed.device())).index_copy(0, at, packed),
+        }
     }
 }
