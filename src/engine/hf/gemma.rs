@@ -7,7 +7,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use crate::hf_config::{HfConfig, Rope};
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -165,7 +165,7 @@ impl CausalLm for Gemma {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
         let x = embed(&self.embed, ids);
         let kind = x.kind();
         // transformers: the scale as a tensor of the weights' dtype.
@@ -179,8 +179,10 @@ impl CausalLm for Gemma {
                 None => (q, k),
             };
             let (mask, rope) = if l.sliding { (&local, &rope_l) } else { (&full, &rope_g) };
-            let h = l.attn.attend(q, k, v, Some(rope), mask, cache.as_deref_mut().map(|c| (c, i)));
-            x += l.post_attn_norm.forward(&h);
+            let last = Outputs::at_layer(out, i, self.layers.len());
+            let kept = last.map(|o| o.mask(if l.sliding { self.sliding_window } else { None }, kind));
+            let h = l.attn.attend(q, k, v, Some(rope), kept.as_ref().unwrap_or(mask), last, cache.as_deref_mut().map(|c| (c, i)));
+            x = Outputs::pick_of(last, x) + l.post_attn_norm.forward(&h);
             x += l.post_ff_norm.forward(&l.mlp.forward(&l.pre_ff_norm.forward(&x)));
         }
         self.norm.forward(&x)

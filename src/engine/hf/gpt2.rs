@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -73,12 +73,15 @@ impl CausalLm for Gpt2 {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
         let mut x = embed(&self.wte, ids) + embed(&self.wpe, &layout.pos);
-        let mask = layout.mask(None, x.kind());
+        let mask_all = layout.mask(None, x.kind());
         for (i, l) in self.layers.iter().enumerate() {
             let (q, k, v) = l.attn.qkv(&l.ln1.forward(&x));
-            x += l.attn.attend(q, k, v, None, &mask, cache.as_deref_mut().map(|c| (c, i)));
+            let last = Outputs::at_layer(out, i, self.layers.len());
+            let mask = last.map(|o| o.mask(None, x.kind()));
+            let h = l.attn.attend(q, k, v, None, mask.as_ref().unwrap_or(&mask_all), last, cache.as_deref_mut().map(|c| (c, i)));
+            x = Outputs::pick_of(last, x) + h;
             x += l.mlp.forward(&l.ln2.forward(&x));
         }
         self.ln_f.forward(&x)

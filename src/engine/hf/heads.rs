@@ -4,7 +4,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::bert::Bert;
-use super::layers::Layout;
+use super::layers::{Layout, Outputs};
 use super::prefix::PrefixedRow;
 use super::{left_pad, pad_left, tch_err, CausalLm, EngineError, Hf, Pooling};
 use crate::job::{JobKind, Output};
@@ -62,7 +62,19 @@ impl Hf {
             self.check_window(d, w)?;
         }
         let packed = pack(windows, d.packs());
-        let (hidden, skip) = match self.prefix_on(d) {
+        // Each row's scored positions (its windows', in order): the only final hidden states the
+        // forward computes, `[B, T', H]`; `at` is where each window's positions land among them.
+        let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); packed.rows.len()];
+        let mut at = Vec::new();
+        let mut targets = Vec::new();
+        for (w, (r, scored)) in windows.iter().zip(&packed.scored) {
+            for &p in scored {
+                at.push((*r, wanted[*r].len()));
+                wanted[*r].push(p);
+            }
+            targets.extend(w.continuation.iter().map(|&t| i64::from(t)));
+        }
+        let hidden = match self.prefix_on(d) {
             true => {
                 let contexts: Vec<&[u32]> = packed.first.iter().map(|&i| windows[i].context.as_slice()).collect();
                 self.prefill_shared(d, &contexts.iter().map(|c| &c[..c.len() - 1]).collect::<Vec<_>>())?;
@@ -77,7 +89,7 @@ impl Hf {
                         seg: packed.segments.as_ref().map_or_else(|| vec![0; packed.rows[r].len()], |s| s[r].clone()),
                     })
                     .collect();
-                self.forward_prefixed(d, &rows, packed.segments.is_some())?
+                self.forward_prefixed(d, &rows, packed.segments.is_some(), &wanted)?
             }
             false => {
                 let (ids, keep, layout) = left_pad(&packed.rows, self.device);
@@ -85,24 +97,18 @@ impl Hf {
                     Some(segments) => Layout::packed(pad_left(&packed.pos, self.device), pad_left(segments, self.device), &keep),
                     None => layout,
                 };
-                (d.forward(&ids, &layout, None), vec![0; packed.rows.len()])
+                // Row r's tokens are the last of its T columns (left padding).
+                let t = ids.size()[1];
+                let columns: Vec<Vec<i64>> = wanted.iter().zip(&packed.rows).map(|(w, row)| w.iter().map(|&p| t - row.len() as i64 + p as i64).collect()).collect();
+                d.forward_to(&ids, &layout, None, Some(&Outputs::new(&columns, &layout)))
             }
         };
-        let t = hidden.size()[1];
-        // Exactly the positions whose next token is scored, gathered into one contiguous
-        // `[n, hidden]` block, so the LM head (vocab × hidden: most of the work at real
-        // vocabularies) runs as one dense GEMM on them; a narrowed 3-D view would go down a
-        // batched path that repacks the weight per row. Only n log-probs and n greedy flags
-        // leave the device.
-        let hidden_size = hidden.size()[2];
-        let mut at = Vec::new();
-        let mut targets = Vec::new();
-        for (w, (r, scored)) in windows.iter().zip(&packed.scored) {
-            // Row r's computed tokens are its last `len - skip` ones, at the end of its T columns.
-            let start = *r as i64 * t + t - (packed.rows[*r].len() - skip[*r]) as i64;
-            at.extend(scored.iter().map(|&p| start + (p - skip[*r]) as i64));
-            targets.extend(w.continuation.iter().map(|&t| i64::from(t)));
-        }
+        // The scored positions gathered into one contiguous `[n, hidden]` block, so the LM head
+        // (vocab × hidden: most of the work at real vocabularies) runs as one dense GEMM on them;
+        // a narrowed 3-D view would go down a batched path that repacks the weight per row. Only
+        // n log-probs and n greedy flags leave the device.
+        let (width, hidden_size) = (hidden.size()[1], hidden.size()[2]);
+        let at: Vec<i64> = at.iter().map(|&(r, j)| r as i64 * width + j as i64).collect();
         let at = Tensor::from_slice(&at).to_device(self.device);
         let targets = Tensor::from_slice(&targets).to_device(self.device);
         let scored = hidden.f_reshape([-1, hidden_size]).and_then(|h| h.f_index_select(0, &at)).map_err(tch_err)?;

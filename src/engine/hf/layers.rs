@@ -277,6 +277,54 @@ impl Layout {
     }
 }
 
+/// The columns of a forward whose final hidden states are used (the scored positions; a
+/// prefill's last token), `[B, T']` (a row with fewer repeats one). Only the last layer's output
+/// feeds nothing but the result: it runs attention queries, the output projection and the MLP
+/// for these columns alone, while every column still gives its keys and values (to the cache,
+/// and to the earlier layers). The same arithmetic for the columns kept, none for the rest.
+pub(crate) struct Outputs {
+    index: Tensor,
+    /// The layout with only these queries.
+    layout: Layout,
+}
+
+impl Outputs {
+    /// `columns[r]`: the columns of row r (in `0..T`) whose hidden states are wanted, in the
+    /// order the result gives them; at least one a row.
+    pub fn new(columns: &[Vec<i64>], layout: &Layout) -> Outputs {
+        let width = columns.iter().map(Vec::len).max().unwrap_or(1);
+        let flat: Vec<i64> = columns.iter().flat_map(|c| (0..width).map(move |j| c[j.min(c.len() - 1)])).collect();
+        let index = Tensor::from_slice(&flat).view([columns.len() as i64, width as i64]).to_device(layout.pos.device());
+        let segments = layout.segments.as_ref().map(|(q, k)| (q.gather(1, &index, false), k.shallow_clone()));
+        let layout = Layout { pos: layout.pos.gather(1, &index, false), key_pos: layout.key_pos.shallow_clone(), segments, dense: false };
+        Outputs { index, layout }
+    }
+
+    /// Which of `layers` layers (this is `i`) runs on the outputs' columns alone: the last.
+    pub fn at_layer(out: Option<&Outputs>, i: usize, layers: usize) -> Option<&Outputs> {
+        out.filter(|_| i + 1 == layers)
+    }
+
+    /// The mask of the kept queries (see [`Layout::mask`]).
+    pub fn mask(&self, window: Option<i64>, kind: Kind) -> AttnMask {
+        self.layout.mask(window, kind)
+    }
+
+    /// The kept columns of `x [B, T, H]` (`[B, T', H]`) where a layer runs on `out`'s alone.
+    pub fn pick_of(out: Option<&Outputs>, x: Tensor) -> Tensor {
+        match out {
+            Some(o) => x.gather(1, &o.index.unsqueeze(2).expand([-1, -1, x.size()[2]], false), false),
+            None => x,
+        }
+    }
+
+    /// The kept queries of `q [B, heads, T, D]`: `[B, heads, T', D]`.
+    fn pick_heads(&self, q: &Tensor) -> Tensor {
+        let s = q.size();
+        q.gather(2, &self.index.view([s[0], 1, -1, 1]).expand([-1, s[1], -1, s[3]], false), false)
+    }
+}
+
 pub(crate) enum AttnMask {
     /// Query i sees keys 0..=i.
     Causal,
@@ -463,9 +511,8 @@ impl Attention {
     }
 
     /// Attention of `q` over `k, v` (written to layer `i` of the cache, and then over the keys it
-    /// holds): `[B, T, H]`.
-    pub fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: Option<&(Tensor, Tensor)>, mask: &AttnMask, cache: Option<(&mut KvCache, usize)>) -> Tensor {
-        let (b, t) = (q.size()[0], q.size()[2]);
+    /// holds): `[B, T, H]`, or `[B, T', H]` for the queries of `out` alone (whose mask `mask` is).
+    pub fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: Option<&(Tensor, Tensor)>, mask: &AttnMask, out: Option<&Outputs>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let (q, k, v) = match rope {
             Some(cs) => (apply_rotary(&q, cs), apply_rotary(&k, cs), v),
             None => (q, k, v),
@@ -474,6 +521,11 @@ impl Attention {
             Some((c, i)) => c.append(i, k, v),
             None => (k, v),
         };
+        let q = match out {
+            Some(o) => o.pick_heads(&q),
+            None => q,
+        };
+        let (b, t) = (q.size()[0], q.size()[2]);
         let attn = match (self.softcap, mask) {
             // The fused kernel (flash on CPU and for unpadded causal rows on CUDA, memory-efficient
             // with a mask) reads grouped KV heads in place (`enable_gqa`).

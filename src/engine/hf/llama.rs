@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -111,14 +111,17 @@ impl CausalLm for Llama {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
         let mut x = embed(&self.embed, ids);
         let kind = x.kind();
-        let mask = layout.mask(self.sliding_window, kind);
+        let mask_all = layout.mask(self.sliding_window, kind);
         let rope = self.rotary.cos_sin(&layout.pos, kind);
         for (i, l) in self.layers.iter().enumerate() {
             let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
-            x += l.attn.attend(q, k, v, Some(&rope), &mask, cache.as_deref_mut().map(|c| (c, i)));
+            let last = Outputs::at_layer(out, i, self.layers.len());
+            let mask = last.map(|o| o.mask(self.sliding_window, kind));
+            let h = l.attn.attend(q, k, v, Some(&rope), mask.as_ref().unwrap_or(&mask_all), last, cache.as_deref_mut().map(|c| (c, i)));
+            x = Outputs::pick_of(last, x) + h;
             x += l.mlp.forward(&l.norm2.forward(&x));
         }
         self.norm.forward(&x)

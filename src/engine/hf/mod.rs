@@ -38,7 +38,7 @@ use crate::job::{JobInput, JobKind, Output};
 use crate::kinds::{scoring, Window};
 use crate::plan::ModelPlan;
 use generate::{GenBatch, Row};
-use layers::{KvCache, Layout};
+use layers::{KvCache, Layout, Outputs};
 
 fn load_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Load(e.to_string())
@@ -54,7 +54,12 @@ pub(crate) trait CausalLm {
     fn num_layers(&self) -> usize;
     /// Final hidden states `[B, T, H]` of `ids [B, T]`, attending as `layout` says (S = cached +
     /// T keys); with a cache, keys and values are appended to it.
-    fn forward(&self, ids: &Tensor, layout: &Layout, cache: Option<&mut KvCache>) -> Tensor;
+    fn forward(&self, ids: &Tensor, layout: &Layout, cache: Option<&mut KvCache>) -> Tensor {
+        self.forward_to(ids, layout, cache, None)
+    }
+    /// [`CausalLm::forward`], with only the final hidden states of `out`'s columns computed and
+    /// returned (`[B, T', H]`) where given.
+    fn forward_to(&self, ids: &Tensor, layout: &Layout, cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor;
     /// f32 logits of hidden states.
     fn logits(&self, hidden: &Tensor) -> Tensor;
     /// Whether one row may pack a shared context and several continuations (positions

@@ -10,7 +10,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::layers::{KvCache, Layout};
+use super::layers::{KvCache, Layout, Outputs};
 use super::{pad_left, CausalLm, EngineError, Hf};
 use crate::engine::prefix::{Hit, PrefixTree, Segment};
 
@@ -79,10 +79,10 @@ impl Hf {
         self.prefix.borrow().enabled() && d.packs()
     }
 
-    /// Final hidden states `[B, T, H]` of `rows` with each row's cached prefix taken from the cache,
-    /// and how many leading tokens of each row that was: row r's last `ids.len() - skip[r]` tokens
-    /// are computed, left-padded to T. Each row's `store` tokens are cached afterwards.
-    pub(super) fn forward_prefixed(&self, d: &dyn CausalLm, rows: &[PrefixedRow], segments: bool) -> Result<(Tensor, Vec<usize>), EngineError> {
+    /// Final hidden states `[B, T', H]` of `rows` at the positions `out[r]` of each (indices into
+    /// its `ids`, past its `cacheable` tokens; at least one a row), with each row's cached prefix
+    /// taken from the cache. Each row's `store` tokens are cached afterwards.
+    pub(super) fn forward_prefixed(&self, d: &dyn CausalLm, rows: &[PrefixedRow], segments: bool, out: &[Vec<usize>]) -> Result<Tensor, EngineError> {
         let mut tree = self.prefix.borrow_mut();
         // Each distinct cached prefix gathered once per layer ([kv_heads, len, D]), rows pointing at it.
         let mut hits: Vec<(usize, Vec<(Tensor, Tensor)>)> = Vec::new();
@@ -153,7 +153,9 @@ impl Hf {
         let stored: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].store.len() > skip[r]).collect();
         let keep_cols = stored.iter().map(|&r| (r as i64, t - new[r].len() as i64, (rows[r].store.len() - skip[r]) as i64)).collect();
         let mut cache = KvCache::extend(past, keep_cols);
-        let hidden = d.forward(&ids, &layout, Some(&mut cache));
+        // Row r's new tokens are the last of its T columns (left padding).
+        let columns: Vec<Vec<i64>> = out.iter().zip(rows).map(|(o, r)| o.iter().map(|&p| t - r.ids.len() as i64 + p as i64).collect()).collect();
+        let hidden = d.forward_to(&ids, &layout, Some(&mut cache), Some(&Outputs::new(&columns, &layout)));
         let kept = match cache.write {
             super::layers::Write::Extend { kept, .. } => kept,
             _ => unreachable!("an extend cache"),
@@ -170,7 +172,7 @@ impl Hf {
                 }).collect()))
             });
         }
-        Ok((hidden, skip))
+        Ok(hidden)
     }
 
     /// Computes once, and caches, the prefixes rows of this batch share (beyond what is cached)
@@ -199,6 +201,8 @@ impl Hf {
             .iter()
             .map(|s| PrefixedRow { cacheable: &s[..s.len() - 1], store: s, ids: s.iter().map(|&t| i64::from(t)).collect(), pos: (0..s.len() as i64).collect(), seg: vec![0; s.len()] })
             .collect();
-        self.forward_prefixed(d, &rows, false).map(|_| ())
+        // Only their keys and values are wanted: the last layer runs one query a row.
+        let last: Vec<Vec<usize>> = rows.iter().map(|r| vec![r.ids.len() - 1]).collect();
+        self.forward_prefixed(d, &rows, false, &last).map(|_| ())
     }
 }

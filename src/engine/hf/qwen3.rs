@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -104,7 +104,7 @@ impl CausalLm for Qwen3 {
         self.layers.len()
     }
 
-    fn forward(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>) -> Tensor {
+    fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
         let mut x = embed(&self.embed, ids);
         let kind = x.kind();
         let full = layout.mask(None, kind);
@@ -114,7 +114,10 @@ impl CausalLm for Qwen3 {
             let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
             let (q, k) = (l.q_norm.forward(&q), l.k_norm.forward(&k));
             let mask = if l.sliding { sliding.as_ref().expect("sliding mask") } else { &full };
-            x += l.attn.attend(q, k, v, Some(&rope), mask, cache.as_deref_mut().map(|c| (c, i)));
+            let last = Outputs::at_layer(out, i, self.layers.len());
+            let kept = last.map(|o| o.mask(if l.sliding { self.sliding_window } else { None }, kind));
+            let h = l.attn.attend(q, k, v, Some(&rope), kept.as_ref().unwrap_or(mask), last, cache.as_deref_mut().map(|c| (c, i)));
+            x = Outputs::pick_of(last, x) + h;
             x += l.mlp.forward(&l.norm2.forward(&x));
         }
         self.norm.forward(&x)
