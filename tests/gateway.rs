@@ -118,6 +118,14 @@ fn events(body: &str) -> Vec<String> {
     body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
 }
 
+/// The `choices[0]` of a 200 stream's events, up to `[DONE]`.
+fn streamed_choices(a: &Answer) -> Vec<Value> {
+    assert_eq!((a.status, a.header("content-type")), (200, Some("text/event-stream")), "{}", a.body);
+    let events = events(&a.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", a.body);
+    events[..events.len() - 1].iter().map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0].clone()).collect()
+}
+
 /// A job published natively (JSON) and its result.
 async fn native(h: &Harness, id: &str, model: &str, kind: &str, input: Value, params: Value) -> JobResult {
     let mut sub = h.client.subscribe(format!("jetbatch.results.{id}")).await.unwrap();
@@ -220,6 +228,26 @@ async fn completions_chat_and_embeddings_equal_the_native_path() {
     let streamed: String = events.iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()).filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect();
     assert_eq!(streamed, want["text"].as_str().unwrap());
     assert!(events.len() >= 3, "text arrives in pieces: {events:?}");
+    // Streamed with logprobs (computed again, not the cache's): each event has its tokens', and
+    // together they are the unstreamed answer's.
+    let content = content.clone();
+    let a = g.post("/v1/chat/completions", json!({"model": "chat-lm", "messages": messages, "max_tokens": 12, "logprobs": true, "top_logprobs": 2, "stream": true, "cache": false})).await;
+    let chunks = streamed_choices(&a);
+    let pieces: Vec<&Vec<Value>> = chunks.iter().filter_map(|c| c["logprobs"]["content"].as_array()).collect();
+    assert!(pieces.len() >= 3, "in pieces: {}", a.body);
+    assert_eq!(pieces.into_iter().flatten().cloned().collect::<Vec<Value>>(), content, "{}", a.body);
+    // The same for a streamed completion: tokens, log-probs, top log-probs and text offsets.
+    let body = json!({"model": "tiny-lm", "prompt": "Once upon", "max_tokens": 8, "temperature": 0, "logprobs": 2});
+    let a = g.post("/v1/completions", body.clone()).await;
+    let want = a.json()["choices"][0]["logprobs"].clone();
+    let mut streamed = body;
+    streamed["stream"] = true.into();
+    streamed["cache"] = false.into();
+    let chunks = streamed_choices(&g.post("/v1/completions", streamed).await);
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let got: Vec<Value> = chunks.iter().filter_map(|c| c["logprobs"][field].as_array()).flatten().cloned().collect();
+        assert_eq!(Value::from(got), want[field], "{field}: {chunks:?}");
+    }
 
     // Embeddings: the native embed's vectors, as floats and as base64.
     let a = g.post("/v1/embeddings", json!({"model": "minilm", "input": ["a cat", "a dog"]})).await;
@@ -240,7 +268,7 @@ async fn completions_chat_and_embeddings_equal_the_native_path() {
 
     // The metrics counted them by route and status.
     let m = g.raw("GET", "/metrics", None, &[]).await.unwrap().body;
-    assert!(m.contains("jetbatch_gateway_requests_total{route=\"chat\",status=\"200\"} 2"), "{m}");
+    assert!(m.contains("jetbatch_gateway_requests_total{route=\"chat\",status=\"200\"} 3"), "{m}");
     assert!(m.contains("jetbatch_gateway_in_flight{route=\"completions\"} 0"), "{m}");
 }
 

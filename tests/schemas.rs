@@ -47,6 +47,9 @@ fn examples_validate() {
     }
     let chunk = validator("stream-chunk.schema.json");
     assert_valid(&chunk, &json!({"id": "a", "index": 0, "text": "he", "token": 5}), "chunk");
+    let top = json!([{"ids": [4, 9], "tokens": ["h", "x"], "logprobs": [-0.5, "-Infinity"]}, {"ids": [5, 9], "tokens": ["e", "x"], "logprobs": [-0.1, -3.0]}]);
+    assert_valid(&chunk, &json!({"id": "a", "index": 0, "text": "he", "token": 5, "tokens": [4, 5], "top_logprobs": top}), "chunk with log-probs");
+    assert!(!chunk.is_valid(&json!({"id": "a", "index": 0, "text": "he", "token": 5, "tokens": [4, 5], "top_logprobs": [{"ids": [4]}]})));
     assert_valid(&chunk, &json!({"id": "a", "done": true}), "done");
     assert!(!chunk.is_valid(&json!({"id": "a", "text": "he"})));
 }

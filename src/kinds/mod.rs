@@ -266,8 +266,8 @@ fn with_top(output: Value, top: &[TopLogprobs], encoding: Encoding) -> Value {
     Value::Map(pairs)
 }
 
-/// `top_logprobs` entries, one per token.
-fn top_to_wire(top: &[TopLogprobs], encoding: Encoding) -> Value {
+/// `top_logprobs` entries, one per token (also a streamed chunk's).
+pub(crate) fn top_to_wire(top: &[TopLogprobs], encoding: Encoding) -> Value {
     Value::Array(
         top.iter()
             .map(|t| {
