@@ -258,6 +258,14 @@ async fn completions_chat_and_embeddings_equal_the_native_path() {
     let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>();
     assert_close(&floats(&body["data"][1]["embedding"]), &floats(&want["embedding"]), 1e-5, "embedding");
     assert_eq!(body["data"][1]["index"], 1);
+    // usage: the tokens the model read, [CLS] and [SEP] included, as its tokenizer counts them.
+    // (The file pads every encoding to 128; the worker reads the text's tokens only.)
+    let mut tok = tokenizers::Tokenizer::from_file(h.models.join("minilm/tokenizer.json")).unwrap();
+    tok.with_padding(None);
+    let read = |text: &str| tok.encode(text, true).unwrap().len() as u64;
+    let usage = (body["usage"]["prompt_tokens"].as_u64(), body["usage"]["total_tokens"].as_u64());
+    assert_eq!(usage, (Some(read("a cat") + read("a dog")), Some(read("a cat") + read("a dog"))), "{}", body["usage"]);
+    assert_eq!((want["tokens"].as_u64(), read("a dog")), (Some(4), 4), "[CLS] a dog [SEP]");
     let a = g.post("/v1/embeddings", json!({"model": "minilm", "input": "a dog", "encoding_format": "base64"})).await;
     let encoded = a.json()["data"][0]["embedding"].as_str().unwrap().to_string();
     use base64::Engine as _;
