@@ -181,3 +181,52 @@ impl Relay {
         let _ = self.send(&e.body()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn top(id: u64, text: &str, logprob: f64) -> Value {
+        json!({"ids": [id, 9], "tokens": [text, "x"], "logprobs": [logprob, -5.0]})
+    }
+
+    /// Chunks (one lost to a redelivery's repeat), then the result with an end-of-sequence token
+    /// no chunk covered: the events' text and log-probs are the result's.
+    #[tokio::test]
+    async fn events_carry_the_chunks_log_probs_and_the_rest_from_the_result() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let render: Render = Box::new(|piece| match piece {
+            Piece::Text { text, at, logprobs } => json!({"text": text, "at": at, "tokens": logprobs.unwrap().iter().map(|t| (t.text.clone(), t.logprob)).collect::<Vec<_>>()}),
+            Piece::Finish(_) => json!("finish"),
+        });
+        let mut relay = Relay { tx, render, logprobs: Some(1), sent: String::new(), sent_chars: 0, tokens_sent: 0, next: 0 };
+        let chunk = |index: u64, text: &str, tokens: &[(u64, &str, f64)]| {
+            let ids: Vec<u64> = tokens.iter().map(|t| t.0).collect();
+            let tops: Vec<Value> = tokens.iter().map(|&(id, text, lp)| top(id, text, lp)).collect();
+            serde_json::to_vec(&json!({"id": "j", "index": index, "text": text, "token": ids.last(), "tokens": ids, "top_logprobs": tops})).unwrap()
+        };
+        assert!(relay.chunk(&chunk(0, "hé", &[(1, "h", -0.5), (2, "é", -1.0)])).await);
+        assert!(relay.chunk(&chunk(0, "hé", &[(1, "h", -0.5), (2, "é", -1.0)])).await, "a repeat is skipped");
+        assert!(relay.chunk(&chunk(1, "y", &[(3, "y", -0.25)])).await);
+        let output = json!({"text": "héy", "tokens": [1, 2, 3, 0], "finish_reason": "eos",
+                            "top_logprobs": [top(1, "h", -0.5), top(2, "é", -1.0), top(3, "y", -0.25), top(0, "", -0.125)]});
+        relay.finish(&output).await;
+        drop(relay);
+        let mut events = Vec::new();
+        while let Some(e) = rx.recv().await {
+            events.push(String::from_utf8(e.to_vec()).unwrap());
+        }
+        let data: Vec<Value> = events.iter().map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap().trim()).unwrap_or(json!(e))).collect();
+        assert_eq!(
+            data[..4],
+            [
+                json!({"text": "hé", "at": 0, "tokens": [["h", -0.5], ["é", -1.0]]}),
+                json!({"text": "y", "at": 2, "tokens": [["y", -0.25]]}),
+                json!({"text": "", "at": 3, "tokens": [["", -0.125]]}),
+                json!("finish"),
+            ]
+        );
+        assert_eq!(events[4], "data: [DONE]\n\n");
+    }
+}
