@@ -159,7 +159,7 @@ fn encoders_match_transformers_on_the_engine() {
             let (alone, batched) = alone_and_batched(&engine, &spec, JobKind::Embed, cases.iter().map(encode).collect());
             let mut min_cos = 1.0f64;
             for (i, want) in cases.iter().enumerate() {
-                let (Output::Embedding(a), Output::Embedding(e)) = (&alone[i], &batched[i]) else { panic!() };
+                let (Output::Embedding { embedding: a, .. }, Output::Embedding { embedding: e, .. }) = (&alone[i], &batched[i]) else { panic!() };
                 let w: Vec<f64> = serde_json::from_value(want["embedding"].clone()).unwrap();
                 let dot: f64 = e.iter().zip(&w).map(|(a, b)| *a as f64 * b).sum();
                 let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
@@ -420,7 +420,7 @@ fn bf16_encoders_embed_and_classify_close_to_f32() {
         let encode = |r: &Value| encode_case(&spec, r);
         if let Some(cases) = r.get("embed").and_then(Value::as_array) {
             for (i, (got, want)) in run(&engine, &spec, JobKind::Embed, cases.iter().map(encode).collect()).iter().zip(cases).enumerate() {
-                let Output::Embedding(e) = got else { panic!() };
+                let Output::Embedding { embedding: e, .. } = got else { panic!() };
                 let w: Vec<f64> = serde_json::from_value(want["embedding"].clone()).unwrap();
                 let dot: f64 = e.iter().zip(&w).map(|(a, b)| *a as f64 * b).sum();
                 let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();

@@ -313,7 +313,7 @@ async fn forged_bucket_entries_are_refused_recomputed_and_overwritten() {
     // Forged through the tier's own writer, so each entry is well-formed for this version.
     let (forger, _) = shared_tier(&h.client);
     let generated = Output::Generate { text: "pwned".into(), tokens: vec![1], finish_reason: jetbatch::kinds::FinishReason::Eos, prompt_tokens: 1, top: vec![] };
-    let forgeries = [("kind", Some(generated)), ("dim", Some(Output::Embedding(vec![0.5; 3]))), ("nan", Some(Output::Embedding(vec![f32::NAN; 384]))), ("copied", None)];
+    let forgeries = [("kind", Some(generated)), ("dim", Some(Output::Embedding { embedding: vec![0.5; 3], tokens: 3 })), ("nan", Some(Output::Embedding { embedding: vec![f32::NAN; 384], tokens: 3 })), ("copied", None)];
     for (n, (what, output)) in forgeries.into_iter().enumerate() {
         match output {
             Some(output) => forger.put(&key_bytes(&cat), &output).await,

@@ -47,6 +47,9 @@ fn examples_validate() {
     }
     let chunk = validator("stream-chunk.schema.json");
     assert_valid(&chunk, &json!({"id": "a", "index": 0, "text": "he", "token": 5}), "chunk");
+    let top = json!([{"ids": [4, 9], "tokens": ["h", "x"], "logprobs": [-0.5, "-Infinity"]}, {"ids": [5, 9], "tokens": ["e", "x"], "logprobs": [-0.1, -3.0]}]);
+    assert_valid(&chunk, &json!({"id": "a", "index": 0, "text": "he", "token": 5, "tokens": [4, 5], "top_logprobs": top}), "chunk with log-probs");
+    assert!(!chunk.is_valid(&json!({"id": "a", "index": 0, "text": "he", "token": 5, "tokens": [4, 5], "top_logprobs": [{"ids": [4]}]})));
     assert_valid(&chunk, &json!({"id": "a", "done": true}), "done");
     assert!(!chunk.is_valid(&json!({"id": "a", "text": "he"})));
 }
@@ -154,12 +157,12 @@ fn emitted_results_validate() {
         Output::Choices { logprobs: vec![f64::NEG_INFINITY], is_greedy: vec![false], tokens: vec![1], top: vec![vec![top.clone()]] },
         Output::Generate { text: "hi".into(), tokens: vec![1, 2], finish_reason: jetbatch::job::FinishReason::Eos, prompt_tokens: 3, top: vec![] },
         Output::Generate { text: "h".into(), tokens: vec![1], finish_reason: jetbatch::job::FinishReason::Length, prompt_tokens: 3, top: vec![top.clone()] },
-        Output::Embedding(vec![0.6, 0.8]),
+        Output::Embedding { embedding: vec![0.6, 0.8], tokens: 4 },
         Output::Classification { logits: vec![1.0, 2.0], probs: vec![0.27, 0.73], label: "pos".into(), label_id: 1 },
         // Non-finite floats are strings in JSON.
         Output::Score { logprob: f64::NEG_INFINITY, is_greedy: Some(false), tokens: 2, top: vec![] },
         Output::Score { logprob: f64::NAN, is_greedy: None, tokens: 2, top: vec![] },
-        Output::Embedding(vec![f32::NAN, f32::INFINITY]),
+        Output::Embedding { embedding: vec![f32::NAN, f32::INFINITY], tokens: 4 },
         Output::Classification { logits: vec![f32::NEG_INFINITY, 2.0], probs: vec![0.0, f32::NAN], label: "pos".into(), label_id: 1 },
         Output::Tensor(vec![TensorData::from((&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY][..], vec![3]))]),
     ];

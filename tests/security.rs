@@ -303,6 +303,35 @@ async fn the_tenant_accounts_share_the_pool_but_not_results_or_jobs() {
     }
     let serve = Killed(serve);
 
+    // team-a's gateway lists the pool's models through discovery; team-a reads each worker's
+    // `info` endpoint and none of its others.
+    let port = free_port();
+    let gateway_log = dir.path().join("gateway.log");
+    let gateway = Command::new(BIN)
+        .args(["gateway", "--nats-url", &url, "--nats-user", "team-a", "--nats-password", "a-pw", "--js-api-prefix", TENANT_API, "--models-ttl-secs", "1"])
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .stderr(std::fs::File::create(&gateway_log).unwrap())
+        .spawn()
+        .unwrap();
+    let _gateway = Killed(gateway);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("curl").args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}/v1/models")]).output().unwrap();
+        let models = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["data"].as_array().map(|d| d.iter().map(|m| m["id"].clone()).collect::<Vec<_>>()));
+        if models.as_ref().is_some_and(|m| m.contains(&json!("mlp"))) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "team-a's gateway lists {models:?}: {}", std::fs::read_to_string(&gateway_log).unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let a = async_nats::ConnectOptions::with_user_and_password("team-a".into(), "a-pw".into()).connect(&url).await.unwrap();
+    let workers = jetbatch::pool::discover(&a, "jetbatch", None, jetbatch::pool::DISCOVERY_WINDOW).await.unwrap();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    for verb in jetbatch::pool::verb::ALL {
+        let answer = jetbatch::pool::call::<serde_json::Value>(&a, workers[0].subject(verb), &json!({}), Duration::from_secs(2)).await;
+        assert_eq!(answer.is_ok(), verb == jetbatch::pool::verb::INFO, "team-a calls {verb}: {answer:?}");
+    }
+
     // team-b listens to every result it may see while team-a's job is answered.
     let b = async_nats::ConnectOptions::with_user_and_password("team-b".into(), "b-pw".into()).connect(&url).await.unwrap();
     let mut b_results = b.subscribe("jetbatch.results.>").await.unwrap();
@@ -331,7 +360,6 @@ async fn the_tenant_accounts_share_the_pool_but_not_results_or_jobs() {
     }
 
     // With no worker, team-a's next job stays queued: team-b can neither read nor delete it.
-    let a = async_nats::ConnectOptions::with_user_and_password("team-a".into(), "a-pw".into()).connect(&url).await.unwrap();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "team-a.queued");
     let job = json!({"id": "team-a.queued", "model": "mlp", "kind": "tensor", "input": {"inputs": [{"dtype": "f32", "shape": [16], "data": values(4, 16)}]}});

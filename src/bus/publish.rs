@@ -196,7 +196,7 @@ pub struct Streamer {
 
 impl Streamer {
     pub async fn publish(&self, id: &str, encoding: crate::job::Encoding, c: &StreamChunk) {
-        let payload = Bytes::from(encoding.encode(&c.wire(id)));
+        let payload = Bytes::from(encoding.encode(&c.wire(id, encoding)));
         if let Err(e) = self.client.publish(format!("{}.stream.{id}", self.prefix), payload).await {
             warn!(%id, error = %e, "stream chunk publish");
         }

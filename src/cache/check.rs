@@ -66,12 +66,13 @@ pub fn check(job: &ValidJob, spec: &ModelPlan, output: &Output) -> Result<(), Mi
             }
             logprobs("logprobs", lps.iter().copied())
         }
-        (JobKind::Embed, JobInput::Encode { .. }, Output::Embedding(e)) => {
+        (JobKind::Embed, JobInput::Encode { ids, .. }, Output::Embedding { embedding: e, tokens }) => {
             // The engine pools the encoder's last hidden state: one value per hidden unit.
             if let Some(lm) = lm {
                 count("embedding", lm.config.hidden_size, e.len())?;
             }
-            finite("embedding", e)
+            finite("embedding", e)?;
+            count("tokens", ids.len(), *tokens)
         }
         (JobKind::Classify, JobInput::Encode { .. }, Output::Classification { logits, probs, label, label_id }) => {
             let labels = lm.map(|lm| lm.config.labels()).unwrap_or_default();
@@ -120,7 +121,7 @@ fn name(output: &Output) -> &'static str {
         Output::Tensor(_) => "tensor",
         Output::Score { .. } => "score",
         Output::Generate { .. } => "generate",
-        Output::Embedding(_) => "embedding",
+        Output::Embedding { .. } => "embedding",
         Output::Classification { .. } => "classification",
         Output::Choices { .. } => "choices",
     }
@@ -195,11 +196,13 @@ mod tests {
         let (_d, spec) = lm_spec();
         let dim = spec.lm.as_ref().unwrap().config.hidden_size;
         let embed = job(JobKind::Embed, encode());
-        assert_eq!(check(&embed, &spec, &Output::Embedding(vec![0.5; dim])), Ok(()));
-        assert_eq!(check(&embed, &spec, &Output::Embedding(vec![0.5; 3])), Err(Mismatch::Count { field: "embedding", expected: dim, found: 3 }));
+        let embedding = |embedding: Vec<f32>, tokens: usize| Output::Embedding { embedding, tokens };
+        assert_eq!(check(&embed, &spec, &embedding(vec![0.5; dim], 2)), Ok(()));
+        assert_eq!(check(&embed, &spec, &embedding(vec![0.5; 3], 2)), Err(Mismatch::Count { field: "embedding", expected: dim, found: 3 }));
+        assert_eq!(check(&embed, &spec, &embedding(vec![0.5; dim], 5)), Err(Mismatch::Count { field: "tokens", expected: 2, found: 5 }));
         let mut nan = vec![0.5; dim];
         nan[1] = f32::NAN;
-        assert_eq!(check(&embed, &spec, &Output::Embedding(nan)), Err(Mismatch::NotFinite { field: "embedding" }));
+        assert_eq!(check(&embed, &spec, &embedding(nan, 2)), Err(Mismatch::NotFinite { field: "embedding" }));
         let generated = Output::Generate { text: "x".into(), tokens: vec![1], finish_reason: FinishReason::Eos, prompt_tokens: 2, top: vec![] };
         assert_eq!(check(&embed, &spec, &generated), Err(Mismatch::Kind { kind: "embed", found: "generate" }));
         assert_eq!(check(&embed, &spec, &generated).unwrap_err().to_string(), "a generate answer for a embed job");
@@ -210,7 +213,7 @@ mod tests {
         assert_eq!(check(&classify, &spec, &class(2, "neg", 0)), Err(Mismatch::Count { field: "logits", expected: 3, found: 2 }));
         assert_eq!(check(&classify, &spec, &class(3, "neg", 2)), Err(Mismatch::Label { field: "label", expected: "pos".into(), found: "neg".into() }));
         assert_eq!(check(&classify, &spec, &class(3, "pos", 3)), Err(Mismatch::TooMany { field: "label_id", most: 2, found: 3 }));
-        assert_eq!(check(&classify, &spec, &Output::Embedding(vec![0.5; dim])), Err(Mismatch::Kind { kind: "classify", found: "embedding" }));
+        assert_eq!(check(&classify, &spec, &embedding(vec![0.5; dim], 2)), Err(Mismatch::Kind { kind: "classify", found: "embedding" }));
     }
 
     #[test]
@@ -260,6 +263,6 @@ mod tests {
         assert_eq!(err.to_string(), "output.tensors[0]: dim 0 is Some(2), input 0 dim 0 is Some(3)");
         let err = check(&tensor, &spec, &Output::Tensor(vec![t(vec![-1, -4], 16)])).unwrap_err();
         assert_eq!(err.to_string(), "output.tensors[0]: shape [-1, -4] is not a shape");
-        assert_eq!(check(&tensor, &spec, &Output::Embedding(vec![1.0])), Err(Mismatch::Kind { kind: "tensor", found: "embedding" }));
+        assert_eq!(check(&tensor, &spec, &Output::Embedding { embedding: vec![1.0], tokens: 1 }), Err(Mismatch::Kind { kind: "tensor", found: "embedding" }));
     }
 }

@@ -1,7 +1,7 @@
 //! `POST /v1/chat/completions`: `messages` go to a `generate` job as they are, and the worker
 //! renders them with the model's own chat template (its refusal names `messages`); `stream: true`
 //! streams the chunks; `logprobs: true` (with `top_logprobs: k`) reports the generated tokens'
-//! log-probs (not in streamed answers: there `logprobs` is refused naming it).
+//! log-probs, streamed or not (the same values).
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::jobs::{JobOptions, JobSpec};
-use super::openai::{self, TOP_ASKED};
+use super::openai::{self, TokenLogprob, TOP_ASKED};
 use super::sse::{self, Piece};
 use super::App;
 
@@ -35,9 +35,6 @@ pub async fn handle(app: Arc<App>, mut body: Map<String, Value>, options: JobOpt
     };
     let mut params = openai::generation_params(body, None);
     if logprobs {
-        if stream {
-            return Err(ApiError::bad("logprobs", "not served with stream: true"));
-        }
         params.insert("top_logprobs".into(), TOP_ASKED.into());
     }
     let spec = JobSpec { model: &model, kind: "generate", input: json!({"messages": messages}), params, options: &options };
@@ -45,31 +42,34 @@ pub async fn handle(app: Arc<App>, mut body: Map<String, Value>, options: JobOpt
     if stream {
         let name = model.clone();
         let render = Box::new(move |piece: Piece| {
-            let (delta, finish, usage) = match piece {
-                Piece::Text(t) => (json!({"role": "assistant", "content": t}), Value::Null, Value::Null),
-                Piece::Finish(output) => (json!({}), openai::finish_reason(output).into(), usage(output)),
+            let (delta, logprobs, finish, usage) = match piece {
+                Piece::Text { text, logprobs, .. } => (json!({"role": "assistant", "content": text}), logprobs.map(content_logprobs), Value::Null, Value::Null),
+                Piece::Finish(output) => (json!({}), None, openai::finish_reason(output).into(), usage(output)),
             };
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}], "usage": usage})
+                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], "usage": usage})
         });
-        return sse::respond(&app.bus, spec, app.stream_idle, render).await;
+        return sse::respond(&app.bus, spec, app.stream_idle, logprobs.then_some(top), render).await;
     }
     let output = app.bus.run(spec).await?;
-    let logprobs = logprobs.then(|| {
-        let content: Vec<Value> = openai::generated_logprobs(&output, top)
-            .into_iter()
-            .map(|t| {
-                let top: Vec<Value> = t.top.iter().map(|(s, l)| json!({"token": s, "logprob": l, "bytes": s.as_bytes()})).collect();
-                json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": top})
-            })
-            .collect();
-        json!({"content": content})
-    });
+    let logprobs = logprobs.then(|| content_logprobs(&openai::generated_logprobs(&output, top)));
     Ok(openai::json_response(json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": output["text"]}, "logprobs": logprobs, "finish_reason": openai::finish_reason(&output)}],
         "usage": usage(&output),
     })))
+}
+
+/// A choice's `logprobs`: `{content: [{token, logprob, bytes, top_logprobs}]}`.
+fn content_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let top: Vec<Value> = t.top.iter().map(|(s, l)| json!({"token": s, "logprob": l, "bytes": s.as_bytes()})).collect();
+            json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content})
 }
 
 fn usage(output: &Value) -> Value {

@@ -1,5 +1,6 @@
 //! `POST /v1/completions`: each prompt (a string, a token list, or a list of either) is a
-//! `generate` job; `stream: true` (one prompt) streams its chunks.
+//! `generate` job; `stream: true` (one prompt, no echo) streams its chunks, with their tokens'
+//! `logprobs` when asked.
 //!
 //! `echo: true` with `logprobs` returns the prompt's tokens with their log-probs, which is how
 //! lm-eval's `local-completions` scores a loglikelihood (it sends context + continuation as token
@@ -88,21 +89,21 @@ pub async fn handle(app: Arc<App>, mut body: Map<String, Value>, options: JobOpt
         params.insert("top_logprobs".into(), TOP_ASKED.into());
     }
     if stream {
-        if prompts.len() != 1 || echo || logprobs.is_some() {
-            return Err(ApiError::bad("stream", "streams one prompt without echo or logprobs"));
+        if prompts.len() != 1 || echo {
+            return Err(ApiError::bad("stream", "streams one prompt without echo"));
         }
         let spec = JobSpec { model: &model, kind: "generate", input: prompts[0].input(), params, options: &options };
         let (id, created) = (app.bus.next_id(), openai::created());
         let name = model.clone();
         let render = Box::new(move |piece: Piece| {
-            let (text, finish) = match piece {
-                Piece::Text(t) => (t, Value::Null),
-                Piece::Finish(output) => ("", openai::finish_reason(output).into()),
+            let (text, logprobs, finish) = match piece {
+                Piece::Text { text, at, logprobs } => (text, logprobs.map(|l| completion_logprobs(l, at)), Value::Null),
+                Piece::Finish(output) => ("", None, openai::finish_reason(output).into()),
             };
             json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": name,
-                   "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+                   "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
         });
-        return sse::respond(&app.bus, spec, app.stream_idle, render).await;
+        return sse::respond(&app.bus, spec, app.stream_idle, logprobs, render).await;
     }
     let asked = Asked { model: &model, echo, logprobs, params, options: &options };
     let answers = futures::future::try_join_all(prompts.iter().enumerate().map(|(i, p)| choice(&app.bus, &asked, i, p))).await?;
@@ -170,7 +171,7 @@ async fn choice(bus: &Arc<Bus>, asked: &Asked<'_>, index: usize, prompt: &Prompt
     }
     let logprobs = logprobs.map(|k| {
         tokens.extend(openai::generated_logprobs(output, k));
-        completion_logprobs(&tokens)
+        completion_logprobs(&tokens, 0)
     });
     Ok(Answer {
         choice: json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": openai::finish_reason(output)}),
@@ -198,9 +199,10 @@ async fn score_prompt(bus: &Arc<Bus>, model: &str, tokens: &[u64], k: usize, opt
     Ok(first.into_iter().chain(rest).collect())
 }
 
-/// The completions `logprobs` object; `text_offset` counts characters from the start of `text`.
-fn completion_logprobs(tokens: &[TokenLogprob]) -> Value {
-    let mut offset = 0;
+/// The completions `logprobs` object of `tokens`, whose text starts `at` characters into the
+/// choice's (`text_offset` counts characters from the start of the choice's text).
+fn completion_logprobs(tokens: &[TokenLogprob], at: usize) -> Value {
+    let mut offset = at;
     let offsets: Vec<usize> = tokens
         .iter()
         .map(|t| {

@@ -1,7 +1,8 @@
 //! `POST /v1/embeddings`: `input` (a string or a list of strings) → one `embed` job each; the rest
 //! of the request goes to the jobs' `params` (`normalize`; anything else the worker refuses by
 //! name). `encoding_format: "base64"` (the OpenAI SDKs' default) sends each vector as the base64
-//! of its little-endian f32s. The `embed` output carries no token count: `usage` says 0.
+//! of its little-endian f32s. `usage` counts the tokens the model read (each `embed` output's
+//! `tokens`: special tokens included).
 
 use std::sync::Arc;
 
@@ -42,7 +43,8 @@ pub async fn handle(app: Arc<App>, mut body: Map<String, Value>, options: JobOpt
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    Ok(openai::json_response(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0}})))
+    let tokens: u64 = outputs.iter().filter_map(|out| out["tokens"].as_u64()).sum();
+    Ok(openai::json_response(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})))
 }
 
 /// A vector as OpenAI's base64 encoding: little-endian f32s.

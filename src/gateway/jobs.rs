@@ -178,9 +178,9 @@ impl Pending {
                 }
             }
         };
-        let result: Value = serde_json::from_slice(&payload).map_err(|e| ApiError::bus(format!("unreadable result of job {}: {e}", self.id)))?;
+        let mut result: Value = serde_json::from_slice(&payload).map_err(|e| ApiError::bus(format!("unreadable result of job {}: {e}", self.id)))?;
         if result["status"] == "ok" {
-            return Ok(result["output"].clone());
+            return Ok(result["output"].take());
         }
         let error = &result["error"];
         Err(ApiError::from_job(&self.model, error["code"].as_str().unwrap_or("model_error"), error["message"].as_str().unwrap_or("")))

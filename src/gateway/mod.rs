@@ -136,6 +136,14 @@ fn hold_while_streaming(response: Response, permit: tokio::sync::OwnedSemaphoreP
     Response::from_parts(parts, Body::from_stream(events))
 }
 
+/// Every event of a stream is a small write of its own: with Nagle's algorithm on, one waits for
+/// the client to acknowledge the one before (a delayed ACK: up to 40 ms on Linux).
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY");
+    }
+}
+
 /// The routes.
 pub fn router(app: Arc<App>) -> Router {
     async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -204,7 +212,11 @@ pub async fn run(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 
     tracing::info!(addr = %bound, prefix = %topology.prefix, keys = app.api_keys.len(), tls = tls.is_some(), "gateway listening");
     let served = match tls {
         Some(acceptor) => axum::serve(tls::Listener::start(listener, acceptor), router(app)).with_graceful_shutdown(shutdown).await,
-        None => axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await,
+        None => {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(no_delay);
+            axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+        }
     };
     served.map_err(|e| GatewayError::Listen { addr: bound, e })
 }

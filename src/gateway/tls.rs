@@ -52,7 +52,7 @@ impl Listener {
         let (tx, ready) = mpsc::channel(READY);
         tokio::spawn(async move {
             while !tx.is_closed() {
-                let (stream, peer) = match tcp.accept().await {
+                let (mut stream, peer) = match tcp.accept().await {
                     Ok(conn) => conn,
                     // Out of descriptors and the like: pause rather than spin.
                     Err(_) => {
@@ -60,6 +60,7 @@ impl Listener {
                         continue;
                     }
                 };
+                super::no_delay(&mut stream);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {

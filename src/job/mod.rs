@@ -570,7 +570,7 @@ mod tests {
     #[test]
     fn non_finite_outputs_are_strings_in_json() {
         let score = Output::Score { logprob: f64::NEG_INFINITY, is_greedy: None, tokens: 1, top: Vec::new() };
-        let emb = Output::Embedding(vec![f32::NAN, f32::INFINITY, 0.5]);
+        let emb = Output::Embedding { embedding: vec![f32::NAN, f32::INFINITY, 0.5], tokens: 3 };
         let json_of = |o: &Output| serde_json::to_value(o.to_wire(Encoding::Json)).unwrap();
         assert_eq!(json_of(&score)["logprob"], "-Infinity");
         assert_eq!(json_of(&emb)["embedding"], serde_json::json!(["NaN", "Infinity", 0.5]));

@@ -1,5 +1,5 @@
 //! `embed`: a text's pooled (by default L2-normalised) embedding. Output: `Embedding`
-//! (`embedding`, `dim`).
+//! (`embedding`, `dim`, and `tokens`: how many tokens the model read, special ones included).
 
 use rmpv::Value;
 
@@ -21,6 +21,10 @@ pub fn parse(lm: &LmSpec, input: &Input, params: &Params) -> Result<Request, Val
 }
 
 /// The `Embedding` output on the wire.
-pub fn to_wire(embedding: &[f32], encoding: Encoding) -> Value {
-    super::wire_map(vec![("embedding", super::wire_floats(embedding, encoding)), ("dim", Value::from(embedding.len() as u64))])
+pub fn to_wire(embedding: &[f32], tokens: usize, encoding: Encoding) -> Value {
+    super::wire_map(vec![
+        ("embedding", super::wire_floats(embedding, encoding)),
+        ("dim", Value::from(embedding.len() as u64)),
+        ("tokens", Value::from(tokens as u64)),
+    ])
 }

@@ -212,7 +212,9 @@ pub enum Output {
         #[serde(default)]
         top: Vec<TopLogprobs>,
     },
-    Embedding(Vec<f32>),
+    /// `embed`: `tokens` is how many tokens the model read (the text's, special tokens included,
+    /// as truncated to the model's length).
+    Embedding { embedding: Vec<f32>, tokens: usize },
     Classification { logits: Vec<f32>, probs: Vec<f32>, label: String, label_id: usize },
     /// `loglikelihood` with `continuations`: per choice, in the job's order; `top`: per choice
     /// (per continuation token) with `top_logprobs`, else empty.
@@ -226,7 +228,7 @@ impl Output {
             Output::Tensor(ts) => tensor::to_wire(ts, encoding),
             Output::Score { logprob, is_greedy, tokens, top } => with_top(scoring::score_to_wire(*logprob, *is_greedy, *tokens, encoding), top, encoding),
             Output::Generate { text, tokens, finish_reason, prompt_tokens, top } => with_top(generate::to_wire(text, tokens, *finish_reason, *prompt_tokens), top, encoding),
-            Output::Embedding(e) => embed::to_wire(e, encoding),
+            Output::Embedding { embedding, tokens } => embed::to_wire(embedding, *tokens, encoding),
             Output::Classification { logits, probs, label, label_id } => classify::to_wire(logits, probs, label, *label_id, encoding),
             Output::Choices { logprobs, is_greedy, tokens, top } => scoring::choices_to_wire(logprobs, is_greedy, tokens, top, encoding),
         }
@@ -266,8 +268,8 @@ fn with_top(output: Value, top: &[TopLogprobs], encoding: Encoding) -> Value {
     Value::Map(pairs)
 }
 
-/// `top_logprobs` entries, one per token.
-fn top_to_wire(top: &[TopLogprobs], encoding: Encoding) -> Value {
+/// `top_logprobs` entries, one per token (also a streamed chunk's).
+pub(crate) fn top_to_wire(top: &[TopLogprobs], encoding: Encoding) -> Value {
     Value::Array(
         top.iter()
             .map(|t| {

@@ -155,10 +155,10 @@ async fn settle(f: Finished, ctx: Arc<Ctx>) {
     if let (Ok(output), false) = (&answer, header.cached) {
         admission::store(ctx.cache.as_deref(), header.cache_key.as_ref(), output).await;
     }
-    if let (true, true, Ok(Output::Generate { text, tokens, .. })) = (header.stream, header.cached, &answer) {
+    if let (true, true, Ok(Output::Generate { text, tokens, top, .. })) = (header.stream, header.cached, &answer) {
         // A cached generation streams as one chunk with the whole text, then done.
         let id = header.id.as_deref().expect("valid jobs have ids");
-        let chunk = crate::stream::StreamChunk { job: 0, index: 0, text: text.clone(), token: tokens.last().copied().unwrap_or(0), done: false };
+        let chunk = crate::stream::StreamChunk { job: 0, index: 0, text: text.clone(), tokens: tokens.clone(), top: top.clone(), done: false };
         ctx.streamer.publish(id, header.encoding, &chunk).await;
         ctx.streamer.publish(id, header.encoding, &crate::stream::StreamChunk { done: true, ..chunk }).await;
     }

@@ -274,13 +274,19 @@ impl Harness {
         c.info().await.expect("info").clone()
     }
 
-    /// Messages in a stream; retried while a cluster fails over (requests time out meanwhile).
+    /// Messages in a stream (a work queue's count drops as jobs are acked: see
+    /// [`Harness::stream_state`]'s `last_sequence` for what was ever published).
     pub async fn stream_messages(&self, stream: &str) -> u64 {
+        self.stream_state(stream).await.messages
+    }
+
+    /// A stream's state; retried while a cluster fails over (requests time out meanwhile).
+    pub async fn stream_state(&self, stream: &str) -> jetstream::stream::State {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let info = async { self.js.get_stream(stream).await?.info().await.map(|i| i.state.messages).map_err(Into::into) };
+            let info = async { self.js.get_stream(stream).await?.info().await.map(|i| i.state.clone()).map_err(Into::into) };
             match info.await {
-                Ok(n) => return n,
+                Ok(state) => return state,
                 Err::<_, Box<dyn std::error::Error + Send + Sync>>(e) => {
                     assert!(Instant::now() < deadline, "stream {stream}: {e}");
                     tokio::time::sleep(Duration::from_millis(250)).await;

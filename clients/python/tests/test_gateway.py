@@ -1,6 +1,7 @@
 """`jetbatch gateway` through the OpenAI Python SDK (PyPI `openai`) and lm-eval's
 `local-completions` backend, against the native path on the same worker: echo + logprobs summing
-to the native `loglikelihood`, chat streamed and not equal to the native `generate`, errors as
+to the native `loglikelihood`, chat streamed and not equal to the native `generate` (and its
+log-probs streamed equal to unstreamed), errors as
 the SDK raises them, and lm-eval's OpenAI-completions backend scoring a local multiple-choice task
 with the samples of the `jetbatch` backend (log-likelihoods within 1e-4, same greedy flags)."""
 from __future__ import annotations
@@ -95,6 +96,13 @@ def test_chat_streamed_and_not_equals_the_native_generate(sdk, nats_url):
     chunks = list(sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # Log-probs, streamed (each chunk its tokens') and not: the same tokens and values.
+    r = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=2)
+    chunks = list(sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, logprobs=True, top_logprobs=2,
+                                              stream=True, extra_body={"cache": False}))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.model_dump() for t in streamed] == [t.model_dump() for t in r.choices[0].logprobs.content]
+    assert len(streamed) == len(want.tokens) and all(len(t.top_logprobs) == 2 for t in streamed)
 
 
 def test_errors_are_raised_as_the_sdk_raises_openais(sdk):

@@ -32,6 +32,8 @@ pub(super) struct Row {
     read: usize,
     emitted: usize,
     chunks: usize,
+    /// The generated tokens the chunks sent so far cover.
+    covered: usize,
     finish: Option<FinishReason>,
     /// Its deadline passed: it ends at the next step (after the token already computed).
     out_of_time: bool,
@@ -47,7 +49,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, out_of_time: false, top: Vec::new(), input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, covered: 0, finish: None, out_of_time: false, top: Vec::new(), input }
     }
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
@@ -89,10 +91,13 @@ impl Row {
         Ok(())
     }
 
-    fn emit(&mut self, end: usize, token: u32, sink: &mut dyn Sink) {
+    fn emit(&mut self, end: usize, sink: &mut dyn Sink) {
         if self.stream && end > self.emitted {
-            sink.emit(StreamChunk { job: self.job, index: self.chunks, text: self.text[self.emitted..end].to_string(), token, done: false });
+            let tokens = self.generated[self.covered..].to_vec();
+            let top = self.top.get(self.covered..).unwrap_or_default().to_vec();
+            sink.emit(StreamChunk { job: self.job, index: self.chunks, text: self.text[self.emitted..end].to_string(), tokens, top, done: false });
             self.chunks += 1;
+            self.covered = self.generated.len();
         }
         self.emitted = self.emitted.max(end);
     }
@@ -340,7 +345,7 @@ impl GenBatch {
                 row.detokenize(&hf.tokenizer, true)?;
             }
             let end = if row.finish.is_some() { row.text.len() } else { row.safe_end() };
-            row.emit(end, tok, sink);
+            row.emit(end, sink);
         }
         // Finished rows leave the batch at once.
         let (done, live): (Vec<(usize, Row)>, Vec<(usize, Row)>) = std::mem::take(&mut self.rows).into_iter().enumerate().partition(|(_, r)| r.finish.is_some());
@@ -348,7 +353,7 @@ impl GenBatch {
         for (_, row) in done {
             let text = if row.track_text { row.text.clone() } else { hf.tokenizer.decode(&row.generated, true).map_err(|e| EngineError::Model(format!("decode: {e}")))? };
             if row.stream {
-                sink.emit(StreamChunk { job: row.job, index: row.chunks, text: String::new(), token: 0, done: true });
+                sink.emit(StreamChunk { job: row.job, index: row.chunks, text: String::new(), tokens: Vec::new(), top: Vec::new(), done: true });
             }
             let out = Output::Generate {
                 text,
@@ -414,7 +419,7 @@ impl GenBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kinds::GenerateInput;
+    use crate::kinds::{GenerateInput, TopLogprobs};
 
     /// Rows paused mid-generation (as out of memory pauses them: the cache dropped) and joining
     /// again generate the tokens and text they generate uninterrupted.
@@ -436,25 +441,42 @@ mod tests {
             [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 11, 12]]
                 .into_iter()
                 .enumerate()
-                .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: 0 }), true))
+                .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: i }), true))
                 .collect()
         };
-        struct Texts(Vec<String>);
-        impl Sink for Texts {
+        /// What each job's chunks carried.
+        #[derive(Debug, Clone, Default, PartialEq)]
+        struct Streamed {
+            text: String,
+            tokens: Vec<u32>,
+            top: Vec<TopLogprobs>,
+        }
+        struct Chunks(Vec<Streamed>);
+        impl Sink for Chunks {
             fn wants(&self, _: usize) -> bool {
                 true
             }
             fn emit(&mut self, chunk: StreamChunk) {
-                self.0[chunk.job].push_str(&chunk.text);
+                let s = &mut self.0[chunk.job];
+                s.text.push_str(&chunk.text);
+                s.tokens.extend(&chunk.tokens);
+                s.top.extend(chunk.top);
             }
         }
         let generate = |hf: &mut Hf, pause_after: Option<usize>| {
             hf.join(jobs()).unwrap();
-            let mut sink = Texts(vec![String::new(); 3]);
+            let mut sink = Chunks(vec![Streamed::default(); 3]);
             let mut out = vec![None; 3];
             for step in 1.. {
                 for (job, r) in hf.step(&mut sink) {
-                    let Output::Generate { tokens, text, .. } = r.unwrap() else { panic!("a generation") };
+                    let Output::Generate { tokens, text, top, .. } = r.unwrap() else { panic!("a generation") };
+                    // The chunks carry the output's tokens and their log-probs, in order (the
+                    // last ones may add no text, and be in no chunk).
+                    let s = &sink.0[job as usize];
+                    assert!(!s.tokens.is_empty() && tokens.starts_with(&s.tokens), "job {job}: {:?} of {tokens:?}", s.tokens);
+                    let asked = if job == 0 { 0 } else { tokens.len() };
+                    assert_eq!(top.len(), asked, "job {job}");
+                    assert_eq!(s.top.as_slice(), &top[..s.tokens.len().min(asked)], "job {job}");
                     out[job as usize] = Some((tokens, text));
                 }
                 if hf.generating() == 0 {
@@ -470,10 +492,13 @@ mod tests {
             (out, sink.0)
         };
         let (want, want_streamed) = generate(&mut hf, None);
+        assert!(want_streamed[2].top.iter().all(|t| t.ids.len() == 2), "top_logprobs: 2 in every chunk of job 2");
         assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
         let (got, streamed) = generate(&mut hf, Some(4));
         assert_eq!(got, want, "tokens and text as uninterrupted");
-        assert_eq!(streamed, want_streamed, "nothing streamed twice");
+        // (Log-probs after a resume come from its prefill: equal to float noise only.)
+        let sent = |s: &[Streamed]| s.iter().map(|s| (s.text.clone(), s.tokens.clone(), s.top.len())).collect::<Vec<_>>();
+        assert_eq!(sent(&streamed), sent(&want_streamed), "nothing streamed twice");
     }
 
     /// Token by token, the incremental text is the whole decode's (less an incomplete UTF-8

@@ -186,7 +186,7 @@ impl Hf {
                 if jobs[r].2 {
                     e = &e / e.norm().clamp_min(1e-12);
                 }
-                Ok(Output::Embedding(Vec::<f32>::try_from(e).map_err(tch_err)?))
+                Ok(Output::Embedding { embedding: Vec::<f32>::try_from(e).map_err(tch_err)?, tokens: jobs[r].0.len() })
             })
             .collect()
     }

@@ -232,6 +232,8 @@ class GenerateOutput:
 class EmbedOutput:
     embedding: list
     dim: int
+    # How many tokens the model read (special tokens included); None from a worker before it.
+    tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
