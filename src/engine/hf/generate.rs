@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use super::layers::{KvCache, Layout, Write};
 use super::prefix::{gather, store_slot, KvTree};
 use super::{tch_err, CausalLm, EngineError, Hf};
+use crate::engine::draft::{SpeculationStats, MAX_VERIFIED_POSITIONS};
 use crate::engine::{catch_oom, Sink};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
@@ -37,6 +38,9 @@ pub(super) struct Row {
     out_of_time: bool,
     /// With `top_logprobs`: the most likely tokens at each generated position.
     top: Vec<TopLogprobs>,
+    /// Tokens drafted after its last one (see [`crate::engine::draft`]), fed with it to the
+    /// forward whose logits are pending: logits position j verifies `drafts[j]`.
+    drafts: Vec<u32>,
 }
 
 impl Row {
@@ -47,7 +51,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, out_of_time: false, top: Vec::new(), input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, out_of_time: false, top: Vec::new(), drafts: Vec::new(), input }
     }
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
@@ -87,6 +91,52 @@ impl Row {
             (self.prefix, self.read) = (self.read, self.generated.len());
         }
         Ok(())
+    }
+
+    /// Appends a chosen token and finishes the row if it ends here: a stop string (its text cut
+    /// there), a stop token, `max_new_tokens` or the model's length, its deadline; emits the text
+    /// that may be streamed.
+    fn take(&mut self, tok: u32, hf: &Hf, sink: &mut dyn Sink) -> Result<(), EngineError> {
+        self.generated.push(tok);
+        if self.track_text {
+            self.detokenize(&hf.tokenizer, false)?;
+            let stop_at = self.input.stop.iter().filter_map(|s| self.text.find(s.as_str())).min();
+            if let Some(at) = stop_at {
+                self.text.truncate(at);
+                self.finish = Some(FinishReason::Stop);
+            }
+        }
+        let cut_at_stop_string = self.finish.is_some();
+        if self.finish.is_none() && self.input.stop_token_ids.contains(&tok) {
+            self.finish = Some(if hf.eos.contains(&tok) { FinishReason::Eos } else { FinishReason::Stop });
+        } else if self.finish.is_none() && self.left(hf.max_length) == 0 {
+            self.finish = Some(FinishReason::Length);
+        } else if self.finish.is_none() && self.out_of_time {
+            self.finish = Some(FinishReason::Deadline);
+        }
+        // A row finished by a token: its text is the whole decode's, an incomplete tail too.
+        if self.track_text && self.finish.is_some() && !cut_at_stop_string {
+            self.detokenize(&hf.tokenizer, true)?;
+        }
+        let end = if self.finish.is_some() { self.text.len() } else { self.safe_end() };
+        self.emit(end, tok, sink);
+        Ok(())
+    }
+
+    /// Tokens it may still generate: within `max_new_tokens` and the model's `max_length`.
+    fn left(&self, max_length: usize) -> usize {
+        self.input.max_new_tokens.saturating_sub(self.generated.len()).min(max_length.saturating_sub(self.input.prompt.len() + self.generated.len()))
+    }
+
+    /// Drafts for its next step (at most `k`): a greedy row without `top_logprobs` or a passed
+    /// deadline guesses from its own tokens, no further than the tokens it may still generate
+    /// after the one just chosen (so no draft sits past `max_length`).
+    fn draft(&self, k: usize, max_length: usize) -> Vec<u32> {
+        let k = k.min(self.left(max_length).saturating_sub(1));
+        match self.input.sampling.temperature > 0.0 || self.input.top_logprobs > 0 || self.out_of_time || k == 0 {
+            true => Vec::new(),
+            false => crate::engine::draft::draft(&self.tokens(), k),
+        }
     }
 
     fn emit(&mut self, end: usize, token: u32, sink: &mut dyn Sink) {
@@ -156,12 +206,16 @@ pub(super) struct GenBatch {
     state: Option<GenState>,
     /// Rows paused out of memory, by job, until they join again (or are forgotten).
     paused: std::collections::HashMap<usize, Row>,
+    /// Tokens drafted and accepted since the model was loaded.
+    pub stats: SpeculationStats,
 }
 
 struct GenState {
     cache: KvCache,
     /// Tokens in each row's cache (also the position of its next token).
     lens: Vec<i64>,
+    /// `[B, W, V]`: at position 0 the next token's logits of each row, at position j those after
+    /// its j-th draft (see [`Row::drafts`]).
     logits: Tensor,
 }
 
@@ -182,16 +236,23 @@ fn right_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Layout) {
 }
 
 /// Prepares a prefill over cached prefixes: each row's hit copied into its slot (`first + r`),
-/// its new token j written at column `skip[r] + j` (the padding past its length, masked, is
-/// overwritten by its decode steps); returns the layout of the new tokens over their slots.
+/// then its new tokens written after it (see [`write_after`]).
 fn over_prefixes(cache: &mut KvCache, first: i64, hits: &[Vec<(Tensor, Tensor)>], skip: &[usize], new: &[Vec<i64>], device: Device) -> Layout {
+    let layout = write_after(cache, first, skip, new, device);
+    for (r, hit) in hits.iter().enumerate().filter(|&(r, _)| skip[r] > 0) {
+        cache.copy_in(first + r as i64, hit);
+    }
+    layout
+}
+
+/// Prepares a forward of right-padded `new` tokens whose slots (`first + r`) hold `skip[r]`
+/// tokens already: new token j of row r written at column `skip[r] + j` (the padding past its
+/// length, masked, is overwritten by later steps); returns their layout over their slots.
+fn write_after(cache: &mut KvCache, first: i64, skip: &[usize], new: &[Vec<i64>], device: Device) -> Layout {
     let n = new.len() as i64;
     let t = new.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let len = skip.iter().max().copied().unwrap_or(0) as i64 + t;
     cache.reserve(first + n, len);
-    for (r, hit) in hits.iter().enumerate().filter(|&(r, _)| skip[r] > 0) {
-        cache.copy_in(first + r as i64, hit);
-    }
     let grid = |width: i64, f: &dyn Fn(i64, i64) -> i64| -> Tensor {
         let v: Vec<i64> = (0..n).flat_map(|r| (0..width).map(move |j| (r, j))).map(|(r, j)| f(r, j)).collect();
         Tensor::from_slice(&v).view([n, width]).to_device(device)
@@ -265,8 +326,12 @@ impl GenBatch {
             let h = hidden.size()[2];
             let last: Vec<i64> = new.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
             let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
-            let logits = d.logits(&last);
-            if first == 0 { Ok(logits) } else { Tensor::f_cat(&[&state.logits, &logits], 0).map_err(tch_err) }
+            let logits = d.logits(&last).unsqueeze(1);
+            match first {
+                0 => Ok(logits),
+                // The running rows' logits may verify drafts: the new rows' pad to their width.
+                _ => logits.f_constant_pad_nd([0, 0, 0, state.logits.size()[1] - 1]).and_then(|l| Tensor::f_cat(&[&state.logits, &l], 0)).map_err(tch_err),
+            }
         })
         .and_then(|r| r);
         let logits = match prefilled {
@@ -297,16 +362,24 @@ impl GenBatch {
     /// Chooses every row's next token, finishes rows, and runs one decode step for the rest.
     /// Returns the outputs of rows that finished, and, when the decode step ran out of memory,
     /// `OutOfMemory` for every other row: those are paused (see [`GenBatch::admit`]).
-    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
+    /// Greedy rows draft up to `speculate` tokens from their own sequence for the next step; the
+    /// step verifies them in its forward and keeps those the model chooses itself.
+    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, speculate: usize, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
         let state = self.state.as_mut().expect("rows imply state");
-        let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
+        // `[B, width]`: position 0 follows each row's last token, position j its j-th draft.
+        let width = state.logits.size()[1] as usize;
+        let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu).reshape([-1])).map_err(tch_err)?;
+        // Rows that sample or want top log-probs draft nothing: they read position 0 only.
+        let next = state.logits.select(1, 0);
         let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
-        let cpu_logits = if sampled { Some(state.logits.to_device(Device::Cpu)) } else { None };
+        let cpu_logits = if sampled { Some(next.to_device(Device::Cpu)) } else { None };
         let per_row: Vec<usize> = self.rows.iter().map(|r| r.input.top_logprobs).collect();
         let mut tops = match per_row.iter().any(|&k| k > 0) {
-            true => hf.top_logprobs(&state.logits.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
+            true => hf.top_logprobs(&next.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
             false => Vec::new().into_iter(),
         };
+        // Drafts each row kept: its cache holds them already.
+        let mut accepted = Vec::with_capacity(self.rows.len());
         for (b, row) in self.rows.iter_mut().enumerate() {
             row.top.extend(tops.next().filter(|t| !t.ids.is_empty()));
             let tok = match &cpu_logits {
@@ -314,33 +387,20 @@ impl GenBatch {
                     let logits = Vec::<f32>::try_from(l.f_get(b as i64).map_err(tch_err)?).map_err(tch_err)?;
                     sample(&logits, &row.input.sampling, &mut row.rng)
                 }
-                _ => greedy.get(b).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?,
+                _ => greedy.get(b * width).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?,
             };
-            row.generated.push(tok);
-            if row.track_text {
-                row.detokenize(&hf.tokenizer, false)?;
-                let stop_at = row.input.stop.iter().filter_map(|s| row.text.find(s.as_str())).min();
-                if let Some(at) = stop_at {
-                    row.text.truncate(at);
-                    row.finish = Some(FinishReason::Stop);
-                }
+            row.take(tok, hf, sink)?;
+            // Drafts agreeing with the model's choices are in the cache already: their next
+            // tokens are chosen from the logits that follow them, each token through every stop.
+            let drafts = std::mem::take(&mut row.drafts);
+            let mut kept = 0;
+            while row.finish.is_none() && drafts.get(kept) == row.generated.last() {
+                kept += 1;
+                let tok = greedy.get(b * width + kept).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?;
+                row.take(tok, hf, sink)?;
             }
-            let cut_at_stop_string = row.finish.is_some();
-            if row.finish.is_none() && row.input.stop_token_ids.contains(&tok) {
-                row.finish = Some(if hf.eos.contains(&tok) { FinishReason::Eos } else { FinishReason::Stop });
-            } else if row.finish.is_none()
-                && (row.generated.len() >= row.input.max_new_tokens || row.input.prompt.len() + row.generated.len() >= hf.max_length)
-            {
-                row.finish = Some(FinishReason::Length);
-            } else if row.finish.is_none() && row.out_of_time {
-                row.finish = Some(FinishReason::Deadline);
-            }
-            // A row finished by a token: its text is the whole decode's, an incomplete tail too.
-            if row.track_text && row.finish.is_some() && !cut_at_stop_string {
-                row.detokenize(&hf.tokenizer, true)?;
-            }
-            let end = if row.finish.is_some() { row.text.len() } else { row.safe_end() };
-            row.emit(end, tok, sink);
+            self.stats.accepted += kept as u64;
+            accepted.push(kept as i64);
         }
         // Finished rows leave the batch at once.
         let (done, live): (Vec<(usize, Row)>, Vec<(usize, Row)>) = std::mem::take(&mut self.rows).into_iter().enumerate().partition(|(_, r)| r.finish.is_some());
@@ -376,32 +436,54 @@ impl GenBatch {
                 Some(i) => live[i].take().expect("present"),
                 None => live.iter_mut().rev().find_map(Option::take).expect("a live row beyond the live count"),
             };
+            // Its cache: the tokens before its last one (rejected drafts past them are dropped).
+            let held = state.lens[b] + accepted[b];
             if b != slot {
-                moves.push((b as i64, slot as i64, state.lens[b]));
+                moves.push((b as i64, slot as i64, held));
             }
-            lens.push(state.lens[b] + 1);
+            lens.push(held + 1);
             order.push((b, row));
         }
         let device = state.logits.device();
-        let next = Tensor::from_slice(&order.iter().map(|(_, r)| *r.generated.last().expect("one token") as i64).collect::<Vec<_>>()).view([n as i64, 1]).to_device(device);
         self.rows = order.into_iter().map(|(_, r)| r).collect();
-        let cols = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>()).to_device(device);
-        let len = lens.iter().copied().max().expect("live rows");
+        // Speculation within the batch's budget of verified positions: a big batch has no spare
+        // compute for guesses that may be rejected.
+        let k = speculate.min((MAX_VERIFIED_POSITIONS / n).saturating_sub(1));
+        let drafts: Vec<Vec<u32>> = self.rows.iter().map(|r| r.draft(k, hf.max_length)).collect();
+        let fed: Vec<Vec<i64>> = self.rows.iter().zip(&drafts).map(|(r, d)| [*r.generated.last().expect("one token")].iter().chain(d).map(|&t| i64::from(t)).collect()).collect();
+        let width = fed.iter().map(Vec::len).max().expect("live rows");
         let decoded = catch_oom(|| {
             for &(from, to, len) in &moves {
                 state.cache.move_slot(from, to, len);
             }
-            state.cache.reserve(n as i64, len);
-            state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
-            let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
-            let layout = Layout::new(cols.unsqueeze(1), &keep, false);
-            let hidden = d.forward(&next, &layout, Some(&mut state.cache));
-            d.logits(&hidden.squeeze_dim(1))
+            if width == 1 {
+                let next = Tensor::from_slice(&fed.concat()).view([n as i64, 1]).to_device(device);
+                let cols = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>()).to_device(device);
+                let len = lens.iter().copied().max().expect("live rows");
+                state.cache.reserve(n as i64, len);
+                state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
+                let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
+                let layout = Layout::new(cols.unsqueeze(1), &keep, false);
+                let hidden = d.forward(&next, &layout, Some(&mut state.cache));
+                return d.logits(&hidden.squeeze_dim(1)).unsqueeze(1);
+            }
+            // Each row's last token and its drafts, right-padded, written after its cached tokens
+            // and attending causally over them: one forward verifies every draft.
+            let held: Vec<usize> = lens.iter().map(|&l| l as usize - 1).collect();
+            let (ids, _) = right_pad(&fed, device);
+            let layout = write_after(&mut state.cache, 0, &held, &fed, device);
+            let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
+            let h = hidden.size()[2];
+            d.logits(&hidden.reshape([-1, h])).view([n as i64, width as i64, -1])
         });
         match decoded {
             Ok(logits) => {
                 state.logits = logits;
                 state.lens = lens;
+                self.stats.drafted += drafts.iter().map(|d| d.len() as u64).sum::<u64>();
+                for (row, d) in self.rows.iter_mut().zip(drafts) {
+                    row.drafts = d;
+                }
             }
             // The cache is dropped (partly moved, partly written); every live row resumes by
             // prefilling what it has, with the token just chosen last.
