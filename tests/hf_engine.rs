@@ -642,15 +642,22 @@ fn greedy_speculation_changes_no_token_on_any_decoder() {
         }
         let mut batches: Vec<Vec<JobInput>> = base.iter().map(|j| vec![j.clone()]).collect();
         batches.push(base.iter().cloned().chain([sampled(1), sampled(2), with_top]).collect());
-        // Ends at every position of the most agreeing generation: its length, a stop string (the
-        // text of that token), a stop token.
+        // Ends at every position of a generation: its length, a stop token, stop strings (the text
+        // of the tokens ending there, 1 to 3 of them). A stop ends a generation at its first
+        // occurrence, and drafts copy earlier tokens: the prompt holds the start of the most
+        // agreeing generation, so that its continuation's first occurrences may be drafted
+        // already, and stop strings of several tokens first occur late in a repetition.
         let (_, prompt, tokens) = &ranked[0];
+        let prompt: Vec<u32> = prompt.iter().chain(&tokens[..tokens.len() / 2]).copied().collect();
+        let tokens = generated(&run(&engine, &off, JobKind::Generate, vec![greedy_job(prompt.clone(), 24, vec![], vec![])])[0]).to_vec();
         let tokenizer = &on.lm.as_ref().unwrap().tokenizer;
         for at in 1..tokens.len() {
-            let piece = tokenizer.decode(&tokens[at..at + 1], true).unwrap();
             let mut ends = vec![greedy_job(prompt.clone(), at, vec![], vec![]), greedy_job(prompt.clone(), 24, vec![], vec![tokens[at]])];
-            if !piece.trim().is_empty() {
-                ends.push(greedy_job(prompt.clone(), 24, vec![piece], vec![]));
+            for from in at.saturating_sub(2)..=at {
+                let piece = tokenizer.decode(&tokens[from..=at], true).unwrap();
+                if !piece.trim().is_empty() {
+                    ends.push(greedy_job(prompt.clone(), 24, vec![piece], vec![]));
+                }
             }
             batches.push(ends);
         }
