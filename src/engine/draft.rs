@@ -29,8 +29,9 @@ pub(crate) fn default_tokens() -> usize {
     DEFAULT_TOKENS.load(Ordering::Relaxed)
 }
 
-/// Up to `k` tokens that followed the latest earlier occurrence of the longest suffix of `tokens`
-/// (of [`MAX_NGRAM`] tokens down to one) found before; empty when none is found.
+/// `k` tokens that followed the latest earlier occurrence of the longest suffix of `tokens` (of
+/// [`MAX_NGRAM`] tokens down to one) found before, continued periodically past the end of
+/// `tokens`; empty when none is found.
 pub fn draft(tokens: &[u32], k: usize) -> Vec<u32> {
     let len = tokens.len();
     if k == 0 {
@@ -41,11 +42,66 @@ pub fn draft(tokens: &[u32], k: usize) -> Vec<u32> {
         // Latest start first: recent text predicts the next tokens best. The suffix itself
         // (start len - n) is not an earlier occurrence.
         if let Some(start) = (0..len - n).rev().find(|&s| &tokens[s..s + n] == suffix) {
+            // What followed it, up to the end of the sequence and on as the sequence repeated
+            // itself (the suffix recurs `period` tokens on): a loop drafts whole turns.
             let from = start + n;
-            return tokens[from..(from + k).min(len)].to_vec();
+            let period = len - from;
+            return (0..k).map(|i| tokens[from + i % period]).collect();
         }
     }
     Vec::new()
+}
+
+/// Steps at most a row waits before drafting again after its drafts were all rejected.
+const MAX_WAIT: usize = 16;
+
+/// A row's drafting budget, adapted to what the model accepted (as transformers' assisted
+/// generation adapts its draft length): all accepted, one more token next time; some, as many as
+/// were accepted; none, no drafts for a while (1, 2, 4, … steps), then one token. A row whose
+/// text does not repeat itself stops paying for verifying guesses that fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    len: usize,
+    wait: usize,
+    backoff: usize,
+}
+
+impl Budget {
+    /// Drafts of `len` tokens to start with.
+    pub fn new(len: usize) -> Budget {
+        Budget { len, wait: 0, backoff: 1 }
+    }
+
+    /// Tokens to draft this step, at most `max` (0 while waiting).
+    pub fn next(&mut self, max: usize) -> usize {
+        match self.wait {
+            0 => self.len.min(max),
+            _ => {
+                self.wait -= 1;
+                0
+            }
+        }
+    }
+
+    /// The model accepted `accepted` of `drafted` tokens; the next drafts are at most `max`.
+    pub fn update(&mut self, drafted: usize, accepted: usize, max: usize) {
+        match (drafted, accepted) {
+            (0, _) => {}
+            (d, a) if a == d => {
+                self.len = (a + 1).min(max);
+                self.backoff = 1;
+            }
+            (_, 0) => {
+                self.len = 1;
+                self.wait = self.backoff;
+                self.backoff = (2 * self.backoff).min(MAX_WAIT);
+            }
+            (_, a) => {
+                self.len = a;
+                self.backoff = 1;
+            }
+        }
+    }
 }
 
 /// What drafting did, for metrics: tokens drafted and verified, and those the model agreed with.
@@ -64,6 +120,7 @@ mod tests {
         // "5 6 7" occurred before, followed by 8 9 1: the 3-gram wins over the later 1-gram "7".
         let t = [5, 6, 7, 8, 9, 1, 7, 2, 5, 6, 7];
         assert_eq!(draft(&t, 3), vec![8, 9, 1]);
+        assert_eq!(draft(&t, 9), vec![8, 9, 1, 7, 2, 5, 6, 7, 8]);
         assert_eq!(draft(&t, 2), vec![8, 9]);
         assert_eq!(draft(&t, 0), Vec::<u32>::new());
     }
@@ -79,10 +136,46 @@ mod tests {
     }
 
     #[test]
-    fn a_draft_stops_at_the_end_of_the_sequence() {
-        // A repeating token: the occurrence just before the suffix is followed by one token.
-        assert_eq!(draft(&[3, 3, 3], 5), vec![3]);
-        // A cycle drafts its continuation, overlapping the suffix itself.
-        assert_eq!(draft(&[1, 2, 1, 2, 1, 2], 8), vec![1, 2]);
+    fn the_budget_follows_what_the_model_accepts() {
+        let mut b = Budget::new(4);
+        assert_eq!(b.next(8), 4);
+        assert_eq!(b.next(2), 2, "never above the step's maximum");
+        // Some accepted: as many next time; all accepted: one more, up to the maximum.
+        b.update(4, 2, 4);
+        assert_eq!(b.next(8), 2);
+        b.update(2, 2, 4);
+        assert_eq!(b.next(8), 3);
+        b.update(3, 3, 4);
+        b.update(4, 4, 4);
+        assert_eq!(b.next(8), 4);
+        // Nothing drafted (no earlier occurrence): nothing learnt.
+        b.update(0, 0, 4);
+        assert_eq!(b.next(8), 4);
+        // All rejected: waits 1 step, then 2, then 4, … (up to MAX_WAIT), trying one token between.
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            b.update(1, 0, 4);
+            let mut w = 0;
+            while b.next(8) == 0 {
+                w += 1;
+            }
+            waits.push(w);
+        }
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 16]);
+        // One accepted again: the wait starts over.
+        b.update(1, 1, 4);
+        assert_eq!(b.next(8), 2);
+        b.update(2, 0, 4);
+        assert_eq!((b.next(8), b.next(8)), (0, 1));
+    }
+
+    #[test]
+    fn a_draft_past_the_end_of_the_sequence_repeats_it() {
+        // A repeating token: the occurrence just before the suffix, followed by the token again.
+        assert_eq!(draft(&[3, 3, 3], 5), vec![3; 5]);
+        // A cycle drafts whole turns of itself.
+        assert_eq!(draft(&[1, 2, 1, 2, 1, 2], 5), vec![1, 2, 1, 2, 1]);
+        // "7 8" seen five tokens back: the five tokens after it, then again.
+        assert_eq!(draft(&[5, 7, 8, 9, 4, 6, 7, 8], 6), vec![9, 4, 6, 7, 8, 9]);
     }
 }

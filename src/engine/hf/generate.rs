@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use super::layers::{KvCache, Layout, Write};
 use super::prefix::{gather, store_slot, KvTree};
 use super::{tch_err, CausalLm, EngineError, Hf};
-use crate::engine::draft::{SpeculationStats, MAX_VERIFIED_POSITIONS};
+use crate::engine::draft::{draft, Budget, SpeculationStats, MAX_VERIFIED_POSITIONS};
 use crate::engine::{catch_oom, Sink};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
@@ -41,6 +41,8 @@ pub(super) struct Row {
     /// Tokens drafted after its last one (see [`crate::engine::draft`]), fed with it to the
     /// forward whose logits are pending: logits position j verifies `drafts[j]`.
     drafts: Vec<u32>,
+    /// How many tokens it drafts next, following how many it had accepted.
+    budget: Budget,
 }
 
 impl Row {
@@ -51,7 +53,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, out_of_time: false, top: Vec::new(), drafts: Vec::new(), input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, finish: None, out_of_time: false, top: Vec::new(), drafts: Vec::new(), budget: Budget::new(usize::MAX), input }
     }
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
@@ -128,14 +130,16 @@ impl Row {
         self.input.max_new_tokens.saturating_sub(self.generated.len()).min(max_length.saturating_sub(self.input.prompt.len() + self.generated.len()))
     }
 
-    /// Drafts for its next step (at most `k`): a greedy row without `top_logprobs` or a passed
+    /// Drafts for its next step (at most `k`, within its [`Budget`]): a greedy row without `top_logprobs` or a passed
     /// deadline guesses from its own tokens, no further than the tokens it may still generate
     /// after the one just chosen (so no draft sits past `max_length`).
-    fn draft(&self, k: usize, max_length: usize) -> Vec<u32> {
-        let k = k.min(self.left(max_length).saturating_sub(1));
-        match self.input.sampling.temperature > 0.0 || self.input.top_logprobs > 0 || self.out_of_time || k == 0 {
-            true => Vec::new(),
-            false => crate::engine::draft::draft(&self.tokens(), k),
+    fn draft(&mut self, k: usize, max_length: usize) -> Vec<u32> {
+        if self.input.sampling.temperature > 0.0 || self.input.top_logprobs > 0 || self.out_of_time {
+            return Vec::new();
+        }
+        match self.budget.next(k).min(self.left(max_length).saturating_sub(1)) {
+            0 => Vec::new(),
+            k => draft(&self.tokens(), k),
         }
     }
 
@@ -399,6 +403,7 @@ impl GenBatch {
                 let tok = greedy.get(b * width + kept).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?;
                 row.take(tok, hf, sink)?;
             }
+            row.budget.update(drafts.len(), kept, speculate);
             self.stats.accepted += kept as u64;
             accepted.push(kept as i64);
         }
@@ -449,7 +454,7 @@ impl GenBatch {
         // Speculation within the batch's budget of verified positions: a big batch has no spare
         // compute for guesses that may be rejected.
         let k = speculate.min((MAX_VERIFIED_POSITIONS / n).saturating_sub(1));
-        let drafts: Vec<Vec<u32>> = self.rows.iter().map(|r| r.draft(k, hf.max_length)).collect();
+        let drafts: Vec<Vec<u32>> = self.rows.iter_mut().map(|r| r.draft(k, hf.max_length)).collect();
         let fed: Vec<Vec<i64>> = self.rows.iter().zip(&drafts).map(|(r, d)| [*r.generated.last().expect("one token")].iter().chain(d).map(|&t| i64::from(t)).collect()).collect();
         let width = fed.iter().map(Vec::len).max().expect("live rows");
         let decoded = catch_oom(|| {
