@@ -629,7 +629,7 @@ fn greedy_speculation_changes_no_token_on_any_decoder() {
         let candidates: Vec<Vec<u32>> = (0..24).map(|s| repeating(s, 1 + s % 6, 16 + s as usize % 5)).collect();
         let outs = run(&engine, &off, JobKind::Generate, candidates.iter().map(|p| greedy_job(p.clone(), 24, vec![], vec![])).collect());
         let mut ranked: Vec<(usize, Vec<u32>, Vec<u32>)> = candidates.into_iter().zip(&outs).map(|(p, o)| (agreeing_drafts(&p, generated(o), 4), p, generated(o).to_vec())).collect();
-        ranked.sort_by(|a, b| b.0.cmp(&a.0));
+        ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
         assert!(ranked[0].0 > 0, "{name}: no prompt whose generation agrees with a draft");
         let sampled = |seed: u64| {
             let sampling = Sampling { temperature: 0.8, top_k: 0, top_p: 0.95, seed: Some(seed) };
