@@ -299,9 +299,13 @@ impl GenBatch {
     /// the running rows go on untouched (the slots and columns written beyond them are unused).
     /// With `prefix`, each row's longest cached prefix is copied into its slot and only the rest
     /// is prefilled; the prompts are cached afterwards.
-    pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>, prefix: Option<&RefCell<KvTree>>) -> Result<(), EngineError> {
+    pub fn admit(&mut self, d: &dyn CausalLm, device: Device, mut rows: Vec<Row>, prefix: Option<&RefCell<KvTree>>) -> Result<(), EngineError> {
         if rows.is_empty() {
             return Ok(());
+        }
+        // A resumed row's drafts were not verified: its prefill gives the logits of its last token.
+        for row in &mut rows {
+            row.drafts.clear();
         }
         let prompts: Vec<Vec<u32>> = rows.iter().map(Row::tokens).collect();
         let mut tree = prefix.map(RefCell::borrow_mut);
@@ -504,7 +508,8 @@ mod tests {
     use crate::kinds::GenerateInput;
 
     /// Rows paused mid-generation (as out of memory pauses them: the cache dropped) and joining
-    /// again generate the tokens and text they generate uninterrupted.
+    /// again generate the tokens and text they generate uninterrupted, drafts pending at the pause
+    /// (unverified: dropped) too.
     #[test]
     fn paused_rows_resume_to_what_they_generate_uninterrupted() {
         use crate::engine::LoadedModel;
@@ -520,7 +525,7 @@ mod tests {
         hf.probe(3 * hf.max_length + 1).unwrap();
         let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
         let jobs = || -> Vec<(u64, JobInput, bool)> {
-            [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 11, 12]]
+            [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 7, 8, 9, 10, 7, 8]]
                 .into_iter()
                 .enumerate()
                 .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: 0 }), true))
@@ -535,7 +540,8 @@ mod tests {
                 self.0[chunk.job].push_str(&chunk.text);
             }
         }
-        let generate = |hf: &mut Hf, pause_after: Option<usize>| {
+        let mut pending = false;
+        let mut generate = |hf: &mut Hf, pause_after: Option<usize>| {
             hf.join(jobs()).unwrap();
             let mut sink = Texts(vec![String::new(); 3]);
             let mut out = vec![None; 3];
@@ -548,6 +554,7 @@ mod tests {
                     break;
                 }
                 if Some(step) == pause_after {
+                    pending |= hf.gen.rows.iter().any(|r| !r.drafts.is_empty());
                     let paused = hf.gen.pause_all();
                     assert_eq!(paused.len(), 3);
                     hf.join(jobs()).unwrap();
@@ -558,9 +565,12 @@ mod tests {
         };
         let (want, want_streamed) = generate(&mut hf, None);
         assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
-        let (got, streamed) = generate(&mut hf, Some(4));
-        assert_eq!(got, want, "tokens and text as uninterrupted");
-        assert_eq!(streamed, want_streamed, "nothing streamed twice");
+        for pause_after in 1..9 {
+            let (got, streamed) = generate(&mut hf, Some(pause_after));
+            assert_eq!(got, want, "tokens and text as uninterrupted (paused after step {pause_after})");
+            assert_eq!(streamed, want_streamed, "nothing streamed twice (paused after step {pause_after})");
+        }
+        assert!(pending, "some pause dropped drafts");
     }
 
     /// Token by token, the incremental text is the whole decode's (less an incomplete UTF-8
