@@ -3,6 +3,9 @@
 //! sampling draws from each job's own seeded stream so a row's tokens do not depend on its
 //! neighbours. Out of device memory, rows are paused (their tokens, text and random stream kept,
 //! their cache dropped) and resume when they join again, prefilling prompt and generated tokens.
+//! Greedy rows speculate exactly: a step feeds each row's new token with the tokens it drafted
+//! from its own sequence ([`crate::engine::draft`]), and the next step keeps the drafts the model's
+//! own choices confirm, each through the stop conditions, and drops the others' keys.
 
 use tch::{Device, Kind, Tensor};
 
@@ -130,9 +133,9 @@ impl Row {
         self.input.max_new_tokens.saturating_sub(self.generated.len()).min(max_length.saturating_sub(self.input.prompt.len() + self.generated.len()))
     }
 
-    /// Drafts for its next step (at most `k`, within its [`Budget`]): a greedy row without `top_logprobs` or a passed
-    /// deadline guesses from its own tokens, no further than the tokens it may still generate
-    /// after the one just chosen (so no draft sits past `max_length`).
+    /// Drafts for its next step (at most `k`, within its [`Budget`]): a greedy row without
+    /// `top_logprobs` or a passed deadline guesses from its own tokens, no further than the tokens
+    /// it may still generate after the one just chosen (so no draft sits past `max_length`).
     fn draft(&mut self, k: usize, max_length: usize) -> Vec<u32> {
         if self.input.sampling.temperature > 0.0 || self.input.top_logprobs > 0 || self.out_of_time {
             return Vec::new();
