@@ -663,8 +663,13 @@ fn greedy_speculation_changes_no_token_on_any_decoder() {
         }
         let accepted = |spec: &ModelPlan| metrics.speculated_accepted_tokens_total.with_label_values(&[&spec.name]).get();
         let drafted = |spec: &ModelPlan| metrics.speculated_tokens_total.with_label_values(&[&spec.name]).get();
+        let mut mixed_accepted = 0;
         for (b, batch) in batches.into_iter().enumerate() {
+            let before = accepted(&on);
             let (a, sa) = run_streamed(&engine, &on, batch.clone());
+            if b == base.len() {
+                mixed_accepted = accepted(&on) - before;
+            }
             let (x, sx) = run_streamed(&engine, &off, batch);
             for (i, (p, q)) in a.iter().zip(&x).enumerate() {
                 let (Output::Generate { tokens: p, text: tp, finish_reason: fp, top: op, .. }, Output::Generate { tokens: q, text: tq, finish_reason: fq, top: oq, .. }) = (p, q) else {
@@ -680,11 +685,14 @@ fn greedy_speculation_changes_no_token_on_any_decoder() {
         let (d, k) = (drafted(&on), accepted(&on));
         match longrope {
             true => assert_eq!((d, k), (0, 0), "{name}: LongRoPE drafts nothing"),
-            false => assert!(k > 0 && d >= k, "{name}: {k} of {d} drafted tokens accepted"),
+            false => {
+                assert!(k > 0 && d >= k, "{name}: {k} of {d} drafted tokens accepted");
+                assert!(mixed_accepted > 0, "{name}: drafts accepted beside sampled rows");
+            }
         }
         assert_eq!((drafted(&off), accepted(&off)), (0, 0), "{name}: off is off");
-        checked.push((name.clone(), ranked[0].0, d, k));
+        checked.push((name.clone(), ranked[0].0, d, k, mixed_accepted));
     }
     assert!(checked.len() >= 8, "{checked:?}");
-    eprintln!("FIGURES per decoder: agreeing drafts of the best prompt, tokens drafted, accepted: {checked:?}");
+    eprintln!("FIGURES per decoder: agreeing drafts of the best prompt, tokens drafted, accepted, accepted beside sampled rows: {checked:?}");
 }

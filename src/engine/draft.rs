@@ -104,6 +104,16 @@ impl Budget {
     }
 }
 
+/// How many drafted tokens per row a batch verifies, given each row's drafts: the most `w` whose
+/// drafts (each row's cut to `w`) fill at least half of the `rows × w` positions they add to the
+/// step's forward — the rest is padding, computed for nothing; 0 when no `w` does (the batch's
+/// drafts wait: a lone guess does not widen the forward of many rows).
+pub fn verified(drafts: &[usize]) -> usize {
+    let rows = drafts.len();
+    let most = drafts.iter().copied().max().unwrap_or(0);
+    (1..=most).rev().find(|&w| 2 * drafts.iter().map(|&d| d.min(w)).sum::<usize>() >= rows * w).unwrap_or(0)
+}
+
 /// What drafting did, for metrics: tokens drafted and verified, and those the model agreed with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpeculationStats {
@@ -133,6 +143,24 @@ mod tests {
         assert_eq!(draft(&[1, 2, 3], 4), Vec::<u32>::new());
         assert_eq!(draft(&[1], 4), Vec::<u32>::new());
         assert_eq!(draft(&[], 4), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_batch_verifies_drafts_that_fill_half_the_positions_they_add() {
+        // Alone: all of it.
+        assert_eq!(verified(&[4]), 4);
+        assert_eq!(verified(&[0]), 0);
+        assert_eq!(verified(&[]), 0);
+        // Two rows, one drafting 4: 4 of 8 added positions are drafts.
+        assert_eq!(verified(&[4, 0]), 4);
+        // Four rows, one drafting: never half; two drafting 4 and 1: 2 + 1 of 4 × 2 is short,
+        // 1 + 1 of 4 × 1 is half.
+        assert_eq!(verified(&[4, 0, 0, 0]), 0);
+        assert_eq!(verified(&[4, 1, 0, 0]), 1);
+        // Several rows drafting: the widest that half of them fill.
+        assert_eq!(verified(&[4, 4, 2, 1]), 4);
+        assert_eq!(verified(&[4, 1, 1, 0]), 2);
+        assert_eq!(verified(&[3, 3, 3, 3]), 3);
     }
 
     #[test]

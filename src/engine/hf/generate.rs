@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use super::layers::{KvCache, Layout, Write};
 use super::prefix::{gather, store_slot, KvTree};
 use super::{tch_err, CausalLm, EngineError, Hf};
-use crate::engine::draft::{draft, Budget, SpeculationStats, MAX_VERIFIED_POSITIONS};
+use crate::engine::draft::{draft, verified, Budget, SpeculationStats, MAX_VERIFIED_POSITIONS};
 use crate::engine::{catch_oom, Sink};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
@@ -461,7 +461,9 @@ impl GenBatch {
         // Speculation within the batch's budget of verified positions: a big batch has no spare
         // compute for guesses that may be rejected.
         let k = speculate.min((MAX_VERIFIED_POSITIONS / n).saturating_sub(1));
-        let drafts: Vec<Vec<u32>> = self.rows.iter_mut().map(|r| r.draft(k, hf.max_length)).collect();
+        let mut drafts: Vec<Vec<u32>> = self.rows.iter_mut().map(|r| r.draft(k, hf.max_length)).collect();
+        let w = verified(&drafts.iter().map(Vec::len).collect::<Vec<_>>());
+        drafts.iter_mut().for_each(|d| d.truncate(w));
         let fed: Vec<Vec<i64>> = self.rows.iter().zip(&drafts).map(|(r, d)| [*r.generated.last().expect("one token")].iter().chain(d).map(|&t| i64::from(t)).collect()).collect();
         let width = fed.iter().map(Vec::len).max().expect("live rows");
         let decoded = catch_oom(|| {
@@ -517,61 +519,69 @@ mod tests {
     fn paused_rows_resume_to_what_they_generate_uninterrupted() {
         use crate::engine::LoadedModel;
         use crate::job::JobInput;
-        let dir = tempfile::tempdir().unwrap();
-        let dir = dir.path().join("lm");
-        jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
-        let spec = crate::plan::ModelPlan::load(&dir).unwrap();
-        let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
-        // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
-        // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.
-        assert_eq!(hf.kv_bytes_per_token(), 2 * 2 * 2 * 8 * 4);
-        hf.probe(3 * hf.max_length + 1).unwrap();
-        let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
-        let jobs = || -> Vec<(u64, JobInput, bool)> {
-            [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 7, 8, 9, 10, 7, 8]]
-                .into_iter()
-                .enumerate()
-                .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: 0 }), true))
-                .collect()
-        };
-        struct Texts(Vec<String>);
-        impl Sink for Texts {
-            fn wants(&self, _: usize) -> bool {
-                true
-            }
-            fn emit(&mut self, chunk: StreamChunk) {
-                self.0[chunk.job].push_str(&chunk.text);
-            }
-        }
+        // Random weights, and weights that echo the last token (every row drafts, so drafts are
+        // pending at every pause).
         let mut pending = false;
-        let mut generate = |hf: &mut Hf, pause_after: Option<usize>| {
-            hf.join(jobs()).unwrap();
-            let mut sink = Texts(vec![String::new(); 3]);
-            let mut out = vec![None; 3];
-            for step in 1.. {
-                for (job, r) in hf.step(&mut sink) {
-                    let Output::Generate { tokens, text, .. } = r.unwrap() else { panic!("a generation") };
-                    out[job as usize] = Some((tokens, text));
+        for echo in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let dir = dir.path().join("lm");
+            jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
+            if echo {
+                jetbatch_testkit::make_echo(&dir).unwrap();
+            }
+            let spec = crate::plan::ModelPlan::load(&dir).unwrap();
+            let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
+            // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
+            // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.
+            assert_eq!(hf.kv_bytes_per_token(), 2 * 2 * 2 * 8 * 4);
+            hf.probe(3 * hf.max_length + 1).unwrap();
+            let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
+            let jobs = || -> Vec<(u64, JobInput, bool)> {
+                [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 7, 8, 9, 10, 7, 8]]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: 0 }), true))
+                    .collect()
+            };
+            struct Texts(Vec<String>);
+            impl Sink for Texts {
+                fn wants(&self, _: usize) -> bool {
+                    true
                 }
-                if hf.generating() == 0 {
-                    break;
-                }
-                if Some(step) == pause_after {
-                    pending |= hf.gen.rows.iter().any(|r| !r.drafts.is_empty());
-                    let paused = hf.gen.pause_all();
-                    assert_eq!(paused.len(), 3);
-                    hf.join(jobs()).unwrap();
-                    assert!(hf.gen.paused.is_empty(), "every row resumed");
+                fn emit(&mut self, chunk: StreamChunk) {
+                    self.0[chunk.job].push_str(&chunk.text);
                 }
             }
-            (out, sink.0)
-        };
-        let (want, want_streamed) = generate(&mut hf, None);
-        assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
-        for pause_after in 1..9 {
-            let (got, streamed) = generate(&mut hf, Some(pause_after));
-            assert_eq!(got, want, "tokens and text as uninterrupted (paused after step {pause_after})");
-            assert_eq!(streamed, want_streamed, "nothing streamed twice (paused after step {pause_after})");
+            let mut generate = |hf: &mut Hf, pause_after: Option<usize>| {
+                hf.join(jobs()).unwrap();
+                let mut sink = Texts(vec![String::new(); 3]);
+                let mut out = vec![None; 3];
+                for step in 1.. {
+                    for (job, r) in hf.step(&mut sink) {
+                        let Output::Generate { tokens, text, .. } = r.unwrap() else { panic!("a generation") };
+                        out[job as usize] = Some((tokens, text));
+                    }
+                    if hf.generating() == 0 {
+                        break;
+                    }
+                    if Some(step) == pause_after {
+                        pending |= hf.gen.rows.iter().any(|r| !r.drafts.is_empty());
+                        let running = hf.generating();
+                        let paused = hf.gen.pause_all();
+                        assert_eq!(paused.len(), running);
+                        hf.join(jobs().into_iter().filter(|(j, ..)| paused.contains(&(*j as usize))).collect()).unwrap();
+                        assert!(hf.gen.paused.is_empty(), "every row resumed");
+                    }
+                }
+                (out, sink.0)
+            };
+            let (want, want_streamed) = generate(&mut hf, None);
+            assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
+            for pause_after in 1..9 {
+                let (got, streamed) = generate(&mut hf, Some(pause_after));
+                assert_eq!(got, want, "tokens and text as uninterrupted (paused after step {pause_after})");
+                assert_eq!(streamed, want_streamed, "nothing streamed twice (paused after step {pause_after})");
+            }
         }
         assert!(pending, "some pause dropped drafts");
     }
