@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const MAX_NGRAM: usize = 3;
 
 /// `--speculate-tokens`'s default (see the README's generation settings for the measurement).
-pub const DEFAULT_SPECULATE_TOKENS: usize = 4;
+pub const DEFAULT_SPECULATE_TOKENS: usize = 8;
 
 /// Drafts per step a batch may verify in all: rows × (1 + drafts) query positions above this run
 /// without drafts (on a compute-bound device, a big batch has no spare FLOPs for rejected guesses).
