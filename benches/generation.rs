@@ -1,8 +1,10 @@
 //! Continuous vs static batching for `generate` on a mixed short/long workload, through the core in
 //! process (`jetbatch::infer::Infer`: batcher and engine, no bus): tokens per second and job
-//! latency percentiles, both modes in the same run.
+//! latency percentiles, both modes in the same run. Then exact greedy speculation on and off: one
+//! job's latency and a batch's tokens/s, with the share of drafted tokens the model accepted.
 //!
-//! `cargo bench --bench generation` (under `cargo test` it runs a few jobs as a smoke test).
+//! `cargo bench --bench generation` (under `cargo test` it runs a few jobs as a smoke test);
+//! `cargo bench --bench generation -- speculation` runs the speculation part alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +59,9 @@ fn main() {
     // A decoder wide enough that steps cost compute: Llama architecture, hidden 512, 4 layers.
     let (hidden, layers, jobs, wave) = if bench { (512, 4, 96, 8) } else { (64, 1, 8, 4) };
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    if std::env::args().any(|a| a == "speculation") {
+        return speculation(&runtime, dir.path(), bench);
+    }
     println!("mixed workload: {jobs} jobs, 3 short (8 new tokens) : 1 long (128), waves of {wave} every 20 ms");
     println!("| mode | tokens/s | p50 latency | p99 latency | wall |");
     println!("| --- | --- | --- | --- | --- |");
@@ -86,4 +91,73 @@ fn main() {
         results.push((tps, percentile(&r.latencies, 0.99)));
     }
     println!("continuous / static: throughput {:.2}x, p99 {:.2}x", results[0].0 / results[1].0, results[0].1.as_secs_f64() / results[1].1.as_secs_f64());
+    speculation(&runtime, dir.path(), bench);
+}
+
+/// Greedy jobs whose prompts repeat a phrase, alone and in batches, with `speculate_tokens` 0
+/// (off) and on: wall time, tokens/s and drafts accepted. A random model's generations rarely
+/// repeat (drafts rejected: the cost of having speculation on); an echoing one (see
+/// [`jetbatch_testkit::make_echo`]) repeats its last token (drafts accepted: the gain).
+fn speculation(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, bench: bool) {
+    // Shaped like a small real model where it counts: a 32k vocabulary, hidden 512, 8 layers.
+    let (hidden, layers, vocab, new_tokens, batches) = if bench { (512, 8, 32000, 96, vec![1, 2, 4, 8, 16]) } else { (64, 1, 259, 8, vec![1, 2]) };
+    println!("\nspeculation: greedy, prompts repeating a 7-token phrase, {new_tokens} new tokens, jobs sent at once");
+    println!("| model | speculate_tokens | jobs | tokens/s | wall | drafted | accepted |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    // A 259-token vocabulary: random generations soon meet tokens seen before (drafts are found,
+    // and rejected: speculation's worst case).
+    for (name, vocab, echo) in [("random", vocab, false), ("random, 259 tokens", 259, false), ("echo", vocab, true)] {
+        let mut want: Option<Vec<Vec<u32>>> = None;
+        for k in [0, 4, 8] {
+            let repository = dir.join(format!("spec-{vocab}-{echo}-{k}"));
+            let model = repository.join("lm");
+            jetbatch_testkit::write_lm(&model, 7, hidden, layers, vocab, 512).unwrap();
+            if echo {
+                jetbatch_testkit::make_echo(&model).unwrap();
+            }
+            std::fs::write(model.join("jetbatch.toml"), format!("backend = \"hf\"\nmax_batch_size = 32\nspeculate_tokens = {k}\n")).unwrap();
+            let metrics = Arc::new(Metrics::new("bench"));
+            let _in_runtime = runtime.enter();
+            let infer = Infer::start(&repository, 0, metrics.clone()).unwrap();
+            runtime.block_on(infer.preload("lm")).unwrap();
+            // Warm: libtorch prepares each shape of forward on first use.
+            for &jobs in &batches {
+                runtime.block_on(run(&infer, "lm", &vec![new_tokens / 4; jobs], jobs, Duration::ZERO));
+            }
+            let mut got = Vec::new();
+            for &jobs in &batches {
+                let counters = || (metrics.speculated_tokens_total.with_label_values(&["lm"]).get(), metrics.speculated_accepted_tokens_total.with_label_values(&["lm"]).get());
+                let before = counters();
+                let start = Instant::now();
+                let tokens: Vec<Vec<u32>> = runtime.block_on(join_all((0..jobs).map(|j| {
+                    let prompt: Vec<u32> = (0..48).map(|t| 3 + ((j * 37 + (t % 7) * 13) % 250) as u32).collect();
+                    let job = serde_json::json!({"id": format!("s{k}-{jobs}-{j}"), "model": "lm", "kind": "generate", "input": {"prompt_tokens": prompt},
+                                                 "params": {"max_new_tokens": new_tokens, "stop_token_ids": []}, "cache": false});
+                    let infer = &infer;
+                    async move {
+                        match infer.run("lm", &serde_json::to_vec(&job).unwrap()).await.unwrap().output {
+                            Output::Generate { tokens, .. } => tokens,
+                            other => panic!("not a generation: {other:?}"),
+                        }
+                    }
+                })));
+                let wall = start.elapsed();
+                let (drafted, accepted) = (counters().0 - before.0, counters().1 - before.1);
+                let n: usize = tokens.iter().map(Vec::len).sum();
+                println!(
+                    "| {name} | {k} | {jobs} | {:.0} | {:.0} ms | {drafted} | {accepted} ({:.0} % of tokens) |",
+                    n as f64 / wall.as_secs_f64(),
+                    wall.as_secs_f64() * 1e3,
+                    100.0 * accepted as f64 / n as f64
+                );
+                got.extend(tokens);
+            }
+            runtime.block_on(infer.shutdown());
+            // The same tokens whatever the drafts.
+            match &want {
+                None => want = Some(got),
+                Some(w) => assert_eq!(&got, w, "speculate_tokens = {k}: tokens as without drafts"),
+            }
+        }
+    }
 }

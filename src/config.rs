@@ -222,6 +222,12 @@ pub struct ServeArgs {
     /// `prefix_cache_mb` overrides it.
     #[arg(long, env = "JETBATCH_PREFIX_CACHE_MB", default_value_t = crate::engine::prefix::DEFAULT_PREFIX_CACHE_MB)]
     pub prefix_cache_mb: u64,
+    /// Exact greedy speculation: tokens a greedy `generate` row of an `hf` decoder drafts per
+    /// step from its own prompt and output (prompt lookup) and verifies in one forward, keeping
+    /// those the model agrees with (tokens unchanged; 0: none); a model's own `speculate_tokens`
+    /// overrides it.
+    #[arg(long, env = "JETBATCH_SPECULATE_TOKENS", default_value_t = crate::engine::draft::DEFAULT_SPECULATE_TOKENS)]
+    pub speculate_tokens: usize,
     /// Prometheus endpoint (`/metrics`, `/healthz`); unset: none.
     #[arg(long, env = "JETBATCH_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub prefix_hit_tokens_total: IntCounterVec,
     pub prefix_evicted_tokens_total: IntCounterVec,
     pub prefix_cache_bytes: IntGaugeVec,
+    /// Exact greedy speculation, by model: tokens drafted and verified, and those accepted (the
+    /// model's own choice, emitted without a step of their own).
+    pub speculated_tokens_total: IntCounterVec,
+    pub speculated_accepted_tokens_total: IntCounterVec,
     /// Job latency (publish to result) by priority level.
     pub priority_latency_seconds: HistogramVec,
     /// Jobs waiting in the stream by priority level (the level's consumer's pending count).
@@ -180,6 +184,12 @@ impl Metrics {
             prefix_hit_tokens_total: counter_vec("jetbatch_prefix_hit_tokens_total", "Prefix tokens found in the prefix cache (not recomputed), by model.", &["model"]),
             prefix_evicted_tokens_total: counter_vec("jetbatch_prefix_evicted_tokens_total", "Tokens evicted from the prefix cache, by model.", &["model"]),
             prefix_cache_bytes: b.add(IntGaugeVec::new(Opts::new("jetbatch_prefix_cache_bytes", "Bytes held by the prefix cache, by model."), &["model"]).expect("valid metric")),
+            speculated_tokens_total: counter_vec("jetbatch_speculated_tokens_total", "Tokens drafted for greedy generate rows and verified, by model.", &["model"]),
+            speculated_accepted_tokens_total: counter_vec(
+                "jetbatch_speculated_accepted_tokens_total",
+                "Drafted tokens the model agreed with (emitted without a step of their own), by model.",
+                &["model"],
+            ),
             priority_latency_seconds: b.add(
                 HistogramVec::new(
                     HistogramOpts::new("jetbatch_priority_latency_seconds", "JetStream publish time of the job to its result published, by priority level.")

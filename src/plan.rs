@@ -154,6 +154,10 @@ pub struct ModelConfig {
     /// unset: the worker's `--prefix-cache-mb`).
     #[serde(default)]
     pub prefix_cache_mb: Option<u64>,
+    /// `hf` decoders, greedy `generate` rows: tokens drafted per step from the row's own sequence
+    /// and verified in one forward (0: none; unset: the worker's `--speculate-tokens`).
+    #[serde(default)]
+    pub speculate_tokens: Option<usize>,
     /// `hf` `loglikelihood_rolling`: the largest text in bytes (it is tokenised and scored whole;
     /// default [`crate::lm::DEFAULT_MAX_INPUT_BYTES`]). Other kinds read bounded windows of text.
     #[serde(default)]

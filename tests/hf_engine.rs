@@ -570,3 +570,129 @@ fn the_prefix_cache_changes_no_score_on_any_decoder() {
     assert!(checked.len() >= 8, "{checked:?}");
     eprintln!("FIGURES prefix tokens served from the cache per decoder: {checked:?}");
 }
+
+/// Runs `inputs` as one streamed engine call: the outputs in order, and each job's streamed text.
+fn run_streamed(engine: &EngineHandle, spec: &Arc<ModelPlan>, inputs: Vec<JobInput>) -> (Vec<Output>, Vec<String>) {
+    let n = inputs.len();
+    let mut events = engine.run(spec.clone(), JobKind::Generate, inputs, vec![true; n], Vec::new());
+    let mut out: Vec<Option<Output>> = (0..n).map(|_| None).collect();
+    let mut streamed = vec![String::new(); n];
+    while out.iter().any(Option::is_none) {
+        match events.blocking_recv() {
+            Some(Event::Done { index, result, .. }) => out[index] = Some(result.unwrap_or_else(|e| panic!("{}: {e}", spec.name))),
+            Some(Event::Chunk { index, chunk }) => streamed[index].push_str(&chunk.text),
+            None => panic!("engine stopped"),
+        }
+    }
+    (out.into_iter().map(Option::unwrap).collect(), streamed)
+}
+
+fn generated(o: &Output) -> &[u32] {
+    let Output::Generate { tokens, .. } = o else { panic!("not a generation") };
+    tokens
+}
+
+/// Drafts (of up to `k` tokens) whose first token the greedy generation `tokens` of `prompt`
+/// chose: those a speculating engine accepts.
+fn agreeing_drafts(prompt: &[u32], tokens: &[u32], k: usize) -> usize {
+    let seq: Vec<u32> = prompt.iter().chain(tokens).copied().collect();
+    (prompt.len()..seq.len() - 1).filter(|&end| jetbatch::engine::draft::draft(&seq[..end], k).first() == Some(&seq[end])).count()
+}
+
+/// Exact greedy speculation changes no token. On every decoder of the fixture, generations with
+/// drafts (`speculate_tokens = 4`) equal those without (`0`) — tokens, text, finish reason and
+/// streamed text — for prompts that repeat themselves, chosen so that the model's own greedy
+/// tokens agree with drafts (random weights rarely continue a pattern): each alone; in one batch
+/// with sampled rows (which do not draft) and a `top_logprobs` row; with `max_new_tokens` at
+/// every length, and stop strings and stop tokens taken from every position of a generation, so
+/// that generations end inside accepted drafts. Drafts were accepted (the counter moved) except
+/// under LongRoPE, which does not draft.
+#[test]
+fn greedy_speculation_changes_no_token_on_any_decoder() {
+    let metrics = Arc::new(Metrics::new("speculation-test"));
+    let engine = EngineHandle::start(metrics.clone(), 0).0;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, refs) = fixture();
+    let mut checked = Vec::new();
+    let greedy_job = |prompt: Vec<u32>, max_new_tokens: usize, stop: Vec<String>, stop_token_ids: Vec<u32>| {
+        JobInput::Generate(GenerateInput { prompt, max_new_tokens, sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }, stop, stop_token_ids, top_logprobs: 0 })
+    };
+    // A phrase of `period` tokens repeated.
+    let repeating = |seed: u32, period: u32, len: usize| -> Vec<u32> { (0..len as u32).map(|i| 3 + (seed * 53 + (i % period) * 29) % 250).collect() };
+    for (name, r) in refs["models"].as_object().unwrap() {
+        if r.get("generate").is_none() {
+            continue;
+        }
+        let on = configured(tmp.path(), name, "spec", "speculate_tokens = 4");
+        let off = configured(tmp.path(), name, "no-spec", "speculate_tokens = 0");
+        // Prompts whose generations agree with drafts, most agreeing first.
+        let candidates: Vec<Vec<u32>> = (0..24).map(|s| repeating(s, 1 + s % 6, 16 + s as usize % 5)).collect();
+        let outs = run(&engine, &off, JobKind::Generate, candidates.iter().map(|p| greedy_job(p.clone(), 24, vec![], vec![])).collect());
+        let mut ranked: Vec<(usize, Vec<u32>, Vec<u32>)> = candidates.into_iter().zip(&outs).map(|(p, o)| (agreeing_drafts(&p, generated(o), 4), p, generated(o).to_vec())).collect();
+        ranked.sort_by_key(|r| std::cmp::Reverse(r.0));
+        assert!(ranked[0].0 > 0, "{name}: no prompt whose generation agrees with a draft");
+        let sampled = |seed: u64| {
+            let sampling = Sampling { temperature: 0.8, top_k: 0, top_p: 0.95, seed: Some(seed) };
+            JobInput::Generate(GenerateInput { prompt: repeating(seed as u32, 3, 9), max_new_tokens: 20, sampling, stop: vec![], stop_token_ids: vec![], top_logprobs: 0 })
+        };
+        let base: Vec<JobInput> = ranked[..4].iter().map(|(_, p, _)| greedy_job(p.clone(), 24, vec![], vec![])).collect();
+        let mut with_top = greedy_job(ranked[4].1.clone(), 12, vec![], vec![]);
+        if let JobInput::Generate(g) = &mut with_top {
+            g.top_logprobs = 2;
+        }
+        let mut batches: Vec<Vec<JobInput>> = base.iter().map(|j| vec![j.clone()]).collect();
+        batches.push(base.iter().cloned().chain([sampled(1), sampled(2), with_top]).collect());
+        // Ends at every position of a generation: its length, a stop token, stop strings (the text
+        // of the tokens ending there, 1 to 3 of them). A stop ends a generation at its first
+        // occurrence, and drafts copy earlier tokens: the prompt holds the start of the most
+        // agreeing generation, so that its continuation's first occurrences may be drafted
+        // already, and stop strings of several tokens first occur late in a repetition.
+        let (_, prompt, tokens) = &ranked[0];
+        let prompt: Vec<u32> = prompt.iter().chain(&tokens[..tokens.len() / 2]).copied().collect();
+        let tokens = generated(&run(&engine, &off, JobKind::Generate, vec![greedy_job(prompt.clone(), 24, vec![], vec![])])[0]).to_vec();
+        let tokenizer = &on.lm.as_ref().unwrap().tokenizer;
+        for at in 1..tokens.len() {
+            let mut ends = vec![greedy_job(prompt.clone(), at, vec![], vec![]), greedy_job(prompt.clone(), 24, vec![], vec![tokens[at]])];
+            for from in at.saturating_sub(2)..=at {
+                let piece = tokenizer.decode(&tokens[from..=at], true).unwrap();
+                if !piece.trim().is_empty() {
+                    ends.push(greedy_job(prompt.clone(), 24, vec![piece], vec![]));
+                }
+            }
+            batches.push(ends);
+        }
+        let accepted = |spec: &ModelPlan| metrics.speculated_accepted_tokens_total.with_label_values(&[&spec.name]).get();
+        let drafted = |spec: &ModelPlan| metrics.speculated_tokens_total.with_label_values(&[&spec.name]).get();
+        let mut mixed_accepted = 0;
+        for (b, batch) in batches.into_iter().enumerate() {
+            let before = accepted(&on);
+            let (a, sa) = run_streamed(&engine, &on, batch.clone());
+            if b == base.len() {
+                mixed_accepted = accepted(&on) - before;
+            }
+            let (x, sx) = run_streamed(&engine, &off, batch);
+            for (i, (p, q)) in a.iter().zip(&x).enumerate() {
+                let (Output::Generate { tokens: p, text: tp, finish_reason: fp, top: op, .. }, Output::Generate { tokens: q, text: tq, finish_reason: fq, top: oq, .. }) = (p, q) else {
+                    panic!("{name}: not a generation")
+                };
+                assert_eq!((p, tp, fp), (q, tq, fq), "{name} batch {b} row {i}: with drafts vs without");
+                assert_eq!(op.len(), oq.len(), "{name} batch {b} row {i}: top log-probs");
+                assert_eq!(sa[i], *tp, "{name} batch {b} row {i}: the streamed text is the text");
+                assert_eq!(sa[i], sx[i], "{name} batch {b} row {i}: streamed with drafts vs without");
+            }
+        }
+        let longrope = on.lm.as_ref().unwrap().config.rope().is_ok_and(|r| matches!(r.scaling, jetbatch::hf_config::RopeScaling::LongRope { .. }));
+        let (d, k) = (drafted(&on), accepted(&on));
+        match longrope {
+            true => assert_eq!((d, k), (0, 0), "{name}: LongRoPE drafts nothing"),
+            false => {
+                assert!(k > 0 && d >= k, "{name}: {k} of {d} drafted tokens accepted");
+                assert!(mixed_accepted > 0, "{name}: drafts accepted beside sampled rows");
+            }
+        }
+        assert_eq!((drafted(&off), accepted(&off)), (0, 0), "{name}: off is off");
+        checked.push((name.clone(), ranked[0].0, d, k, mixed_accepted));
+    }
+    assert!(checked.len() >= 8, "{checked:?}");
+    eprintln!("FIGURES per decoder: agreeing drafts of the best prompt, tokens drafted, accepted, accepted beside sampled rows: {checked:?}");
+}

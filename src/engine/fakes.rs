@@ -131,7 +131,7 @@ pub(super) fn gen_input(token: u32) -> JobInput {
 
 /// A slot for `model`, as `spec` would load it: batch cap 8, no token budget.
 pub(super) fn slot(model: Box<dyn LoadedModel>) -> Slot {
-    Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0, prefix_seen: Default::default() }
+    Slot { model, fingerprint: "f".into(), size: 1, last_used: 0, cap: 8, poisoned: false, token_budget: 0, prefix_seen: Default::default(), speculation_seen: Default::default() }
 }
 
 pub(super) fn engine_with(model: Box<dyn LoadedModel>) -> (Engine, Arc<ModelPlan>) {

@@ -121,6 +121,7 @@ impl Engine {
                     Err(e) => panicked = Some(e),
                 }
                 self.metrics.model_forward_total.with_label_values(&[&spec.name]).inc();
+                slot.report_speculation(&spec.name, &self.metrics);
             }
             let (oom, stepped): (Vec<_>, Vec<_>) = stepped.into_iter().partition(|(_, r)| matches!(r, Err(EngineError::OutOfMemory(_))));
             if let Some((_, Err(e))) = oom.first() {

@@ -24,12 +24,15 @@
 //!   `scheduler.rs` decides who joins, as a plain state machine.
 //! - `device.rs`: which device a model runs on, and its generation token budget from free memory.
 //! - `threads.rs`: libtorch's thread counts from the CLI.
+//! - `draft.rs`: prompt-lookup drafts for exact greedy speculation (a row's next tokens guessed
+//!   from its own sequence, verified by the model in one forward); plain Rust.
 //! - `prefix.rs`: the prefix cache, a radix tree of token sequences whose computed state (keys
 //!   and values) later jobs reuse; plain Rust, its payload is the backend's.
 //! - Backends: `torchscript.rs`, and `hf/` (see its own layout).
 
 mod batch;
 mod device;
+pub mod draft;
 mod error;
 #[cfg(test)]
 mod fakes;

@@ -2,6 +2,7 @@
 //! its streamed chunks go ([`Sink`]). The engine drives it; backends (`torchscript.rs`, `hf/`)
 //! implement it.
 
+use super::draft::SpeculationStats;
 use super::prefix::PrefixStats;
 use super::EngineError;
 use crate::job::{JobInput, JobKind, Output};
@@ -64,6 +65,11 @@ pub trait LoadedModel {
 
     /// What the model's prefix cache did so far (none: it has none).
     fn prefix_stats(&self) -> Option<PrefixStats> {
+        None
+    }
+
+    /// What greedy speculation drafted and accepted so far (none: the model does not speculate).
+    fn speculation_stats(&self) -> Option<SpeculationStats> {
         None
     }
 

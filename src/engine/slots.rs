@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::device::{generation_token_budget, resolve_device};
 use super::error::guarded;
+use super::draft::SpeculationStats;
 use super::prefix::PrefixStats;
 use super::{hf, torchscript, Engine, EngineError, LoadedModel};
 use crate::plan::{Backend, ModelPlan};
@@ -29,6 +30,8 @@ pub(super) struct Slot {
     pub(super) token_budget: usize,
     /// The model's prefix cache counters already added to the metrics.
     pub(super) prefix_seen: PrefixStats,
+    /// The model's speculation counters already added to the metrics.
+    pub(super) speculation_seen: SpeculationStats,
 }
 
 impl Slot {
@@ -40,6 +43,14 @@ impl Slot {
         metrics.prefix_hit_tokens_total.with_label_values(&[model]).inc_by(now.hit.saturating_sub(seen.hit));
         metrics.prefix_evicted_tokens_total.with_label_values(&[model]).inc_by(now.evicted.saturating_sub(seen.evicted));
         metrics.prefix_cache_bytes.with_label_values(&[model]).set(now.bytes as i64);
+    }
+
+    /// Adds what the model's greedy speculation did since last time to `metrics`.
+    pub(super) fn report_speculation(&mut self, model: &str, metrics: &crate::metrics::Metrics) {
+        let Some(now) = self.model.speculation_stats() else { return };
+        let seen = std::mem::replace(&mut self.speculation_seen, now);
+        metrics.speculated_tokens_total.with_label_values(&[model]).inc_by(now.drafted.saturating_sub(seen.drafted));
+        metrics.speculated_accepted_tokens_total.with_label_values(&[model]).inc_by(now.accepted.saturating_sub(seen.accepted));
     }
 
     /// Frees cached device memory after out-of-memory; a panic in it marks the slot for reload.
@@ -111,7 +122,7 @@ impl Engine {
             info!(model = %spec.name, secs = start.elapsed().as_secs_f64(), "model loaded");
             self.metrics.models_loaded.inc();
             let cap = spec.config.max_batch_size;
-            self.models.insert(spec.name.clone(), Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap, poisoned: false, token_budget, prefix_seen: PrefixStats::default() });
+            self.models.insert(spec.name.clone(), Slot { model, fingerprint: spec.fingerprint.clone(), size: spec.size_bytes, last_used: 0, cap, poisoned: false, token_budget, prefix_seen: PrefixStats::default(), speculation_seen: SpeculationStats::default() });
         }
         let slot = self.models.get_mut(&spec.name).expect("just inserted");
         slot.last_used = self.clock;
@@ -146,7 +157,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new("t"));
         let mut engine = Engine::new(250, metrics);
         for (name, used) in [("a", 3), ("b", 1), ("c", 2)] {
-            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false, token_budget: 0, prefix_seen: PrefixStats::default() };
+            let slot = Slot { model: Box::new(Fake { fits: 1, calls: vec![] }), fingerprint: "f".into(), size: 100, last_used: used, cap: 1, poisoned: false, token_budget: 0, prefix_seen: PrefixStats::default(), speculation_seen: SpeculationStats::default() };
             engine.models.insert(name.into(), slot);
         }
         engine.evict_for(100);

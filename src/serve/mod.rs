@@ -93,6 +93,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future) -> Result<(), ServeErro
 
     // libtorch's threads, as configured (the first worker of a process decides: they are per process).
     crate::engine::prefix::configure_prefix_cache(args.prefix_cache_mb << 20);
+    crate::engine::draft::configure_speculation(args.speculate_tokens);
     crate::engine::configure_threads(crate::engine::Threads { intra_op: args.torch.torch_threads, inter_op: args.torch.torch_interop_threads });
     let (engine, engine_thread) = EngineHandle::start(metrics.clone(), args.model_memory_mb << 20);
     for spec in repository.models.values().filter(|s| s.config.preload) {

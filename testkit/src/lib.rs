@@ -28,6 +28,25 @@ pub fn write_tiny_lm(dir: &Path, seed: i64, hidden: i64, layers: i64) -> Result<
     write_lm(dir, seed, hidden, layers, 259, 256)
 }
 
+/// Makes the decoder [`write_lm`] wrote in `dir` echo: its attention and MLP outputs zero (the
+/// residual stream keeps the token's embedding) and its LM head the embedding table, so greedy
+/// generation repeats the last token — text that repeats itself, at a real model's cost per step
+/// (the zeros are multiplied all the same).
+pub fn make_echo(dir: &Path) -> Result<(), String> {
+    let path = dir.join("model.safetensors");
+    let tensors = Tensor::read_safetensors(&path).map_err(|e| e.to_string())?;
+    let embed = tensors.iter().find(|(n, _)| n == "model.embed_tokens.weight").map(|(_, t)| t.copy()).ok_or("no embedding")?;
+    let tensors: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| match n.as_str() {
+            "lm_head.weight" => (n, embed.copy()),
+            _ if n.ends_with("o_proj.weight") || n.ends_with("down_proj.weight") => (n, t.zeros_like()),
+            _ => (n, t),
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, &path).map_err(|e| e.to_string())
+}
+
 /// [`write_tiny_lm`] with `vocab` (at least 259) embedding and LM-head rows — a real vocabulary's
 /// cost, where text reaches only the byte tokens (as padded vocabularies have) — and `positions`.
 pub fn write_lm(dir: &Path, seed: i64, hidden: i64, layers: i64, vocab: i64, positions: i64) -> Result<(), String> {

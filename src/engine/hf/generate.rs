@@ -3,6 +3,9 @@
 //! sampling draws from each job's own seeded stream so a row's tokens do not depend on its
 //! neighbours. Out of device memory, rows are paused (their tokens, text and random stream kept,
 //! their cache dropped) and resume when they join again, prefilling prompt and generated tokens.
+//! Greedy rows speculate exactly: a step feeds each row's new token with the tokens it drafted
+//! from its own sequence ([`crate::engine::draft`]), and the next step keeps the drafts the model's
+//! own choices confirm, each through the stop conditions, and drops the others' keys.
 
 use tch::{Device, Kind, Tensor};
 
@@ -11,6 +14,7 @@ use std::cell::RefCell;
 use super::layers::{KvCache, Layout, Write};
 use super::prefix::{gather, store_slot, KvTree};
 use super::{tch_err, CausalLm, EngineError, Hf};
+use crate::engine::draft::{draft, verified, Budget, SpeculationStats, MAX_VERIFIED_POSITIONS};
 use crate::engine::{catch_oom, Sink};
 use crate::job::{FinishReason, Output};
 use crate::kinds::{GenerateInput, Sampling, TopLogprobs};
@@ -39,6 +43,11 @@ pub(super) struct Row {
     out_of_time: bool,
     /// With `top_logprobs`: the most likely tokens at each generated position.
     top: Vec<TopLogprobs>,
+    /// Tokens drafted after its last one (see [`crate::engine::draft`]), fed with it to the
+    /// forward whose logits are pending: logits position j verifies `drafts[j]`.
+    drafts: Vec<u32>,
+    /// How many tokens it drafts next, following how many it had accepted.
+    budget: Budget,
 }
 
 impl Row {
@@ -49,7 +58,7 @@ impl Row {
             t.as_nanos() as u64 ^ (job as u64).rotate_left(32)
         });
         let track_text = stream || !input.stop.is_empty();
-        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, covered: 0, finish: None, out_of_time: false, top: Vec::new(), input }
+        Row { job, rng: Rng(seed), generated: Vec::new(), track_text, stream, text: String::new(), prefix: 0, read: 0, emitted: 0, chunks: 0, covered: 0, finish: None, out_of_time: false, top: Vec::new(), drafts: Vec::new(), budget: Budget::new(usize::MAX), input }
     }
 
     /// The tokens its cache holds once prefilled: the prompt, then what it generated (a resumed
@@ -89,6 +98,54 @@ impl Row {
             (self.prefix, self.read) = (self.read, self.generated.len());
         }
         Ok(())
+    }
+
+    /// Appends a chosen token and finishes the row if it ends here: a stop string (its text cut
+    /// there), a stop token, `max_new_tokens` or the model's length, its deadline; emits the text
+    /// that may be streamed.
+    fn take(&mut self, tok: u32, hf: &Hf, sink: &mut dyn Sink) -> Result<(), EngineError> {
+        self.generated.push(tok);
+        if self.track_text {
+            self.detokenize(&hf.tokenizer, false)?;
+            let stop_at = self.input.stop.iter().filter_map(|s| self.text.find(s.as_str())).min();
+            if let Some(at) = stop_at {
+                self.text.truncate(at);
+                self.finish = Some(FinishReason::Stop);
+            }
+        }
+        let cut_at_stop_string = self.finish.is_some();
+        if self.finish.is_none() && self.input.stop_token_ids.contains(&tok) {
+            self.finish = Some(if hf.eos.contains(&tok) { FinishReason::Eos } else { FinishReason::Stop });
+        } else if self.finish.is_none() && self.left(hf.max_length) == 0 {
+            self.finish = Some(FinishReason::Length);
+        } else if self.finish.is_none() && self.out_of_time {
+            self.finish = Some(FinishReason::Deadline);
+        }
+        // A row finished by a token: its text is the whole decode's, an incomplete tail too.
+        if self.track_text && self.finish.is_some() && !cut_at_stop_string {
+            self.detokenize(&hf.tokenizer, true)?;
+        }
+        let end = if self.finish.is_some() { self.text.len() } else { self.safe_end() };
+        self.emit(end, sink);
+        Ok(())
+    }
+
+    /// Tokens it may still generate: within `max_new_tokens` and the model's `max_length`.
+    fn left(&self, max_length: usize) -> usize {
+        self.input.max_new_tokens.saturating_sub(self.generated.len()).min(max_length.saturating_sub(self.input.prompt.len() + self.generated.len()))
+    }
+
+    /// Drafts for its next step (at most `k`, within its [`Budget`]): a greedy row without
+    /// `top_logprobs` or a passed deadline guesses from its own tokens, no further than the tokens
+    /// it may still generate after the one just chosen (so no draft sits past `max_length`).
+    fn draft(&mut self, k: usize, max_length: usize) -> Vec<u32> {
+        if self.input.sampling.temperature > 0.0 || self.input.top_logprobs > 0 || self.out_of_time {
+            return Vec::new();
+        }
+        match self.budget.next(k).min(self.left(max_length).saturating_sub(1)) {
+            0 => Vec::new(),
+            k => draft(&self.tokens(), k),
+        }
     }
 
     fn emit(&mut self, end: usize, sink: &mut dyn Sink) {
@@ -161,12 +218,16 @@ pub(super) struct GenBatch {
     state: Option<GenState>,
     /// Rows paused out of memory, by job, until they join again (or are forgotten).
     paused: std::collections::HashMap<usize, Row>,
+    /// Tokens drafted and accepted since the model was loaded.
+    pub stats: SpeculationStats,
 }
 
 struct GenState {
     cache: KvCache,
     /// Tokens in each row's cache (also the position of its next token).
     lens: Vec<i64>,
+    /// `[B, W, V]`: at position 0 the next token's logits of each row, at position j those after
+    /// its j-th draft (see [`Row::drafts`]).
     logits: Tensor,
 }
 
@@ -187,16 +248,23 @@ fn right_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Layout) {
 }
 
 /// Prepares a prefill over cached prefixes: each row's hit copied into its slot (`first + r`),
-/// its new token j written at column `skip[r] + j` (the padding past its length, masked, is
-/// overwritten by its decode steps); returns the layout of the new tokens over their slots.
+/// then its new tokens written after it (see [`write_after`]).
 fn over_prefixes(cache: &mut KvCache, first: i64, hits: &[Vec<(Tensor, Tensor)>], skip: &[usize], new: &[Vec<i64>], device: Device) -> Layout {
+    let layout = write_after(cache, first, skip, new, device);
+    for (r, hit) in hits.iter().enumerate().filter(|&(r, _)| skip[r] > 0) {
+        cache.copy_in(first + r as i64, hit);
+    }
+    layout
+}
+
+/// Prepares a forward of right-padded `new` tokens whose slots (`first + r`) hold `skip[r]`
+/// tokens already: new token j of row r written at column `skip[r] + j` (the padding past its
+/// length, masked, is overwritten by later steps); returns their layout over their slots.
+fn write_after(cache: &mut KvCache, first: i64, skip: &[usize], new: &[Vec<i64>], device: Device) -> Layout {
     let n = new.len() as i64;
     let t = new.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let len = skip.iter().max().copied().unwrap_or(0) as i64 + t;
     cache.reserve(first + n, len);
-    for (r, hit) in hits.iter().enumerate().filter(|&(r, _)| skip[r] > 0) {
-        cache.copy_in(first + r as i64, hit);
-    }
     let grid = |width: i64, f: &dyn Fn(i64, i64) -> i64| -> Tensor {
         let v: Vec<i64> = (0..n).flat_map(|r| (0..width).map(move |j| (r, j))).map(|(r, j)| f(r, j)).collect();
         Tensor::from_slice(&v).view([n, width]).to_device(device)
@@ -239,9 +307,13 @@ impl GenBatch {
     /// the running rows go on untouched (the slots and columns written beyond them are unused).
     /// With `prefix`, each row's longest cached prefix is copied into its slot and only the rest
     /// is prefilled; the prompts are cached afterwards.
-    pub fn admit(&mut self, d: &dyn CausalLm, device: Device, rows: Vec<Row>, prefix: Option<&RefCell<KvTree>>) -> Result<(), EngineError> {
+    pub fn admit(&mut self, d: &dyn CausalLm, device: Device, mut rows: Vec<Row>, prefix: Option<&RefCell<KvTree>>) -> Result<(), EngineError> {
         if rows.is_empty() {
             return Ok(());
+        }
+        // A resumed row's drafts were not verified: its prefill gives the logits of its last token.
+        for row in &mut rows {
+            row.drafts.clear();
         }
         let prompts: Vec<Vec<u32>> = rows.iter().map(Row::tokens).collect();
         let mut tree = prefix.map(RefCell::borrow_mut);
@@ -270,8 +342,12 @@ impl GenBatch {
             let h = hidden.size()[2];
             let last: Vec<i64> = new.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
             let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
-            let logits = d.logits(&last);
-            if first == 0 { Ok(logits) } else { Tensor::f_cat(&[&state.logits, &logits], 0).map_err(tch_err) }
+            let logits = d.logits(&last).unsqueeze(1);
+            match first {
+                0 => Ok(logits),
+                // The running rows' logits may verify drafts: the new rows' pad to their width.
+                _ => logits.f_constant_pad_nd([0, 0, 0, state.logits.size()[1] - 1]).and_then(|l| Tensor::f_cat(&[&state.logits, &l], 0)).map_err(tch_err),
+            }
         })
         .and_then(|r| r);
         let logits = match prefilled {
@@ -302,16 +378,24 @@ impl GenBatch {
     /// Chooses every row's next token, finishes rows, and runs one decode step for the rest.
     /// Returns the outputs of rows that finished, and, when the decode step ran out of memory,
     /// `OutOfMemory` for every other row: those are paused (see [`GenBatch::admit`]).
-    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
+    /// Greedy rows draft up to `speculate` tokens from their own sequence for the next step; the
+    /// step verifies them in its forward and keeps those the model chooses itself.
+    pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, speculate: usize, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
         let state = self.state.as_mut().expect("rows imply state");
-        let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
+        // `[B, width]`: position 0 follows each row's last token, position j its j-th draft.
+        let width = state.logits.size()[1] as usize;
+        let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu).reshape([-1])).map_err(tch_err)?;
+        // Rows that sample or want top log-probs draft nothing: they read position 0 only.
+        let next = state.logits.select(1, 0);
         let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
-        let cpu_logits = if sampled { Some(state.logits.to_device(Device::Cpu)) } else { None };
+        let cpu_logits = if sampled { Some(next.to_device(Device::Cpu)) } else { None };
         let per_row: Vec<usize> = self.rows.iter().map(|r| r.input.top_logprobs).collect();
         let mut tops = match per_row.iter().any(|&k| k > 0) {
-            true => hf.top_logprobs(&state.logits.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
+            true => hf.top_logprobs(&next.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
             false => Vec::new().into_iter(),
         };
+        // Drafts each row kept: its cache holds them already.
+        let mut accepted = Vec::with_capacity(self.rows.len());
         for (b, row) in self.rows.iter_mut().enumerate() {
             row.top.extend(tops.next().filter(|t| !t.ids.is_empty()));
             let tok = match &cpu_logits {
@@ -319,33 +403,21 @@ impl GenBatch {
                     let logits = Vec::<f32>::try_from(l.f_get(b as i64).map_err(tch_err)?).map_err(tch_err)?;
                     sample(&logits, &row.input.sampling, &mut row.rng)
                 }
-                _ => greedy.get(b).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?,
+                _ => greedy.get(b * width).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?,
             };
-            row.generated.push(tok);
-            if row.track_text {
-                row.detokenize(&hf.tokenizer, false)?;
-                let stop_at = row.input.stop.iter().filter_map(|s| row.text.find(s.as_str())).min();
-                if let Some(at) = stop_at {
-                    row.text.truncate(at);
-                    row.finish = Some(FinishReason::Stop);
-                }
+            row.take(tok, hf, sink)?;
+            // Drafts agreeing with the model's choices are in the cache already: their next
+            // tokens are chosen from the logits that follow them, each token through every stop.
+            let drafts = std::mem::take(&mut row.drafts);
+            let mut kept = 0;
+            while row.finish.is_none() && drafts.get(kept) == row.generated.last() {
+                kept += 1;
+                let tok = greedy.get(b * width + kept).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?;
+                row.take(tok, hf, sink)?;
             }
-            let cut_at_stop_string = row.finish.is_some();
-            if row.finish.is_none() && row.input.stop_token_ids.contains(&tok) {
-                row.finish = Some(if hf.eos.contains(&tok) { FinishReason::Eos } else { FinishReason::Stop });
-            } else if row.finish.is_none()
-                && (row.generated.len() >= row.input.max_new_tokens || row.input.prompt.len() + row.generated.len() >= hf.max_length)
-            {
-                row.finish = Some(FinishReason::Length);
-            } else if row.finish.is_none() && row.out_of_time {
-                row.finish = Some(FinishReason::Deadline);
-            }
-            // A row finished by a token: its text is the whole decode's, an incomplete tail too.
-            if row.track_text && row.finish.is_some() && !cut_at_stop_string {
-                row.detokenize(&hf.tokenizer, true)?;
-            }
-            let end = if row.finish.is_some() { row.text.len() } else { row.safe_end() };
-            row.emit(end, sink);
+            row.budget.update(drafts.len(), kept, speculate);
+            self.stats.accepted += kept as u64;
+            accepted.push(kept as i64);
         }
         // Finished rows leave the batch at once.
         let (done, live): (Vec<(usize, Row)>, Vec<(usize, Row)>) = std::mem::take(&mut self.rows).into_iter().enumerate().partition(|(_, r)| r.finish.is_some());
@@ -381,32 +453,56 @@ impl GenBatch {
                 Some(i) => live[i].take().expect("present"),
                 None => live.iter_mut().rev().find_map(Option::take).expect("a live row beyond the live count"),
             };
+            // Its cache: the tokens before its last one (rejected drafts past them are dropped).
+            let held = state.lens[b] + accepted[b];
             if b != slot {
-                moves.push((b as i64, slot as i64, state.lens[b]));
+                moves.push((b as i64, slot as i64, held));
             }
-            lens.push(state.lens[b] + 1);
+            lens.push(held + 1);
             order.push((b, row));
         }
         let device = state.logits.device();
-        let next = Tensor::from_slice(&order.iter().map(|(_, r)| *r.generated.last().expect("one token") as i64).collect::<Vec<_>>()).view([n as i64, 1]).to_device(device);
         self.rows = order.into_iter().map(|(_, r)| r).collect();
-        let cols = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>()).to_device(device);
-        let len = lens.iter().copied().max().expect("live rows");
+        // Speculation within the batch's budget of verified positions: a big batch has no spare
+        // compute for guesses that may be rejected.
+        let k = speculate.min((MAX_VERIFIED_POSITIONS / n).saturating_sub(1));
+        let mut drafts: Vec<Vec<u32>> = self.rows.iter_mut().map(|r| r.draft(k, hf.max_length)).collect();
+        let w = verified(&drafts.iter().map(Vec::len).collect::<Vec<_>>());
+        drafts.iter_mut().for_each(|d| d.truncate(w));
+        let fed: Vec<Vec<i64>> = self.rows.iter().zip(&drafts).map(|(r, d)| [*r.generated.last().expect("one token")].iter().chain(d).map(|&t| i64::from(t)).collect()).collect();
+        let width = fed.iter().map(Vec::len).max().expect("live rows");
         let decoded = catch_oom(|| {
             for &(from, to, len) in &moves {
                 state.cache.move_slot(from, to, len);
             }
-            state.cache.reserve(n as i64, len);
-            state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
-            let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
-            let layout = Layout::new(cols.unsqueeze(1), &keep, false);
-            let hidden = d.forward(&next, &layout, Some(&mut state.cache));
-            d.logits(&hidden.squeeze_dim(1))
+            if width == 1 {
+                let next = Tensor::from_slice(&fed.concat()).view([n as i64, 1]).to_device(device);
+                let cols = Tensor::from_slice(&lens.iter().map(|l| l - 1).collect::<Vec<_>>()).to_device(device);
+                let len = lens.iter().copied().max().expect("live rows");
+                state.cache.reserve(n as i64, len);
+                state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
+                let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
+                let layout = Layout::new(cols.unsqueeze(1), &keep, false);
+                let hidden = d.forward(&next, &layout, Some(&mut state.cache));
+                return d.logits(&hidden.squeeze_dim(1)).unsqueeze(1);
+            }
+            // Each row's last token and its drafts, right-padded, written after its cached tokens
+            // and attending causally over them: one forward verifies every draft.
+            let held: Vec<usize> = lens.iter().map(|&l| l as usize - 1).collect();
+            let (ids, _) = right_pad(&fed, device);
+            let layout = write_after(&mut state.cache, 0, &held, &fed, device);
+            let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
+            let h = hidden.size()[2];
+            d.logits(&hidden.reshape([-1, h])).view([n as i64, width as i64, -1])
         });
         match decoded {
             Ok(logits) => {
                 state.logits = logits;
                 state.lens = lens;
+                self.stats.drafted += drafts.iter().map(|d| d.len() as u64).sum::<u64>();
+                for (row, d) in self.rows.iter_mut().zip(drafts) {
+                    row.drafts = d;
+                }
             }
             // The cache is dropped (partly moved, partly written); every live row resumes by
             // prefilling what it has, with the token just chosen last.
@@ -422,83 +518,97 @@ mod tests {
     use crate::kinds::{GenerateInput, TopLogprobs};
 
     /// Rows paused mid-generation (as out of memory pauses them: the cache dropped) and joining
-    /// again generate the tokens and text they generate uninterrupted.
+    /// again generate the tokens and text they generate uninterrupted, drafts pending at the pause
+    /// (unverified: dropped) too.
     #[test]
     fn paused_rows_resume_to_what_they_generate_uninterrupted() {
         use crate::engine::LoadedModel;
         use crate::job::JobInput;
-        let dir = tempfile::tempdir().unwrap();
-        let dir = dir.path().join("lm");
-        jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
-        let spec = crate::plan::ModelPlan::load(&dir).unwrap();
-        let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
-        // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
-        // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.
-        assert_eq!(hf.kv_bytes_per_token(), 2 * 2 * 2 * 8 * 4);
-        hf.probe(3 * hf.max_length + 1).unwrap();
-        let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
-        let jobs = || -> Vec<(u64, JobInput, bool)> {
-            [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 11, 12]]
-                .into_iter()
-                .enumerate()
-                .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: i }), true))
-                .collect()
-        };
-        /// What each job's chunks carried.
-        #[derive(Debug, Clone, Default, PartialEq)]
-        struct Streamed {
-            text: String,
-            tokens: Vec<u32>,
-            top: Vec<TopLogprobs>,
+        // Random weights, and weights that echo the last token (every row drafts, so drafts are
+        // pending at every pause).
+        let mut pending = false;
+        for echo in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let dir = dir.path().join("lm");
+            jetbatch_testkit::write_tiny_lm(&dir, 3, 32, 2).unwrap();
+            if echo {
+                jetbatch_testkit::make_echo(&dir).unwrap();
+            }
+            let spec = crate::plan::ModelPlan::load(&dir).unwrap();
+            let mut hf = Hf::load(&spec, Device::Cpu).unwrap();
+            // What the engine reads at load to derive a token budget on CUDA: K and V, 2 layers,
+            // 2 KV heads of 8 dims, f32; a probe of more tokens than max_length runs as several rows.
+            assert_eq!(hf.kv_bytes_per_token(), 2 * 2 * 2 * 8 * 4);
+            hf.probe(3 * hf.max_length + 1).unwrap();
+            let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None };
+            let jobs = || -> Vec<(u64, JobInput, bool)> {
+                [vec![5u32, 9, 13], vec![40, 41], vec![7, 8, 9, 10, 7, 8, 9, 10, 7, 8]]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, prompt)| (i as u64, JobInput::Generate(GenerateInput { prompt, max_new_tokens: 10 + i, sampling: sampling.clone(), stop: vec![], stop_token_ids: vec![], top_logprobs: if i == 1 { 2 } else { 0 } }), true))
+                    .collect()
+            };
+            /// What each job's chunks carried.
+            #[derive(Debug, Clone, Default, PartialEq)]
+            struct Streamed {
+                text: String,
+                tokens: Vec<u32>,
+                top: Vec<TopLogprobs>,
+            }
+            struct Chunks(Vec<Streamed>);
+            impl Sink for Chunks {
+                fn wants(&self, _: usize) -> bool {
+                    true
+                }
+                fn emit(&mut self, chunk: StreamChunk) {
+                    let s = &mut self.0[chunk.job];
+                    s.text.push_str(&chunk.text);
+                    s.tokens.extend(&chunk.tokens);
+                    s.top.extend(chunk.top);
+                }
+            }
+            let mut generate = |hf: &mut Hf, pause_after: Option<usize>| {
+                hf.join(jobs()).unwrap();
+                let mut sink = Chunks(vec![Streamed::default(); 3]);
+                let mut out = vec![None; 3];
+                for step in 1.. {
+                    for (job, r) in hf.step(&mut sink) {
+                        let Output::Generate { tokens, text, top, .. } = r.unwrap() else { panic!("a generation") };
+                        // The chunks carry the output's tokens and their log-probs, in order (the
+                        // last ones may add no text, and be in no chunk).
+                        let s = &sink.0[job as usize];
+                        assert!(!s.tokens.is_empty() && tokens.starts_with(&s.tokens), "job {job}: {:?} of {tokens:?}", s.tokens);
+                        let asked = if job == 1 { tokens.len() } else { 0 };
+                        assert_eq!(top.len(), asked, "job {job}");
+                        assert_eq!(s.top.as_slice(), &top[..s.tokens.len().min(asked)], "job {job}");
+                        out[job as usize] = Some((tokens, text));
+                    }
+                    if hf.generating() == 0 {
+                        break;
+                    }
+                    if Some(step) == pause_after {
+                        pending |= hf.gen.rows.iter().any(|r| !r.drafts.is_empty());
+                        let running = hf.generating();
+                        let paused = hf.gen.pause_all();
+                        assert_eq!(paused.len(), running);
+                        hf.join(jobs().into_iter().filter(|(j, ..)| paused.contains(&(*j as usize))).collect()).unwrap();
+                        assert!(hf.gen.paused.is_empty(), "every row resumed");
+                    }
+                }
+                (out, sink.0)
+            };
+            let (want, want_streamed) = generate(&mut hf, None);
+            assert!(want_streamed[1].top.iter().all(|t| t.ids.len() == 2), "top_logprobs: 2 in every chunk of job 1");
+            assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
+            // (Log-probs after a resume come from its prefill: equal to float noise only.)
+            let sent = |s: &[Streamed]| s.iter().map(|s| (s.text.clone(), s.tokens.clone(), s.top.len())).collect::<Vec<_>>();
+            for pause_after in 1..9 {
+                let (got, streamed) = generate(&mut hf, Some(pause_after));
+                assert_eq!(got, want, "tokens and text as uninterrupted (paused after step {pause_after})");
+                assert_eq!(sent(&streamed), sent(&want_streamed), "nothing streamed twice (paused after step {pause_after})");
+            }
         }
-        struct Chunks(Vec<Streamed>);
-        impl Sink for Chunks {
-            fn wants(&self, _: usize) -> bool {
-                true
-            }
-            fn emit(&mut self, chunk: StreamChunk) {
-                let s = &mut self.0[chunk.job];
-                s.text.push_str(&chunk.text);
-                s.tokens.extend(&chunk.tokens);
-                s.top.extend(chunk.top);
-            }
-        }
-        let generate = |hf: &mut Hf, pause_after: Option<usize>| {
-            hf.join(jobs()).unwrap();
-            let mut sink = Chunks(vec![Streamed::default(); 3]);
-            let mut out = vec![None; 3];
-            for step in 1.. {
-                for (job, r) in hf.step(&mut sink) {
-                    let Output::Generate { tokens, text, top, .. } = r.unwrap() else { panic!("a generation") };
-                    // The chunks carry the output's tokens and their log-probs, in order (the
-                    // last ones may add no text, and be in no chunk).
-                    let s = &sink.0[job as usize];
-                    assert!(!s.tokens.is_empty() && tokens.starts_with(&s.tokens), "job {job}: {:?} of {tokens:?}", s.tokens);
-                    let asked = if job == 0 { 0 } else { tokens.len() };
-                    assert_eq!(top.len(), asked, "job {job}");
-                    assert_eq!(s.top.as_slice(), &top[..s.tokens.len().min(asked)], "job {job}");
-                    out[job as usize] = Some((tokens, text));
-                }
-                if hf.generating() == 0 {
-                    break;
-                }
-                if Some(step) == pause_after {
-                    let paused = hf.gen.pause_all();
-                    assert_eq!(paused.len(), 3);
-                    hf.join(jobs()).unwrap();
-                    assert!(hf.gen.paused.is_empty(), "every row resumed");
-                }
-            }
-            (out, sink.0)
-        };
-        let (want, want_streamed) = generate(&mut hf, None);
-        assert!(want_streamed[2].top.iter().all(|t| t.ids.len() == 2), "top_logprobs: 2 in every chunk of job 2");
-        assert!(want.iter().all(|o| o.as_ref().is_some_and(|(t, _)| t.len() >= 10)));
-        let (got, streamed) = generate(&mut hf, Some(4));
-        assert_eq!(got, want, "tokens and text as uninterrupted");
-        // (Log-probs after a resume come from its prefill: equal to float noise only.)
-        let sent = |s: &[Streamed]| s.iter().map(|s| (s.text.clone(), s.tokens.clone(), s.top.len())).collect::<Vec<_>>();
-        assert_eq!(sent(&streamed), sent(&want_streamed), "nothing streamed twice");
+        assert!(pending, "some pause dropped drafts");
     }
 
     /// Token by token, the incremental text is the whole decode's (less an incomplete UTF-8

@@ -117,6 +117,8 @@ pub struct Hf {
     /// Keys and values of prefixes already scored (a `RefCell`: scoring borrows the network too;
     /// only the engine thread touches it).
     prefix: std::cell::RefCell<prefix::KvTree>,
+    /// Tokens a greedy generation row drafts per step (see [`crate::engine::draft`]).
+    speculate: usize,
 }
 
 impl Hf {
@@ -141,7 +143,7 @@ impl Hf {
         let kv_token_bytes = (2 * c.num_hidden_layers * c.kv_heads() * c.head_dim() * kind.elt_size_in_bytes()) as u64;
         let prefix_budget = spec.config.prefix_cache_mb.map_or_else(crate::engine::prefix::default_budget, |mb| mb << 20);
         let prefix = std::cell::RefCell::new(prefix::KvTree::new(prefix_budget, kv_token_bytes));
-        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling, kv_token_bytes, prefix })
+        Ok(Hf { net, gen: GenBatch::default(), device, tokenizer: lm.tokenizer.clone(), eos: c.eos_ids(), max_length: lm.max_length, labels, pooling, kv_token_bytes, prefix, speculate: spec.config.speculate_tokens.unwrap_or_else(crate::engine::draft::default_tokens) })
     }
 }
 
@@ -204,14 +206,20 @@ impl LoadedModel for Hf {
             return Vec::new();
         }
         let mut gen = std::mem::take(&mut self.gen);
-        let result = gen.step(d.as_ref(), self, sink);
+        // Positions restart per forward under LongRoPE (its factors follow the forward's largest
+        // position): verifying drafts would change the tokens, so such models draft none.
+        let speculate = if d.packs() { self.speculate } else { 0 };
+        let result = gen.step(d.as_ref(), self, speculate, sink);
         match result {
             Ok(done) => {
                 self.gen = gen;
                 done.into_iter().map(|(job, out)| (job as u64, out)).collect()
             }
             // A failed step fails every row; the batch starts afresh.
-            Err(e) => gen.rows.iter().map(|r| (r.job as u64, Err(e.clone()))).collect(),
+            Err(e) => {
+                self.gen.stats = gen.stats;
+                gen.rows.iter().map(|r| (r.job as u64, Err(e.clone()))).collect()
+            }
         }
     }
 
@@ -230,6 +238,13 @@ impl LoadedModel for Hf {
     fn prefix_stats(&self) -> Option<crate::engine::prefix::PrefixStats> {
         match self.net {
             Net::Decoder(_) => Some(self.prefix.borrow().stats()),
+            Net::Encoder(_) => None,
+        }
+    }
+
+    fn speculation_stats(&self) -> Option<crate::engine::draft::SpeculationStats> {
+        match self.net {
+            Net::Decoder(_) => Some(self.gen.stats),
             Net::Encoder(_) => None,
         }
     }
