@@ -10,7 +10,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{Act, ClassifierHead, Linear, Norm, embed, key_mask};
+use super::layers::{Act, ClassifierHead, Linear, Norm, Tokens, embed, key_mask};
 use super::weights::Scope;
 use super::{EngineError, Net};
 
@@ -113,40 +113,5 @@ impl Bert {
             x = l.out_norm.forward(&(l.out.forward(&h) + &x));
         }
         tokens.unpack(&x).view([b, t, width])
-    }
-}
-
-/// Where a padded batch's real tokens are: `[B·T, C]` rows packed to `[N, C]` and back.
-enum Tokens {
-    /// No padding: packed is padded.
-    Dense,
-    /// The flat indices of the real tokens, and `B·T`.
-    Some(Tensor, i64),
-}
-
-impl Tokens {
-    fn of(keep: &Tensor) -> Tokens {
-        let all = keep.numel() as i64;
-        let at = keep.reshape([-1]).nonzero().squeeze_dim(1);
-        match at.size()[0] == all {
-            true => Tokens::Dense,
-            false => Tokens::Some(at, all),
-        }
-    }
-
-    /// `[B·T, C]` → the real tokens' rows `[N, C]`.
-    fn pack(&self, padded: &Tensor) -> Tensor {
-        match self {
-            Tokens::Dense => padded.shallow_clone(),
-            Tokens::Some(at, _) => padded.index_select(0, at),
-        }
-    }
-
-    /// `[N, C]` → `[B·T, C]`, zeros at the padding.
-    fn unpack(&self, packed: &Tensor) -> Tensor {
-        match self {
-            Tokens::Dense => packed.shallow_clone(),
-            Tokens::Some(at, all) => Tensor::zeros([*all, packed.size()[1]], (packed.kind(), packed.device())).index_copy(0, at, packed),
-        }
     }
 }

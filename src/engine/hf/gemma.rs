@@ -166,14 +166,14 @@ impl CausalLm for Gemma {
     }
 
     fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
-        let x = embed(&self.embed, ids);
+        let x = embed(&self.embed, &layout.pack(ids));
         let kind = x.kind();
         // transformers: the scale as a tensor of the weights' dtype.
         let mut x = x * Tensor::from(self.embed_scale as f32).to_kind(kind).to_device(ids.device());
         let (full, local) = (layout.mask(None, kind), layout.mask(self.sliding_window, kind));
         let (rope_g, rope_l) = (self.rope_global.cos_sin(&layout.pos, kind), self.rope_local.cos_sin(&layout.pos, kind));
         for (i, l) in self.layers.iter().enumerate() {
-            let (q, k, v) = l.attn.qkv(&l.input_norm.forward(&x));
+            let (q, k, v) = l.attn.qkv(&l.input_norm.forward(&x), layout);
             let (q, k) = match &l.qk_norm {
                 Some((qn, kn)) => (qn.forward(&q), kn.forward(&k)),
                 None => (q, k),
@@ -181,11 +181,11 @@ impl CausalLm for Gemma {
             let (mask, rope) = if l.sliding { (&local, &rope_l) } else { (&full, &rope_g) };
             let last = Outputs::at_layer(out, i, self.layers.len());
             let kept = last.map(|o| o.mask(if l.sliding { self.sliding_window } else { None }, kind));
-            let h = l.attn.attend(q, k, v, Some(rope), kept.as_ref().unwrap_or(mask), last, cache.as_deref_mut().map(|c| (c, i)));
+            let h = l.attn.attend(q, k, v, Some(rope), kept.as_ref().unwrap_or(mask), layout, last, cache.as_deref_mut().map(|c| (c, i)));
             x = Outputs::pick_of(last, x) + l.post_attn_norm.forward(&h);
             x += l.post_ff_norm.forward(&l.mlp.forward(&l.pre_ff_norm.forward(&x)));
         }
-        self.norm.forward(&x)
+        layout.unpack(&self.norm.forward(&x), out)
     }
 
     fn packs(&self) -> bool {

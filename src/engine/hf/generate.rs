@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use std::cell::RefCell;
 
-use super::layers::{KvCache, Layout, Write};
+use super::layers::{KvCache, Layout, Outputs, Write};
 use super::prefix::{gather, store_slot, KvTree};
 use super::{tch_err, CausalLm, EngineError, Hf};
 use crate::engine::draft::{draft, verified, Budget, SpeculationStats, MAX_VERIFIED_POSITIONS};
@@ -273,7 +273,7 @@ fn write_after(cache: &mut KvCache, first: i64, skip: &[usize], new: &[Vec<i64>]
     // A padding query repeats its row's last position, as in `right_pad`.
     let pos = grid(t, &|r, j| s(r) + j.min(l(r) - 1));
     cache.write = Write::PrefillOver { first, cols: grid(t, &|r, j| s(r) + j), len };
-    Layout::general(pos, grid(len, &|r, c| if c < s(r) + l(r) { c } else { -1 }), None)
+    Layout::general(pos, grid(len, &|r, c| if c < s(r) + l(r) { c } else { -1 }), None, &grid(t, &|r, j| (j < l(r)) as i64))
 }
 
 impl GenBatch {
@@ -327,22 +327,18 @@ impl GenBatch {
         let first = self.rows.len() as i64;
         let prefilled = catch_oom(|| {
             let (ids, layout) = right_pad(&new, device);
-            let t = ids.size()[1];
-            let hidden = match tree.is_some() {
-                true => {
-                    let layout = over_prefixes(&mut state.cache, first, &hits, &skip, &new, device);
-                    d.forward(&ids, &layout, Some(&mut state.cache))
-                }
+            let layout = match tree.is_some() {
+                true => over_prefixes(&mut state.cache, first, &hits, &skip, &new, device),
                 false => {
-                    state.cache.reserve(first + rows.len() as i64, t);
+                    state.cache.reserve(first + rows.len() as i64, ids.size()[1]);
                     state.cache.write = Write::Prefill { first };
-                    d.forward(&ids, &layout, Some(&mut state.cache))
+                    layout
                 }
             };
-            let h = hidden.size()[2];
-            let last: Vec<i64> = new.iter().enumerate().map(|(b, p)| b as i64 * t + p.len() as i64 - 1).collect();
-            let last = hidden.f_reshape([-1, h]).and_then(|x| x.f_index_select(0, &Tensor::from_slice(&last).to_device(device))).map_err(tch_err)?;
-            let logits = d.logits(&last).unsqueeze(1);
+            // Only each row's last token's hidden state is used: the last layer runs it alone.
+            let last: Vec<Vec<i64>> = new.iter().map(|p| vec![p.len() as i64 - 1]).collect();
+            let hidden = d.forward_to(&ids, &layout, Some(&mut state.cache), Some(&Outputs::new(&last, &layout)));
+            let logits = d.logits(&hidden.f_squeeze_dim(1).map_err(tch_err)?).unsqueeze(1);
             match first {
                 0 => Ok(logits),
                 // The running rows' logits may verify drafts: the new rows' pad to their width.
@@ -482,7 +478,7 @@ impl GenBatch {
                 state.cache.reserve(n as i64, len);
                 state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
                 let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
-                let layout = Layout::new(cols.unsqueeze(1), &keep, false);
+                let layout = Layout::step(cols.unsqueeze(1), &keep);
                 let hidden = d.forward(&next, &layout, Some(&mut state.cache));
                 return d.logits(&hidden.squeeze_dim(1)).unsqueeze(1);
             }

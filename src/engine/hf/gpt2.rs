@@ -74,17 +74,17 @@ impl CausalLm for Gpt2 {
     }
 
     fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
-        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &layout.pos);
+        let mut x = embed(&self.wte, &layout.pack(ids)) + embed(&self.wpe, &layout.pack(&layout.pos));
         let mask_all = layout.mask(None, x.kind());
         for (i, l) in self.layers.iter().enumerate() {
-            let (q, k, v) = l.attn.qkv(&l.ln1.forward(&x));
+            let (q, k, v) = l.attn.qkv(&l.ln1.forward(&x), layout);
             let last = Outputs::at_layer(out, i, self.layers.len());
             let mask = last.map(|o| o.mask(None, x.kind()));
-            let h = l.attn.attend(q, k, v, None, mask.as_ref().unwrap_or(&mask_all), last, cache.as_deref_mut().map(|c| (c, i)));
+            let h = l.attn.attend(q, k, v, None, mask.as_ref().unwrap_or(&mask_all), layout, last, cache.as_deref_mut().map(|c| (c, i)));
             x = Outputs::pick_of(last, x) + h;
             x += l.mlp.forward(&l.ln2.forward(&x));
         }
-        self.ln_f.forward(&x)
+        layout.unpack(&self.ln_f.forward(&x), out)
     }
 
     fn packs(&self) -> bool {

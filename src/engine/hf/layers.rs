@@ -217,10 +217,61 @@ pub(crate) fn min_value(kind: Kind) -> f64 {
     }
 }
 
+/// Where a padded batch's real tokens are: `[B·T, C]` rows packed to `[N, C]` and back. The
+/// token-wise layers (embeddings, norms, projections, MLPs) run on the packed rows, so padding
+/// costs them no arithmetic (a batch of questions of mixed lengths pads a fifth to a third of its
+/// columns); only attention, which needs rows, sees the padded shape.
+pub(crate) enum Tokens {
+    /// No padding: packed is padded.
+    Dense,
+    /// The flat indices of the real tokens, and `B·T`.
+    Some(Tensor, i64),
+}
+
+impl Tokens {
+    /// The real tokens of `keep [B, T]` (non-zero: real).
+    pub fn of(keep: &Tensor) -> Tokens {
+        let all = keep.numel() as i64;
+        let at = keep.reshape([-1]).nonzero().squeeze_dim(1);
+        match at.size()[0] == all {
+            true => Tokens::Dense,
+            false => Tokens::Some(at, all),
+        }
+    }
+
+    /// `[B·T, …]` → the real tokens' rows `[N, …]`.
+    pub fn pack(&self, padded: &Tensor) -> Tensor {
+        match self {
+            Tokens::Dense => padded.shallow_clone(),
+            Tokens::Some(at, _) => padded.index_select(0, at),
+        }
+    }
+
+    /// `[N, C]` → `[B·T, C]`, zeros at the padding.
+    pub fn unpack(&self, packed: &Tensor) -> Tensor {
+        match self {
+            Tokens::Dense => packed.shallow_clone(),
+            Tokens::Some(at, all) => Tensor::zeros([*all, packed.size()[1]], (packed.kind(), packed.device())).index_copy(0, at, packed),
+        }
+    }
+
+    /// The packed row of each flat index `[M]` (of real tokens).
+    fn rows_of(&self, flat: &Tensor) -> Tensor {
+        match self {
+            Tokens::Dense => flat.shallow_clone(),
+            Tokens::Some(at, all) => {
+                let rows = Tensor::arange(at.size()[0], (Kind::Int64, at.device()));
+                Tensor::zeros([*all], (Kind::Int64, at.device())).index_copy(0, at, &rows).index_select(0, flat)
+            }
+        }
+    }
+}
+
 /// Who attends to whom in one forward: the position of every query `[B, T]` and of every key
 /// `[B, S]` (the cached keys, then the new ones; -1 for padding), and, for rows packing several
 /// sequences, their segments. A query sees the real keys at or before its position (within a
-/// window, if given) of its own segment or of segment 0, which every segment shares.
+/// window, if given) of its own segment or of segment 0, which every segment shares. Which
+/// queries are real ([`Tokens`]) says where the token-wise layers run.
 pub(crate) struct Layout {
     pub pos: Tensor,
     key_pos: Tensor,
@@ -229,14 +280,22 @@ pub(crate) struct Layout {
     /// Every row is T real tokens and nothing is cached: plain causal attention, which SDPA
     /// runs without a mask.
     dense: bool,
+    tokens: Tokens,
 }
 
 impl Layout {
-    /// Queries at `pos` over keys `keep [B, S]` (which keys are real; a row's real keys are its
+    /// Queries at `pos` over keys `keep [B, T]` (which tokens are real; a row's real keys are its
     /// tokens in order, so a key's position is the count of real keys before it).
     pub fn new(pos: Tensor, keep: &Tensor, dense: bool) -> Layout {
-        let key_pos = (keep.cumsum(1, Kind::Int64) - 1).where_scalarother(&keep.ne(0), -1);
-        Layout { pos, key_pos, segments: None, dense }
+        let key_pos = counted(keep);
+        let tokens = if dense { Tokens::Dense } else { Tokens::of(keep) };
+        Layout { pos, key_pos, segments: None, dense, tokens }
+    }
+
+    /// One new query a row (a decode step), at `pos [B, 1]`, over its cached keys `keep [B, S]`
+    /// (positioned as in [`Layout::new`]).
+    pub fn step(pos: Tensor, keep: &Tensor) -> Layout {
+        Layout { pos, key_pos: counted(keep), segments: None, dense: false, tokens: Tokens::Dense }
     }
 
     /// Packed rows: a shared context (segment 0) and continuations (segments 1, 2, …) after it,
@@ -244,14 +303,39 @@ impl Layout {
     /// are all the keys (nothing is cached), `keep` says which are real.
     pub fn packed(pos: Tensor, segments: Tensor, keep: &Tensor) -> Layout {
         let key_pos = pos.where_scalarother(&keep.ne(0), -1);
-        Layout { pos, key_pos, segments: Some((segments.shallow_clone(), segments)), dense: false }
+        Layout { pos, key_pos, segments: Some((segments.shallow_clone(), segments)), dense: false, tokens: Tokens::of(keep) }
     }
 
-    /// Queries at `pos [B, T]` over keys at `key_pos [B, S]` (-1: padding), with the segments of
-    /// queries `[B, T]` and keys `[B, S]` where rows pack several sequences: the general form,
-    /// for keys that are not all new (cached prefixes before the new tokens).
-    pub fn general(pos: Tensor, key_pos: Tensor, segments: Option<(Tensor, Tensor)>) -> Layout {
-        Layout { pos, key_pos, segments, dense: false }
+    /// Queries at `pos [B, T]` (`keep` marks the real ones) over keys at `key_pos [B, S]` (-1:
+    /// padding), with the segments of queries `[B, T]` and keys `[B, S]` where rows pack several
+    /// sequences: the general form, for keys that are not all new (cached prefixes before the
+    /// new tokens).
+    pub fn general(pos: Tensor, key_pos: Tensor, segments: Option<(Tensor, Tensor)>, keep: &Tensor) -> Layout {
+        Layout { pos, key_pos, segments, dense: false, tokens: Tokens::of(keep) }
+    }
+
+    /// The real tokens' rows `[N, …]` of `x [B, T, …]` (or of ids `[B, T]`).
+    pub fn pack(&self, x: &Tensor) -> Tensor {
+        let mut flat = x.size();
+        let bt = flat.remove(0) * flat.remove(0);
+        flat.insert(0, bt);
+        self.tokens.pack(&x.reshape(flat.as_slice()))
+    }
+
+    /// Final hidden states `[N, H]` (or `[B·T', H]` of `out`'s columns) as `[B, T, H]` (`[B, T',
+    /// H]`); padding columns hold zeros.
+    pub fn unpack(&self, x: &Tensor, out: Option<&Outputs>) -> Tensor {
+        let (b, h) = (self.pos.size()[0], x.size()[1]);
+        match out {
+            Some(_) => x.view([b, -1, h]),
+            None => self.tokens.unpack(x).view([b, -1, h]),
+        }
+    }
+
+    /// `[N, C]` of the real tokens as `[B, T, C]`.
+    fn rows(&self, x: &Tensor) -> Tensor {
+        let s = self.pos.size();
+        self.tokens.unpack(x).view([s[0], s[1], -1])
     }
 
     /// The mask of attention within `window` (positions) if given, for scores in `kind`.
@@ -277,6 +361,11 @@ impl Layout {
     }
 }
 
+/// The positions of keys `keep [B, S]`: the count of real keys before each, -1 for padding.
+fn counted(keep: &Tensor) -> Tensor {
+    (keep.cumsum(1, Kind::Int64) - 1).where_scalarother(&keep.ne(0), -1)
+}
+
 /// The columns of a forward whose final hidden states are used (the scored positions; a
 /// prefill's last token), `[B, T']` (a row with fewer repeats one). Only the last layer's output
 /// feeds nothing but the result: it runs attention queries, the output projection and the MLP
@@ -284,6 +373,8 @@ impl Layout {
 /// and to the earlier layers). The same arithmetic for the columns kept, none for the rest.
 pub(crate) struct Outputs {
     index: Tensor,
+    /// The packed rows ([`Tokens`]) of these columns, `[B·T']`.
+    rows: Tensor,
     /// The layout with only these queries.
     layout: Layout,
 }
@@ -296,8 +387,11 @@ impl Outputs {
         let flat: Vec<i64> = columns.iter().flat_map(|c| (0..width).map(move |j| c[j.min(c.len() - 1)])).collect();
         let index = Tensor::from_slice(&flat).view([columns.len() as i64, width as i64]).to_device(layout.pos.device());
         let segments = layout.segments.as_ref().map(|(q, k)| (q.gather(1, &index, false), k.shallow_clone()));
-        let layout = Layout { pos: layout.pos.gather(1, &index, false), key_pos: layout.key_pos.shallow_clone(), segments, dense: false };
-        Outputs { index, layout }
+        let t = layout.pos.size()[1];
+        let flat = (&index + Tensor::arange(columns.len() as i64, (Kind::Int64, index.device())).unsqueeze(1) * t).view([-1]);
+        let rows = layout.tokens.rows_of(&flat);
+        let layout = Layout { pos: layout.pos.gather(1, &index, false), key_pos: layout.key_pos.shallow_clone(), segments, dense: false, tokens: Tokens::Dense };
+        Outputs { index, rows, layout }
     }
 
     /// Which of `layers` layers (this is `i`) runs on the outputs' columns alone: the last.
@@ -310,10 +404,10 @@ impl Outputs {
         self.layout.mask(window, kind)
     }
 
-    /// The kept columns of `x [B, T, H]` (`[B, T', H]`) where a layer runs on `out`'s alone.
+    /// The kept columns of the packed `x [N, H]` (`[B·T', H]`) where a layer runs on `out`'s alone.
     pub fn pick_of(out: Option<&Outputs>, x: Tensor) -> Tensor {
         match out {
-            Some(o) => x.gather(1, &o.index.unsqueeze(2).expand([-1, -1, x.size()[2]], false), false),
+            Some(o) => x.index_select(0, &o.rows),
             None => x,
         }
     }
@@ -501,18 +595,21 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    /// `q, k, v` `[B, heads, T, D]` of `h [B, T, H]`.
-    pub fn qkv(&self, h: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let (b, t) = (h.size()[0], h.size()[1]);
-        let y = self.qkv.forward(h);
+    /// `q, k, v` `[B, heads, T, D]` of the packed `h [N, H]` of `layout`'s real tokens (zeros at
+    /// the padding).
+    pub fn qkv(&self, h: &Tensor, layout: &Layout) -> (Tensor, Tensor, Tensor) {
+        let y = layout.rows(&self.qkv.forward(h));
+        let (b, t) = (y.size()[0], y.size()[1]);
         let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let split = |from: i64, n: i64| y.narrow(-1, from, n * self.head_dim).view([b, t, n, self.head_dim]).transpose(1, 2);
         (split(0, self.heads), split(q, self.kv_heads), split(q + kv, self.kv_heads))
     }
 
     /// Attention of `q` over `k, v` (written to layer `i` of the cache, and then over the keys it
-    /// holds): `[B, T, H]`, or `[B, T', H]` for the queries of `out` alone (whose mask `mask` is).
-    pub fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: Option<&(Tensor, Tensor)>, mask: &AttnMask, out: Option<&Outputs>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
+    /// holds): packed `[N, H]` as `layout` says, or `[B·T', H]` for the queries of `out` alone
+    /// (whose mask `mask` is).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(&self, q: Tensor, k: Tensor, v: Tensor, rope: Option<&(Tensor, Tensor)>, mask: &AttnMask, layout: &Layout, out: Option<&Outputs>, cache: Option<(&mut KvCache, usize)>) -> Tensor {
         let (q, k, v) = match rope {
             Some(cs) => (apply_rotary(&q, cs), apply_rotary(&k, cs), v),
             None => (q, k, v),
@@ -533,7 +630,8 @@ impl Attention {
             (None, AttnMask::Additive(m)) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, self.scale, self.kv_heads < self.heads),
             (Some(cap), mask) => self.softcapped(&q, &k, &v, cap, mask),
         };
-        self.o.forward(&attn.transpose(1, 2).contiguous().view([b, t, self.heads * self.head_dim]))
+        let flat = attn.transpose(1, 2).contiguous().view([b * t, self.heads * self.head_dim]);
+        self.o.forward(&if out.is_some() { flat } else { layout.tokens.pack(&flat) })
     }
 
     /// Soft-capped attention, explicitly (no fused kernel caps scores): each group of query heads

@@ -112,19 +112,19 @@ impl CausalLm for Llama {
     }
 
     fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
-        let mut x = embed(&self.embed, ids);
+        let mut x = embed(&self.embed, &layout.pack(ids));
         let kind = x.kind();
         let mask_all = layout.mask(self.sliding_window, kind);
         let rope = self.rotary.cos_sin(&layout.pos, kind);
         for (i, l) in self.layers.iter().enumerate() {
-            let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
+            let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x), layout);
             let last = Outputs::at_layer(out, i, self.layers.len());
             let mask = last.map(|o| o.mask(self.sliding_window, kind));
-            let h = l.attn.attend(q, k, v, Some(&rope), mask.as_ref().unwrap_or(&mask_all), last, cache.as_deref_mut().map(|c| (c, i)));
+            let h = l.attn.attend(q, k, v, Some(&rope), mask.as_ref().unwrap_or(&mask_all), layout, last, cache.as_deref_mut().map(|c| (c, i)));
             x = Outputs::pick_of(last, x) + h;
             x += l.mlp.forward(&l.norm2.forward(&x));
         }
-        self.norm.forward(&x)
+        layout.unpack(&self.norm.forward(&x), out)
     }
 
     fn packs(&self) -> bool {

@@ -145,7 +145,7 @@ impl Hf {
                 let key_past = Tensor::from_slice(&key_past).view([b, past_len]).to_device(device);
                 let key_pos = Tensor::cat(&[key_past, pos.where_scalarother(&keep.ne(0), -1)], 1);
                 let segs = segs.map(|q| (q.shallow_clone(), Tensor::cat(&[Tensor::zeros([b, past_len], (Kind::Int64, device)), q], 1)));
-                Layout::general(pos, key_pos, segs)
+                Layout::general(pos, key_pos, segs, &keep)
             }
         };
         let ids = pad_left(&new.iter().map(|n| n.to_vec()).collect::<Vec<_>>(), device);

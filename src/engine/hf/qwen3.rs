@@ -105,22 +105,22 @@ impl CausalLm for Qwen3 {
     }
 
     fn forward_to(&self, ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, out: Option<&Outputs>) -> Tensor {
-        let mut x = embed(&self.embed, ids);
+        let mut x = embed(&self.embed, &layout.pack(ids));
         let kind = x.kind();
         let full = layout.mask(None, kind);
         let sliding = self.layers.iter().any(|l| l.sliding).then(|| layout.mask(self.sliding_window, kind));
         let rope = self.rotary.cos_sin(&layout.pos, kind);
         for (i, l) in self.layers.iter().enumerate() {
-            let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x));
+            let (q, k, v) = l.attn.qkv(&l.norm1.forward(&x), layout);
             let (q, k) = (l.q_norm.forward(&q), l.k_norm.forward(&k));
             let mask = if l.sliding { sliding.as_ref().expect("sliding mask") } else { &full };
             let last = Outputs::at_layer(out, i, self.layers.len());
             let kept = last.map(|o| o.mask(if l.sliding { self.sliding_window } else { None }, kind));
-            let h = l.attn.attend(q, k, v, Some(&rope), kept.as_ref().unwrap_or(mask), last, cache.as_deref_mut().map(|c| (c, i)));
+            let h = l.attn.attend(q, k, v, Some(&rope), kept.as_ref().unwrap_or(mask), layout, last, cache.as_deref_mut().map(|c| (c, i)));
             x = Outputs::pick_of(last, x) + h;
             x += l.mlp.forward(&l.norm2.forward(&x));
         }
-        self.norm.forward(&x)
+        layout.unpack(&self.norm.forward(&x), out)
     }
 
     fn packs(&self) -> bool {
