@@ -106,8 +106,10 @@ impl Bert {
         for l in &self.layers {
             let qkv = tokens.unpack(&l.qkv.forward(&x)).view([b, t, 3, self.heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-            let scores = q.matmul(&k.transpose(-2, -1)) * (1.0 / (self.head_dim as f64).sqrt()) + &mask;
-            let ctx = scores.softmax(-1, Kind::Float).to_kind(kind).matmul(&v).transpose(1, 2).contiguous().view([b * t, width]);
+            // The fused kernel (as transformers' SDPA attention): no `[B, heads, T, T]` scores
+            // and probabilities materialised and re-read.
+            let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, 1.0 / (self.head_dim as f64).sqrt(), false);
+            let ctx = ctx.transpose(1, 2).contiguous().view([b * t, width]);
             x = l.attn_norm.forward(&(l.attn_out.forward(&tokens.pack(&ctx)) + &x));
             let h = self.act.forward(&l.inter.forward(&x));
             x = l.out_norm.forward(&(l.out.forward(&h) + &x));
