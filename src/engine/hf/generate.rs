@@ -210,7 +210,7 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
 pub(super) type Finished = (usize, Result<Output, EngineError>);
 
 /// Rows generating together: their KV cache (row r in slot r), the tokens each has in it, and
-/// the logits `[B, V]` the next token is chosen from. Rows join (`admit`) and leave (finished rows
+/// the logits the next tokens are chosen from. Rows join (`admit`) and leave (finished rows
 /// are dropped in `step`) at step boundaries.
 #[derive(Default)]
 pub(super) struct GenBatch {
@@ -226,9 +226,47 @@ struct GenState {
     cache: KvCache,
     /// Tokens in each row's cache (also the position of its next token).
     lens: Vec<i64>,
-    /// `[B, W, V]`: at position 0 the next token's logits of each row, at position j those after
-    /// its j-th draft (see [`Row::drafts`]).
+    /// The last hidden states of the forwards since the last step, in row order, each `[n, W, H]`:
+    /// at position 0 what the next token of each of its rows is chosen from, at position j what
+    /// follows its j-th draft (see [`Row::drafts`]). The step runs the LM head over them all in
+    /// one GEMM: a row joining alone would read the whole head (32k × hidden) for one row, and
+    /// joining logits to the running rows' would copy theirs (8 MB at 64 rows × 32k).
+    pending: Vec<Tensor>,
+}
+
+/// The logits of a step: `[R, V]` for the pending positions of every row, and each row's first
+/// position and count of them.
+struct Choices {
     logits: Tensor,
+    spans: Vec<(usize, usize)>,
+}
+
+impl GenState {
+    fn choices(&self, d: &dyn CausalLm) -> Result<Choices, EngineError> {
+        let mut spans = Vec::new();
+        for p in &self.pending {
+            let (n, w) = (p.size()[0] as usize, p.size()[1] as usize);
+            let at = spans.last().map_or(0, |&(o, w)| o + w);
+            spans.extend((0..n).map(|r| (at + r * w, w)));
+        }
+        let flat: Vec<Tensor> = self.pending.iter().map(|p| p.flatten(0, 1)).collect();
+        let logits = catch_oom(|| Tensor::f_cat(&flat, 0).map(|h| d.logits(&h)).map_err(tch_err)).and_then(|r| r)?;
+        Ok(Choices { logits, spans })
+    }
+}
+
+impl Choices {
+    /// Every row's greedy choices at each of its pending positions.
+    fn greedy(&self) -> Result<Vec<Vec<i64>>, EngineError> {
+        let ids = Vec::<i64>::try_from(self.logits.argmax(-1, false).to_device(Device::Cpu)).map_err(tch_err)?;
+        Ok(self.spans.iter().map(|&(o, w)| ids[o..o + w].to_vec()).collect())
+    }
+
+    /// Every row's next-token logits `[B, V]` (its position 0).
+    fn next(&self) -> Tensor {
+        let first: Vec<i64> = self.spans.iter().map(|&(o, _)| o as i64).collect();
+        self.logits.index_select(0, &Tensor::from_slice(&first).to_device(self.logits.device()))
+    }
 }
 
 /// Right-padded prompts: ids `[B, T]` and their layout (a padding query repeats its row's last
@@ -323,7 +361,7 @@ impl GenBatch {
         };
         let skip: Vec<usize> = prompts.iter().enumerate().map(|(r, _)| hits.get(r).and_then(|h| h.first()).map_or(0, |(k, _)| k.size()[1] as usize)).collect();
         let new: Vec<Vec<i64>> = prompts.iter().zip(&skip).map(|(p, &s)| p[s..].iter().map(|&t| i64::from(t)).collect()).collect();
-        let state = self.state.get_or_insert_with(|| GenState { cache: KvCache::new(d.num_layers()), lens: Vec::new(), logits: Tensor::new() });
+        let state = self.state.get_or_insert_with(|| GenState { cache: KvCache::new(d.num_layers()), lens: Vec::new(), pending: Vec::new() });
         let first = self.rows.len() as i64;
         let prefilled = catch_oom(|| {
             let (ids, layout) = right_pad(&new, device);
@@ -337,17 +375,10 @@ impl GenBatch {
             };
             // Only each row's last token's hidden state is used: the last layer runs it alone.
             let last: Vec<Vec<i64>> = new.iter().map(|p| vec![p.len() as i64 - 1]).collect();
-            let hidden = d.forward_to(&ids, &layout, Some(&mut state.cache), Some(&Outputs::new(&last, &layout)));
-            let logits = d.logits(&hidden.f_squeeze_dim(1).map_err(tch_err)?).unsqueeze(1);
-            match first {
-                0 => Ok(logits),
-                // The running rows' logits may verify drafts: the new rows' pad to their width.
-                _ => logits.f_constant_pad_nd([0, 0, 0, state.logits.size()[1] - 1]).and_then(|l| Tensor::f_cat(&[&state.logits, &l], 0)).map_err(tch_err),
-            }
-        })
-        .and_then(|r| r);
-        let logits = match prefilled {
-            Ok(logits) => logits,
+            d.forward_to(&ids, &layout, Some(&mut state.cache), Some(&Outputs::new(&last, &layout)))
+        });
+        let hidden = match prefilled {
+            Ok(hidden) => hidden,
             Err(e) => {
                 if let EngineError::OutOfMemory(_) = e {
                     self.paused.extend(rows.into_iter().map(|r| (r.job, r)));
@@ -359,7 +390,7 @@ impl GenBatch {
             }
         };
         let state = self.state.as_mut().expect("kept");
-        state.logits = logits;
+        state.pending.push(hidden);
         state.lens.extend(prompts.iter().map(|p| p.len() as i64));
         if let Some(tree) = tree.as_deref_mut() {
             for (r, row) in rows.iter().enumerate() {
@@ -377,19 +408,24 @@ impl GenBatch {
     /// Greedy rows draft up to `speculate` tokens from their own sequence for the next step; the
     /// step verifies them in its forward and keeps those the model chooses itself.
     pub fn step(&mut self, d: &dyn CausalLm, hf: &Hf, speculate: usize, sink: &mut dyn Sink) -> Result<Vec<Finished>, EngineError> {
-        let state = self.state.as_mut().expect("rows imply state");
-        // `[B, width]`: position 0 follows each row's last token, position j its j-th draft.
-        let width = state.logits.size()[1] as usize;
-        let greedy: Vec<i64> = Vec::<i64>::try_from(state.logits.argmax(-1, false).to_device(Device::Cpu).reshape([-1])).map_err(tch_err)?;
-        // Rows that sample or want top log-probs draft nothing: they read position 0 only.
-        let next = state.logits.select(1, 0);
-        let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
-        let cpu_logits = if sampled { Some(next.to_device(Device::Cpu)) } else { None };
-        let per_row: Vec<usize> = self.rows.iter().map(|r| r.input.top_logprobs).collect();
-        let mut tops = match per_row.iter().any(|&k| k > 0) {
-            true => hf.top_logprobs(&next.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
-            false => Vec::new().into_iter(),
+        let choices = match self.state.as_ref().expect("rows imply state").choices(d) {
+            Ok(choices) => choices,
+            Err(e @ EngineError::OutOfMemory(_)) => return Ok(self.pause_all().into_iter().map(|job| (job, Err(e.clone()))).collect()),
+            Err(e) => return Err(e),
         };
+        let state = self.state.as_mut().expect("rows imply state");
+        // Per row: position 0 follows its last token, position j its j-th draft.
+        let greedy = choices.greedy()?;
+        // Rows that sample or want top log-probs draft nothing: they read position 0 only.
+        let sampled = self.rows.iter().any(|r| r.input.sampling.temperature > 0.0);
+        let per_row: Vec<usize> = self.rows.iter().map(|r| r.input.top_logprobs).collect();
+        let next = (sampled || per_row.iter().any(|&k| k > 0)).then(|| choices.next());
+        let cpu_logits = next.as_ref().filter(|_| sampled).map(|n| n.to_device(Device::Cpu));
+        let mut tops = match next.as_ref().filter(|_| per_row.iter().any(|&k| k > 0)) {
+            Some(next) => hf.top_logprobs(&next.f_log_softmax(-1, Kind::Float).map_err(tch_err)?, &per_row)?.into_iter(),
+            None => Vec::new().into_iter(),
+        };
+        let disagree = || EngineError::Model("logits and rows disagree".into());
         // Drafts each row kept: its cache holds them already.
         let mut accepted = Vec::with_capacity(self.rows.len());
         for (b, row) in self.rows.iter_mut().enumerate() {
@@ -399,7 +435,7 @@ impl GenBatch {
                     let logits = Vec::<f32>::try_from(l.f_get(b as i64).map_err(tch_err)?).map_err(tch_err)?;
                     sample(&logits, &row.input.sampling, &mut row.rng)
                 }
-                _ => greedy.get(b * width).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?,
+                _ => greedy.get(b).and_then(|g| g.first()).and_then(|&t| u32::try_from(t).ok()).ok_or_else(disagree)?,
             };
             row.take(tok, hf, sink)?;
             // Drafts agreeing with the model's choices are in the cache already: their next
@@ -408,7 +444,7 @@ impl GenBatch {
             let mut kept = 0;
             while row.finish.is_none() && drafts.get(kept) == row.generated.last() {
                 kept += 1;
-                let tok = greedy.get(b * width + kept).and_then(|&t| u32::try_from(t).ok()).ok_or_else(|| EngineError::Model("logits and rows disagree".into()))?;
+                let tok = greedy.get(b).and_then(|g| g.get(kept)).and_then(|&t| u32::try_from(t).ok()).ok_or_else(disagree)?;
                 row.take(tok, hf, sink)?;
             }
             row.budget.update(drafts.len(), kept, speculate);
@@ -457,7 +493,7 @@ impl GenBatch {
             lens.push(held + 1);
             order.push((b, row));
         }
-        let device = state.logits.device();
+        let device = choices.logits.device();
         self.rows = order.into_iter().map(|(_, r)| r).collect();
         // Speculation within the batch's budget of verified positions: a big batch has no spare
         // compute for guesses that may be rejected.
@@ -479,21 +515,18 @@ impl GenBatch {
                 state.cache.write = Write::Decode { cols: cols.shallow_clone(), len };
                 let keep = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0).lt_tensor(&(&cols + 1).unsqueeze(1));
                 let layout = Layout::step(cols.unsqueeze(1), &keep);
-                let hidden = d.forward(&next, &layout, Some(&mut state.cache));
-                return d.logits(&hidden.squeeze_dim(1)).unsqueeze(1);
+                return d.forward(&next, &layout, Some(&mut state.cache));
             }
             // Each row's last token and its drafts, right-padded, written after its cached tokens
             // and attending causally over them: one forward verifies every draft.
             let held: Vec<usize> = lens.iter().map(|&l| l as usize - 1).collect();
             let (ids, _) = right_pad(&fed, device);
             let layout = write_after(&mut state.cache, 0, &held, &fed, device);
-            let hidden = d.forward(&ids, &layout, Some(&mut state.cache));
-            let h = hidden.size()[2];
-            d.logits(&hidden.reshape([-1, h])).view([n as i64, width as i64, -1])
+            d.forward(&ids, &layout, Some(&mut state.cache))
         });
         match decoded {
-            Ok(logits) => {
-                state.logits = logits;
+            Ok(hidden) => {
+                state.pending = vec![hidden];
                 state.lens = lens;
                 self.stats.drafted += drafts.iter().map(|d| d.len() as u64).sum::<u64>();
                 for (row, d) in self.rows.iter_mut().zip(drafts) {
