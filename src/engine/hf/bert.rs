@@ -61,9 +61,8 @@ impl Bert {
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let l = w.pp("encoder.layer").pp(i);
-                let part = |name: &str| l.linear(&format!("attention.self.{name}"), true);
                 Ok(Layer {
-                    qkv: Linear::fuse(vec![part("query")?, part("key")?, part("value")?]),
+                    qkv: l.fused(&["attention.self.query", "attention.self.key", "attention.self.value"], true)?,
                     attn_out: l.linear("attention.output.dense", true)?,
                     attn_norm: Norm::layer(&l, "attention.output.LayerNorm", eps)?,
                     inter: l.linear("intermediate.dense", true)?,

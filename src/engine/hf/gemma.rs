@@ -7,7 +7,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use crate::hf_config::{HfConfig, Rope};
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Linear, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -28,7 +28,7 @@ struct Gemma {
     embed_scale: f64,
     layers: Vec<Block>,
     norm: Norm,
-    lm_head: Tensor,
+    lm_head: Linear,
     /// Global and sliding layers' rotary embeddings.
     rope_global: Rotary,
     rope_local: Rotary,
@@ -141,10 +141,13 @@ fn load(c: &HfConfig, w: &Scope, gemma3: bool) -> Result<Net, EngineError> {
     let embed = w.get("embed_tokens.weight")?;
     let (global, local) = ropes(c, gemma3).map_err(EngineError::Load)?;
     Ok(Net::Decoder(Box::new(Gemma {
-        lm_head: match w.try_get("lm_head.weight") {
-            Some(h) if c.tie_word_embeddings == Some(false) => h,
-            _ => embed.shallow_clone(),
-        },
+        lm_head: Linear::new(
+            match w.try_get("lm_head.weight") {
+                Some(h) if c.tie_word_embeddings == Some(false) => h,
+                _ => embed.shallow_clone(),
+            },
+            None,
+        ),
         embed,
         embed_scale: (c.hidden_size as f64).sqrt(),
         layers,
@@ -193,7 +196,7 @@ impl CausalLm for Gemma {
     }
 
     fn logits(&self, hidden: &Tensor) -> Tensor {
-        let logits = hidden.linear(&self.lm_head, None::<&Tensor>);
+        let logits = self.lm_head.forward(hidden);
         match self.final_softcap {
             Some(cap) => ((logits / cap).tanh() * cap).to_kind(Kind::Float),
             None => logits.to_kind(Kind::Float),

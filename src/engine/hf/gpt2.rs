@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Linear, Mlp, Norm, Outputs};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -19,7 +19,7 @@ struct Gpt2 {
     wpe: Tensor,
     layers: Vec<Block>,
     ln_f: Norm,
-    lm_head: Tensor,
+    lm_head: Linear,
 }
 
 pub(super) fn check(c: &HfConfig) -> Result<(), String> {
@@ -56,7 +56,7 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
         .collect::<Result<_, EngineError>>()?;
     let wte = w.get("wte.weight")?;
     Ok(Net::Decoder(Box::new(Gpt2 {
-        lm_head: w.try_get("lm_head.weight").unwrap_or_else(|| wte.shallow_clone()),
+        lm_head: Linear::new(w.try_get("lm_head.weight").unwrap_or_else(|| wte.shallow_clone()), None),
         wte,
         wpe: w.get("wpe.weight")?,
         layers,
@@ -92,6 +92,6 @@ impl CausalLm for Gpt2 {
     }
 
     fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+        self.lm_head.forward(hidden).to_kind(Kind::Float)
     }
 }

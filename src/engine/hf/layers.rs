@@ -8,34 +8,60 @@ use crate::hf_config::{Rope, RopeScaling};
 use super::weights::Scope;
 use super::EngineError;
 
+/// `x·wᵀ + b`. On CPU in f32 the weight is held in oneDNN's blocked layout, packed once at load
+/// instead of by every call: oneDNN's AVX-512 kernels run these GEMMs at 1.3–3× MKL's on the AMD
+/// EPYC hosts we measure on (MKL takes its AVX2 path there; `loadtest/README.md`), with the same
+/// f32 arithmetic in another order (outputs within 1e-5). `JETBATCH_CPU_GEMM=mkl` keeps the
+/// dense weight and PyTorch's default GEMM.
 pub(crate) struct Linear {
-    pub w: Tensor,
-    pub b: Option<Tensor>,
+    w: Tensor,
+    b: Option<Tensor>,
+    rows: i64,
+}
+
+/// Whether CPU f32 weights are packed for oneDNN (read once: `JETBATCH_CPU_GEMM`).
+fn onednn() -> bool {
+    static ONEDNN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONEDNN.get_or_init(|| std::env::var("JETBATCH_CPU_GEMM").map_or(true, |v| !v.eq_ignore_ascii_case("mkl")))
 }
 
 impl Linear {
+    /// A projection of weight `[out, in]`.
+    pub fn new(w: Tensor, b: Option<Tensor>) -> Linear {
+        let rows = w.size()[0];
+        let packs = w.device() == Device::Cpu && w.kind() == Kind::Float && onednn();
+        Linear { w: if packs { w.contiguous().to_mkldnn() } else { w }, b, rows }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.w, self.b.as_ref())
+        if !self.w.is_mkldnn() {
+            return x.linear(&self.w, self.b.as_ref());
+        }
+        let mut shape = x.size();
+        let flat = x.reshape([-1, *shape.last().expect("a hidden dimension")]).contiguous();
+        *shape.last_mut().expect("a hidden dimension") = self.rows;
+        flat.to_mkldnn().mkldnn_linear(&self.w, self.b.as_ref()).to_dense(None, false).view(shape.as_slice())
     }
 
     /// Its weight has `rows` output rows (a fused checkpoint's parts add up), else a load error.
     pub fn expect_rows(self, rows: i64, name: &str) -> Result<Linear, EngineError> {
-        match self.w.size()[0] == rows {
+        match self.rows == rows {
             true => Ok(self),
-            false => Err(EngineError::Load(format!("{name}: {} output rows, the config implies {rows}", self.w.size()[0]))),
+            false => Err(EngineError::Load(format!("{name}: {} output rows, the config implies {rows}", self.rows))),
         }
     }
 
-    /// One projection of several over the same input (`[a + b + …, in]`): one GEMM instead of
-    /// several smaller ones, which matters most to decode steps of small models (each op is a
-    /// parallel region). A part without a bias gets zeros where another has one.
-    pub fn fuse(parts: Vec<Linear>) -> Linear {
-        let w = Tensor::cat(&parts.iter().map(|p| &p.w).collect::<Vec<_>>(), 0);
-        let b = parts.iter().any(|p| p.b.is_some()).then(|| {
-            let each: Vec<Tensor> = parts.iter().map(|p| p.b.as_ref().map_or_else(|| Tensor::zeros([p.w.size()[0]], (p.w.kind(), p.w.device())), Tensor::shallow_clone)).collect();
+    /// One projection of several over the same input (weights and biases, `[a + b + …, in]`):
+    /// one GEMM instead of several smaller ones, which matters most to decode steps of small
+    /// models (each op is a parallel region). A part without a bias gets zeros where another has
+    /// one.
+    pub fn fuse(parts: Vec<(Tensor, Option<Tensor>)>) -> Linear {
+        let w = Tensor::cat(&parts.iter().map(|(w, _)| w).collect::<Vec<_>>(), 0);
+        let b = parts.iter().any(|(_, b)| b.is_some()).then(|| {
+            let each: Vec<Tensor> = parts.iter().map(|(w, b)| b.as_ref().map_or_else(|| Tensor::zeros([w.size()[0]], (w.kind(), w.device())), Tensor::shallow_clone)).collect();
             Tensor::cat(&each, 0)
         });
-        Linear { w, b }
+        Linear::new(w, b)
     }
 }
 
@@ -674,19 +700,24 @@ impl ClassifierHead {
 impl Scope<'_> {
     /// `name.weight` and, if `bias`, `name.bias`.
     pub fn linear(&self, name: &str, bias: bool) -> Result<Linear, EngineError> {
-        let s = self.pp(name);
-        Ok(Linear { w: s.get("weight")?, b: if bias { Some(s.get("bias")?) } else { None } })
+        let (w, b) = self.weights(name, bias)?;
+        Ok(Linear::new(w, b))
     }
 
     /// `names` (projections of one input) read and fused into one (see [`Linear::fuse`]).
     pub fn fused(&self, names: &[&str], bias: bool) -> Result<Linear, EngineError> {
-        Ok(Linear::fuse(names.iter().map(|n| self.linear(n, bias)).collect::<Result<_, _>>()?))
+        Ok(Linear::fuse(names.iter().map(|n| self.weights(n, bias)).collect::<Result<_, _>>()?))
+    }
+
+    fn weights(&self, name: &str, bias: bool) -> Result<(Tensor, Option<Tensor>), EngineError> {
+        let s = self.pp(name);
+        Ok((s.get("weight")?, if bias { Some(s.get("bias")?) } else { None }))
     }
 
     /// GPT-2's Conv1D stores `[in, out]`; transposed once here to a linear `[out, in]`.
     pub fn conv1d(&self, name: &str) -> Result<Linear, EngineError> {
         let s = self.pp(name);
-        Ok(Linear { w: s.get("weight")?.t_().contiguous(), b: Some(s.get("bias")?) })
+        Ok(Linear::new(s.get("weight")?.t_().contiguous(), Some(s.get("bias")?)))
     }
 }
 

@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Linear, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -28,7 +28,7 @@ pub(super) struct Llama {
     pub embed: Tensor,
     pub layers: Vec<Block>,
     pub norm: Norm,
-    pub lm_head: Tensor,
+    pub lm_head: Linear,
     pub rotary: Rotary,
     pub sliding_window: Option<i64>,
 }
@@ -56,11 +56,12 @@ pub(super) fn load_qwen2(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
 }
 
 /// The tied or separate LM head.
-pub(super) fn lm_head(c: &HfConfig, w: &Scope, embed: &Tensor) -> Tensor {
-    match w.try_get("lm_head.weight") {
+pub(super) fn lm_head(c: &HfConfig, w: &Scope, embed: &Tensor) -> Linear {
+    let head = match w.try_get("lm_head.weight") {
         Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
         _ => embed.shallow_clone(),
-    }
+    };
+    Linear::new(head, None)
 }
 
 impl Llama {
@@ -132,6 +133,6 @@ impl CausalLm for Llama {
     }
 
     fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+        self.lm_head.forward(hidden).to_kind(Kind::Float)
     }
 }

@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use crate::hf_config::HfConfig;
-use super::layers::{embed, Act, Attention, KvCache, Layout, Mlp, Norm, Outputs, Rotary};
+use super::layers::{embed, Act, Attention, KvCache, Layout, Linear, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
 use super::{CausalLm, EngineError, Net};
 
@@ -22,7 +22,7 @@ struct Qwen3 {
     embed: Tensor,
     layers: Vec<Block>,
     norm: Norm,
-    lm_head: Tensor,
+    lm_head: Linear,
     rotary: Rotary,
     sliding_window: Option<i64>,
 }
@@ -83,10 +83,13 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
         .collect::<Result<_, EngineError>>()?;
     let embed = w.get("embed_tokens.weight")?;
     Ok(Net::Decoder(Box::new(Qwen3 {
-        lm_head: match w.try_get("lm_head.weight") {
-            Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
-            _ => embed.shallow_clone(),
-        },
+        lm_head: Linear::new(
+            match w.try_get("lm_head.weight") {
+                Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
+                _ => embed.shallow_clone(),
+            },
+            None,
+        ),
         embed,
         layers,
         norm: Norm::rms(w, "norm", eps)?,
@@ -128,6 +131,6 @@ impl CausalLm for Qwen3 {
     }
 
     fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear(&self.lm_head, None::<&Tensor>).to_kind(Kind::Float)
+        self.lm_head.forward(hidden).to_kind(Kind::Float)
     }
 }
