@@ -10,6 +10,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+/// Behind a backlog, rows join a running batch when a `1/JOIN_GROUP` of its rows is free.
+const JOIN_GROUP: usize = 8;
+
 pub(crate) struct GenQueue<I> {
     waiting: VecDeque<(u64, I, usize)>,
     /// Rows of the running batch: the tokens each may occupy, and its input (to requeue it).
@@ -73,8 +76,18 @@ impl<I: Clone> GenQueue<I> {
     /// head is not overtaken for ever by short ones); at most `cap` rows in all; within
     /// `token_budget` (0: none) counting the rows already running. A job over the budget still
     /// runs, alone. `static_batches`: nothing joins a batch that runs.
+    ///
+    /// Behind a backlog, joiners come in groups: a running batch takes them once `cap /`
+    /// [`JOIN_GROUP`] rows are free (or every waiting job fits). Each join is a prefill forward of
+    /// its own; one of eight rows instead of eight of one costs the same arithmetic with a
+    /// seventh of the fixed cost and bigger GEMMs, and a decode step's cost follows its rows, so
+    /// the free rows meanwhile cost no throughput (lm-generate: see `loadtest/README.md`).
     pub fn admit(&mut self, cap: usize, token_budget: usize, static_batches: bool) -> Vec<(u64, I)> {
         if static_batches && !self.running.is_empty() {
+            return Vec::new();
+        }
+        let free = cap.max(1).saturating_sub(self.running.len());
+        if !self.running.is_empty() && free < (cap / JOIN_GROUP).max(1).min(self.waiting.len()) {
             return Vec::new();
         }
         let mut used: usize = self.running.values().map(|(cost, _)| cost).sum();
@@ -182,6 +195,22 @@ mod tests {
         q.leave(1);
         assert_eq!(ids(q.admit(3, 0, false)), vec![3], "a row that left makes room at the next step");
         assert_eq!(q.running(), 3);
+    }
+
+    #[test]
+    fn behind_a_backlog_rows_join_in_groups() {
+        let mut q = queue(&[1; 40]);
+        assert_eq!(q.admit(16, 0, false).len(), 16, "an idle batch takes what fits at once");
+        q.leave(0);
+        assert!(q.admit(16, 0, false).is_empty(), "1 row free of 16: fewer than 16/8");
+        q.leave(1);
+        q.leave(2);
+        assert_eq!(ids(q.admit(16, 0, false)), vec![16, 17, 18], "3 free: all that fit join");
+        // A backlog of one joins as soon as a row is free.
+        let mut q = queue(&[1; 17]);
+        q.admit(16, 0, false);
+        q.leave(0);
+        assert_eq!(ids(q.admit(16, 0, false)), vec![16]);
     }
 
     #[test]
