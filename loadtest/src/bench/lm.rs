@@ -40,7 +40,8 @@ pub fn uses_model(which: Which) -> bool {
 /// The benchmarks' model repository (one model, `lm`), written once per `bench` run.
 pub struct LmModel {
     repository: tempfile::TempDir,
-    tiny: bool,
+    /// Hidden size and layers of the 32k-vocabulary model; `None`: the tiny one.
+    shape: Option<(i64, i64)>,
 }
 
 impl LmModel {
@@ -49,20 +50,26 @@ impl LmModel {
     pub fn build(args: &BenchArgs) -> anyhow::Result<LmModel> {
         let repository = tempfile::Builder::new().prefix("jetbatch-lm-").tempdir()?;
         let dir = repository.path().join(MODEL);
-        if args.lm_tiny {
+        let [hidden, layers] = args.lm_shape[..] else { anyhow::bail!("--lm-shape: HIDDEN,LAYERS (two numbers), not {:?}", args.lm_shape) };
+        let shape = (!args.lm_tiny).then_some((hidden, layers));
+        if let Some((hidden, layers)) = shape {
+            println!("building the LM benchmarks' model (vocabulary 32,000, hidden {hidden}, {layers} layers) …");
+            let status = std::process::Command::new(interpreter(args))
+                .arg(baselines().join("lm_model.py"))
+                .arg(&dir)
+                .args(["--hidden", &hidden.to_string(), "--layers", &layers.to_string()])
+                .status()?;
+            anyhow::ensure!(status.success(), "baselines/lm_model.py failed ({status})");
+        } else {
             jetbatch_testkit::write_tiny_lm(&dir, 7, 64, 1).map_err(anyhow::Error::msg)?;
             // Room for the generation workload's longest prompts (up to 40 words of bytes).
             let path = dir.join("config.json");
             let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
             config["max_position_embeddings"] = 1024.into();
             std::fs::write(&path, config.to_string())?;
-        } else {
-            println!("building the LM benchmarks' model (vocabulary 32,000, hidden 256, 4 layers) …");
-            let status = std::process::Command::new(interpreter(args)).arg(baselines().join("lm_model.py")).arg(&dir).status()?;
-            anyhow::ensure!(status.success(), "baselines/lm_model.py failed ({status})");
         }
         std::fs::write(dir.join("jetbatch.toml"), JETBATCH_TOML)?;
-        Ok(LmModel { repository, tiny: args.lm_tiny })
+        Ok(LmModel { repository, shape })
     }
 
     fn dir(&self) -> PathBuf {
@@ -74,11 +81,10 @@ impl LmModel {
         PythonSide { kind: "loglikelihood", model: self.dir() }
     }
 
-    fn describe(&self) -> &'static str {
-        if self.tiny {
-            "tiny Llama, vocabulary 259, hidden 64, 1 layer"
-        } else {
-            "random Llama, vocabulary 32,000, hidden 256, 4 layers, GQA 4/2 heads"
+    fn describe(&self) -> String {
+        match self.shape {
+            None => "tiny Llama, vocabulary 259, hidden 64, 1 layer".into(),
+            Some((hidden, layers)) => format!("random Llama, vocabulary 32,000, hidden {hidden}, {layers} layers, GQA"),
         }
     }
 

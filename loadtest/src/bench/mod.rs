@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// 32k-vocabulary one: seconds instead of minutes, for checking that they run, not for ratios.
     #[arg(long)]
     pub lm_tiny: bool,
+    /// The 32k-vocabulary LM's hidden size and layers (`HIDDEN,LAYERS`): `512,8` is the shape of a
+    /// small real model (the `fewshot` benchmark's); the default keeps runs within minutes.
+    #[arg(long, value_delimiter = ',', default_values_t = [256i64, 4])]
+    pub lm_shape: Vec<i64>,
     /// The nats-server binary (default: the project venv's, then PATH).
     #[arg(long)]
     pub nats_server: Option<PathBuf>,
