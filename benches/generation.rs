@@ -62,6 +62,9 @@ fn main() {
     if std::env::args().any(|a| a == "speculation") {
         return speculation(&runtime, dir.path(), bench);
     }
+    if std::env::args().any(|a| a == "fewshot") {
+        return fewshot(&runtime, dir.path(), bench);
+    }
     println!("mixed workload: {jobs} jobs, 3 short (8 new tokens) : 1 long (128), waves of {wave} every 20 ms");
     println!("| mode | tokens/s | p50 latency | p99 latency | wall |");
     println!("| --- | --- | --- | --- | --- |");
@@ -92,6 +95,54 @@ fn main() {
     }
     println!("continuous / static: throughput {:.2}x, p99 {:.2}x", results[0].0 / results[1].0, results[0].1.as_secs_f64() / results[1].1.as_secs_f64());
     speculation(&runtime, dir.path(), bench);
+    fewshot(&runtime, dir.path(), bench);
+}
+
+/// A 3-shot `generate_until`-shaped backlog: greedy prompts of three shared solved examples and
+/// an own question, all sent at once, with the prefix cache off (`prefix_cache_mb = 0`) and on:
+/// tokens/s, and the same tokens either way.
+fn fewshot(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, bench: bool) {
+    let (hidden, layers, vocab, shot, own, new_tokens, jobs) = if bench { (512, 8, 32000usize, 128, 24, 32, 64) } else { (64, 1, 259, 16, 4, 4, 4) };
+    println!("\n3-shot generation: {jobs} greedy jobs, prompts of 3 shared shots of {shot} tokens and {own} own, {new_tokens} new tokens, sent at once");
+    println!("| prefix cache | tokens/s | wall | prompt tokens from the cache |");
+    println!("| --- | --- | --- | --- |");
+    let prompt = |j: usize| -> Vec<u32> {
+        let shots = (0..3 * shot).map(|t| 3 + ((t * 7919) % (vocab - 3)) as u32);
+        shots.chain((0..own).map(|t| 3 + ((j * 104_729 + t * 31) % (vocab - 3)) as u32)).collect()
+    };
+    let mut runs: Vec<(f64, Vec<Vec<u32>>)> = Vec::new();
+    for mb in [0, 512] {
+        let repository = dir.join(format!("fewshot-{mb}"));
+        let model = repository.join("lm");
+        jetbatch_testkit::write_lm(&model, 7, hidden, layers, vocab as i64, 1024).unwrap();
+        std::fs::write(model.join("jetbatch.toml"), format!("backend = \"hf\"\nmax_batch_size = 64\nprefix_cache_mb = {mb}\n")).unwrap();
+        let metrics = Arc::new(Metrics::new("bench"));
+        let _in_runtime = runtime.enter();
+        let infer = Infer::start(&repository, 0, metrics.clone()).unwrap();
+        runtime.block_on(infer.preload("lm")).unwrap();
+        let hits = || metrics.prefix_hit_tokens_total.with_label_values(&["lm"]).get();
+        let before = hits();
+        let start = Instant::now();
+        let tokens: Vec<Vec<u32>> = runtime.block_on(join_all((0..jobs).map(|j| {
+            let job = serde_json::json!({"id": format!("f{mb}-{j}"), "model": "lm", "kind": "generate", "input": {"prompt_tokens": prompt(j)},
+                                         "params": {"max_new_tokens": new_tokens, "stop_token_ids": []}, "cache": false});
+            let infer = &infer;
+            async move {
+                match infer.run("lm", &serde_json::to_vec(&job).unwrap()).await.unwrap().output {
+                    Output::Generate { tokens, .. } => tokens,
+                    other => panic!("not a generation: {other:?}"),
+                }
+            }
+        })));
+        let wall = start.elapsed();
+        runtime.block_on(infer.shutdown());
+        let n: usize = tokens.iter().map(Vec::len).sum();
+        let tps = n as f64 / wall.as_secs_f64();
+        println!("| {} | {tps:.0} | {:.0} ms | {} of {} |", if mb == 0 { "off" } else { "on" }, wall.as_secs_f64() * 1e3, hits() - before, jobs * (3 * shot + own));
+        runs.push((tps, tokens));
+    }
+    assert_eq!(runs[0].1, runs[1].1, "the same tokens with the prefix cache on and off");
+    println!("prefix cache on / off: {:.2}x tokens/s, tokens equal", runs[1].0 / runs[0].0);
 }
 
 /// Greedy jobs whose prompts repeat a phrase, alone and in batches, with `speculate_tokens` 0
