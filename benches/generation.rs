@@ -53,6 +53,16 @@ async fn run(infer: &Infer, model: &str, jobs: &[usize], wave: usize, gap: Durat
     report
 }
 
+/// The tokens of one uncached greedy `generate` job of model `lm` (no stop tokens).
+async fn greedy(infer: &Infer, id: String, prompt: Vec<u32>, max_new_tokens: usize) -> Vec<u32> {
+    let job = serde_json::json!({"id": id, "model": "lm", "kind": "generate", "input": {"prompt_tokens": prompt},
+                                 "params": {"max_new_tokens": max_new_tokens, "stop_token_ids": []}, "cache": false});
+    match infer.run("lm", &serde_json::to_vec(&job).unwrap()).await.unwrap().output {
+        Output::Generate { tokens, .. } => tokens,
+        other => panic!("not a generation: {other:?}"),
+    }
+}
+
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let dir = tempfile::tempdir().unwrap();
@@ -123,17 +133,7 @@ fn fewshot(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, bench: bool
         let hits = || metrics.prefix_hit_tokens_total.with_label_values(&["lm"]).get();
         let before = hits();
         let start = Instant::now();
-        let tokens: Vec<Vec<u32>> = runtime.block_on(join_all((0..jobs).map(|j| {
-            let job = serde_json::json!({"id": format!("f{mb}-{j}"), "model": "lm", "kind": "generate", "input": {"prompt_tokens": prompt(j)},
-                                         "params": {"max_new_tokens": new_tokens, "stop_token_ids": []}, "cache": false});
-            let infer = &infer;
-            async move {
-                match infer.run("lm", &serde_json::to_vec(&job).unwrap()).await.unwrap().output {
-                    Output::Generate { tokens, .. } => tokens,
-                    other => panic!("not a generation: {other:?}"),
-                }
-            }
-        })));
+        let tokens = runtime.block_on(join_all((0..jobs).map(|j| greedy(&infer, format!("f{mb}-{j}"), prompt(j), new_tokens))));
         let wall = start.elapsed();
         runtime.block_on(infer.shutdown());
         let n: usize = tokens.iter().map(Vec::len).sum();
@@ -180,17 +180,9 @@ fn speculation(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, bench: 
                 let counters = || (metrics.speculated_tokens_total.with_label_values(&["lm"]).get(), metrics.speculated_accepted_tokens_total.with_label_values(&["lm"]).get());
                 let before = counters();
                 let start = Instant::now();
-                let tokens: Vec<Vec<u32>> = runtime.block_on(join_all((0..jobs).map(|j| {
+                let tokens = runtime.block_on(join_all((0..jobs).map(|j| {
                     let prompt: Vec<u32> = (0..48).map(|t| 3 + ((j * 37 + (t % 7) * 13) % 250) as u32).collect();
-                    let job = serde_json::json!({"id": format!("s{k}-{jobs}-{j}"), "model": "lm", "kind": "generate", "input": {"prompt_tokens": prompt},
-                                                 "params": {"max_new_tokens": new_tokens, "stop_token_ids": []}, "cache": false});
-                    let infer = &infer;
-                    async move {
-                        match infer.run("lm", &serde_json::to_vec(&job).unwrap()).await.unwrap().output {
-                            Output::Generate { tokens, .. } => tokens,
-                            other => panic!("not a generation: {other:?}"),
-                        }
-                    }
+                    greedy(&infer, format!("s{k}-{jobs}-{j}"), prompt, new_tokens)
                 })));
                 let wall = start.elapsed();
                 let (drafted, accepted) = (counters().0 - before.0, counters().1 - before.1);

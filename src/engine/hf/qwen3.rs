@@ -6,6 +6,7 @@ use tch::{Kind, Tensor};
 use crate::hf_config::HfConfig;
 use super::layers::{embed, Act, Attention, KvCache, Layout, Linear, Mlp, Norm, Outputs, Rotary};
 use super::weights::Scope;
+use super::llama::lm_head;
 use super::{CausalLm, EngineError, Net};
 
 struct Block {
@@ -83,13 +84,7 @@ pub(super) fn load(c: &HfConfig, w: &Scope) -> Result<Net, EngineError> {
         .collect::<Result<_, EngineError>>()?;
     let embed = w.get("embed_tokens.weight")?;
     Ok(Net::Decoder(Box::new(Qwen3 {
-        lm_head: Linear::new(
-            match w.try_get("lm_head.weight") {
-                Some(h) if !c.tie_word_embeddings.unwrap_or(false) => h,
-                _ => embed.shallow_clone(),
-            },
-            None,
-        ),
+        lm_head: lm_head(c, w, &embed),
         embed,
         layers,
         norm: Norm::rms(w, "norm", eps)?,
